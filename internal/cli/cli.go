@@ -1,0 +1,152 @@
+// Package cli implements the ferry command line: argument parsing, output
+// formatting (text or --output json) and the wiring of internal packages
+// into commands.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+)
+
+// Version is set at build time with -ldflags.
+var Version = "dev"
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, env *env, args []string) error
+}
+
+// env is what every command gets: its output streams and logger.
+type env struct {
+	stdout, stderr io.Writer
+	log            *slog.Logger
+	json           bool
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "serve a disk group's disks over NBD, journaling every write", runServe},
+		{"disk", "create and list disks of a group (disk create|list)", runDisk},
+		{"journal", "inspect a journal (journal dump|verify)", runJournal},
+		{"version", "print the version", func(_ context.Context, e *env, _ []string) error {
+			return e.print(map[string]string{"version": Version}, "ferry "+Version+"\n")
+		}},
+	}
+}
+
+// errUsage marks errors caused by how ferry was invoked (exit code 2).
+var errUsage = errors.New("usage")
+
+// Run executes the command line args and returns the process exit code.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	e := &env{stdout: stdout, stderr: stderr, log: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+	// --output json may come anywhere before the subcommand's own flags.
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		switch {
+		case args[i] == "--output" && i+1 < len(args):
+			e.json = args[i+1] == "json"
+			i++
+		case strings.HasPrefix(args[i], "--output="):
+			e.json = strings.TrimPrefix(args[i], "--output=") == "json"
+		default:
+			rest = append(rest, args[i])
+		}
+	}
+	if len(rest) == 0 || rest[0] == "help" || rest[0] == "-h" || rest[0] == "--help" {
+		usage(stderr)
+		if len(rest) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name == rest[0] {
+			err := c.run(ctx, e, rest[1:])
+			if err == nil {
+				return 0
+			}
+			if errors.Is(err, flag.ErrHelp) {
+				return 0
+			}
+			fmt.Fprintf(stderr, "ferry %s: %v\n", c.name, err)
+			if errors.Is(err, errUsage) {
+				return 2
+			}
+			return 1
+		}
+	}
+	fmt.Fprintf(stderr, "ferry: unknown command %q\n\n", rest[0])
+	usage(stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "ferry: disaster recovery for QEMU/KVM virtual machines")
+	fmt.Fprintln(w, "\nUsage: ferry [--output json] <command> [flags]\n\nCommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun 'ferry <command> -h' for a command's flags.")
+}
+
+// print writes v as JSON when --output json was given, else text.
+func (e *env) print(v any, text string) error {
+	if e.json {
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	_, err := io.WriteString(e.stdout, text)
+	return err
+}
+
+// parseSize parses "512", "64K", "10M", "2G", "1T" (binary units).
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B")))
+	mult := int64(1)
+	if n := len(s); n > 0 {
+		switch s[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			s = s[:n-1]
+		}
+	}
+	v, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || v <= 0 || v > (1<<62)/mult {
+		return 0, fmt.Errorf("%w: bad size %q (want e.g. 512M or 10G)", errUsage, s)
+	}
+	return v * mult, nil
+}
+
+func newFlags(name string, e *env) *flag.FlagSet {
+	fs := flag.NewFlagSet("ferry "+name, flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	return fs
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return nil
+}

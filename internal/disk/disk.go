@@ -1,0 +1,585 @@
+// Package disk implements ferry's write-capturing disks: a consistency
+// group of sparse raw disk images that share one write journal.
+//
+// Every write, zero and trim to any disk of a group is appended to the
+// group's journal and applied to the disk's image under one lock, so the
+// journal order is exactly the order in which the images changed. The
+// images are written through the page cache and are not fsynced on FLUSH:
+// the journal is the write-ahead log. FLUSH and FUA make the journal
+// durable (one group-committed fdatasync of a sequential file). A
+// checkpoint fsyncs the images, records the journal sequence they contain,
+// and lets the journal drop segments that are no longer needed. After a
+// crash, Open replays the journal from the last checkpoint into the
+// images, so every write acknowledged as durable is in the image again.
+//
+// See docs/architecture.md for why the image is written synchronously
+// rather than folded lazily from the journal.
+package disk
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/journal"
+	"golang.org/x/sys/unix"
+)
+
+// Sentinel errors.
+var (
+	ErrUnknownDisk = errors.New("disk: unknown disk")
+	ErrExists      = errors.New("disk: already exists")
+	ErrFailed      = errors.New("disk: group failed")
+	ErrClosed      = errors.New("disk: group closed")
+	ErrRange       = errors.New("disk: out of range")
+)
+
+// Spec describes one disk of a group.
+type Spec struct {
+	ID   uint16 `json:"id"`
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// Config configures a Group.
+type Config struct {
+	// Dir holds the manifest, the images and the journal.
+	Dir string
+	// SegmentSize of the journal (default 64 MiB).
+	SegmentSize int64
+	// CheckpointInterval is how often the background loop checkpoints;
+	// 0 disables the loop (tests call Checkpoint).
+	CheckpointInterval time.Duration
+	// CheckpointBytes: the background loop also checkpoints when the journal
+	// grows past this many bytes since the last checkpoint (default 1 GiB).
+	CheckpointBytes int64
+	Logger          *slog.Logger
+	Now             func() time.Time
+}
+
+type manifest struct {
+	Version    int    `json:"version"`
+	Disks      []Spec `json:"disks"`
+	AppliedSeq uint64 `json:"applied_seq"`
+}
+
+// Group is an open consistency group.
+type Group struct {
+	cfg Config
+	log *slog.Logger
+	j   *journal.Journal
+
+	// mu orders journal appends with image writes: an entry is appended and
+	// applied while mu is held, so images always equal the journal replayed
+	// to LastSeq.
+	mu       sync.Mutex
+	disks    map[uint16]*Disk
+	man      manifest
+	failed   error
+	closed   bool
+	lastCkpt int64 // journal size at the last checkpoint
+
+	ckptMu sync.Mutex // one checkpoint at a time
+
+	holdMu sync.Mutex
+	holds  map[string]uint64
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// Disk is one disk of a group. It implements nbd.Device.
+type Disk struct {
+	g    *Group
+	spec Spec
+	f    *os.File
+}
+
+// Open opens the group in cfg.Dir, creating the directory and manifest if
+// needed, and replays the journal into the images past the last checkpoint.
+func Open(cfg Config) (*Group, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.CheckpointBytes <= 0 {
+		cfg.CheckpointBytes = 1 << 30
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
+		return nil, fmt.Errorf("create group dir: %w", err)
+	}
+	g := &Group{cfg: cfg, log: cfg.Logger, disks: map[uint16]*Disk{}, holds: map[string]uint64{}, stop: make(chan struct{})}
+	if err := g.loadManifest(); err != nil {
+		return nil, err
+	}
+	j, rec, err := journal.Open(journal.Options{
+		Dir: filepath.Join(cfg.Dir, "journal"), SegmentSize: cfg.SegmentSize, Now: cfg.Now, Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open journal: %w", err)
+	}
+	if rec.Reason != "" {
+		g.log.Warn("journal recovered", "reason", rec.Reason, "last_seq", rec.LastSeq, "truncated_bytes", rec.TruncatedBytes)
+	}
+	g.j = j
+	for _, s := range g.man.Disks {
+		if err := g.openImage(s); err != nil {
+			g.closeFiles()
+			j.Close()
+			return nil, err
+		}
+	}
+	if err := g.replay(); err != nil {
+		g.closeFiles()
+		j.Close()
+		return nil, err
+	}
+	return g, nil
+}
+
+func (g *Group) manifestPath() string { return filepath.Join(g.cfg.Dir, "group.json") }
+
+func (g *Group) loadManifest() error {
+	b, err := os.ReadFile(g.manifestPath())
+	if errors.Is(err, os.ErrNotExist) {
+		g.man = manifest{Version: 1}
+		return g.saveManifest(g.man)
+	}
+	if err != nil {
+		return fmt.Errorf("read manifest: %w", err)
+	}
+	if err := json.Unmarshal(b, &g.man); err != nil {
+		return fmt.Errorf("parse manifest %s: %w", g.manifestPath(), err)
+	}
+	if g.man.Version != 1 {
+		return fmt.Errorf("manifest %s: unsupported version %d", g.manifestPath(), g.man.Version)
+	}
+	return nil
+}
+
+// saveManifest writes m atomically and durably.
+func (g *Group) saveManifest(m manifest) error {
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := g.manifestPath() + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("write manifest: %w", err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("write manifest: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync manifest: %w", err)
+	}
+	f.Close()
+	if err := os.Rename(tmp, g.manifestPath()); err != nil {
+		return fmt.Errorf("install manifest: %w", err)
+	}
+	d, err := os.Open(g.cfg.Dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func (g *Group) imagePath(name string) string {
+	return filepath.Join(g.cfg.Dir, "images", name+".img")
+}
+
+func (g *Group) openImage(s Spec) error {
+	f, err := os.OpenFile(g.imagePath(s.Name), os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("open image of disk %q: %w", s.Name, err)
+	}
+	g.disks[s.ID] = &Disk{g: g, spec: s, f: f}
+	return nil
+}
+
+// replay applies journal entries newer than the last checkpoint.
+func (g *Group) replay() error {
+	from := g.man.AppliedSeq + 1
+	last := g.j.LastSeq()
+	if from > last {
+		return nil
+	}
+	if first := g.j.FirstSeq(); first > from {
+		return fmt.Errorf("journal starts at seq %d but the images hold only up to %d: entries are missing", first, g.man.AppliedSeq)
+	}
+	r, err := g.j.NewReader(from)
+	if err != nil {
+		return fmt.Errorf("replay: %w", err)
+	}
+	defer r.Close()
+	n := 0
+	for seq := from; seq <= last; seq++ {
+		e, ok, err := r.TryNext()
+		if err != nil || !ok {
+			return fmt.Errorf("replay seq %d: %v", seq, err)
+		}
+		if err := g.applyImage(&e); err != nil {
+			return fmt.Errorf("replay seq %d: %w", seq, err)
+		}
+		n++
+	}
+	g.log.Info("journal replayed into images", "from", from, "to", last, "entries", n)
+	return g.checkpoint(context.Background())
+}
+
+// CreateDisk adds a disk of size bytes to the group and returns it. The
+// image is a sparse file.
+func (g *Group) CreateDisk(name string, size int64) (*Disk, error) {
+	if name == "" || filepath.Base(name) != name || size <= 0 {
+		return nil, fmt.Errorf("create disk %q size %d: invalid name or size", name, size)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var id uint16 = 1
+	for _, s := range g.man.Disks {
+		if s.Name == name {
+			return nil, fmt.Errorf("%w: disk %q", ErrExists, name)
+		}
+		id = max(id, s.ID+1)
+	}
+	f, err := os.OpenFile(g.imagePath(name), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create image of disk %q: %w", name, err)
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("size image of disk %q: %w", name, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	s := Spec{ID: id, Name: name, Size: size}
+	m := g.man
+	m.Disks = append(append([]Spec(nil), m.Disks...), s)
+	if err := g.saveManifest(m); err != nil {
+		f.Close()
+		os.Remove(g.imagePath(name))
+		return nil, err
+	}
+	g.man = m
+	d := &Disk{g: g, spec: s, f: f}
+	g.disks[id] = d
+	return d, nil
+}
+
+// Disk returns the disk named name.
+func (g *Group) Disk(name string) (*Disk, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, d := range g.disks {
+		if d.spec.Name == name {
+			return d, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: %q", ErrUnknownDisk, name)
+}
+
+// Disks lists the group's disks.
+func (g *Group) Disks() []Spec {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]Spec(nil), g.man.Disks...)
+}
+
+// Journal returns the group's journal (for readers such as the shipper).
+func (g *Group) Journal() *journal.Journal { return g.j }
+
+// apply appends e to the journal and applies it to the image, in one step
+// with respect to every other apply.
+func (g *Group) apply(e *journal.Entry) (uint64, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return 0, ErrClosed
+	}
+	if g.failed != nil {
+		return 0, g.failed
+	}
+	seq, err := g.j.Append(e)
+	if err != nil {
+		return 0, fmt.Errorf("journal %s: %w", e.Kind, err)
+	}
+	if err := g.applyImage(e); err != nil {
+		// The journal holds an entry the image lacks; only a reopen (which
+		// replays it) makes them agree again.
+		g.failed = fmt.Errorf("%w: apply seq %d to image: %v; reopen the group to replay the journal", ErrFailed, seq, err)
+		return 0, g.failed
+	}
+	return seq, nil
+}
+
+func (g *Group) applyImage(e *journal.Entry) error {
+	if e.Kind == journal.KindMarker {
+		return nil
+	}
+	d := g.disks[e.Disk]
+	if d == nil {
+		return fmt.Errorf("%w: id %d", ErrUnknownDisk, e.Disk)
+	}
+	switch e.Kind {
+	case journal.KindWrite:
+		_, err := d.f.WriteAt(e.Data, int64(e.Offset))
+		return err
+	case journal.KindZero, journal.KindTrim:
+		return zeroRange(d.f, int64(e.Offset), int64(e.Length))
+	}
+	return nil
+}
+
+// zeroRange makes the range read as zero, deallocating it where the file
+// system can.
+func zeroRange(f *os.File, off, n int64) error {
+	if n == 0 {
+		return nil
+	}
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return fmt.Errorf("punch hole: %w", err)
+	}
+	zero := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zero)))
+		if _, err := f.WriteAt(zero[:k], off); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// Mark appends a marker entry (a recovery point) with payload p and returns
+// its sequence number. It is not durable until Flush.
+func (g *Group) Mark(p []byte) (uint64, error) {
+	return g.apply(&journal.Entry{Kind: journal.KindMarker, Length: uint32(len(p)), Data: p})
+}
+
+// Flush makes every entry appended so far durable.
+func (g *Group) Flush(ctx context.Context) error {
+	if err := g.j.Sync(ctx); err != nil {
+		return fmt.Errorf("flush journal: %w", err)
+	}
+	return nil
+}
+
+// Hold keeps the journal from being trimmed at or after seq on behalf of
+// holder (the replication shipper holds what it has not shipped). A seq of
+// 0 releases the hold.
+func (g *Group) Hold(holder string, seq uint64) {
+	g.holdMu.Lock()
+	defer g.holdMu.Unlock()
+	if seq == 0 {
+		delete(g.holds, holder)
+		return
+	}
+	g.holds[holder] = seq
+}
+
+// Checkpoint makes the images durable up to the journal's current end,
+// records that in the manifest and trims journal segments no holder needs.
+func (g *Group) Checkpoint(ctx context.Context) error {
+	return g.checkpoint(ctx)
+}
+
+func (g *Group) checkpoint(ctx context.Context) error {
+	g.ckptMu.Lock()
+	defer g.ckptMu.Unlock()
+	g.mu.Lock()
+	if g.failed != nil {
+		g.mu.Unlock()
+		return g.failed
+	}
+	seq := g.j.LastSeq() // every entry <= seq is in the images' page cache
+	disks := make([]*Disk, 0, len(g.disks))
+	for _, d := range g.disks {
+		disks = append(disks, d)
+	}
+	m := g.man
+	g.mu.Unlock()
+	if seq == m.AppliedSeq {
+		return nil
+	}
+	for _, d := range disks {
+		if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
+			g.mu.Lock()
+			g.failed = fmt.Errorf("%w: fsync image %q: %v", ErrFailed, d.spec.Name, err)
+			g.mu.Unlock()
+			return g.failed
+		}
+	}
+	// The manifest must not claim entries that are not durable in the
+	// journal either, or a crash could leave the image ahead of the log
+	// that a replica replays.
+	if err := g.j.SyncTo(ctx, seq); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	m = g.man
+	m.AppliedSeq = seq
+	err := g.saveManifest(m)
+	if err == nil {
+		g.man = m
+	}
+	g.lastCkpt = g.j.Size()
+	g.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	keep := seq + 1
+	g.holdMu.Lock()
+	for _, h := range g.holds {
+		keep = min(keep, h)
+	}
+	g.holdMu.Unlock()
+	return g.j.Trim(keep)
+}
+
+// AppliedSeq is the journal sequence the images are durable up to.
+func (g *Group) AppliedSeq() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.man.AppliedSeq
+}
+
+// Start runs the background checkpoint loop if CheckpointInterval is set.
+func (g *Group) Start(ctx context.Context) {
+	if g.cfg.CheckpointInterval <= 0 {
+		return
+	}
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		t := time.NewTicker(min(g.cfg.CheckpointInterval, time.Second))
+		defer t.Stop()
+		lastTime := g.cfg.Now()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-g.stop:
+				return
+			case <-t.C:
+			}
+			g.mu.Lock()
+			grown := g.j.Size() - g.lastCkpt
+			g.mu.Unlock()
+			if grown < g.cfg.CheckpointBytes && g.cfg.Now().Sub(lastTime) < g.cfg.CheckpointInterval {
+				continue
+			}
+			lastTime = g.cfg.Now()
+			if err := g.checkpoint(ctx); err != nil {
+				g.log.Error("checkpoint failed", "err", err)
+			}
+		}
+	}()
+}
+
+// Close stops the background loop, checkpoints and closes everything.
+func (g *Group) Close() error {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return nil
+	}
+	g.mu.Unlock()
+	close(g.stop)
+	g.wg.Wait()
+	err := g.checkpoint(context.Background())
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+	g.closeFiles()
+	if jerr := g.j.Close(); err == nil {
+		err = jerr
+	}
+	return err
+}
+
+func (g *Group) closeFiles() {
+	for _, d := range g.disks {
+		d.f.Close()
+	}
+}
+
+// Spec returns the disk's description.
+func (d *Disk) Spec() Spec { return d.spec }
+
+// Size returns the disk's size in bytes.
+func (d *Disk) Size() int64 { return d.spec.Size }
+
+func (d *Disk) check(off, n int64) error {
+	if off < 0 || n < 0 || off+n > d.spec.Size || off+n < off {
+		return fmt.Errorf("%w: [%d, +%d) of disk %q (size %d)", ErrRange, off, n, d.spec.Name, d.spec.Size)
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at off from the image.
+func (d *Disk) ReadAt(_ context.Context, p []byte, off int64) error {
+	if err := d.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	_, err := d.f.ReadAt(p, off)
+	return err
+}
+
+// WriteAt journals and applies a write.
+func (d *Disk) WriteAt(_ context.Context, p []byte, off int64) error {
+	if err := d.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	if len(p) > journal.MaxPayload {
+		return fmt.Errorf("%w: write of %d bytes exceeds the journal's entry limit", ErrRange, len(p))
+	}
+	_, err := d.g.apply(&journal.Entry{Kind: journal.KindWrite, Disk: d.spec.ID, Offset: uint64(off), Length: uint32(len(p)), Data: p})
+	return err
+}
+
+// WriteZeroes journals and applies a zeroing.
+func (d *Disk) WriteZeroes(_ context.Context, off, n int64) error {
+	return d.zeroLike(journal.KindZero, off, n)
+}
+
+// Trim journals and applies a discard; the range then reads as zero.
+func (d *Disk) Trim(_ context.Context, off, n int64) error {
+	return d.zeroLike(journal.KindTrim, off, n)
+}
+
+func (d *Disk) zeroLike(k journal.Kind, off, n int64) error {
+	if err := d.check(off, n); err != nil {
+		return err
+	}
+	for n > 0 { // an entry's length is 32 bits
+		k32 := min(n, 1<<30)
+		if _, err := d.g.apply(&journal.Entry{Kind: k, Disk: d.spec.ID, Offset: uint64(off), Length: uint32(k32)}); err != nil {
+			return err
+		}
+		off += k32
+		n -= k32
+	}
+	return nil
+}
+
+// Flush makes every write to any disk of the group durable.
+func (d *Disk) Flush(ctx context.Context) error { return d.g.Flush(ctx) }

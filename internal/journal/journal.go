@@ -1,0 +1,594 @@
+// Package journal is ferry's write journal: an ordered, checksummed,
+// append-only log of every write applied to the disks of one consistency
+// group, split into segment files of bounded size.
+//
+// The order of entries is the order in which the writes were applied, so
+// every prefix of the journal is a state the disks could have had after a
+// crash. Durability is explicit: Append puts an entry in the operating
+// system's page cache; Sync makes every appended entry durable, sharing one
+// fsync among all concurrent callers (group commit). Open recovers from a
+// crash by cutting the journal at the first entry that is torn or corrupt.
+//
+// The on-disk format is specified in docs/journal-format.md.
+package journal
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Options configure a Journal.
+type Options struct {
+	// Dir holds the segment files. It is created if missing.
+	Dir string
+	// SegmentSize is the size past which the active segment is sealed and a
+	// new one started. Default 64 MiB.
+	SegmentSize int64
+	// Now is the clock used to stamp entries. Default time.Now.
+	Now func() time.Time
+	// Logger receives recovery reports. Default: discard.
+	Logger *slog.Logger
+}
+
+// Recovery says what Open found and did.
+type Recovery struct {
+	Segments       int    // segment files kept
+	FirstSeq       uint64 // first entry kept (0 if empty)
+	LastSeq        uint64 // last entry kept (0 if empty)
+	TruncatedBytes int64  // bytes cut from the tail
+	DroppedFiles   int    // whole segment files removed after the cut
+	Reason         string // why the tail was cut, "" if it was clean
+}
+
+type segment struct {
+	firstSeq uint64
+	path     string
+	// size is the number of valid bytes, published after each append so
+	// that readers never see a half-written entry.
+	size atomic.Int64
+	// lastSeq is the sequence of the last entry in the segment (firstSeq-1
+	// when empty).
+	lastSeq atomic.Uint64
+	sealed  atomic.Bool
+}
+
+// Journal is an open journal. Its methods are safe for concurrent use.
+type Journal struct {
+	opts Options
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	segs    []*segment // ascending firstSeq; last is active
+	active  *os.File
+	pending []*os.File // sealed segment files not yet fsynced
+	dirty   bool       // a segment file was created since the directory was synced
+	next    uint64     // next sequence to assign
+	closed  bool
+	failed  error
+	notify  chan struct{} // closed and replaced on append when waiters is set
+	waiters bool
+	// restartAt is where numbering resumes when recovery removed every
+	// segment; 0 means from 1.
+	restartAt uint64
+
+	syncMu   sync.Mutex
+	syncCond *sync.Cond
+	syncing  bool
+	durable  uint64 // every entry with Seq <= durable is on stable storage
+	syncErr  error
+
+	hdr [EntryHeaderSize]byte // reused by Append under mu
+	iov [2][]byte
+}
+
+const segSuffix = ".seg"
+
+func segName(firstSeq uint64) string { return fmt.Sprintf("%020d%s", firstSeq, segSuffix) }
+
+// Open opens or creates the journal in opts.Dir, recovering from a crash:
+// it scans every segment, and cuts the journal at the first entry that is
+// torn, fails its checksum or breaks the sequence, removing what follows.
+// What it did is returned in Recovery.
+func Open(opts Options) (*Journal, Recovery, error) {
+	if opts.SegmentSize <= 0 {
+		opts.SegmentSize = 64 << 20
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	j := &Journal{opts: opts, log: opts.Logger, notify: make(chan struct{})}
+	j.syncCond = sync.NewCond(&j.syncMu)
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, Recovery{}, fmt.Errorf("create journal dir: %w", err)
+	}
+	rec, err := j.recover()
+	if err != nil {
+		return nil, rec, err
+	}
+	if len(j.segs) == 0 {
+		first := max(j.restartAt, 1)
+		if err := j.startSegment(first); err != nil {
+			return nil, rec, err
+		}
+		j.next = first
+	} else {
+		last := j.segs[len(j.segs)-1]
+		j.next = last.lastSeq.Load() + 1
+		f, err := os.OpenFile(last.path, os.O_RDWR, 0)
+		if err != nil {
+			return nil, rec, fmt.Errorf("open active segment: %w", err)
+		}
+		j.active = f
+	}
+	// Everything that survived recovery is on disk (recover synced it).
+	j.durable = j.next - 1
+	return j, rec, nil
+}
+
+func listSegments(dir string) ([]*segment, error) {
+	names, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("list journal dir: %w", err)
+	}
+	var segs []*segment
+	for _, de := range names {
+		name := de.Name()
+		if !strings.HasSuffix(name, segSuffix) {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSuffix(name, segSuffix), 10, 64)
+		if err != nil || n == 0 {
+			continue
+		}
+		segs = append(segs, &segment{firstSeq: n, path: filepath.Join(dir, name)})
+	}
+	slices.SortFunc(segs, func(a, b *segment) int { return cmp.Compare(a.firstSeq, b.firstSeq) })
+	return segs, nil
+}
+
+// recover scans all segments in order and cuts at the first bad entry.
+func (j *Journal) recover() (Recovery, error) {
+	var rec Recovery
+	segs, err := listSegments(j.opts.Dir)
+	if err != nil {
+		return rec, err
+	}
+	expect := uint64(0) // next expected seq; 0 = take the first segment's
+	cut := -1           // index of the segment holding the cut
+	var cutAt int64
+	for i, s := range segs {
+		if expect != 0 && s.firstSeq != expect {
+			cut, cutAt = i, -1
+			rec.Reason = fmt.Sprintf("segment %s starts at %d, want %d", filepath.Base(s.path), s.firstSeq, expect)
+			break
+		}
+		valid, last, reason, err := scanSegment(s)
+		if err != nil {
+			return rec, err
+		}
+		s.size.Store(valid)
+		s.lastSeq.Store(last)
+		expect = last + 1
+		if reason != "" {
+			cut, cutAt = i, valid
+			rec.Reason = reason
+			break
+		}
+	}
+	if cut >= 0 {
+		keep, drop := segs[:cut+1], segs[cut+1:]
+		if cutAt < SegmentHeaderSize { // nothing usable in segs[cut] at all
+			keep, drop = segs[:cut], segs[cut:]
+		}
+		if len(keep) == 0 {
+			// Continue numbering where the lost segment began, so that
+			// sequence numbers are never reused.
+			j.restartAt = segs[cut].firstSeq
+		}
+		if cutAt >= SegmentHeaderSize {
+			fi, err := os.Stat(segs[cut].path)
+			if err != nil {
+				return rec, fmt.Errorf("stat segment: %w", err)
+			}
+			rec.TruncatedBytes += fi.Size() - cutAt
+			if err := truncateSync(segs[cut].path, cutAt); err != nil {
+				return rec, err
+			}
+		}
+		for _, s := range drop {
+			if fi, err := os.Stat(s.path); err == nil {
+				rec.TruncatedBytes += fi.Size()
+			}
+			if err := os.Remove(s.path); err != nil {
+				return rec, fmt.Errorf("remove segment after cut: %w", err)
+			}
+			rec.DroppedFiles++
+		}
+		segs = keep
+		if err := syncDir(j.opts.Dir); err != nil {
+			return rec, err
+		}
+		j.log.Warn("journal tail cut during recovery", "reason", rec.Reason,
+			"truncated_bytes", rec.TruncatedBytes, "dropped_files", rec.DroppedFiles)
+	}
+	// Make everything kept durable: a crash may have left it only in the page
+	// cache of a previous incarnation, which is gone, but we cannot know what
+	// the disk holds unless we sync it now.
+	for _, s := range segs {
+		if err := syncFile(s.path); err != nil {
+			return rec, err
+		}
+	}
+	for i, s := range segs {
+		s.sealed.Store(i < len(segs)-1)
+	}
+	j.segs = segs
+	rec.Segments = len(segs)
+	if len(segs) > 0 {
+		rec.FirstSeq = segs[0].firstSeq
+		rec.LastSeq = segs[len(segs)-1].lastSeq.Load()
+		if rec.LastSeq < rec.FirstSeq {
+			rec.FirstSeq, rec.LastSeq = 0, 0
+		}
+	}
+	return rec, nil
+}
+
+// scanSegment validates s entry by entry. It returns the length of the valid
+// prefix, the last valid seq (firstSeq-1 if none) and, if the segment does not
+// end cleanly, why.
+func scanSegment(s *segment) (valid int64, last uint64, reason string, err error) {
+	f, err := os.Open(s.path)
+	if err != nil {
+		return 0, 0, "", fmt.Errorf("open segment %s: %w", s.path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, 0, "", fmt.Errorf("stat segment: %w", err)
+	}
+	size := fi.Size()
+	last = s.firstSeq - 1
+	hb := make([]byte, SegmentHeaderSize)
+	if _, err := f.ReadAt(hb, 0); err != nil {
+		return 0, last, "segment header torn", nil
+	}
+	first, err := decodeSegmentHeader(hb)
+	if err != nil {
+		return 0, last, err.Error(), nil
+	}
+	if first != s.firstSeq {
+		return 0, last, fmt.Sprintf("segment header says first seq %d, name says %d", first, s.firstSeq), nil
+	}
+	r := newEntryScanner(f, SegmentHeaderSize, size)
+	for {
+		e, n, err := r.next()
+		if err != nil {
+			if r.off == size && err == errEOF {
+				return r.off, last, "", nil
+			}
+			return r.off, last, fmt.Sprintf("at offset %d: %v", r.off, err), nil
+		}
+		if e.Seq != last+1 {
+			return r.off, last, fmt.Sprintf("at offset %d: seq %d, want %d", r.off, e.Seq, last+1), nil
+		}
+		last = e.Seq
+		r.off += n
+	}
+}
+
+func (j *Journal) startSegment(firstSeq uint64) error {
+	s := &segment{firstSeq: firstSeq, path: filepath.Join(j.opts.Dir, segName(firstSeq))}
+	f, err := os.OpenFile(s.path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create segment %d: %w", firstSeq, err)
+	}
+	if _, err := f.WriteAt(encodeSegmentHeader(firstSeq, j.opts.Now().UnixNano()), 0); err != nil {
+		f.Close()
+		return fmt.Errorf("write segment %d header: %w", firstSeq, err)
+	}
+	s.size.Store(SegmentHeaderSize)
+	s.lastSeq.Store(firstSeq - 1)
+	if j.active != nil {
+		j.pending = append(j.pending, j.active)
+		j.segs[len(j.segs)-1].sealed.Store(true)
+	}
+	j.active = f
+	j.segs = append(j.segs, s)
+	j.dirty = true
+	return nil
+}
+
+// Append records e at the end of the journal, assigning e.Seq and e.Time,
+// and returns the sequence number. The entry is in the page cache, not yet
+// durable: call Sync. e.Data is not retained. Append fails with ErrInvalid
+// for a malformed entry, ErrClosed after Close and ErrFailed after an I/O
+// error; a failed Append records nothing.
+func (j *Journal) Append(e *Entry) (uint64, error) {
+	if !e.Kind.valid() || len(e.Data) > MaxPayload ||
+		(e.Kind == KindWrite || e.Kind == KindMarker) && int(e.Length) != len(e.Data) ||
+		(e.Kind == KindZero || e.Kind == KindTrim) && len(e.Data) != 0 {
+		return 0, fmt.Errorf("%w: kind %s length %d payload %d", ErrInvalid, e.Kind, e.Length, len(e.Data))
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return 0, ErrClosed
+	}
+	if j.failed != nil {
+		return 0, j.failed
+	}
+	seg := j.segs[len(j.segs)-1]
+	off := seg.size.Load()
+	if off > SegmentHeaderSize && off+EntryHeaderSize+int64(len(e.Data)) > j.opts.SegmentSize {
+		if err := j.startSegment(j.next); err != nil {
+			j.failed = fmt.Errorf("%w: %v", ErrFailed, err)
+			return 0, j.failed
+		}
+		seg = j.segs[len(j.segs)-1]
+		off = seg.size.Load()
+	}
+	e.Seq = j.next
+	e.Time = j.opts.Now().UnixNano()
+	encodeHeader(j.hdr[:], e)
+	j.iov[0], j.iov[1] = j.hdr[:], e.Data
+	iov := j.iov[:]
+	if len(e.Data) == 0 {
+		iov = iov[:1]
+	}
+	want := EntryHeaderSize + len(e.Data)
+	n, err := unix.Pwritev(int(j.active.Fd()), iov, off)
+	if err == nil && n != want {
+		// Pwritev to a regular file is short only on ENOSPC-like
+		// conditions; finish it with plain writes.
+		var m int
+		buf := AppendEntry(nil, e)
+		m, err = j.active.WriteAt(buf[n:], off+int64(n))
+		n += m
+	}
+	if err != nil {
+		// Leave no half entry behind for a reader; recovery would cut it
+		// anyway, but the journal cannot go on past an unknown state.
+		_ = j.active.Truncate(off)
+		j.failed = fmt.Errorf("%w: append seq %d: %v", ErrFailed, e.Seq, err)
+		return 0, j.failed
+	}
+	j.next++
+	seg.lastSeq.Store(e.Seq)
+	seg.size.Store(off + int64(want))
+	if j.waiters {
+		close(j.notify)
+		j.notify = make(chan struct{})
+		j.waiters = false
+	}
+	return e.Seq, nil
+}
+
+// LastSeq returns the sequence number of the last appended entry, 0 if none.
+func (j *Journal) LastSeq() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.next - 1
+}
+
+// FirstSeq returns the sequence number of the oldest entry still in the
+// journal (after trimming), or LastSeq()+1 if the journal holds none.
+func (j *Journal) FirstSeq() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.segs[0].firstSeq
+}
+
+// DurableSeq returns the highest sequence known to be on stable storage.
+func (j *Journal) DurableSeq() uint64 {
+	j.syncMu.Lock()
+	defer j.syncMu.Unlock()
+	return j.durable
+}
+
+// Sync makes every entry appended before the call durable. Concurrent calls
+// share fsyncs: one caller syncs on behalf of all that are waiting. Sync does
+// not return before durability even if ctx is done (an fsync cannot be
+// abandoned halfway); ctx only stops a caller that is still waiting for
+// another's fsync. After an fsync error every later call fails with
+// ErrFailed.
+func (j *Journal) Sync(ctx context.Context) error {
+	j.mu.Lock()
+	target := j.next - 1
+	j.mu.Unlock()
+	return j.SyncTo(ctx, target)
+}
+
+// SyncTo makes every entry with Seq <= seq durable; see Sync.
+func (j *Journal) SyncTo(ctx context.Context, seq uint64) error {
+	j.syncMu.Lock()
+	defer j.syncMu.Unlock()
+	for j.durable < seq {
+		if j.syncErr != nil {
+			return j.syncErr
+		}
+		if j.syncing {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			j.syncCond.Wait()
+			continue
+		}
+		j.syncing = true
+		j.syncMu.Unlock()
+		upto, err := j.syncOnce()
+		j.syncMu.Lock()
+		j.syncing = false
+		if err != nil {
+			j.syncErr = err
+		} else if upto > j.durable {
+			j.durable = upto
+		}
+		j.syncCond.Broadcast()
+	}
+	return nil
+}
+
+// syncOnce fsyncs everything appended so far and returns the seq it covers.
+func (j *Journal) syncOnce() (uint64, error) {
+	j.mu.Lock()
+	if j.failed != nil {
+		j.mu.Unlock()
+		return 0, j.failed
+	}
+	if j.closed {
+		j.mu.Unlock()
+		return 0, ErrClosed
+	}
+	upto := j.next - 1
+	pending := j.pending
+	j.pending = nil
+	active := j.active
+	dirty := j.dirty
+	j.dirty = false
+	j.mu.Unlock()
+
+	fail := func(err error) (uint64, error) {
+		err = fmt.Errorf("%w: %v", ErrFailed, err)
+		j.mu.Lock()
+		j.failed = err
+		j.mu.Unlock()
+		return 0, err
+	}
+	for _, f := range pending {
+		if err := unix.Fdatasync(int(f.Fd())); err != nil {
+			return fail(fmt.Errorf("fsync sealed segment: %w", err))
+		}
+		f.Close()
+	}
+	if err := unix.Fdatasync(int(active.Fd())); err != nil {
+		return fail(fmt.Errorf("fsync active segment: %w", err))
+	}
+	if dirty {
+		if err := syncDir(j.opts.Dir); err != nil {
+			return fail(err)
+		}
+	}
+	return upto, nil
+}
+
+// Trim removes whole segments all of whose entries have Seq < seq. The
+// active segment is never removed. Open readers keep reading what they hold
+// open. Trim is idempotent.
+func (j *Journal) Trim(seq uint64) error {
+	j.mu.Lock()
+	var drop []*segment
+	for len(j.segs) > 1 && j.segs[1].firstSeq <= seq {
+		drop = append(drop, j.segs[0])
+		j.segs = j.segs[1:]
+	}
+	j.mu.Unlock()
+	for _, s := range drop {
+		if err := os.Remove(s.path); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("trim segment %d: %w", s.firstSeq, err)
+		}
+	}
+	return nil
+}
+
+// Close syncs and closes the journal. Readers fail with ErrClosed when they
+// would wait for new entries.
+func (j *Journal) Close() error {
+	err := j.Sync(context.Background())
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return nil
+	}
+	j.closed = true
+	close(j.notify)
+	for _, f := range j.pending {
+		f.Close()
+	}
+	if cerr := j.active.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err == ErrClosed {
+		err = nil
+	}
+	return err
+}
+
+// Dir returns the journal's directory.
+func (j *Journal) Dir() string { return j.opts.Dir }
+
+// Segments returns the first sequence numbers of the segments on disk.
+func (j *Journal) Segments() []uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	out := make([]uint64, len(j.segs))
+	for i, s := range j.segs {
+		out[i] = s.firstSeq
+	}
+	return out
+}
+
+// Size returns the bytes of journal held on disk.
+func (j *Journal) Size() int64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var n int64
+	for _, s := range j.segs {
+		n += s.size.Load()
+	}
+	return n
+}
+
+func truncateSync(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("open segment for truncate: %w", err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("truncate segment: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync truncated segment: %w", err)
+	}
+	return nil
+}
+
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", path, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open dir %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,426 @@
+package journal
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+func openT(tb testing.TB, dir string, segSize int64) *Journal {
+	tb.Helper()
+	j, _, err := Open(Options{Dir: dir, SegmentSize: segSize})
+	if err != nil {
+		tb.Fatalf("Open: %v", err)
+	}
+	tb.Cleanup(func() { j.Close() })
+	return j
+}
+
+// payload returns deterministic bytes for entry i.
+func payload(i int) []byte {
+	n := 1 + (i*37)%900
+	b := make([]byte, n)
+	for k := range b {
+		b[k] = byte(i*7 + k)
+	}
+	return b
+}
+
+func appendN(tb testing.TB, j *Journal, from, n int) {
+	tb.Helper()
+	for i := from; i < from+n; i++ {
+		e := entryFor(i)
+		if _, err := j.Append(&e); err != nil {
+			tb.Fatalf("Append %d: %v", i, err)
+		}
+	}
+}
+
+func entryFor(i int) Entry {
+	switch i % 5 {
+	case 3:
+		return Entry{Kind: KindZero, Disk: uint16(i % 3), Offset: uint64(i) * 512, Length: 4096}
+	case 4:
+		m := []byte(fmt.Sprintf("point-%d", i))
+		return Entry{Kind: KindMarker, Length: uint32(len(m)), Data: m}
+	default:
+		d := payload(i)
+		return Entry{Kind: KindWrite, Disk: uint16(i % 3), Offset: uint64(i) * 4096, Length: uint32(len(d)), Data: d}
+	}
+}
+
+func checkEntries(tb testing.TB, j *Journal, from, to int) {
+	tb.Helper()
+	r, err := j.NewReader(uint64(from))
+	if err != nil {
+		tb.Fatalf("NewReader(%d): %v", from, err)
+	}
+	defer r.Close()
+	for i := from; i <= to; i++ {
+		got, ok, err := r.TryNext()
+		if err != nil || !ok {
+			tb.Fatalf("entry %d: ok=%v err=%v", i, ok, err)
+		}
+		want := entryFor(i - 1) // seq i holds entryFor(i-1)
+		if got.Seq != uint64(i) || got.Kind != want.Kind || got.Disk != want.Disk ||
+			got.Offset != want.Offset || got.Length != want.Length || !bytes.Equal(got.Data, want.Data) {
+			tb.Fatalf("entry %d: got %+v", i, got)
+		}
+	}
+	if e, ok, err := r.TryNext(); ok || err != nil {
+		tb.Fatalf("after %d: got %+v ok=%v err=%v, want nothing", to, e.Seq, ok, err)
+	}
+}
+
+func TestAppendReadAcrossSegments(t *testing.T) {
+	dir := t.TempDir()
+	j := openT(t, dir, 8<<10)
+	appendN(t, j, 0, 500)
+	if got := j.LastSeq(); got != 500 {
+		t.Fatalf("LastSeq = %d, want 500", got)
+	}
+	if n := len(j.Segments()); n < 10 {
+		t.Fatalf("segments = %d, want many with an 8 KiB segment size", n)
+	}
+	for _, from := range []int{1, 2, 17, 250, 499, 500} {
+		checkEntries(t, j, from, 500)
+	}
+	if err := j.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := j.DurableSeq(); got != 500 {
+		t.Fatalf("DurableSeq = %d, want 500", got)
+	}
+	j.Close()
+	j2 := openT(t, dir, 8<<10)
+	checkEntries(t, j2, 1, 500)
+	appendN(t, j2, 500, 10)
+	checkEntries(t, j2, 495, 510)
+}
+
+func TestAppendRejectsInvalid(t *testing.T) {
+	j := openT(t, t.TempDir(), 0)
+	tests := []Entry{
+		{Kind: 0},
+		{Kind: 9},
+		{Kind: KindWrite, Length: 3, Data: []byte{1}},
+		{Kind: KindZero, Length: 3, Data: []byte{1}},
+		{Kind: KindMarker, Length: 0, Data: []byte{1}},
+	}
+	for _, e := range tests {
+		if _, err := j.Append(&e); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Append(%+v) = %v, want ErrInvalid", e, err)
+		}
+	}
+	if got := j.LastSeq(); got != 0 {
+		t.Fatalf("LastSeq = %d after rejected appends, want 0", got)
+	}
+}
+
+func TestReaderWaitsForAppend(t *testing.T) {
+	j := openT(t, t.TempDir(), 4<<10)
+	r, err := j.NewReader(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	done := make(chan error, 1)
+	go func() {
+		for i := 1; i <= 300; i++ {
+			e, err := r.Next(context.Background())
+			if err != nil {
+				done <- err
+				return
+			}
+			if e.Seq != uint64(i) {
+				done <- fmt.Errorf("got seq %d, want %d", e.Seq, i)
+				return
+			}
+		}
+		done <- nil
+	}()
+	for i := 0; i < 300; i++ {
+		appendN(t, j, i, 1)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := r.Next(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Next at end = %v, want deadline", err)
+	}
+}
+
+func TestGroupCommitConcurrent(t *testing.T) {
+	j := openT(t, t.TempDir(), 64<<10)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 200; i++ {
+				e := Entry{Kind: KindWrite, Length: 512, Data: make([]byte, 512)}
+				seq, err := j.Append(&e)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if i%4 == 0 {
+					if err := j.Sync(context.Background()); err != nil {
+						errs <- err
+						return
+					}
+					if d := j.DurableSeq(); d < seq {
+						errs <- fmt.Errorf("durable %d < own seq %d after Sync", d, seq)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if got := j.LastSeq(); got != 1600 {
+		t.Fatalf("LastSeq = %d, want 1600", got)
+	}
+}
+
+func TestTrim(t *testing.T) {
+	dir := t.TempDir()
+	j := openT(t, dir, 4<<10)
+	appendN(t, j, 0, 200)
+	segs := j.Segments()
+	if len(segs) < 4 {
+		t.Fatalf("want several segments, got %d", len(segs))
+	}
+	cut := segs[2] + 1 // inside the third segment: the first two go
+	if err := j.Trim(cut); err != nil {
+		t.Fatal(err)
+	}
+	if got := j.FirstSeq(); got != segs[2] {
+		t.Fatalf("FirstSeq after Trim = %d, want %d", got, segs[2])
+	}
+	if _, err := j.NewReader(segs[2] - 1); !errors.Is(err, ErrTrimmed) {
+		t.Fatalf("reader below trim: %v, want ErrTrimmed", err)
+	}
+	checkEntries(t, j, int(segs[2]), 200)
+	// Trimming past the end keeps the active segment.
+	if err := j.Trim(1 << 40); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(j.Segments()); n != 1 {
+		t.Fatalf("segments after full trim = %d, want 1 (active)", n)
+	}
+	j.Close()
+	j2 := openT(t, dir, 4<<10)
+	if got := j2.LastSeq(); got != 200 {
+		t.Fatalf("LastSeq after reopen = %d, want 200", got)
+	}
+	appendN(t, j2, 200, 1)
+	if got := j2.LastSeq(); got != 201 {
+		t.Fatalf("numbering did not continue: %d", got)
+	}
+}
+
+// entryBounds returns the byte offsets at which each entry of a segment file
+// starts, and the file size.
+func entryBounds(tb testing.TB, path string) []int64 {
+	tb.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var offs []int64
+	off := SegmentHeaderSize
+	for off < len(b) {
+		offs = append(offs, int64(off))
+		_, n, err := DecodeEntry(b[off:])
+		if err != nil {
+			tb.Fatalf("decode at %d: %v", off, err)
+		}
+		off += n
+	}
+	return append(offs, int64(len(b)))
+}
+
+func copyDir(tb testing.TB, src string) string {
+	tb.Helper()
+	dst := tb.TempDir()
+	ents, _ := os.ReadDir(src)
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return dst
+}
+
+// TestRecoverTruncated cuts the last segment at every byte of its last
+// entries and at every entry boundary: Open must keep exactly the whole
+// entries before the cut.
+func TestRecoverTruncated(t *testing.T) {
+	base := t.TempDir()
+	j := openT(t, base, 16<<10)
+	appendN(t, j, 0, 120)
+	j.Close()
+	segs, _ := listSegments(base)
+	last := segs[len(segs)-1]
+	bounds := entryBounds(t, last.path)
+	size := bounds[len(bounds)-1]
+	cuts := map[int64]bool{0: true, 1: true, SegmentHeaderSize - 1: true, SegmentHeaderSize: true}
+	for _, b := range bounds {
+		for _, d := range []int64{-1, 0, 1, 4, EntryHeaderSize - 1, EntryHeaderSize, EntryHeaderSize + 1} {
+			if c := b + d; c >= 0 && c <= size {
+				cuts[c] = true
+			}
+		}
+	}
+	for c := bounds[len(bounds)-3]; c <= size; c++ { // every byte of the last two entries
+		cuts[c] = true
+	}
+	for c := range cuts {
+		dir := copyDir(t, base)
+		if err := os.Truncate(filepath.Join(dir, filepath.Base(last.path)), c); err != nil {
+			t.Fatal(err)
+		}
+		whole := 0 // whole entries before c in the last segment
+		for _, b := range bounds[1:] {
+			if b <= c && c >= SegmentHeaderSize {
+				whole++
+			}
+		}
+		wantLast := int(last.firstSeq) - 1 + whole
+		j, rec, err := Open(Options{Dir: dir, SegmentSize: 16 << 10})
+		if err != nil {
+			t.Fatalf("cut %d: Open: %v", c, err)
+		}
+		if got := j.LastSeq(); got != uint64(wantLast) {
+			t.Fatalf("cut %d: LastSeq = %d, want %d (rec %+v)", c, got, wantLast, rec)
+		}
+		clean := c == SegmentHeaderSize
+		for _, b := range bounds {
+			clean = clean || b == c
+		}
+		if clean == (rec.Reason != "") {
+			t.Fatalf("cut %d of %d: recovery reason %q", c, size, rec.Reason)
+		}
+		checkEntries(t, j, 1, wantLast)
+		// The journal goes on after recovery.
+		appendN(t, j, wantLast, 3)
+		checkEntries(t, j, 1, wantLast+3)
+		j.Close()
+	}
+}
+
+// TestRecoverCorrupt flips bytes in the header, the payload and the CRC of
+// entries in the middle of the last segment and in a sealed segment: the
+// journal is cut before the damaged entry and everything after it goes.
+func TestRecoverCorrupt(t *testing.T) {
+	base := t.TempDir()
+	j := openT(t, base, 16<<10)
+	appendN(t, j, 0, 120)
+	j.Close()
+	segs, _ := listSegments(base)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, si := range []int{0, len(segs) / 2, len(segs) - 1} {
+		s := segs[si]
+		bounds := entryBounds(t, s.path)
+		for trial := 0; trial < 12; trial++ {
+			k := rng.IntN(len(bounds) - 1) // entry index inside segment
+			start, end := bounds[k], bounds[k+1]
+			var at int64
+			switch trial % 3 {
+			case 0:
+				at = start + rng.Int64N(4) // CRC
+			case 1:
+				at = start + 4 + rng.Int64N(EntryHeaderSize-4) // header fields
+			default:
+				at = start + rng.Int64N(end-start) // anywhere
+			}
+			dir := copyDir(t, base)
+			p := filepath.Join(dir, filepath.Base(s.path))
+			b, _ := os.ReadFile(p)
+			b[at] ^= 0x5a
+			os.WriteFile(p, b, 0o600)
+			j, rec, err := Open(Options{Dir: dir, SegmentSize: 16 << 10})
+			if err != nil {
+				t.Fatalf("seg %d byte %d: Open: %v", si, at, err)
+			}
+			want := int(s.firstSeq) - 1 + k
+			if got := j.LastSeq(); got != uint64(want) {
+				t.Fatalf("seg %d entry %d byte %d: LastSeq %d, want %d (%+v)", si, k, at, got, want, rec)
+			}
+			checkEntries(t, j, 1, want)
+			if si < len(segs)-1 && rec.DroppedFiles != len(segs)-1-si {
+				t.Fatalf("dropped %d files, want %d", rec.DroppedFiles, len(segs)-1-si)
+			}
+			j.Close()
+		}
+	}
+}
+
+func TestRecoverBadSegmentHeader(t *testing.T) {
+	base := t.TempDir()
+	j := openT(t, base, 4<<10)
+	appendN(t, j, 0, 60)
+	j.Close()
+	segs, _ := listSegments(base)
+	p := segs[1].path
+	b, _ := os.ReadFile(p)
+	b[2] ^= 1
+	os.WriteFile(p, b, 0o600)
+	j2, rec, err := Open(Options{Dir: base, SegmentSize: 4 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j2.Close()
+	if got, want := j2.LastSeq(), segs[1].firstSeq-1; got != want {
+		t.Fatalf("LastSeq = %d, want %d (%+v)", got, want, rec)
+	}
+	appendN(t, j2, int(segs[1].firstSeq-1), 1)
+	if got := j2.LastSeq(); got != segs[1].firstSeq {
+		t.Fatalf("after append LastSeq = %d", got)
+	}
+}
+
+func FuzzDecodeEntry(f *testing.F) {
+	for i := 0; i < 5; i++ {
+		e := entryFor(i)
+		e.Seq = uint64(i + 1)
+		f.Add(AppendEntry(nil, &e))
+	}
+	f.Add([]byte{})
+	f.Add(make([]byte, EntryHeaderSize))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		e, n, err := DecodeEntry(b)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error %v does not wrap ErrCorrupt", err)
+			}
+			return
+		}
+		if n > len(b) || n < EntryHeaderSize {
+			t.Fatalf("consumed %d of %d", n, len(b))
+		}
+		// A valid entry re-encodes to the same bytes.
+		if got := AppendEntry(nil, &e); !bytes.Equal(got, b[:n]) {
+			t.Fatalf("re-encode differs")
+		}
+	})
+}

@@ -1,0 +1,242 @@
+package journal
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+)
+
+var errEOF = errors.New("end of valid data")
+
+// entryScanner reads entries from a segment file between off and limit
+// through a buffer. Entry.Data aliases the buffer until the next call.
+type entryScanner struct {
+	f     *os.File
+	off   int64 // file offset of the next entry
+	limit int64 // bytes of the file that may be read
+	buf   []byte
+	bOff  int64 // file offset of buf[0]
+	bLen  int   // valid bytes in buf
+}
+
+func newEntryScanner(f *os.File, off, limit int64) *entryScanner {
+	return &entryScanner{f: f, off: off, limit: limit, buf: make([]byte, 1<<20)}
+}
+
+// window makes bytes [off, off+n) available and returns them.
+func (s *entryScanner) window(off int64, n int) ([]byte, error) {
+	if off+int64(n) > s.limit {
+		return nil, errEOF
+	}
+	if off >= s.bOff && off+int64(n) <= s.bOff+int64(s.bLen) {
+		i := int(off - s.bOff)
+		return s.buf[i : i+n], nil
+	}
+	if n > len(s.buf) {
+		s.buf = make([]byte, n+EntryHeaderSize)
+	}
+	want := min(int64(len(s.buf)), s.limit-off)
+	m, err := s.f.ReadAt(s.buf[:want], off)
+	if m < n {
+		if err == nil || err == io.EOF {
+			err = errEOF
+		}
+		return nil, err
+	}
+	s.bOff, s.bLen = off, m
+	return s.buf[:n], nil
+}
+
+// next decodes the entry at s.off without advancing; the caller adds n.
+// A partial entry before limit yields an error that is not errEOF.
+func (s *entryScanner) next() (Entry, int64, error) {
+	if s.off == s.limit {
+		return Entry{}, 0, errEOF
+	}
+	h, err := s.window(s.off, EntryHeaderSize)
+	if err == errEOF {
+		return Entry{}, 0, fmt.Errorf("%w: torn entry header", ErrCorrupt)
+	} else if err != nil {
+		return Entry{}, 0, err
+	}
+	d, err := decodeHeader(h)
+	if err != nil {
+		return Entry{}, 0, err
+	}
+	n := EntryHeaderSize + int(d.payloadLen)
+	b, err := s.window(s.off, n)
+	if err == errEOF {
+		return Entry{}, 0, fmt.Errorf("%w: torn entry seq %d", ErrCorrupt, d.e.Seq)
+	} else if err != nil {
+		return Entry{}, 0, err
+	}
+	if err := d.verify(b, b[EntryHeaderSize:]); err != nil {
+		return Entry{}, 0, err
+	}
+	e := d.e
+	if d.payloadLen > 0 {
+		e.Data = b[EntryHeaderSize:n]
+	}
+	return e, int64(n), nil
+}
+
+// Reader streams entries in order from a starting sequence number. A Reader
+// is not safe for concurrent use; many Readers may read one Journal at once
+// and alongside Append.
+type Reader struct {
+	j    *Journal
+	seg  *segment
+	f    *os.File
+	sc   *entryScanner
+	next uint64 // next seq to return
+}
+
+// NewReader returns a Reader positioned at entry from (at least 1). It fails
+// with ErrTrimmed if from is older than the oldest entry kept. from may be
+// LastSeq()+1, in which case Next waits for the next append.
+func (j *Journal) NewReader(from uint64) (*Reader, error) {
+	if from == 0 {
+		from = 1
+	}
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if from > j.next {
+		j.mu.Unlock()
+		return nil, fmt.Errorf("journal: reader from seq %d beyond last %d", from, j.next-1)
+	}
+	if from < j.segs[0].firstSeq {
+		j.mu.Unlock()
+		return nil, fmt.Errorf("%w: want seq %d, oldest kept is %d", ErrTrimmed, from, j.segs[0].firstSeq)
+	}
+	var seg *segment
+	for _, s := range j.segs {
+		if s.firstSeq <= from {
+			seg = s
+		}
+	}
+	j.mu.Unlock()
+	r := &Reader{j: j, next: from}
+	if err := r.open(seg); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Reader) open(s *segment) error {
+	f, err := os.Open(s.path)
+	if err != nil {
+		if os.IsNotExist(err) {
+			return fmt.Errorf("%w: segment %d removed", ErrTrimmed, s.firstSeq)
+		}
+		return fmt.Errorf("open segment %d: %w", s.firstSeq, err)
+	}
+	if r.f != nil {
+		r.f.Close()
+	}
+	r.seg, r.f = s, f
+	if r.sc == nil {
+		r.sc = newEntryScanner(f, SegmentHeaderSize, s.size.Load())
+	} else {
+		r.sc.f, r.sc.off, r.sc.limit, r.sc.bOff, r.sc.bLen = f, SegmentHeaderSize, s.size.Load(), 0, 0
+	}
+	return nil
+}
+
+// Next returns the next entry, waiting for one to be appended if needed until
+// ctx is done. Entry.Data is valid until the next call. It returns ErrClosed
+// if the journal is closed while waiting and an ErrCorrupt error if the bytes
+// on disk are damaged.
+func (r *Reader) Next(ctx context.Context) (Entry, error) {
+	for {
+		e, ok, err := r.TryNext()
+		if err != nil || ok {
+			return e, err
+		}
+		if err := r.wait(ctx); err != nil {
+			return Entry{}, err
+		}
+	}
+}
+
+// TryNext returns the next entry if one is there, without waiting.
+func (r *Reader) TryNext() (Entry, bool, error) {
+	for {
+		sealed := r.seg.sealed.Load()
+		limit := r.seg.size.Load()
+		if r.sc.off < limit {
+			r.sc.limit = limit
+			e, n, err := r.sc.next()
+			if err != nil {
+				return Entry{}, false, fmt.Errorf("read segment %d at %d: %w", r.seg.firstSeq, r.sc.off, err)
+			}
+			r.sc.off += n
+			if e.Seq < r.next {
+				continue // seeking to the start position
+			}
+			if e.Seq != r.next {
+				return Entry{}, false, fmt.Errorf("%w: seq %d where %d expected", ErrCorrupt, e.Seq, r.next)
+			}
+			r.next++
+			return e, true, nil
+		}
+		if !sealed {
+			return Entry{}, false, nil
+		}
+		nextSeg := r.j.segmentAt(r.next)
+		if nextSeg == nil || nextSeg == r.seg {
+			return Entry{}, false, fmt.Errorf("%w: no segment holds seq %d", ErrTrimmed, r.next)
+		}
+		if err := r.open(nextSeg); err != nil {
+			return Entry{}, false, err
+		}
+	}
+}
+
+func (r *Reader) wait(ctx context.Context) error {
+	j := r.j
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	if j.next > r.next {
+		j.mu.Unlock()
+		return nil
+	}
+	j.waiters = true
+	ch := j.notify
+	j.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// segmentAt returns the segment whose range starts at seq, or nil.
+func (j *Journal) segmentAt(seq uint64) *segment {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for _, s := range j.segs {
+		if s.firstSeq == seq {
+			return s
+		}
+	}
+	return nil
+}
+
+// Close releases the reader's file.
+func (r *Reader) Close() error {
+	if r.f == nil {
+		return nil
+	}
+	err := r.f.Close()
+	r.f = nil
+	return err
+}

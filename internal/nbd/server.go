@@ -1,0 +1,610 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/bits"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Device is the storage behind an export. The server calls it from one
+// goroutine per connection for READ, WRITE, WRITE_ZEROES and TRIM, and from
+// other goroutines for Flush, so implementations must be safe for
+// concurrent use. Offsets and lengths are already checked against the
+// export size. Errors are reported to the client as EIO (ENOSPC if the
+// error wraps syscall.ENOSPC); the connection stays up.
+type Device interface {
+	// ReadAt fills p with the bytes at off.
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	// WriteAt writes p at off. When it returns, a ReadAt on any connection
+	// sees the data; it need not be durable until Flush.
+	WriteAt(ctx context.Context, p []byte, off int64) error
+	// WriteZeroes makes length bytes at off read as zero.
+	WriteZeroes(ctx context.Context, off, length int64) error
+	// Trim discards length bytes at off. Afterwards they may read as
+	// anything the device chooses (ferry's devices: zero).
+	Trim(ctx context.Context, off, length int64) error
+	// Flush makes every write that returned before the call durable. It is
+	// how FLUSH and FUA are honoured; it may block for an fsync.
+	Flush(ctx context.Context) error
+}
+
+// Export is a named disk the server offers.
+type Export struct {
+	Name        string
+	Description string
+	Size        int64
+	ReadOnly    bool
+	// MultiConn must be true only if a Flush through any connection makes
+	// the writes acknowledged on every connection durable.
+	MultiConn bool
+	Device    Device
+}
+
+func (e *Export) flags() uint16 {
+	f := uint16(FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes)
+	if e.ReadOnly {
+		f |= FlagReadOnly
+	}
+	if e.MultiConn {
+		f |= FlagCanMultiConn
+	}
+	return f
+}
+
+// Config configures a Server.
+type Config struct {
+	Logger *slog.Logger
+	// HandshakeTimeout bounds the negotiation phase. Default 30 s.
+	HandshakeTimeout time.Duration
+}
+
+// Server serves exports over any number of listeners.
+type Server struct {
+	log     *slog.Logger
+	hsLimit time.Duration
+
+	mu        sync.Mutex
+	exports   map[string]*Export
+	order     []string
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closed    bool
+	wg        sync.WaitGroup
+}
+
+// New returns a server with no exports.
+func New(cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	return &Server{
+		log:       cfg.Logger,
+		hsLimit:   cfg.HandshakeTimeout,
+		exports:   map[string]*Export{},
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[*conn]struct{}{},
+	}
+}
+
+// AddExport offers e. The first export added is also the default export
+// (the empty name). It fails if the name is taken.
+func (s *Server) AddExport(e Export) error {
+	if e.Device == nil || e.Size < 0 || len(e.Name) > 4096 {
+		return fmt.Errorf("nbd: invalid export %q", e.Name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.exports[e.Name]; ok {
+		return fmt.Errorf("nbd: export %q already exists", e.Name)
+	}
+	s.exports[e.Name] = &e
+	s.order = append(s.order, e.Name)
+	return nil
+}
+
+// RemoveExport stops offering the export and disconnects its clients. It
+// returns after their connections have closed. Idempotent.
+func (s *Server) RemoveExport(name string) {
+	s.mu.Lock()
+	e := s.exports[name]
+	delete(s.exports, name)
+	for i, n := range s.order {
+		if n == name {
+			s.order = append(s.order[:i], s.order[i+1:]...)
+			break
+		}
+	}
+	var victims []*conn
+	for c := range s.conns {
+		if e != nil && c.export == e {
+			victims = append(victims, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range victims {
+		c.nc.Close()
+		<-c.done
+	}
+}
+
+func (s *Server) lookup(name string) *Export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if name == "" && len(s.order) > 0 {
+		if e, ok := s.exports[""]; ok {
+			return e
+		}
+		return s.exports[s.order[0]]
+	}
+	return s.exports[name]
+}
+
+// ListenUnix listens on a unix socket at path with mode 0600 (only the
+// agent's user may connect), replacing a stale socket file.
+func ListenUnix(path string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path)
+	}
+	// Create it with no permissions for others from the first instant.
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Serve accepts connections on ln until ctx is done, ln fails or Close is
+// called. It returns nil on a clean stop.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+	}()
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed || ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("nbd accept: %w", err)
+		}
+		c := &conn{s: s, nc: nc, done: make(chan struct{})}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			nc.Close()
+			return nil
+		}
+		s.conns[c] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			c.serve(ctx)
+		}()
+	}
+}
+
+// Close stops all listeners and connections and waits for them to end.
+// In-flight requests complete first. Idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.nc.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+// conn is one client connection.
+type conn struct {
+	s      *Server
+	nc     net.Conn
+	export *Export
+	done   chan struct{}
+}
+
+func (c *conn) serve(ctx context.Context) {
+	defer func() {
+		c.nc.Close()
+		c.s.mu.Lock()
+		delete(c.s.conns, c)
+		c.s.mu.Unlock()
+		close(c.done)
+	}()
+	defer func() {
+		if r := recover(); r != nil {
+			// A bug must cost one connection, not the agent.
+			c.s.log.Error("nbd connection panic", "panic", r)
+		}
+	}()
+	br := bufio.NewReaderSize(c.nc, 128<<10)
+	bw := bufio.NewWriterSize(c.nc, 64<<10)
+	c.nc.SetDeadline(time.Now().Add(c.s.hsLimit))
+	e, err := c.handshake(br, bw)
+	if err != nil {
+		if !errors.Is(err, io.EOF) && !errors.Is(err, errAbort) {
+			c.s.log.Debug("nbd handshake failed", "err", err)
+		}
+		return
+	}
+	c.nc.SetDeadline(time.Time{})
+	c.s.mu.Lock()
+	if _, ok := c.s.exports[e.Name]; !ok || c.s.closed {
+		c.s.mu.Unlock()
+		return
+	}
+	c.export = e
+	c.s.mu.Unlock()
+	if err := c.transmit(ctx, br, bw); err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		c.s.log.Debug("nbd connection ended", "export", e.Name, "err", err)
+	}
+}
+
+var errAbort = errors.New("client aborted negotiation")
+
+// handshake runs the fixed newstyle negotiation and returns the chosen export.
+func (c *conn) handshake(br *bufio.Reader, bw *bufio.Writer) (*Export, error) {
+	var hello [18]byte
+	binary.BigEndian.PutUint64(hello[0:], nbdMagic)
+	binary.BigEndian.PutUint64(hello[8:], optMagic)
+	binary.BigEndian.PutUint16(hello[16:], flagFixedNewstyle|flagNoZeroes)
+	bw.Write(hello[:])
+	if err := bw.Flush(); err != nil {
+		return nil, err
+	}
+	var cf [4]byte
+	if _, err := io.ReadFull(br, cf[:]); err != nil {
+		return nil, err
+	}
+	clientFlags := binary.BigEndian.Uint32(cf[:])
+	if clientFlags&^clientFlagsKnown != 0 || clientFlags&flagFixedNewstyle == 0 {
+		return nil, fmt.Errorf("%w: client flags %#x", ErrProtocol, clientFlags)
+	}
+	noZeroes := clientFlags&flagNoZeroes != 0
+	for {
+		var oh [16]byte
+		if _, err := io.ReadFull(br, oh[:]); err != nil {
+			return nil, err
+		}
+		if m := binary.BigEndian.Uint64(oh[:]); m != optMagic {
+			return nil, fmt.Errorf("%w: bad option magic %#x", ErrProtocol, m)
+		}
+		opt := binary.BigEndian.Uint32(oh[8:])
+		n := binary.BigEndian.Uint32(oh[12:])
+		if n > maxOptionDataLength {
+			// We cannot tell a huge option from garbage; the spec allows
+			// dropping such a client.
+			return nil, fmt.Errorf("%w: option %d data length %d", ErrProtocol, opt, n)
+		}
+		data := make([]byte, n)
+		if _, err := io.ReadFull(br, data); err != nil {
+			return nil, err
+		}
+		e, done, err := c.option(bw, opt, data, noZeroes)
+		if err != nil {
+			return nil, err
+		}
+		if err := bw.Flush(); err != nil {
+			return nil, err
+		}
+		if done {
+			return e, nil
+		}
+	}
+}
+
+func optReply(bw *bufio.Writer, opt, typ uint32, data []byte) {
+	var h [20]byte
+	binary.BigEndian.PutUint64(h[0:], optReplyMagic)
+	binary.BigEndian.PutUint32(h[8:], opt)
+	binary.BigEndian.PutUint32(h[12:], typ)
+	binary.BigEndian.PutUint32(h[16:], uint32(len(data)))
+	bw.Write(h[:])
+	bw.Write(data)
+}
+
+// option handles one option. done reports that transmission begins with e.
+func (c *conn) option(bw *bufio.Writer, opt uint32, data []byte, noZeroes bool) (e *Export, done bool, err error) {
+	switch opt {
+	case OptExportName:
+		e := c.s.lookup(string(data))
+		if e == nil {
+			// No way to report an error for this option: hang up.
+			return nil, false, fmt.Errorf("%w: %q", ErrUnknownExport, data)
+		}
+		var b [10]byte
+		binary.BigEndian.PutUint64(b[0:], uint64(e.Size))
+		binary.BigEndian.PutUint16(b[8:], e.flags())
+		bw.Write(b[:])
+		if !noZeroes {
+			bw.Write(make([]byte, 124))
+		}
+		return e, true, nil
+	case OptAbort:
+		optReply(bw, opt, repAck, nil)
+		bw.Flush()
+		return nil, false, errAbort
+	case OptList:
+		if len(data) != 0 {
+			optReply(bw, opt, repErrInvalid, []byte("NBD_OPT_LIST takes no data"))
+			return nil, false, nil
+		}
+		c.s.mu.Lock()
+		names := append([]string(nil), c.s.order...)
+		c.s.mu.Unlock()
+		for _, n := range names {
+			b := binary.BigEndian.AppendUint32(nil, uint32(len(n)))
+			optReply(bw, opt, repServer, append(b, n...))
+		}
+		optReply(bw, opt, repAck, nil)
+		return nil, false, nil
+	case OptInfo, OptGo:
+		req, err := parseInfoRequest(data)
+		if err != nil {
+			optReply(bw, opt, repErrInvalid, []byte(err.Error()))
+			return nil, false, nil
+		}
+		e := c.s.lookup(req.name)
+		if e == nil {
+			optReply(bw, opt, repErrUnknown, []byte(fmt.Sprintf("no export named %q", req.name)))
+			return nil, false, nil
+		}
+		var b [12]byte
+		binary.BigEndian.PutUint16(b[0:], infoExport)
+		binary.BigEndian.PutUint64(b[2:], uint64(e.Size))
+		binary.BigEndian.PutUint16(b[10:], e.flags())
+		optReply(bw, opt, repInfo, b[:])
+		for _, info := range req.infos {
+			switch info {
+			case infoName:
+				optReply(bw, opt, repInfo, append([]byte{0, infoName}, e.Name...))
+			case infoDescription:
+				optReply(bw, opt, repInfo, append([]byte{0, infoDescription}, e.Description...))
+			case infoBlockSize:
+				var bs [14]byte
+				binary.BigEndian.PutUint16(bs[0:], infoBlockSize)
+				binary.BigEndian.PutUint32(bs[2:], 1)
+				binary.BigEndian.PutUint32(bs[6:], 4096)
+				binary.BigEndian.PutUint32(bs[10:], MaxRequest)
+				optReply(bw, opt, repInfo, bs[:])
+			}
+		}
+		optReply(bw, opt, repAck, nil)
+		return e, opt == OptGo, nil
+	case OptStartTLS:
+		optReply(bw, opt, repErrUnsup, []byte("TLS is not offered: ferry serves NBD on local unix sockets only"))
+		return nil, false, nil
+	default:
+		optReply(bw, opt, repErrUnsup, []byte(fmt.Sprintf("option %d not supported", opt)))
+		return nil, false, nil
+	}
+}
+
+// reply is one queued simple reply.
+type reply struct {
+	handle uint64
+	errno  uint32
+	data   []byte
+	buf    *[]byte // returned to the pool after sending
+}
+
+// transmit runs the transmission phase. The calling goroutine reads and
+// executes requests in order; FLUSH and FUA waits run on their own
+// goroutines so that requests behind them go on; one writer goroutine
+// sends replies, coalescing those that are ready into one write.
+func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer) error {
+	e := c.export
+	dev := e.Device
+	size := uint64(e.Size)
+	replies := make(chan reply, 256)
+	writerDone := make(chan error, 1)
+	go func() { writerDone <- writeReplies(c.nc, bw, replies) }()
+	var waits sync.WaitGroup
+	defer func() {
+		waits.Wait()
+		close(replies)
+		<-writerDone
+	}()
+	var hdr [requestHeaderSize]byte
+	var wbuf []byte
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			if err == io.ErrUnexpectedEOF {
+				return fmt.Errorf("%w: truncated request header", ErrProtocol)
+			}
+			return err
+		}
+		r, err := ParseRequest(hdr[:])
+		if err != nil {
+			return err
+		}
+		if r.Type == CmdDisc {
+			return nil
+		}
+		errno := checkRequest(r, size, e.ReadOnly)
+		var payload []byte
+		if r.Type == CmdWrite {
+			if r.Length > MaxRequest {
+				// The payload is too large to read or to trust; reply
+				// and hang up.
+				replies <- reply{handle: r.Handle, errno: EINVAL}
+				return fmt.Errorf("%w: write of %d bytes", ErrProtocol, r.Length)
+			}
+			if cap(wbuf) < int(r.Length) {
+				wbuf = make([]byte, r.Length)
+			}
+			payload = wbuf[:r.Length]
+			if _, err := io.ReadFull(br, payload); err != nil {
+				return fmt.Errorf("%w: truncated write payload: %v", ErrProtocol, err)
+			}
+		}
+		if errno != 0 {
+			replies <- reply{handle: r.Handle, errno: errno}
+			continue
+		}
+		off, n := int64(r.Offset), int64(r.Length)
+		var opErr error
+		switch r.Type {
+		case CmdRead:
+			bp := getBuf(int(n))
+			b := (*bp)[:n]
+			if err := dev.ReadAt(ctx, b, off); err != nil {
+				putBuf(bp)
+				replies <- reply{handle: r.Handle, errno: errnoOf(err)}
+				continue
+			}
+			replies <- reply{handle: r.Handle, data: b, buf: bp}
+			continue
+		case CmdWrite:
+			opErr = dev.WriteAt(ctx, payload, off)
+		case CmdWriteZeroes:
+			opErr = dev.WriteZeroes(ctx, off, n)
+		case CmdTrim:
+			opErr = dev.Trim(ctx, off, n)
+		case CmdCache:
+			// Advisory; nothing to do.
+		case CmdFlush:
+			waits.Add(1)
+			go func(h uint64) {
+				defer waits.Done()
+				replies <- reply{handle: h, errno: errnoOf(dev.Flush(ctx))}
+			}(r.Handle)
+			continue
+		}
+		if opErr == nil && r.Flags&CmdFlagFUA != 0 {
+			waits.Add(1)
+			go func(h uint64) {
+				defer waits.Done()
+				replies <- reply{handle: h, errno: errnoOf(dev.Flush(ctx))}
+			}(r.Handle)
+			continue
+		}
+		replies <- reply{handle: r.Handle, errno: errnoOf(opErr)}
+	}
+}
+
+func errnoOf(err error) uint32 {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, syscall.ENOSPC):
+		return ENOSPC
+	case errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EROFS):
+		return EPERM
+	case errors.Is(err, syscall.EINVAL):
+		return EINVAL
+	}
+	return EIO
+}
+
+// writeReplies sends replies until the channel is closed. After a write
+// error it keeps draining (returning buffers) so that senders never block.
+func writeReplies(nc net.Conn, bw *bufio.Writer, replies <-chan reply) error {
+	var werr error
+	var h [16]byte
+	binary.BigEndian.PutUint32(h[0:], simpleReplyMagic)
+	send := func(r reply) {
+		if werr == nil {
+			binary.BigEndian.PutUint32(h[4:], r.errno)
+			binary.BigEndian.PutUint64(h[8:], r.handle)
+			bw.Write(h[:])
+			if _, err := bw.Write(r.data); err != nil {
+				werr = err
+			}
+		}
+		if r.buf != nil {
+			putBuf(r.buf)
+		}
+	}
+	flush := func() {
+		if werr == nil {
+			if err := bw.Flush(); err != nil {
+				werr = err
+				nc.Close() // unblock the reader
+			}
+		}
+	}
+	for r := range replies {
+		send(r)
+	drain: // coalesce every reply already queued into one write
+		for {
+			select {
+			case r, ok := <-replies:
+				if !ok {
+					flush()
+					return werr
+				}
+				send(r)
+			default:
+				break drain
+			}
+		}
+		flush()
+	}
+	return werr
+}
+
+// Read buffers come from size-classed pools (powers of two from 4 KiB to
+// MaxRequest) so that a READ costs no allocation in the steady state.
+var bufPools [14]sync.Pool
+
+func poolClass(n int) int {
+	if n <= 4096 {
+		return 0
+	}
+	return bits.Len(uint(n-1)) - 12
+}
+
+func getBuf(n int) *[]byte {
+	c := poolClass(n)
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
+		return p
+	}
+	b := make([]byte, 4096<<c)
+	return &b
+}
+
+func putBuf(p *[]byte) { bufPools[poolClass(cap(*p))].Put(p) }
