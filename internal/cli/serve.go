@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -23,8 +24,19 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	create := fs.String("create", "", "create missing disks first: name=size[,name=size...]")
 	ckpt := fs.Duration("checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only at exit)")
 	segSize := fs.String("segment-size", "64M", "journal segment size")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	if *dir == "" {
 		return fmt.Errorf("%w: --dir is required", errUsage)

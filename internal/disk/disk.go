@@ -57,7 +57,7 @@ type Config struct {
 	// 0 disables the loop (tests call Checkpoint).
 	CheckpointInterval time.Duration
 	// CheckpointBytes: the background loop also checkpoints when the journal
-	// grows past this many bytes since the last checkpoint (default 1 GiB).
+	// grows past this many bytes since the last checkpoint (default 4 GiB).
 	CheckpointBytes int64
 	Logger          *slog.Logger
 	Now             func() time.Time
@@ -111,7 +111,7 @@ func Open(cfg Config) (*Group, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.CheckpointBytes <= 0 {
-		cfg.CheckpointBytes = 1 << 30
+		cfg.CheckpointBytes = 4 << 30
 	}
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
 		return nil, fmt.Errorf("create group dir: %w", err)

@@ -79,6 +79,8 @@ var (
 	// further work because what is on disk is no longer known (see
 	// fsyncgate). Reopen it to recover.
 	ErrFailed = errors.New("journal: failed")
+	// ErrLocked: another process (or another Journal) has the journal open.
+	ErrLocked = errors.New("journal: in use by another process")
 	// ErrInvalid: the caller passed an entry that cannot be recorded.
 	ErrInvalid = errors.New("journal: invalid entry")
 )

@@ -49,6 +49,29 @@ func (s *entryScanner) window(off int64, n int) ([]byte, error) {
 	return s.buf[:n], nil
 }
 
+// zeroAt reports whether a whole entry header's worth of zero bytes starts
+// at off (the unwritten end of a preallocated segment).
+func (s *entryScanner) zeroAt(off int64) bool {
+	b, err := s.window(off, EntryHeaderSize)
+	if err != nil {
+		// Fewer than a header's bytes left: zero if all that remain are.
+		n := s.limit - off
+		if n <= 0 || n >= EntryHeaderSize {
+			return false
+		}
+		b = make([]byte, n)
+		if _, err := s.f.ReadAt(b, off); err != nil {
+			return false
+		}
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // next decodes the entry at s.off without advancing; the caller adds n.
 // A partial entry before limit yields an error that is not errEOF.
 func (s *entryScanner) next() (Entry, int64, error) {
