@@ -113,7 +113,7 @@ func segName(firstSeq uint64) string { return fmt.Sprintf("%020d%s", firstSeq, s
 // it scans every segment, and cuts the journal at the first entry that is
 // torn, fails its checksum or breaks the sequence, removing what follows.
 // What it did is returned in Recovery.
-func Open(opts Options) (*Journal, Recovery, error) {
+func Open(opts Options) (_ *Journal, _ Recovery, err error) {
 	if opts.SegmentSize <= 0 {
 		opts.SegmentSize = 64 << 20
 	}
@@ -143,9 +143,13 @@ func Open(opts Options) (*Journal, Recovery, error) {
 		return nil, Recovery{}, fmt.Errorf("lock journal: %w", err)
 	}
 	j.lock = lock
+	defer func() {
+		if err != nil {
+			lock.Close()
+		}
+	}()
 	rec, err := j.recover()
 	if err != nil {
-		lock.Close()
 		return nil, rec, err
 	}
 	if len(j.segs) == 0 {

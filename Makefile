@@ -1,0 +1,48 @@
+# ferry: the two set-up commands on a fresh machine are `make demo` and
+# `make test`; both install what they need first (`make deps`).
+GO      ?= go
+BIN     := bin/ferry
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates
+
+.PHONY: all build deps demo test test-short vet fuzz bench guest clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/ferry
+
+# Debian packages, installed only when missing (idempotent).
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "make deps: installing$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@$(GO) mod download
+
+guest: deps
+	guest/build.sh build/guest
+
+vet:
+	$(GO) vet ./...
+
+test: deps vet guest
+	$(GO) test -count=1 -timeout 20m ./...
+
+# Fuzz every parser for FUZZTIME each (default 30s).
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzParseInfoRequest$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzServerOptions$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/journal -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
+
+bench: deps build
+	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh
+
+demo: deps build guest
+	FERRY=$(CURDIR)/$(BIN) scripts/demo.sh
+
+clean:
+	rm -rf bin build
