@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/bits"
 	"net"
 	"os"
 	"sync"
@@ -423,33 +422,92 @@ func (c *conn) option(bw *bufio.Writer, opt uint32, data []byte, noZeroes bool) 
 	}
 }
 
-// reply is one queued simple reply.
-type reply struct {
-	handle uint64
-	errno  uint32
-	data   []byte
-	buf    *[]byte // returned to the pool after sending
+// replier sends simple replies on a connection. The request loop buffers
+// its replies and writes them out only when no further whole request is
+// already waiting in its input buffer, so a burst of pipelined requests
+// costs one write(2) for all their replies; FLUSH and FUA completions,
+// which come from other goroutines, write out at once.
+type replier struct {
+	mu  sync.Mutex
+	nc  net.Conn
+	bw  *bufio.Writer
+	err error
+	hdr [16]byte
+}
+
+func (w *replier) send(handle uint64, errno uint32, data []byte, flush bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return
+	}
+	binary.BigEndian.PutUint32(w.hdr[0:], simpleReplyMagic)
+	binary.BigEndian.PutUint32(w.hdr[4:], errno)
+	binary.BigEndian.PutUint64(w.hdr[8:], handle)
+	w.bw.Write(w.hdr[:])
+	if _, err := w.bw.Write(data); err != nil {
+		w.fail(err)
+		return
+	}
+	if flush {
+		w.flushLocked()
+	}
+}
+
+func (w *replier) flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err == nil {
+		w.flushLocked()
+	}
+}
+
+func (w *replier) flushLocked() {
+	if err := w.bw.Flush(); err != nil {
+		w.fail(err)
+	}
+}
+
+func (w *replier) fail(err error) {
+	w.err = err
+	w.nc.Close() // unblocks the request loop
+}
+
+// requestReady reports whether a whole next request (header and any WRITE
+// payload) is already buffered, so that reading it will not block.
+func requestReady(br *bufio.Reader) bool {
+	if br.Buffered() < requestHeaderSize {
+		return false
+	}
+	h, _ := br.Peek(requestHeaderSize)
+	if binary.BigEndian.Uint16(h[6:]) != CmdWrite {
+		return true
+	}
+	return br.Buffered() >= requestHeaderSize+int(binary.BigEndian.Uint32(h[24:]))
 }
 
 // transmit runs the transmission phase. The calling goroutine reads and
 // executes requests in order; FLUSH and FUA waits run on their own
-// goroutines so that requests behind them go on; one writer goroutine
-// sends replies, coalescing those that are ready into one write.
+// goroutines so that requests behind them go on.
 func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer) error {
 	e := c.export
 	dev := e.Device
 	size := uint64(e.Size)
-	replies := make(chan reply, 256)
-	writerDone := make(chan error, 1)
-	go func() { writerDone <- writeReplies(c.nc, bw, replies) }()
+	w := &replier{nc: c.nc, bw: bw}
 	var waits sync.WaitGroup
 	defer func() {
 		waits.Wait()
-		close(replies)
-		<-writerDone
+		w.flush()
 	}()
+	durable := func(h uint64) {
+		waits.Add(1)
+		go func() {
+			defer waits.Done()
+			w.send(h, errnoOf(dev.Flush(ctx)), nil, true)
+		}()
+	}
 	var hdr [requestHeaderSize]byte
-	var wbuf []byte
+	var buf []byte // WRITE payloads and READ data; replies are written before reuse
 	for {
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			if err == io.ErrUnexpectedEOF {
@@ -465,38 +523,37 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 			return nil
 		}
 		errno := checkRequest(r, size, e.ReadOnly)
+		if r.Type == CmdWrite && r.Length > MaxRequest {
+			// The payload is too large to read or to trust; reply and
+			// hang up.
+			w.send(r.Handle, EINVAL, nil, true)
+			return fmt.Errorf("%w: write of %d bytes", ErrProtocol, r.Length)
+		}
+		if (r.Type == CmdWrite || r.Type == CmdRead && errno == 0) && cap(buf) < int(r.Length) {
+			buf = make([]byte, r.Length)
+		}
 		var payload []byte
 		if r.Type == CmdWrite {
-			if r.Length > MaxRequest {
-				// The payload is too large to read or to trust; reply
-				// and hang up.
-				replies <- reply{handle: r.Handle, errno: EINVAL}
-				return fmt.Errorf("%w: write of %d bytes", ErrProtocol, r.Length)
-			}
-			if cap(wbuf) < int(r.Length) {
-				wbuf = make([]byte, r.Length)
-			}
-			payload = wbuf[:r.Length]
+			payload = buf[:r.Length]
 			if _, err := io.ReadFull(br, payload); err != nil {
 				return fmt.Errorf("%w: truncated write payload: %v", ErrProtocol, err)
 			}
 		}
+		more := requestReady(br)
 		if errno != 0 {
-			replies <- reply{handle: r.Handle, errno: errno}
+			w.send(r.Handle, errno, nil, !more)
 			continue
 		}
 		off, n := int64(r.Offset), int64(r.Length)
 		var opErr error
 		switch r.Type {
 		case CmdRead:
-			bp := getBuf(int(n))
-			b := (*bp)[:n]
+			b := buf[:n]
 			if err := dev.ReadAt(ctx, b, off); err != nil {
-				putBuf(bp)
-				replies <- reply{handle: r.Handle, errno: errnoOf(err)}
+				w.send(r.Handle, errnoOf(err), nil, !more)
 				continue
 			}
-			replies <- reply{handle: r.Handle, data: b, buf: bp}
+			w.send(r.Handle, 0, b, !more)
 			continue
 		case CmdWrite:
 			opErr = dev.WriteAt(ctx, payload, off)
@@ -507,22 +564,14 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 		case CmdCache:
 			// Advisory; nothing to do.
 		case CmdFlush:
-			waits.Add(1)
-			go func(h uint64) {
-				defer waits.Done()
-				replies <- reply{handle: h, errno: errnoOf(dev.Flush(ctx))}
-			}(r.Handle)
+			durable(r.Handle)
 			continue
 		}
 		if opErr == nil && r.Flags&CmdFlagFUA != 0 {
-			waits.Add(1)
-			go func(h uint64) {
-				defer waits.Done()
-				replies <- reply{handle: h, errno: errnoOf(dev.Flush(ctx))}
-			}(r.Handle)
+			durable(r.Handle)
 			continue
 		}
-		replies <- reply{handle: r.Handle, errno: errnoOf(opErr)}
+		w.send(r.Handle, errnoOf(opErr), nil, !more)
 	}
 }
 
@@ -539,72 +588,3 @@ func errnoOf(err error) uint32 {
 	}
 	return EIO
 }
-
-// writeReplies sends replies until the channel is closed. After a write
-// error it keeps draining (returning buffers) so that senders never block.
-func writeReplies(nc net.Conn, bw *bufio.Writer, replies <-chan reply) error {
-	var werr error
-	var h [16]byte
-	binary.BigEndian.PutUint32(h[0:], simpleReplyMagic)
-	send := func(r reply) {
-		if werr == nil {
-			binary.BigEndian.PutUint32(h[4:], r.errno)
-			binary.BigEndian.PutUint64(h[8:], r.handle)
-			bw.Write(h[:])
-			if _, err := bw.Write(r.data); err != nil {
-				werr = err
-			}
-		}
-		if r.buf != nil {
-			putBuf(r.buf)
-		}
-	}
-	flush := func() {
-		if werr == nil {
-			if err := bw.Flush(); err != nil {
-				werr = err
-				nc.Close() // unblock the reader
-			}
-		}
-	}
-	for r := range replies {
-		send(r)
-	drain: // coalesce every reply already queued into one write
-		for {
-			select {
-			case r, ok := <-replies:
-				if !ok {
-					flush()
-					return werr
-				}
-				send(r)
-			default:
-				break drain
-			}
-		}
-		flush()
-	}
-	return werr
-}
-
-// Read buffers come from size-classed pools (powers of two from 4 KiB to
-// MaxRequest) so that a READ costs no allocation in the steady state.
-var bufPools [14]sync.Pool
-
-func poolClass(n int) int {
-	if n <= 4096 {
-		return 0
-	}
-	return bits.Len(uint(n-1)) - 12
-}
-
-func getBuf(n int) *[]byte {
-	c := poolClass(n)
-	if p, ok := bufPools[c].Get().(*[]byte); ok {
-		return p
-	}
-	b := make([]byte, 4096<<c)
-	return &b
-}
-
-func putBuf(p *[]byte) { bufPools[poolClass(cap(*p))].Put(p) }

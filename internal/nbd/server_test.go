@@ -327,7 +327,7 @@ func TestNegotiation(t *testing.T) {
 	t.Run("export name and default", func(t *testing.T) {
 		nc := rawConn(t, sock)
 		nc.Write([]byte{0, 0, 0, flagFixedNewstyle}) // zeroes wanted
-		sendOpt(nc, OptExportName, nil)                // default export: a
+		sendOpt(nc, OptExportName, nil)              // default export: a
 		b := make([]byte, 10+124)
 		if _, err := io.ReadFull(nc, b); err != nil {
 			t.Fatal(err)
