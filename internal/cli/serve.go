@@ -24,6 +24,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	create := fs.String("create", "", "create missing disks first: name=size[,name=size...]")
 	ckpt := fs.Duration("checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only at exit)")
 	segSize := fs.String("segment-size", "64M", "journal segment size")
+	ckptBytes := fs.String("checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -48,7 +49,11 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	g, err := disk.Open(disk.Config{Dir: *dir, SegmentSize: seg, CheckpointInterval: *ckpt, Logger: e.log})
+	cb, err := parseSize(*ckptBytes)
+	if err != nil {
+		return err
+	}
+	g, err := disk.Open(disk.Config{Dir: *dir, SegmentSize: seg, CheckpointInterval: *ckpt, CheckpointBytes: cb, Logger: e.log})
 	if err != nil {
 		return err
 	}
