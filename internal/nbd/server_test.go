@@ -495,3 +495,34 @@ func FuzzServerOptions(f *testing.F) {
 		}
 	})
 }
+
+func TestTCPListener(t *testing.T) {
+	s := New(Config{})
+	if err := s.AddExport(Export{Name: "d", Size: 1 << 16, Device: newMem(1 << 16)}); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, ln) }()
+	c, err := Dial(context.Background(), "tcp", ln.Addr().String(), "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteAt(context.Background(), []byte("tcp"), 100, true); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 3)
+	if err := c.ReadAt(context.Background(), got, 100); err != nil || string(got) != "tcp" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	c.Close()
+	cancel() // stopping the context stops Serve cleanly
+	if err := <-done; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+	s.Close()
+}
