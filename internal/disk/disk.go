@@ -310,32 +310,43 @@ func (g *Group) Journal() *journal.Journal { return g.j }
 // apply appends e to the journal and applies it to the image, in one step
 // with respect to every other apply.
 func (g *Group) apply(e *journal.Entry) (uint64, error) {
+	one := [1]*journal.Entry{e}
+	if err := g.applyBatch(one[:]); err != nil {
+		return 0, err
+	}
+	return e.Seq, nil
+}
+
+// applyBatch appends es to the journal with one write and applies them to
+// the images in order, in one step with respect to every other apply.
+func (g *Group) applyBatch(es []*journal.Entry) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return 0, ErrClosed
+		return ErrClosed
 	}
 	if g.failed != nil {
-		return 0, g.failed
+		return g.failed
 	}
-	seq, err := g.j.Append(e)
-	if err != nil {
-		return 0, fmt.Errorf("journal %s: %w", e.Kind, err)
+	if _, err := g.j.AppendBatch(es); err != nil {
+		return fmt.Errorf("journal %s: %w", es[0].Kind, err)
 	}
-	g.appended += journal.EntryHeaderSize + int64(len(e.Data))
+	for _, e := range es {
+		g.appended += journal.EntryHeaderSize + int64(len(e.Data))
+		if err := g.applyImage(e); err != nil {
+			// The journal holds an entry the image lacks; only a reopen
+			// (which replays it) makes them agree again.
+			g.failed = fmt.Errorf("%w: apply seq %d to image: %v; reopen the group to replay the journal", ErrFailed, e.Seq, err)
+			return g.failed
+		}
+	}
 	if g.appended >= g.cfg.CheckpointBytes {
 		select {
 		case g.kick <- struct{}{}:
 		default:
 		}
 	}
-	if err := g.applyImage(e); err != nil {
-		// The journal holds an entry the image lacks; only a reopen (which
-		// replays it) makes them agree again.
-		g.failed = fmt.Errorf("%w: apply seq %d to image: %v; reopen the group to replay the journal", ErrFailed, seq, err)
-		return 0, g.failed
-	}
-	return seq, nil
+	return nil
 }
 
 func (g *Group) applyImage(e *journal.Entry) error {
@@ -561,6 +572,25 @@ func (d *Disk) WriteAt(_ context.Context, p []byte, off int64) error {
 	}
 	_, err := d.g.apply(&journal.Entry{Kind: journal.KindWrite, Disk: d.spec.ID, Offset: uint64(off), Length: uint32(len(p)), Data: p})
 	return err
+}
+
+// WriteAtBatch journals ps[i] at offs[i] for all i with one journal
+// append and applies them in order (nbd.BatchWriter). A range error
+// rejects the whole batch before anything is journaled.
+func (d *Disk) WriteAtBatch(_ context.Context, ps [][]byte, offs []int64) error {
+	if len(ps) != len(offs) {
+		return fmt.Errorf("%w: %d payloads for %d offsets", ErrRange, len(ps), len(offs))
+	}
+	es := make([]journal.Entry, len(ps))
+	ptrs := make([]*journal.Entry, len(ps))
+	for i, p := range ps {
+		if err := d.check(offs[i], int64(len(p))); err != nil {
+			return err
+		}
+		es[i] = journal.Entry{Kind: journal.KindWrite, Disk: d.spec.ID, Offset: uint64(offs[i]), Length: uint32(len(p)), Data: p}
+		ptrs[i] = &es[i]
+	}
+	return d.g.applyBatch(ptrs)
 }
 
 // WriteZeroes journals and applies a zeroing.

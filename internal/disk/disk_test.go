@@ -11,7 +11,10 @@ import (
 	"github.com/ferry-dr/ferry/internal/nbd/nbdtest"
 )
 
-var _ nbd.Device = (*Disk)(nil)
+var (
+	_ nbd.Device      = (*Disk)(nil)
+	_ nbd.BatchWriter = (*Disk)(nil)
+)
 
 func openGroup(tb testing.TB, dir string) *Group {
 	tb.Helper()

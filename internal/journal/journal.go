@@ -98,8 +98,9 @@ type Journal struct {
 	durable  uint64 // every entry with Seq <= durable is on stable storage
 	syncErr  error
 
-	hdr [EntryHeaderSize]byte // reused by Append under mu
-	iov [2][]byte
+	// Reused by AppendBatch under mu.
+	hdrs []byte
+	iov  [][]byte
 }
 
 const (
@@ -386,10 +387,21 @@ func (j *Journal) startSegment(firstSeq uint64) error {
 // for a malformed entry, ErrClosed after Close and ErrFailed after an I/O
 // error; a failed Append records nothing.
 func (j *Journal) Append(e *Entry) (uint64, error) {
-	if !e.Kind.valid() || len(e.Data) > MaxPayload ||
-		(e.Kind == KindWrite || e.Kind == KindMarker) && int(e.Length) != len(e.Data) ||
-		(e.Kind == KindZero || e.Kind == KindTrim) && len(e.Data) != 0 {
-		return 0, fmt.Errorf("%w: kind %s length %d payload %d", ErrInvalid, e.Kind, e.Length, len(e.Data))
+	one := [1]*Entry{e}
+	return j.AppendBatch(one[:])
+}
+
+// AppendBatch records the entries in order as Append does, with as few
+// writes as possible, and returns the sequence number of the last. Either
+// all are recorded or, on error, none is valid (ErrInvalid: nothing
+// written; ErrFailed: the journal refuses all further work).
+func (j *Journal) AppendBatch(es []*Entry) (uint64, error) {
+	for _, e := range es {
+		if !e.Kind.valid() || len(e.Data) > MaxPayload ||
+			(e.Kind == KindWrite || e.Kind == KindMarker) && int(e.Length) != len(e.Data) ||
+			(e.Kind == KindZero || e.Kind == KindTrim) && len(e.Data) != 0 {
+			return 0, fmt.Errorf("%w: kind %s length %d payload %d", ErrInvalid, e.Kind, e.Length, len(e.Data))
+		}
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -399,50 +411,79 @@ func (j *Journal) Append(e *Entry) (uint64, error) {
 	if j.failed != nil {
 		return 0, j.failed
 	}
-	seg := j.segs[len(j.segs)-1]
-	off := seg.size.Load()
-	if off > SegmentHeaderSize && off+EntryHeaderSize+int64(len(e.Data)) > j.opts.SegmentSize {
-		if err := j.startSegment(j.next); err != nil {
-			j.failed = fmt.Errorf("%w: %v", ErrFailed, err)
+	now := j.opts.Now().UnixNano()
+	if need := EntryHeaderSize * len(es); cap(j.hdrs) < need {
+		j.hdrs = make([]byte, need)
+	}
+	for i := 0; i < len(es); {
+		seg := j.segs[len(j.segs)-1]
+		off := seg.size.Load()
+		end := off
+		iov := j.iov[:0]
+		first := i
+		// Entries that fit in the active segment, up to the kernel's
+		// iovec limit.
+		for ; i < len(es) && len(iov) < 1000; i++ {
+			e := es[i]
+			n := int64(EntryHeaderSize + len(e.Data))
+			if end > SegmentHeaderSize && end+n > j.opts.SegmentSize {
+				break
+			}
+			e.Seq = j.next + uint64(i-first)
+			e.Time = now
+			h := j.hdrs[i*EntryHeaderSize : (i+1)*EntryHeaderSize]
+			encodeHeader(h, e)
+			iov = append(iov, h)
+			if len(e.Data) > 0 {
+				iov = append(iov, e.Data)
+			}
+			end += n
+		}
+		j.iov = iov
+		if i == first {
+			if err := j.startSegment(j.next); err != nil {
+				j.failed = fmt.Errorf("%w: %v", ErrFailed, err)
+				return 0, j.failed
+			}
+			continue
+		}
+		if err := writeFullv(j.active, iov, off, end-off); err != nil {
+			// Leave no half entry behind for a reader; recovery would
+			// cut it anyway, but the journal cannot go on past an
+			// unknown state.
+			_ = j.active.Truncate(off)
+			j.failed = fmt.Errorf("%w: append seq %d: %v", ErrFailed, j.next, err)
 			return 0, j.failed
 		}
-		seg = j.segs[len(j.segs)-1]
-		off = seg.size.Load()
+		j.next += uint64(i - first)
+		seg.lastSeq.Store(j.next - 1)
+		seg.size.Store(end)
 	}
-	e.Seq = j.next
-	e.Time = j.opts.Now().UnixNano()
-	encodeHeader(j.hdr[:], e)
-	j.iov[0], j.iov[1] = j.hdr[:], e.Data
-	iov := j.iov[:]
-	if len(e.Data) == 0 {
-		iov = iov[:1]
-	}
-	want := EntryHeaderSize + len(e.Data)
-	n, err := unix.Pwritev(int(j.active.Fd()), iov, off)
-	if err == nil && n != want {
-		// Pwritev to a regular file is short only on ENOSPC-like
-		// conditions; finish it with plain writes.
-		var m int
-		buf := AppendEntry(nil, e)
-		m, err = j.active.WriteAt(buf[n:], off+int64(n))
-		n += m
-	}
-	if err != nil {
-		// Leave no half entry behind for a reader; recovery would cut it
-		// anyway, but the journal cannot go on past an unknown state.
-		_ = j.active.Truncate(off)
-		j.failed = fmt.Errorf("%w: append seq %d: %v", ErrFailed, e.Seq, err)
-		return 0, j.failed
-	}
-	j.next++
-	seg.lastSeq.Store(e.Seq)
-	seg.size.Store(off + int64(want))
 	if j.waiters {
 		close(j.notify)
 		j.notify = make(chan struct{})
 		j.waiters = false
 	}
-	return e.Seq, nil
+	return j.next - 1, nil
+}
+
+// writeFullv writes all of iov (want bytes) at off.
+func writeFullv(f *os.File, iov [][]byte, off, want int64) error {
+	n, err := unix.Pwritev(int(f.Fd()), iov, off)
+	if err != nil {
+		return err
+	}
+	if int64(n) == want {
+		return nil
+	}
+	// Short writes to a regular file happen only near ENOSPC; finish the
+	// rest plainly and let the error, if any, come from there.
+	var flat []byte
+	for _, b := range iov {
+		flat = append(flat, b...)
+	}
+	_, err = f.WriteAt(flat[n:], off+int64(n))
+	return err
 }
 
 // LastSeq returns the sequence number of the last appended entry, 0 if none.

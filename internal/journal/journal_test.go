@@ -480,3 +480,31 @@ func TestRecycledSegments(t *testing.T) {
 	}
 	checkEntries(t, j2, int(first), 230)
 }
+
+func TestAppendBatchAcrossSegments(t *testing.T) {
+	j := openT(t, t.TempDir(), 6<<10)
+	i := 0
+	for _, n := range []int{1, 7, 40, 3, 100, 2} {
+		es := make([]*Entry, n)
+		for k := range es {
+			e := entryFor(i + k)
+			es[k] = &e
+		}
+		last, err := j.AppendBatch(es)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i += n
+		if last != uint64(i) || es[n-1].Seq != uint64(i) || es[0].Seq != uint64(i-n+1) {
+			t.Fatalf("batch of %d: last %d, seqs %d..%d", n, last, es[0].Seq, es[n-1].Seq)
+		}
+	}
+	checkEntries(t, j, 1, i)
+	bad := []*Entry{{Kind: KindWrite, Length: 1, Data: []byte{1}}, {Kind: 0}}
+	if _, err := j.AppendBatch(bad); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("invalid batch: %v", err)
+	}
+	if got := j.LastSeq(); got != uint64(i) {
+		t.Fatalf("invalid batch recorded something: last %d", got)
+	}
+}

@@ -37,6 +37,23 @@ type Device interface {
 	Flush(ctx context.Context) error
 }
 
+// BatchWriter is implemented by devices for which several writes cost
+// less together than apart (one journal append for all). WriteAtBatch
+// applies ps[i] at offs[i] for every i, in order, with the same visibility
+// and durability as that many WriteAt calls, and fails or succeeds as a
+// whole. The server hands it the writes of one burst of pipelined
+// requests.
+type BatchWriter interface {
+	WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error
+}
+
+// Batch limits: a burst is cut into batches of at most this many writes
+// and bytes, which bounds the memory a connection holds.
+const (
+	maxBatchWrites = 64
+	maxBatchBytes  = 8 << 20
+)
+
 // Export is a named disk the server offers.
 type Export struct {
 	Name        string
@@ -506,6 +523,28 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 			w.send(h, errnoOf(dev.Flush(ctx)), nil, true)
 		}()
 	}
+	// Writes of one burst are collected and applied together when the
+	// device can batch; any other request first applies the batch, so the
+	// order of execution is the order of arrival.
+	bwr, canBatch := dev.(BatchWriter)
+	var (
+		bHandles []uint64
+		bPs      [][]byte
+		bOffs    []int64
+		bBytes   int
+		slots    [][]byte // payload buffers of the batch, reused
+	)
+	runBatch := func(flush bool) {
+		if len(bHandles) == 0 {
+			return
+		}
+		errno := errnoOf(bwr.WriteAtBatch(ctx, bPs, bOffs))
+		for i, h := range bHandles {
+			w.send(h, errno, nil, flush && i == len(bHandles)-1)
+		}
+		bHandles, bPs, bOffs, bBytes = bHandles[:0], bPs[:0], bOffs[:0], 0
+	}
+	defer runBatch(true) // requests received before a disconnect still complete
 	var hdr [requestHeaderSize]byte
 	var buf []byte // WRITE payloads and READ data; replies are written before reuse
 	for {
@@ -526,20 +565,48 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 		if r.Type == CmdWrite && r.Length > MaxRequest {
 			// The payload is too large to read or to trust; reply and
 			// hang up.
+			runBatch(false)
 			w.send(r.Handle, EINVAL, nil, true)
 			return fmt.Errorf("%w: write of %d bytes", ErrProtocol, r.Length)
 		}
-		if (r.Type == CmdWrite || r.Type == CmdRead && errno == 0) && cap(buf) < int(r.Length) {
-			buf = make([]byte, r.Length)
+		batchable := canBatch && r.Type == CmdWrite && errno == 0 && r.Flags&CmdFlagFUA == 0
+		if !batchable {
+			runBatch(false)
 		}
 		var payload []byte
-		if r.Type == CmdWrite {
+		switch {
+		case batchable:
+			k := len(bHandles)
+			if k == len(slots) {
+				slots = append(slots, nil)
+			}
+			if cap(slots[k]) < int(r.Length) {
+				slots[k] = make([]byte, r.Length)
+			}
+			payload = slots[k][:r.Length]
+		case r.Type == CmdWrite || r.Type == CmdRead && errno == 0:
+			if cap(buf) < int(r.Length) {
+				buf = make([]byte, r.Length)
+			}
 			payload = buf[:r.Length]
+		}
+		if r.Type == CmdWrite {
 			if _, err := io.ReadFull(br, payload); err != nil {
 				return fmt.Errorf("%w: truncated write payload: %v", ErrProtocol, err)
 			}
 		}
 		more := requestReady(br)
+		if batchable {
+			bHandles = append(bHandles, r.Handle)
+			bPs = append(bPs, payload)
+			bOffs = append(bOffs, int64(r.Offset))
+			bBytes += len(payload)
+			if more && nextIsWrite(br) && len(bHandles) < maxBatchWrites && bBytes < maxBatchBytes {
+				continue
+			}
+			runBatch(!more)
+			continue
+		}
 		if errno != 0 {
 			w.send(r.Handle, errno, nil, !more)
 			continue
@@ -548,7 +615,7 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 		var opErr error
 		switch r.Type {
 		case CmdRead:
-			b := buf[:n]
+			b := payload
 			if err := dev.ReadAt(ctx, b, off); err != nil {
 				w.send(r.Handle, errnoOf(err), nil, !more)
 				continue
@@ -573,6 +640,13 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 		}
 		w.send(r.Handle, errnoOf(opErr), nil, !more)
 	}
+}
+
+// nextIsWrite reports whether the buffered next request is a WRITE (call
+// only after requestReady).
+func nextIsWrite(br *bufio.Reader) bool {
+	h, _ := br.Peek(requestHeaderSize)
+	return binary.BigEndian.Uint16(h[6:]) == CmdWrite
 }
 
 func errnoOf(err error) uint32 {

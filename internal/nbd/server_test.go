@@ -57,6 +57,26 @@ func (m *memDevice) Flush(context.Context) error {
 	return nil
 }
 
+// batchMem is a memDevice that also takes batches, to exercise the
+// server's batching path.
+type batchMem struct {
+	*memDevice
+	batches, writes int
+}
+
+func (b *batchMem) WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error {
+	b.mu.Lock()
+	b.batches++
+	b.writes += len(ps)
+	b.mu.Unlock()
+	for i, p := range ps {
+		if err := b.WriteAt(ctx, p, offs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func startServer(tb testing.TB, exports ...Export) (*Server, string) {
 	tb.Helper()
 	s := New(Config{HandshakeTimeout: 2 * time.Second})
@@ -136,7 +156,19 @@ func TestReadWriteFlush(t *testing.T) {
 // TestPipelined sends many requests at once from many goroutines on one
 // connection; every reply must reach its own caller with its own data.
 func TestPipelined(t *testing.T) {
-	dev := newMem(4 << 20)
+	t.Run("plain", func(t *testing.T) { testPipelined(t, newMem(4<<20)) })
+	t.Run("batching", func(t *testing.T) {
+		b := &batchMem{memDevice: newMem(4 << 20)}
+		testPipelined(t, b)
+		// 64 writers x 20 writes, one in five with FUA (not batched).
+		if want := 64 * 16; b.writes != want {
+			t.Fatalf("batched writes = %d, want %d", b.writes, want)
+		}
+		t.Logf("%d writes in %d batches", b.writes, b.batches)
+	})
+}
+
+func testPipelined(t *testing.T, dev Device) {
 	_, sock := startServer(t, Export{Name: "d", Size: 4 << 20, Device: dev})
 	c := dialT(t, sock, "d")
 	ctx := context.Background()

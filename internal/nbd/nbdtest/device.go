@@ -30,9 +30,31 @@ func TestDevice(t *testing.T, size int64, newDev func(t *testing.T) nbd.Device) 
 		d := newDev(t)
 		ref := make([]byte, size)
 		rng := rand.New(rand.NewPCG(3, 4))
+		bw, canBatch := d.(nbd.BatchWriter)
 		for i := 0; i < 300; i++ {
 			off := rng.Int64N(size - 1)
 			n := 1 + rng.Int64N(min(size-off, 200<<10))
+			if canBatch && rng.IntN(5) == 0 {
+				// A batch of overlapping writes applies in order.
+				var ps [][]byte
+				var offs []int64
+				for k := 0; k < 1+rng.IntN(20); k++ {
+					o := off + rng.Int64N(n)
+					p := make([]byte, 1+rng.Int64N(size-o))
+					p = p[:min(len(p), 64<<10)]
+					for x := range p {
+						p[x] = byte(rng.Uint32())
+					}
+					ps, offs = append(ps, p), append(offs, o)
+				}
+				if err := bw.WriteAtBatch(ctx, ps, offs); err != nil {
+					t.Fatalf("WriteAtBatch: %v", err)
+				}
+				for k, p := range ps {
+					copy(ref[offs[k]:], p)
+				}
+				continue
+			}
 			switch rng.IntN(4) {
 			case 0, 1:
 				p := make([]byte, n)
