@@ -22,7 +22,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	socket := fs.String("socket", "", "unix socket to serve NBD on (mode 0600)")
 	listen := fs.String("listen", "", "TCP address to serve NBD on, for tests only (e.g. 127.0.0.1:10809)")
 	create := fs.String("create", "", "create missing disks first: name=size[,name=size...]")
-	ckpt := fs.Duration("checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only at exit)")
+	ckpt := fs.Duration("checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only by --checkpoint-bytes)")
 	segSize := fs.String("segment-size", "64M", "journal segment size")
 	ckptBytes := fs.String("checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")

@@ -54,7 +54,7 @@ type Config struct {
 	// SegmentSize of the journal (default 64 MiB).
 	SegmentSize int64
 	// CheckpointInterval is how often the background loop checkpoints;
-	// 0 disables the loop (tests call Checkpoint).
+	// 0: only when CheckpointBytes were journaled.
 	CheckpointInterval time.Duration
 	// CheckpointBytes: the background loop also checkpoints as soon as this
 	// many bytes were journaled since the last checkpoint (default 256 MiB).
@@ -485,25 +485,27 @@ func (g *Group) AppliedSeq() uint64 {
 	return g.man.AppliedSeq
 }
 
-// Start runs the background checkpoint loop if CheckpointInterval is set:
-// a checkpoint every CheckpointInterval, and one as soon as CheckpointBytes
-// were journaled since the last.
+// Start runs the background checkpoint loop: a checkpoint as soon as
+// CheckpointBytes were journaled since the last, and every
+// CheckpointInterval if that is set. Tests that drive checkpoints step by
+// step do not call Start.
 func (g *Group) Start(ctx context.Context) {
-	if g.cfg.CheckpointInterval <= 0 {
-		return
-	}
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
-		t := time.NewTicker(g.cfg.CheckpointInterval)
-		defer t.Stop()
+		var tick <-chan time.Time
+		if g.cfg.CheckpointInterval > 0 {
+			t := time.NewTicker(g.cfg.CheckpointInterval)
+			defer t.Stop()
+			tick = t.C
+		}
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-g.stop:
 				return
-			case <-t.C:
+			case <-tick:
 			case <-g.kick:
 			}
 			if err := g.checkpoint(ctx); err != nil {

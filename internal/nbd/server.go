@@ -168,16 +168,24 @@ func (s *Server) lookup(name string) *Export {
 	return s.exports[name]
 }
 
-// ListenUnix listens on a unix socket at path with mode 0600 (only the
-// agent's user may connect), replacing a stale socket file.
+// ListenUnix listens on a unix socket at path with mode 0600, so only the
+// agent's user may connect. A stale socket file left by a dead process is
+// replaced; one that a live server still answers on is an error.
+//
+// Connecting to a unix socket needs write permission on it, so under any
+// umask that withholds write from group and others (the default 022 does)
+// nobody else can connect in the instant between creation and chmod. The
+// umask is not changed: it is process-wide and would race with other
+// goroutines creating files.
 func ListenUnix(path string) (net.Listener, error) {
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("listen on %s: another server is using it", path)
+		}
 		os.Remove(path)
 	}
-	// Create it with no permissions for others from the first instant.
-	old := syscall.Umask(0o177)
 	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}

@@ -558,3 +558,31 @@ func TestTCPListener(t *testing.T) {
 	}
 	s.Close()
 }
+
+func TestListenUnixLiveAndStale(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := ListenUnix(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if _, err := ListenUnix(sock); err == nil {
+		t.Fatal("second ListenUnix on a live socket succeeded")
+	}
+	// A socket file whose server is gone is replaced.
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	ln2, err := ListenUnix(sock)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	ln2.Close()
+}
