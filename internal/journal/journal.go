@@ -656,9 +656,6 @@ func (j *Journal) Close() error {
 	return err
 }
 
-// Dir returns the journal's directory.
-func (j *Journal) Dir() string { return j.opts.Dir }
-
 // Segments returns the first sequence numbers of the segments on disk.
 func (j *Journal) Segments() []uint64 {
 	j.mu.Lock()

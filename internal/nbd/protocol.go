@@ -26,7 +26,6 @@ const (
 	requestMagic      = 0x25609513
 	simpleReplyMagic  = 0x67446698
 	requestHeaderSize = 28
-	optHeaderSize     = 16 // after the magic: option, length are 8; magic 8
 )
 
 // Handshake flags.
