@@ -97,6 +97,13 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		lns = append(lns, ln)
 	}
 	g.Start(ctx)
+	if *socket != "" {
+		abs, _ := filepath.Abs(*socket)
+		for _, s := range specs {
+			e.log.Info("export ready", "disk", s.Name, "size", s.Size,
+				"qemu", fmt.Sprintf("-drive file=nbd+unix:///%s?socket=%s,format=raw,if=virtio,cache=none", s.Name, abs))
+		}
+	}
 	var wg sync.WaitGroup
 	errc := make(chan error, len(lns))
 	for _, ln := range lns {
