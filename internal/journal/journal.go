@@ -41,6 +41,10 @@ type Options struct {
 	Now func() time.Time
 	// Logger receives recovery reports. Default: discard.
 	Logger *slog.Logger
+	// FirstSeq is the sequence number of the first entry of a new, empty
+	// journal (default 1). A replica starts where its source's journal
+	// stood when the initial copy began.
+	FirstSeq uint64
 	// Recycle is how many trimmed segment files are kept for reuse instead
 	// of being deleted (default 32; negative: none). Overwriting a file whose
 	// blocks are allocated and often still in the page cache is several
@@ -91,6 +95,7 @@ type Journal struct {
 	restartAt uint64
 	lock      *os.File // flock held while open
 	free      []string // recyclable segment files
+	readFiles map[uint64]*os.File // ReadData handles by segment
 
 	syncMu   sync.Mutex
 	syncCond *sync.Cond
@@ -154,7 +159,7 @@ func Open(opts Options) (_ *Journal, _ Recovery, err error) {
 		return nil, rec, err
 	}
 	if len(j.segs) == 0 {
-		first := max(j.restartAt, 1)
+		first := max(j.restartAt, opts.FirstSeq, 1)
 		if err := j.startSegment(first); err != nil {
 			return nil, rec, err
 		}
@@ -396,6 +401,18 @@ func (j *Journal) Append(e *Entry) (uint64, error) {
 // all are recorded or, on error, none is valid (ErrInvalid: nothing
 // written; ErrFailed: the journal refuses all further work).
 func (j *Journal) AppendBatch(es []*Entry) (uint64, error) {
+	return j.appendBatch(es, false)
+}
+
+// AppendCopies appends entries taken from another journal (a replica
+// receiving its source's journal), keeping their Seq and Time: the first
+// must be LastSeq()+1 and the rest must follow densely, else ErrInvalid
+// and nothing is written.
+func (j *Journal) AppendCopies(es []*Entry) (uint64, error) {
+	return j.appendBatch(es, true)
+}
+
+func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 	for _, e := range es {
 		if !e.Kind.valid() || len(e.Data) > MaxPayload ||
 			(e.Kind == KindWrite || e.Kind == KindMarker) && int(e.Length) != len(e.Data) ||
@@ -410,6 +427,13 @@ func (j *Journal) AppendBatch(es []*Entry) (uint64, error) {
 	}
 	if j.failed != nil {
 		return 0, j.failed
+	}
+	if keep {
+		for k, e := range es {
+			if e.Seq != j.next+uint64(k) {
+				return 0, fmt.Errorf("%w: copied entry has seq %d, want %d", ErrInvalid, e.Seq, j.next+uint64(k))
+			}
+		}
 	}
 	now := j.opts.Now().UnixNano()
 	if need := EntryHeaderSize * len(es); cap(j.hdrs) < need {
@@ -429,8 +453,10 @@ func (j *Journal) AppendBatch(es []*Entry) (uint64, error) {
 			if end > SegmentHeaderSize && end+n > j.opts.SegmentSize {
 				break
 			}
-			e.Seq = j.next + uint64(i-first)
-			e.Time = now
+			if !keep {
+				e.Seq = j.next + uint64(i-first)
+				e.Time = now
+			}
 			h := j.hdrs[i*EntryHeaderSize : (i+1)*EntryHeaderSize]
 			encodeHeader(h, e)
 			iov = append(iov, h)
@@ -602,6 +628,10 @@ func (j *Journal) Trim(seq uint64) error {
 	var drop []*segment
 	for len(j.segs) > 1 && j.segs[1].firstSeq <= seq {
 		drop = append(drop, j.segs[0])
+		if f := j.readFiles[j.segs[0].firstSeq]; f != nil {
+			f.Close()
+			delete(j.readFiles, j.segs[0].firstSeq)
+		}
 		j.segs = j.segs[1:]
 	}
 	j.mu.Unlock()
@@ -636,6 +666,9 @@ func (j *Journal) Close() error {
 	}
 	j.closed = true
 	close(j.notify)
+	for _, f := range j.readFiles {
+		f.Close()
+	}
 	for _, f := range j.pending {
 		f.Close()
 	}

@@ -508,3 +508,52 @@ func TestAppendBatchAcrossSegments(t *testing.T) {
 		t.Fatalf("invalid batch recorded something: last %d", got)
 	}
 }
+
+// TestCopiesKeepSeq copies a journal into another that starts at the same
+// sequence, as a replica does, and reads payloads back by location.
+func TestCopiesKeepSeq(t *testing.T) {
+	src := openT(t, t.TempDir(), 8<<10)
+	appendN(t, src, 0, 50)
+	src.Trim(20)
+	from := src.FirstSeq()
+	dst, _, err := Open(Options{Dir: t.TempDir(), SegmentSize: 8 << 10, FirstSeq: from})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	r, _ := src.NewReader(from)
+	defer r.Close()
+	var batch []*Entry
+	for {
+		e, ok, err := r.TryNext()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		c := e
+		c.Data = append([]byte(nil), e.Data...)
+		batch = append(batch, &c)
+	}
+	if _, err := dst.AppendCopies(batch[1:]); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("copy with a gap: %v, want ErrInvalid", err)
+	}
+	if _, err := dst.AppendCopies(batch); err != nil {
+		t.Fatal(err)
+	}
+	rd, _ := dst.NewReader(from)
+	defer rd.Close()
+	for _, want := range batch {
+		got, ok, err := rd.TryNext()
+		if !ok || err != nil || got.Seq != want.Seq || got.Time != want.Time || !bytes.Equal(got.Data, want.Data) {
+			t.Fatalf("copy of seq %d: %+v %v %v", want.Seq, got.Seq, ok, err)
+		}
+		if len(want.Data) > 3 {
+			p := make([]byte, 3)
+			if err := dst.ReadData(rd.Loc(), p, 1); err != nil || !bytes.Equal(p, want.Data[1:4]) {
+				t.Fatalf("ReadData seq %d: %v", want.Seq, err)
+			}
+		}
+	}
+}

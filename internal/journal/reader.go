@@ -114,7 +114,19 @@ type Reader struct {
 	f    *os.File
 	sc   *entryScanner
 	next uint64 // next seq to return
+	last Loc    // where the payload of the entry returned last lies
 }
+
+// Loc locates an entry's payload on disk: the segment (by its first
+// sequence number) and the byte offset of the payload in its file.
+type Loc struct {
+	Seg uint64
+	Off int64
+}
+
+// Loc returns where the payload of the entry returned last lies, for
+// ReadData.
+func (r *Reader) Loc() Loc { return r.last }
 
 // NewReader returns a Reader positioned at entry from (at least 1). It fails
 // with ErrTrimmed if from is older than the oldest entry kept. from may be
@@ -197,6 +209,7 @@ func (r *Reader) TryNext() (Entry, bool, error) {
 			if err != nil {
 				return Entry{}, false, fmt.Errorf("read segment %d at %d: %w", r.seg.firstSeq, r.sc.off, err)
 			}
+			r.last = Loc{Seg: r.seg.firstSeq, Off: r.sc.off + EntryHeaderSize}
 			r.sc.off += n
 			if e.Seq < r.next {
 				continue // seeking to the start position
@@ -262,4 +275,41 @@ func (r *Reader) Close() error {
 	err := r.f.Close()
 	r.f = nil
 	return err
+}
+
+// ReadData reads len(p) bytes of payload at loc (from Reader.Loc) plus off.
+// The caller must make sure the segment is not trimmed meanwhile (hold it).
+// Safe for concurrent use.
+func (j *Journal) ReadData(loc Loc, p []byte, off int64) error {
+	f, err := j.segFile(loc.Seg)
+	if err != nil {
+		return err
+	}
+	if _, err := f.ReadAt(p, loc.Off+off); err != nil {
+		return fmt.Errorf("read journal data in segment %d: %w", loc.Seg, err)
+	}
+	return nil
+}
+
+// segFile returns a cached read-only handle of a live segment.
+func (j *Journal) segFile(first uint64) (*os.File, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if f := j.readFiles[first]; f != nil {
+		return f, nil
+	}
+	for _, s := range j.segs {
+		if s.firstSeq == first {
+			f, err := os.Open(s.path)
+			if err != nil {
+				return nil, fmt.Errorf("open segment %d: %w", first, err)
+			}
+			if j.readFiles == nil {
+				j.readFiles = map[uint64]*os.File{}
+			}
+			j.readFiles[first] = f
+			return f, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: segment %d", ErrTrimmed, first)
 }
