@@ -419,6 +419,19 @@ func (g *Group) Hold(holder string, seq uint64) {
 	g.holds[holder] = seq
 }
 
+// HoldNext holds the journal from the next entry to be appended on behalf
+// of holder and returns that sequence number. Taken under the group lock,
+// it splits history exactly: every entry before it is already in the
+// images, every entry from it on is still in the journal. An initial copy
+// of the images starts with it.
+func (g *Group) HoldNext(holder string) uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	next := g.j.LastSeq() + 1
+	g.Hold(holder, next)
+	return next
+}
+
 // Checkpoint makes the images durable up to the journal's current end,
 // records that in the manifest and trims journal segments no holder needs.
 func (g *Group) Checkpoint(ctx context.Context) error {

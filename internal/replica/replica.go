@@ -1,0 +1,376 @@
+// Package replica is the recovery-site side of replication: a replica of a
+// consistency group made of base images, the source's journal as received
+// (same sequence numbers, same times), a version index over that journal,
+// and the catalog of recovery points found in it.
+//
+// A replica is consistent at every sequence number from ConsistentSeq (the
+// end of the initial copy) to the last entry received: the images hold a
+// copy of the source taken while it was being written, and every write the
+// source made from the start of that copy on is in the journal. A View of a
+// disk at a point reads the image and applies, per block, the journal's
+// changes up to that point; nothing is copied, so opening a view costs the
+// same whatever the size of the journal.
+package replica
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/journal"
+)
+
+// Sentinel errors.
+var (
+	ErrNotReady     = errors.New("replica: initial copy not complete")
+	ErrNoPoint      = errors.New("replica: no such recovery point")
+	ErrUnknownDisk  = errors.New("replica: unknown disk")
+	ErrReadOnlyView = errors.New("replica: view is read-only")
+)
+
+// Marker is the payload of a recovery-point marker entry, written by the
+// source agent into its journal so that every disk of the group shares it.
+type Marker struct {
+	Type  string `json:"type"` // "crash" (periodic checkpoint), "app" (application-consistent), "named"
+	Label string `json:"label,omitempty"`
+}
+
+// Encode returns the marker's journal payload.
+func (m Marker) Encode() []byte {
+	b, _ := json.Marshal(m)
+	return b
+}
+
+// Point is a recovery point in the catalog.
+type Point struct {
+	Seq   uint64    `json:"seq"`
+	Time  time.Time `json:"time"`
+	Type  string    `json:"type"`
+	Label string    `json:"label,omitempty"`
+}
+
+// Config configures a Replica.
+type Config struct {
+	Dir         string
+	SegmentSize int64
+	Logger      *slog.Logger
+}
+
+type manifest struct {
+	Version int         `json:"version"`
+	Group   string      `json:"group"`
+	Disks   []disk.Spec `json:"disks"`
+	// BaseSeq: the journal starts here; the base copy began when the
+	// source's next entry was BaseSeq.
+	BaseSeq uint64 `json:"base_seq"`
+	// ConsistentSeq: the first point that is consistent (0 while the base
+	// copy runs).
+	ConsistentSeq uint64 `json:"consistent_seq"`
+}
+
+// Replica is one replicated group at the recovery site.
+type Replica struct {
+	cfg Config
+	log *slog.Logger
+
+	mu     sync.RWMutex
+	man    manifest
+	j      *journal.Journal
+	images map[uint16]*os.File
+	idx    map[uint16]*diskIndex
+	points []Point
+	tail   *journal.Reader // indexes what Receive appended
+	last   journal.Entry   // header of the last entry received (no data)
+}
+
+// Open opens the replica in cfg.Dir (empty if new) and rebuilds its index
+// from the journal.
+func Open(cfg Config) (*Replica, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create replica dir: %w", err)
+	}
+	r := &Replica{cfg: cfg, log: cfg.Logger}
+	b, err := os.ReadFile(r.manifestPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return r, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read replica manifest: %w", err)
+	}
+	if err := json.Unmarshal(b, &r.man); err != nil {
+		return nil, fmt.Errorf("parse replica manifest: %w", err)
+	}
+	if err := r.openData(); err != nil {
+		return nil, err
+	}
+	if err := r.indexNew(); err != nil {
+		r.closeData()
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Replica) manifestPath() string { return filepath.Join(r.cfg.Dir, "replica.json") }
+func (r *Replica) imagePath(name string) string {
+	return filepath.Join(r.cfg.Dir, "images", name+".img")
+}
+
+func (r *Replica) saveManifest() error {
+	b, _ := json.MarshalIndent(r.man, "", "  ")
+	tmp := r.manifestPath() + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	f, err := os.Open(tmp)
+	if err == nil {
+		err = f.Sync()
+		f.Close()
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, r.manifestPath()); err != nil {
+		return err
+	}
+	d, err := os.Open(r.cfg.Dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func (r *Replica) openData() error {
+	j, _, err := journal.Open(journal.Options{Dir: filepath.Join(r.cfg.Dir, "journal"), SegmentSize: r.cfg.SegmentSize,
+		FirstSeq: r.man.BaseSeq, Logger: r.log})
+	if err != nil {
+		return fmt.Errorf("open replica journal: %w", err)
+	}
+	r.j = j
+	r.images = map[uint16]*os.File{}
+	r.idx = map[uint16]*diskIndex{}
+	for _, s := range r.man.Disks {
+		f, err := os.OpenFile(r.imagePath(s.Name), os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("open replica image %q: %w", s.Name, err)
+		}
+		r.images[s.ID] = f
+		r.idx[s.ID] = newDiskIndex()
+	}
+	tail, err := j.NewReader(j.FirstSeq())
+	if err != nil {
+		return err
+	}
+	r.tail = tail
+	r.points = nil
+	return nil
+}
+
+func (r *Replica) closeData() {
+	if r.tail != nil {
+		r.tail.Close()
+		r.tail = nil
+	}
+	for _, f := range r.images {
+		f.Close()
+	}
+	r.images = nil
+	if r.j != nil {
+		r.j.Close()
+		r.j = nil
+	}
+}
+
+// indexNew indexes every entry appended since the last call. Caller holds
+// mu (or has exclusive access).
+func (r *Replica) indexNew() error {
+	for {
+		e, ok, err := r.tail.TryNext()
+		if err != nil {
+			return fmt.Errorf("index replica journal: %w", err)
+		}
+		if !ok {
+			return nil
+		}
+		switch e.Kind {
+		case journal.KindMarker:
+			var m Marker
+			if json.Unmarshal(e.Data, &m) == nil && m.Type != "" {
+				r.points = append(r.points, Point{Seq: e.Seq, Time: time.Unix(0, e.Time).UTC(), Type: m.Type, Label: m.Label})
+			}
+		default:
+			x := r.idx[e.Disk]
+			if x == nil {
+				return fmt.Errorf("%w: entry %d names disk %d", ErrUnknownDisk, e.Seq, e.Disk)
+			}
+			x.add(&e, r.tail.Loc())
+		}
+		hdr := e
+		hdr.Data = nil
+		r.last = hdr
+	}
+}
+
+// Begin starts (or restarts) the initial copy of group with the given
+// disks, whose journal will continue at startSeq. Existing replica data is
+// discarded.
+func (r *Replica) Begin(group string, disks []disk.Spec, startSeq uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closeData()
+	for _, sub := range []string{"journal", "images"} {
+		if err := os.RemoveAll(filepath.Join(r.cfg.Dir, sub)); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(r.cfg.Dir, "images"), 0o700); err != nil {
+		return err
+	}
+	for _, s := range disks {
+		if s.Name == "" || filepath.Base(s.Name) != s.Name || s.Size <= 0 {
+			return fmt.Errorf("replica: invalid disk %+v", s)
+		}
+		f, err := os.OpenFile(r.imagePath(s.Name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return err
+		}
+		err = f.Truncate(s.Size)
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: max(startSeq, 1)}
+	if err := r.saveManifest(); err != nil {
+		return fmt.Errorf("save replica manifest: %w", err)
+	}
+	r.last = journal.Entry{}
+	return r.openData()
+}
+
+// WriteBase writes initial-copy data.
+func (r *Replica) WriteBase(diskID uint16, off int64, p []byte) error {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	f := r.images[diskID]
+	if f == nil {
+		return fmt.Errorf("%w: id %d", ErrUnknownDisk, diskID)
+	}
+	for _, s := range r.man.Disks {
+		if s.ID == diskID && (off < 0 || off+int64(len(p)) > s.Size) {
+			return fmt.Errorf("replica: base data [%d,+%d) outside disk %q", off, len(p), s.Name)
+		}
+	}
+	_, err := f.WriteAt(p, off)
+	return err
+}
+
+// EndBase marks the initial copy complete: the replica is consistent from
+// endSeq on (the source's last sequence when its copy finished).
+func (r *Replica) EndBase(endSeq uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, f := range r.images {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("sync replica image: %w", err)
+		}
+	}
+	r.man.ConsistentSeq = max(endSeq, r.man.BaseSeq-1, 1)
+	return r.saveManifest()
+}
+
+// NextSeq is the sequence number the replica wants next, or 0 if it needs
+// an initial copy first.
+func (r *Replica) NextSeq() uint64 {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.j == nil || r.man.ConsistentSeq == 0 {
+		return 0
+	}
+	return r.j.LastSeq() + 1
+}
+
+// Receive appends entries from the source (in order, starting at
+// NextSeq during streaming or at BaseSeq during the initial copy), makes
+// them durable, indexes them, and returns the last durable sequence: only
+// then may the sender treat them as acknowledged.
+func (r *Replica) Receive(ctx context.Context, es []*journal.Entry) (uint64, error) {
+	r.mu.RLock()
+	j := r.j
+	r.mu.RUnlock()
+	if j == nil {
+		return 0, ErrNotReady
+	}
+	last, err := j.AppendCopies(es)
+	if err != nil {
+		return 0, err
+	}
+	if err := j.Sync(ctx); err != nil {
+		return 0, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.indexNew(); err != nil {
+		return 0, err
+	}
+	return last, nil
+}
+
+// Status describes the replica.
+type Status struct {
+	Group         string      `json:"group"`
+	Disks         []disk.Spec `json:"disks"`
+	BaseSeq       uint64      `json:"base_seq"`
+	ConsistentSeq uint64      `json:"consistent_seq"`
+	LastSeq       uint64      `json:"last_seq"`
+	LastTime      time.Time   `json:"last_time"`
+	Points        int         `json:"points"`
+	JournalBytes  int64       `json:"journal_bytes"`
+}
+
+// Status returns the replica's state.
+func (r *Replica) Status() Status {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	s := Status{Group: r.man.Group, Disks: r.man.Disks, BaseSeq: r.man.BaseSeq, ConsistentSeq: r.man.ConsistentSeq, Points: len(r.points)}
+	if r.j != nil {
+		s.LastSeq = r.j.LastSeq()
+		s.JournalBytes = r.j.Size()
+	}
+	if r.last.Time != 0 {
+		s.LastTime = time.Unix(0, r.last.Time).UTC()
+	}
+	return s
+}
+
+// Points lists the recovery points in the catalog, oldest first, that
+// views can be opened at (those from ConsistentSeq on).
+func (r *Replica) Points() []Point {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []Point
+	for _, p := range r.points {
+		if p.Seq >= r.man.ConsistentSeq && r.man.ConsistentSeq != 0 {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Close closes the replica.
+func (r *Replica) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closeData()
+	return nil
+}
