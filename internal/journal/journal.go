@@ -93,8 +93,8 @@ type Journal struct {
 	// restartAt is where numbering resumes when recovery removed every
 	// segment; 0 means from 1.
 	restartAt uint64
-	lock      *os.File // flock held while open
-	free      []string // recyclable segment files
+	lock      *os.File            // flock held while open
+	free      []string            // recyclable segment files
 	readFiles map[uint64]*os.File // ReadData handles by segment
 
 	syncMu   sync.Mutex
