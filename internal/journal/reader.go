@@ -313,3 +313,21 @@ func (j *Journal) segFile(first uint64) (*os.File, error) {
 	}
 	return nil, fmt.Errorf("%w: segment %d", ErrTrimmed, first)
 }
+
+// EntryTime returns the time entry seq was appended. It reads from the
+// start of the entry's segment, so it is for status reports, not hot paths.
+func (j *Journal) EntryTime(seq uint64) (int64, error) {
+	r, err := j.NewReader(seq)
+	if err != nil {
+		return 0, err
+	}
+	defer r.Close()
+	e, ok, err := r.TryNext()
+	if err != nil {
+		return 0, err
+	}
+	if !ok {
+		return 0, fmt.Errorf("journal: no entry %d yet", seq)
+	}
+	return e.Time, nil
+}

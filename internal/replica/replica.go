@@ -300,30 +300,57 @@ func (r *Replica) NextSeq() uint64 {
 	return r.j.LastSeq() + 1
 }
 
-// Receive appends entries from the source (in order, starting at
-// NextSeq during streaming or at BaseSeq during the initial copy), makes
-// them durable, indexes them, and returns the last durable sequence: only
-// then may the sender treat them as acknowledged.
-func (r *Replica) Receive(ctx context.Context, es []*journal.Entry) (uint64, error) {
+// Append appends entries from the source, in order (the first must be
+// NextSeq, or BaseSeq during the initial copy). They are not durable, and
+// must not be acknowledged, until Commit.
+func (r *Replica) Append(es []*journal.Entry) error {
+	r.mu.RLock()
+	j := r.j
+	r.mu.RUnlock()
+	if j == nil {
+		return ErrNotReady
+	}
+	_, err := j.AppendCopies(es)
+	return err
+}
+
+// Commit makes everything appended durable, indexes it and returns the last
+// durable sequence number: only then may the sender treat it as
+// acknowledged.
+func (r *Replica) Commit(ctx context.Context) (uint64, error) {
 	r.mu.RLock()
 	j := r.j
 	r.mu.RUnlock()
 	if j == nil {
 		return 0, ErrNotReady
 	}
-	last, err := j.AppendCopies(es)
-	if err != nil {
-		return 0, err
-	}
 	if err := j.Sync(ctx); err != nil {
 		return 0, err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.j != j {
+		return 0, fmt.Errorf("%w: replica was reset or closed during commit", ErrNotReady)
+	}
 	if err := r.indexNew(); err != nil {
 		return 0, err
 	}
-	return last, nil
+	return j.LastSeq(), nil
+}
+
+// Receive is Append then Commit.
+func (r *Replica) Receive(ctx context.Context, es []*journal.Entry) (uint64, error) {
+	if err := r.Append(es); err != nil {
+		return 0, err
+	}
+	return r.Commit(ctx)
+}
+
+// Disks returns the replica's disks.
+func (r *Replica) Disks() []disk.Spec {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return append([]disk.Spec(nil), r.man.Disks...)
 }
 
 // Status describes the replica.

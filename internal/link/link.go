@@ -1,0 +1,189 @@
+// Package link is the replication wire protocol between a source agent and
+// a recovery agent: length-prefixed frames over a mutually authenticated
+// TLS 1.3 connection. docs/replication.md specifies it.
+//
+// The source speaks first (Hello); the recovery side answers with the
+// sequence number it wants next (0: it needs an initial copy). Then the
+// source sends either an initial copy (BaseStart, BaseData..., BaseDone)
+// followed by entries, or entries straight away. The recovery side acks
+// each batch once it is durable; the source may then trim it.
+package link
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/journal"
+)
+
+// Frame types.
+const (
+	TypeHello     = 1 // source -> recovery: JSON Hello
+	TypeWelcome   = 2 // recovery -> source: JSON Welcome
+	TypeBaseStart = 3 // source -> recovery: JSON BaseStart
+	TypeBaseData  = 4 // source -> recovery: disk u16, offset u64, data
+	TypeBaseDone  = 5 // source -> recovery: JSON BaseDone
+	TypeEntries   = 6 // source -> recovery: journal entries, encoded as in segments
+	TypeAck       = 7 // recovery -> source: u64 seq durable
+	TypeError     = 8 // either way: UTF-8 message, then the sender closes
+)
+
+// MaxFrame bounds a frame's body.
+const MaxFrame = journal.MaxPayload + 1<<20
+
+// ErrFrame: a malformed frame.
+var ErrFrame = errors.New("link: malformed frame")
+
+// Hello opens a replication stream.
+type Hello struct {
+	Group  string      `json:"group"`
+	Source string      `json:"source"` // the source site's name
+	Disks  []disk.Spec `json:"disks"`
+}
+
+// Welcome answers Hello.
+type Welcome struct {
+	NextSeq uint64 `json:"next_seq"` // 0: send an initial copy first
+}
+
+// BaseStart begins an initial copy; the journal continues at StartSeq.
+type BaseStart struct {
+	StartSeq uint64 `json:"start_seq"`
+}
+
+// BaseDone ends an initial copy; the replica is consistent from EndSeq.
+type BaseDone struct {
+	EndSeq uint64 `json:"end_seq"`
+}
+
+// Conn frames a stream. Reads and writes may run concurrently (one reader,
+// one writer).
+type Conn struct {
+	r    *bufio.Reader
+	w    *bufio.Writer
+	rbuf []byte
+}
+
+// New wraps rw.
+func New(rw io.ReadWriter) *Conn {
+	return &Conn{r: bufio.NewReaderSize(rw, 256<<10), w: bufio.NewWriterSize(rw, 256<<10)}
+}
+
+// Write sends one frame made of the given parts and flushes.
+func (c *Conn) Write(typ byte, parts ...[]byte) error {
+	n := 1
+	for _, p := range parts {
+		n += len(p)
+	}
+	if n-1 > MaxFrame {
+		return fmt.Errorf("%w: body of %d bytes", ErrFrame, n-1)
+	}
+	var h [5]byte
+	binary.BigEndian.PutUint32(h[:], uint32(n))
+	h[4] = typ
+	c.w.Write(h[:])
+	for _, p := range parts {
+		c.w.Write(p)
+	}
+	return c.w.Flush()
+}
+
+// Buffered reports whether a whole or partial next frame has already been
+// received.
+func (c *Conn) Buffered() bool { return c.r.Buffered() > 0 }
+
+// WriteJSON sends v as a frame of type typ.
+func (c *Conn) WriteJSON(typ byte, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return c.Write(typ, b)
+}
+
+// Read returns the next frame. body is valid until the next Read.
+func (c *Conn) Read() (typ byte, body []byte, err error) {
+	var h [5]byte
+	if _, err := io.ReadFull(c.r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := binary.BigEndian.Uint32(h[:])
+	if n == 0 || n-1 > MaxFrame {
+		return 0, nil, fmt.Errorf("%w: length %d", ErrFrame, n)
+	}
+	if cap(c.rbuf) < int(n-1) {
+		c.rbuf = make([]byte, n-1)
+	}
+	body = c.rbuf[:n-1]
+	if _, err := io.ReadFull(c.r, body); err != nil {
+		return 0, nil, err
+	}
+	if h[4] == TypeError {
+		return 0, nil, fmt.Errorf("link: peer: %s", body)
+	}
+	return h[4], body, nil
+}
+
+// ReadJSON reads a frame that must be of type want and decodes it into v.
+func (c *Conn) ReadJSON(want byte, v any) error {
+	typ, body, err := c.Read()
+	if err != nil {
+		return err
+	}
+	if typ != want {
+		return fmt.Errorf("%w: got frame type %d, want %d", ErrFrame, typ, want)
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("%w: %v", ErrFrame, err)
+	}
+	return nil
+}
+
+// EncodeBaseData builds the head of a TypeBaseData frame (the data follows).
+func EncodeBaseData(diskID uint16, off int64) []byte {
+	b := binary.BigEndian.AppendUint16(nil, diskID)
+	return binary.BigEndian.AppendUint64(b, uint64(off))
+}
+
+// DecodeBaseData splits a TypeBaseData body.
+func DecodeBaseData(b []byte) (diskID uint16, off int64, data []byte, err error) {
+	if len(b) < 10 {
+		return 0, 0, nil, fmt.Errorf("%w: base data of %d bytes", ErrFrame, len(b))
+	}
+	off = int64(binary.BigEndian.Uint64(b[2:]))
+	if off < 0 {
+		return 0, 0, nil, fmt.Errorf("%w: negative offset", ErrFrame)
+	}
+	return binary.BigEndian.Uint16(b), off, b[10:], nil
+}
+
+// DecodeEntries parses a TypeEntries body into entries whose Data alias b.
+// Every entry's checksum is verified.
+func DecodeEntries(b []byte, out []journal.Entry) ([]journal.Entry, error) {
+	out = out[:0]
+	for len(b) > 0 {
+		e, n, err := journal.DecodeEntry(b)
+		if err != nil {
+			return nil, fmt.Errorf("%w: entry: %v", ErrFrame, err)
+		}
+		out = append(out, e)
+		b = b[n:]
+	}
+	return out, nil
+}
+
+// EncodeAck builds a TypeAck body.
+func EncodeAck(seq uint64) []byte { return binary.BigEndian.AppendUint64(nil, seq) }
+
+// DecodeAck parses a TypeAck body.
+func DecodeAck(b []byte) (uint64, error) {
+	if len(b) != 8 {
+		return 0, fmt.Errorf("%w: ack of %d bytes", ErrFrame, len(b))
+	}
+	return binary.BigEndian.Uint64(b), nil
+}

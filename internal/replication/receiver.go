@@ -1,0 +1,165 @@
+// Package replication runs the two ends of a replication stream: the
+// Shipper at the source site, which sends a group's journal (after an
+// initial copy when needed) and moves its hold forward as entries are
+// acknowledged, and Receive at the recovery site, which feeds a
+// replica.Replica and acknowledges only what is durable.
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sync"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/journal"
+	"github.com/ferry-dr/ferry/internal/link"
+	"github.com/ferry-dr/ferry/internal/replica"
+)
+
+// ReplicaFor returns the replica that should receive the group named in
+// hello (creating it if new). It is how the recovery agent maps streams to
+// its replicas.
+type ReplicaFor func(hello link.Hello) (*replica.Replica, error)
+
+// Receiver serves replication streams, at most one per group at a time: a
+// new stream for a group (the source reconnected) ends the old one first,
+// which may be a half-open connection the network never closed.
+type Receiver struct {
+	ReplicaFor ReplicaFor
+
+	mu     sync.Mutex
+	active map[string]*session
+}
+
+type session struct {
+	close func()
+	done  chan struct{}
+}
+
+// Serve runs one stream on conn (closed when Serve returns).
+func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
+	defer conn.Close()
+	c := link.New(conn)
+	var hello link.Hello
+	if err := c.ReadJSON(link.TypeHello, &hello); err != nil {
+		return fmt.Errorf("read hello: %w", err)
+	}
+	me := &session{close: func() { conn.Close() }, done: make(chan struct{})}
+	defer close(me.done)
+	rc.mu.Lock()
+	if rc.active == nil {
+		rc.active = map[string]*session{}
+	}
+	old := rc.active[hello.Group]
+	rc.active[hello.Group] = me
+	rc.mu.Unlock()
+	defer func() {
+		rc.mu.Lock()
+		if rc.active[hello.Group] == me {
+			delete(rc.active, hello.Group)
+		}
+		rc.mu.Unlock()
+	}()
+	if old != nil {
+		old.close()
+		<-old.done
+	}
+	return receive(ctx, c, hello, rc.ReplicaFor)
+}
+
+// receive runs a stream after Hello. It acknowledges a batch only after
+// Replica.Commit made it durable, and commits once per burst of frames
+// that arrived together, so one fsync covers many batches under load.
+func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor ReplicaFor) error {
+	rep, err := replicaFor(hello)
+	if err != nil {
+		c.Write(link.TypeError, []byte(err.Error()))
+		return err
+	}
+	next := rep.NextSeq()
+	if next != 0 && !sameDisks(rep.Disks(), hello.Disks) {
+		next = 0 // the source's disks changed: copy again
+	}
+	if err := c.WriteJSON(link.TypeWelcome, link.Welcome{NextSeq: next}); err != nil {
+		return err
+	}
+	var es []journal.Entry
+	var ptrs []*journal.Entry
+	pending := false
+	for {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if pending && !c.Buffered() {
+			last, err := rep.Commit(ctx)
+			if err != nil {
+				return fmt.Errorf("commit: %w", err)
+			}
+			if err := c.Write(link.TypeAck, link.EncodeAck(last)); err != nil {
+				return err
+			}
+			pending = false
+		}
+		typ, body, err := c.Read()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		switch typ {
+		case link.TypeBaseStart:
+			var bs link.BaseStart
+			if err := decodeJSON(body, &bs); err != nil {
+				return err
+			}
+			if err := rep.Begin(hello.Group, hello.Disks, bs.StartSeq); err != nil {
+				return fmt.Errorf("begin initial copy: %w", err)
+			}
+		case link.TypeBaseData:
+			id, off, data, err := link.DecodeBaseData(body)
+			if err != nil {
+				return err
+			}
+			if err := rep.WriteBase(id, off, data); err != nil {
+				return err
+			}
+		case link.TypeBaseDone:
+			var bd link.BaseDone
+			if err := decodeJSON(body, &bd); err != nil {
+				return err
+			}
+			if err := rep.EndBase(bd.EndSeq); err != nil {
+				return err
+			}
+			// The base is durable: acknowledge everything before the
+			// journal's start.
+			if err := c.Write(link.TypeAck, link.EncodeAck(rep.NextSeq()-1)); err != nil {
+				return err
+			}
+		case link.TypeEntries:
+			es, err = link.DecodeEntries(body, es)
+			if err != nil {
+				return err
+			}
+			ptrs = ptrs[:0]
+			for i := range es {
+				ptrs = append(ptrs, &es[i])
+			}
+			if err := rep.Append(ptrs); err != nil {
+				c.Write(link.TypeError, []byte(err.Error()))
+				return fmt.Errorf("append: %w", err)
+			}
+			pending = true
+		default:
+			return fmt.Errorf("%w: unexpected frame type %d", link.ErrFrame, typ)
+		}
+	}
+}
+
+func sameDisks(a, b []disk.Spec) bool {
+	return slices.Equal(a, b)
+}

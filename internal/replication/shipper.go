@@ -1,0 +1,437 @@
+package replication
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/journal"
+	"github.com/ferry-dr/ferry/internal/link"
+)
+
+// States of a shipper.
+const (
+	StateConnecting   = "connecting"
+	StateInitialSync  = "initial-sync"
+	StateStreaming    = "streaming"
+	StateDisconnected = "disconnected"
+	StateStopped      = "stopped"
+)
+
+// holder is the name of the shipper's hold on the group's journal.
+const holder = "shipper"
+
+// ShipperConfig configures a Shipper.
+type ShipperConfig struct {
+	Group    *disk.Group
+	Name     string // the group's name, as the recovery site knows it
+	Source   string // this site's name
+	StateDir string // where the acknowledged sequence is remembered (the group's dir)
+	// Dial opens a connection to the recovery agent's replication endpoint.
+	Dial   func(ctx context.Context) (io.ReadWriteCloser, error)
+	Logger *slog.Logger
+	Now    func() time.Time
+	// MinBackoff and MaxBackoff bound the wait between reconnects
+	// (defaults 100 ms and 5 s).
+	MinBackoff, MaxBackoff time.Duration
+}
+
+// Status is what a shipper reports.
+type Status struct {
+	State         string  `json:"state"`
+	LastSeq       uint64  `json:"last_seq"`  // newest entry at the source
+	AckedSeq      uint64  `json:"acked_seq"` // newest entry durable at the recovery site
+	PendingBytes  int64   `json:"pending_bytes"`
+	RPO           float64 `json:"rpo_seconds"`
+	SentBytes     int64   `json:"sent_bytes"`
+	ThroughputBps float64 `json:"throughput_bytes_per_second"`
+	// Initial copy progress.
+	CopyDone   int64  `json:"copy_done_bytes,omitempty"`
+	CopyTotal  int64  `json:"copy_total_bytes,omitempty"`
+	LastError  string `json:"last_error,omitempty"`
+	Reconnects int    `json:"reconnects"`
+}
+
+// sentBatch remembers a batch sent but not yet acknowledged, for RPO.
+type sentBatch struct {
+	last      uint64
+	firstTime int64
+	bytes     int64
+}
+
+// Shipper replicates one group to one recovery agent, reconnecting with
+// backoff and resuming from the last acknowledged entry.
+type Shipper struct {
+	cfg ShipperConfig
+	log *slog.Logger
+
+	mu                  sync.Mutex
+	state               string
+	acked               uint64
+	queue               []sentBatch
+	sent                int64
+	copyDone, copyTotal int64
+	lastErr             string
+	reconnects          int
+	rate                rateMeter
+	savedAck            uint64
+
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// NewShipper returns a stopped shipper and puts its hold on the journal at
+// the remembered acknowledged sequence, so that nothing unshipped is
+// trimmed even before Start.
+func NewShipper(cfg ShipperConfig) *Shipper {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MinBackoff <= 0 {
+		cfg.MinBackoff = 100 * time.Millisecond
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = 5 * time.Second
+	}
+	s := &Shipper{cfg: cfg, log: cfg.Logger, state: StateStopped}
+	s.acked = s.loadAcked()
+	s.savedAck = s.acked
+	if s.acked > 0 {
+		cfg.Group.Hold(holder, s.acked+1)
+	} else {
+		cfg.Group.Hold(holder, max(cfg.Group.Journal().FirstSeq(), 1))
+	}
+	return s
+}
+
+func (s *Shipper) ackPath() string { return filepath.Join(s.cfg.StateDir, "shipper.json") }
+
+func (s *Shipper) loadAcked() uint64 {
+	b, err := os.ReadFile(s.ackPath())
+	if err != nil {
+		return 0
+	}
+	var v struct{ Acked uint64 }
+	json.Unmarshal(b, &v)
+	return v.Acked
+}
+
+// saveAcked remembers the acknowledged sequence. A stale value only makes
+// the hold more conservative, so it is written without fsync.
+func (s *Shipper) saveAcked(seq uint64) {
+	b, _ := json.Marshal(struct{ Acked uint64 }{seq})
+	tmp := s.ackPath() + ".tmp"
+	if os.WriteFile(tmp, b, 0o600) == nil {
+		os.Rename(tmp, s.ackPath())
+	}
+}
+
+// Start runs the shipper until Close or ctx is done.
+func (s *Shipper) Start(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	s.cancel = cancel
+	s.done = make(chan struct{})
+	go func() {
+		defer close(s.done)
+		backoff := s.cfg.MinBackoff
+		for ctx.Err() == nil {
+			s.setState(StateConnecting)
+			started := s.cfg.Now()
+			err := s.RunOnce(ctx)
+			if ctx.Err() != nil {
+				break
+			}
+			s.mu.Lock()
+			s.reconnects++
+			if err != nil {
+				s.lastErr = err.Error()
+			}
+			s.mu.Unlock()
+			s.setState(StateDisconnected)
+			s.log.Warn("replication link down", "group", s.cfg.Name, "err", err, "retry_in", backoff)
+			if s.cfg.Now().Sub(started) > 10*time.Second {
+				backoff = s.cfg.MinBackoff // it was up for a while: start over
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, s.cfg.MaxBackoff)
+		}
+		s.setState(StateStopped)
+	}()
+}
+
+// Close stops the shipper and waits for it. Its hold stays, so the
+// journal keeps what was not shipped.
+func (s *Shipper) Close() {
+	if s.cancel != nil {
+		s.cancel()
+		<-s.done
+	}
+	s.mu.Lock()
+	s.saveAcked(s.acked)
+	s.mu.Unlock()
+}
+
+func (s *Shipper) setState(st string) {
+	s.mu.Lock()
+	s.state = st
+	s.mu.Unlock()
+}
+
+// RunOnce runs one session: connect, hello, initial copy if the recovery
+// site needs one, then stream until an error.
+func (s *Shipper) RunOnce(ctx context.Context) error {
+	conn, err := s.cfg.Dial(ctx)
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	c := link.New(conn)
+	g := s.cfg.Group
+	j := g.Journal()
+	if err := c.WriteJSON(link.TypeHello, link.Hello{Group: s.cfg.Name, Source: s.cfg.Source, Disks: g.Disks()}); err != nil {
+		return err
+	}
+	var w link.Welcome
+	if err := c.ReadJSON(link.TypeWelcome, &w); err != nil {
+		return fmt.Errorf("welcome: %w", err)
+	}
+	next := w.NextSeq
+	if next != 0 && (next < j.FirstSeq() || next > j.LastSeq()+1) {
+		s.log.Warn("recovery site is out of step with the journal; copying again",
+			"group", s.cfg.Name, "wants", next, "first", j.FirstSeq(), "last", j.LastSeq())
+		next = 0
+	}
+	if next == 0 {
+		s.setState(StateInitialSync)
+		if next, err = s.initialCopy(ctx, c); err != nil {
+			return fmt.Errorf("initial copy: %w", err)
+		}
+	}
+	s.mu.Lock()
+	s.queue = s.queue[:0]
+	if w.NextSeq != 0 && next == w.NextSeq {
+		// What the recovery site holds durably, as it says; after an
+		// initial copy, its ack of BaseDone sets this.
+		s.acked = next - 1
+	}
+	s.mu.Unlock()
+	s.setState(StateStreaming)
+	s.log.Info("replicating", "group", s.cfg.Name, "from_seq", next)
+
+	ackErr := make(chan error, 1)
+	go func() {
+		ackErr <- s.readAcks(c)
+		cancel() // wake the sender: the link is down
+	}()
+	r, err := j.NewReader(next)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	var buf []byte
+	for {
+		e, err := r.Next(ctx)
+		if err != nil {
+			select {
+			case aerr := <-ackErr:
+				return fmt.Errorf("link: %w", aerr)
+			default:
+			}
+			return err
+		}
+		buf = journal.AppendEntry(buf[:0], &e)
+		b := sentBatch{firstTime: e.Time, last: e.Seq}
+		for len(buf) < 4<<20 {
+			e, ok, err := r.TryNext()
+			if err != nil {
+				return err
+			}
+			if !ok {
+				break
+			}
+			buf = journal.AppendEntry(buf, &e)
+			b.last = e.Seq
+		}
+		b.bytes = int64(len(buf))
+		s.mu.Lock()
+		s.queue = append(s.queue, b)
+		s.mu.Unlock()
+		if err := c.Write(link.TypeEntries, buf); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.sent += int64(len(buf))
+		s.rate.add(s.cfg.Now(), int64(len(buf)))
+		s.mu.Unlock()
+	}
+}
+
+func (s *Shipper) readAcks(c *link.Conn) error {
+	for {
+		typ, body, err := c.Read()
+		if err != nil {
+			return err
+		}
+		if typ != link.TypeAck {
+			return fmt.Errorf("%w: frame type %d from recovery site", link.ErrFrame, typ)
+		}
+		seq, err := link.DecodeAck(body)
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.acked = max(s.acked, seq)
+		for len(s.queue) > 0 && s.queue[0].last <= seq {
+			s.queue = s.queue[1:]
+		}
+		save := s.acked >= s.savedAck+1024 || len(s.queue) == 0
+		if save {
+			s.savedAck = s.acked
+		}
+		acked := s.acked
+		s.mu.Unlock()
+		s.cfg.Group.Hold(holder, acked+1)
+		if save {
+			s.saveAcked(acked)
+		}
+	}
+}
+
+// initialCopy sends the group's disks while writes go on, and returns the
+// sequence from which to stream. The journal is held from the copy's start,
+// so every write that lands during the copy is sent again as an entry:
+// the replica is consistent once it has the entries up to the copy's end.
+func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn) (uint64, error) {
+	g := s.cfg.Group
+	start := g.HoldNext(holder)
+	s.mu.Lock()
+	s.acked = 0 // the recovery site discards what it had
+	s.mu.Unlock()
+	var total int64
+	for _, d := range g.Disks() {
+		total += d.Size
+	}
+	s.mu.Lock()
+	s.copyDone, s.copyTotal = 0, total
+	s.mu.Unlock()
+	if err := c.WriteJSON(link.TypeBaseStart, link.BaseStart{StartSeq: start}); err != nil {
+		return 0, err
+	}
+	const chunk = 1 << 20
+	buf := make([]byte, chunk)
+	zero := make([]byte, chunk)
+	for _, spec := range g.Disks() {
+		d, err := g.Disk(spec.Name)
+		if err != nil {
+			return 0, err
+		}
+		for off := int64(0); off < spec.Size; off += chunk {
+			if ctx.Err() != nil {
+				return 0, ctx.Err()
+			}
+			n := min(chunk, spec.Size-off)
+			if err := d.ReadAt(ctx, buf[:n], off); err != nil {
+				return 0, err
+			}
+			if !bytes.Equal(buf[:n], zero[:n]) { // the replica image starts sparse
+				if err := c.Write(link.TypeBaseData, link.EncodeBaseData(spec.ID, off), buf[:n]); err != nil {
+					return 0, err
+				}
+				s.mu.Lock()
+				s.sent += n
+				s.rate.add(s.cfg.Now(), n)
+				s.mu.Unlock()
+			}
+			s.mu.Lock()
+			s.copyDone += n
+			s.mu.Unlock()
+		}
+	}
+	end := g.Journal().LastSeq()
+	if err := c.WriteJSON(link.TypeBaseDone, link.BaseDone{EndSeq: max(end, start-1)}); err != nil {
+		return 0, err
+	}
+	s.log.Info("initial copy sent", "group", s.cfg.Name, "bytes", total, "start_seq", start, "end_seq", end)
+	return start, nil
+}
+
+// Status reports the shipper's state, RPO and progress.
+func (s *Shipper) Status() Status {
+	j := s.cfg.Group.Journal()
+	last := j.LastSeq()
+	now := s.cfg.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Status{State: s.state, LastSeq: last, AckedSeq: s.acked, SentBytes: s.sent,
+		CopyDone: s.copyDone, CopyTotal: s.copyTotal, LastError: s.lastErr, Reconnects: s.reconnects,
+		ThroughputBps: s.rate.rate(now)}
+	if s.acked < last {
+		var oldest int64
+		if len(s.queue) > 0 {
+			oldest = s.queue[0].firstTime
+			for _, b := range s.queue {
+				st.PendingBytes += b.bytes
+			}
+		} else if t, err := j.EntryTime(s.acked + 1); err == nil {
+			oldest = t
+		}
+		if oldest > 0 {
+			st.RPO = max(0, now.Sub(time.Unix(0, oldest)).Seconds())
+		}
+	}
+	return st
+}
+
+// rateMeter is a throughput estimate over the last few seconds.
+type rateMeter struct {
+	slots [8]struct {
+		sec   int64
+		bytes int64
+	}
+}
+
+func (m *rateMeter) add(now time.Time, n int64) {
+	sec := now.Unix()
+	sl := &m.slots[sec%int64(len(m.slots))]
+	if sl.sec != sec {
+		sl.sec, sl.bytes = sec, 0
+	}
+	sl.bytes += n
+}
+
+// rate is bytes per second over the last complete seconds.
+func (m *rateMeter) rate(now time.Time) float64 {
+	sec := now.Unix()
+	var sum int64
+	for _, sl := range m.slots {
+		if sl.sec < sec && sl.sec >= sec-5 {
+			sum += sl.bytes
+		}
+	}
+	return float64(sum) / 5
+}
+
+func decodeJSON(b []byte, v any) error {
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%w: %v", link.ErrFrame, err)
+	}
+	return nil
+}
