@@ -66,12 +66,12 @@ func (p *cutProxy) cut() {
 }
 
 type env struct {
-	g       *disk.Group
-	rep     *replica.Replica
-	repDir  string
-	sh      *Shipper
-	proxy   *cutProxy
-	mu      sync.Mutex // guards rep swaps
+	g      *disk.Group
+	rep    *replica.Replica
+	repDir string
+	sh     *Shipper
+	proxy  *cutProxy
+	mu     sync.Mutex // guards rep swaps
 }
 
 func setup(t *testing.T) *env {
