@@ -42,6 +42,8 @@ type session struct {
 // Serve runs one stream on conn (closed when Serve returns).
 func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
 	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
 	c := link.New(conn)
 	var hello link.Hello
 	if err := c.ReadJSON(link.TypeHello, &hello); err != nil {

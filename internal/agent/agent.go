@@ -1,0 +1,553 @@
+// Package agent is ferry's site agent: the long-running daemon at each
+// site. It owns the site's disk groups (serving their disks to QEMU over
+// NBD on a unix socket and journaling every write), ships each protected
+// group's journal to its peer site, receives its peers' journals into
+// replicas, and opens views of replicas at recovery points. Everything it
+// offers over the network (its API and the replication link) runs on one
+// listener with mutual TLS 1.3; docs/agent-api.md documents the API.
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/link"
+	"github.com/ferry-dr/ferry/internal/nbd"
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/replication"
+)
+
+// Config configures an Agent.
+type Config struct {
+	Dir    string // data directory
+	Name   string // site name; also the name of its certificate in PKIDir
+	Listen string // host:port for the API and the replication link
+	PKIDir string
+	Logger *slog.Logger
+	// PointInterval is how often a crash-consistent recovery point is
+	// recorded in each group that has new writes (default 1 s; 0 keeps
+	// the default, negative disables).
+	PointInterval time.Duration
+	// CheckpointInterval of the groups (default 30 s).
+	CheckpointInterval time.Duration
+}
+
+// Agent is a running site agent.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+	id  *pki.Identity
+
+	nbd     *nbd.Server
+	nbdSock string
+	httpSrv *http.Server
+	ln      net.Listener
+	recv    *replication.Receiver
+
+	mu       sync.Mutex
+	groups   map[string]*group
+	replicas map[string]*replica.Replica
+	views    map[string]*openView
+	nextView int
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type group struct {
+	name    string
+	g       *disk.Group
+	repl    *replConfig
+	shipper *replication.Shipper
+	stop    chan struct{}
+}
+
+type replConfig struct {
+	PeerAddr string `json:"peer_addr"`
+	PeerName string `json:"peer_name"`
+}
+
+type openView struct {
+	id      string
+	replica string
+	disk    string
+	seq     uint64
+	v       *replica.View
+	export  string
+}
+
+// Errors for API callers.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrConflict = errors.New("conflict")
+	ErrInvalid  = errors.New("invalid request")
+)
+
+// New loads the agent's identity and state. Start serves it.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.PointInterval == 0 {
+		cfg.PointInterval = time.Second
+	}
+	if cfg.CheckpointInterval == 0 {
+		cfg.CheckpointInterval = 30 * time.Second
+	}
+	id, err := pki.Load(cfg.PKIDir, cfg.Name)
+	if err != nil {
+		return nil, err
+	}
+	for _, sub := range []string{"groups", "replicas", "views"} {
+		if err := os.MkdirAll(filepath.Join(cfg.Dir, sub), 0o700); err != nil {
+			return nil, err
+		}
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, id: id,
+		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
+		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
+	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
+	return a, nil
+}
+
+// Start opens the site's groups and replicas, resumes replication and
+// serves NBD and the API. It returns once listening.
+func (a *Agent) Start(ctx context.Context) error {
+	a.ctx, a.cancel = context.WithCancel(ctx)
+	nln, err := nbd.ListenUnix(a.nbdSock)
+	if err != nil {
+		return err
+	}
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); a.nbd.Serve(a.ctx, nln) }()
+
+	entries, _ := os.ReadDir(filepath.Join(a.cfg.Dir, "groups"))
+	for _, e := range entries {
+		if e.IsDir() {
+			if err := a.openGroup(e.Name()); err != nil {
+				return fmt.Errorf("open group %s: %w", e.Name(), err)
+			}
+		}
+	}
+	entries, _ = os.ReadDir(filepath.Join(a.cfg.Dir, "replicas"))
+	for _, e := range entries {
+		if e.IsDir() {
+			if _, err := a.openReplica(e.Name()); err != nil {
+				return fmt.Errorf("open replica %s: %w", e.Name(), err)
+			}
+		}
+	}
+	os.RemoveAll(filepath.Join(a.cfg.Dir, "views")) // overlays of views from a previous run
+	os.MkdirAll(filepath.Join(a.cfg.Dir, "views"), 0o700)
+
+	ln, err := tls.Listen("tcp", a.cfg.Listen, a.id.ServerConfig())
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", a.cfg.Listen, err)
+	}
+	a.ln = ln
+	a.httpSrv = &http.Server{Handler: a.routes(), ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return a.ctx }}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		if err := a.httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("api server", "err", err)
+		}
+	}()
+	a.log.Info("agent up", "site", a.cfg.Name, "listen", ln.Addr().String(), "nbd", a.nbdSock)
+	return nil
+}
+
+// Addr is the API/link listen address.
+func (a *Agent) Addr() string { return a.ln.Addr().String() }
+
+// NBDSocket is the unix socket serving every export of this agent.
+func (a *Agent) NBDSocket() string { return a.nbdSock }
+
+// Close stops everything: replication (holds stay), NBD, the API; then
+// checkpoints and closes the groups and replicas.
+func (a *Agent) Close() error {
+	if a.cancel != nil {
+		a.cancel()
+	}
+	if a.httpSrv != nil {
+		a.httpSrv.Close()
+	}
+	a.nbd.Close()
+	a.mu.Lock()
+	groups := a.groups
+	a.mu.Unlock()
+	for _, g := range groups {
+		a.stopGroup(g)
+	}
+	a.wg.Wait()
+	var err error
+	for _, g := range groups {
+		if cerr := g.g.Close(); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
+	for _, v := range a.views {
+		v.v.Close()
+	}
+	for _, r := range a.replicas {
+		r.Close()
+	}
+	return err
+}
+
+func exportName(group, diskName string) string { return group + "/" + diskName }
+
+func (a *Agent) groupDir(name string) string { return filepath.Join(a.cfg.Dir, "groups", name) }
+
+// openGroup opens an existing group, exports its disks and resumes its
+// replication. The shipper's hold is placed before the checkpoint loop
+// starts, so nothing unshipped can be trimmed.
+func (a *Agent) openGroup(name string) error {
+	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), CheckpointInterval: a.cfg.CheckpointInterval, Logger: a.log.With("group", name)})
+	if err != nil {
+		return err
+	}
+	gr := &group{name: name, g: g, stop: make(chan struct{})}
+	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "replication.json")); err == nil {
+		var rc replConfig
+		if err := json.Unmarshal(b, &rc); err == nil {
+			gr.repl = &rc
+		}
+	}
+	for _, s := range g.Disks() {
+		d, _ := g.Disk(s.Name)
+		if err := a.nbd.AddExport(nbd.Export{Name: exportName(name, s.Name), Description: "ferry disk " + s.Name + " of " + name,
+			Size: s.Size, MultiConn: true, Device: d}); err != nil {
+			g.Close()
+			return err
+		}
+	}
+	a.mu.Lock()
+	a.groups[name] = gr
+	a.mu.Unlock()
+	if gr.repl != nil {
+		a.startShipper(gr)
+	}
+	g.Start(a.ctx)
+	a.startPoints(gr)
+	return nil
+}
+
+func (a *Agent) startShipper(gr *group) {
+	rc := gr.repl
+	gr.shipper = replication.NewShipper(replication.ShipperConfig{
+		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log.With("group", gr.name),
+		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
+			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName)
+		},
+	})
+	gr.shipper.Start(a.ctx)
+}
+
+// startPoints records a crash-consistent point every PointInterval in a
+// group that has new writes since its last point.
+func (a *Agent) startPoints(gr *group) {
+	if a.cfg.PointInterval < 0 {
+		return
+	}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		t := time.NewTicker(a.cfg.PointInterval)
+		defer t.Stop()
+		var marked uint64
+		for {
+			select {
+			case <-a.ctx.Done():
+				return
+			case <-gr.stop:
+				return
+			case <-t.C:
+			}
+			if last := gr.g.Journal().LastSeq(); last != marked {
+				seq, err := gr.g.Mark(replica.Marker{Type: "crash"}.Encode())
+				if err != nil {
+					a.log.Error("recovery point", "group", gr.name, "err", err)
+					continue
+				}
+				marked = seq
+			}
+		}
+	}()
+}
+
+func (a *Agent) stopGroup(gr *group) {
+	select {
+	case <-gr.stop:
+	default:
+		close(gr.stop)
+	}
+	if gr.shipper != nil {
+		gr.shipper.Close()
+	}
+}
+
+// CreateGroup creates a group with the given disks and exports them.
+func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
+	if !validName(name) {
+		return fmt.Errorf("%w: group name %q (letters, digits, - and _ only)", ErrInvalid, name)
+	}
+	if len(disks) == 0 {
+		return fmt.Errorf("%w: a group needs at least one disk", ErrInvalid)
+	}
+	a.mu.Lock()
+	_, exists := a.groups[name]
+	a.mu.Unlock()
+	if exists {
+		return fmt.Errorf("%w: group %q exists", ErrConflict, name)
+	}
+	if _, err := os.Stat(a.groupDir(name)); err == nil {
+		return fmt.Errorf("%w: group %q exists on disk", ErrConflict, name)
+	}
+	g, err := disk.Open(disk.Config{Dir: a.groupDir(name)})
+	if err != nil {
+		return err
+	}
+	for _, d := range disks {
+		if !validName(d.Name) || d.Size <= 0 {
+			g.Close()
+			os.RemoveAll(a.groupDir(name))
+			return fmt.Errorf("%w: disk %q of size %d", ErrInvalid, d.Name, d.Size)
+		}
+		if _, err := g.CreateDisk(d.Name, d.Size); err != nil {
+			g.Close()
+			os.RemoveAll(a.groupDir(name))
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
+	if err := g.Close(); err != nil {
+		return err
+	}
+	return a.openGroup(name)
+}
+
+// EnableReplication starts replicating group to the peer agent.
+func (a *Agent) EnableReplication(name string, rc replConfig) error {
+	if rc.PeerAddr == "" || rc.PeerName == "" {
+		return fmt.Errorf("%w: peer_addr and peer_name are required", ErrInvalid)
+	}
+	a.mu.Lock()
+	gr := a.groups[name]
+	a.mu.Unlock()
+	if gr == nil {
+		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if gr.repl != nil {
+		return fmt.Errorf("%w: group %q already replicates to %s", ErrConflict, name, gr.repl.PeerName)
+	}
+	b, _ := json.Marshal(rc)
+	if err := os.WriteFile(filepath.Join(a.groupDir(name), "replication.json"), b, 0o600); err != nil {
+		return err
+	}
+	gr.repl = &rc
+	a.startShipper(gr)
+	return nil
+}
+
+// DisableReplication stops replicating group and releases its journal hold.
+func (a *Agent) DisableReplication(name string) error {
+	a.mu.Lock()
+	gr := a.groups[name]
+	a.mu.Unlock()
+	if gr == nil {
+		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if gr.shipper == nil {
+		return fmt.Errorf("%w: group %q is not replicating", ErrConflict, name)
+	}
+	gr.shipper.Close()
+	gr.shipper, gr.repl = nil, nil
+	gr.g.Hold("shipper", 0)
+	os.Remove(filepath.Join(a.groupDir(name), "replication.json"))
+	os.Remove(filepath.Join(a.groupDir(name), "shipper.json"))
+	return nil
+}
+
+// Mark records a named recovery point in the group and makes it durable.
+func (a *Agent) Mark(ctx context.Context, name string, m replica.Marker) (uint64, error) {
+	a.mu.Lock()
+	gr := a.groups[name]
+	a.mu.Unlock()
+	if gr == nil {
+		return 0, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if m.Type == "" {
+		m.Type = "named"
+	}
+	seq, err := gr.g.Mark(m.Encode())
+	if err != nil {
+		return 0, err
+	}
+	return seq, gr.g.Flush(ctx)
+}
+
+func (a *Agent) openReplica(name string) (*replica.Replica, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if r := a.replicas[name]; r != nil {
+		return r, nil
+	}
+	r, err := replica.Open(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log.With("replica", name)})
+	if err != nil {
+		return nil, err
+	}
+	a.replicas[name] = r
+	return r, nil
+}
+
+func (a *Agent) replicaFor(h link.Hello) (*replica.Replica, error) {
+	if !validName(h.Group) {
+		return nil, fmt.Errorf("%w: group name %q", ErrInvalid, h.Group)
+	}
+	return a.openReplica(h.Group)
+}
+
+// OpenView opens a view of a replica's disk at seq (0: the newest point)
+// and exports it over NBD.
+func (a *Agent) OpenView(replicaName, diskName string, seq uint64, writable bool) (*openView, error) {
+	a.mu.Lock()
+	r := a.replicas[replicaName]
+	a.mu.Unlock()
+	if r == nil {
+		return nil, fmt.Errorf("%w: replica %q", ErrNotFound, replicaName)
+	}
+	if seq == 0 {
+		pts := r.Points()
+		if len(pts) == 0 {
+			return nil, fmt.Errorf("%w: replica %q has no recovery point yet", ErrNotFound, replicaName)
+		}
+		seq = pts[len(pts)-1].Seq
+	}
+	a.mu.Lock()
+	a.nextView++
+	id := "v" + strconv.Itoa(a.nextView)
+	a.mu.Unlock()
+	overlay := ""
+	if writable {
+		overlay = filepath.Join(a.cfg.Dir, "views", id+".overlay")
+	}
+	v, err := r.OpenView(diskName, seq, overlay)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	ov := &openView{id: id, replica: replicaName, disk: diskName, seq: seq, v: v, export: "view/" + id}
+	if err := a.nbd.AddExport(nbd.Export{Name: ov.export, Description: fmt.Sprintf("%s/%s at %d", replicaName, diskName, seq),
+		Size: v.Size(), ReadOnly: !writable, Device: v}); err != nil {
+		v.Close()
+		return nil, err
+	}
+	a.mu.Lock()
+	a.views[id] = ov
+	a.mu.Unlock()
+	return ov, nil
+}
+
+// CloseView unexports a view and discards its overlay.
+func (a *Agent) CloseView(id string) error {
+	a.mu.Lock()
+	ov := a.views[id]
+	delete(a.views, id)
+	a.mu.Unlock()
+	if ov == nil {
+		return fmt.Errorf("%w: view %q", ErrNotFound, id)
+	}
+	a.nbd.RemoveExport(ov.export)
+	return ov.v.Close()
+}
+
+func validName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// GroupStatus is one group in Status.
+type GroupStatus struct {
+	Name        string              `json:"name"`
+	Disks       []disk.Spec         `json:"disks"`
+	Exports     []string            `json:"exports"`
+	LastSeq     uint64              `json:"last_seq"`
+	PeerName    string              `json:"peer,omitempty"`
+	Replication *replication.Status `json:"replication,omitempty"`
+}
+
+// Status is the agent's report.
+type Status struct {
+	Site      string           `json:"site"`
+	NBDSocket string           `json:"nbd_socket"`
+	Groups    []GroupStatus    `json:"groups"`
+	Replicas  []replica.Status `json:"replicas"`
+	Views     []ViewInfo       `json:"views"`
+}
+
+// ViewInfo describes an open view.
+type ViewInfo struct {
+	ID       string `json:"id"`
+	Replica  string `json:"replica"`
+	Disk     string `json:"disk"`
+	Seq      uint64 `json:"seq"`
+	Writable bool   `json:"writable"`
+	Export   string `json:"export"`
+	Socket   string `json:"socket"`
+}
+
+func (a *Agent) viewInfo(ov *openView) ViewInfo {
+	return ViewInfo{ID: ov.id, Replica: ov.replica, Disk: ov.disk, Seq: ov.seq, Writable: ov.v.Writable(), Export: ov.export, Socket: a.nbdSock}
+}
+
+// Status reports groups, replication, replicas and views.
+func (a *Agent) Status() Status {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st := Status{Site: a.cfg.Name, NBDSocket: a.nbdSock, Groups: []GroupStatus{}, Replicas: []replica.Status{}, Views: []ViewInfo{}}
+	for _, gr := range a.groups {
+		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq()}
+		for _, d := range gs.Disks {
+			gs.Exports = append(gs.Exports, exportName(gr.name, d.Name))
+		}
+		if gr.shipper != nil {
+			s := gr.shipper.Status()
+			gs.Replication = &s
+			gs.PeerName = gr.repl.PeerName
+		}
+		st.Groups = append(st.Groups, gs)
+	}
+	sort.Slice(st.Groups, func(i, j int) bool { return st.Groups[i].Name < st.Groups[j].Name })
+	for _, r := range a.replicas {
+		st.Replicas = append(st.Replicas, r.Status())
+	}
+	sort.Slice(st.Replicas, func(i, j int) bool { return st.Replicas[i].Group < st.Replicas[j].Group })
+	for _, ov := range a.views {
+		st.Views = append(st.Views, a.viewInfo(ov))
+	}
+	sort.Slice(st.Views, func(i, j int) bool { return st.Views[i].ID < st.Views[j].ID })
+	return st
+}

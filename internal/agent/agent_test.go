@@ -1,0 +1,150 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/nbd"
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/replica"
+)
+
+func pkiDir(t *testing.T, names ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	now := time.Now()
+	if err := pki.InitCA(dir, "test", now); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range names {
+		if err := pki.Issue(dir, dir, n, []string{"127.0.0.1", "localhost"}, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+func startAgent(t *testing.T, pk, name string) *Agent {
+	t.Helper()
+	a, err := New(Config{Dir: t.TempDir(), Name: name, Listen: "127.0.0.1:0", PKIDir: pk, PointInterval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return a
+}
+
+func TestTwoAgents(t *testing.T) {
+	pk := pkiDir(t, "siteA", "siteB", "operator")
+	a := startAgent(t, pk, "siteA")
+	b := startAgent(t, pk, "siteB")
+	op, _ := pki.Load(pk, "operator")
+	ctx := context.Background()
+	ca := NewClient(op, a.Addr(), "siteA")
+	cb := NewClient(op, b.Addr(), "siteB")
+
+	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: 8 << 20}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Bad requests get clear errors.
+	for _, tc := range []struct{ path, body, want string }{
+		{"/v1/groups", `{"name":"vm1","disks":[{"name":"x","size":1}]}`, "409"},
+		{"/v1/groups", `{"name":"../x","disks":[{"name":"x","size":1}]}`, "400"},
+		{"/v1/groups", `{"nme":"y"}`, "400"},
+		{"/v1/groups/nope/replication", `{"peer_addr":"x","peer_name":"y"}`, "404"},
+		{"/v1/replicas/nope/views", `{"disk":"vda"}`, "404"},
+	} {
+		var raw any
+		err := ca.Do(ctx, "POST", tc.path, jsonRaw(tc.body), &raw)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("POST %s %s: %v, want %s", tc.path, tc.body, err, tc.want)
+		}
+	}
+	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", replConfig{PeerAddr: b.Addr(), PeerName: "siteB"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	rng := rand.New(rand.NewPCG(5, 5))
+	for i := 0; i < 200; i++ {
+		p := make([]byte, 4096*(1+rng.IntN(8)))
+		for k := range p {
+			p[k] = byte(rng.Uint32())
+		}
+		if err := nc.WriteAt(ctx, p, rng.Int64N(8<<20-int64(len(p)))&^4095, i%10 == 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nc.Flush(ctx)
+	if _, err := a.Mark(ctx, "vm1", replica.Marker{Type: "named", Label: "before-upgrade"}); err != nil {
+		t.Fatal(err)
+	}
+	// Drain: the recovery site has everything.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var st Status
+		if err := ca.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+			t.Fatal(err)
+		}
+		r := st.Groups[0].Replication
+		if r != nil && r.State == "streaming" && r.AckedSeq == st.Groups[0].LastSeq {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not drained: %+v", r)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var pts []replica.Point
+	if err := cb.Do(ctx, "GET", "/v1/replicas/vm1/points", nil, &pts); err != nil {
+		t.Fatal(err)
+	}
+	var named *replica.Point
+	for i := range pts {
+		if pts[i].Label == "before-upgrade" {
+			named = &pts[i]
+		}
+	}
+	if named == nil {
+		t.Fatalf("named point missing from %d points", len(pts))
+	}
+	var vi ViewInfo
+	if err := cb.Do(ctx, "POST", "/v1/replicas/vm1/views", map[string]any{"disk": "vda", "seq": named.Seq}, &vi); err != nil {
+		t.Fatal(err)
+	}
+	vc, err := nbd.Dial(ctx, "unix", vi.Socket, vi.Export)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 8<<20)
+	got := make([]byte, 8<<20)
+	nc.ReadAt(ctx, want, 0)
+	if err := vc.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("view at the named point differs from the source disk")
+	}
+	if err := vc.WriteAt(ctx, []byte("x"), 0, false); err == nil {
+		t.Fatal("write to a read-only view succeeded")
+	}
+	vc.Close()
+	if err := cb.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type jsonRaw string
+
+func (j jsonRaw) MarshalJSON() ([]byte, error) { return []byte(j), nil }

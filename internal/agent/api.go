@@ -1,0 +1,232 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/replica"
+)
+
+const linkProto = "ferry-link/1"
+
+func (a *Agent) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, a.Status(), nil) })
+	mux.HandleFunc("POST /v1/groups", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Name  string      `json:"name"`
+			Disks []disk.Spec `json:"disks"`
+		}
+		if !decode(w, r, &req) {
+			return
+		}
+		reply(w, map[string]string{"created": req.Name}, a.CreateGroup(req.Name, req.Disks))
+	})
+	mux.HandleFunc("POST /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
+		var rc replConfig
+		if !decode(w, r, &rc) {
+			return
+		}
+		reply(w, map[string]string{"replicating": r.PathValue("name"), "to": rc.PeerName}, a.EnableReplication(r.PathValue("name"), rc))
+	})
+	mux.HandleFunc("DELETE /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"stopped": r.PathValue("name")}, a.DisableReplication(r.PathValue("name")))
+	})
+	mux.HandleFunc("POST /v1/groups/{name}/points", func(w http.ResponseWriter, r *http.Request) {
+		var m replica.Marker
+		if !decode(w, r, &m) {
+			return
+		}
+		seq, err := a.Mark(r.Context(), r.PathValue("name"), m)
+		reply(w, map[string]uint64{"seq": seq}, err)
+	})
+	mux.HandleFunc("GET /v1/replicas/{name}/points", func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		rep := a.replicas[r.PathValue("name")]
+		a.mu.Unlock()
+		if rep == nil {
+			reply(w, nil, fmt.Errorf("%w: replica %q", ErrNotFound, r.PathValue("name")))
+			return
+		}
+		pts := rep.Points()
+		if pts == nil {
+			pts = []replica.Point{}
+		}
+		reply(w, pts, nil)
+	})
+	mux.HandleFunc("POST /v1/replicas/{name}/views", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Disk     string `json:"disk"`
+			Seq      uint64 `json:"seq"`
+			Writable bool   `json:"writable"`
+		}
+		if !decode(w, r, &req) {
+			return
+		}
+		ov, err := a.OpenView(r.PathValue("name"), req.Disk, req.Seq, req.Writable)
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, a.viewInfo(ov), nil)
+	})
+	mux.HandleFunc("DELETE /v1/views/{id}", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"closed": r.PathValue("id")}, a.CloseView(r.PathValue("id")))
+	})
+	mux.HandleFunc("POST /v1/link", a.serveLink)
+	return mux
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		reply(w, nil, fmt.Errorf("%w: request body: %v", ErrInvalid, err))
+		return false
+	}
+	return true
+}
+
+func reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		code := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, ErrNotFound):
+			code = http.StatusNotFound
+		case errors.Is(err, ErrConflict):
+			code = http.StatusConflict
+		case errors.Is(err, ErrInvalid):
+			code = http.StatusBadRequest
+		}
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}
+
+// serveLink upgrades the request to a replication stream.
+func (a *Agent) serveLink(w http.ResponseWriter, r *http.Request) {
+	if !strings.EqualFold(r.Header.Get("Upgrade"), linkProto) {
+		reply(w, nil, fmt.Errorf("%w: expected Upgrade: %s", ErrInvalid, linkProto))
+		return
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		reply(w, nil, err)
+		return
+	}
+	fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", linkProto)
+	if err := brw.Flush(); err != nil {
+		conn.Close()
+		return
+	}
+	conn.SetDeadline(time.Time{})
+	a.wg.Add(1)
+	defer a.wg.Done()
+	if err := a.recv.Serve(a.ctx, bufferedConn{Conn: conn, r: brw.Reader}); err != nil && a.ctx.Err() == nil {
+		a.log.Warn("replication stream ended", "peer", peerName(conn), "err", err)
+	}
+}
+
+func peerName(c net.Conn) string {
+	if tc, ok := c.(*tls.Conn); ok {
+		if cs := tc.ConnectionState(); len(cs.PeerCertificates) > 0 {
+			return cs.PeerCertificates[0].Subject.CommonName
+		}
+	}
+	return c.RemoteAddr().String()
+}
+
+// bufferedConn reads through the buffer the HTTP layer may have filled.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// dialLink opens a replication stream to the agent at addr, whose
+// certificate must name peerName.
+func dialLink(ctx context.Context, id *pki.Identity, addr, peerName string) (io.ReadWriteCloser, error) {
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}, Config: id.ClientConfig(peerName)}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "POST /v1/link HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: %s\r\nContent-Length: 0\r\n\r\n", peerName, linkProto)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("link upgrade: %w", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		c.Close()
+		return nil, fmt.Errorf("link upgrade refused: %s: %s", resp.Status, bytes.TrimSpace(b))
+	}
+	c.SetDeadline(time.Time{})
+	return bufferedConn{Conn: c, r: br}, nil
+}
+
+// Client calls an agent's API.
+type Client struct {
+	base string
+	hc   *http.Client
+}
+
+// NewClient returns a client for the agent at addr (host:port) whose
+// certificate names serverName, authenticating with id.
+func NewClient(id *pki.Identity, addr, serverName string) *Client {
+	tr := &http.Transport{TLSClientConfig: id.ClientConfig(serverName), ForceAttemptHTTP2: false}
+	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 60 * time.Second}}
+}
+
+// Do sends a JSON request and decodes the JSON answer into out (if not nil).
+func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("agent at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if resp.StatusCode >= 300 {
+		var e struct{ Error string }
+		json.Unmarshal(b, &e)
+		if e.Error == "" {
+			e.Error = string(b)
+		}
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, e.Error)
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
+	}
+	return nil
+}
