@@ -33,7 +33,9 @@ type env struct {
 
 func commands() []command {
 	return []command{
-		{"serve", "serve a disk group's disks over NBD, journaling every write", runServe},
+		{"agent", "run a site agent, or drive one (agent run|status|group create|replicate|mark|points|view open|view close)", runAgent},
+		{"ca", "create the CA and site certificates for mutual TLS (ca init|issue)", runCA},
+		{"serve", "serve a disk group's disks over NBD, journaling every write (no replication)", runServe},
 		{"disk", "create and list disks of a group (disk create|list)", runDisk},
 		{"journal", "inspect a journal (journal dump|verify)", runJournal},
 		{"version", "print the version", func(_ context.Context, e *env, _ []string) error {
