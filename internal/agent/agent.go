@@ -253,7 +253,7 @@ func (a *Agent) openGroup(name string) error {
 func (a *Agent) startShipper(gr *group) {
 	rc := gr.repl
 	gr.shipper = replication.NewShipper(replication.ShipperConfig{
-		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log.With("group", gr.name),
+		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
 			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName)
 		},
