@@ -45,6 +45,14 @@ type Config struct {
 	PointInterval time.Duration
 	// CheckpointInterval of the groups (default 30 s).
 	CheckpointInterval time.Duration
+	// Retention is how long replicas keep the journal, so that any instant
+	// in it can be recovered (default 24 h); older entries are folded into
+	// the replica images every FoldInterval (default 1 min).
+	Retention, FoldInterval time.Duration
+	// Points thins the catalog that the API lists.
+	Points replica.Policy
+	// Now is the clock (default time.Now).
+	Now func() time.Time
 }
 
 // Agent is a running site agent.
@@ -110,6 +118,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.CheckpointInterval == 0 {
 		cfg.CheckpointInterval = 30 * time.Second
 	}
+	if cfg.Retention == 0 {
+		cfg.Retention = 24 * time.Hour
+	}
+	if cfg.FoldInterval == 0 {
+		cfg.FoldInterval = time.Minute
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	id, err := pki.Load(cfg.PKIDir, cfg.Name)
 	if err != nil {
 		return nil, err
@@ -153,6 +170,7 @@ func (a *Agent) Start(ctx context.Context) error {
 			}
 		}
 	}
+	a.startFolding()
 	os.RemoveAll(filepath.Join(a.cfg.Dir, "views")) // overlays of views from a previous run
 	os.MkdirAll(filepath.Join(a.cfg.Dir, "views"), 0o700)
 
@@ -291,6 +309,50 @@ func (a *Agent) startPoints(gr *group) {
 			}
 		}
 	}()
+}
+
+// startFolding folds every replica's journal older than Retention into its
+// images, every FoldInterval.
+func (a *Agent) startFolding() {
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		t := time.NewTicker(a.cfg.FoldInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-a.ctx.Done():
+				return
+			case <-t.C:
+			}
+			a.mu.Lock()
+			reps := make([]*replica.Replica, 0, len(a.replicas))
+			for _, r := range a.replicas {
+				reps = append(reps, r)
+			}
+			a.mu.Unlock()
+			for _, r := range reps {
+				if _, err := r.FoldBefore(a.ctx, a.cfg.Now().Add(-a.cfg.Retention)); err != nil && !errors.Is(err, replica.ErrNotReady) {
+					a.log.Error("fold replica", "err", err)
+				}
+			}
+		}
+	}()
+}
+
+// Points lists a replica's recovery points, thinned by the policy.
+func (a *Agent) Points(name string) ([]replica.Point, error) {
+	a.mu.Lock()
+	rep := a.replicas[name]
+	a.mu.Unlock()
+	if rep == nil {
+		return nil, fmt.Errorf("%w: replica %q", ErrNotFound, name)
+	}
+	pts := replica.Prune(rep.Points(), a.cfg.Now(), a.cfg.Points)
+	if pts == nil {
+		pts = []replica.Point{}
+	}
+	return pts, nil
 }
 
 func (a *Agent) stopGroup(gr *group) {
@@ -434,7 +496,7 @@ func (a *Agent) OpenView(replicaName, diskName string, seq uint64, writable bool
 		return nil, fmt.Errorf("%w: replica %q", ErrNotFound, replicaName)
 	}
 	if seq == 0 {
-		pts := r.Points()
+		pts := r.Points() // the newest point is never pruned
 		if len(pts) == 0 {
 			return nil, fmt.Errorf("%w: replica %q has no recovery point yet", ErrNotFound, replicaName)
 		}

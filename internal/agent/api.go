@@ -53,18 +53,8 @@ func (a *Agent) routes() http.Handler {
 		reply(w, map[string]uint64{"seq": seq}, err)
 	})
 	mux.HandleFunc("GET /v1/replicas/{name}/points", func(w http.ResponseWriter, r *http.Request) {
-		a.mu.Lock()
-		rep := a.replicas[r.PathValue("name")]
-		a.mu.Unlock()
-		if rep == nil {
-			reply(w, nil, fmt.Errorf("%w: replica %q", ErrNotFound, r.PathValue("name")))
-			return
-		}
-		pts := rep.Points()
-		if pts == nil {
-			pts = []replica.Point{}
-		}
-		reply(w, pts, nil)
+		pts, err := a.Points(r.PathValue("name"))
+		reply(w, pts, err)
 	})
 	mux.HandleFunc("POST /v1/replicas/{name}/views", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {

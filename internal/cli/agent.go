@@ -220,13 +220,14 @@ func agentRun(ctx context.Context, e *env, args []string) error {
 	listen := fs.String("listen", "127.0.0.1:7410", "address for the API and the replication link (mutual TLS)")
 	pkiDir := fs.String("pki", "", "PKI directory (required)")
 	points := fs.Duration("point-interval", time.Second, "crash-consistent recovery point interval")
+	retention := fs.Duration("retention", 24*time.Hour, "how long replicas keep every instant recoverable")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *dir == "" || *name == "" || *pkiDir == "" {
 		return fmt.Errorf("%w: --dir, --name and --pki are required", errUsage)
 	}
-	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points})
+	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points, Retention: *retention})
 	if err != nil {
 		return err
 	}

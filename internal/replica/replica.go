@@ -73,6 +73,8 @@ type manifest struct {
 	// ConsistentSeq: the first point that is consistent (0 while the base
 	// copy runs).
 	ConsistentSeq uint64 `json:"consistent_seq"`
+	// FoldedSeq: entries up to here are in the images (retention).
+	FoldedSeq uint64 `json:"folded_seq"`
 }
 
 // Replica is one replicated group at the recovery site.
@@ -88,6 +90,9 @@ type Replica struct {
 	points []Point
 	tail   *journal.Reader // indexes what Receive appended
 	last   journal.Entry   // header of the last entry received (no data)
+
+	foldMu    sync.Mutex       // one fold at a time
+	viewHolds map[*View]uint64 // open views hold folding at their point
 }
 
 // Open opens the replica in cfg.Dir (empty if new) and rebuilds its index
@@ -167,7 +172,7 @@ func (r *Replica) openData() error {
 		r.images[s.ID] = f
 		r.idx[s.ID] = newDiskIndex()
 	}
-	tail, err := j.NewReader(j.FirstSeq())
+	tail, err := j.NewReader(max(j.FirstSeq(), r.man.FoldedSeq+1))
 	if err != nil {
 		return err
 	}
@@ -250,7 +255,7 @@ func (r *Replica) Begin(group string, disks []disk.Spec, startSeq uint64) error 
 			return err
 		}
 	}
-	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: max(startSeq, 1)}
+	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: max(startSeq, 1), FoldedSeq: max(startSeq, 1) - 1}
 	if err := r.saveManifest(); err != nil {
 		return fmt.Errorf("save replica manifest: %w", err)
 	}
@@ -361,6 +366,7 @@ type Status struct {
 	ConsistentSeq uint64      `json:"consistent_seq"`
 	LastSeq       uint64      `json:"last_seq"`
 	LastTime      time.Time   `json:"last_time"`
+	FoldedSeq     uint64      `json:"folded_seq"`
 	Points        int         `json:"points"`
 	JournalBytes  int64       `json:"journal_bytes"`
 }
@@ -369,7 +375,7 @@ type Status struct {
 func (r *Replica) Status() Status {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	s := Status{Group: r.man.Group, Disks: r.man.Disks, BaseSeq: r.man.BaseSeq, ConsistentSeq: r.man.ConsistentSeq, Points: len(r.points)}
+	s := Status{Group: r.man.Group, Disks: r.man.Disks, BaseSeq: r.man.BaseSeq, ConsistentSeq: r.man.ConsistentSeq, FoldedSeq: r.man.FoldedSeq, Points: len(r.points)}
 	if r.j != nil {
 		s.LastSeq = r.j.LastSeq()
 		s.JournalBytes = r.j.Size()
@@ -387,12 +393,15 @@ func (r *Replica) Points() []Point {
 	defer r.mu.RUnlock()
 	var out []Point
 	for _, p := range r.points {
-		if p.Seq >= r.man.ConsistentSeq && r.man.ConsistentSeq != 0 {
+		if p.Seq >= r.firstViewable() && r.man.ConsistentSeq != 0 {
 			out = append(out, p)
 		}
 	}
 	return out
 }
+
+// firstViewable is the oldest sequence a view can show. Caller holds mu.
+func (r *Replica) firstViewable() uint64 { return max(r.man.ConsistentSeq, r.man.FoldedSeq) }
 
 // Close closes the replica.
 func (r *Replica) Close() error {

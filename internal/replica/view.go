@@ -29,14 +29,14 @@ type View struct {
 // received). overlayPath, if not empty, makes the view writable with its
 // overlay there. It does no I/O proportional to the journal.
 func (r *Replica) OpenView(diskName string, at uint64, overlayPath string) (*View, error) {
-	r.mu.RLock()
-	defer r.mu.RUnlock()
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.j == nil || r.man.ConsistentSeq == 0 {
 		return nil, ErrNotReady
 	}
 	last := r.j.LastSeq()
-	if at < r.man.ConsistentSeq || at > last {
-		return nil, fmt.Errorf("%w: seq %d is outside %d..%d (consistent..last received)", ErrNoPoint, at, r.man.ConsistentSeq, last)
+	if first := r.firstViewable(); at < first || at > last {
+		return nil, fmt.Errorf("%w: seq %d is outside %d..%d (oldest in retention..last received)", ErrNoPoint, at, first, last)
 	}
 	for _, s := range r.man.Disks {
 		if s.Name != diskName {
@@ -54,6 +54,10 @@ func (r *Replica) OpenView(diskName string, at uint64, overlayPath string) (*Vie
 			}
 			v.overlay, v.present = f, map[int64]bool{}
 		}
+		if r.viewHolds == nil {
+			r.viewHolds = map[*View]uint64{}
+		}
+		r.viewHolds[v] = at
 		return v, nil
 	}
 	return nil, fmt.Errorf("%w: %q", ErrUnknownDisk, diskName)
@@ -178,8 +182,11 @@ func (v *View) Trim(_ context.Context, off, n int64) error { return v.write(nil,
 // discards, so there is nothing to make durable.
 func (v *View) Flush(context.Context) error { return nil }
 
-// Close discards the overlay.
+// Close releases the view's hold on folding and discards the overlay.
 func (v *View) Close() error {
+	v.r.mu.Lock()
+	delete(v.r.viewHolds, v)
+	v.r.mu.Unlock()
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.overlay != nil {
