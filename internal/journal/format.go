@@ -36,7 +36,23 @@ const (
 	// KindMarker: a recovery point or other named mark; Data is its payload
 	// (see Marker). Disk, Offset and Length are zero.
 	KindMarker Kind = 4
+	// KindSkip: the sequence jumps: the next entry's sequence number is
+	// Offset (> Seq). A replica records one where the source could not
+	// send the entries in between (they are resent as block data).
+	KindSkip Kind = 5
 )
+
+// FlagResync marks a write entry that re-sends a block's current content
+// during a resynchronization rather than recording a guest write.
+const FlagResync = 1
+
+// NextSeq is the sequence number of the entry that follows e.
+func (e *Entry) NextSeq() uint64 {
+	if e.Kind == KindSkip {
+		return e.Offset
+	}
+	return e.Seq + 1
+}
 
 func (k Kind) String() string {
 	switch k {
@@ -48,11 +64,13 @@ func (k Kind) String() string {
 		return "trim"
 	case KindMarker:
 		return "marker"
+	case KindSkip:
+		return "skip"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
-func (k Kind) valid() bool { return k >= KindWrite && k <= KindMarker }
+func (k Kind) valid() bool { return k >= KindWrite && k <= KindSkip }
 
 // Entry is one record of the journal.
 type Entry struct {
@@ -144,6 +162,10 @@ func decodeHeader(h []byte) (header, error) {
 	case KindMarker:
 		if d.payloadLen != d.e.Length {
 			return d, fmt.Errorf("%w: marker payload %d != length %d", ErrCorrupt, d.payloadLen, d.e.Length)
+		}
+	case KindSkip:
+		if d.payloadLen != 0 || d.e.Length != 0 || d.e.Offset <= d.e.Seq {
+			return d, fmt.Errorf("%w: malformed skip entry", ErrCorrupt)
 		}
 	}
 	return d, nil

@@ -69,8 +69,9 @@ type segment struct {
 	// size is the number of valid bytes, published after each append so
 	// that readers never see a half-written entry.
 	size atomic.Int64
-	// lastSeq is the sequence of the last entry in the segment (firstSeq-1
-	// when empty).
+	// lastSeq is the sequence before the one that follows the segment:
+	// the last entry's, or the last skipped one's when it ends with a skip
+	// (firstSeq-1 when empty).
 	lastSeq atomic.Uint64
 	sealed  atomic.Bool
 }
@@ -309,7 +310,7 @@ func scanSegment(s *segment) (valid int64, last uint64, reason string, err error
 		return 0, 0, "", fmt.Errorf("stat segment: %w", err)
 	}
 	size := fi.Size()
-	last = s.firstSeq - 1
+	last = s.firstSeq - 1 // (for the early returns below)
 	hb := make([]byte, SegmentHeaderSize)
 	if _, err := f.ReadAt(hb, 0); err != nil {
 		return 0, last, "segment header torn", nil
@@ -322,25 +323,26 @@ func scanSegment(s *segment) (valid int64, last uint64, reason string, err error
 		return 0, last, fmt.Sprintf("segment header says first seq %d, name says %d", first, s.firstSeq), nil
 	}
 	r := newEntryScanner(f, SegmentHeaderSize, size)
+	expect := s.firstSeq
 	for {
 		e, n, err := r.next()
 		if err != nil {
 			if err == errEOF || r.zeroAt(r.off) {
 				// The end of the file, or of the data in a preallocated
 				// one: a clean end.
-				return r.off, last, "", nil
+				return r.off, expect - 1, "", nil
 			}
-			return r.off, last, fmt.Sprintf("at offset %d: %v", r.off, err), nil
+			return r.off, expect - 1, fmt.Sprintf("at offset %d: %v", r.off, err), nil
 		}
-		if e.Seq <= last {
+		if e.Seq < expect {
 			// A whole entry from the file's previous life as another
 			// segment (it was recycled): the data ends here.
-			return r.off, last, "", nil
+			return r.off, expect - 1, "", nil
 		}
-		if e.Seq != last+1 {
-			return r.off, last, fmt.Sprintf("at offset %d: seq %d, want %d", r.off, e.Seq, last+1), nil
+		if e.Seq != expect {
+			return r.off, expect - 1, fmt.Sprintf("at offset %d: seq %d, want %d", r.off, e.Seq, expect), nil
 		}
-		last = e.Seq
+		expect = e.NextSeq()
 		r.off += n
 	}
 }
@@ -414,6 +416,9 @@ func (j *Journal) AppendCopies(es []*Entry) (uint64, error) {
 
 func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 	for _, e := range es {
+		if e.Kind == KindSkip && (!keep || e.Offset <= e.Seq || e.Length != 0) {
+			return 0, fmt.Errorf("%w: skip entries are only copied, with Offset > Seq", ErrInvalid)
+		}
 		if !e.Kind.valid() || len(e.Data) > MaxPayload ||
 			(e.Kind == KindWrite || e.Kind == KindMarker) && int(e.Length) != len(e.Data) ||
 			(e.Kind == KindZero || e.Kind == KindTrim) && len(e.Data) != 0 {
@@ -429,10 +434,12 @@ func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 		return 0, j.failed
 	}
 	if keep {
-		for k, e := range es {
-			if e.Seq != j.next+uint64(k) {
-				return 0, fmt.Errorf("%w: copied entry has seq %d, want %d", ErrInvalid, e.Seq, j.next+uint64(k))
+		want := j.next
+		for _, e := range es {
+			if e.Seq != want {
+				return 0, fmt.Errorf("%w: copied entry has seq %d, want %d", ErrInvalid, e.Seq, want)
 			}
+			want = e.NextSeq()
 		}
 	}
 	now := j.opts.Now().UnixNano()
@@ -481,7 +488,7 @@ func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 			j.failed = fmt.Errorf("%w: append seq %d: %v", ErrFailed, j.next, err)
 			return 0, j.failed
 		}
-		j.next += uint64(i - first)
+		j.next = es[i-1].NextSeq()
 		seg.lastSeq.Store(j.next - 1)
 		seg.size.Store(end)
 	}

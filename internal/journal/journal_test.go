@@ -557,3 +557,64 @@ func TestCopiesKeepSeq(t *testing.T) {
 		}
 	}
 }
+
+func TestSkipEntries(t *testing.T) {
+	dir := t.TempDir()
+	j, _, err := Open(Options{Dir: dir, SegmentSize: 4 << 10, FirstSeq: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := func(seq uint64) *Entry {
+		return &Entry{Seq: seq, Time: int64(seq), Kind: KindWrite, Length: 3, Data: []byte("abc")}
+	}
+	es := []*Entry{w(10), w(11), {Seq: 12, Kind: KindSkip, Offset: 50}, w(50), w(51)}
+	if _, err := j.AppendCopies(es); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := j.AppendCopies([]*Entry{w(52), {Seq: 53, Kind: KindSkip, Offset: 53}}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("skip to itself: %v", err)
+	}
+	if _, err := j.Append(&Entry{Kind: KindSkip, Offset: 99}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("skip via Append: %v", err)
+	}
+	if got := j.LastSeq(); got != 51 {
+		t.Fatalf("LastSeq %d, want 51", got)
+	}
+	check := func(j *Journal) {
+		for _, tc := range []struct {
+			from uint64
+			want []uint64
+		}{{10, []uint64{10, 11, 12, 50, 51}}, {12, []uint64{12, 50, 51}}, {30, []uint64{50, 51}}, {51, []uint64{51}}} {
+			r, err := j.NewReader(tc.from)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []uint64
+			for {
+				e, ok, err := r.TryNext()
+				if err != nil {
+					t.Fatalf("from %d: %v", tc.from, err)
+				}
+				if !ok {
+					break
+				}
+				got = append(got, e.Seq)
+			}
+			r.Close()
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Fatalf("from %d: %v, want %v", tc.from, got, tc.want)
+			}
+		}
+	}
+	check(j)
+	j.Close()
+	j2, rec, err := Open(Options{Dir: dir, SegmentSize: 4 << 10})
+	if err != nil || rec.Reason != "" {
+		t.Fatalf("reopen: %v %+v", err, rec)
+	}
+	defer j2.Close()
+	check(j2)
+	if _, err := j2.AppendCopies([]*Entry{w(52)}); err != nil {
+		t.Fatal(err)
+	}
+}

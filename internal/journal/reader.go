@@ -212,12 +212,16 @@ func (r *Reader) TryNext() (Entry, bool, error) {
 			r.last = Loc{Seg: r.seg.firstSeq, Off: r.sc.off + EntryHeaderSize}
 			r.sc.off += n
 			if e.Seq < r.next {
-				continue // seeking to the start position
+				// Seeking to the start position; a skip may jump over it.
+				if e.Kind == KindSkip && e.Offset > r.next {
+					r.next = e.Offset
+				}
+				continue
 			}
 			if e.Seq != r.next {
 				return Entry{}, false, fmt.Errorf("%w: seq %d where %d expected", ErrCorrupt, e.Seq, r.next)
 			}
-			r.next++
+			r.next = e.NextSeq()
 			return e, true, nil
 		}
 		if !sealed {
