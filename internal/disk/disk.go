@@ -94,6 +94,8 @@ type Group struct {
 	holdMu sync.Mutex
 	holds  map[string]uint64
 
+	observer func(e *journal.Entry) // sees every applied change, under mu
+
 	stop chan struct{}
 	kick chan struct{} // asks the loop for a checkpoint now
 	wg   sync.WaitGroup
@@ -333,6 +335,9 @@ func (g *Group) applyBatch(es []*journal.Entry) error {
 	}
 	for _, e := range es {
 		g.appended += journal.EntryHeaderSize + int64(len(e.Data))
+		if g.observer != nil && e.Kind != journal.KindMarker {
+			g.observer(e)
+		}
 		if err := g.applyImage(e); err != nil {
 			// The journal holds an entry the image lacks; only a reopen
 			// (which replays it) makes them agree again.
@@ -430,6 +435,49 @@ func (g *Group) HoldNext(holder string) uint64 {
 	next := g.j.LastSeq() + 1
 	g.Hold(holder, next)
 	return next
+}
+
+// Observe installs fn (nil removes it) to be called, in journal order and
+// under the group's lock, with every write, zero and trim applied from now
+// on, and returns the sequence number of the first entry it will see. The
+// replication shipper uses it to keep a dirty-block bitmap once the journal
+// may no longer grow. fn must be quick and must not call the group.
+func (g *Group) Observe(fn func(e *journal.Entry)) uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.observer = fn
+	return g.j.LastSeq() + 1
+}
+
+// AppendResync journals the current content of [off, off+n) of disk id as
+// a write flagged journal.FlagResync, without changing the image, and
+// returns its sequence number. Taken under the group's lock, the entry is
+// ordered correctly with concurrent guest writes: it carries exactly the
+// data the disk holds at its place in the journal.
+func (g *Group) AppendResync(id uint16, off, n int64) (uint64, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.failed != nil {
+		return 0, g.failed
+	}
+	d := g.disks[id]
+	if d == nil {
+		return 0, fmt.Errorf("%w: id %d", ErrUnknownDisk, id)
+	}
+	if err := d.check(off, n); err != nil {
+		return 0, err
+	}
+	p := make([]byte, n)
+	if _, err := d.f.ReadAt(p, off); err != nil {
+		return 0, fmt.Errorf("resync read: %w", err)
+	}
+	e := journal.Entry{Kind: journal.KindWrite, Flags: journal.FlagResync, Disk: id, Offset: uint64(off), Length: uint32(n), Data: p}
+	seq, err := g.j.Append(&e)
+	if err != nil {
+		return 0, err
+	}
+	g.appended += journal.EntryHeaderSize + n
+	return seq, nil
 }
 
 // Checkpoint makes the images durable up to the journal's current end,

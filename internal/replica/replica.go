@@ -42,6 +42,10 @@ type Marker struct {
 	Label string `json:"label,omitempty"`
 }
 
+// TypeResyncDone marks the end of a resynchronization: the replica is
+// consistent again from this point (it was not from the skip before it).
+const TypeResyncDone = "resync-done"
+
 // Encode returns the marker's journal payload.
 func (m Marker) Encode() []byte {
 	b, _ := json.Marshal(m)
@@ -90,6 +94,11 @@ type Replica struct {
 	points []Point
 	tail   *journal.Reader // indexes what Receive appended
 	last   journal.Entry   // header of the last entry received (no data)
+
+	// gaps are ranges of sequence numbers at which the replica is not
+	// consistent: from a skip (writes the source could not send) to the
+	// resync-done point after it (0 while open).
+	gaps []gap
 
 	foldMu    sync.Mutex       // one fold at a time
 	viewHolds map[*View]uint64 // open views hold folding at their point
@@ -208,11 +217,22 @@ func (r *Replica) indexNew() error {
 			return nil
 		}
 		switch e.Kind {
+		case journal.KindSkip:
+			r.gaps = append(r.gaps, gap{from: e.Seq})
 		case journal.KindMarker:
 			var m Marker
-			if json.Unmarshal(e.Data, &m) == nil && m.Type != "" {
-				r.points = append(r.points, Point{Seq: e.Seq, Time: time.Unix(0, e.Time).UTC(), Type: m.Type, Label: m.Label})
+			if json.Unmarshal(e.Data, &m) != nil || m.Type == "" {
+				break
 			}
+			if m.Type == TypeResyncDone {
+				if n := len(r.gaps); n > 0 && r.gaps[n-1].to == 0 {
+					r.gaps[n-1].to = e.Seq
+				} else if n == 0 {
+					// The skip was folded away: inconsistent up to here.
+					r.gaps = append(r.gaps, gap{from: r.man.FoldedSeq + 1, to: e.Seq})
+				}
+			}
+			r.points = append(r.points, Point{Seq: e.Seq, Time: time.Unix(0, e.Time).UTC(), Type: m.Type, Label: m.Label})
 		default:
 			x := r.idx[e.Disk]
 			if x == nil {
@@ -393,11 +413,24 @@ func (r *Replica) Points() []Point {
 	defer r.mu.RUnlock()
 	var out []Point
 	for _, p := range r.points {
-		if p.Seq >= r.firstViewable() && r.man.ConsistentSeq != 0 {
+		if p.Seq >= r.firstViewable() && r.man.ConsistentSeq != 0 && !r.inGap(p.Seq) {
 			out = append(out, p)
 		}
 	}
 	return out
+}
+
+type gap struct{ from, to uint64 }
+
+// inGap reports whether seq is inside a resynchronization (not a
+// consistent state). Caller holds mu.
+func (r *Replica) inGap(seq uint64) bool {
+	for _, g := range r.gaps {
+		if seq >= g.from && (g.to == 0 || seq < g.to) {
+			return true
+		}
+	}
+	return false
 }
 
 // firstViewable is the oldest sequence a view can show. Caller holds mu.

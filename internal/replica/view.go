@@ -38,6 +38,9 @@ func (r *Replica) OpenView(diskName string, at uint64, overlayPath string) (*Vie
 	if first := r.firstViewable(); at < first || at > last {
 		return nil, fmt.Errorf("%w: seq %d is outside %d..%d (oldest in retention..last received)", ErrNoPoint, at, first, last)
 	}
+	if r.inGap(at) {
+		return nil, fmt.Errorf("%w: seq %d falls inside a resynchronization, where the replica is not consistent", ErrNoPoint, at)
+	}
 	for _, s := range r.man.Disks {
 		if s.Name != diskName {
 			continue

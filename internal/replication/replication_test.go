@@ -26,6 +26,7 @@ type cutProxy struct {
 	target string
 	mu     sync.Mutex
 	conns  []net.Conn
+	down   bool // refuse new connections
 }
 
 func newCutProxy(t *testing.T, target string) *cutProxy {
@@ -39,6 +40,13 @@ func newCutProxy(t *testing.T, target string) *cutProxy {
 			c, err := ln.Accept()
 			if err != nil {
 				return
+			}
+			p.mu.Lock()
+			down := p.down
+			p.mu.Unlock()
+			if down {
+				c.Close()
+				continue
 			}
 			u, err := net.Dial("tcp", target)
 			if err != nil {
@@ -71,10 +79,22 @@ type env struct {
 	repDir string
 	sh     *Shipper
 	proxy  *cutProxy
+	cfg    ShipperConfig
 	mu     sync.Mutex // guards rep swaps
 }
 
-func setup(t *testing.T) *env {
+func setup(t *testing.T) *env { return setupWith(t, nil) }
+
+func (p *cutProxy) setDown(down bool) {
+	p.mu.Lock()
+	p.down = down
+	p.mu.Unlock()
+	if down {
+		p.cut()
+	}
+}
+
+func setupWith(t *testing.T, tweak func(*ShipperConfig)) *env {
 	t.Helper()
 	pk := t.TempDir()
 	now := time.Now()
@@ -123,14 +143,19 @@ func setup(t *testing.T) *env {
 		}
 	}()
 	e.proxy = newCutProxy(t, ln.Addr().String())
-	e.sh = NewShipper(ShipperConfig{
+	cfg := ShipperConfig{
 		Group: e.g, Name: "vm1", Source: "src", StateDir: t.TempDir(),
 		MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
 			d := tls.Dialer{Config: srcID.ClientConfig("dst")}
 			return d.DialContext(ctx, "tcp", e.proxy.ln.Addr().String())
 		},
-	})
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	e.cfg = cfg
+	e.sh = NewShipper(cfg)
 	return e
 }
 
@@ -310,4 +335,119 @@ func checkPointsAgainstReplay(t *testing.T, e *env, st replica.Status, pts []rep
 			}
 		}
 	}
+}
+
+// TestOutageBeyondJournalBound keeps writing while the recovery site is
+// unreachable, far past the source journal's bound: the source switches to
+// a dirty-block bitmap (its journal stays bounded), and when the link is
+// back it resends only the dirty blocks, not the disks. Old points stay
+// valid, points inside the resynchronization are not offered, and the
+// replica ends equal to the source.
+func TestOutageBeyondJournalBound(t *testing.T) {
+	const bound = 16 << 20 // above what the first phase writes
+	e := setupWith(t, func(c *ShipperConfig) { c.MaxJournalBytes = bound })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e.sh.Start(ctx)
+	defer e.sh.Close()
+	writeRandom(t, e.g, rand.New(rand.NewPCG(4, 4)), 100)
+	e.g.Mark(replica.Marker{Type: "named", Label: "before"}.Encode())
+	drain(t, e)
+	pts := e.rep.Points()
+	before := pts[len(pts)-1]
+	if before.Label != "before" {
+		t.Fatalf("last point %+v", before)
+	}
+	imgBefore := readView(t, e.rep, "a", before.Seq)
+
+	e.proxy.setDown(true)
+	a, _ := e.g.Disk("a")
+	p := make([]byte, 4096)
+	written := int64(0)
+	for i := 0; i < 6000; i++ {
+		p[0] = byte(i)
+		p[1] = byte(i >> 8)
+		// Overwrites within the first 512 KiB: 8 dirty 64 KiB chunks.
+		if err := a.WriteAt(ctx, p, int64(i%128)*4096); err != nil {
+			t.Fatal(err)
+		}
+		written += 4096
+		if i%200 == 0 {
+			e.g.Mark(replica.Marker{Type: "crash"}.Encode())
+			e.g.Checkpoint(ctx)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !e.sh.Status().BitmapMode {
+		if time.Now().After(deadline) {
+			t.Fatalf("never switched to the bitmap: %+v", e.sh.Status())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// With the journal released (the bitmap is saved and the hold moved
+	// every 200 ms), checkpoints keep it within its bound.
+	for {
+		for i := 0; i < 10; i++ {
+			a.WriteAt(ctx, p, 0)
+		}
+		if err := e.g.Checkpoint(ctx); err != nil {
+			t.Fatal(err)
+		}
+		got := e.g.Journal().Size()
+		if got <= bound {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("source journal %d bytes, bound %d", got, bound)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	sentBefore := e.sh.Status().SentBytes
+	e.proxy.setDown(false)
+	drain(t, e)
+	for e.sh.Status().BitmapMode {
+		if time.Now().After(deadline.Add(20 * time.Second)) {
+			t.Fatalf("resync never finished: %+v", e.sh.Status())
+		}
+		time.Sleep(20 * time.Millisecond)
+		drain(t, e)
+	}
+	st := e.sh.Status()
+	sent := st.SentBytes - sentBefore
+	if st.ResyncTotal != 512<<10 {
+		t.Fatalf("resync sent %d bytes of blocks, want the 512 KiB that changed", st.ResyncTotal)
+	}
+	if sent > st.ResyncTotal*11/10+64<<10 || sent >= written/4 {
+		t.Fatalf("sent %d bytes to resync %d dirty bytes (%d written during the outage)", sent, st.ResyncTotal, written)
+	}
+	t.Logf("outage: %d bytes written, %d dirty, %d sent to resync", written, st.ResyncTotal, sent)
+	sameAsSource(t, e)
+	if got := readView(t, e.rep, "a", before.Seq); !bytes.Equal(got, imgBefore) {
+		t.Fatal("the point before the outage changed")
+	}
+	// A point taken during the outage at the source lies inside the gap.
+	var sawGap bool
+	for seq := before.Seq + 1; seq < e.rep.Status().LastSeq; seq++ {
+		if _, err := e.rep.OpenView("a", seq, ""); err != nil {
+			sawGap = true
+			break
+		}
+	}
+	if !sawGap {
+		t.Fatal("no sequence refused between the old point and the resync's end")
+	}
+}
+
+func readView(t *testing.T, rep *replica.Replica, name string, at uint64) []byte {
+	t.Helper()
+	v, err := rep.OpenView(name, at, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	b := make([]byte, v.Size())
+	if err := v.ReadAt(context.Background(), b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"github.com/ferry-dr/ferry/internal/link"
+	"github.com/ferry-dr/ferry/internal/replica"
 )
 
 // States of a shipper.
@@ -23,7 +24,10 @@ const (
 	StateInitialSync  = "initial-sync"
 	StateStreaming    = "streaming"
 	StateDisconnected = "disconnected"
-	StateStopped      = "stopped"
+	// StateResync: resending the blocks that changed while the journal
+	// could not hold the writes (the dirty-block bitmap), then streaming.
+	StateResync  = "resynchronizing"
+	StateStopped = "stopped"
 )
 
 // holder is the name of the shipper's hold on the group's journal.
@@ -42,6 +46,11 @@ type ShipperConfig struct {
 	// MinBackoff and MaxBackoff bound the wait between reconnects
 	// (defaults 100 ms and 5 s).
 	MinBackoff, MaxBackoff time.Duration
+	// MaxJournalBytes bounds the source journal while the recovery site
+	// lags or is unreachable: past it the shipper lets the journal be
+	// trimmed and tracks changed blocks in a bitmap instead, and resends
+	// only those when the peer is back (default 1 GiB; negative: no bound).
+	MaxJournalBytes int64
 }
 
 // Status is what a shipper reports.
@@ -58,6 +67,10 @@ type Status struct {
 	CopyTotal  int64  `json:"copy_total_bytes,omitempty"`
 	LastError  string `json:"last_error,omitempty"`
 	Reconnects int    `json:"reconnects"`
+	// Dirty-block tracking and resynchronization.
+	BitmapMode  bool  `json:"bitmap_mode,omitempty"`
+	ResyncDone  int64 `json:"resync_done_bytes,omitempty"`
+	ResyncTotal int64 `json:"resync_total_bytes,omitempty"`
 }
 
 // sentBatch remembers a batch sent but not yet acknowledged, for RPO.
@@ -84,6 +97,13 @@ type Shipper struct {
 	rate                rateMeter
 	savedAck            uint64
 
+	bm           *bitmap // non-nil while writes are tracked as dirty blocks
+	resyncSeq    uint64  // the resync-done marker, once appended
+	resyncActive bool    // the resync appender runs
+	resyncDone   int64
+	resyncTotal  int64
+	session      context.CancelFunc
+
 	cancel context.CancelFunc
 	done   chan struct{}
 }
@@ -104,6 +124,9 @@ func NewShipper(cfg ShipperConfig) *Shipper {
 	if cfg.MaxBackoff <= 0 {
 		cfg.MaxBackoff = 5 * time.Second
 	}
+	if cfg.MaxJournalBytes == 0 {
+		cfg.MaxJournalBytes = 1 << 30
+	}
 	s := &Shipper{cfg: cfg, log: cfg.Logger, state: StateStopped}
 	s.acked = s.loadAcked()
 	s.savedAck = s.acked
@@ -112,7 +135,129 @@ func NewShipper(cfg ShipperConfig) *Shipper {
 	} else {
 		cfg.Group.Hold(holder, max(cfg.Group.Journal().FirstSeq(), 1))
 	}
+	if bm, err := loadBitmap(s.bitmapPath()); err == nil {
+		if err := s.resumeBitmap(bm); err != nil {
+			s.log.Error("dirty-block bitmap unusable; the next connection copies everything", "err", err)
+			os.Remove(s.bitmapPath())
+			s.acked = 0
+		}
+	}
 	return s
+}
+
+func (s *Shipper) bitmapPath() string { return filepath.Join(s.cfg.StateDir, "bitmap.json") }
+
+// resumeBitmap takes up a bitmap saved before a restart: re-mark what the
+// journal holds past its Marked point and go on tracking.
+func (s *Shipper) resumeBitmap(bm *bitmap) error {
+	g := s.cfg.Group
+	next := g.Journal().LastSeq() + 1
+	if bm.ResyncFrom == 0 {
+		next = g.Observe(bm.mark)
+	}
+	if from := bm.marked() + 1; from < next {
+		if err := markFromJournal(bm, g.Journal(), from, next); err != nil {
+			g.Observe(nil)
+			return err
+		}
+	}
+	s.bm = bm
+	hold := bm.marked() + 1
+	if bm.ResyncFrom != 0 {
+		hold = bm.ResyncFrom
+	}
+	g.Hold(holder, hold)
+	s.log.Warn("resuming dirty-block tracking", "group", s.cfg.Name, "since", bm.Since, "resync_from", bm.ResyncFrom)
+	return nil
+}
+
+// markFromJournal marks the changes of entries [from, to) into bm.
+func markFromJournal(bm *bitmap, j *journal.Journal, from, to uint64) error {
+	r, err := j.NewReader(from)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	for {
+		e, ok, err := r.TryNext()
+		if err != nil {
+			return err
+		}
+		if !ok || e.Seq >= to {
+			return nil
+		}
+		bm.mark(&e)
+	}
+}
+
+// watchJournal switches to dirty-block tracking when the journal passes
+// its bound with entries unacknowledged, and keeps the bitmap saved and
+// the journal hold just behind it.
+func (s *Shipper) watchJournal(ctx context.Context) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	var saved uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		j := s.cfg.Group.Journal()
+		s.mu.Lock()
+		bm, acked := s.bm, s.acked
+		s.mu.Unlock()
+		if bm == nil {
+			if s.cfg.MaxJournalBytes > 0 && j.Size() > s.cfg.MaxJournalBytes && acked < j.LastSeq() {
+				if err := s.enterBitmap(); err != nil {
+					s.log.Error("switch to dirty-block tracking", "err", err)
+				}
+			}
+			continue
+		}
+		bm.mu.Lock()
+		marked, resync := bm.Marked, bm.ResyncFrom
+		bm.mu.Unlock()
+		if resync == 0 && marked != saved {
+			if err := bm.save(s.bitmapPath()); err != nil {
+				s.log.Error("save bitmap", "err", err)
+				continue
+			}
+			saved = marked
+			s.cfg.Group.Hold(holder, marked+1) // the journal past it may go
+		}
+	}
+}
+
+// enterBitmap starts tracking dirty blocks instead of holding the journal.
+func (s *Shipper) enterBitmap() error {
+	g := s.cfg.Group
+	s.mu.Lock()
+	since := s.acked + 1
+	s.mu.Unlock()
+	bm := newBitmap(since)
+	next := g.Observe(bm.mark)
+	if err := markFromJournal(bm, g.Journal(), since, next); err != nil {
+		g.Observe(nil)
+		return err
+	}
+	bm.mu.Lock()
+	bm.Marked = max(bm.Marked, next-1)
+	bm.mu.Unlock()
+	if err := bm.save(s.bitmapPath()); err != nil {
+		g.Observe(nil)
+		return err
+	}
+	s.mu.Lock()
+	s.bm = bm
+	if s.session != nil {
+		s.session() // stop streaming entries the journal will no longer hold
+	}
+	s.mu.Unlock()
+	g.Hold(holder, bm.marked()+1)
+	s.log.Warn("source journal over its bound: tracking dirty blocks; the recovery site will be resynchronized",
+		"group", s.cfg.Name, "bound", s.cfg.MaxJournalBytes, "since", since)
+	return nil
 }
 
 func (s *Shipper) ackPath() string { return filepath.Join(s.cfg.StateDir, "shipper.json") }
@@ -142,6 +287,7 @@ func (s *Shipper) Start(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	s.cancel = cancel
 	s.done = make(chan struct{})
+	go s.watchJournal(ctx)
 	go func() {
 		defer close(s.done)
 		backoff := s.cfg.MinBackoff
@@ -201,6 +347,9 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 	defer conn.Close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	s.mu.Lock()
+	s.session = cancel
+	s.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	c := link.New(conn)
@@ -214,6 +363,15 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 		return fmt.Errorf("welcome: %w", err)
 	}
 	next := w.NextSeq
+	s.mu.Lock()
+	bm := s.bm
+	s.mu.Unlock()
+	if bm != nil && next != 0 {
+		var err error
+		if next, err = s.resync(ctx, c, bm, next); err != nil {
+			return fmt.Errorf("resync: %w", err)
+		}
+	}
 	if next != 0 && (next < j.FirstSeq() || next > j.LastSeq()+1) {
 		s.log.Warn("recovery site is out of step with the journal; copying again",
 			"group", s.cfg.Name, "wants", next, "first", j.FirstSeq(), "last", j.LastSeq())
@@ -224,6 +382,7 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 		if next, err = s.initialCopy(ctx, c); err != nil {
 			return fmt.Errorf("initial copy: %w", err)
 		}
+		s.dropBitmap() // a full copy covers every dirty block
 	}
 	s.mu.Lock()
 	s.queue = s.queue[:0]
@@ -233,7 +392,13 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 		s.acked = next - 1
 	}
 	s.mu.Unlock()
-	s.setState(StateStreaming)
+	s.mu.Lock()
+	if s.bm != nil {
+		s.state = StateResync
+	} else {
+		s.state = StateStreaming
+	}
+	s.mu.Unlock()
 	s.log.Info("replicating", "group", s.cfg.Name, "from_seq", next)
 
 	ackErr := make(chan error, 1)
@@ -307,7 +472,25 @@ func (s *Shipper) readAcks(c *link.Conn) error {
 			s.savedAck = s.acked
 		}
 		acked := s.acked
+		finished := s.bm != nil && s.resyncSeq != 0 && acked >= s.resyncSeq
 		s.mu.Unlock()
+		if finished {
+			s.dropBitmap()
+			s.setState(StateStreaming)
+			s.log.Info("resynchronization complete", "group", s.cfg.Name, "seq", acked)
+		}
+		s.mu.Lock()
+		bm := s.bm
+		s.mu.Unlock()
+		tracking := false
+		if bm != nil {
+			bm.mu.Lock()
+			tracking = bm.ResyncFrom == 0
+			bm.mu.Unlock()
+		}
+		if tracking {
+			continue // the bitmap, not the journal, holds what is unsent
+		}
 		s.cfg.Group.Hold(holder, acked+1)
 		if save {
 			s.saveAcked(acked)
@@ -382,7 +565,7 @@ func (s *Shipper) Status() Status {
 	defer s.mu.Unlock()
 	st := Status{State: s.state, LastSeq: last, AckedSeq: s.acked, SentBytes: s.sent,
 		CopyDone: s.copyDone, CopyTotal: s.copyTotal, LastError: s.lastErr, Reconnects: s.reconnects,
-		ThroughputBps: s.rate.rate(now)}
+		ThroughputBps: s.rate.rate(now), BitmapMode: s.bm != nil, ResyncDone: s.resyncDone, ResyncTotal: s.resyncTotal}
 	if s.acked < last {
 		var oldest int64
 		if len(s.queue) > 0 {
@@ -434,4 +617,101 @@ func decodeJSON(b []byte, v any) error {
 		return fmt.Errorf("%w: %v", link.ErrFrame, err)
 	}
 	return nil
+}
+
+// ResyncDoneMarker is the payload of the point that ends a resync.
+var ResyncDoneMarker = replica.Marker{Type: replica.TypeResyncDone}.Encode()
+
+// dropBitmap ends dirty-block tracking.
+func (s *Shipper) dropBitmap() {
+	s.cfg.Group.Observe(nil)
+	s.mu.Lock()
+	s.bm, s.resyncSeq = nil, 0
+	s.mu.Unlock()
+	os.Remove(s.bitmapPath())
+}
+
+// resync brings a recovery site that stopped at next (before the journal
+// the source still holds) up to date from the bitmap: the replica records a
+// skip from next to the journal's current end S, the source journals the
+// current content of every dirty block (ordered with the guest's writes),
+// then a resync-done point; the replica is consistent again from there.
+// It returns the sequence from which to stream.
+func (s *Shipper) resync(ctx context.Context, c *link.Conn, bm *bitmap, next uint64) (uint64, error) {
+	g := s.cfg.Group
+	bm.mu.Lock()
+	from := bm.ResyncFrom
+	bm.mu.Unlock()
+	if from == 0 {
+		// Freeze the bitmap and hold the journal from here on.
+		from = g.Observe(nil)
+		g.Hold(holder, from)
+		bm.mu.Lock()
+		bm.ResyncFrom = from
+		bm.mu.Unlock()
+		if err := bm.save(s.bitmapPath()); err != nil {
+			return 0, err
+		}
+	}
+	if next < bm.Since {
+		return 0, nil // the replica is behind the bitmap: copy everything
+	}
+	if next < from {
+		s.setState(StateResync)
+		skip := journal.Entry{Seq: next, Kind: journal.KindSkip, Offset: from}
+		if err := c.Write(link.TypeEntries, journal.AppendEntry(nil, &skip)); err != nil {
+			return 0, err
+		}
+		next = from
+	}
+	s.mu.Lock()
+	start := !s.resyncActive && s.resyncSeq == 0
+	s.resyncActive = s.resyncActive || start
+	s.mu.Unlock()
+	if start {
+		go s.appendResync(bm)
+	}
+	return next, nil
+}
+
+// appendResync journals the dirty blocks' content and then the
+// resync-done point. It runs apart from the link, which may come and go.
+func (s *Shipper) appendResync(bm *bitmap) {
+	g := s.cfg.Group
+	sizes := map[uint16]int64{}
+	for _, d := range g.Disks() {
+		sizes[d.ID] = d.Size
+	}
+	ext := bm.extents(sizes, 1<<20)
+	var total int64
+	for _, e := range ext {
+		total += e.n
+	}
+	s.mu.Lock()
+	s.resyncDone, s.resyncTotal = 0, total
+	s.mu.Unlock()
+	fail := func(err error) {
+		s.log.Error("resync", "group", s.cfg.Name, "err", err)
+		s.mu.Lock()
+		s.resyncActive = false
+		s.mu.Unlock()
+	}
+	for _, e := range ext {
+		if _, err := g.AppendResync(e.disk, e.off, e.n); err != nil {
+			fail(err)
+			return
+		}
+		s.mu.Lock()
+		s.resyncDone += e.n
+		s.mu.Unlock()
+	}
+	seq, err := g.Mark(ResyncDoneMarker)
+	if err != nil {
+		fail(err)
+		return
+	}
+	s.mu.Lock()
+	s.resyncSeq, s.resyncActive = seq, false
+	s.mu.Unlock()
+	s.log.Info("resync data journaled", "group", s.cfg.Name, "bytes", total, "extents", len(ext), "done_seq", seq)
 }
