@@ -7,6 +7,8 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -450,4 +452,69 @@ func readView(t *testing.T, rep *replica.Replica, name string, at uint64) []byte
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestBitmapSurvivesRestart switches to the bitmap during an outage, then
+// replaces the shipper (an agent restart): the new one resumes the saved
+// bitmap, keeps marking, and resyncs only the dirty blocks.
+func TestBitmapSurvivesRestart(t *testing.T) {
+	const bound = 1 << 20
+	e := setupWith(t, func(c *ShipperConfig) { c.MaxJournalBytes = bound })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e.sh.Start(ctx)
+	writeRandom(t, e.g, rand.New(rand.NewPCG(6, 6)), 5)
+	drain(t, e)
+	e.proxy.setDown(true)
+	a, _ := e.g.Disk("a")
+	b, _ := e.g.Disk("b")
+	p := bytes.Repeat([]byte{7}, 64<<10)
+	for i := 0; i < 40; i++ { // 2.5 MiB into the first 256 KiB of a
+		a.WriteAt(ctx, p, int64(i%4)*(64<<10))
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := e.sh.Status()
+		if st.BitmapMode {
+			if _, err := os.Stat(filepath.Join(e.cfg.StateDir, "bitmap.json")); err == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no bitmap: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.sh.Close()
+	// Writes while no shipper runs are in the journal, held from the
+	// bitmap's Marked point.
+	for i := 0; i < 8; i++ {
+		b.WriteAt(ctx, p, int64(i)*(64<<10)) // 512 KiB of b
+	}
+	e.g.Checkpoint(ctx)
+	e.sh = NewShipper(e.cfg)
+	if !e.sh.Status().BitmapMode {
+		t.Fatal("restarted shipper did not resume the bitmap")
+	}
+	e.sh.Start(ctx)
+	defer e.sh.Close()
+	for i := 0; i < 4; i++ { // and writes after the restart
+		b.WriteAt(ctx, p, (1<<20)+int64(i)*(64<<10))
+	}
+	e.proxy.setDown(false)
+	for {
+		st := e.sh.Status()
+		if !st.BitmapMode && st.State == StateStreaming && st.AckedSeq == st.LastSeq {
+			break
+		}
+		if time.Now().After(deadline.Add(20 * time.Second)) {
+			t.Fatalf("resync after restart did not finish: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// 256 KiB of a, 512 KiB + 256 KiB of b.
+	if got, want := e.sh.Status().ResyncTotal, int64(1<<20); got != want {
+		t.Fatalf("resynced %d bytes, want %d", got, want)
+	}
+	sameAsSource(t, e)
 }
