@@ -189,7 +189,13 @@ func statusText(st agent.Status) string {
 		if r := g.Replication; r != nil {
 			fmt.Fprintf(&b, "  -> %s: %s, acked %d, RPO %.3fs, pending %d B, %.1f MB/s", g.PeerName, r.State, r.AckedSeq, r.RPO, r.PendingBytes, r.ThroughputBps/1e6)
 			if r.State == "initial-sync" && r.CopyTotal > 0 {
-				fmt.Fprintf(&b, ", copy %s", progressBar(r.CopyDone, r.CopyTotal))
+				fmt.Fprintf(&b, ", copy %s%s", progressBar(r.CopyDone, r.CopyTotal), eta(r.CopyTotal-r.CopyDone, r.ThroughputBps))
+			}
+			if r.ResyncTotal > 0 && r.State == "resynchronizing" {
+				fmt.Fprintf(&b, ", resync %s%s", progressBar(r.ResyncDone, r.ResyncTotal), eta(r.ResyncTotal-r.ResyncDone, r.ThroughputBps))
+			}
+			if r.BitmapMode && r.State != "resynchronizing" {
+				b.WriteString(", tracking dirty blocks (journal bound reached)")
 			}
 			if r.LastError != "" {
 				fmt.Fprintf(&b, ", last error: %s", r.LastError)
@@ -205,6 +211,14 @@ func statusText(st agent.Status) string {
 		fmt.Fprintf(&b, "view %s: %s/%s at %d, nbd+unix:///%s?socket=%s\n", v.ID, v.Replica, v.Disk, v.Seq, v.Export, v.Socket)
 	}
 	return b.String()
+}
+
+// eta formats the time left for n bytes at rate bytes per second.
+func eta(n int64, rate float64) string {
+	if rate <= 0 || n <= 0 {
+		return ""
+	}
+	return fmt.Sprintf(" ETA %s", (time.Duration(float64(n)/rate) * time.Second).Round(time.Second))
 }
 
 func progressBar(done, total int64) string {
