@@ -2,7 +2,7 @@
 # `make test`; both install what they need first (`make deps`).
 GO      ?= go
 BIN     := bin/ferry
-DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc
 
 .PHONY: all build deps demo test test-short vet fuzz bench guest clean
 
@@ -37,9 +37,11 @@ fuzz:
 	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzParseInfoRequest$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzServerOptions$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/journal -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/link -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
 
 bench: deps build
 	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh
+	FERRY=$(CURDIR)/$(BIN) bench/replication.sh
 
 demo: deps build guest
 	FERRY=$(CURDIR)/$(BIN) scripts/demo.sh
