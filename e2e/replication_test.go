@@ -3,19 +3,18 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"io"
 	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/faultnet"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/ordercheck"
 	"github.com/ferry-dr/ferry/internal/pki"
@@ -85,50 +84,6 @@ func (p *agentProc) stop(tb testing.TB) {
 	}
 }
 
-// proxy forwards to target and can cut every connection.
-type proxy struct {
-	ln    net.Listener
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func newProxy(tb testing.TB, target string) *proxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	p := &proxy{ln: ln}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns = append(p.conns, c, u)
-			p.mu.Unlock()
-			go func() { io.Copy(u, c); u.Close() }()
-			go func() { io.Copy(c, u); c.Close() }()
-		}
-	}()
-	tb.Cleanup(func() { ln.Close(); p.cut() })
-	return p
-}
-
-func (p *proxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
-
 const (
 	records = 12000
 	lanes   = 16
@@ -154,7 +109,11 @@ func TestReplicationEndToEnd(t *testing.T) {
 	a.start(t)
 	b.start(t)
 	defer func() { a.stop(t); b.stop(t) }()
-	link := newProxy(t, b.addr)
+	link, err := faultnet.New(b.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
 	op, err := pki.Load(pk, "operator")
 	if err != nil {
 		t.Fatal(err)
@@ -166,7 +125,7 @@ func TestReplicationEndToEnd(t *testing.T) {
 	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": link.ln.Addr().String(), "peer_name": "siteB"}, nil); err != nil {
+	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": link.Addr(), "peer_name": "siteB"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	w := ordercheck.NewWriter(lanes)
@@ -203,7 +162,7 @@ func TestReplicationEndToEnd(t *testing.T) {
 		for i := 0; i < 3; i++ {
 			time.Sleep(60 * time.Millisecond)
 			stillWriting(5000, "a link cut")
-			link.cut()
+			link.Cut()
 		}
 	})
 	// Phase 2: the recovery agent dies (SIGKILL) and comes back.

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"cmp"
 	"slices"
 
 	"github.com/ferry-dr/ferry/internal/journal"
@@ -96,12 +97,17 @@ func (x *diskIndex) dropUpTo(seq uint64) {
 	x.ranges = slices.Clone(x.ranges[i:])
 }
 
+// firstAfter returns the index of the first version with seq > seq.
+func firstAfter(vs []version, seq uint64) int {
+	i, _ := slices.BinarySearchFunc(vs, seq+1, func(v version, s uint64) int { return cmp.Compare(v.seq, s) })
+	return i
+}
+
 // op is one change applied while building a block: a version or a range.
 type op struct {
-	seq  uint64
-	v    *version // nil for a range (zero the whole overlap)
-	r    *rangeOp
-	used bool
+	seq uint64
+	v   *version // nil for a range (zero the whole overlap)
+	r   *rangeOp
 }
 
 // ops returns, in seq order, the changes to block b with seq <= at that a
@@ -111,15 +117,7 @@ func (x *diskIndex) ops(b int64, at uint64, buf []op) []op {
 	buf = buf[:0]
 	vs := x.blocks[b]
 	// Versions with seq <= at: vs[:k].
-	k, _ := slices.BinarySearchFunc(vs, at+1, func(v version, s uint64) int {
-		if v.seq < s {
-			return -1
-		}
-		if v.seq > s {
-			return 1
-		}
-		return 0
-	})
+	k := firstAfter(vs, at)
 	first := 0
 	for i := k - 1; i >= 0; i-- {
 		if vs[i].start == 0 && vs[i].n == 0 {
@@ -144,14 +142,6 @@ func (x *diskIndex) ops(b int64, at uint64, buf []op) []op {
 			buf = append(buf, op{seq: r.seq, r: r})
 		}
 	}
-	slices.SortFunc(buf, func(a, c op) int {
-		if a.seq < c.seq {
-			return -1
-		}
-		if a.seq > c.seq {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(buf, func(a, c op) int { return cmp.Compare(a.seq, c.seq) })
 	return buf
 }

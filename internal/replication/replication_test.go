@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/faultnet"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/pki"
@@ -22,79 +22,17 @@ import (
 
 const diskSize = 4 << 20
 
-// cutProxy forwards TCP connections and can cut them all.
-type cutProxy struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	conns  []net.Conn
-	down   bool // refuse new connections
-}
-
-func newCutProxy(t *testing.T, target string) *cutProxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &cutProxy{ln: ln, target: target}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			p.mu.Lock()
-			down := p.down
-			p.mu.Unlock()
-			if down {
-				c.Close()
-				continue
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns = append(p.conns, c, u)
-			p.mu.Unlock()
-			go func() { io.Copy(u, c); u.Close() }()
-			go func() { io.Copy(c, u); c.Close() }()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); p.cut() })
-	return p
-}
-
-func (p *cutProxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
-
 type env struct {
 	g      *disk.Group
 	rep    *replica.Replica
 	repDir string
 	sh     *Shipper
-	proxy  *cutProxy
+	proxy  *faultnet.Proxy
 	cfg    ShipperConfig
 	mu     sync.Mutex // guards rep swaps
 }
 
 func setup(t *testing.T) *env { return setupWith(t, nil) }
-
-func (p *cutProxy) setDown(down bool) {
-	p.mu.Lock()
-	p.down = down
-	p.mu.Unlock()
-	if down {
-		p.cut()
-	}
-}
 
 func setupWith(t *testing.T, tweak func(*ShipperConfig)) *env {
 	t.Helper()
@@ -144,13 +82,17 @@ func setupWith(t *testing.T, tweak func(*ShipperConfig)) *env {
 			go rc.Serve(context.Background(), c)
 		}
 	}()
-	e.proxy = newCutProxy(t, ln.Addr().String())
+	e.proxy, err = faultnet.New(ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.proxy.Close() })
 	cfg := ShipperConfig{
 		Group: e.g, Name: "vm1", Source: "src", StateDir: t.TempDir(),
 		MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
 			d := tls.Dialer{Config: srcID.ClientConfig("dst")}
-			return d.DialContext(ctx, "tcp", e.proxy.ln.Addr().String())
+			return d.DialContext(ctx, "tcp", e.proxy.Addr())
 		},
 	}
 	if tweak != nil {
@@ -248,7 +190,7 @@ func TestReplicateWithCutsAndRestart(t *testing.T) {
 	go func() { defer wg.Done(); writeRandom(t, e.g, rand.New(rand.NewPCG(2, 2)), 400) }()
 	for i := 0; i < 4; i++ {
 		time.Sleep(time.Duration(20+rng.IntN(60)) * time.Millisecond)
-		e.proxy.cut()
+		e.proxy.Cut()
 	}
 	wg.Wait()
 	drain(t, e)
@@ -262,7 +204,7 @@ func TestReplicateWithCutsAndRestart(t *testing.T) {
 	go func() { defer wg.Done(); writeRandom(t, e.g, rand.New(rand.NewPCG(3, 3)), 200) }()
 	time.Sleep(30 * time.Millisecond)
 	e.mu.Lock()
-	e.proxy.cut()
+	e.proxy.Cut()
 	e.rep.Close()
 	rep, err := replica.Open(replica.Config{Dir: e.repDir, SegmentSize: 256 << 10})
 	if err != nil {
@@ -271,7 +213,7 @@ func TestReplicateWithCutsAndRestart(t *testing.T) {
 	}
 	e.rep = rep
 	e.mu.Unlock()
-	e.proxy.cut()
+	e.proxy.Cut()
 	wg.Wait()
 	drain(t, e)
 	sameAsSource(t, e)
@@ -362,7 +304,7 @@ func TestOutageBeyondJournalBound(t *testing.T) {
 	}
 	imgBefore := readView(t, e.rep, "a", before.Seq)
 
-	e.proxy.setDown(true)
+	e.proxy.SetDown(true)
 	a, _ := e.g.Disk("a")
 	p := make([]byte, 4096)
 	written := int64(0)
@@ -405,7 +347,7 @@ func TestOutageBeyondJournalBound(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	sentBefore := e.sh.Status().SentBytes
-	e.proxy.setDown(false)
+	e.proxy.SetDown(false)
 	drain(t, e)
 	for e.sh.Status().BitmapMode {
 		if time.Now().After(deadline.Add(20 * time.Second)) {
@@ -465,7 +407,7 @@ func TestBitmapSurvivesRestart(t *testing.T) {
 	e.sh.Start(ctx)
 	writeRandom(t, e.g, rand.New(rand.NewPCG(6, 6)), 5)
 	drain(t, e)
-	e.proxy.setDown(true)
+	e.proxy.SetDown(true)
 	a, _ := e.g.Disk("a")
 	b, _ := e.g.Disk("b")
 	p := bytes.Repeat([]byte{7}, 64<<10)
@@ -501,7 +443,7 @@ func TestBitmapSurvivesRestart(t *testing.T) {
 	for i := 0; i < 4; i++ { // and writes after the restart
 		b.WriteAt(ctx, p, (1<<20)+int64(i)*(64<<10))
 	}
-	e.proxy.setDown(false)
+	e.proxy.SetDown(false)
 	for {
 		st := e.sh.Status()
 		if !st.BitmapMode && st.State == StateStreaming && st.AckedSeq == st.LastSeq {
