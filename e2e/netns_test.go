@@ -140,7 +140,12 @@ func TestAgentsInNetworkNamespaces(t *testing.T) {
 	waitFor("the point at the recovery site", func() bool {
 		var pts []map[string]any
 		json.Unmarshal([]byte(cli(B, "points", "vm1")), &pts)
-		return len(pts) > 0 && pts[len(pts)-1]["label"] == "after-outage"
+		for _, p := range pts {
+			if p["label"] == "after-outage" {
+				return true
+			}
+		}
+		return false
 	})
 	json.Unmarshal([]byte(cli(B, "view", "open", "vm1", "vda")), &vi)
 	out := run(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 0 8M", "-c", "read -P 0x22 8M 8M", "-c", "read -P 0 16M 1M",

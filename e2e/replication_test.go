@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -205,7 +206,7 @@ func TestReplicationEndToEnd(t *testing.T) {
 		if err := cb.Do(ctx, "GET", "/v1/replicas/vm1/points", nil, &pts); err != nil {
 			t.Fatal(err)
 		}
-		if len(pts) > 0 && pts[len(pts)-1].Label == "final" {
+		if slices.ContainsFunc(pts, func(p replica.Point) bool { return p.Label == "final" }) {
 			break
 		}
 		if time.Now().After(deadline) {
