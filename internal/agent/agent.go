@@ -405,6 +405,33 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 	return a.openGroup(name)
 }
 
+// DeleteGroup removes a group that does not replicate: its exports are
+// withdrawn (disconnecting clients), and its images and journal deleted.
+// A replicating group is refused: stop replication first, so that deleting
+// data is always a deliberate second step.
+func (a *Agent) DeleteGroup(name string) error {
+	a.mu.Lock()
+	gr := a.groups[name]
+	if gr != nil && gr.repl == nil {
+		delete(a.groups, name)
+	}
+	a.mu.Unlock()
+	if gr == nil {
+		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if gr.repl != nil {
+		return fmt.Errorf("%w: group %q replicates to %s; stop that first (DELETE /v1/groups/%s/replication)", ErrConflict, name, gr.repl.PeerName, name)
+	}
+	a.stopGroup(gr)
+	for _, d := range gr.g.Disks() {
+		a.nbd.RemoveExport(exportName(name, d.Name))
+	}
+	if err := gr.g.Close(); err != nil {
+		a.log.Warn("close deleted group", "group", name, "err", err)
+	}
+	return os.RemoveAll(a.groupDir(name))
+}
+
 // EnableReplication starts replicating group to the peer agent.
 func (a *Agent) EnableReplication(name string, rc replConfig) error {
 	if rc.PeerAddr == "" || rc.PeerName == "" {
@@ -441,9 +468,11 @@ func (a *Agent) DisableReplication(name string) error {
 	}
 	gr.shipper.Close()
 	gr.shipper, gr.repl = nil, nil
+	gr.g.Observe(nil) // a dirty-block bitmap, if any, is no longer needed
 	gr.g.Hold("shipper", 0)
-	os.Remove(filepath.Join(a.groupDir(name), "replication.json"))
-	os.Remove(filepath.Join(a.groupDir(name), "shipper.json"))
+	for _, f := range []string{"replication.json", "shipper.json", "bitmap.json"} {
+		os.Remove(filepath.Join(a.groupDir(name), f))
+	}
 	return nil
 }
 

@@ -143,6 +143,25 @@ func TestTwoAgents(t *testing.T) {
 	if err := cb.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil); err != nil {
 		t.Fatal(err)
 	}
+	// Deleting a replicating group is refused; after stopping it works,
+	// and disconnects the disk's clients.
+	if err := ca.Do(ctx, "DELETE", "/v1/groups/vm1", nil, nil); err == nil || !strings.Contains(err.Error(), "409") {
+		t.Fatalf("delete while replicating: %v", err)
+	}
+	if err := ca.Do(ctx, "DELETE", "/v1/groups/vm1/replication", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Do(ctx, "DELETE", "/v1/groups/vm1", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.ReadAt(ctx, make([]byte, 512), 0); err == nil {
+		t.Fatal("the deleted disk's NBD client still works")
+	}
+	var st Status
+	ca.Do(ctx, "GET", "/v1/status", nil, &st)
+	if len(st.Groups) != 0 {
+		t.Fatalf("groups after delete: %+v", st.Groups)
+	}
 }
 
 type jsonRaw string

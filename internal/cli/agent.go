@@ -112,6 +112,15 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		return e.print(map[string]string{"created": name}, fmt.Sprintf("created group %s; its disks are NBD exports %s/DISK on the agent's socket\n", name, name))
+	case "group delete":
+		name, err := arg(0, "a group name")
+		if err != nil {
+			return err
+		}
+		if err := c.Do(ctx, "DELETE", "/v1/groups/"+name, nil, nil); err != nil {
+			return err
+		}
+		return e.print(map[string]string{"deleted": name}, fmt.Sprintf("deleted group %s and its disks\n", name))
 	case "replicate":
 		name, err := arg(0, "a group name")
 		if err != nil {
