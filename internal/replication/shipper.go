@@ -96,6 +96,7 @@ type Shipper struct {
 	reconnects          int
 	rate                rateMeter
 	savedAck            uint64
+	savedAt             time.Time
 
 	bm           *bitmap // non-nil while writes are tracked as dirty blocks
 	resyncSeq    uint64  // the resync-done marker, once appended
@@ -467,9 +468,11 @@ func (s *Shipper) readAcks(c *link.Conn) error {
 		for len(s.queue) > 0 && s.queue[0].last <= seq {
 			s.queue = s.queue[1:]
 		}
-		save := s.acked >= s.savedAck+1024 || len(s.queue) == 0
+		// Remember the ack now and then: a stale value only makes the
+		// hold after a restart more conservative.
+		save := s.acked != s.savedAck && s.cfg.Now().Sub(s.savedAt) > time.Second
 		if save {
-			s.savedAck = s.acked
+			s.savedAck, s.savedAt = s.acked, s.cfg.Now()
 		}
 		acked := s.acked
 		finished := s.bm != nil && s.resyncSeq != 0 && acked >= s.resyncSeq
@@ -562,23 +565,27 @@ func (s *Shipper) Status() Status {
 	last := j.LastSeq()
 	now := s.cfg.Now()
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	st := Status{State: s.state, LastSeq: last, AckedSeq: s.acked, SentBytes: s.sent,
 		CopyDone: s.copyDone, CopyTotal: s.copyTotal, LastError: s.lastErr, Reconnects: s.reconnects,
 		ThroughputBps: s.rate.rate(now), BitmapMode: s.bm != nil, ResyncDone: s.resyncDone, ResyncTotal: s.resyncTotal}
-	if s.acked < last {
-		var oldest int64
-		if len(s.queue) > 0 {
-			oldest = s.queue[0].firstTime
-			for _, b := range s.queue {
-				st.PendingBytes += b.bytes
-			}
-		} else if t, err := j.EntryTime(s.acked + 1); err == nil {
+	var oldest int64
+	if s.acked < last && len(s.queue) > 0 {
+		oldest = s.queue[0].firstTime
+		for _, b := range s.queue {
+			st.PendingBytes += b.bytes
+		}
+	}
+	s.mu.Unlock()
+	if st.AckedSeq < last && oldest == 0 {
+		// Nothing in flight (the link is down, or the entries are not
+		// sent yet): the oldest unacknowledged write is in the journal.
+		// Reading it costs I/O, so it happens outside the lock.
+		if t, err := j.EntryTime(st.AckedSeq + 1); err == nil {
 			oldest = t
 		}
-		if oldest > 0 {
-			st.RPO = max(0, now.Sub(time.Unix(0, oldest)).Seconds())
-		}
+	}
+	if st.AckedSeq < last && oldest > 0 {
+		st.RPO = max(0, now.Sub(time.Unix(0, oldest)).Seconds())
 	}
 	return st
 }
