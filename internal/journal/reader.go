@@ -140,13 +140,13 @@ func (j *Journal) NewReader(from uint64) (*Reader, error) {
 		j.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if from > j.next {
+	if next := j.next; from > next {
 		j.mu.Unlock()
-		return nil, fmt.Errorf("journal: reader from seq %d beyond last %d", from, j.next-1)
+		return nil, fmt.Errorf("journal: reader from seq %d beyond last %d", from, next-1)
 	}
-	if from < j.segs[0].firstSeq {
+	if first := j.segs[0].firstSeq; from < first {
 		j.mu.Unlock()
-		return nil, fmt.Errorf("%w: want seq %d, oldest kept is %d", ErrTrimmed, from, j.segs[0].firstSeq)
+		return nil, fmt.Errorf("%w: want seq %d, oldest kept is %d", ErrTrimmed, from, first)
 	}
 	var seg *segment
 	for _, s := range j.segs {
