@@ -22,7 +22,8 @@ deps:
 	@$(GO) mod download
 
 guest: deps
-	guest/build.sh build/guest
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags=-s -o build/ferry-guest ./cmd/ferry-guest
+	guest/build.sh build/guest build/ferry-guest
 
 vet:
 	$(GO) vet ./...

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# guest/build.sh OUTDIR: builds ferry's minimal test guest from Debian
-# packages only: the cloud kernel (vmlinuz), and an initramfs with
-# busybox-static, the kernel's virtio modules and guest/init. Packages are
+# guest/build.sh OUTDIR [FERRY_GUEST]: builds ferry's minimal test guest
+# from Debian packages only: the cloud kernel (vmlinuz), and an initramfs
+# with busybox-static, the kernel's virtio modules, guest/init and our own
+# static guest program (ferry-guest: QGA agent and workload). Packages are
 # fetched with apt-get download, extracted, never installed or committed.
 # The result is cached: it is rebuilt only when an input changes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: guest/build.sh OUTDIR}
+out=${1:?usage: guest/build.sh OUTDIR [FERRY_GUEST]}
+fg=${2:-}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
@@ -18,7 +20,7 @@ if [ -z "$kpkg" ]; then # no package lists yet on a fresh machine
 	kpkg=$(resolve)
 fi
 [ -n "$kpkg" ] || { echo "guest: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2; exit 1; }
-stamp="$kpkg $(sha256sum "$here/init" "$0" | sha256sum | cut -c1-16)"
+stamp="$kpkg $(sha256sum "$here/init" "$0" ${fg:+"$fg"} | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ]; then
 	exit 0
 fi
@@ -35,7 +37,7 @@ cp "$work/k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
 root=$work/root
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules}
 cp "$work/bb/bin/busybox" "$root/bin/busybox"
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net button evdev; do
 	f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -1)
 	[ -n "$f" ] || { echo "guest: module $m not found in $kpkg" >&2; exit 1; }
 	case $f in
@@ -45,6 +47,7 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
 	esac
 done
 cp "$here/init" "$root/init"
+if [ -n "$fg" ]; then cp "$fg" "$root/bin/ferry-guest"; chmod +x "$root/bin/ferry-guest"; fi
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out/initrd.img.tmp"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"

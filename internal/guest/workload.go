@@ -1,0 +1,176 @@
+package guest
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"hash/crc32"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// RecordSize is the size of one workload record in the log.
+const RecordSize = 512
+
+var recMagic = []byte("FRYWL001")
+
+// EncodeRecord returns record seq, written at time t.
+func EncodeRecord(seq uint64, t int64) []byte {
+	b := make([]byte, RecordSize)
+	copy(b, recMagic)
+	binary.LittleEndian.PutUint64(b[8:], seq)
+	binary.LittleEndian.PutUint64(b[16:], uint64(t))
+	for i := 28; i < RecordSize; i++ {
+		b[i] = byte(seq) ^ byte(i)
+	}
+	binary.LittleEndian.PutUint32(b[24:], crc32.ChecksumIEEE(append(b[:24:24], b[28:]...)))
+	return b
+}
+
+// ErrRecords: a record log that is not a clean prefix.
+var ErrRecords = errors.New("workload: record log damaged")
+
+// VerifyRecords checks a record log: records 1..n back to back, each
+// intact, then nothing but zeros or a torn last record (a crash while it
+// was written). It returns n.
+func VerifyRecords(log []byte) (uint64, error) {
+	var n uint64
+	for off := 0; off+RecordSize <= len(log); off += RecordSize {
+		b := log[off : off+RecordSize]
+		if string(b[:8]) != string(recMagic) {
+			for _, c := range log[off:] {
+				if c != 0 {
+					return n, fmt.Errorf("%w: garbage after record %d", ErrRecords, n)
+				}
+			}
+			return n, nil
+		}
+		seq := binary.LittleEndian.Uint64(b[8:])
+		want := crc32.ChecksumIEEE(append(append([]byte(nil), b[:24]...), b[28:]...))
+		if seq != n+1 || binary.LittleEndian.Uint32(b[24:]) != want {
+			if off+RecordSize == len(log) || off+2*RecordSize > len(log) {
+				return n, nil // torn last record
+			}
+			return n, fmt.Errorf("%w: record at %d has seq %d (want %d) or a bad checksum", ErrRecords, off, seq, n+1)
+		}
+		n = seq
+	}
+	return n, nil
+}
+
+// WorkloadState is what the workload serves over HTTP.
+type WorkloadState struct {
+	LastDurable    uint64 `json:"last_durable"`
+	Files          uint64 `json:"files"`
+	ChecksumErrors int    `json:"checksum_errors"`
+	Error          string `json:"error,omitempty"`
+}
+
+// RunWorkload is "ferry-guest workload".
+func RunWorkload(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("workload", flag.ContinueOnError)
+	dev := fs.String("dev", "/dev/vdb", "ext4 data disk")
+	dir := fs.String("mount", "/data", "mount point")
+	rate := fs.Int("rate", 200, "records per second (0: as fast as fsync allows)")
+	addr := fs.String("http", ":80", "HTTP address for the state")
+	fileEvery := fs.Uint64("file-every", 16, "also create one file per this many records")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	os.MkdirAll(*dir, 0o755)
+	if err := unix.Mount(*dev, *dir, "ext4", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+		return fmt.Errorf("mount %s: %w", *dev, err)
+	}
+	os.MkdirAll(filepath.Join(*dir, "files"), 0o755)
+	logPath := filepath.Join(*dir, "records.log")
+	old, _ := os.ReadFile(logPath)
+	last, err := VerifyRecords(old)
+	st := WorkloadState{LastDurable: last}
+	if err != nil {
+		st.ChecksumErrors++
+		st.Error = err.Error()
+	}
+	f, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var mu sync.Mutex
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return err
+	}
+	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		json.NewEncoder(w).Encode(st)
+	}))
+	fmt.Printf("ferry-guest: workload up, resuming after record %d\n", last)
+	var tick <-chan time.Time
+	if *rate > 0 {
+		t := time.NewTicker(time.Second / time.Duration(*rate))
+		defer t.Stop()
+		tick = t.C
+	}
+	for seq := last + 1; ctx.Err() == nil; seq++ {
+		if tick != nil {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-tick:
+			}
+		}
+		rec := EncodeRecord(seq, time.Now().UnixNano())
+		_, err := f.WriteAt(rec, int64(seq-1)*RecordSize)
+		if err == nil {
+			err = unix.Fdatasync(int(f.Fd()))
+		}
+		if err == nil && seq%*fileEvery == 0 {
+			err = writeFile(filepath.Join(*dir, "files", fmt.Sprint(seq)), rec)
+		}
+		mu.Lock()
+		if err != nil {
+			st.Error = err.Error()
+			mu.Unlock()
+			// A frozen file system blocks writes; anything else is fatal.
+			return fmt.Errorf("record %d: %w", seq, err)
+		}
+		st.LastDurable = seq
+		if seq%*fileEvery == 0 {
+			st.Files++
+		}
+		mu.Unlock()
+	}
+	return nil
+}
+
+func writeFile(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	f.Close()
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

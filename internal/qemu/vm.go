@@ -1,0 +1,465 @@
+// Package qemu runs virtual machines with qemu-system-x86_64: disks
+// attached over the site agent's NBD unix socket, a QMP socket for status
+// and graceful shutdown, a QEMU guest agent channel for quiescing, the
+// serial console captured to a log, and user-mode networking (with host
+// port forwards, or isolated for DR drills). KVM is used when it works;
+// otherwise TCG.
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/qga"
+)
+
+// Disk is a disk served over NBD on a unix socket.
+type Disk struct {
+	Socket string `json:"socket"`
+	Export string `json:"export"`
+}
+
+// Boot says how the VM boots: from a kernel and initrd, or from its first
+// disk (Kernel empty).
+type Boot struct {
+	Kernel string `json:"kernel,omitempty"`
+	Initrd string `json:"initrd,omitempty"`
+	Append string `json:"append,omitempty"`
+}
+
+// Forward forwards a host TCP address to a guest port.
+type Forward struct {
+	Host      string `json:"host"` // e.g. 127.0.0.1:8080
+	GuestPort int    `json:"guest_port"`
+}
+
+// Net modes.
+const (
+	NetNone     = "none"
+	NetUser     = "user"     // user-mode NAT with forwards
+	NetIsolated = "isolated" // no route out; only the forwards reach it
+)
+
+// Spec describes a VM.
+type Spec struct {
+	Name      string    `json:"name"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	Disks     []Disk    `json:"disks"`
+	Boot      Boot      `json:"boot"`
+	Net       string    `json:"net"`
+	Forwards  []Forward `json:"forwards,omitempty"`
+	// QGA adds the guest agent channel (virtio-serial port
+	// org.qemu.guest_agent.0).
+	QGA bool `json:"qga"`
+	// Accel is "auto" (KVM if a probe boot works, else TCG), "kvm" or
+	// "tcg" (default auto).
+	Accel string `json:"accel,omitempty"`
+}
+
+// ErrSpec: a spec that cannot run.
+var ErrSpec = errors.New("qemu: invalid VM spec")
+
+// Validate refuses specs that cannot start, before anything runs.
+func (s *Spec) Validate() error {
+	bad := func(format string, a ...any) error { return fmt.Errorf("%w: %s", ErrSpec, fmt.Sprintf(format, a...)) }
+	switch {
+	case s.Name == "" || strings.ContainsAny(s.Name, "/ \t"):
+		return bad("name %q", s.Name)
+	case s.VCPUs < 0 || s.VCPUs > 64:
+		return bad("%d vCPUs", s.VCPUs)
+	case s.MemoryMiB <= 0:
+		return bad("memory must be > 0 MiB, got %d", s.MemoryMiB)
+	case len(s.Disks) == 0:
+		return bad("no disk")
+	}
+	for i, d := range s.Disks {
+		if d.Socket == "" || d.Export == "" {
+			return bad("disk %d needs an NBD socket and export", i)
+		}
+	}
+	if s.Boot.Kernel != "" {
+		for _, f := range []string{s.Boot.Kernel, s.Boot.Initrd} {
+			if f == "" {
+				continue
+			}
+			if _, err := os.Stat(f); err != nil {
+				return bad("boot file: %v", err)
+			}
+		}
+	} else if s.Boot.Initrd != "" || s.Boot.Append != "" {
+		return bad("initrd or append without a kernel (unknown boot mode)")
+	}
+	switch s.Net {
+	case "", NetNone, NetUser, NetIsolated:
+	default:
+		return bad("unknown network mode %q", s.Net)
+	}
+	switch s.Accel {
+	case "", "auto", "kvm", "tcg":
+	default:
+		return bad("unknown accelerator %q", s.Accel)
+	}
+	return nil
+}
+
+// States of a VM.
+const (
+	StateStarting = "starting"
+	StateRunning  = "running"
+	StatePaused   = "paused"
+	StateStopping = "stopping"
+	StateStopped  = "stopped" // powered off or stopped on request
+	StateCrashed  = "crashed" // QEMU exited on its own without a guest power-off
+)
+
+// VM is a running (or ended) QEMU process.
+type VM struct {
+	Spec  Spec
+	dir   string
+	log   *slog.Logger
+	accel string
+
+	cmd  *exec.Cmd
+	qmp  *QMP
+	QGA  *qga.Client // nil without a guest agent channel
+	done chan struct{}
+
+	mu        sync.Mutex
+	state     string
+	exitErr   error
+	powerOff  bool // the guest powered off (SHUTDOWN event)
+	stopAsked bool
+}
+
+// Paths inside the VM's runtime directory.
+func (v *VM) qmpPath() string     { return filepath.Join(v.dir, "qmp.sock") }
+func (v *VM) qgaPath() string     { return filepath.Join(v.dir, "qga.sock") }
+func (v *VM) ConsolePath() string { return filepath.Join(v.dir, "console.log") }
+
+// Start validates spec and starts QEMU with its runtime files in dir.
+func Start(ctx context.Context, spec Spec, dir string, log *slog.Logger) (*VM, error) {
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if spec.VCPUs == 0 {
+		spec.VCPUs = 1
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	v := &VM{Spec: spec, dir: dir, log: log, done: make(chan struct{}), state: StateStarting}
+	v.accel = spec.Accel
+	if v.accel == "" || v.accel == "auto" {
+		v.accel = DetectAccel(ctx, spec.Boot)
+	}
+	os.Remove(v.qmpPath())
+	os.Remove(v.qgaPath())
+	os.Remove(v.ConsolePath())
+	args := v.args()
+	v.cmd = exec.Command("qemu-system-x86_64", args...)
+	out, err := os.OpenFile(filepath.Join(dir, "qemu.log"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	v.cmd.Stdout, v.cmd.Stderr = out, out
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := v.cmd.Start(); err != nil {
+		out.Close()
+		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	log.Info("vm starting", "vm", spec.Name, "accel", v.accel, "pid", v.cmd.Process.Pid)
+	go func() {
+		err := v.cmd.Wait()
+		out.Close()
+		v.mu.Lock()
+		v.exitErr = err
+		switch {
+		case v.powerOff || v.stopAsked:
+			v.state = StateStopped
+		default:
+			v.state = StateCrashed
+		}
+		v.mu.Unlock()
+		close(v.done)
+	}()
+	// Connect QMP (the socket appears once QEMU is up).
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		q, err := DialQMP(ctx, v.qmpPath())
+		if err == nil {
+			v.qmp = q
+			break
+		}
+		select {
+		case <-v.done:
+			return nil, fmt.Errorf("qemu exited at start: %v: %s", v.exitErr, v.tail(filepath.Join(dir, "qemu.log"), 10))
+		default:
+		}
+		if time.Now().After(deadline) {
+			v.Kill()
+			return nil, fmt.Errorf("qemu QMP socket not up within 15s: %w", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	go v.watchEvents()
+	if spec.QGA {
+		v.QGA = &qga.Client{Path: v.qgaPath()}
+	}
+	v.mu.Lock()
+	if v.state == StateStarting {
+		v.state = StateRunning
+	}
+	v.mu.Unlock()
+	return v, nil
+}
+
+func (v *VM) args() []string {
+	s := v.Spec
+	a := []string{"-name", s.Name, "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+		"-machine", "q35", "-accel", v.accel, "-smp", fmt.Sprint(s.VCPUs), "-m", fmt.Sprint(s.MemoryMiB),
+		"-qmp", "unix:" + v.qmpPath() + ",server=on,wait=off",
+		"-serial", "file:" + v.ConsolePath(), "-no-reboot"}
+	if v.accel == "kvm" {
+		a = append(a, "-cpu", "host")
+	}
+	for i, d := range s.Disks {
+		drive := fmt.Sprintf("file=nbd+unix:///%s?socket=%s,format=raw,if=none,id=d%d,cache=none,aio=threads", d.Export, d.Socket, i)
+		dev := fmt.Sprintf("virtio-blk-pci,drive=d%d", i)
+		if i == 0 && s.Boot.Kernel == "" {
+			dev += ",bootindex=1"
+		}
+		a = append(a, "-drive", drive, "-device", dev)
+	}
+	if s.Boot.Kernel != "" {
+		a = append(a, "-kernel", s.Boot.Kernel)
+		if s.Boot.Initrd != "" {
+			a = append(a, "-initrd", s.Boot.Initrd)
+		}
+		if s.Boot.Append != "" {
+			a = append(a, "-append", s.Boot.Append)
+		}
+	}
+	switch s.Net {
+	case NetUser, NetIsolated:
+		nd := "user,id=n0"
+		if s.Net == NetIsolated {
+			nd += ",restrict=on"
+		}
+		for _, f := range s.Forwards {
+			nd += fmt.Sprintf(",hostfwd=tcp:%s-:%d", f.Host, f.GuestPort)
+		}
+		a = append(a, "-netdev", nd, "-device", "virtio-net-pci,netdev=n0")
+	}
+	if s.QGA {
+		a = append(a, "-chardev", "socket,path="+v.qgaPath()+",server=on,wait=off,id=qga0",
+			"-device", "virtio-serial-pci", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0")
+	}
+	return a
+}
+
+func (v *VM) watchEvents() {
+	for ev := range v.qmp.Events {
+		v.mu.Lock()
+		switch ev.Name {
+		case "SHUTDOWN":
+			v.powerOff = true
+			v.state = StateStopping
+		case "STOP":
+			if v.state == StateRunning {
+				v.state = StatePaused
+			}
+		case "RESUME":
+			v.state = StateRunning
+		}
+		v.mu.Unlock()
+	}
+}
+
+// Status is a VM's state as QEMU reports it.
+type Status struct {
+	Name    string `json:"name"`
+	State   string `json:"state"`
+	Accel   string `json:"accel"`
+	PID     int    `json:"pid"`
+	Reason  string `json:"reason,omitempty"` // why it crashed
+	Console string `json:"console"`
+}
+
+// Status reports the VM's state; for a running VM it asks QEMU
+// (query-status).
+func (v *VM) Status(ctx context.Context) Status {
+	v.mu.Lock()
+	st := Status{Name: v.Spec.Name, State: v.state, Accel: v.accel, PID: v.cmd.Process.Pid, Console: v.ConsolePath()}
+	exitErr := v.exitErr
+	v.mu.Unlock()
+	if st.State == StateRunning || st.State == StatePaused {
+		var qs struct {
+			Status string `json:"status"`
+		}
+		if err := v.qmp.Execute(ctx, "query-status", nil, &qs); err == nil {
+			if qs.Status == "paused" {
+				st.State = StatePaused
+			}
+		}
+	}
+	if st.State == StateCrashed {
+		st.Reason = fmt.Sprintf("qemu exited (%v) without a guest power-off; console: %s", exitErr,
+			v.tail(v.ConsolePath(), 3))
+	}
+	return st
+}
+
+// tail returns the last n lines of a file, printable only.
+func (v *VM) tail(path string, n int) string {
+	b, _ := os.ReadFile(path)
+	var lines []string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		lines = append(lines, strings.Map(func(r rune) rune {
+			if r < 32 || r == 127 {
+				return -1
+			}
+			return r
+		}, sc.Text()))
+	}
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, " | ")
+}
+
+// Done is closed when QEMU has exited.
+func (v *VM) Done() <-chan struct{} { return v.done }
+
+// Shutdown stops the VM gracefully: the ACPI power button
+// (system_powerdown) and up to grace for the guest to power off; then
+// QMP quit; then SIGKILL. report is told each step. It returns once QEMU
+// has exited.
+func (v *VM) Shutdown(ctx context.Context, grace time.Duration, report func(step string)) error {
+	if report == nil {
+		report = func(string) {}
+	}
+	v.mu.Lock()
+	v.stopAsked = true
+	v.mu.Unlock()
+	select {
+	case <-v.done:
+		return nil
+	default:
+	}
+	report("system_powerdown: asking the guest to power off")
+	if err := v.qmp.Execute(ctx, "system_powerdown", nil, nil); err != nil {
+		report("system_powerdown failed: " + err.Error())
+	}
+	select {
+	case <-v.done:
+		report("guest powered off")
+		return nil
+	case <-time.After(grace):
+		report(fmt.Sprintf("no power-off within %v: quit", grace))
+	case <-ctx.Done():
+		report("cancelled: quit")
+	}
+	qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	v.qmp.Execute(qctx, "quit", nil, nil)
+	select {
+	case <-v.done:
+		report("qemu quit")
+		return nil
+	case <-time.After(5 * time.Second):
+		report("qemu did not quit: SIGKILL")
+	}
+	v.Kill()
+	return nil
+}
+
+// Kill ends QEMU at once and waits for it.
+func (v *VM) Kill() {
+	v.mu.Lock()
+	v.stopAsked = true
+	v.mu.Unlock()
+	v.cmd.Process.Kill()
+	<-v.done
+	if v.qmp != nil {
+		v.qmp.Close()
+	}
+	if v.QGA != nil {
+		v.QGA.Close()
+	}
+}
+
+var (
+	accelOnce   sync.Mutex
+	accelResult = map[string]string{}
+)
+
+// DetectAccel returns "kvm" if /dev/kvm works for a probe boot of the given
+// kernel (it must print to the serial console within 10 s), else "tcg".
+// On some hosts KVM is present but broken (an MSR assertion with -cpu host,
+// a hang with the default CPU), which only a real boot reveals. Without a
+// kernel to probe with, only FERRY_ACCEL=kvm selects KVM. The result is
+// cached per kernel; FERRY_ACCEL=kvm|tcg overrides.
+func DetectAccel(ctx context.Context, boot Boot) string {
+	if a := os.Getenv("FERRY_ACCEL"); a == "kvm" || a == "tcg" {
+		return a
+	}
+	if boot.Kernel == "" {
+		return "tcg"
+	}
+	accelOnce.Lock()
+	defer accelOnce.Unlock()
+	if a, ok := accelResult[boot.Kernel]; ok {
+		return a
+	}
+	a := "tcg"
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		f.Close()
+		if probeKVM(ctx, boot) {
+			a = "kvm"
+		}
+	}
+	accelResult[boot.Kernel] = a
+	return a
+}
+
+func probeKVM(ctx context.Context, boot Boot) bool {
+	dir, err := os.MkdirTemp("", "ferry-kvm-probe-")
+	if err != nil {
+		return false
+	}
+	defer os.RemoveAll(dir)
+	console := filepath.Join(dir, "console")
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	args := []string{"-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256", "-nodefaults", "-display", "none",
+		"-no-reboot", "-serial", "file:" + console, "-kernel", boot.Kernel, "-append", "console=ttyS0 panic=-1 ferry.job=probe"}
+	if boot.Initrd != "" {
+		args = append(args, "-initrd", boot.Initrd)
+	}
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
+	cmd.Start()
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	for ctx.Err() == nil {
+		if b, _ := os.ReadFile(console); bytes.Contains(b, []byte("Linux version")) {
+			return true
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return false
+}
