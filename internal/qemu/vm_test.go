@@ -1,0 +1,260 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/guest"
+	"github.com/ferry-dr/ferry/internal/nbd"
+	"github.com/ferry-dr/ferry/internal/qga"
+)
+
+func TestSpecValidate(t *testing.T) {
+	good := Spec{Name: "vm", MemoryMiB: 256, Disks: []Disk{{Socket: "/s", Export: "e"}}}
+	tests := []struct {
+		name string
+		mod  func(*Spec)
+	}{
+		{"no disk", func(s *Spec) { s.Disks = nil }},
+		{"zero memory", func(s *Spec) { s.MemoryMiB = 0 }},
+		{"unknown boot mode", func(s *Spec) { s.Boot = Boot{Initrd: "/x"} }},
+		{"kernel missing", func(s *Spec) { s.Boot = Boot{Kernel: "/nonexistent/vmlinuz"} }},
+		{"bad net", func(s *Spec) { s.Net = "bridge" }},
+		{"bad name", func(s *Spec) { s.Name = "a b" }},
+		{"disk without export", func(s *Spec) { s.Disks = []Disk{{Socket: "/s"}} }},
+	}
+	if err := good.Validate(); err != nil {
+		t.Fatalf("good spec: %v", err)
+	}
+	for _, tc := range tests {
+		s := good
+		tc.mod(&s)
+		if err := s.Validate(); !errors.Is(err, ErrSpec) {
+			t.Errorf("%s: %v, want ErrSpec", tc.name, err)
+		}
+		if _, err := Start(context.Background(), s, t.TempDir(), nil); !errors.Is(err, ErrSpec) {
+			t.Errorf("%s: Start: %v, want ErrSpec before anything runs", tc.name, err)
+		}
+	}
+}
+
+// guestFiles returns the test guest (built by make guest).
+func guestFiles(t *testing.T) (kernel, initrd string) {
+	t.Helper()
+	dir, _ := filepath.Abs("../../build/guest")
+	kernel, initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+	for _, f := range []string{kernel, initrd} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("test guest missing (%v): run 'make guest'", err)
+		}
+	}
+	return kernel, initrd
+}
+
+// ext4Disk serves a group with one disk holding a fresh ext4 file system.
+func ext4Disk(t *testing.T, size int64) (sock string, g *disk.Group) {
+	t.Helper()
+	dir := t.TempDir()
+	fs := filepath.Join(dir, "fs.img")
+	f, _ := os.Create(fs)
+	f.Truncate(size)
+	f.Close()
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", fs).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v %s", err, out)
+	}
+	g, err := disk.Open(disk.Config{Dir: filepath.Join(dir, "group")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, _ := g.CreateDisk("vda", size)
+	b, _ := os.ReadFile(fs)
+	for off := 0; off < len(b); off += 1 << 20 {
+		chunk := b[off:min(len(b), off+1<<20)]
+		if !allZero(chunk) {
+			d.WriteAt(context.Background(), chunk, int64(off))
+		}
+	}
+	srv := nbd.New(nbd.Config{})
+	srv.AddExport(nbd.Export{Name: "vda", Size: size, Device: d, MultiConn: true})
+	sock = filepath.Join(dir, "nbd.sock")
+	ln, err := nbd.ListenUnix(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(context.Background(), ln)
+	t.Cleanup(func() { srv.Close(); g.Close() })
+	return sock, g
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func freeAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func workloadState(addr string) (guest.WorkloadState, error) {
+	var st guest.WorkloadState
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + addr + "/")
+	if err != nil {
+		return st, err
+	}
+	defer resp.Body.Close()
+	return st, json.NewDecoder(resp.Body).Decode(&st)
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestWorkloadVM boots the test guest with its ext4 data disk over ferry's
+// NBD, lets the workload write, checks its HTTP state through the
+// forwarded port, freezes and thaws through the guest agent, shuts down
+// gracefully, and checks the file system and the records.
+func TestWorkloadVM(t *testing.T) {
+	kernel, initrd := guestFiles(t)
+	sock, g := ext4Disk(t, 64<<20)
+	web := freeAddr(t)
+	start := time.Now()
+	vm, err := Start(context.Background(), Spec{
+		Name: "wl", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}},
+		Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100"},
+		Net:  NetUser, Forwards: []Forward{{Host: web, GuestPort: 80}}, QGA: true, Accel: "auto",
+	}, t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Kill()
+	var st guest.WorkloadState
+	waitFor(t, 60*time.Second, "the workload's HTTP state", func() bool {
+		st, err = workloadState(web)
+		return err == nil && st.LastDurable > 10
+	})
+	t.Logf("boot to 10 durable records: %v (accel %s)", time.Since(start).Round(time.Millisecond), vm.Status(context.Background()).Accel)
+	ctx := context.Background()
+	if err := vm.QGA.Ping(ctx); err != nil {
+		t.Fatalf("guest agent: %v", err)
+	}
+	n, err := vm.QGA.Freeze(ctx)
+	if err != nil || n != 1 {
+		t.Fatalf("freeze: %d %v", n, err)
+	}
+	frozenAt := time.Now()
+	s1, _ := workloadState(web)
+	time.Sleep(500 * time.Millisecond)
+	s2, _ := workloadState(web)
+	if fs, _ := vm.QGA.FreezeStatus(ctx); fs != "frozen" {
+		t.Fatalf("status %q", fs)
+	}
+	if _, err := vm.QGA.Thaw(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("frozen for %v", time.Since(frozenAt).Round(time.Millisecond))
+	if s2.LastDurable > s1.LastDurable+1 {
+		t.Fatalf("records became durable while frozen: %d -> %d", s1.LastDurable, s2.LastDurable)
+	}
+	waitFor(t, 20*time.Second, "writes after thaw", func() bool {
+		s3, err := workloadState(web)
+		return err == nil && s3.LastDurable > s2.LastDurable+5
+	})
+	if got := vm.Status(ctx).State; got != StateRunning {
+		t.Fatalf("state %s", got)
+	}
+	var steps []string
+	if err := vm.Shutdown(ctx, 30*time.Second, func(s string) { steps = append(steps, s) }); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(steps) == "" || !strings.Contains(strings.Join(steps, ";"), "guest powered off") {
+		t.Fatalf("graceful shutdown steps: %q\nconsole: %s", steps, vm.tail(vm.ConsolePath(), 10))
+	}
+	if got := vm.Status(ctx).State; got != StateStopped {
+		t.Fatalf("state after shutdown %s", got)
+	}
+	g.Checkpoint(ctx)
+	img := filepath.Join(filepath.Dir(sock), "group", "images", "vda.img")
+	if out, err := exec.Command("e2fsck", "-fn", img).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
+	}
+	checkRecords(t, img, st.LastDurable)
+}
+
+// checkRecords dumps records.log from an ext4 image with debugfs and
+// verifies it holds at least min records, intact and in order.
+func checkRecords(t *testing.T, img string, atLeast uint64) uint64 {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "records.log")
+	if b, err := exec.Command("debugfs", "-R", "dump /records.log "+out, img).CombinedOutput(); err != nil {
+		t.Fatalf("debugfs: %v %s", err, b)
+	}
+	log, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := guest.VerifyRecords(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < atLeast {
+		t.Fatalf("%d records in the image, %d were durable", n, atLeast)
+	}
+	return n
+}
+
+func TestCrashAndNoGuestAgent(t *testing.T) {
+	kernel, initrd := guestFiles(t)
+	sock, _ := ext4Disk(t, 32<<20)
+	vm, err := Start(context.Background(), Spec{
+		Name: "nq", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}},
+		Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.qga=0"},
+		QGA:  true, Accel: "auto",
+	}, t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Kill()
+	waitFor(t, 60*time.Second, "the guest to boot", func() bool {
+		b, _ := os.ReadFile(vm.ConsolePath())
+		return strings.Contains(string(b), "workload started")
+	})
+	vm.QGA.Timeout = time.Second
+	if err := vm.QGA.Ping(context.Background()); !errors.Is(err, qga.ErrNoAgent) {
+		t.Fatalf("ping without a guest agent: %v, want ErrNoAgent", err)
+	}
+	// QEMU dies unexpectedly.
+	vm.cmd.Process.Signal(os.Kill)
+	<-vm.Done()
+	st := vm.Status(context.Background())
+	if st.State != StateCrashed || !strings.Contains(st.Reason, "without a guest power-off") {
+		t.Fatalf("status after kill: %+v", st)
+	}
+}
