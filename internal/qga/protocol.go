@@ -52,4 +52,3 @@ func ReadObject(br *bufio.Reader) ([]byte, error) {
 	}
 	return obj, nil
 }
-
