@@ -28,6 +28,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
 )
@@ -53,6 +54,10 @@ type Config struct {
 	Points replica.Policy
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// AppInterval is how often an application-consistent point is taken
+	// of each group with a running VM (default 1 h; at least 1 min;
+	// negative: never).
+	AppInterval time.Duration
 }
 
 // Agent is a running site agent.
@@ -67,11 +72,13 @@ type Agent struct {
 	ln      net.Listener
 	recv    *replication.Receiver
 
-	mu       sync.Mutex
-	groups   map[string]*group
-	replicas map[string]*replica.Replica
-	views    map[string]*openView
-	nextView int
+	mu        sync.Mutex
+	groups    map[string]*group
+	replicas  map[string]*replica.Replica
+	views     map[string]*openView
+	nextView  int
+	vms       map[string]*runningVM
+	appPoints map[string]AppPointStatus
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -127,6 +134,12 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.AppInterval == 0 {
+		cfg.AppInterval = time.Hour
+	}
+	if cfg.AppInterval > 0 && cfg.AppInterval < time.Minute {
+		return nil, fmt.Errorf("app-consistent interval %v is below the 1 minute minimum", cfg.AppInterval)
+	}
 	id, err := pki.Load(cfg.PKIDir, cfg.Name)
 	if err != nil {
 		return nil, err
@@ -138,6 +151,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, id: id,
 		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
+		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
 	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
 	return a, nil
@@ -171,6 +185,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		}
 	}
 	a.startFolding()
+	a.startAppPoints()
 	os.RemoveAll(filepath.Join(a.cfg.Dir, "views")) // overlays of views from a previous run
 	os.MkdirAll(filepath.Join(a.cfg.Dir, "views"), 0o700)
 
@@ -207,6 +222,7 @@ func (a *Agent) Close() error {
 	if a.httpSrv != nil {
 		a.httpSrv.Close()
 	}
+	a.stopVMs() // before their disks go away
 	a.nbd.Close()
 	a.mu.Lock()
 	groups := a.groups
@@ -588,6 +604,7 @@ type GroupStatus struct {
 	LastSeq     uint64              `json:"last_seq"`
 	PeerName    string              `json:"peer,omitempty"`
 	Replication *replication.Status `json:"replication,omitempty"`
+	AppPoint    *AppPointStatus     `json:"last_app_point,omitempty"`
 }
 
 // Status is the agent's report.
@@ -597,6 +614,7 @@ type Status struct {
 	Groups    []GroupStatus    `json:"groups"`
 	Replicas  []replica.Status `json:"replicas"`
 	Views     []ViewInfo       `json:"views"`
+	VMs       []qemu.Status    `json:"vms"`
 }
 
 // ViewInfo describes an open view.
@@ -629,6 +647,9 @@ func (a *Agent) Status() Status {
 			gs.Replication = &s
 			gs.PeerName = gr.repl.PeerName
 		}
+		if ap, ok := a.appPoints[gr.name]; ok {
+			gs.AppPoint = &ap
+		}
 		st.Groups = append(st.Groups, gs)
 	}
 	sort.Slice(st.Groups, func(i, j int) bool { return st.Groups[i].Name < st.Groups[j].Name })
@@ -640,5 +661,13 @@ func (a *Agent) Status() Status {
 		st.Views = append(st.Views, a.viewInfo(ov))
 	}
 	sort.Slice(st.Views, func(i, j int) bool { return st.Views[i].ID < st.Views[j].ID })
+	return st
+}
+
+// FullStatus is Status plus the VMs (whose status asks QEMU, so it is
+// gathered outside the agent's lock).
+func (a *Agent) FullStatus(ctx context.Context) Status {
+	st := a.Status()
+	st.VMs = a.vmStatuses(ctx)
 	return st
 }

@@ -23,7 +23,19 @@ const linkProto = "ferry-link/1"
 
 func (a *Agent) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, a.Status(), nil) })
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, a.FullStatus(r.Context()), nil) })
+	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+		var req VMRequest
+		if !decode(w, r, &req) {
+			return
+		}
+		st, err := a.StartVM(r.Context(), req)
+		reply(w, st, err)
+	})
+	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
+		steps, err := a.StopVM(r.Context(), r.PathValue("name"))
+		reply(w, map[string]any{"stopped": r.PathValue("name"), "steps": steps}, err)
+	})
 	mux.HandleFunc("POST /v1/groups", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Name  string      `json:"name"`
@@ -50,6 +62,14 @@ func (a *Agent) routes() http.Handler {
 	mux.HandleFunc("POST /v1/groups/{name}/points", func(w http.ResponseWriter, r *http.Request) {
 		var m replica.Marker
 		if !decode(w, r, &m) {
+			return
+		}
+		if m.Type == "app" {
+			st, err := a.AppPoint(r.Context(), r.PathValue("name"), m.Label)
+			if errors.Is(err, ErrNoQuiesce) {
+				err = fmt.Errorf("%w: %v", ErrConflict, err)
+			}
+			reply(w, st, err)
 			return
 		}
 		seq, err := a.Mark(r.Context(), r.PathValue("name"), m)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
 
@@ -55,7 +57,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	}
 	sub := args[0]
 	args = args[1:]
-	if (sub == "group" || sub == "view") && len(args) > 0 {
+	if (sub == "group" || sub == "view" || sub == "vm") && len(args) > 0 {
 		sub, args = sub+" "+args[0], args[1:]
 	}
 	fs := newFlags("agent "+sub, e)
@@ -68,6 +70,16 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	to := fs.String("to", "", "peer agent address (replicate)")
 	toName := fs.String("to-site", "", "peer site name (replicate)")
 	label := fs.String("label", "", "point label (mark)")
+	app := fs.Bool("app", false, "application-consistent point: quiesce the guest through its guest agent (mark)")
+	vmGroup := fs.String("group", "", "group whose disks the VM uses (vm start)")
+	vmMem := fs.Int("memory", 512, "memory in MiB (vm start)")
+	vmCPUs := fs.Int("vcpus", 1, "vCPUs (vm start)")
+	vmKernel := fs.String("kernel", "", "kernel to boot (vm start; default: boot from the first disk)")
+	vmInitrd := fs.String("initrd", "", "initrd (vm start)")
+	vmAppend := fs.String("append", "", "kernel command line (vm start)")
+	vmNet := fs.String("net", "user", "network: user, isolated or none (vm start)")
+	vmFwd := fs.String("forward", "", "host forwards HOST:PORT=GUESTPORT,... (vm start)")
+	vmQGA := fs.Bool("qga", true, "add the guest agent channel (vm start)")
 	seq := fs.Uint64("seq", 0, "sequence number of the point (view open; 0: newest point)")
 	writable := fs.Bool("writable", false, "writable view with a discardable overlay (view open)")
 	if err := parse(fs, args); err != nil {
@@ -139,10 +151,51 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		return c.Do(ctx, "DELETE", "/v1/groups/"+name+"/replication", nil, nil)
+	case "vm start":
+		name, err := arg(0, "a VM name")
+		if err != nil {
+			return err
+		}
+		req := agent.VMRequest{Name: name, Group: *vmGroup, VCPUs: *vmCPUs, MemoryMiB: *vmMem, Net: *vmNet, QGA: *vmQGA,
+			Boot: qemu.Boot{Kernel: *vmKernel, Initrd: *vmInitrd, Append: *vmAppend}}
+		if *vmFwd != "" {
+			for _, f := range strings.Split(*vmFwd, ",") {
+				h, p, ok := strings.Cut(f, "=")
+				port, err := strconv.Atoi(p)
+				if !ok || err != nil {
+					return fmt.Errorf("%w: --forward wants HOST:PORT=GUESTPORT, got %q", errUsage, f)
+				}
+				req.Forwards = append(req.Forwards, qemu.Forward{Host: h, GuestPort: port})
+			}
+		}
+		var st qemu.Status
+		if err := c.Do(ctx, "POST", "/v1/vms", req, &st); err != nil {
+			return err
+		}
+		return e.print(st, fmt.Sprintf("VM %s %s (%s); console log %s\n", st.Name, st.State, st.Accel, st.Console))
+	case "vm stop":
+		name, err := arg(0, "a VM name")
+		if err != nil {
+			return err
+		}
+		var out struct {
+			Steps []string `json:"steps"`
+		}
+		if err := c.Do(ctx, "DELETE", "/v1/vms/"+name, nil, &out); err != nil {
+			return err
+		}
+		return e.print(out, "  "+strings.Join(out.Steps, "\n  ")+"\n")
 	case "mark":
 		name, err := arg(0, "a group name")
 		if err != nil {
 			return err
+		}
+		if *app {
+			var st agent.AppPointStatus
+			if err := c.Do(ctx, "POST", "/v1/groups/"+name+"/points", replica.Marker{Type: "app", Label: *label}, &st); err != nil {
+				return fmt.Errorf("%w (crash-consistent points continue)", err)
+			}
+			return e.print(st, fmt.Sprintf("application-consistent point at seq %d; guest frozen %.0f ms\n", st.Seq, st.FreezeMS))
 		}
 		var out map[string]uint64
 		if err := c.Do(ctx, "POST", "/v1/groups/"+name+"/points", replica.Marker{Type: "named", Label: *label}, &out); err != nil {
@@ -211,10 +264,20 @@ func statusText(st agent.Status) string {
 			}
 			b.WriteString("\n")
 		}
+		if ap := g.AppPoint; ap != nil {
+			if ap.Succeeded {
+				fmt.Fprintf(&b, "  last app-consistent point: seq %d at %s, frozen %.0f ms\n", ap.Seq, ap.Time.Format(time.RFC3339), ap.FreezeMS)
+			} else {
+				fmt.Fprintf(&b, "  last app-consistent point FAILED at %s: %s\n", ap.Time.Format(time.RFC3339), ap.Error)
+			}
+		}
 	}
 	for _, r := range st.Replicas {
 		fmt.Fprintf(&b, "replica %s: seq %d..%d (consistent from %d), %d points, last write %s\n",
 			r.Group, r.BaseSeq, r.LastSeq, r.ConsistentSeq, r.Points, r.LastTime.Format(time.RFC3339))
+	}
+	for _, v := range st.VMs {
+		fmt.Fprintf(&b, "vm %s: %s (%s) %s\n", v.Name, v.State, v.Accel, v.Reason)
 	}
 	for _, v := range st.Views {
 		fmt.Fprintf(&b, "view %s: %s/%s at %d, nbd+unix:///%s?socket=%s\n", v.ID, v.Replica, v.Disk, v.Seq, v.Export, v.Socket)
@@ -244,13 +307,14 @@ func agentRun(ctx context.Context, e *env, args []string) error {
 	pkiDir := fs.String("pki", "", "PKI directory (required)")
 	points := fs.Duration("point-interval", time.Second, "crash-consistent recovery point interval")
 	retention := fs.Duration("retention", 24*time.Hour, "how long replicas keep every instant recoverable")
+	appEvery := fs.Duration("app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *dir == "" || *name == "" || *pkiDir == "" {
 		return fmt.Errorf("%w: --dir, --name and --pki are required", errUsage)
 	}
-	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points, Retention: *retention})
+	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points, Retention: *retention, AppInterval: *appEvery})
 	if err != nil {
 		return err
 	}

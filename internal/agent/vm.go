@@ -1,0 +1,236 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/qemu"
+	"github.com/ferry-dr/ferry/internal/replica"
+)
+
+// MaxFreeze bounds how long a guest's file systems stay frozen for an
+// application-consistent point.
+const MaxFreeze = 10 * time.Second
+
+// VMRequest asks the agent to run a VM on a group's disks (attached in
+// the group's order: vda, vdb, ...).
+type VMRequest struct {
+	Name      string         `json:"name"`
+	Group     string         `json:"group"`
+	VCPUs     int            `json:"vcpus"`
+	MemoryMiB int            `json:"memory_mib"`
+	Boot      qemu.Boot      `json:"boot"`
+	Net       string         `json:"net"`
+	Forwards  []qemu.Forward `json:"forwards,omitempty"`
+	QGA       bool           `json:"qga"`
+	Accel     string         `json:"accel,omitempty"`
+}
+
+type runningVM struct {
+	group string
+	vm    *qemu.VM
+}
+
+// AppPointStatus is the outcome of the last application-consistent point.
+type AppPointStatus struct {
+	Seq       uint64    `json:"seq,omitempty"`
+	Time      time.Time `json:"time"`
+	FreezeMS  float64   `json:"freeze_ms,omitempty"`
+	Error     string    `json:"error,omitempty"`
+	Succeeded bool      `json:"succeeded"`
+}
+
+// StartVM starts a VM on a group's disks.
+func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error) {
+	a.mu.Lock()
+	gr := a.groups[req.Group]
+	_, exists := a.vms[req.Name]
+	for _, v := range a.vms {
+		if v.group == req.Group {
+			exists = true
+		}
+	}
+	a.mu.Unlock()
+	if gr == nil {
+		return qemu.Status{}, fmt.Errorf("%w: group %q", ErrNotFound, req.Group)
+	}
+	if exists {
+		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or group %q already has a VM", ErrConflict, req.Name, req.Group)
+	}
+	spec := qemu.Spec{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, Boot: req.Boot, Net: req.Net,
+		Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel}
+	for _, d := range gr.g.Disks() {
+		spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
+	}
+	if !validName(req.Name) {
+		return qemu.Status{}, fmt.Errorf("%w: VM name %q", ErrInvalid, req.Name)
+	}
+	if err := spec.Validate(); err != nil {
+		return qemu.Status{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	vm, err := qemu.Start(ctx, spec, filepath.Join(a.cfg.Dir, "vms", req.Name), a.log)
+	if err != nil {
+		return qemu.Status{}, err
+	}
+	a.mu.Lock()
+	a.vms[req.Name] = &runningVM{group: req.Group, vm: vm}
+	a.mu.Unlock()
+	return vm.Status(ctx), nil
+}
+
+// StopVM shuts a VM down gracefully and returns the steps taken.
+func (a *Agent) StopVM(ctx context.Context, name string) ([]string, error) {
+	a.mu.Lock()
+	rv := a.vms[name]
+	delete(a.vms, name)
+	a.mu.Unlock()
+	if rv == nil {
+		return nil, fmt.Errorf("%w: VM %q", ErrNotFound, name)
+	}
+	var steps []string
+	err := rv.vm.Shutdown(ctx, 60*time.Second, func(s string) {
+		steps = append(steps, s)
+		a.log.Info("vm shutdown", "vm", name, "step", s)
+	})
+	return steps, err
+}
+
+func (a *Agent) vmStatuses(ctx context.Context) []qemu.Status {
+	a.mu.Lock()
+	vms := make([]*runningVM, 0, len(a.vms))
+	for _, v := range a.vms {
+		vms = append(vms, v)
+	}
+	a.mu.Unlock()
+	out := []qemu.Status{}
+	for _, v := range vms {
+		out = append(out, v.vm.Status(ctx))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// ErrNoQuiesce: the group's VM cannot be quiesced (no VM, no guest agent
+// channel, or the guest agent failed); the point is not taken.
+var ErrNoQuiesce = errors.New("cannot quiesce the guest")
+
+// AppPoint takes an application-consistent point of a group: sync with
+// the guest agent, freeze the guest's file systems, record the point in
+// the journal and make it durable, thaw. The thaw always runs, also on
+// error and timeout, and the freeze never lasts more than MaxFreeze. If
+// the guest agent is missing or fails, no point is taken; the reason is
+// returned and recorded, and crash-consistent points go on.
+func (a *Agent) AppPoint(ctx context.Context, group, label string) (AppPointStatus, error) {
+	a.mu.Lock()
+	gr := a.groups[group]
+	var rv *runningVM
+	for _, v := range a.vms {
+		if v.group == group {
+			rv = v
+		}
+	}
+	a.mu.Unlock()
+	if gr == nil {
+		return AppPointStatus{}, fmt.Errorf("%w: group %q", ErrNotFound, group)
+	}
+	st := AppPointStatus{Time: a.cfg.Now()}
+	err := func() error {
+		if rv == nil || rv.vm.QGA == nil {
+			return fmt.Errorf("%w: group %q has no running VM with a guest agent channel", ErrNoQuiesce, group)
+		}
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if err := rv.vm.QGA.Ping(qctx); err != nil {
+			return fmt.Errorf("%w: %v", ErrNoQuiesce, err)
+		}
+		fctx, fcancel := context.WithTimeout(ctx, MaxFreeze)
+		defer fcancel()
+		frozenAt := time.Now()
+		if _, err := rv.vm.QGA.Freeze(fctx); err != nil {
+			a.thaw(rv, group)
+			return fmt.Errorf("%w: freeze: %v", ErrNoQuiesce, err)
+		}
+		defer func() {
+			a.thaw(rv, group)
+			st.FreezeMS = float64(time.Since(frozenAt).Microseconds()) / 1000
+		}()
+		seq, err := gr.g.Mark(replica.Marker{Type: "app", Label: label}.Encode())
+		if err != nil {
+			return err
+		}
+		if err := gr.g.Flush(fctx); err != nil {
+			return err
+		}
+		st.Seq = seq
+		return nil
+	}()
+	if err != nil {
+		st.Error = err.Error()
+	} else {
+		st.Succeeded = true
+	}
+	a.mu.Lock()
+	a.appPoints[group] = st
+	a.mu.Unlock()
+	if err != nil {
+		a.log.Warn("application-consistent point not taken", "group", group, "err", err)
+	}
+	return st, err
+}
+
+// thaw always runs with its own deadline, whatever happened to the caller.
+func (a *Agent) thaw(rv *runningVM, group string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := rv.vm.QGA.Thaw(ctx); err != nil {
+		a.log.Error("thaw failed; the guest agent thaws by itself after its own limit", "group", group, "err", err)
+	}
+}
+
+// startAppPoints takes an application-consistent point of every group with
+// a running VM every AppInterval.
+func (a *Agent) startAppPoints() {
+	if a.cfg.AppInterval <= 0 {
+		return
+	}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		t := time.NewTicker(a.cfg.AppInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-a.ctx.Done():
+				return
+			case <-t.C:
+			}
+			a.mu.Lock()
+			var groups []string
+			for _, v := range a.vms {
+				groups = append(groups, v.group)
+			}
+			a.mu.Unlock()
+			for _, g := range groups {
+				a.AppPoint(a.ctx, g, "scheduled")
+			}
+		}
+	}()
+}
+
+func (a *Agent) stopVMs() {
+	a.mu.Lock()
+	vms := a.vms
+	a.vms = map[string]*runningVM{}
+	a.mu.Unlock()
+	for name, v := range vms {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		v.vm.Shutdown(ctx, 20*time.Second, func(s string) { a.log.Info("vm shutdown", "vm", name, "step", s) })
+		cancel()
+	}
+	os.RemoveAll(filepath.Join(a.cfg.Dir, "vms"))
+}
