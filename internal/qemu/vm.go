@@ -410,7 +410,8 @@ var (
 )
 
 // DetectAccel returns "kvm" if /dev/kvm works for a probe boot of the given
-// kernel (it must print to the serial console within 10 s), else "tcg".
+// kernel (it must print its banner to the serial console within 4 s), else
+// "tcg".
 // On some hosts KVM is present but broken (an MSR assertion with -cpu host,
 // a hang with the default CPU), which only a real boot reveals. Without a
 // kernel to probe with, only FERRY_ACCEL=kvm selects KVM. The result is
@@ -445,7 +446,8 @@ func probeKVM(ctx context.Context, boot Boot) bool {
 	}
 	defer os.RemoveAll(dir)
 	console := filepath.Join(dir, "console")
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	// A working KVM prints the kernel banner within a fraction of a second.
+	ctx, cancel := context.WithTimeout(ctx, 4*time.Second)
 	defer cancel()
 	args := []string{"-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256", "-nodefaults", "-display", "none",
 		"-no-reboot", "-serial", "file:" + console, "-kernel", boot.Kernel, "-append", "console=ttyS0 panic=-1 ferry.job=probe"}
@@ -453,13 +455,22 @@ func probeKVM(ctx context.Context, boot Boot) bool {
 		args = append(args, "-initrd", boot.Initrd)
 	}
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
-	cmd.Start()
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	for ctx.Err() == nil {
+	if err := cmd.Start(); err != nil {
+		return false
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	defer func() { cmd.Process.Kill(); <-exited }()
+	for {
 		if b, _ := os.ReadFile(console); bytes.Contains(b, []byte("Linux version")) {
 			return true
 		}
-		time.Sleep(100 * time.Millisecond)
+		select {
+		case <-exited: // QEMU refused KVM (or crashed on it)
+			return false
+		case <-ctx.Done(): // hung
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	return false
 }
