@@ -314,7 +314,13 @@ func guestDir(tb testing.TB) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	run(tb, "../guest/build.sh", dir)
+	fg := filepath.Join(filepath.Dir(dir), "ferry-guest")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s", "-o", fg, "../cmd/ferry-guest")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("build ferry-guest: %v\n%s", err, out)
+	}
+	run(tb, "../guest/build.sh", dir, fg)
 	return dir
 }
 

@@ -1,0 +1,205 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/guest"
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/qemu"
+	"github.com/ferry-dr/ferry/internal/replica"
+)
+
+func workload(addr string) (guest.WorkloadState, error) {
+	var st guest.WorkloadState
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + addr + "/")
+	if err != nil {
+		return st, err
+	}
+	defer resp.Body.Close()
+	return st, json.NewDecoder(resp.Body).Decode(&st)
+}
+
+func until(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// viewToFile copies a view of the replica at seq into a file.
+func viewToFile(t *testing.T, cb *agent.Client, seq uint64, path string) {
+	t.Helper()
+	var vi agent.ViewInfo
+	if err := cb.Do(context.Background(), "POST", "/v1/replicas/vm1/views", map[string]any{"disk": "vda", "seq": seq}, &vi); err != nil {
+		t.Fatal(err)
+	}
+	defer cb.Do(context.Background(), "DELETE", "/v1/views/"+vi.ID, nil, nil)
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///"+vi.Export+"?socket="+vi.Socket, path)
+}
+
+func recordsIn(t *testing.T, img string) uint64 {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "records.log")
+	run(t, "debugfs", "-R", "dump /records.log "+out, img)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := guest.VerifyRecords(b)
+	if err != nil {
+		t.Fatalf("records in %s: %v", img, err)
+	}
+	return n
+}
+
+// TestAppConsistentPoints runs the test guest's workload at site A on a
+// replicated group, takes an application-consistent point while it writes,
+// and checks at site B: the view at that point passes e2fsck -fn with no
+// journal recovery and holds at least every record durable before the
+// point, as a prefix; a crash-consistent view passes e2fsck once its ext4
+// journal is replayed. Then the same guest without its guest agent: the
+// application-consistent point fails with a reason and replication goes on.
+func TestAppConsistentPoints(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "e2fsck", "debugfs")
+	g := guestDir(t)
+	pk := t.TempDir()
+	run(t, ferryBin, "ca", "init", "--pki", pk)
+	for _, n := range []string{"siteA", "siteB", "operator"} {
+		run(t, ferryBin, "ca", "issue", "--pki", pk, n)
+	}
+	root := t.TempDir()
+	a := &agentProc{name: "siteA", dir: filepath.Join(root, "a"), addr: freePort(t), pki: pk}
+	b := &agentProc{name: "siteB", dir: filepath.Join(root, "b"), addr: freePort(t), pki: pk}
+	a.start(t)
+	b.start(t)
+	defer func() { a.stop(t); b.stop(t) }()
+	op, _ := pki.Load(pk, "operator")
+	ctx := context.Background()
+	ca := agent.NewClient(op, a.addr, "siteA")
+	cb := agent.NewClient(op, b.addr, "siteB")
+	const size = 64 << 20
+	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	fs := filepath.Join(root, "fs.img")
+	f, _ := os.Create(fs)
+	f.Truncate(size)
+	f.Close()
+	run(t, "mkfs.ext4", "-q", "-F", fs)
+	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(a.dir, "nbd.sock"))
+	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": b.addr, "peer_name": "siteB"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	web := freePort(t)
+	startVM := func(qga string) {
+		t.Helper()
+		req := agent.VMRequest{Name: "guest1", Group: "vm1", MemoryMiB: 256, QGA: true, Net: qemu.NetUser,
+			Forwards: []qemu.Forward{{Host: web, GuestPort: 80}},
+			Boot: qemu.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
+				Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=" + qga}}
+		if err := ca.Do(ctx, "POST", "/v1/vms", req, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	startVM("1")
+	var before guest.WorkloadState
+	until(t, 90*time.Second, "the workload", func() bool {
+		st, err := workload(web)
+		before = st
+		return err == nil && st.LastDurable > 30
+	})
+	var ap agent.AppPointStatus
+	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/points", replica.Marker{Type: "app", Label: "app1"}, &ap); err != nil {
+		t.Fatal(err)
+	}
+	if !ap.Succeeded || ap.Seq == 0 || ap.FreezeMS <= 0 || ap.FreezeMS > 10000 {
+		t.Fatalf("app point: %+v", ap)
+	}
+	t.Logf("application-consistent point at seq %d, guest frozen %.1f ms", ap.Seq, ap.FreezeMS)
+	// Let the workload go on, so that later crash-consistent points catch
+	// it mid-write.
+	until(t, 30*time.Second, "more records", func() bool {
+		st, err := workload(web)
+		return err == nil && st.LastDurable > before.LastDurable+100
+	})
+	var pts []replica.Point
+	var crash *replica.Point
+	until(t, 30*time.Second, "points at the recovery site", func() bool {
+		cb.Do(ctx, "GET", "/v1/replicas/vm1/points", nil, &pts)
+		for i := range pts {
+			if pts[i].Type == "crash" && pts[i].Seq > ap.Seq+50 {
+				crash = &pts[i]
+			}
+		}
+		return crash != nil
+	})
+	appImg := filepath.Join(root, "app.img")
+	viewToFile(t, cb, ap.Seq, appImg)
+	if out, err := exec.Command("e2fsck", "-fn", appImg).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn on the app-consistent view: %v\n%s", err, out)
+	}
+	if n := recordsIn(t, appImg); n < before.LastDurable {
+		t.Fatalf("app view holds %d records; %d were durable before the point", n, before.LastDurable)
+	}
+	crashImg := filepath.Join(root, "crash.img")
+	viewToFile(t, cb, crash.Seq, crashImg)
+	// Replay the ext4 journal (as on a writable view), then it must be clean.
+	if out, err := exec.Command("e2fsck", "-fy", crashImg).CombinedOutput(); err != nil {
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() > 1 {
+			t.Fatalf("e2fsck -fy on the crash-consistent view: %v\n%s", err, out)
+		}
+	}
+	if out, err := exec.Command("e2fsck", "-fn", crashImg).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn after journal replay: %v\n%s", err, out)
+	}
+	n := recordsIn(t, crashImg)
+	t.Logf("crash-consistent point %d holds %d records", crash.Seq, n)
+
+	// Graceful stop through the agent.
+	var stopped struct{ Steps []string }
+	if err := ca.Do(ctx, "DELETE", "/v1/vms/guest1", nil, &stopped); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(strings.Join(stopped.Steps, ";"), "guest powered off") {
+		t.Fatalf("stop steps: %q", stopped.Steps)
+	}
+
+	// The same guest without its guest agent.
+	startVM("0")
+	until(t, 90*time.Second, "the workload again", func() bool {
+		st, err := workload(web)
+		return err == nil && st.LastDurable > before.LastDurable+150
+	})
+	err := ca.Do(ctx, "POST", "/v1/groups/vm1/points", replica.Marker{Type: "app", Label: "app2"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "guest agent") {
+		t.Fatalf("app point without a guest agent: %v", err)
+	}
+	var st agent.Status
+	ca.Do(ctx, "GET", "/v1/status", nil, &st)
+	gs := st.Groups[0]
+	if gs.AppPoint == nil || gs.AppPoint.Succeeded || gs.AppPoint.Error == "" {
+		t.Fatalf("failure not recorded: %+v", gs.AppPoint)
+	}
+	last := gs.LastSeq
+	until(t, 30*time.Second, "replication to go on", func() bool {
+		ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		r := st.Groups[0].Replication
+		return r != nil && r.AckedSeq > last
+	})
+	ca.Do(ctx, "DELETE", "/v1/vms/guest1", nil, nil)
+}
