@@ -2,7 +2,7 @@
 # `make test`; both install what they need first (`make deps`).
 GO      ?= go
 BIN     := bin/ferry
-DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools
 
 .PHONY: all build deps demo test test-short vet fuzz bench guest clean
 
@@ -24,6 +24,7 @@ deps:
 guest: deps
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags=-s -o build/ferry-guest ./cmd/ferry-guest
 	guest/build.sh build/guest build/ferry-guest
+	guest/build-disk.sh build/guest
 
 vet:
 	$(GO) vet ./...
