@@ -29,6 +29,8 @@ func main() {
 		err = guest.RunWorkload(ctx, os.Args[2:])
 	case "powerwatch":
 		err = guest.RunPowerWatch(ctx)
+	case "probe":
+		err = guest.Probe(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

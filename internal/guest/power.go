@@ -3,8 +3,11 @@ package guest
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -52,4 +55,19 @@ func RunPowerWatch(ctx context.Context) error {
 	case <-pressed:
 		return unix.Kill(1, unix.SIGTERM)
 	}
+}
+
+// Probe reports whether the guest can open a TCP connection to each
+// address (used to check that an isolated network really is).
+func Probe(addrs []string) error {
+	for _, a := range addrs {
+		c, err := net.DialTimeout("tcp", a, 3*time.Second)
+		if err != nil {
+			fmt.Printf("ferry-guest: probe blocked %s\n", a)
+			continue
+		}
+		c.Close()
+		fmt.Printf("ferry-guest: probe reached %s\n", a)
+	}
+	return nil
 }

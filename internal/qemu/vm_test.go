@@ -230,6 +230,46 @@ func checkRecords(t *testing.T, img string, atLeast uint64) uint64 {
 	return n
 }
 
+// TestNetworkModes boots the guest in user and isolated mode: in both the
+// forwarded port reaches the workload; only in user mode can the guest
+// reach a service on the host.
+func TestNetworkModes(t *testing.T) {
+	kernel, initrd := guestFiles(t)
+	hostLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostLn.Close()
+	go http.Serve(hostLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	_, port, _ := net.SplitHostPort(hostLn.Addr().String())
+	for _, tc := range []struct{ mode, want string }{{NetUser, "probe reached"}, {NetIsolated, "probe blocked"}} {
+		t.Run(tc.mode, func(t *testing.T) {
+			sock, _ := ext4Disk(t, 32<<20)
+			web := freeAddr(t)
+			vm, err := Start(context.Background(), Spec{
+				Name: "net", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}},
+				Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.qga=0 ferry.probe=10.0.2.2:" + port},
+				Net:  tc.mode, Forwards: []Forward{{Host: web, GuestPort: 80}}, Accel: "auto",
+			}, t.TempDir(), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer vm.Kill()
+			waitFor(t, 60*time.Second, "the forwarded port", func() bool {
+				st, err := workloadState(web)
+				return err == nil && st.LastDurable > 0
+			})
+			waitFor(t, 30*time.Second, "the probe's verdict", func() bool {
+				b, _ := os.ReadFile(vm.ConsolePath())
+				return strings.Contains(string(b), "ferry-guest: probe")
+			})
+			if b, _ := os.ReadFile(vm.ConsolePath()); !strings.Contains(string(b), tc.want) {
+				t.Fatalf("%s network: console does not say %q:\n%s", tc.mode, tc.want, vm.tail(vm.ConsolePath(), 5))
+			}
+		})
+	}
+}
+
 func TestCrashAndNoGuestAgent(t *testing.T) {
 	kernel, initrd := guestFiles(t)
 	sock, _ := ext4Disk(t, 32<<20)
