@@ -11,7 +11,6 @@ import (
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/nbd"
-	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
@@ -26,27 +25,9 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "syslinux", "mcopy", "mkfs.vfat")
 	g := guestDir(t)
 	run(t, "../guest/build-disk.sh", g)
-	pk := t.TempDir()
-	run(t, ferryBin, "ca", "init", "--pki", pk)
-	for _, n := range []string{"siteA", "siteB", "operator"} {
-		run(t, ferryBin, "ca", "issue", "--pki", pk, n)
-	}
-	root := t.TempDir()
-	a := &agentProc{name: "siteA", dir: filepath.Join(root, "a"), addr: freePort(t), pki: pk}
-	b := &agentProc{name: "siteB", dir: filepath.Join(root, "b"), addr: freePort(t), pki: pk}
-	a.start(t)
-	b.start(t)
-	defer func() {
-		a.stop(t)
-		b.stop(t)
-		if t.Failed() {
-			t.Logf("site A log:\n%s\nsite B log:\n%s", a.log, b.log)
-		}
-	}()
-	op, _ := pki.Load(pk, "operator")
+	st2 := twoSites(t)
+	a, b, ca, cb := st2.a, st2.b, st2.ca, st2.cb
 	ctx := context.Background()
-	ca := agent.NewClient(op, a.addr, "siteA")
-	cb := agent.NewClient(op, b.addr, "siteB")
 	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm2", "disks": []disk.Spec{
 		{Name: "boot", Size: 48 << 20}, {Name: "data", Size: 32 << 20}}}, nil); err != nil {
 		t.Fatal(err)

@@ -85,6 +85,44 @@ func (p *agentProc) stop(tb testing.TB) {
 	}
 }
 
+// sites is two agent processes, siteA and siteB, with an operator's
+// clients for both; they stop (and on failure print their logs) at the
+// end of the test.
+type sites struct {
+	a, b   *agentProc
+	ca, cb *agent.Client
+	root   string
+}
+
+func twoSites(t *testing.T) *sites {
+	t.Helper()
+	pk := t.TempDir()
+	run(t, ferryBin, "ca", "init", "--pki", pk)
+	for _, n := range []string{"siteA", "siteB", "operator"} {
+		run(t, ferryBin, "ca", "issue", "--pki", pk, n)
+	}
+	root := t.TempDir()
+	s := &sites{root: root,
+		a: &agentProc{name: "siteA", dir: filepath.Join(root, "a"), addr: freePort(t), pki: pk},
+		b: &agentProc{name: "siteB", dir: filepath.Join(root, "b"), addr: freePort(t), pki: pk}}
+	s.a.start(t)
+	s.b.start(t)
+	t.Cleanup(func() {
+		s.a.stop(t)
+		s.b.stop(t)
+		if t.Failed() {
+			t.Logf("site A log:\n%s\nsite B log:\n%s", s.a.log, s.b.log)
+		}
+	})
+	op, err := pki.Load(pk, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.ca = agent.NewClient(op, s.a.addr, "siteA")
+	s.cb = agent.NewClient(op, s.b.addr, "siteB")
+	return s
+}
+
 const (
 	records = 12000
 	lanes   = 16
@@ -99,29 +137,15 @@ const (
 // equals the source, and views at many recovery points each hold a prefix
 // of every lane's records.
 func TestReplicationEndToEnd(t *testing.T) {
-	pk := t.TempDir()
-	run(t, ferryBin, "ca", "init", "--pki", pk)
-	for _, n := range []string{"siteA", "siteB", "operator"} {
-		run(t, ferryBin, "ca", "issue", "--pki", pk, n)
-	}
-	root := t.TempDir()
-	a := &agentProc{name: "siteA", dir: filepath.Join(root, "a"), addr: freePort(t), pki: pk}
-	b := &agentProc{name: "siteB", dir: filepath.Join(root, "b"), addr: freePort(t), pki: pk}
-	a.start(t)
-	b.start(t)
-	defer func() { a.stop(t); b.stop(t) }()
+	st2 := twoSites(t)
+	a, b := st2.a, st2.b
 	link, err := faultnet.New(b.addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer link.Close()
-	op, err := pki.Load(pk, "operator")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := context.Background()
-	ca := agent.NewClient(op, a.addr, "siteA")
-	cb := agent.NewClient(op, b.addr, "siteB")
+	ca, cb := st2.ca, st2.cb
 	size := int64(records * ordercheck.RecordSize)
 	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
 		t.Fatal(err)
@@ -259,9 +283,6 @@ func TestReplicationEndToEnd(t *testing.T) {
 		checked++
 	}
 	t.Logf("%d points in the catalog, %d checked; replication: %+v", len(pts), checked, st.Groups[0].Replication)
-	if testing.Verbose() {
-		t.Logf("source agent log:\n%s\nrecovery agent log:\n%s", a.log, b.log)
-	}
 	if checked == 0 {
 		t.Fatal("no point checked")
 	}

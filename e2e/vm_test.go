@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,21 +12,11 @@ import (
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/guest"
-	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
 
-func workload(addr string) (guest.WorkloadState, error) {
-	var st guest.WorkloadState
-	c := http.Client{Timeout: 2 * time.Second}
-	resp, err := c.Get("http://" + addr + "/")
-	if err != nil {
-		return st, err
-	}
-	defer resp.Body.Close()
-	return st, json.NewDecoder(resp.Body).Decode(&st)
-}
+func workload(addr string) (guest.WorkloadState, error) { return guest.FetchState(addr) }
 
 func until(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -77,21 +65,9 @@ func recordsIn(t *testing.T, img string) uint64 {
 func TestAppConsistentPoints(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "e2fsck", "debugfs")
 	g := guestDir(t)
-	pk := t.TempDir()
-	run(t, ferryBin, "ca", "init", "--pki", pk)
-	for _, n := range []string{"siteA", "siteB", "operator"} {
-		run(t, ferryBin, "ca", "issue", "--pki", pk, n)
-	}
-	root := t.TempDir()
-	a := &agentProc{name: "siteA", dir: filepath.Join(root, "a"), addr: freePort(t), pki: pk}
-	b := &agentProc{name: "siteB", dir: filepath.Join(root, "b"), addr: freePort(t), pki: pk}
-	a.start(t)
-	b.start(t)
-	defer func() { a.stop(t); b.stop(t) }()
-	op, _ := pki.Load(pk, "operator")
+	st2 := twoSites(t)
+	a, b, ca, cb, root := st2.a, st2.b, st2.ca, st2.cb, st2.root
 	ctx := context.Background()
-	ca := agent.NewClient(op, a.addr, "siteA")
-	cb := agent.NewClient(op, b.addr, "siteB")
 	const size = 64 << 20
 	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
 		t.Fatal(err)

@@ -75,6 +75,19 @@ type WorkloadState struct {
 	Error          string `json:"error,omitempty"`
 }
 
+// FetchState asks a workload for its state over HTTP (host side; addr is
+// the forwarded host address).
+func FetchState(addr string) (WorkloadState, error) {
+	var st WorkloadState
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + addr + "/")
+	if err != nil {
+		return st, err
+	}
+	defer resp.Body.Close()
+	return st, json.NewDecoder(resp.Body).Decode(&st)
+}
+
 // RunWorkload is "ferry-guest workload".
 func RunWorkload(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("workload", flag.ContinueOnError)

@@ -2,7 +2,6 @@ package qemu
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -115,16 +114,7 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func workloadState(addr string) (guest.WorkloadState, error) {
-	var st guest.WorkloadState
-	c := http.Client{Timeout: 2 * time.Second}
-	resp, err := c.Get("http://" + addr + "/")
-	if err != nil {
-		return st, err
-	}
-	defer resp.Body.Close()
-	return st, json.NewDecoder(resp.Body).Decode(&st)
-}
+func workloadState(addr string) (guest.WorkloadState, error) { return guest.FetchState(addr) }
 
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
