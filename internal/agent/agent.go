@@ -301,57 +301,55 @@ func (a *Agent) startPoints(gr *group) {
 	if a.cfg.PointInterval < 0 {
 		return
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		t := time.NewTicker(a.cfg.PointInterval)
-		defer t.Stop()
-		var marked uint64
-		for {
-			select {
-			case <-a.ctx.Done():
-				return
-			case <-gr.stop:
-				return
-			case <-t.C:
-			}
-			if last := gr.g.Journal().LastSeq(); last != marked {
-				seq, err := gr.g.Mark(replica.Marker{Type: "crash"}.Encode())
-				if err != nil {
-					a.log.Error("recovery point", "group", gr.name, "err", err)
-					continue
-				}
-				marked = seq
-			}
+	var marked uint64
+	a.every(a.cfg.PointInterval, gr.stop, func() {
+		if gr.g.Journal().LastSeq() == marked {
+			return // no writes since the last point
 		}
-	}()
+		seq, err := gr.g.Mark(replica.Marker{Type: "crash"}.Encode())
+		if err != nil {
+			a.log.Error("recovery point", "group", gr.name, "err", err)
+			return
+		}
+		marked = seq
+	})
 }
 
 // startFolding folds every replica's journal older than Retention into its
 // images, every FoldInterval.
 func (a *Agent) startFolding() {
+	a.every(a.cfg.FoldInterval, nil, func() {
+		a.mu.Lock()
+		reps := make([]*replica.Replica, 0, len(a.replicas))
+		for _, r := range a.replicas {
+			reps = append(reps, r)
+		}
+		a.mu.Unlock()
+		for _, r := range reps {
+			if _, err := r.FoldBefore(a.ctx, a.cfg.Now().Add(-a.cfg.Retention)); err != nil && !errors.Is(err, replica.ErrNotReady) {
+				a.log.Error("fold replica", "err", err)
+			}
+		}
+	})
+}
+
+// every runs fn every d on its own goroutine until the agent stops or stop
+// (if not nil) is closed. This is every background loop of the agent.
+func (a *Agent) every(d time.Duration, stop <-chan struct{}, fn func()) {
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
-		t := time.NewTicker(a.cfg.FoldInterval)
+		t := time.NewTicker(d)
 		defer t.Stop()
 		for {
 			select {
 			case <-a.ctx.Done():
 				return
+			case <-stop:
+				return
 			case <-t.C:
 			}
-			a.mu.Lock()
-			reps := make([]*replica.Replica, 0, len(a.replicas))
-			for _, r := range a.replicas {
-				reps = append(reps, r)
-			}
-			a.mu.Unlock()
-			for _, r := range reps {
-				if _, err := r.FoldBefore(a.ctx, a.cfg.Now().Add(-a.cfg.Retention)); err != nil && !errors.Is(err, replica.ErrNotReady) {
-					a.log.Error("fold replica", "err", err)
-				}
-			}
+			fn()
 		}
 	}()
 }

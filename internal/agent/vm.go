@@ -198,28 +198,17 @@ func (a *Agent) startAppPoints() {
 	if a.cfg.AppInterval <= 0 {
 		return
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		t := time.NewTicker(a.cfg.AppInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-a.ctx.Done():
-				return
-			case <-t.C:
-			}
-			a.mu.Lock()
-			var groups []string
-			for _, v := range a.vms {
-				groups = append(groups, v.group)
-			}
-			a.mu.Unlock()
-			for _, g := range groups {
-				a.AppPoint(a.ctx, g, "scheduled")
-			}
+	a.every(a.cfg.AppInterval, nil, func() {
+		a.mu.Lock()
+		var groups []string
+		for _, v := range a.vms {
+			groups = append(groups, v.group)
 		}
-	}()
+		a.mu.Unlock()
+		for _, g := range groups {
+			a.AppPoint(a.ctx, g, "scheduled")
+		}
+	})
 }
 
 func (a *Agent) stopVMs() {
