@@ -20,8 +20,14 @@ const MaxFreeze = 10 * time.Second
 // VMRequest asks the agent to run a VM on a group's disks (attached in
 // the group's order: vda, vdb, ...).
 type VMRequest struct {
-	Name      string         `json:"name"`
-	Group     string         `json:"group"`
+	Name  string `json:"name"`
+	Group string `json:"group,omitempty"`
+	// Replica and Seq run the VM at the recovery site instead, on writable
+	// views of every disk of the replica at sequence Seq (0: the newest
+	// point): a test failover or a failover. The VM's writes stay in the
+	// views' overlays until committed.
+	Replica   string         `json:"replica,omitempty"`
+	Seq       uint64         `json:"seq,omitempty"`
 	VCPUs     int            `json:"vcpus"`
 	MemoryMiB int            `json:"memory_mib"`
 	Boot      qemu.Boot      `json:"boot"`
@@ -32,8 +38,10 @@ type VMRequest struct {
 }
 
 type runningVM struct {
-	group string
+	group string // or the replica it runs on
 	vm    *qemu.VM
+	views []string // writable views it runs on (closed when it stops)
+	seq   uint64   // the point, for a VM on a replica
 }
 
 // AppPointStatus is the outcome of the last application-consistent point.
@@ -47,38 +55,66 @@ type AppPointStatus struct {
 
 // StartVM starts a VM on a group's disks.
 func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error) {
+	owner := req.Group
+	if req.Replica != "" {
+		owner = req.Replica
+	}
+	if !validName(req.Name) || (req.Group == "") == (req.Replica == "") {
+		return qemu.Status{}, fmt.Errorf("%w: a VM needs a valid name and either a group or a replica", ErrInvalid)
+	}
 	a.mu.Lock()
 	gr := a.groups[req.Group]
+	rep := a.replicas[req.Replica]
 	_, exists := a.vms[req.Name]
+	var same []*runningVM
 	for _, v := range a.vms {
-		if v.group == req.Group {
-			exists = true
+		if v.group == owner {
+			same = append(same, v)
 		}
 	}
 	a.mu.Unlock()
-	if gr == nil {
-		return qemu.Status{}, fmt.Errorf("%w: group %q", ErrNotFound, req.Group)
+	for _, v := range same { // QMP calls: outside the agent's lock
+		if v.vm.Status(ctx).State != qemu.StateStopped {
+			exists = true
+		}
+	}
+	if gr == nil && rep == nil {
+		return qemu.Status{}, fmt.Errorf("%w: group or replica %q", ErrNotFound, owner)
 	}
 	if exists {
-		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or group %q already has a VM", ErrConflict, req.Name, req.Group)
+		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or %q already runs a VM", ErrConflict, req.Name, owner)
 	}
 	spec := qemu.Spec{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, Boot: req.Boot, Net: req.Net,
 		Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel}
-	for _, d := range gr.g.Disks() {
-		spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
-	}
-	if !validName(req.Name) {
-		return qemu.Status{}, fmt.Errorf("%w: VM name %q", ErrInvalid, req.Name)
+	rv := &runningVM{group: owner}
+	if gr != nil {
+		for _, d := range gr.g.Disks() {
+			spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
+		}
+	} else {
+		for _, d := range rep.Disks() {
+			ov, err := a.OpenView(req.Replica, d.Name, req.Seq, true)
+			if err != nil {
+				a.closeViews(rv.views)
+				return qemu.Status{}, err
+			}
+			rv.views = append(rv.views, ov.id)
+			rv.seq = ov.seq
+			spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: ov.export})
+		}
 	}
 	if err := spec.Validate(); err != nil {
+		a.closeViews(rv.views)
 		return qemu.Status{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	vm, err := qemu.Start(ctx, spec, filepath.Join(a.cfg.Dir, "vms", req.Name), a.log)
 	if err != nil {
+		a.closeViews(rv.views)
 		return qemu.Status{}, err
 	}
+	rv.vm = vm
 	a.mu.Lock()
-	a.vms[req.Name] = &runningVM{group: req.Group, vm: vm}
+	a.vms[req.Name] = rv
 	a.mu.Unlock()
 	return vm.Status(ctx), nil
 }
@@ -97,7 +133,17 @@ func (a *Agent) StopVM(ctx context.Context, name string) ([]string, error) {
 		steps = append(steps, s)
 		a.log.Info("vm shutdown", "vm", name, "step", s)
 	})
+	if len(rv.views) > 0 {
+		a.closeViews(rv.views)
+		steps = append(steps, "writable views closed: the VM's writes since its point are discarded")
+	}
 	return steps, err
+}
+
+func (a *Agent) closeViews(ids []string) {
+	for _, id := range ids {
+		a.CloseView(id)
+	}
 }
 
 func (a *Agent) vmStatuses(ctx context.Context) []qemu.Status {
