@@ -32,6 +32,10 @@ func (a *Agent) routes() http.Handler {
 		st, err := a.StartVM(r.Context(), req)
 		reply(w, st, err)
 	})
+	mux.HandleFunc("POST /v1/vms/{name}/commit", func(w http.ResponseWriter, r *http.Request) {
+		steps, err := a.CommitVM(r.Context(), r.PathValue("name"))
+		reply(w, map[string]any{"committed": r.PathValue("name"), "steps": steps}, err)
+	})
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.StopVM(r.Context(), r.PathValue("name"))
 		reply(w, map[string]any{"stopped": r.PathValue("name"), "steps": steps}, err)

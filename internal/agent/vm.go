@@ -9,6 +9,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
@@ -268,4 +269,108 @@ func (a *Agent) stopVMs() {
 		cancel()
 	}
 	os.RemoveAll(filepath.Join(a.cfg.Dir, "vms"))
+}
+
+// CommitVM makes a VM that runs on writable views of a replica (a failover)
+// standalone: it stops the VM, copies each view (the point plus the VM's
+// writes since) into a new group of the same name, deletes the replica
+// with its journal and recovery points, and starts the VM again on the
+// group. It returns the steps taken.
+func (a *Agent) CommitVM(ctx context.Context, name string) ([]string, error) {
+	a.mu.Lock()
+	rv := a.vms[name]
+	a.mu.Unlock()
+	if rv == nil || len(rv.views) == 0 {
+		return nil, fmt.Errorf("%w: no VM %q running on a replica", ErrNotFound, name)
+	}
+	var steps []string
+	say := func(format string, args ...any) {
+		s := fmt.Sprintf(format, args...)
+		steps = append(steps, s)
+		a.log.Info("commit", "vm", name, "step", s)
+	}
+	spec := rv.vm.Spec
+	if err := rv.vm.Shutdown(ctx, 60*time.Second, func(s string) { say("%s", s) }); err != nil {
+		return steps, err
+	}
+	repName := rv.group
+	a.mu.Lock()
+	rep := a.replicas[repName]
+	var views []*openView
+	for _, id := range rv.views {
+		views = append(views, a.views[id])
+	}
+	a.mu.Unlock()
+	var specs []disk.Spec
+	for _, d := range rep.Disks() {
+		specs = append(specs, disk.Spec{Name: d.Name, Size: d.Size})
+	}
+	if err := a.CreateGroup(repName, specs); err != nil {
+		return steps, fmt.Errorf("create standalone disks: %w", err)
+	}
+	a.mu.Lock()
+	gr := a.groups[repName]
+	a.mu.Unlock()
+	buf := make([]byte, 1<<20)
+	for _, ov := range views {
+		d, err := gr.g.Disk(ov.disk)
+		if err != nil {
+			return steps, err
+		}
+		var copied int64
+		for off := int64(0); off < d.Size(); off += int64(len(buf)) {
+			n := min(int64(len(buf)), d.Size()-off)
+			if err := ov.v.ReadAt(ctx, buf[:n], off); err != nil {
+				return steps, fmt.Errorf("read view of %s: %w", ov.disk, err)
+			}
+			if allZero(buf[:n]) {
+				continue
+			}
+			if err := d.WriteAt(ctx, buf[:n], off); err != nil {
+				return steps, err
+			}
+			copied += n
+		}
+		say("disk %s: %d bytes copied from point %d and the VM's writes", ov.disk, copied, ov.seq)
+	}
+	if err := gr.g.Flush(ctx); err != nil {
+		return steps, err
+	}
+	a.closeViews(rv.views)
+	if err := a.dropReplica(repName); err != nil {
+		return steps, err
+	}
+	say("replica %s deleted with its journal and recovery points", repName)
+	a.mu.Lock()
+	delete(a.vms, name)
+	a.mu.Unlock()
+	st, err := a.StartVM(ctx, VMRequest{Name: name, Group: repName, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB,
+		Boot: spec.Boot, Net: spec.Net, Forwards: spec.Forwards, QGA: spec.QGA, Accel: spec.Accel})
+	if err != nil {
+		return steps, err
+	}
+	say("VM %s %s on its standalone disks", name, st.State)
+	return steps, nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// dropReplica closes and deletes a replica.
+func (a *Agent) dropReplica(name string) error {
+	a.mu.Lock()
+	rep := a.replicas[name]
+	delete(a.replicas, name)
+	a.mu.Unlock()
+	if rep == nil {
+		return nil
+	}
+	rep.Close()
+	return os.RemoveAll(filepath.Join(a.cfg.Dir, "replicas", name))
 }

@@ -129,6 +129,10 @@ func guard(p *Protection, action string) error {
 		return fmt.Errorf("%w: %s is %s%s; %s", ErrForbidden, p.VM, p.State, pending(p), what)
 	}
 	switch action {
+	case ActEnable:
+		if p.State != StateEnabling {
+			return bad("it is already protected")
+		}
 	case ActTestFailover:
 		if p.State != StateProtected {
 			return bad("a test failover needs a protected VM")

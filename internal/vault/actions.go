@@ -1,0 +1,350 @@
+package vault
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/qemu"
+	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/store"
+)
+
+// Enable starts protecting vm (running at its site) to target under
+// policy: a job that starts replication and waits for the initial copy.
+func (v *Vault) Enable(ctx context.Context, vmName, target, policy string) (Job, error) {
+	vm, _, err := get[VM](ctx, v.st, kindVM, vmName)
+	if err != nil {
+		return Job{}, err
+	}
+	if target == "" || target == vm.Site {
+		return Job{}, fmt.Errorf("%w: the recovery site must be another site than %s", ErrInvalid, vm.Site)
+	}
+	if _, _, err := get[Site](ctx, v.st, kindSite, target); err != nil {
+		return Job{}, err
+	}
+	if policy == "" {
+		policy = DefaultPolicy.Name
+	}
+	p := Protection{VM: vmName, Source: vm.Site, Target: target, State: StateEnabling, Policy: policy, Generation: 1, Health: "warning"}
+	if _, err := put(ctx, v.st, kindProtection, vmName, p, 0); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			cur, _ := v.Protection(ctx, vmName)
+			return Job{}, fmt.Errorf("%w: %s is already protected (%s, %s -> %s)", ErrForbidden, vmName, cur.State, cur.Source, cur.Target)
+		}
+		return Job{}, err
+	}
+	steps := []string{"prerequisites check", "start replication", "initial replication", "protected"}
+	return v.startJob(ctx, vmName, ActEnable, steps, map[string]string{"target": target}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		r.Step(ctx, "prerequisites check")
+		src, sc, err := v.site(ctx, p.Source)
+		if err != nil {
+			return nil, err
+		}
+		dst, _, err := v.site(ctx, p.Target)
+		if err != nil {
+			return nil, err
+		}
+		if !src.Reachable || !dst.Reachable {
+			return nil, fmt.Errorf("both sites must be reachable (%s: %v, %s: %v)", src.Name, src.Reachable, dst.Name, dst.Reachable)
+		}
+		r.Step(ctx, "start replication")
+		if err := sc.Do(ctx, "POST", "/v1/groups/"+p.VM+"/replication", map[string]string{"peer_addr": dst.Addr, "peer_name": dst.Name}, nil); err != nil {
+			return nil, err
+		}
+		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.State = StateInitialSync; return nil })
+		r.Step(ctx, "initial replication")
+		for {
+			var st agent.Status
+			if err := sc.Do(ctx, "GET", "/v1/status", nil, &st); err == nil {
+				for _, g := range st.Groups {
+					if g.Name != p.VM || g.Replication == nil {
+						continue
+					}
+					rs := g.Replication
+					if rs.CopyTotal > 0 {
+						r.Say(ctx, int(rs.CopyDone*100/rs.CopyTotal), "copied %d of %d bytes", rs.CopyDone, rs.CopyTotal)
+					}
+					if rs.State == "streaming" && rs.AckedSeq == g.LastSeq {
+						goto done
+					}
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	done:
+		r.Step(ctx, "protected")
+		return func(p *Protection) { p.State = StateProtected; p.Health = "healthy" }, nil
+	})
+}
+
+// failoverPoint asks the recovery site for its points and picks one.
+func (v *Vault) failoverPoint(ctx context.Context, p Protection, want string) (replica.Point, error) {
+	pts, err := v.Points(ctx, p.VM)
+	if err != nil {
+		return replica.Point{}, fmt.Errorf("list recovery points at %s: %w", p.Target, err)
+	}
+	return choosePoint(pts, want)
+}
+
+// vmRequest is the request that starts vm at site on a replica point.
+func vmRequest(vm VM, name, site string, seq uint64, net string) agent.VMRequest {
+	req := agent.VMRequest{Name: name, Replica: vm.Name, Seq: seq, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, Net: net, QGA: vm.QGA,
+		Boot: qemu.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
+	if addr := vm.Forwards[site+"/"+net]; addr != "" && vm.GuestPort > 0 {
+		req.Forwards = []qemu.Forward{{Host: addr, GuestPort: vm.GuestPort}}
+	}
+	return req
+}
+
+// TestFailover boots a copy of the VM at the recovery site, in the
+// isolated network, on a writable view of a point; replication goes on.
+func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, error) {
+	steps := []string{"prerequisites check", "create test VM", "start test VM"}
+	return v.startJob(ctx, vmName, ActTestFailover, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		r.Step(ctx, "prerequisites check")
+		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		dst, dc, err := v.site(ctx, p.Target)
+		if err != nil {
+			return nil, err
+		}
+		if !dst.Reachable {
+			return nil, fmt.Errorf("the recovery site %s is unreachable", dst.Name)
+		}
+		pt, err := v.failoverPoint(ctx, p, point)
+		if err != nil {
+			return nil, err
+		}
+		r.Say(ctx, 100, "recovery point %d (%s, %s)", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
+		r.Step(ctx, "create test VM")
+		start := v.now()
+		var st qemu.Status
+		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, qemu.NetIsolated), &st); err != nil {
+			return nil, err
+		}
+		r.Step(ctx, "start test VM")
+		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, isolated network; console %s", p.VM, st.State, dst.Name, pt.Seq, st.Console)
+		return func(p *Protection) {
+			p.TestPending = true
+			p.History = append(p.History, HistoryEntry{Action: "test-failover", Time: start, Point: pt.Seq,
+				Duration: v.now().Sub(start).Round(time.Millisecond).String()})
+		}, nil
+	})
+}
+
+// CleanupTestFailover removes the drill's VM and overlays and records the
+// drill with notes.
+func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (Job, error) {
+	steps := []string{"stop test VM", "record drill"}
+	return v.startJob(ctx, vmName, ActCleanupTest, steps, map[string]string{"notes": notes}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		r.Step(ctx, "stop test VM")
+		_, dc, err := v.site(ctx, p.Target)
+		if err != nil {
+			return nil, err
+		}
+		var out struct{ Steps []string }
+		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"-drill", nil, &out); err != nil && !isNotFound(err) {
+			return nil, err
+		}
+		for _, s := range out.Steps {
+			r.Say(ctx, -1, "%s", s)
+		}
+		r.Step(ctx, "record drill")
+		return func(p *Protection) {
+			p.TestPending = false
+			p.History = append(p.History, HistoryEntry{Action: "cleanup-test-failover", Time: v.now(), Notes: notes})
+		}, nil
+	})
+}
+
+func isNotFound(err error) bool { return err != nil && strings.Contains(err.Error(), "404") }
+
+// Failover moves the VM to the recovery site at a point: "latest" (all
+// the data the recovery site can get, then a new point), "latest-processed",
+// "latest-app-consistent", a point id or a time. With shutdownSource (and
+// the source reachable) the source VM is shut down first and every write
+// it made reaches the recovery site before the point is made: no data loss.
+func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSource bool) (Job, error) {
+	steps := []string{"prerequisites check", "shut down source VM", "synchronize latest data", "create recovery point", "start VM at recovery site"}
+	params := map[string]string{"point": point, "shutdown_source": fmt.Sprint(shutdownSource)}
+	return v.startJob(ctx, vmName, ActFailover, steps, params, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		started := v.now()
+		r.Step(ctx, "prerequisites check")
+		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		src, sc, err := v.site(ctx, p.Source)
+		if err != nil {
+			return nil, err
+		}
+		dst, dc, err := v.site(ctx, p.Target)
+		if err != nil {
+			return nil, err
+		}
+		if !dst.Reachable {
+			return nil, fmt.Errorf("the recovery site %s is unreachable: cannot fail over to it", dst.Name)
+		}
+		r.Say(ctx, 100, "recovery site %s reachable; source site %s %s", dst.Name, src.Name, map[bool]string{true: "reachable", false: "UNREACHABLE"}[src.Reachable])
+		r.Step(ctx, "shut down source VM")
+		if shutdownSource && src.Reachable {
+			var out struct{ Steps []string }
+			if err := sc.Do(ctx, "DELETE", "/v1/vms/"+p.VM, nil, &out); err != nil {
+				r.Say(ctx, -1, "shutdown failed, going on: %v", err)
+			}
+			for _, s := range out.Steps {
+				r.Say(ctx, -1, "%s", s)
+			}
+		} else if !src.Reachable {
+			r.Say(ctx, -1, "the source site is down: no shutdown; writes it had not sent are lost (unplanned failover)")
+		} else {
+			r.Say(ctx, -1, "not asked to shut down the source VM")
+		}
+		r.Step(ctx, "synchronize latest data")
+		want := point
+		if src.Reachable && (shutdownSource || point == "latest") {
+			seq, err := v.markAndWait(ctx, r, sc, dc, p.VM, "failover")
+			if err != nil {
+				r.Say(ctx, -1, "could not synchronize with the source (%v); using what the recovery site has", err)
+			} else if point == "latest" || point == "" {
+				want = fmt.Sprint(seq)
+			}
+		} else {
+			r.Say(ctx, -1, "nothing to synchronize: using what the recovery site has")
+		}
+		r.Step(ctx, "create recovery point")
+		if want == "latest" || want == "" {
+			want = "latest-processed"
+		}
+		pt, err := v.failoverPoint(ctx, p, want)
+		if err != nil {
+			return nil, err
+		}
+		r.Say(ctx, 100, "recovery point %d (%s) from %s", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
+		r.Step(ctx, "start VM at recovery site")
+		var st qemu.Status
+		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, qemu.NetUser), &st); err != nil {
+			return nil, err
+		}
+		r.Say(ctx, 100, "VM %s %s at %s (%s); failover took %v excluding guest boot; console %s", p.VM, st.State, dst.Name, st.Accel,
+			v.now().Sub(started).Round(time.Millisecond), st.Console)
+		if addr := vm.Forwards[dst.Name+"/"+qemu.NetUser]; addr != "" {
+			r.Say(ctx, -1, "service address: %s", addr)
+		}
+		v.moveVM(ctx, p.VM, dst.Name)
+		return func(p *Protection) {
+			p.State, p.FailoverSeq = StateFailedOver, pt.Seq
+			p.Generation++
+			p.History = append(p.History, HistoryEntry{Action: "failover", Time: started, Point: pt.Seq,
+				Duration: v.now().Sub(started).Round(time.Millisecond).String()})
+		}, nil
+	})
+}
+
+// markAndWait records a point at the source and waits until the recovery
+// site has it (everything written before it is then there).
+func (v *Vault) markAndWait(ctx context.Context, r *run, sc, dc AgentAPI, vm, label string) (uint64, error) {
+	var out map[string]uint64
+	if err := sc.Do(ctx, "POST", "/v1/groups/"+vm+"/points", replica.Marker{Type: "named", Label: label}, &out); err != nil {
+		return 0, err
+	}
+	seq := out["seq"]
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		var pts []replica.Point
+		if err := dc.Do(ctx, "GET", "/v1/replicas/"+vm+"/points", nil, &pts); err == nil {
+			for _, p := range pts {
+				if p.Seq == seq {
+					r.Say(ctx, 100, "the recovery site has everything up to point %d", seq)
+					return seq, nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return 0, fmt.Errorf("point %d did not reach the recovery site within 2 minutes", seq)
+}
+
+func (v *Vault) moveVM(ctx context.Context, name, site string) {
+	for {
+		vm, ver, err := get[VM](ctx, v.st, kindVM, name)
+		if err != nil {
+			return
+		}
+		vm.Site = site
+		if _, err := put(ctx, v.st, kindVM, name, vm, ver); !errors.Is(err, store.ErrConflict) {
+			return
+		}
+	}
+}
+
+// ChangePoint restarts the failed-over VM on another point; its writes
+// since the failover are discarded.
+func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, error) {
+	steps := []string{"stop VM at recovery site", "start VM on the new point"}
+	return v.startJob(ctx, vmName, ActChangePoint, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		dst, dc, err := v.site(ctx, p.Target)
+		if err != nil {
+			return nil, err
+		}
+		pt, err := v.failoverPoint(ctx, p, point)
+		if err != nil {
+			return nil, err
+		}
+		r.Step(ctx, "stop VM at recovery site")
+		var out struct{ Steps []string }
+		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM, nil, &out); err != nil && !isNotFound(err) {
+			return nil, err
+		}
+		for _, s := range out.Steps {
+			r.Say(ctx, -1, "%s", s)
+		}
+		r.Step(ctx, "start VM on the new point")
+		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, qemu.NetUser), nil); err != nil {
+			return nil, err
+		}
+		r.Say(ctx, 100, "VM %s runs on point %d", p.VM, pt.Seq)
+		return func(p *Protection) { p.FailoverSeq = pt.Seq }, nil
+	})
+}
+
+// Commit makes the failed-over VM's disks standalone at the recovery site
+// and deletes the recovery points; change recovery point is refused from
+// then on.
+func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
+	steps := []string{"make disks standalone", "delete recovery points"}
+	return v.startJob(ctx, vmName, ActCommit, steps, nil, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		_, dc, err := v.site(ctx, p.Target)
+		if err != nil {
+			return nil, err
+		}
+		r.Step(ctx, "make disks standalone")
+		var out struct{ Steps []string }
+		if err := dc.Do(ctx, "POST", "/v1/vms/"+p.VM+"/commit", nil, &out); err != nil {
+			return nil, err
+		}
+		for _, s := range out.Steps {
+			r.Say(ctx, -1, "%s", s)
+		}
+		r.Step(ctx, "delete recovery points")
+		return func(p *Protection) { p.State = StateCommitted }, nil
+	})
+}

@@ -1,0 +1,149 @@
+package vault
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+)
+
+// Handler serves the vault's REST API (docs/api.md). Every call but
+// POST /v1/enroll carries "Authorization: Bearer TOKEN"; readers may only
+// read.
+func (v *Vault) Handler() http.Handler {
+	mux := http.NewServeMux()
+	read := func(pattern string, h func(r *http.Request) (any, error)) {
+		mux.HandleFunc(pattern, v.auth(RoleReader, func(w http.ResponseWriter, r *http.Request) {
+			out, err := h(r)
+			reply(w, out, err)
+		}))
+	}
+	read("GET /v1/sites", func(r *http.Request) (any, error) { return v.Sites(r.Context()) })
+	read("GET /v1/vms", func(r *http.Request) (any, error) { return v.VMs(r.Context()) })
+	read("GET /v1/protections", func(r *http.Request) (any, error) { return v.Protections(r.Context()) })
+	read("GET /v1/protections/{vm}", func(r *http.Request) (any, error) { return v.Protection(r.Context(), r.PathValue("vm")) })
+	read("GET /v1/protections/{vm}/points", func(r *http.Request) (any, error) { return v.Points(r.Context(), r.PathValue("vm")) })
+	read("GET /v1/jobs", func(r *http.Request) (any, error) { return v.Jobs(r.Context(), r.URL.Query().Get("protection")) })
+	read("GET /v1/jobs/{id}", func(r *http.Request) (any, error) { return v.Job(r.Context(), r.PathValue("id")) })
+
+	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
+		var req struct{ Token, Name, Addr string }
+		if err := decode(r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, map[string]string{"enrolled": req.Name}, v.Enroll(r.Context(), req.Token, req.Name, req.Addr))
+	})
+	act(v, mux, "POST /v1/sites", func(r *http.Request, b struct{ Name, Addr string }) (any, error) {
+		return map[string]string{"site": b.Name}, v.AddSite(r.Context(), b.Name, b.Addr)
+	})
+	act(v, mux, "POST /v1/tokens", func(r *http.Request, b struct{ Role, Name string }) (any, error) {
+		t, err := v.CreateToken(r.Context(), b.Role, b.Name)
+		return map[string]string{"token": t, "role": b.Role}, err
+	})
+	act(v, mux, "PUT /v1/policies/{name}", func(r *http.Request, p Policy) (any, error) {
+		p.Name = r.PathValue("name")
+		return p, v.PutPolicy(r.Context(), p)
+	})
+	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })
+	act(v, mux, "POST /v1/protections", func(r *http.Request, b struct{ VM, Target, Policy string }) (any, error) {
+		return v.Enable(r.Context(), b.VM, b.Target, b.Policy)
+	})
+	act(v, mux, "POST /v1/protections/{vm}/test-failover", func(r *http.Request, b struct{ Point string }) (any, error) {
+		return v.TestFailover(r.Context(), r.PathValue("vm"), b.Point)
+	})
+	act(v, mux, "POST /v1/protections/{vm}/test-failover/cleanup", func(r *http.Request, b struct{ Notes string }) (any, error) {
+		return v.CleanupTestFailover(r.Context(), r.PathValue("vm"), b.Notes)
+	})
+	act(v, mux, "POST /v1/protections/{vm}/failover", func(r *http.Request, b struct {
+		Point          string `json:"point"`
+		ShutdownSource *bool  `json:"shutdown_source"`
+	}) (any, error) {
+		return v.Failover(r.Context(), r.PathValue("vm"), b.Point, b.ShutdownSource == nil || *b.ShutdownSource)
+	})
+	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b struct{ Point string }) (any, error) {
+		return v.ChangePoint(r.Context(), r.PathValue("vm"), b.Point)
+	})
+	act(v, mux, "POST /v1/protections/{vm}/commit", func(r *http.Request, _ struct{}) (any, error) {
+		return v.Commit(r.Context(), r.PathValue("vm"))
+	})
+	act(v, mux, "POST /v1/protections/{vm}/reprotect", func(r *http.Request, _ struct{}) (any, error) {
+		p, err := v.Protection(r.Context(), r.PathValue("vm"))
+		if err != nil {
+			return nil, err
+		}
+		if err := guard(&p, ActReprotect); err != nil {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: reprotect is not built yet", ErrInvalid)
+	})
+	return mux
+}
+
+// act registers an operator action whose JSON body decodes into a T.
+func act[T any](v *Vault, mux *http.ServeMux, pattern string, h func(r *http.Request, body T) (any, error)) {
+	mux.HandleFunc(pattern, v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		var body T
+		if err := decode(r, &body); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		out, err := h(r, body)
+		reply(w, out, err)
+	}))
+}
+
+// auth wraps h: a valid token of at least role is required.
+func (v *Vault) auth(role string, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		t := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		got, err := v.Authenticate(r.Context(), t)
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		if role == RoleOperator && got != RoleOperator {
+			reply(w, nil, fmt.Errorf("%w: %s tokens may only read; this needs an operator token", ErrRole, got))
+			return
+		}
+		if got == RoleEnroll {
+			reply(w, nil, fmt.Errorf("%w: an enroll token only enrolls a site", ErrRole))
+			return
+		}
+		h(w, r)
+	}
+}
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+	}
+	return nil
+}
+
+func reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		code := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, ErrAuth):
+			code = http.StatusUnauthorized
+		case errors.Is(err, ErrRole):
+			code = http.StatusForbidden
+		case errors.Is(err, ErrNotFound):
+			code = http.StatusNotFound
+		case errors.Is(err, ErrForbidden), errors.Is(err, ErrBusy):
+			code = http.StatusConflict
+		case errors.Is(err, ErrInvalid):
+			code = http.StatusBadRequest
+		}
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}

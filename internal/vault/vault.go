@@ -1,0 +1,354 @@
+package vault
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/store"
+)
+
+// AgentAPI is how the vault calls a site agent (agent.Client fits): a JSON
+// request; an error for a failed call or an error status.
+type AgentAPI interface {
+	Do(ctx context.Context, method, path string, in, out any) error
+}
+
+// Config configures a Vault.
+type Config struct {
+	Store  store.Store
+	Logger *slog.Logger
+	Now    func() time.Time
+	// Agent returns a client for the agent at addr with site name.
+	Agent func(addr, site string) AgentAPI
+	// HeartbeatInterval is how often sites are polled (default 1 s); a
+	// site is unreachable after 3 missed polls.
+	HeartbeatInterval time.Duration
+	// Heartbeats can be switched off for tests that drive them.
+	NoHeartbeats bool
+}
+
+// Vault is the control plane.
+type Vault struct {
+	cfg Config
+	st  store.Store
+	log *slog.Logger
+
+	jobMu   sync.Mutex
+	nextJob int
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// New returns a vault over cfg.Store.
+func New(cfg Config) *Vault {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = time.Second
+	}
+	return &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger}
+}
+
+func (v *Vault) now() time.Time { return v.cfg.Now() }
+
+// Start fails (and releases) the jobs a previous run left running, and
+// starts the heartbeat loop.
+func (v *Vault) Start(ctx context.Context) error {
+	v.ctx, v.cancel = context.WithCancel(ctx)
+	if err := v.recoverJobs(ctx); err != nil {
+		return err
+	}
+	if !v.cfg.NoHeartbeats {
+		v.wg.Add(1)
+		go func() {
+			defer v.wg.Done()
+			t := time.NewTicker(v.cfg.HeartbeatInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-v.ctx.Done():
+					return
+				case <-t.C:
+				}
+				v.Heartbeat(v.ctx)
+			}
+		}()
+	}
+	return nil
+}
+
+// Close stops the vault; running jobs stop where they are and are failed
+// at the next Start.
+func (v *Vault) Close() error {
+	if v.cancel != nil {
+		v.cancel()
+	}
+	v.wg.Wait()
+	return nil
+}
+
+// --- tokens ---
+
+// Roles.
+const (
+	RoleReader   = "reader"
+	RoleOperator = "operator"
+	RoleEnroll   = "enroll" // one-time, for a site agent to enroll
+)
+
+type token struct {
+	Role    string    `json:"role"`
+	Name    string    `json:"name"`
+	Created time.Time `json:"created"`
+}
+
+func hashToken(t string) string {
+	h := sha256.Sum256([]byte(t))
+	return hex.EncodeToString(h[:])
+}
+
+// CreateToken makes a new token for role; only its hash is stored.
+func (v *Vault) CreateToken(ctx context.Context, role, name string) (string, error) {
+	switch role {
+	case RoleReader, RoleOperator, RoleEnroll:
+	default:
+		return "", fmt.Errorf("%w: role %q (reader, operator or enroll)", ErrInvalid, role)
+	}
+	b := make([]byte, 24)
+	rand.Read(b)
+	t := "fy_" + hex.EncodeToString(b)
+	_, err := put(ctx, v.st, kindToken, hashToken(t), token{Role: role, Name: name, Created: v.now()}, 0)
+	return t, err
+}
+
+// Authenticate returns the role of a token.
+func (v *Vault) Authenticate(ctx context.Context, t string) (string, error) {
+	if t == "" {
+		return "", fmt.Errorf("%w: no token (send Authorization: Bearer TOKEN)", ErrAuth)
+	}
+	tk, _, err := get[token](ctx, v.st, kindToken, hashToken(t))
+	if err != nil {
+		return "", fmt.Errorf("%w: unknown token", ErrAuth)
+	}
+	return tk.Role, nil
+}
+
+// --- sites ---
+
+// Enroll registers a site agent with a one-time enroll token.
+func (v *Vault) Enroll(ctx context.Context, enrollToken, name, addr string) error {
+	h := hashToken(enrollToken)
+	tk, ver, err := get[token](ctx, v.st, kindToken, h)
+	if err != nil || tk.Role != RoleEnroll {
+		return fmt.Errorf("%w: not a valid enroll token", ErrAuth)
+	}
+	if err := v.st.Delete(ctx, kindToken, h, ver); err != nil { // one time only
+		return fmt.Errorf("%w: enroll token already used", ErrAuth)
+	}
+	return v.AddSite(ctx, name, addr)
+}
+
+// AddSite registers (or re-addresses) a site.
+func (v *Vault) AddSite(ctx context.Context, name, addr string) error {
+	if name == "" || addr == "" {
+		return fmt.Errorf("%w: a site needs a name and an address", ErrInvalid)
+	}
+	s, ver, err := get[Site](ctx, v.st, kindSite, name)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	if ver == 0 {
+		s = Site{Name: name, Enrolled: v.now(), Networks: []string{"production", "isolated"}}
+	}
+	s.Addr = addr
+	_, err = put(ctx, v.st, kindSite, name, s, ver)
+	return err
+}
+
+// Sites lists the sites.
+func (v *Vault) Sites(ctx context.Context) ([]Site, error) { return list[Site](ctx, v.st, kindSite) }
+
+func (v *Vault) site(ctx context.Context, name string) (Site, AgentAPI, error) {
+	s, _, err := get[Site](ctx, v.st, kindSite, name)
+	if err != nil {
+		return s, nil, err
+	}
+	return s, v.cfg.Agent(s.Addr, s.Name), nil
+}
+
+// Heartbeat polls every site once and updates reachability: a site is
+// unreachable once 3 heartbeat intervals passed without an answer.
+func (v *Vault) Heartbeat(ctx context.Context) {
+	sites, err := v.Sites(ctx)
+	if err != nil {
+		return
+	}
+	for _, s := range sites {
+		c := v.cfg.Agent(s.Addr, s.Name)
+		cctx, cancel := context.WithTimeout(ctx, v.cfg.HeartbeatInterval)
+		var st agent.Status
+		err := c.Do(cctx, "GET", "/v1/status", nil, &st)
+		cancel()
+		for {
+			cur, ver, gerr := get[Site](ctx, v.st, kindSite, s.Name)
+			if gerr != nil {
+				break
+			}
+			if err == nil {
+				cur.LastSeen, cur.Reachable = v.now(), true
+			} else {
+				cur.Reachable = v.now().Sub(cur.LastSeen) < 3*v.cfg.HeartbeatInterval
+			}
+			if _, perr := put(ctx, v.st, kindSite, s.Name, cur, ver); !errors.Is(perr, store.ErrConflict) {
+				break
+			}
+		}
+		if err == nil {
+			v.updateRPO(ctx, s.Name, st)
+		}
+	}
+}
+
+// updateRPO copies RPO from a source site's status into its protections
+// and sets health from the policy's thresholds.
+func (v *Vault) updateRPO(ctx context.Context, site string, st agent.Status) {
+	for _, g := range st.Groups {
+		if g.Replication == nil {
+			continue
+		}
+		rpo := g.Replication.RPO
+		v.updateProtection(ctx, g.Name, func(p *Protection) error {
+			if p.Source != site {
+				return errors.New("not the source")
+			}
+			pol := v.policy(ctx, p.Policy)
+			p.RPOSeconds = rpo
+			switch {
+			case g.Replication.State != "streaming" || time.Duration(rpo*float64(time.Second)) >= pol.RPOCritical:
+				p.Health = "critical"
+			case time.Duration(rpo*float64(time.Second)) >= pol.RPOWarning:
+				p.Health = "warning"
+			default:
+				p.Health = "healthy"
+			}
+			return nil
+		})
+	}
+}
+
+// --- VMs, policies, protections ---
+
+// DefineVM records a VM (its spec and the site it runs at).
+func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
+	if vm.Name == "" || vm.Site == "" || len(vm.Disks) == 0 || vm.MemoryMiB <= 0 {
+		return fmt.Errorf("%w: a VM needs a name, a site, disks and memory", ErrInvalid)
+	}
+	if _, _, err := get[Site](ctx, v.st, kindSite, vm.Site); err != nil {
+		return err
+	}
+	_, err := put(ctx, v.st, kindVM, vm.Name, vm, 0)
+	if errors.Is(err, store.ErrConflict) {
+		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
+	}
+	return err
+}
+
+// VMs lists the VMs.
+func (v *Vault) VMs(ctx context.Context) ([]VM, error) { return list[VM](ctx, v.st, kindVM) }
+
+// PutPolicy creates or replaces a policy.
+func (v *Vault) PutPolicy(ctx context.Context, p Policy) error {
+	if p.Name == "" || p.Retention <= 0 || p.RPOWarning <= 0 || p.RPOCritical < p.RPOWarning {
+		return fmt.Errorf("%w: a policy needs a name, retention > 0 and 0 < RPO warning <= critical", ErrInvalid)
+	}
+	if p.AppInterval > 0 && p.AppInterval < time.Minute {
+		return fmt.Errorf("%w: app-consistent interval below 1 minute", ErrInvalid)
+	}
+	_, ver, _ := get[Policy](ctx, v.st, kindPolicy, p.Name)
+	_, err := put(ctx, v.st, kindPolicy, p.Name, p, ver)
+	return err
+}
+
+func (v *Vault) policy(ctx context.Context, name string) Policy {
+	if p, _, err := get[Policy](ctx, v.st, kindPolicy, name); err == nil {
+		return p
+	}
+	return DefaultPolicy
+}
+
+// Protections lists the protections.
+func (v *Vault) Protections(ctx context.Context) ([]Protection, error) {
+	return list[Protection](ctx, v.st, kindProtection)
+}
+
+// Protection returns one.
+func (v *Vault) Protection(ctx context.Context, vm string) (Protection, error) {
+	p, _, err := get[Protection](ctx, v.st, kindProtection, vm)
+	return p, err
+}
+
+// Points lists the recovery points of a protection at its recovery site.
+func (v *Vault) Points(ctx context.Context, vm string) ([]replica.Point, error) {
+	p, err := v.Protection(ctx, vm)
+	if err != nil {
+		return nil, err
+	}
+	_, c, err := v.site(ctx, p.Target)
+	if err != nil {
+		return nil, err
+	}
+	var pts []replica.Point
+	return pts, c.Do(ctx, "GET", "/v1/replicas/"+vm+"/points", nil, &pts)
+}
+
+// choosePoint resolves latest-processed, latest-app-consistent, a sequence
+// number or an RFC 3339 time against the catalog.
+func choosePoint(pts []replica.Point, want string) (replica.Point, error) {
+	if len(pts) == 0 {
+		return replica.Point{}, fmt.Errorf("%w: the recovery site has no recovery point yet", ErrForbidden)
+	}
+	switch want {
+	case "", "latest-processed":
+		return pts[len(pts)-1], nil
+	case "latest-app-consistent":
+		for i := len(pts) - 1; i >= 0; i-- {
+			if pts[i].Type == "app" {
+				return pts[i], nil
+			}
+		}
+		return replica.Point{}, fmt.Errorf("%w: no application-consistent point; take one (ferry point --app) or pick another", ErrNotFound)
+	}
+	if seq, err := strconv.ParseUint(want, 10, 64); err == nil {
+		for _, p := range pts {
+			if p.Seq == seq {
+				return p, nil
+			}
+		}
+		return replica.Point{}, fmt.Errorf("%w: no recovery point %d (list them with ferry points)", ErrNotFound, seq)
+	}
+	if t, err := time.Parse(time.RFC3339Nano, want); err == nil {
+		i := sort.Search(len(pts), func(i int) bool { return pts[i].Time.After(t) })
+		if i == 0 {
+			return replica.Point{}, fmt.Errorf("%w: no recovery point at or before %s", ErrNotFound, want)
+		}
+		return pts[i-1], nil
+	}
+	return replica.Point{}, fmt.Errorf("%w: point %q: want latest, latest-processed, latest-app-consistent, a point id or an RFC 3339 time", ErrInvalid, want)
+}

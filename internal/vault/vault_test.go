@@ -1,0 +1,352 @@
+package vault
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/qemu"
+	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/replication"
+	"github.com/ferry-dr/ferry/internal/store"
+)
+
+// fakeAgent answers the agent API calls the vault makes.
+type fakeAgent struct {
+	mu     sync.Mutex
+	site   string
+	down   bool
+	points []replica.Point
+	vms    map[string]agent.VMRequest
+	calls  []string
+	block  chan struct{} // if set, POST /v1/vms waits on it
+	peer   *fakeAgent    // where this site's points replicate to
+}
+
+func (f *fakeAgent) vm(name string) (agent.VMRequest, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	v, ok := f.vms[name]
+	return v, ok
+}
+
+func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) error {
+	f.mu.Lock()
+	if f.down {
+		f.mu.Unlock()
+		return errors.New("connection refused")
+	}
+	f.calls = append(f.calls, method+" "+path)
+	block := f.block
+	f.mu.Unlock()
+	set := func(v any) {
+		if out != nil {
+			b, _ := json.Marshal(v)
+			json.Unmarshal(b, out)
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch {
+	case method == "GET" && path == "/v1/status":
+		st := agent.Status{Site: f.site, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10,
+			Replication: &replication.Status{State: "streaming", AckedSeq: 10, LastSeq: 10}}}}
+		set(st)
+	case method == "GET" && strings.HasSuffix(path, "/points"):
+		set(f.points)
+	case method == "POST" && strings.HasSuffix(path, "/points"):
+		// The point replicates to the peer at once.
+		p := f.peer
+		p.mu.Lock()
+		seq := uint64(100 + len(p.points))
+		p.points = append(p.points, replica.Point{Seq: seq, Time: time.Now(), Type: "named", Label: "failover"})
+		p.mu.Unlock()
+		set(map[string]uint64{"seq": seq})
+	case method == "POST" && path == "/v1/vms":
+		if block != nil {
+			f.mu.Unlock()
+			select {
+			case <-block:
+			case <-ctx.Done():
+			}
+			f.mu.Lock()
+		}
+		req := in.(agent.VMRequest)
+		f.vms[req.Name] = req
+		set(qemu.Status{Name: req.Name, State: "running"})
+	case method == "DELETE" && strings.HasPrefix(path, "/v1/vms/"):
+		name := strings.TrimPrefix(path, "/v1/vms/")
+		if _, ok := f.vms[name]; !ok {
+			return errors.New("404 Not Found")
+		}
+		delete(f.vms, name)
+		set(map[string]any{"steps": []string{"guest powered off"}})
+	}
+	return nil
+}
+
+type fixture struct {
+	v          *Vault
+	st         store.Store
+	east, west *fakeAgent
+	srv        *httptest.Server
+	op, reader string
+}
+
+func newFixture(t *testing.T, st store.Store) *fixture {
+	t.Helper()
+	f := &fixture{st: st,
+		east: &fakeAgent{site: "east", vms: map[string]agent.VMRequest{"vm1": {Name: "vm1"}}},
+		west: &fakeAgent{site: "west", vms: map[string]agent.VMRequest{},
+			points: []replica.Point{{Seq: 5, Type: "crash", Time: time.Now()}, {Seq: 7, Type: "app", Time: time.Now()}, {Seq: 9, Type: "crash", Time: time.Now()}}}}
+	f.east.peer = f.west
+	f.v = New(Config{Store: st, NoHeartbeats: true, Agent: func(addr, site string) AgentAPI {
+		if site == "east" {
+			return f.east
+		}
+		return f.west
+	}})
+	if err := f.v.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.v.Close() })
+	f.srv = httptest.NewServer(f.v.Handler())
+	t.Cleanup(f.srv.Close)
+	ctx := context.Background()
+	f.op, _ = f.v.CreateToken(ctx, RoleOperator, "test")
+	f.reader, _ = f.v.CreateToken(ctx, RoleReader, "test")
+	return f
+}
+
+func (f *fixture) call(t *testing.T, token, method, path string, body any, out any) int {
+	t.Helper()
+	var rd *bytes.Reader
+	switch b := body.(type) {
+	case nil:
+		rd = bytes.NewReader(nil)
+	case string:
+		rd = bytes.NewReader([]byte(b))
+	default:
+		j, _ := json.Marshal(b)
+		rd = bytes.NewReader(j)
+	}
+	req, _ := http.NewRequest(method, f.srv.URL+path, rd)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if out != nil {
+		json.NewDecoder(resp.Body).Decode(out)
+	}
+	return resp.StatusCode
+}
+
+// setup enrolls east and west and defines vm1 at east.
+func (f *fixture) setup(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	enroll, _ := f.v.CreateToken(ctx, RoleEnroll, "east")
+	if code := f.call(t, "", "POST", "/v1/enroll", map[string]string{"token": enroll, "name": "east", "addr": "e:1"}, nil); code != 200 {
+		t.Fatalf("enroll: %d", code)
+	}
+	if code := f.call(t, "", "POST", "/v1/enroll", map[string]string{"token": enroll, "name": "x", "addr": "x:1"}, nil); code != 401 {
+		t.Fatalf("enroll token reused: %d, want 401", code)
+	}
+	if code := f.call(t, f.op, "POST", "/v1/sites", map[string]string{"name": "west", "addr": "w:1"}, nil); code != 200 {
+		t.Fatalf("add site: %d", code)
+	}
+	f.v.Heartbeat(ctx)
+	vm := VM{Name: "vm1", Site: "east", MemoryMiB: 256, Disks: []DiskSpec{{Name: "vda", Size: 1 << 20}}}
+	if code := f.call(t, f.op, "POST", "/v1/vms", vm, nil); code != 200 {
+		t.Fatalf("define vm: %d", code)
+	}
+}
+
+func (f *fixture) job(t *testing.T, path string, body any) Job {
+	t.Helper()
+	var raw json.RawMessage
+	if code := f.call(t, f.op, "POST", path, body, &raw); code != 200 {
+		t.Fatalf("POST %s: %d %s", path, code, raw)
+	}
+	var j Job
+	json.Unmarshal(raw, &j)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	j, err := f.v.WaitJob(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+func (f *fixture) refused(t *testing.T, path string, body any, wantCode int, wantText string) {
+	t.Helper()
+	var e map[string]string
+	code := f.call(t, f.op, "POST", path, body, &e)
+	if code != wantCode || !strings.Contains(e["error"], wantText) {
+		t.Fatalf("POST %s: %d %q, want %d with %q", path, code, e["error"], wantCode, wantText)
+	}
+}
+
+func TestAuth(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	tests := []struct {
+		token, method, path string
+		body                any
+		want                int
+	}{
+		{"", "GET", "/v1/sites", nil, 401},
+		{"fy_bogus", "GET", "/v1/sites", nil, 401},
+		{f.reader, "GET", "/v1/sites", nil, 200},
+		{f.reader, "POST", "/v1/sites", map[string]string{"name": "a", "addr": "b"}, 403},
+		{f.op, "POST", "/v1/sites", `{"name": "a", "addr": `, 400},
+		{f.op, "POST", "/v1/sites", `{"nam": "a"}`, 400},
+		{f.op, "POST", "/v1/tokens", map[string]string{"role": "admin"}, 400},
+		{f.op, "GET", "/v1/protections/nope", nil, 404},
+	}
+	for _, tc := range tests {
+		if got := f.call(t, tc.token, tc.method, tc.path, tc.body, nil); got != tc.want {
+			t.Errorf("%s %s with %q: %d, want %d", tc.method, tc.path, tc.token, got, tc.want)
+		}
+	}
+}
+
+func TestLifecycleAndGuards(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	if j := f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"}); j.State != JobSucceeded {
+		t.Fatalf("enable: %+v", j)
+	}
+	f.refused(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"}, 409, "already protected")
+	f.refused(t, "/v1/protections/vm1/commit", nil, 409, "fail over first")
+	f.refused(t, "/v1/protections/vm1/reprotect", nil, 409, "commit the failover first")
+	f.refused(t, "/v1/protections/vm1/test-failover/cleanup", map[string]string{"notes": "x"}, 409, "no test failover")
+
+	if j := f.job(t, "/v1/protections/vm1/test-failover", map[string]string{"point": "latest-app-consistent"}); j.State != JobSucceeded {
+		t.Fatalf("test failover: %+v", j)
+	}
+	if req, _ := f.west.vm("vm1-drill"); req.Seq != 7 || req.Net != qemu.NetIsolated {
+		t.Fatalf("drill VM: %+v", req)
+	}
+	f.refused(t, "/v1/protections/vm1/test-failover", map[string]string{}, 409, "clean up the pending test failover")
+	f.refused(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest"}, 409, "clean up the test failover first")
+	if j := f.job(t, "/v1/protections/vm1/test-failover/cleanup", map[string]string{"notes": "drill ok"}); j.State != JobSucceeded {
+		t.Fatalf("cleanup: %+v", j)
+	}
+	if _, ok := f.west.vm("vm1-drill"); ok {
+		t.Fatal("drill VM not removed")
+	}
+
+	j := f.job(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest"})
+	if j.State != JobSucceeded {
+		t.Fatalf("failover: %+v", j)
+	}
+	var names []string
+	for _, s := range j.Steps {
+		names = append(names, s.Name+"="+s.State)
+	}
+	want := "prerequisites check=succeeded shut down source VM=succeeded synchronize latest data=succeeded create recovery point=succeeded start VM at recovery site=succeeded"
+	if strings.Join(names, " ") != want {
+		t.Fatalf("failover steps: %v", names)
+	}
+	if _, ok := f.east.vm("vm1"); ok {
+		t.Fatal("source VM not shut down")
+	}
+	var p Protection
+	f.call(t, f.reader, "GET", "/v1/protections/vm1", nil, &p)
+	if p.State != StateFailedOver || p.Generation != 2 || p.FailoverSeq != 103 {
+		t.Fatalf("after failover: %+v", p)
+	}
+	vms, _ := f.v.VMs(context.Background())
+	if vms[0].Site != "west" {
+		t.Fatalf("VM site %s after failover", vms[0].Site)
+	}
+	f.refused(t, "/v1/protections/vm1/failover", map[string]string{}, 409, "only a protected VM can fail over")
+	if j := f.job(t, "/v1/protections/vm1/change-point", map[string]string{"point": "5"}); j.State != JobSucceeded {
+		t.Fatalf("change point: %+v", j)
+	}
+	if v, _ := f.west.vm("vm1"); v.Seq != 5 {
+		t.Fatalf("VM not on point 5: %+v", v)
+	}
+	j = f.job(t, "/v1/protections/vm1/change-point", map[string]string{"point": "4242"})
+	if j.State != JobFailed || !strings.Contains(j.Error, "no recovery point 4242") {
+		t.Fatalf("change to a missing point: %+v", j)
+	}
+	f.call(t, f.reader, "GET", "/v1/protections/vm1", nil, &p)
+	if p.State != StateFailedOver || p.Job != "" {
+		t.Fatalf("failed job left the protection %+v", p)
+	}
+}
+
+func TestOneJobAtATime(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	f.west.mu.Lock()
+	f.west.block = make(chan struct{})
+	f.west.mu.Unlock()
+	var j Job
+	if code := f.call(t, f.op, "POST", "/v1/protections/vm1/test-failover", map[string]string{}, &j); code != 200 {
+		t.Fatal(code)
+	}
+	f.refused(t, "/v1/protections/vm1/failover", map[string]string{}, 409, "job "+j.ID+" is running")
+	close(f.west.block)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if j, _ = f.v.WaitJob(ctx, j.ID); j.State != JobSucceeded {
+		t.Fatalf("%+v", j)
+	}
+}
+
+// TestVaultStopsMidJob stops the vault while a failover is in its "start VM
+// at recovery site" step (as kill -9 would leave the store) and starts a
+// new vault on the same store: the job fails with the step named and the
+// protection is released in its previous state.
+func TestVaultStopsMidJob(t *testing.T) {
+	st := store.NewMem()
+	f := newFixture(t, st)
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	f.west.mu.Lock()
+	f.west.block = make(chan struct{})
+	f.west.mu.Unlock()
+	var j Job
+	f.call(t, f.op, "POST", "/v1/protections/vm1/failover", map[string]string{"point": "latest-processed"}, &j)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		cur, _ := f.v.Job(context.Background(), j.ID)
+		if cur.Steps[4].State == JobRunning {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job never reached its last step: %+v", cur)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	f.v.Close() // the job's goroutine stops; its state stays "running" in the store
+	close(f.west.block)
+	f2 := newFixture(t, st)
+	j2, err := f2.v.Job(context.Background(), j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j2.State != JobFailed || !strings.Contains(j2.Error, `step "start VM at recovery site"`) {
+		t.Fatalf("job after restart: %+v", j2)
+	}
+	p, _ := f2.v.Protection(context.Background(), "vm1")
+	if p.State != StateProtected || p.Job != "" {
+		t.Fatalf("protection after restart: %+v", p)
+	}
+}
