@@ -37,7 +37,7 @@ func (a *Agent) routes() http.Handler {
 		reply(w, map[string]any{"committed": r.PathValue("name"), "steps": steps}, err)
 	})
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
-		steps, err := a.StopVM(r.Context(), r.PathValue("name"))
+		steps, err := a.StopVM(r.Context(), r.PathValue("name"), r.URL.Query().Get("force") == "1")
 		reply(w, map[string]any{"stopped": r.PathValue("name"), "steps": steps}, err)
 	})
 	mux.HandleFunc("POST /v1/groups", func(w http.ResponseWriter, r *http.Request) {
@@ -211,7 +211,8 @@ type Client struct {
 // certificate names serverName, authenticating with id.
 func NewClient(id *pki.Identity, addr, serverName string) *Client {
 	tr := &http.Transport{TLSClientConfig: id.ClientConfig(serverName), ForceAttemptHTTP2: false}
-	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 60 * time.Second}}
+	// Long enough for a graceful VM shutdown (60 s grace, then quit).
+	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 3 * time.Minute}}
 }
 
 // Do sends a JSON request and decodes the JSON answer into out (if not nil).

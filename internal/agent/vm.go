@@ -120,8 +120,9 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	return vm.Status(ctx), nil
 }
 
-// StopVM shuts a VM down gracefully and returns the steps taken.
-func (a *Agent) StopVM(ctx context.Context, name string) ([]string, error) {
+// StopVM shuts a VM down gracefully (or at once with force, for a VM whose
+// writes are discarded anyway) and returns the steps taken.
+func (a *Agent) StopVM(ctx context.Context, name string, force bool) ([]string, error) {
 	a.mu.Lock()
 	rv := a.vms[name]
 	delete(a.vms, name)
@@ -130,10 +131,16 @@ func (a *Agent) StopVM(ctx context.Context, name string) ([]string, error) {
 		return nil, fmt.Errorf("%w: VM %q", ErrNotFound, name)
 	}
 	var steps []string
-	err := rv.vm.Shutdown(ctx, 60*time.Second, func(s string) {
+	report := func(s string) {
 		steps = append(steps, s)
 		a.log.Info("vm shutdown", "vm", name, "step", s)
-	})
+	}
+	var err error
+	if force {
+		rv.vm.Quit(report)
+	} else {
+		err = rv.vm.Shutdown(ctx, 60*time.Second, report)
+	}
 	if len(rv.views) > 0 {
 		a.closeViews(rv.views)
 		steps = append(steps, "writable views closed: the VM's writes since its point are discarded")

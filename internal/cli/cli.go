@@ -33,6 +33,17 @@ type env struct {
 
 func commands() []command {
 	return []command{
+		{"vault", "run the control plane (vault run)", runVault},
+		{"protections", "list protections: direction, state, health, RPO", vcmd("protections")},
+		{"protect", "enable replication of a VM to a site (--to SITE)", vcmd("protect")},
+		{"points", "list a protected VM's recovery points", vcmd("points")},
+		{"test-failover", "DR drill at the recovery site (test-failover VM | test-failover cleanup VM)", vcmd("test-failover")},
+		{"failover", "fail a VM over to its recovery site (--point, --no-shutdown-source)", vcmd("failover")},
+		{"change-point", "restart a failed-over VM on another point (--point)", vcmd("change-point")},
+		{"commit", "make a failover final", vcmd("commit")},
+		{"jobs", "list jobs", vcmd("jobs")},
+		{"job", "show a job (job show ID)", vcmd("job")},
+		{"site", "list or add sites (site list | site add NAME ADDR)", vcmd("site")},
 		{"agent", "run a site agent, or drive one (agent run|status|group create|replicate|mark|points|view open|view close)", runAgent},
 		{"ca", "create the CA and site certificates for mutual TLS (ca init|issue)", runCA},
 		{"serve", "serve a disk group's disks over NBD, journaling every write (no replication)", runServe},
@@ -42,6 +53,10 @@ func commands() []command {
 			return e.print(map[string]string{"version": Version}, "ferry "+Version+"\n")
 		}},
 	}
+}
+
+func vcmd(name string) func(context.Context, *env, []string) error {
+	return func(ctx context.Context, e *env, args []string) error { return runVaultCmd(ctx, e, name, args) }
 }
 
 // errUsage marks errors caused by how ferry was invoked (exit code 2).

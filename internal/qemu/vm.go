@@ -366,14 +366,25 @@ func (v *VM) Shutdown(ctx context.Context, grace time.Duration, report func(step
 	if err := v.qmp.Execute(ctx, "system_powerdown", nil, nil); err != nil {
 		report("system_powerdown failed: " + err.Error())
 	}
-	select {
-	case <-v.done:
-		report("guest powered off")
-		return nil
-	case <-time.After(grace):
-		report(fmt.Sprintf("no power-off within %v: quit", grace))
-	case <-ctx.Done():
-		report("cancelled: quit")
+	// A guest still booting misses the button: press it again now and then.
+	repress := time.NewTicker(3 * time.Second)
+	defer repress.Stop()
+	timeout := time.After(grace)
+wait:
+	for {
+		select {
+		case <-v.done:
+			report("guest powered off")
+			return nil
+		case <-repress.C:
+			v.qmp.Execute(ctx, "system_powerdown", nil, nil)
+		case <-timeout:
+			report(fmt.Sprintf("no power-off within %v: quit", grace))
+			break wait
+		case <-ctx.Done():
+			report("cancelled: quit")
+			break wait
+		}
 	}
 	qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -387,6 +398,24 @@ func (v *VM) Shutdown(ctx context.Context, grace time.Duration, report func(step
 	}
 	v.Kill()
 	return nil
+}
+
+// Quit stops QEMU at once through QMP (the guest is not asked), then kills
+// it if it does not exit: for VMs whose disks are discarded anyway.
+func (v *VM) Quit(report func(string)) {
+	v.mu.Lock()
+	v.stopAsked = true
+	v.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	v.qmp.Execute(ctx, "quit", nil, nil)
+	select {
+	case <-v.done:
+		report("qemu quit")
+	case <-time.After(5 * time.Second):
+		report("qemu did not quit: SIGKILL")
+		v.Kill()
+	}
 }
 
 // Kill ends QEMU at once and waits for it.

@@ -153,7 +153,7 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 			return nil, err
 		}
 		var out struct{ Steps []string }
-		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"-drill", nil, &out); err != nil && !isNotFound(err) {
+		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"-drill?force=1", nil, &out); err != nil && !isNotFound(err) {
 			return nil, err
 		}
 		for _, s := range out.Steps {
@@ -311,7 +311,9 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 		}
 		r.Step(ctx, "stop VM at recovery site")
 		var out struct{ Steps []string }
-		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM, nil, &out); err != nil && !isNotFound(err) {
+		// Its writes since the failover are discarded: no need to wait
+		// for a clean shutdown.
+		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"?force=1", nil, &out); err != nil && !isNotFound(err) {
 			return nil, err
 		}
 		for _, s := range out.Steps {

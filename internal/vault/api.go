@@ -48,6 +48,9 @@ func (v *Vault) Handler() http.Handler {
 		return p, v.PutPolicy(r.Context(), p)
 	})
 	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })
+	act(v, mux, "POST /v1/vms/{name}/start", func(r *http.Request, _ struct{}) (any, error) {
+		return v.StartVM(r.Context(), r.PathValue("name"))
+	})
 	act(v, mux, "POST /v1/protections", func(r *http.Request, b struct{ VM, Target, Policy string }) (any, error) {
 		return v.Enable(r.Context(), b.VM, b.Target, b.Policy)
 	})

@@ -10,10 +10,12 @@ import (
 	"log/slog"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/store"
 )
@@ -255,19 +257,51 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st agent.Status) {
 
 // --- VMs, policies, protections ---
 
-// DefineVM records a VM (its spec and the site it runs at).
+// DefineVM records a VM (its spec and the site it runs at) and creates its
+// disks there (a group named after the VM; an existing one is kept).
 func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	if vm.Name == "" || vm.Site == "" || len(vm.Disks) == 0 || vm.MemoryMiB <= 0 {
 		return fmt.Errorf("%w: a VM needs a name, a site, disks and memory", ErrInvalid)
 	}
-	if _, _, err := get[Site](ctx, v.st, kindSite, vm.Site); err != nil {
+	_, c, err := v.site(ctx, vm.Site)
+	if err != nil {
 		return err
 	}
-	_, err := put(ctx, v.st, kindVM, vm.Name, vm, 0)
+	if _, _, err := get[VM](ctx, v.st, kindVM, vm.Name); err == nil {
+		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
+	}
+	var disks []map[string]any
+	for _, d := range vm.Disks {
+		disks = append(disks, map[string]any{"name": d.Name, "size": d.Size})
+	}
+	if err := c.Do(ctx, "POST", "/v1/groups", map[string]any{"name": vm.Name, "disks": disks}, nil); err != nil && !strings.Contains(err.Error(), "409") {
+		return fmt.Errorf("create the disks of %s at %s: %w", vm.Name, vm.Site, err)
+	}
+	_, err = put(ctx, v.st, kindVM, vm.Name, vm, 0)
 	if errors.Is(err, store.ErrConflict) {
 		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
 	}
 	return err
+}
+
+// StartVM starts a defined VM at the site where it is (not for a VM that
+// a failover runs on views: the failover starts that one).
+func (v *Vault) StartVM(ctx context.Context, name string) (qemu.Status, error) {
+	vm, _, err := get[VM](ctx, v.st, kindVM, name)
+	if err != nil {
+		return qemu.Status{}, err
+	}
+	_, c, err := v.site(ctx, vm.Site)
+	if err != nil {
+		return qemu.Status{}, err
+	}
+	req := agent.VMRequest{Name: vm.Name, Group: vm.Name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Net: qemu.NetUser,
+		Boot: qemu.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
+	if addr := vm.Forwards[vm.Site+"/"+qemu.NetUser]; addr != "" && vm.GuestPort > 0 {
+		req.Forwards = []qemu.Forward{{Host: addr, GuestPort: vm.GuestPort}}
+	}
+	var st qemu.Status
+	return st, c.Do(ctx, "POST", "/v1/vms", req, &st)
 }
 
 // VMs lists the VMs.

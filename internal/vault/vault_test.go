@@ -83,7 +83,7 @@ func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) er
 		f.vms[req.Name] = req
 		set(qemu.Status{Name: req.Name, State: "running"})
 	case method == "DELETE" && strings.HasPrefix(path, "/v1/vms/"):
-		name := strings.TrimPrefix(path, "/v1/vms/")
+		name, _, _ := strings.Cut(strings.TrimPrefix(path, "/v1/vms/"), "?")
 		if _, ok := f.vms[name]; !ok {
 			return errors.New("404 Not Found")
 		}

@@ -1,0 +1,316 @@
+package cli
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/store"
+	"github.com/ferry-dr/ferry/internal/vault"
+	"github.com/schollz/progressbar/v3"
+)
+
+// runVault is "ferry vault run": the control plane daemon.
+func runVault(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 || args[0] != "run" {
+		return fmt.Errorf("%w: ferry vault run --dir DIR --pki PKI [--listen ADDR]", errUsage)
+	}
+	fs := newFlags("vault run", e)
+	dir := fs.String("dir", "", "data directory (SQLite store, tokens) (required)")
+	pkiDir := fs.String("pki", "", "PKI directory with the vault's certificate (NAME.crt) and the CA (required)")
+	name := fs.String("name", "vault", "name of the vault's certificate in --pki")
+	listen := fs.String("listen", "127.0.0.1:7400", "HTTPS address of the API")
+	if err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	if *dir == "" || *pkiDir == "" {
+		return fmt.Errorf("%w: --dir and --pki are required", errUsage)
+	}
+	if err := os.MkdirAll(*dir, 0o700); err != nil {
+		return err
+	}
+	id, err := pki.Load(*pkiDir, *name)
+	if err != nil {
+		return err
+	}
+	st, err := store.OpenSQLite(filepath.Join(*dir, "vault.db"))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	v := vault.New(vault.Config{Store: st, Logger: e.log, Agent: func(addr, site string) vault.AgentAPI {
+		return agent.NewClient(id, addr, site)
+	}})
+	if err := v.Start(ctx); err != nil {
+		return err
+	}
+	defer v.Close()
+	tokFile := filepath.Join(*dir, "operator.token")
+	if _, err := os.Stat(tokFile); errors.Is(err, os.ErrNotExist) {
+		t, err := v.CreateToken(ctx, vault.RoleOperator, "initial")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(tokFile, []byte(t+"\n"), 0o600); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stderr, "created the first operator token in %s\n", tokFile)
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: v.Handler(), ReadHeaderTimeout: 10 * time.Second,
+		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.Cert}}}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	fmt.Fprintf(e.stderr, "vault: https://%s (token in %s; CA %s)\n", ln.Addr(), tokFile, filepath.Join(*pkiDir, pki.CACert))
+	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// vaultClient builds a client from --vault/--token/--ca or FERRY_VAULT,
+// FERRY_TOKEN, FERRY_CA.
+func vaultClient(url, token, ca string) (*vault.Client, error) {
+	url, token, ca = orEnv(url, "FERRY_VAULT"), orEnv(token, "FERRY_TOKEN"), orEnv(ca, "FERRY_CA")
+	if url == "" || token == "" {
+		return nil, fmt.Errorf("%w: set --vault and --token (or FERRY_VAULT and FERRY_TOKEN); 'ferry up' prints them", errUsage)
+	}
+	return vault.NewClient(url, token, ca)
+}
+
+func orEnv(v, name string) string {
+	if v != "" {
+		return v
+	}
+	return os.Getenv(name)
+}
+
+// runVaultCmd handles the DR commands that talk to the vault.
+func runVaultCmd(ctx context.Context, e *env, name string, args []string) error {
+	sub := ""
+	if (name == "site" || name == "vm" || name == "job" || name == "test-failover") && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		sub, args = args[0], args[1:]
+	}
+	full := strings.TrimSpace(name + " " + sub)
+	fs := newFlags(full, e)
+	url := fs.String("vault", "", "vault URL (or FERRY_VAULT)")
+	token := fs.String("token", "", "API token (or FERRY_TOKEN)")
+	ca := fs.String("ca", "", "CA certificate to verify the vault (or FERRY_CA)")
+	to := fs.String("to", "", "recovery site (protect)")
+	policy := fs.String("policy", "", "policy (protect)")
+	point := fs.String("point", "", "recovery point: latest, latest-processed, latest-app-consistent, a point id or an RFC 3339 time")
+	noShutdown := fs.Bool("no-shutdown-source", false, "do not shut the source VM down first (failover)")
+	notes := fs.String("notes", "", "notes recorded with the drill (test-failover cleanup)")
+	wait := fs.Bool("wait", false, "wait for the job, showing its steps; exit non-zero if it fails")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := vaultClient(*url, *token, *ca)
+	if err != nil {
+		return err
+	}
+	arg := func(what string) (string, error) {
+		if fs.NArg() < 1 {
+			return "", fmt.Errorf("%w: ferry %s needs %s", errUsage, full, what)
+		}
+		return fs.Arg(0), nil
+	}
+	job := func(path string, body any) error {
+		var j vault.Job
+		if err := c.Do(ctx, "POST", path, body, &j); err != nil {
+			return err
+		}
+		if !*wait {
+			return e.print(j, fmt.Sprintf("job %s started (%s); follow it with 'ferry job show %s' or use --wait\n", j.ID, j.Action, j.ID))
+		}
+		return waitJob(ctx, e, c, j.ID)
+	}
+	switch full {
+	case "site list", "sites":
+		var sites []vault.Site
+		if err := c.Do(ctx, "GET", "/v1/sites", nil, &sites); err != nil {
+			return err
+		}
+		var b strings.Builder
+		tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "SITE\tADDRESS\tREACHABLE\tLAST SEEN")
+		for _, s := range sites {
+			fmt.Fprintf(tw, "%s\t%s\t%v\t%s\n", s.Name, s.Addr, s.Reachable, s.LastSeen.Format(time.RFC3339))
+		}
+		tw.Flush()
+		return e.print(sites, b.String())
+	case "site add":
+		if fs.NArg() != 2 {
+			return fmt.Errorf("%w: ferry site add NAME ADDR", errUsage)
+		}
+		return c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": fs.Arg(0), "addr": fs.Arg(1)}, nil)
+	case "protections":
+		var ps []vault.Protection
+		if err := c.Do(ctx, "GET", "/v1/protections", nil, &ps); err != nil {
+			return err
+		}
+		var b strings.Builder
+		tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "VM\tDIRECTION\tSTATE\tHEALTH\tRPO\tJOB")
+		for _, p := range ps {
+			st := p.State
+			if p.TestPending {
+				st += " (test-failover-cleanup-pending)"
+			}
+			fmt.Fprintf(tw, "%s\t%s -> %s\t%s\t%s\t%.2fs\t%s\n", p.VM, p.Source, p.Target, st, p.Health, p.RPOSeconds, p.Job)
+		}
+		tw.Flush()
+		return e.print(ps, b.String())
+	case "points":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		var pts []map[string]any
+		if err := c.Do(ctx, "GET", "/v1/protections/"+vm+"/points", nil, &pts); err != nil {
+			return err
+		}
+		var b strings.Builder
+		for _, p := range pts {
+			fmt.Fprintf(&b, "%v\t%v\t%v\t%v\n", p["seq"], p["time"], p["type"], p["label"])
+		}
+		return e.print(pts, b.String())
+	case "protect":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		return job("/v1/protections", map[string]string{"vm": vm, "target": *to, "policy": *policy})
+	case "test-failover":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		return job("/v1/protections/"+vm+"/test-failover", map[string]string{"point": *point})
+	case "test-failover cleanup":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		return job("/v1/protections/"+vm+"/test-failover/cleanup", map[string]string{"notes": *notes})
+	case "failover", "failback":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		shutdown := !*noShutdown
+		return job("/v1/protections/"+vm+"/failover", map[string]any{"point": *point, "shutdown_source": shutdown})
+	case "change-point":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		return job("/v1/protections/"+vm+"/change-point", map[string]string{"point": *point})
+	case "commit":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		return job("/v1/protections/"+vm+"/commit", nil)
+	case "jobs":
+		var js []vault.Job
+		if err := c.Do(ctx, "GET", "/v1/jobs", nil, &js); err != nil {
+			return err
+		}
+		var b strings.Builder
+		for _, j := range js {
+			fmt.Fprintf(&b, "%s\t%s\t%s\t%s\t%s\n", j.ID, j.Action, j.Protection, j.State, j.Error)
+		}
+		return e.print(js, b.String())
+	case "job show":
+		id, err := arg("a job id")
+		if err != nil {
+			return err
+		}
+		var j vault.Job
+		if err := c.Do(ctx, "GET", "/v1/jobs/"+id, nil, &j); err != nil {
+			return err
+		}
+		return e.print(j, jobText(j))
+	}
+	return fmt.Errorf("%w: unknown command %q", errUsage, full)
+}
+
+func jobText(j vault.Job) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "job %s: %s of %s: %s %s\n", j.ID, j.Action, j.Protection, j.State, j.Error)
+	for _, s := range j.Steps {
+		fmt.Fprintf(&b, "  %-28s %-9s %3d%%\n", s.Name, s.State, s.Percent)
+		for _, m := range s.Messages {
+			fmt.Fprintf(&b, "      %s\n", m)
+		}
+	}
+	return b.String()
+}
+
+// waitJob follows a job with a progress bar per step (on stderr) and
+// returns an error if it fails.
+func waitJob(ctx context.Context, e *env, c *vault.Client, id string) error {
+	bars := map[string]*progressbar.ProgressBar{}
+	said := map[string]int{}
+	for {
+		var j vault.Job
+		if err := c.Do(ctx, "GET", "/v1/jobs/"+id, nil, &j); err != nil {
+			return err
+		}
+		for _, s := range j.Steps {
+			if s.State == vault.StepPending {
+				continue
+			}
+			b := bars[s.Name]
+			if b == nil && !e.json {
+				b = progressbar.NewOptions(100, progressbar.OptionSetWriter(e.stderr), progressbar.OptionSetDescription(fmt.Sprintf("%-28s", s.Name)),
+					progressbar.OptionSetWidth(20), progressbar.OptionShowCount(), progressbar.OptionOnCompletion(func() { fmt.Fprintln(e.stderr) }))
+				bars[s.Name] = b
+			}
+			if b != nil {
+				pct := s.Percent
+				if s.State == vault.JobSucceeded || s.State == "skipped" {
+					pct = 100
+				}
+				b.Set(pct)
+				for _, m := range s.Messages[said[s.Name]:] {
+					b.Describe(fmt.Sprintf("%-28s %s", s.Name, m))
+				}
+				said[s.Name] = len(s.Messages)
+			}
+		}
+		if j.State != vault.JobRunning {
+			for _, b := range bars {
+				b.Finish()
+			}
+			if err := e.print(j, "\n"+jobText(j)); err != nil {
+				return err
+			}
+			if j.State == vault.JobFailed {
+				return fmt.Errorf("job %s failed: %s", j.ID, j.Error)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
