@@ -23,14 +23,16 @@ import (
 
 // Frame types.
 const (
-	TypeHello     = 1 // source -> recovery: JSON Hello
-	TypeWelcome   = 2 // recovery -> source: JSON Welcome
-	TypeBaseStart = 3 // source -> recovery: JSON BaseStart
-	TypeBaseData  = 4 // source -> recovery: disk u16, offset u64, data
-	TypeBaseDone  = 5 // source -> recovery: JSON BaseDone
-	TypeEntries   = 6 // source -> recovery: journal entries, encoded as in segments
-	TypeAck       = 7 // recovery -> source: u64 seq durable
-	TypeError     = 8 // either way: UTF-8 message, then the sender closes
+	TypeHello     = 1  // source -> recovery: JSON Hello
+	TypeWelcome   = 2  // recovery -> source: JSON Welcome
+	TypeBaseStart = 3  // source -> recovery: JSON BaseStart
+	TypeBaseData  = 4  // source -> recovery: disk u16, offset u64, data
+	TypeBaseDone  = 5  // source -> recovery: JSON BaseDone
+	TypeEntries   = 6  // source -> recovery: journal entries, encoded as in segments
+	TypeAck       = 7  // recovery -> source: u64 seq durable
+	TypeError     = 8  // either way: UTF-8 message, then the sender closes
+	TypeHashReq   = 9  // source -> recovery: disk id u16, chunk size u32 (delta copy)
+	TypeHashes    = 10 // recovery -> source: 16 bytes per chunk of that disk
 )
 
 // MaxFrame bounds a frame's body.
@@ -49,11 +51,32 @@ type Hello struct {
 // Welcome answers Hello.
 type Welcome struct {
 	NextSeq uint64 `json:"next_seq"` // 0: send an initial copy first
+	// Delta: the recovery site holds older images of these disks (an old
+	// source after a failover); the copy may send only chunks that differ.
+	Delta bool `json:"delta,omitempty"`
 }
 
 // BaseStart begins an initial copy; the journal continues at StartSeq.
 type BaseStart struct {
 	StartSeq uint64 `json:"start_seq"`
+	Delta    bool   `json:"delta,omitempty"` // keep the images; only differing chunks follow
+}
+
+// EncodeHashReq builds a TypeHashReq body.
+func EncodeHashReq(diskID uint16, chunk uint32) []byte {
+	return binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint16(nil, diskID), chunk)
+}
+
+// DecodeHashReq parses a TypeHashReq body.
+func DecodeHashReq(b []byte) (uint16, uint32, error) {
+	if len(b) != 6 {
+		return 0, 0, fmt.Errorf("%w: hash request of %d bytes", ErrFrame, len(b))
+	}
+	chunk := binary.BigEndian.Uint32(b[2:])
+	if chunk < 4096 || chunk > 16<<20 {
+		return 0, 0, fmt.Errorf("%w: chunk size %d", ErrFrame, chunk)
+	}
+	return binary.BigEndian.Uint16(b), chunk, nil
 }
 
 // BaseDone ends an initial copy; the replica is consistent from EndSeq.

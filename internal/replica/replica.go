@@ -14,9 +14,11 @@ package replica
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -250,11 +252,25 @@ func (r *Replica) indexNew() error {
 // disks, whose journal will continue at startSeq. Existing replica data is
 // discarded.
 func (r *Replica) Begin(group string, disks []disk.Spec, startSeq uint64) error {
+	return r.begin(group, disks, startSeq, false)
+}
+
+// BeginDelta is Begin for a delta copy: images that exist with the right
+// size are kept (the sender sends only the chunks whose hashes differ,
+// see ChunkHashes); the others start empty.
+func (r *Replica) BeginDelta(group string, disks []disk.Spec, startSeq uint64) error {
+	return r.begin(group, disks, startSeq, true)
+}
+
+func (r *Replica) begin(group string, disks []disk.Spec, startSeq uint64, keep bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.closeData()
-	for _, sub := range []string{"journal", "images"} {
-		if err := os.RemoveAll(filepath.Join(r.cfg.Dir, sub)); err != nil {
+	if err := os.RemoveAll(filepath.Join(r.cfg.Dir, "journal")); err != nil {
+		return err
+	}
+	if !keep {
+		if err := os.RemoveAll(filepath.Join(r.cfg.Dir, "images")); err != nil {
 			return err
 		}
 	}
@@ -265,7 +281,11 @@ func (r *Replica) Begin(group string, disks []disk.Spec, startSeq uint64) error 
 		if s.Name == "" || filepath.Base(s.Name) != s.Name || s.Size <= 0 {
 			return fmt.Errorf("replica: invalid disk %+v", s)
 		}
-		f, err := os.OpenFile(r.imagePath(s.Name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+		flags := os.O_RDWR | os.O_CREATE | os.O_TRUNC
+		if fi, err := os.Stat(r.imagePath(s.Name)); keep && err == nil && fi.Size() == s.Size {
+			flags = os.O_RDWR // reuse: the delta copy fixes what differs
+		}
+		f, err := os.OpenFile(r.imagePath(s.Name), flags, 0o600)
 		if err != nil {
 			return err
 		}
@@ -281,6 +301,76 @@ func (r *Replica) Begin(group string, disks []disk.Spec, startSeq uint64) error 
 	}
 	r.last = journal.Entry{}
 	return r.openData()
+}
+
+// HasImages reports whether the replica holds images of exactly these
+// disks (sizes included): a delta copy can then reuse them.
+func (r *Replica) HasImages(disks []disk.Spec) bool {
+	for _, d := range disks {
+		fi, err := os.Stat(r.imagePath(d.Name))
+		if err != nil || fi.Size() != d.Size {
+			return false
+		}
+	}
+	return len(disks) > 0
+}
+
+// ChunkHashes hashes the image of disk id in chunks of size bytes (SHA-256
+// truncated to 16 bytes each), for a delta copy.
+func (r *Replica) ChunkHashes(id uint16, size int64) ([]byte, error) {
+	r.mu.RLock()
+	f := r.images[id]
+	r.mu.RUnlock()
+	if f == nil {
+		return nil, fmt.Errorf("%w: id %d", ErrUnknownDisk, id)
+	}
+	return HashChunks(f, size)
+}
+
+// HashChunks hashes everything readable from r in chunks of size bytes.
+func HashChunks(r io.ReaderAt, size int64) ([]byte, error) {
+	var out []byte
+	buf := make([]byte, size)
+	for off := int64(0); ; off += size {
+		n, err := r.ReadAt(buf, off)
+		if n > 0 {
+			h := sha256.Sum256(buf[:n])
+			out = append(out, h[:16]...)
+		}
+		if err == io.EOF || n < len(buf) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// Adopt turns existing disk images (an old source's disks after a
+// failover) into a replica that is not consistent yet but whose images a
+// delta copy can reuse. The image files are moved, not copied.
+func Adopt(cfg Config, group string, disks []disk.Spec, images map[string]string) (*Replica, error) {
+	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
+		return nil, err
+	}
+	for name, path := range images {
+		if err := os.Rename(path, filepath.Join(cfg.Dir, "images", name+".img")); err != nil {
+			return nil, fmt.Errorf("adopt image %s: %w", name, err)
+		}
+	}
+	r := &Replica{cfg: cfg, log: cfg.Logger}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+		r.cfg.Logger = r.log
+	}
+	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: 1}
+	if err := r.saveManifest(); err != nil {
+		return nil, err
+	}
+	if err := r.openData(); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 // WriteBase writes initial-copy data.

@@ -85,7 +85,11 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 	if next != 0 && !sameDisks(rep.Disks(), hello.Disks) {
 		next = 0 // the source's disks changed: copy again
 	}
-	if err := c.WriteJSON(link.TypeWelcome, link.Welcome{NextSeq: next}); err != nil {
+	w := link.Welcome{NextSeq: next}
+	if next == 0 {
+		w.Delta = rep.HasImages(hello.Disks)
+	}
+	if err := c.WriteJSON(link.TypeWelcome, w); err != nil {
 		return err
 	}
 	var es []journal.Entry
@@ -118,8 +122,24 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 			if err := decodeJSON(body, &bs); err != nil {
 				return err
 			}
-			if err := rep.Begin(hello.Group, hello.Disks, bs.StartSeq); err != nil {
+			begin := rep.Begin
+			if bs.Delta {
+				begin = rep.BeginDelta
+			}
+			if err := begin(hello.Group, hello.Disks, bs.StartSeq); err != nil {
 				return fmt.Errorf("begin initial copy: %w", err)
+			}
+		case link.TypeHashReq:
+			id, chunk, err := link.DecodeHashReq(body)
+			if err != nil {
+				return err
+			}
+			h, err := rep.ChunkHashes(id, int64(chunk))
+			if err != nil {
+				return err
+			}
+			if err := c.Write(link.TypeHashes, h); err != nil {
+				return err
 			}
 		case link.TypeBaseData:
 			id, off, data, err := link.DecodeBaseData(body)

@@ -3,6 +3,7 @@ package replication
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -380,7 +381,7 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 	}
 	if next == 0 {
 		s.setState(StateInitialSync)
-		if next, err = s.initialCopy(ctx, c); err != nil {
+		if next, err = s.initialCopy(ctx, c, w.Delta); err != nil {
 			return fmt.Errorf("initial copy: %w", err)
 		}
 		s.dropBitmap() // a full copy covers every dirty block
@@ -505,7 +506,12 @@ func (s *Shipper) readAcks(c *link.Conn) error {
 // sequence from which to stream. The journal is held from the copy's start,
 // so every write that lands during the copy is sent again as an entry:
 // the replica is consistent once it has the entries up to the copy's end.
-func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn) (uint64, error) {
+//
+// With delta (the recovery site holds older images of the same disks), it
+// first asks for the hashes of the recovery site's chunks and sends only
+// the chunks whose hashes differ: a reprotect after a failover sends what
+// diverged, not the disks.
+func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (uint64, error) {
 	g := s.cfg.Group
 	start := g.HoldNext(holder)
 	s.mu.Lock()
@@ -518,16 +524,33 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn) (uint64, error)
 	s.mu.Lock()
 	s.copyDone, s.copyTotal = 0, total
 	s.mu.Unlock()
-	if err := c.WriteJSON(link.TypeBaseStart, link.BaseStart{StartSeq: start}); err != nil {
+	if err := c.WriteJSON(link.TypeBaseStart, link.BaseStart{StartSeq: start, Delta: delta}); err != nil {
 		return 0, err
 	}
-	const chunk = 1 << 20
+	chunk := int64(1 << 20)
+	if delta {
+		chunk = ChunkSize // finer: fewer bytes for scattered differences
+	}
 	buf := make([]byte, chunk)
 	zero := make([]byte, chunk)
 	for _, spec := range g.Disks() {
 		d, err := g.Disk(spec.Name)
 		if err != nil {
 			return 0, err
+		}
+		var theirs []byte
+		if delta {
+			if err := c.Write(link.TypeHashReq, link.EncodeHashReq(spec.ID, uint32(chunk))); err != nil {
+				return 0, err
+			}
+			typ, body, err := c.Read()
+			if err != nil {
+				return 0, fmt.Errorf("hashes of disk %s: %w", spec.Name, err)
+			}
+			if typ != link.TypeHashes {
+				return 0, fmt.Errorf("%w: frame type %d instead of hashes", link.ErrFrame, typ)
+			}
+			theirs = append([]byte(nil), body...)
 		}
 		for off := int64(0); off < spec.Size; off += chunk {
 			if ctx.Err() != nil {
@@ -537,7 +560,13 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn) (uint64, error)
 			if err := d.ReadAt(ctx, buf[:n], off); err != nil {
 				return 0, err
 			}
-			if !bytes.Equal(buf[:n], zero[:n]) { // the replica image starts sparse
+			send := !bytes.Equal(buf[:n], zero[:n]) // the replica image starts sparse
+			if delta {
+				i := int(off/chunk) * 16
+				h := sha256.Sum256(buf[:n])
+				send = i+16 > len(theirs) || !bytes.Equal(h[:16], theirs[i:i+16])
+			}
+			if send {
 				if err := c.Write(link.TypeBaseData, link.EncodeBaseData(spec.ID, off), buf[:n]); err != nil {
 					return 0, err
 				}
