@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -182,6 +183,56 @@ func TestDRLifecycle(t *testing.T) {
 		st, err := guest.FetchState(webB)
 		return err == nil && st.LastDurable > after.LastDurable
 	})
+
+	// Reprotect B -> A: the plan reuses A's disks; only differences go.
+	var plan vault.ReprotectPlan
+	if err := c.Do(ctx, "GET", "/v1/protections/web/reprotect-plan", nil, &plan); err != nil {
+		t.Fatal(err)
+	}
+	if plan.From != "siteB" || plan.To != "siteA" || len(plan.Disks) != 1 || plan.Disks[0].Action != "reuse" {
+		t.Fatalf("reprotect plan: %+v", plan)
+	}
+	rp := runJob("/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	t.Logf("reprotect: %v", rp.Steps[len(rp.Steps)-1].Messages)
+	if p := protection(); p.State != vault.StateProtected || p.Source != "siteB" || p.Target != "siteA" {
+		t.Fatalf("after reprotect: %+v", p)
+	}
+	checkSent := func(j vault.Job) {
+		t.Helper()
+		var sent, total int64
+		for _, m := range j.Steps[len(j.Steps)-1].Messages {
+			fmt.Sscanf(m, "sent %d bytes for %d bytes", &sent, &total)
+		}
+		if total == 0 || sent >= total/2 {
+			t.Fatalf("reprotect sent %d of %d bytes: not a delta", sent, total)
+		}
+	}
+	checkSent(rp)
+
+	// Failback with shutdown: nothing lost.
+	until(t, 30*time.Second, "a recovery point at site A", func() bool {
+		var pts []map[string]any
+		return c.Do(ctx, "GET", "/v1/protections/web/points", nil, &pts) == nil && len(pts) > 0
+	})
+	beforeB, err := guest.FetchState(webB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runJob("/v1/protections/web/failover", map[string]any{"point": "latest", "shutdown_source": true}, vault.JobSucceeded)
+	var back guest.WorkloadState
+	until(t, 90*time.Second, "the workload back at site A", func() bool {
+		back, err = guest.FetchState(webA)
+		return err == nil && back.LastDurable > 0
+	})
+	if back.LastDurable < beforeB.LastDurable || back.ChecksumErrors != 0 {
+		t.Fatalf("failback lost records: %d before, %+v after", beforeB.LastDurable, back)
+	}
+	runJob("/v1/protections/web/commit", nil, vault.JobSucceeded)
+	rp2 := runJob("/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	checkSent(rp2)
+	if p := protection(); p.State != vault.StateProtected || p.Source != "siteA" || p.Target != "siteB" {
+		t.Fatalf("full circle: %+v", p)
+	}
 }
 
 func stepNames(j vault.Job) []string {

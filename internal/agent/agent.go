@@ -446,6 +446,64 @@ func (a *Agent) DeleteGroup(name string) error {
 	return os.RemoveAll(a.groupDir(name))
 }
 
+// GroupToReplica turns a group that no VM runs on (the old source after a
+// failover) into a replica of the same name whose images a delta copy
+// reuses: replication stops, the exports go, the journal is dropped and the
+// images are moved into the replica. It returns the disks reused.
+func (a *Agent) GroupToReplica(ctx context.Context, name string) ([]disk.Spec, error) {
+	a.mu.Lock()
+	gr := a.groups[name]
+	var same []*runningVM
+	for _, v := range a.vms {
+		if v.group == name {
+			same = append(same, v)
+		}
+	}
+	a.mu.Unlock()
+	busy := false
+	for _, v := range same { // QMP calls: outside the agent's lock
+		busy = busy || v.vm.Status(ctx).State != qemu.StateStopped
+	}
+	if gr == nil {
+		return nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if busy {
+		return nil, fmt.Errorf("%w: a VM runs on group %q; shut it down first", ErrConflict, name)
+	}
+	if gr.shipper != nil {
+		a.DisableReplication(name)
+	}
+	a.stopGroup(gr)
+	specs := gr.g.Disks()
+	for _, d := range specs {
+		a.nbd.RemoveExport(exportName(name, d.Name))
+	}
+	if err := gr.g.Close(); err != nil {
+		return nil, fmt.Errorf("close group %s: %w", name, err)
+	}
+	a.mu.Lock()
+	delete(a.groups, name)
+	for n, v := range a.vms {
+		if v.group == name {
+			delete(a.vms, n)
+		}
+	}
+	a.mu.Unlock()
+	images := map[string]string{}
+	for _, d := range specs {
+		images[d.Name] = filepath.Join(a.groupDir(name), "images", d.Name+".img")
+	}
+	a.dropReplica(name)
+	rep, err := replica.Adopt(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log}, name, specs, images)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	a.replicas[name] = rep
+	a.mu.Unlock()
+	return specs, os.RemoveAll(a.groupDir(name))
+}
+
 // EnableReplication starts replicating group to the peer agent.
 func (a *Agent) EnableReplication(name string, rc replConfig) error {
 	if rc.PeerAddr == "" || rc.PeerName == "" {

@@ -60,6 +60,10 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, map[string]string{"replicating": r.PathValue("name"), "to": rc.PeerName}, a.EnableReplication(r.PathValue("name"), rc))
 	})
+	mux.HandleFunc("POST /v1/groups/{name}/to-replica", func(w http.ResponseWriter, r *http.Request) {
+		specs, err := a.GroupToReplica(r.Context(), r.PathValue("name"))
+		reply(w, map[string]any{"replica": r.PathValue("name"), "reused": specs}, err)
+	})
 	mux.HandleFunc("DELETE /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"stopped": r.PathValue("name")}, a.DisableReplication(r.PathValue("name")))
 	})

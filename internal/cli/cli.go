@@ -41,6 +41,8 @@ func commands() []command {
 		{"failover", "fail a VM over to its recovery site (--point, --no-shutdown-source)", vcmd("failover")},
 		{"change-point", "restart a failed-over VM on another point (--point)", vcmd("change-point")},
 		{"commit", "make a failover final", vcmd("commit")},
+		{"reprotect", "replicate back the other way after a commit (--dry-run shows the plan)", vcmd("reprotect")},
+		{"failback", "fail over in the reverse direction (same options as failover)", vcmd("failback")},
 		{"jobs", "list jobs", vcmd("jobs")},
 		{"job", "show a job (job show ID)", vcmd("job")},
 		{"site", "list or add sites (site list | site add NAME ADDR)", vcmd("site")},

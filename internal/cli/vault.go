@@ -117,6 +117,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	noShutdown := fs.Bool("no-shutdown-source", false, "do not shut the source VM down first (failover)")
 	notes := fs.String("notes", "", "notes recorded with the drill (test-failover cleanup)")
 	wait := fs.Bool("wait", false, "wait for the job, showing its steps; exit non-zero if it fails")
+	dryRun := fs.Bool("dry-run", false, "show the reprotect plan without doing it (reprotect)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -227,6 +228,25 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return err
 		}
 		return job("/v1/protections/"+vm+"/commit", nil)
+	case "reprotect":
+		vm, err := arg("a VM")
+		if err != nil {
+			return err
+		}
+		if *dryRun {
+			var plan vault.ReprotectPlan
+			if err := c.Do(ctx, "GET", "/v1/protections/"+vm+"/reprotect-plan", nil, &plan); err != nil {
+				return err
+			}
+			var b strings.Builder
+			fmt.Fprintf(&b, "reprotect %s: replicate %s -> %s\n  VM %s at %s: %s\n", vm, plan.From, plan.To, plan.VM.Name, plan.To, plan.VM.Action)
+			for _, d := range plan.Disks {
+				fmt.Fprintf(&b, "  disk %-10s %12d bytes: %s\n", d.Name, d.Size, d.Action)
+			}
+			fmt.Fprintf(&b, "  sends at most %d bytes; reused disks send only the chunks that differ\n", plan.MaxBytes)
+			return e.print(plan, b.String())
+		}
+		return job("/v1/protections/"+vm+"/reprotect", nil)
 	case "jobs":
 		var js []vault.Job
 		if err := c.Do(ctx, "GET", "/v1/jobs", nil, &js); err != nil {

@@ -350,3 +350,148 @@ func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
 		return func(p *Protection) { p.State = StateCommitted }, nil
 	})
 }
+
+// ReprotectPlan says what a reprotect will reuse and create at the site
+// that becomes the recovery site.
+type ReprotectPlan struct {
+	From  string     `json:"from"` // the new source (where the VM runs)
+	To    string     `json:"to"`   // the new recovery site
+	Disks []PlanItem `json:"disks"`
+	VM    PlanItem   `json:"vm"`
+	// MaxBytes is the most a reprotect sends (the disks' size); reused
+	// disks send only the chunks that differ.
+	MaxBytes int64 `json:"max_bytes"`
+}
+
+// PlanItem is one thing reused or created.
+type PlanItem struct {
+	Name   string `json:"name"`
+	Size   int64  `json:"size,omitempty"`
+	Action string `json:"action"` // "reuse" or "create (new)"
+}
+
+// PlanReprotect shows what a reprotect of vm would do.
+func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan, error) {
+	p, err := v.Protection(ctx, vmName)
+	if err != nil {
+		return ReprotectPlan{}, err
+	}
+	if err := guard(&p, ActReprotect); err != nil {
+		return ReprotectPlan{}, err
+	}
+	vm, _, err := get[VM](ctx, v.st, kindVM, vmName)
+	if err != nil {
+		return ReprotectPlan{}, err
+	}
+	other, oc, err := v.site(ctx, p.Source)
+	if err != nil {
+		return ReprotectPlan{}, err
+	}
+	if !other.Reachable {
+		return ReprotectPlan{}, fmt.Errorf("%w: %s is unreachable; reprotect needs it back", ErrForbidden, other.Name)
+	}
+	var st agent.Status
+	if err := oc.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+		return ReprotectPlan{}, err
+	}
+	have := map[string]int64{}
+	for _, g := range st.Groups {
+		if g.Name == vmName {
+			for _, d := range g.Disks {
+				have[d.Name] = d.Size
+			}
+		}
+	}
+	plan := ReprotectPlan{From: p.Target, To: p.Source, VM: PlanItem{Name: vmName, Action: "reuse"}}
+	if len(have) == 0 {
+		plan.VM.Action = "create (new)"
+	}
+	for _, d := range vm.Disks {
+		it := PlanItem{Name: d.Name, Size: d.Size, Action: "create (new)"}
+		if have[d.Name] == d.Size {
+			it.Action = "reuse"
+		}
+		plan.Disks = append(plan.Disks, it)
+		plan.MaxBytes += d.Size
+	}
+	return plan, nil
+}
+
+// Reprotect replicates the VM in the reverse direction: from where it runs
+// now back to the site it failed over from, reusing the disks there and
+// sending only the chunks that differ.
+func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
+	plan, err := v.PlanReprotect(ctx, vmName)
+	if err != nil {
+		return Job{}, err
+	}
+	steps := []string{"prerequisites check", "shut down VM at " + plan.To, "reuse disks at " + plan.To, "start replication", "synchronize differences", "protected"}
+	return v.startJob(ctx, vmName, ActReprotect, steps, map[string]string{"from": plan.From, "to": plan.To}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		r.Step(ctx, "prerequisites check")
+		for _, d := range plan.Disks {
+			r.Say(ctx, 100, "disk %s (%d bytes): %s", d.Name, d.Size, d.Action)
+		}
+		_, fc, err := v.site(ctx, plan.From)
+		if err != nil {
+			return nil, err
+		}
+		to, tc, err := v.site(ctx, plan.To)
+		if err != nil {
+			return nil, err
+		}
+		r.Step(ctx, "shut down VM at "+to.Name)
+		var out struct{ Steps []string }
+		if err := tc.Do(ctx, "DELETE", "/v1/vms/"+vmName, nil, &out); err != nil && !isNotFound(err) {
+			return nil, err
+		}
+		for _, s := range out.Steps {
+			r.Say(ctx, -1, "%s", s)
+		}
+		r.Step(ctx, "reuse disks at "+to.Name)
+		if plan.VM.Action == "reuse" {
+			if err := tc.Do(ctx, "POST", "/v1/groups/"+vmName+"/to-replica", nil, nil); err != nil {
+				return nil, err
+			}
+			r.Say(ctx, 100, "the old disks at %s are now the replica", to.Name)
+		} else {
+			r.Skip(ctx, "reuse disks at "+to.Name, "no disks to reuse: a full copy")
+		}
+		r.Step(ctx, "start replication")
+		if err := fc.Do(ctx, "POST", "/v1/groups/"+vmName+"/replication", map[string]string{"peer_addr": to.Addr, "peer_name": to.Name}, nil); err != nil {
+			return nil, err
+		}
+		r.Step(ctx, "synchronize differences")
+		var sent, total int64
+		for {
+			var st agent.Status
+			if err := fc.Do(ctx, "GET", "/v1/status", nil, &st); err == nil {
+				for _, g := range st.Groups {
+					if g.Name != vmName || g.Replication == nil {
+						continue
+					}
+					rs := g.Replication
+					sent, total = rs.SentBytes, rs.CopyTotal
+					if total > 0 {
+						r.Say(ctx, int(rs.CopyDone*100/total), "compared %d of %d bytes, sent %d", rs.CopyDone, total, sent)
+					}
+					if rs.State == "streaming" && rs.AckedSeq == g.LastSeq {
+						goto done
+					}
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	done:
+		r.Step(ctx, "protected")
+		r.Say(ctx, 100, "sent %d bytes for %d bytes of disks (%.3f)", sent, total, float64(sent)/float64(max(total, 1)))
+		return func(p *Protection) {
+			p.Source, p.Target = plan.From, plan.To
+			p.State, p.FailoverSeq, p.Health = StateProtected, 0, "healthy"
+			p.History = append(p.History, HistoryEntry{Action: "reprotect", Time: v.now(), Notes: fmt.Sprintf("sent %d of %d bytes", sent, total)})
+		}, nil
+	})
+}

@@ -72,15 +72,9 @@ func (v *Vault) Handler() http.Handler {
 	act(v, mux, "POST /v1/protections/{vm}/commit", func(r *http.Request, _ struct{}) (any, error) {
 		return v.Commit(r.Context(), r.PathValue("vm"))
 	})
+	read("GET /v1/protections/{vm}/reprotect-plan", func(r *http.Request) (any, error) { return v.PlanReprotect(r.Context(), r.PathValue("vm")) })
 	act(v, mux, "POST /v1/protections/{vm}/reprotect", func(r *http.Request, _ struct{}) (any, error) {
-		p, err := v.Protection(r.Context(), r.PathValue("vm"))
-		if err != nil {
-			return nil, err
-		}
-		if err := guard(&p, ActReprotect); err != nil {
-			return nil, err
-		}
-		return nil, fmt.Errorf("%w: reprotect is not built yet", ErrInvalid)
+		return v.Reprotect(r.Context(), r.PathValue("vm"))
 	})
 	return mux
 }
