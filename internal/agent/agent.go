@@ -91,6 +91,10 @@ type group struct {
 	repl    *replConfig
 	shipper *replication.Shipper
 	stop    chan struct{}
+	// fenced: a failover made another site the active one (generation);
+	// this group must not run its VM or replicate as a source until it
+	// is reprotected (turned into a replica).
+	fenced int64
 }
 
 type replConfig struct {
@@ -259,7 +263,10 @@ func (a *Agent) openGroup(name string) error {
 		return err
 	}
 	gr := &group{name: name, g: g, stop: make(chan struct{})}
-	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "replication.json")); err == nil {
+	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "fenced")); err == nil {
+		fmt.Sscan(string(b), &gr.fenced)
+	}
+	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "replication.json")); err == nil && gr.fenced == 0 {
 		var rc replConfig
 		if err := json.Unmarshal(b, &rc); err == nil {
 			gr.repl = &rc
@@ -446,6 +453,27 @@ func (a *Agent) DeleteGroup(name string) error {
 	return os.RemoveAll(a.groupDir(name))
 }
 
+// Fence records that generation gen of the group is active at another site
+// (after a failover): the group stops replicating as a source and will not
+// run its VM, across restarts, until it is reprotected. Idempotent.
+func (a *Agent) Fence(name string, gen int64) error {
+	a.mu.Lock()
+	gr := a.groups[name]
+	a.mu.Unlock()
+	if gr == nil {
+		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if err := os.WriteFile(filepath.Join(a.groupDir(name), "fenced"), []byte(fmt.Sprint(gen)), 0o600); err != nil {
+		return err
+	}
+	gr.fenced = gen
+	if gr.shipper != nil {
+		a.DisableReplication(name)
+	}
+	a.log.Warn("group fenced: another site runs a newer generation", "group", name, "generation", gen)
+	return nil
+}
+
 // GroupToReplica turns a group that no VM runs on (the old source after a
 // failover) into a replica of the same name whose images a delta copy
 // reuses: replication stops, the exports go, the journal is dropped and the
@@ -583,6 +611,21 @@ func (a *Agent) openReplica(name string) (*replica.Replica, error) {
 func (a *Agent) replicaFor(h link.Hello) (*replica.Replica, error) {
 	if !validName(h.Group) {
 		return nil, fmt.Errorf("%w: group name %q", ErrInvalid, h.Group)
+	}
+	// Split-brain guard: a group that is a source here (promoted by a
+	// failover), or a replica a failed-over VM runs on, takes no stream
+	// from the old source; the vault reprotects in the other direction.
+	a.mu.Lock()
+	_, isSource := a.groups[h.Group]
+	onIt := false
+	for _, v := range a.vms {
+		if v.group == h.Group && len(v.views) > 0 {
+			onIt = true
+		}
+	}
+	a.mu.Unlock()
+	if isSource || onIt {
+		return nil, fmt.Errorf("%w: %s runs here since a failover; %s holds an old generation and must be reprotected, not replicate", ErrConflict, h.Group, h.Source)
 	}
 	return a.openReplica(h.Group)
 }

@@ -60,6 +60,15 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, map[string]string{"replicating": r.PathValue("name"), "to": rc.PeerName}, a.EnableReplication(r.PathValue("name"), rc))
 	})
+	mux.HandleFunc("POST /v1/groups/{name}/fence", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Generation int64 `json:"generation"`
+		}
+		if !decode(w, r, &req) {
+			return
+		}
+		reply(w, map[string]any{"fenced": r.PathValue("name"), "generation": req.Generation}, a.Fence(r.PathValue("name"), req.Generation))
+	})
 	mux.HandleFunc("POST /v1/groups/{name}/to-replica", func(w http.ResponseWriter, r *http.Request) {
 		specs, err := a.GroupToReplica(r.Context(), r.PathValue("name"))
 		reply(w, map[string]any{"replica": r.PathValue("name"), "reused": specs}, err)

@@ -82,6 +82,9 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	if gr == nil && rep == nil {
 		return qemu.Status{}, fmt.Errorf("%w: group or replica %q", ErrNotFound, owner)
 	}
+	if gr != nil && gr.fenced != 0 {
+		return qemu.Status{}, fmt.Errorf("%w: group %q is fenced: generation %d runs at another site since a failover; reprotect it", ErrConflict, owner, gr.fenced)
+	}
 	if exists {
 		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or %q already runs a VM", ErrConflict, req.Name, owner)
 	}

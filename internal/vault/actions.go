@@ -243,7 +243,7 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		}
 		v.moveVM(ctx, p.VM, dst.Name)
 		return func(p *Protection) {
-			p.State, p.FailoverSeq = StateFailedOver, pt.Seq
+			p.State, p.FailoverSeq, p.Fenced = StateFailedOver, pt.Seq, false
 			p.Generation++
 			p.History = append(p.History, HistoryEntry{Action: "failover", Time: started, Point: pt.Seq,
 				Duration: v.now().Sub(started).Round(time.Millisecond).String()})
@@ -490,7 +490,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 		r.Say(ctx, 100, "sent %d bytes for %d bytes of disks (%.3f)", sent, total, float64(sent)/float64(max(total, 1)))
 		return func(p *Protection) {
 			p.Source, p.Target = plan.From, plan.To
-			p.State, p.FailoverSeq, p.Health = StateProtected, 0, "healthy"
+			p.State, p.FailoverSeq, p.Health, p.Fenced = StateProtected, 0, "healthy", false
 			p.History = append(p.History, HistoryEntry{Action: "reprotect", Time: v.now(), Notes: fmt.Sprintf("sent %d of %d bytes", sent, total)})
 		}, nil
 	})

@@ -107,6 +107,9 @@ type Protection struct {
 	FailoverSeq uint64  `json:"failover_seq,omitempty"`
 	Health      string  `json:"health"`
 	RPOSeconds  float64 `json:"rpo_seconds"`
+	// Fenced: the old source site acknowledged the new generation (set
+	// once it is reachable again after a failover).
+	Fenced bool `json:"fenced,omitempty"`
 	// History of drills and failovers.
 	History []HistoryEntry `json:"history,omitempty"`
 }

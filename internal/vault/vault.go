@@ -224,7 +224,28 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 		}
 		if err == nil {
 			v.updateRPO(ctx, s.Name, st)
+			v.fence(ctx, s.Name, c)
 		}
+	}
+}
+
+// fence tells a reachable site that was the source of a failed-over
+// protection that a newer generation runs elsewhere, once.
+func (v *Vault) fence(ctx context.Context, site string, c AgentAPI) {
+	ps, err := v.Protections(ctx)
+	if err != nil {
+		return
+	}
+	for _, p := range ps {
+		if p.Source != site || p.Fenced || (p.State != StateFailedOver && p.State != StateCommitted) {
+			continue
+		}
+		err := c.Do(ctx, "POST", "/v1/groups/"+p.VM+"/fence", map[string]int64{"generation": p.Generation}, nil)
+		if err != nil && !strings.Contains(err.Error(), "404") {
+			continue
+		}
+		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.Fenced = true; return nil })
+		v.log.Info("old source fenced", "vm", p.VM, "site", site, "generation", p.Generation)
 	}
 }
 
