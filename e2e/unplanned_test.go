@@ -1,0 +1,182 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/guest"
+	"github.com/ferry-dr/ferry/internal/vault"
+)
+
+// TestUnplannedFailoverAndFencing kills the source site (SIGKILL) while
+// its VM runs, fails over to the recovery site, brings the source back:
+// it must not start the VM or replicate as a source (fencing), the vault
+// fences it, and reprotect proceeds. The records at the recovery site are
+// a prefix of what the source wrote, up to the RPO.
+func TestUnplannedFailoverAndFencing(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	g := guestDir(t)
+	s := twoSites(t)
+	c, ctx := startVault(t, s)
+	webA, webB := freePort(t), freePort(t)
+	createWorkloadVM(t, c, s, g, webA, webB)
+	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	until(t, 90*time.Second, "records replicated", func() bool {
+		st, err := guest.FetchState(webA)
+		return err == nil && st.LastDurable > 100
+	})
+	before, _ := guest.FetchState(webA)
+	// The source site dies.
+	killed := time.Now()
+	s.a.kill()
+	until(t, 15*time.Second, "the vault to see site A unreachable", func() bool {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		for _, x := range sites {
+			if x.Name == "siteA" && !x.Reachable {
+				return true
+			}
+		}
+		return false
+	})
+	t.Logf("site A unreachable %v after the kill", time.Since(killed).Round(time.Millisecond))
+	fo := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
+	if !strings.Contains(strings.Join(fo.Steps[1].Messages, " "), "source site is down") {
+		t.Fatalf("the job does not say the source was down: %+v", fo.Steps[1])
+	}
+	var after guest.WorkloadState
+	until(t, 90*time.Second, "the workload at site B", func() bool {
+		st, err := guest.FetchState(webB)
+		after = st
+		return err == nil && st.LastDurable > 0
+	})
+	t.Logf("unplanned failover: %d records durable at A before the kill sample, %d at B after", before.LastDurable, after.LastDurable)
+	if after.ChecksumErrors != 0 {
+		t.Fatalf("damaged records after an unplanned failover: %+v", after)
+	}
+	// Site A comes back; its group still says "replicate to B".
+	s.a.start(t)
+	until(t, 20*time.Second, "the vault to fence site A", func() bool {
+		var p vault.Protection
+		c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+		return p.Fenced
+	})
+	ca := s.ca
+	err := ca.Do(ctx, "POST", "/v1/vms", agent.VMRequest{Name: "web", Group: "web", MemoryMiB: 256}, nil)
+	if err == nil || !strings.Contains(err.Error(), "fenced") {
+		t.Fatalf("starting the VM at the fenced old source: %v", err)
+	}
+	var st agent.Status
+	ca.Do(ctx, "GET", "/v1/status", nil, &st)
+	for _, gs := range st.Groups {
+		if gs.Replication != nil {
+			t.Fatalf("the fenced old source still replicates: %+v", gs.Replication)
+		}
+	}
+	runJob(t, c, "/v1/protections/web/commit", nil, vault.JobSucceeded)
+	runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	var p vault.Protection
+	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if p.State != vault.StateProtected || p.Source != "siteB" {
+		t.Fatalf("after reprotect: %+v", p)
+	}
+}
+
+// startVault runs a vault process for the two sites and returns an
+// operator client; both sites are added and reachable.
+func startVault(t *testing.T, s *sites) (*vault.Client, context.Context) {
+	t.Helper()
+	pk := s.a.pki
+	run(t, ferryBin, "ca", "issue", "--pki", pk, "vault")
+	vdir := filepath.Join(s.root, "vault")
+	vaddr := freePort(t)
+	cmd := exec.Command(ferryBin, "vault", "run", "--dir", vdir, "--pki", pk, "--listen", vaddr)
+	var vlog bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &vlog, &vlog
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("vault log:\n%s", vlog.String())
+		}
+	})
+	var token string
+	until(t, 15*time.Second, "the vault's first token", func() bool {
+		b, err := os.ReadFile(filepath.Join(vdir, "operator.token"))
+		token = strings.TrimSpace(string(b))
+		return err == nil && token != ""
+	})
+	c, err := vault.NewClient("https://"+vaddr, token, filepath.Join(pk, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	until(t, 15*time.Second, "the vault API", func() bool { return c.Do(ctx, "GET", "/v1/sites", nil, nil) == nil })
+	for _, x := range []*agentProc{s.a, s.b} {
+		if err := c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": x.name, "addr": x.addr}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	until(t, 15*time.Second, "both sites reachable", func() bool {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
+	})
+	return c, ctx
+}
+
+// createWorkloadVM defines the test guest's workload VM "web" at site A
+// with an ext4 data disk and starts it.
+func createWorkloadVM(t *testing.T, c *vault.Client, s *sites, g, webA, webB string) {
+	t.Helper()
+	ctx := context.Background()
+	vm := vault.VM{Name: "web", Site: "siteA", MemoryMiB: 256, Disks: []vault.DiskSpec{{Name: "vda", Size: 64 << 20}},
+		Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
+		Append:   "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100",
+		Forwards: map[string]string{"siteA/user": webA, "siteB/user": webB}, GuestPort: 80, QGA: true}
+	if err := c.Do(ctx, "POST", "/v1/vms", vm, nil); err != nil {
+		t.Fatal(err)
+	}
+	fs := filepath.Join(s.root, "fs.img")
+	f, _ := os.Create(fs)
+	f.Truncate(64 << 20)
+	f.Close()
+	run(t, "mkfs.ext4", "-q", "-F", fs)
+	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///web/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
+	if err := c.Do(ctx, "POST", "/v1/vms/web/start", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	until(t, 90*time.Second, "the workload at site A", func() bool {
+		st, err := guest.FetchState(webA)
+		return err == nil && st.LastDurable > 20
+	})
+}
+
+// runJob posts an action and waits for its job to end in state want.
+func runJob(t *testing.T, c *vault.Client, path string, body any, want string) vault.Job {
+	t.Helper()
+	ctx := context.Background()
+	var j vault.Job
+	if err := c.Do(ctx, "POST", path, body, &j); err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for j.State == vault.JobRunning && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+		c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &j)
+	}
+	if j.State != want {
+		t.Fatalf("job %s %s: %s (%s)\n%+v", j.ID, j.Action, j.State, j.Error, j.Steps)
+	}
+	return j
+}
