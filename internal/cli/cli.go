@@ -46,6 +46,8 @@ func commands() []command {
 		{"jobs", "list jobs", vcmd("jobs")},
 		{"job", "show a job (job show ID)", vcmd("job")},
 		{"site", "list or add sites (site list | site add NAME ADDR)", vcmd("site")},
+		{"vm", "define, start and list VMs (vm define NAME --site S --disk vda=10G ... | vm start NAME | vm list)", vcmd("vm")},
+		{"up", "all in one: a vault and two sites (east, west) on this machine", runUp},
 		{"agent", "run a site agent, or drive one (agent run|status|group create|replicate|mark|points|view open|view close)", runAgent},
 		{"ca", "create the CA and site certificates for mutual TLS (ca init|issue)", runCA},
 		{"serve", "serve a disk group's disks over NBD, journaling every write (no replication)", runServe},

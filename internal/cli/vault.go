@@ -118,6 +118,16 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	notes := fs.String("notes", "", "notes recorded with the drill (test-failover cleanup)")
 	wait := fs.Bool("wait", false, "wait for the job, showing its steps; exit non-zero if it fails")
 	dryRun := fs.Bool("dry-run", false, "show the reprotect plan without doing it (reprotect)")
+	vmSite := fs.String("site", "", "site where the VM runs (vm define)")
+	var vmDisks multiFlag
+	fs.Var(&vmDisks, "disk", "disk NAME=SIZE (vm define; repeatable)")
+	vmMem := fs.Int("memory", 256, "memory in MiB (vm define)")
+	vmKernel := fs.String("kernel", "", "kernel (vm define; default: boot from the first disk)")
+	vmInitrd := fs.String("initrd", "", "initrd (vm define)")
+	vmAppend := fs.String("append", "", "kernel command line (vm define)")
+	vmFwd := fs.String("forward", "", "SITE=HOST:PORT,... host address per site for the production network (vm define)")
+	vmPort := fs.Int("guest-port", 80, "guest port the forwards reach (vm define)")
+	vmQGA := fs.Bool("qga", true, "guest agent channel (vm define)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -160,6 +170,54 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return fmt.Errorf("%w: ferry site add NAME ADDR", errUsage)
 		}
 		return c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": fs.Arg(0), "addr": fs.Arg(1)}, nil)
+	case "vm define":
+		name, err := arg("a VM name")
+		if err != nil {
+			return err
+		}
+		vm := vault.VM{Name: name, Site: *vmSite, MemoryMiB: *vmMem, Kernel: *vmKernel, Initrd: *vmInitrd, Append: *vmAppend,
+			GuestPort: *vmPort, QGA: *vmQGA, Forwards: map[string]string{}}
+		for _, d := range vmDisks {
+			n, sz, ok := strings.Cut(d, "=")
+			size, err := parseSize(sz)
+			if !ok || err != nil {
+				return fmt.Errorf("%w: --disk wants NAME=SIZE, got %q", errUsage, d)
+			}
+			vm.Disks = append(vm.Disks, vault.DiskSpec{Name: n, Size: size})
+		}
+		if *vmFwd != "" {
+			for _, f := range strings.Split(*vmFwd, ",") {
+				site, addr, ok := strings.Cut(f, "=")
+				if !ok {
+					return fmt.Errorf("%w: --forward wants SITE=HOST:PORT, got %q", errUsage, f)
+				}
+				vm.Forwards[site+"/user"] = addr
+			}
+		}
+		if err := c.Do(ctx, "POST", "/v1/vms", vm, nil); err != nil {
+			return err
+		}
+		return e.print(vm, fmt.Sprintf("VM %s defined at %s; its disks are NBD exports %s/DISK there; start it with 'ferry vm start %s'\n", name, vm.Site, name, name))
+	case "vm start":
+		name, err := arg("a VM name")
+		if err != nil {
+			return err
+		}
+		var st map[string]any
+		if err := c.Do(ctx, "POST", "/v1/vms/"+name+"/start", nil, &st); err != nil {
+			return err
+		}
+		return e.print(st, fmt.Sprintf("VM %s %v (%v); console %v\n", name, st["state"], st["accel"], st["console"]))
+	case "vm list", "vms":
+		var vms []vault.VM
+		if err := c.Do(ctx, "GET", "/v1/vms", nil, &vms); err != nil {
+			return err
+		}
+		var b strings.Builder
+		for _, v := range vms {
+			fmt.Fprintf(&b, "%s\tat %s\t%d MiB\t%d disks\n", v.Name, v.Site, v.MemoryMiB, len(v.Disks))
+		}
+		return e.print(vms, b.String())
 	case "protections":
 		var ps []vault.Protection
 		if err := c.Do(ctx, "GET", "/v1/protections", nil, &ps); err != nil {

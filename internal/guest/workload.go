@@ -69,6 +69,11 @@ func VerifyRecords(log []byte) (uint64, error) {
 
 // WorkloadState is what the workload serves over HTTP.
 type WorkloadState struct {
+	// ResumedAfter is the last intact record found at start (after a
+	// failover: the last record the recovery point held), written at
+	// ResumedTime (Unix nanoseconds).
+	ResumedAfter   uint64 `json:"resumed_after"`
+	ResumedTime    int64  `json:"resumed_time"`
 	LastDurable    uint64 `json:"last_durable"`
 	Files          uint64 `json:"files"`
 	ChecksumErrors int    `json:"checksum_errors"`
@@ -107,7 +112,10 @@ func RunWorkload(ctx context.Context, args []string) error {
 	logPath := filepath.Join(*dir, "records.log")
 	old, _ := os.ReadFile(logPath)
 	last, err := VerifyRecords(old)
-	st := WorkloadState{LastDurable: last}
+	st := WorkloadState{LastDurable: last, ResumedAfter: last}
+	if last > 0 {
+		st.ResumedTime = int64(binary.LittleEndian.Uint64(old[(last-1)*RecordSize+16:]))
+	}
 	if err != nil {
 		st.ChecksumErrors++
 		st.Error = err.Error()

@@ -1,0 +1,142 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/vault"
+)
+
+// runUp is "ferry up": a vault and two site agents (east and west) on this
+// machine, each its own process and data directory, enrolled and ready.
+func runUp(ctx context.Context, e *env, args []string) error {
+	fs := newFlags("up", e)
+	dir := fs.String("dir", "ferry-up", "data directory for the vault and both sites")
+	vaultAddr := fs.String("vault-listen", "127.0.0.1:7400", "vault API address")
+	eastAddr := fs.String("east-listen", "127.0.0.1:7411", "east agent address")
+	westAddr := fs.String("west-listen", "127.0.0.1:7412", "west agent address")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
+		return err
+	}
+	pkiDir := filepath.Join(abs, "pki")
+	if _, err := os.Stat(filepath.Join(pkiDir, pki.CACert)); err != nil {
+		if err := pki.InitCA(pkiDir, "ferry up", time.Now()); err != nil {
+			return err
+		}
+		for _, n := range []string{"east", "west", "vault", "operator"} {
+			if err := pki.Issue(pkiDir, pkiDir, n, []string{"127.0.0.1", "localhost"}, time.Now()); err != nil {
+				return err
+			}
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	type proc struct {
+		name string
+		args []string
+		cmd  *exec.Cmd
+	}
+	procs := []*proc{
+		{name: "vault", args: []string{"vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}},
+		{name: "east", args: []string{"agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir}},
+		{name: "west", args: []string{"agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir}},
+	}
+	stopAll := func() {
+		for i := len(procs) - 1; i >= 0; i-- {
+			if p := procs[i]; p.cmd != nil && p.cmd.Process != nil {
+				p.cmd.Process.Signal(syscall.SIGTERM)
+			}
+		}
+		for _, p := range procs {
+			if p.cmd != nil {
+				p.cmd.Wait()
+			}
+		}
+	}
+	defer stopAll()
+	for _, p := range procs {
+		logf, err := os.OpenFile(filepath.Join(abs, p.name+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return err
+		}
+		defer logf.Close()
+		p.cmd = exec.Command(self, p.args...)
+		p.cmd.Stdout, p.cmd.Stderr = logf, logf
+		if err := p.cmd.Start(); err != nil {
+			return fmt.Errorf("start %s: %w", p.name, err)
+		}
+		os.WriteFile(filepath.Join(abs, p.name+".pid"), []byte(fmt.Sprint(p.cmd.Process.Pid)), 0o600)
+		os.WriteFile(filepath.Join(abs, p.name+".cmd"), []byte(strings.Join(append([]string{self}, p.args...), " ")), 0o600)
+	}
+	tokFile := filepath.Join(abs, "vault", "operator.token")
+	var token string
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if b, err := os.ReadFile(tokFile); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+			token = strings.TrimSpace(string(b))
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the vault did not start; see %s", filepath.Join(abs, "vault.log"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	url := "https://" + *vaultAddr
+	ca := filepath.Join(pkiDir, pki.CACert)
+	c, err := vault.NewClient(url, token, ca)
+	if err != nil {
+		return err
+	}
+	for {
+		if err := c.Do(ctx, "GET", "/v1/sites", nil, nil); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the vault API does not answer; see %s", filepath.Join(abs, "vault.log"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Enroll both sites with one-time tokens, as a real site would.
+	for _, s := range []struct{ name, addr string }{{"east", *eastAddr}, {"west", *westAddr}} {
+		var tok map[string]string
+		if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": "enroll", "name": s.name}, &tok); err != nil {
+			return err
+		}
+		anon, _ := vault.NewClient(url, "", ca)
+		if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]string{"token": tok["token"], "name": s.name, "addr": s.addr}, nil); err != nil {
+			return fmt.Errorf("enroll %s: %w", s.name, err)
+		}
+	}
+	for {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		if len(sites) == 2 && sites[0].Reachable && sites[1].Reachable {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the sites did not become reachable; see %s/{east,west}.log", abs)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fmt.Fprintf(e.stdout, "vault: %s\ntoken: %s\n", url, token)
+	fmt.Fprintf(e.stdout, "sites: east (%s, NBD %s) and west (%s, NBD %s), enrolled and reachable\n",
+		*eastAddr, filepath.Join(abs, "east", "nbd.sock"), *westAddr, filepath.Join(abs, "west", "nbd.sock"))
+	fmt.Fprintf(e.stdout, "point the CLI at it:\n  export FERRY_VAULT=%s FERRY_TOKEN=%s FERRY_CA=%s\n", url, token, ca)
+	fmt.Fprintf(e.stdout, "logs in %s/*.log; Ctrl-C stops everything\n", abs)
+	<-ctx.Done()
+	fmt.Fprintln(e.stdout, "stopping")
+	return nil
+}
