@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -102,8 +103,9 @@ func orEnv(v, name string) string {
 
 // runVaultCmd handles the DR commands that talk to the vault.
 func runVaultCmd(ctx context.Context, e *env, name string, args []string) error {
+	subs := map[string][]string{"site": {"list", "add"}, "vm": {"define", "start", "list"}, "job": {"show"}, "test-failover": {"cleanup"}}
 	sub := ""
-	if (name == "site" || name == "vm" || name == "job" || name == "test-failover") && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+	if len(args) > 0 && slices.Contains(subs[name], args[0]) {
 		sub, args = args[0], args[1:]
 	}
 	full := strings.TrimSpace(name + " " + sub)

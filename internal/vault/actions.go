@@ -223,12 +223,20 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 			r.Say(ctx, -1, "nothing to synchronize: using what the recovery site has")
 		}
 		r.Step(ctx, "create recovery point")
+		var pt replica.Point
 		if want == "latest" || want == "" {
-			want = "latest-processed"
+			// Everything the recovery site received: every entry boundary
+			// is crash-consistent, so the newest one is a point too.
+			pt, err = v.newestInstant(ctx, dc, p.VM)
+			if err != nil {
+				r.Say(ctx, -1, "%v; using the newest listed point", err)
+				want = "latest-processed"
+			}
 		}
-		pt, err := v.failoverPoint(ctx, p, want)
-		if err != nil {
-			return nil, err
+		if pt.Seq == 0 {
+			if pt, err = v.failoverPoint(ctx, p, want); err != nil {
+				return nil, err
+			}
 		}
 		r.Say(ctx, 100, "recovery point %d (%s) from %s", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "start VM at recovery site")
@@ -249,6 +257,20 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 				Duration: v.now().Sub(started).Round(time.Millisecond).String()})
 		}, nil
 	})
+}
+
+// newestInstant is the newest sequence the recovery site holds for vm.
+func (v *Vault) newestInstant(ctx context.Context, dc AgentAPI, vm string) (replica.Point, error) {
+	var st agent.Status
+	if err := dc.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+		return replica.Point{}, err
+	}
+	for _, r := range st.Replicas {
+		if r.Group == vm && r.LastSeq > 0 && r.ConsistentSeq > 0 {
+			return replica.Point{Seq: r.LastSeq, Time: r.LastTime, Type: "latest"}, nil
+		}
+	}
+	return replica.Point{}, fmt.Errorf("no replica of %s at the recovery site", vm)
 }
 
 // markAndWait records a point at the source and waits until the recovery
