@@ -89,34 +89,51 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 	}
 }
 
+// vaultProc is a running 'ferry vault run' process.
+type vaultProc struct {
+	cmd       *exec.Cmd
+	args      []string
+	log       bytes.Buffer
+	dir, addr string
+}
+
+func (v *vaultProc) start(t *testing.T) {
+	t.Helper()
+	v.cmd = exec.Command(ferryBin, v.args...)
+	v.cmd.Stdout, v.cmd.Stderr = &v.log, &v.log
+	if err := v.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // startVault runs a vault process for the two sites and returns an
 // operator client; both sites are added and reachable.
 func startVault(t *testing.T, s *sites) (*vault.Client, context.Context) {
+	c, _ := startVaultProc(t, s)
+	return c, context.Background()
+}
+
+func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
 	t.Helper()
 	pk := s.a.pki
 	run(t, ferryBin, "ca", "issue", "--pki", pk, "vault")
-	vdir := filepath.Join(s.root, "vault")
-	vaddr := freePort(t)
-	cmd := exec.Command(ferryBin, "vault", "run", "--dir", vdir, "--pki", pk, "--listen", vaddr)
-	var vlog bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &vlog, &vlog
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	vp := &vaultProc{dir: filepath.Join(s.root, "vault"), addr: freePort(t)}
+	vp.args = []string{"vault", "run", "--dir", vp.dir, "--pki", pk, "--listen", vp.addr}
+	vp.start(t)
 	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
+		vp.cmd.Process.Signal(os.Interrupt)
+		vp.cmd.Wait()
 		if t.Failed() {
-			t.Logf("vault log:\n%s", vlog.String())
+			t.Logf("vault log:\n%s", vp.log.String())
 		}
 	})
 	var token string
 	until(t, 15*time.Second, "the vault's first token", func() bool {
-		b, err := os.ReadFile(filepath.Join(vdir, "operator.token"))
+		b, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
 		token = strings.TrimSpace(string(b))
 		return err == nil && token != ""
 	})
-	c, err := vault.NewClient("https://"+vaddr, token, filepath.Join(pk, "ca.crt"))
+	c, err := vault.NewClient("https://"+vp.addr, token, filepath.Join(pk, "ca.crt"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +149,56 @@ func startVault(t *testing.T, s *sites) (*vault.Client, context.Context) {
 		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
 		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
 	})
-	return c, ctx
+	return c, vp
+}
+
+// TestVaultKilledMidFailover kills the vault (SIGKILL) while a planned
+// failover runs: at restart the job is failed with the step it was in, the
+// protection is released (not stuck), and the failover can be retried.
+func TestVaultKilledMidFailover(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	g := guestDir(t)
+	s := twoSites(t)
+	c, vp := startVaultProc(t, s)
+	ctx := context.Background()
+	webA, webB := freePort(t), freePort(t)
+	createWorkloadVM(t, c, s, g, webA, webB)
+	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	var j vault.Job
+	if err := c.Do(ctx, "POST", "/v1/protections/web/failover", map[string]any{"point": "latest"}, &j); err != nil {
+		t.Fatal(err)
+	}
+	// The guest's shutdown takes a moment: kill the vault inside it.
+	until(t, 20*time.Second, "the job to be shutting the source down", func() bool {
+		var cur vault.Job
+		c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &cur)
+		return cur.Steps[1].State == vault.JobRunning
+	})
+	vp.cmd.Process.Kill()
+	vp.cmd.Wait()
+	vp.start(t)
+	until(t, 15*time.Second, "the vault back", func() bool { return c.Do(ctx, "GET", "/v1/sites", nil, nil) == nil })
+	var after vault.Job
+	c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &after)
+	if after.State != vault.JobFailed || !strings.Contains(after.Error, "the vault stopped during step") {
+		t.Fatalf("job after the vault's restart: %s %q", after.State, after.Error)
+	}
+	var p vault.Protection
+	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if p.State != vault.StateProtected || p.Job != "" {
+		t.Fatalf("protection after restart: %+v", p)
+	}
+	until(t, 15*time.Second, "sites reachable again", func() bool {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
+	})
+	retry := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
+	t.Logf("retried failover: %v", stepNames(retry))
+	until(t, 90*time.Second, "the workload at site B", func() bool {
+		st, err := guest.FetchState(webB)
+		return err == nil && st.LastDurable > 0
+	})
 }
 
 // createWorkloadVM defines the test guest's workload VM "web" at site A

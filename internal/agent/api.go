@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,6 +32,11 @@ func (a *Agent) routes() http.Handler {
 		}
 		st, err := a.StartVM(r.Context(), req)
 		reply(w, st, err)
+	})
+	mux.HandleFunc("GET /v1/vms/{name}/console", func(w http.ResponseWriter, r *http.Request) {
+		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
+		b, next, err := a.Console(r.PathValue("name"), off)
+		reply(w, map[string]any{"data": string(b), "next": next}, err)
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/commit", func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.CommitVM(r.Context(), r.PathValue("name"))

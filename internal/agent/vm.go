@@ -384,3 +384,22 @@ func (a *Agent) dropReplica(name string) error {
 	rep.Close()
 	return os.RemoveAll(filepath.Join(a.cfg.Dir, "replicas", name))
 }
+
+// Console returns the VM's serial console from byte offset off (at most
+// 256 KiB) and the offset to ask for next.
+func (a *Agent) Console(name string, off int64) ([]byte, int64, error) {
+	a.mu.Lock()
+	rv := a.vms[name]
+	a.mu.Unlock()
+	if rv == nil {
+		return nil, off, fmt.Errorf("%w: VM %q", ErrNotFound, name)
+	}
+	f, err := os.Open(rv.vm.ConsolePath())
+	if err != nil {
+		return nil, off, err
+	}
+	defer f.Close()
+	buf := make([]byte, 256<<10)
+	n, _ := f.ReadAt(buf, off)
+	return buf[:n], off + int64(n), nil
+}

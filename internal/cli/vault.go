@@ -103,7 +103,7 @@ func orEnv(v, name string) string {
 
 // runVaultCmd handles the DR commands that talk to the vault.
 func runVaultCmd(ctx context.Context, e *env, name string, args []string) error {
-	subs := map[string][]string{"site": {"list", "add"}, "vm": {"define", "start", "list"}, "job": {"show"}, "test-failover": {"cleanup"}}
+	subs := map[string][]string{"site": {"list", "add"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "test-failover": {"cleanup"}}
 	sub := ""
 	if len(args) > 0 && slices.Contains(subs[name], args[0]) {
 		sub, args = args[0], args[1:]
@@ -130,6 +130,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	vmFwd := fs.String("forward", "", "SITE=HOST:PORT,... host address per site for the production network (vm define)")
 	vmPort := fs.Int("guest-port", 80, "guest port the forwards reach (vm define)")
 	vmQGA := fs.Bool("qga", true, "guest agent channel (vm define)")
+	follow := fs.Bool("follow", false, "keep printing the console as it grows (vm console)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -210,6 +211,31 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return err
 		}
 		return e.print(st, fmt.Sprintf("VM %s %v (%v); console %v\n", name, st["state"], st["accel"], st["console"]))
+	case "vm console":
+		name, err := arg("a VM name")
+		if err != nil {
+			return err
+		}
+		var off int64
+		for {
+			var out struct {
+				Data string `json:"data"`
+				Next int64  `json:"next"`
+			}
+			if err := c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", name, off), nil, &out); err != nil {
+				return err
+			}
+			fmt.Fprint(e.stdout, out.Data)
+			off = out.Next
+			if !*follow {
+				return nil
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
 	case "vm list", "vms":
 		var vms []vault.VM
 		if err := c.Do(ctx, "GET", "/v1/vms", nil, &vms); err != nil {

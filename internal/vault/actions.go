@@ -249,6 +249,9 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		if addr := vm.Forwards[dst.Name+"/"+qemu.NetUser]; addr != "" {
 			r.Say(ctx, -1, "service address: %s", addr)
 		}
+		if lines := v.firstConsoleLines(ctx, dc, p.VM, 3, 15*time.Second); len(lines) > 0 {
+			r.Say(ctx, -1, "console: %s", strings.Join(lines, " | "))
+		}
 		v.moveVM(ctx, p.VM, dst.Name)
 		return func(p *Protection) {
 			p.State, p.FailoverSeq, p.Fenced = StateFailedOver, pt.Seq, false
@@ -257,6 +260,37 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 				Duration: v.now().Sub(started).Round(time.Millisecond).String()})
 		}, nil
 	})
+}
+
+// firstConsoleLines waits up to d for the VM's first n console lines.
+func (v *Vault) firstConsoleLines(ctx context.Context, c AgentAPI, vm string, n int, d time.Duration) []string {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		var out struct{ Data string }
+		if err := c.Do(ctx, "GET", "/v1/vms/"+vm+"/console", nil, &out); err == nil {
+			var lines []string
+			for _, l := range strings.Split(out.Data, "\n") {
+				l = strings.TrimSpace(strings.Map(func(r rune) rune {
+					if r < 32 || r == 127 {
+						return -1
+					}
+					return r
+				}, l))
+				if l != "" {
+					lines = append(lines, l)
+				}
+				if len(lines) == n {
+					return lines
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // newestInstant is the newest sequence the recovery site holds for vm.

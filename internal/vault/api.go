@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 )
 
@@ -25,6 +26,10 @@ func (v *Vault) Handler() http.Handler {
 	read("GET /v1/protections", func(r *http.Request) (any, error) { return v.Protections(r.Context()) })
 	read("GET /v1/protections/{vm}", func(r *http.Request) (any, error) { return v.Protection(r.Context(), r.PathValue("vm")) })
 	read("GET /v1/protections/{vm}/points", func(r *http.Request) (any, error) { return v.Points(r.Context(), r.PathValue("vm")) })
+	read("GET /v1/vms/{name}/console", func(r *http.Request) (any, error) {
+		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
+		return v.Console(r.Context(), r.PathValue("name"), off)
+	})
 	read("GET /v1/jobs", func(r *http.Request) (any, error) { return v.Jobs(r.Context(), r.URL.Query().Get("protection")) })
 	read("GET /v1/jobs/{id}", func(r *http.Request) (any, error) { return v.Job(r.Context(), r.PathValue("id")) })
 

@@ -305,6 +305,24 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	return err
 }
 
+// Console returns a VM's serial console from offset, wherever it runs.
+func (v *Vault) Console(ctx context.Context, name string, off int64) (map[string]any, error) {
+	vm, _, err := get[VM](ctx, v.st, kindVM, name)
+	if err != nil {
+		return nil, err
+	}
+	_, c, err := v.site(ctx, vm.Site)
+	if err != nil {
+		return nil, err
+	}
+	var out map[string]any
+	err = c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", name, off), nil, &out)
+	if out != nil {
+		out["site"] = vm.Site
+	}
+	return out, err
+}
+
 // StartVM starts a defined VM at the site where it is (not for a VM that
 // a failover runs on views: the failover starts that one).
 func (v *Vault) StartVM(ctx context.Context, name string) (qemu.Status, error) {

@@ -60,6 +60,8 @@ func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) er
 		st := agent.Status{Site: f.site, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10,
 			Replication: &replication.Status{State: "streaming", AckedSeq: 10, LastSeq: 10}}}}
 		set(st)
+	case method == "GET" && strings.Contains(path, "/console"):
+		set(map[string]any{"data": "Linux version 6.1\nferry-guest: up\nready\n", "next": 40})
 	case method == "GET" && strings.HasSuffix(path, "/points"):
 		set(f.points)
 	case method == "POST" && strings.HasSuffix(path, "/points"):
@@ -260,6 +262,9 @@ func TestLifecycleAndGuards(t *testing.T) {
 	want := "prerequisites check=succeeded shut down source VM=succeeded synchronize latest data=succeeded create recovery point=succeeded start VM at recovery site=succeeded"
 	if strings.Join(names, " ") != want {
 		t.Fatalf("failover steps: %v", names)
+	}
+	if msgs := strings.Join(j.Steps[4].Messages, " "); !strings.Contains(msgs, "console: Linux version 6.1 | ferry-guest: up | ready") {
+		t.Fatalf("the last step does not show the first console lines: %s", msgs)
 	}
 	if _, ok := f.east.vm("vm1"); ok {
 		t.Fatal("source VM not shut down")
