@@ -57,32 +57,41 @@ func (v *Vault) Enable(ctx context.Context, vmName, target, policy string) (Job,
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.State = StateInitialSync; return nil })
 		r.Step(ctx, "initial replication")
-		for {
-			var st agent.Status
-			if err := sc.Do(ctx, "GET", "/v1/status", nil, &st); err == nil {
-				for _, g := range st.Groups {
-					if g.Name != p.VM || g.Replication == nil {
-						continue
-					}
-					rs := g.Replication
-					if rs.CopyTotal > 0 {
-						r.Say(ctx, int(rs.CopyDone*100/rs.CopyTotal), "copied %d of %d bytes", rs.CopyDone, rs.CopyTotal)
-					}
-					if rs.State == "streaming" && rs.AckedSeq == g.LastSeq {
-						goto done
-					}
-				}
-			}
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(200 * time.Millisecond):
-			}
+		if _, _, err := v.waitInSync(ctx, r, sc, p.VM, "copied"); err != nil {
+			return nil, err
 		}
-	done:
 		r.Step(ctx, "protected")
 		return func(p *Protection) { p.State = StateProtected; p.Health = "healthy" }, nil
 	})
+}
+
+// waitInSync follows a group's replication at its source until the initial
+// (or delta) copy is over and the recovery site has every entry, reporting
+// progress; it returns the bytes sent and the disks' size.
+func (v *Vault) waitInSync(ctx context.Context, r *run, c AgentAPI, vm, verb string) (sent, total int64, err error) {
+	for {
+		var st agent.Status
+		if err := c.Do(ctx, "GET", "/v1/status", nil, &st); err == nil {
+			for _, g := range st.Groups {
+				if g.Name != vm || g.Replication == nil {
+					continue
+				}
+				rs := g.Replication
+				sent, total = rs.SentBytes, rs.CopyTotal
+				if total > 0 {
+					r.Say(ctx, int(rs.CopyDone*100/total), "%s %d of %d bytes, sent %d", verb, rs.CopyDone, total, sent)
+				}
+				if rs.State == "streaming" && rs.AckedSeq == g.LastSeq {
+					return sent, total, nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return 0, 0, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // failoverPoint asks the recovery site for its points and picks one.
@@ -517,31 +526,10 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			return nil, err
 		}
 		r.Step(ctx, "synchronize differences")
-		var sent, total int64
-		for {
-			var st agent.Status
-			if err := fc.Do(ctx, "GET", "/v1/status", nil, &st); err == nil {
-				for _, g := range st.Groups {
-					if g.Name != vmName || g.Replication == nil {
-						continue
-					}
-					rs := g.Replication
-					sent, total = rs.SentBytes, rs.CopyTotal
-					if total > 0 {
-						r.Say(ctx, int(rs.CopyDone*100/total), "compared %d of %d bytes, sent %d", rs.CopyDone, total, sent)
-					}
-					if rs.State == "streaming" && rs.AckedSeq == g.LastSeq {
-						goto done
-					}
-				}
-			}
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(200 * time.Millisecond):
-			}
+		sent, total, err := v.waitInSync(ctx, r, fc, vmName, "compared")
+		if err != nil {
+			return nil, err
 		}
-	done:
 		r.Step(ctx, "protected")
 		r.Say(ctx, 100, "sent %d bytes for %d bytes of disks (%.3f)", sent, total, float64(sent)/float64(max(total, 1)))
 		return func(p *Protection) {
