@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/httpjson"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
@@ -126,32 +126,25 @@ func (a *Agent) routes() http.Handler {
 }
 
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		reply(w, nil, fmt.Errorf("%w: request body: %v", ErrInvalid, err))
+	if err := httpjson.Decode(r, v); err != nil {
+		reply(w, nil, fmt.Errorf("%w: %v", ErrInvalid, err))
 		return false
 	}
 	return true
 }
 
-func reply(w http.ResponseWriter, v any, err error) {
-	w.Header().Set("Content-Type", "application/json")
-	if err != nil {
-		code := http.StatusInternalServerError
-		switch {
-		case errors.Is(err, ErrNotFound):
-			code = http.StatusNotFound
-		case errors.Is(err, ErrConflict):
-			code = http.StatusConflict
-		case errors.Is(err, ErrInvalid):
-			code = http.StatusBadRequest
-		}
-		w.WriteHeader(code)
-		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
-		return
+func reply(w http.ResponseWriter, v any, err error) { httpjson.Reply(w, v, err, statusOf) }
+
+func statusOf(err error) int {
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, ErrConflict):
+		return http.StatusConflict
+	case errors.Is(err, ErrInvalid):
+		return http.StatusBadRequest
 	}
-	json.NewEncoder(w).Encode(v)
+	return http.StatusInternalServerError
 }
 
 // serveLink upgrades the request to a replication stream.
@@ -234,36 +227,16 @@ func NewClient(id *pki.Identity, addr, serverName string) *Client {
 	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 3 * time.Minute}}
 }
 
-// Do sends a JSON request and decodes the JSON answer into out (if not nil).
+// Do sends a JSON request and decodes the JSON answer into out (if not
+// nil). An error answer is an error whose text carries the status code.
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
+	err := httpjson.Call(ctx, c.hc, method, c.base+path, "", in, out)
+	var se *httpjson.StatusError
+	if errors.As(err, &se) {
+		return fmt.Errorf("%s %s: %d %s: %s", method, path, se.Code, http.StatusText(se.Code), se.Message)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("agent at %s: %w", c.base, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if resp.StatusCode >= 300 {
-		var e struct{ Error string }
-		json.Unmarshal(b, &e)
-		if e.Error == "" {
-			e.Error = string(b)
-		}
-		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, e.Error)
-	}
-	if out != nil {
-		return json.Unmarshal(b, out)
 	}
 	return nil
 }

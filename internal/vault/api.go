@@ -1,13 +1,13 @@
 package vault
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/ferry-dr/ferry/internal/httpjson"
 )
 
 // Handler serves the vault's REST API (docs/api.md). Every call but
@@ -119,33 +119,26 @@ func (v *Vault) auth(role string, h http.HandlerFunc) http.HandlerFunc {
 }
 
 func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+	if err := httpjson.Decode(r, v); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return nil
 }
 
-func reply(w http.ResponseWriter, v any, err error) {
-	w.Header().Set("Content-Type", "application/json")
-	if err != nil {
-		code := http.StatusInternalServerError
-		switch {
-		case errors.Is(err, ErrAuth):
-			code = http.StatusUnauthorized
-		case errors.Is(err, ErrRole):
-			code = http.StatusForbidden
-		case errors.Is(err, ErrNotFound):
-			code = http.StatusNotFound
-		case errors.Is(err, ErrForbidden), errors.Is(err, ErrBusy):
-			code = http.StatusConflict
-		case errors.Is(err, ErrInvalid):
-			code = http.StatusBadRequest
-		}
-		w.WriteHeader(code)
-		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
-		return
+func reply(w http.ResponseWriter, v any, err error) { httpjson.Reply(w, v, err, statusOf) }
+
+func statusOf(err error) int {
+	switch {
+	case errors.Is(err, ErrAuth):
+		return http.StatusUnauthorized
+	case errors.Is(err, ErrRole):
+		return http.StatusForbidden
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, ErrForbidden), errors.Is(err, ErrBusy):
+		return http.StatusConflict
+	case errors.Is(err, ErrInvalid):
+		return http.StatusBadRequest
 	}
-	json.NewEncoder(w).Encode(v)
+	return http.StatusInternalServerError
 }

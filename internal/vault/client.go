@@ -1,16 +1,16 @@
 package vault
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"time"
+
+	"github.com/ferry-dr/ferry/internal/httpjson"
 )
 
 // Client calls the vault's API with a token.
@@ -37,37 +37,16 @@ func NewClient(url, token, caFile string) (*Client, error) {
 	return &Client{base: url, token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{TLSClientConfig: tc}}}, nil
 }
 
-// Do sends a JSON request and decodes the answer into out.
+// Do sends a JSON request and decodes the answer into out; an error answer
+// is returned with the vault's message.
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
+	err := httpjson.Call(ctx, c.hc, method, c.base+path, c.token, in, out)
+	var se *httpjson.StatusError
+	if errors.As(err, &se) {
+		return errors.New(se.Message)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	resp, err := c.hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("vault at %s: %w (is it running? set --vault or FERRY_VAULT)", c.base, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if resp.StatusCode >= 300 {
-		var e struct{ Error string }
-		json.Unmarshal(b, &e)
-		if e.Error == "" {
-			e.Error = string(b)
-		}
-		return fmt.Errorf("%s", e.Error)
-	}
-	if out != nil {
-		return json.Unmarshal(b, out)
 	}
 	return nil
 }

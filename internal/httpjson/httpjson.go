@@ -1,0 +1,87 @@
+// Package httpjson is the JSON-over-HTTP plumbing the agent and the vault
+// APIs share: decoding a request body strictly, writing a JSON answer or a
+// JSON error with the right status, and calling such an API.
+package httpjson
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+)
+
+// ErrBody: the request body is not the JSON expected.
+var ErrBody = errors.New("invalid request body")
+
+// Decode reads a JSON body (at most 1 MiB; unknown fields refused) into v.
+// An empty body leaves v as it is.
+func Decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: %v", ErrBody, err)
+	}
+	return nil
+}
+
+// Reply writes v as JSON, or, if err is not nil, {"error": err} with the
+// status code status(err) gives.
+func Reply(w http.ResponseWriter, v any, err error, status func(error) int) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		w.WriteHeader(status(err))
+		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}
+
+// StatusError is an error answer from an API.
+type StatusError struct {
+	Code    int
+	Message string
+}
+
+func (e *StatusError) Error() string { return fmt.Sprintf("%d: %s", e.Code, e.Message) }
+
+// Call sends in as JSON (if not nil) with an optional bearer token and
+// decodes the JSON answer into out (if not nil). An error answer becomes a
+// *StatusError carrying the API's message.
+func Call(ctx context.Context, hc *http.Client, method, url, token string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, body)
+	if err != nil {
+		return err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if resp.StatusCode >= 300 {
+		var e struct{ Error string }
+		json.Unmarshal(b, &e)
+		if e.Error == "" {
+			e.Error = string(b)
+		}
+		return &StatusError{Code: resp.StatusCode, Message: e.Error}
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
+	}
+	return nil
+}
