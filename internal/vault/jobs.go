@@ -2,9 +2,11 @@ package vault
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -150,10 +152,10 @@ type jobBody func(ctx context.Context, r *run, p Protection) (newState func(p *P
 // a time), persists the job with its steps and runs body in the
 // background. It returns the job as created.
 func (v *Vault) startJob(ctx context.Context, protection, action string, steps []string, params map[string]string, body jobBody) (Job, error) {
-	v.jobMu.Lock()
-	v.nextJob++
-	id := fmt.Sprintf("j%d-%d", v.now().Unix(), v.nextJob)
-	v.jobMu.Unlock()
+	// Time-ordered, and unique across vault restarts.
+	rb := make([]byte, 4)
+	rand.Read(rb)
+	id := fmt.Sprintf("j%d-%x", v.now().Unix(), rb)
 	job := Job{ID: id, Action: action, Protection: protection, State: JobRunning, Params: params, Created: v.now()}
 	for _, s := range steps {
 		job.Steps = append(job.Steps, Step{Name: s, State: StepPending})
@@ -177,6 +179,13 @@ func (v *Vault) startJob(ctx context.Context, protection, action string, steps [
 	r := &run{v: v, job: job}
 	r.job.Steps = append([]Step(nil), job.Steps...) // the runner's own copy
 	if err := r.save(ctx); err != nil {
+		// Release the protection: the job never started.
+		v.updateProtection(context.WithoutCancel(ctx), protection, func(p *Protection) error {
+			if p.Job == id {
+				p.Job, p.State = "", job.PrevState
+			}
+			return nil
+		})
 		return Job{}, err
 	}
 	v.wg.Add(1)
@@ -276,11 +285,12 @@ func (v *Vault) Jobs(ctx context.Context, protection string) ([]Job, error) {
 		return nil, err
 	}
 	var out []Job
-	for i := len(all) - 1; i >= 0; i-- {
-		if protection == "" || all[i].Protection == protection {
-			out = append(out, all[i])
+	for _, j := range all {
+		if protection == "" || j.Protection == protection {
+			out = append(out, j)
 		}
 	}
+	sort.Slice(out, func(i, k int) bool { return out[i].Created.After(out[k].Created) })
 	return out, nil
 }
 

@@ -46,9 +46,6 @@ type Vault struct {
 	st  store.Store
 	log *slog.Logger
 
-	jobMu   sync.Mutex
-	nextJob int
-
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
