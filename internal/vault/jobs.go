@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -308,5 +307,3 @@ func (v *Vault) WaitJob(ctx context.Context, id string) (Job, error) {
 		}
 	}
 }
-
-func joinErrs(errs []string) string { return strings.Join(errs, "; ") }
