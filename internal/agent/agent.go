@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -31,6 +32,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
+	"golang.org/x/sys/unix"
 )
 
 // Config configures an Agent.
@@ -714,6 +716,10 @@ type Status struct {
 	Replicas  []replica.Status `json:"replicas"`
 	Views     []ViewInfo       `json:"views"`
 	VMs       []qemu.Status    `json:"vms"`
+	// Capacity for new VMs: memory available and disk free where the
+	// agent keeps its data (for the vault's prerequisites checks).
+	MemAvailable int64 `json:"mem_available_bytes"`
+	DiskFree     int64 `json:"disk_free_bytes"`
 }
 
 // ViewInfo describes an open view.
@@ -768,5 +774,23 @@ func (a *Agent) Status() Status {
 func (a *Agent) FullStatus(ctx context.Context) Status {
 	st := a.Status()
 	st.VMs = a.vmStatuses(ctx)
+	st.MemAvailable, st.DiskFree = capacity(a.cfg.Dir)
 	return st
+}
+
+// capacity reads MemAvailable from /proc/meminfo and the free space of dir.
+func capacity(dir string) (mem, disk int64) {
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "MemAvailable:") {
+				fmt.Sscanf(strings.TrimPrefix(line, "MemAvailable:"), "%d", &mem)
+				mem *= 1024
+			}
+		}
+	}
+	var fs unix.Statfs_t
+	if unix.Statfs(dir, &fs) == nil {
+		disk = int64(fs.Bavail) * fs.Bsize
+	}
+	return mem, disk
 }

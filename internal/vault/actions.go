@@ -103,6 +103,28 @@ func (v *Vault) failoverPoint(ctx context.Context, p Protection, want string) (r
 	return choosePoint(pts, want)
 }
 
+// checkCapacity verifies that the recovery site can run vm: memory for it
+// and disk for its overlays (at worst the size of its disks).
+func (v *Vault) checkCapacity(ctx context.Context, r *run, c AgentAPI, site string, vm VM) error {
+	var st agent.Status
+	if err := c.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+		return fmt.Errorf("the recovery site %s does not answer: %w", site, err)
+	}
+	need := int64(vm.MemoryMiB) << 20
+	if st.MemAvailable > 0 && st.MemAvailable < need {
+		return fmt.Errorf("%s has %d MiB of memory available; %s needs %d MiB", site, st.MemAvailable>>20, vm.Name, vm.MemoryMiB)
+	}
+	var disks int64
+	for _, d := range vm.Disks {
+		disks += d.Size
+	}
+	if st.DiskFree > 0 && st.DiskFree < disks {
+		return fmt.Errorf("%s has %d MiB of disk free; %s's writes may need up to %d MiB", site, st.DiskFree>>20, vm.Name, disks>>20)
+	}
+	r.Say(ctx, -1, "%s: %d MiB memory available (needs %d), %d MiB disk free", site, st.MemAvailable>>20, vm.MemoryMiB, st.DiskFree>>20)
+	return nil
+}
+
 // vmRequest is the request that starts vm at site on a replica point.
 func vmRequest(vm VM, name, site string, seq uint64, net string) agent.VMRequest {
 	req := agent.VMRequest{Name: name, Replica: vm.Name, Seq: seq, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, Net: net, QGA: vm.QGA,
@@ -129,6 +151,9 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		}
 		if !dst.Reachable {
 			return nil, fmt.Errorf("the recovery site %s is unreachable", dst.Name)
+		}
+		if err := v.checkCapacity(ctx, r, dc, dst.Name, vm); err != nil {
+			return nil, err
 		}
 		pt, err := v.failoverPoint(ctx, p, point)
 		if err != nil {
@@ -205,6 +230,9 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 			return nil, fmt.Errorf("the recovery site %s is unreachable: cannot fail over to it", dst.Name)
 		}
 		r.Say(ctx, 100, "recovery site %s reachable; source site %s %s", dst.Name, src.Name, map[bool]string{true: "reachable", false: "UNREACHABLE"}[src.Reachable])
+		if err := v.checkCapacity(ctx, r, dc, dst.Name, vm); err != nil {
+			return nil, err
+		}
 		r.Step(ctx, "shut down source VM")
 		if shutdownSource && src.Reachable {
 			var out struct{ Steps []string }

@@ -29,6 +29,7 @@ type fakeAgent struct {
 	calls  []string
 	block  chan struct{} // if set, POST /v1/vms waits on it
 	peer   *fakeAgent    // where this site's points replicate to
+	mem    int64         // memory available it reports
 }
 
 func (f *fakeAgent) vm(name string) (agent.VMRequest, bool) {
@@ -57,7 +58,7 @@ func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) er
 	defer f.mu.Unlock()
 	switch {
 	case method == "GET" && path == "/v1/status":
-		st := agent.Status{Site: f.site, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10,
+		st := agent.Status{Site: f.site, MemAvailable: f.mem, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10,
 			Replication: &replication.Status{State: "streaming", AckedSeq: 10, LastSeq: 10}}}}
 		set(st)
 	case method == "GET" && strings.Contains(path, "/console"):
@@ -353,5 +354,27 @@ func TestVaultStopsMidJob(t *testing.T) {
 	p, _ := f2.v.Protection(context.Background(), "vm1")
 	if p.State != StateProtected || p.Job != "" {
 		t.Fatalf("protection after restart: %+v", p)
+	}
+}
+
+func TestPrerequisitesNameWhatIsMissing(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	f.west.mu.Lock()
+	f.west.mem = 100 << 20 // the VM needs 256 MiB
+	f.west.mu.Unlock()
+	j := f.job(t, "/v1/protections/vm1/test-failover", map[string]string{})
+	if j.State != JobFailed || !strings.Contains(j.Error, "west has 100 MiB of memory available; vm1 needs 256 MiB") {
+		t.Fatalf("drill without memory: %s %q", j.State, j.Error)
+	}
+	j = f.job(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest-processed"})
+	if j.State != JobFailed || !strings.Contains(j.Error, "memory") {
+		t.Fatalf("failover without memory: %s %q", j.State, j.Error)
+	}
+	var p Protection
+	f.call(t, f.reader, "GET", "/v1/protections/vm1", nil, &p)
+	if p.State != StateProtected || p.Job != "" || p.TestPending {
+		t.Fatalf("after failed prerequisites: %+v", p)
 	}
 }
