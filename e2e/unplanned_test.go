@@ -246,3 +246,55 @@ func runJob(t *testing.T, c *vault.Client, path string, body any, want string) v
 	}
 	return j
 }
+
+// TestRecoverySiteDownDuringDrill loses the recovery site while a drill
+// runs there: the cleanup fails with a reason and the drill stays pending
+// (nothing stuck); when the site is back, the cleanup succeeds and
+// replication catches up.
+func TestRecoverySiteDownDuringDrill(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	g := guestDir(t)
+	s := twoSites(t)
+	c, ctx := startVault(t, s)
+	webA, webB := freePort(t), freePort(t)
+	createWorkloadVM(t, c, s, g, webA, webB)
+	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	until(t, 30*time.Second, "recovery points", func() bool {
+		var pts []map[string]any
+		return c.Do(ctx, "GET", "/v1/protections/web/points", nil, &pts) == nil && len(pts) > 0
+	})
+	runJob(t, c, "/v1/protections/web/test-failover", map[string]string{}, vault.JobSucceeded)
+	s.b.kill()
+	until(t, 15*time.Second, "site B unreachable", func() bool {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		for _, x := range sites {
+			if x.Name == "siteB" && !x.Reachable {
+				return true
+			}
+		}
+		return false
+	})
+	j := runJob(t, c, "/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "site down"}, vault.JobFailed)
+	if !strings.Contains(j.Error, "unreachable") {
+		t.Fatalf("cleanup with the recovery site down: %q", j.Error)
+	}
+	var p vault.Protection
+	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if !p.TestPending || p.Job != "" || p.State != vault.StateProtected {
+		t.Fatalf("after the failed cleanup: %+v", p)
+	}
+	s.b.start(t)
+	until(t, 15*time.Second, "site B back", func() bool {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
+	})
+	runJob(t, c, "/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "after the outage"}, vault.JobSucceeded)
+	var st agent.Status
+	until(t, 60*time.Second, "replication to catch up", func() bool {
+		s.ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		r := st.Groups[0].Replication
+		return r != nil && r.State == "streaming" && r.AckedSeq+50 >= st.Groups[0].LastSeq
+	})
+}

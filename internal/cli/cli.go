@@ -116,7 +116,23 @@ func usage(w io.Writer) {
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
-	fmt.Fprintln(w, "\nRun 'ferry <command> -h' for a command's flags.")
+	fmt.Fprintln(w, `
+Examples:
+  ferry up                                           # a vault and two sites (east, west) on this machine
+  export FERRY_VAULT=https://127.0.0.1:7400 FERRY_TOKEN=fy_... FERRY_CA=ferry-up/pki/ca.crt
+  ferry vm define web --site east --disk vda=10G --kernel vmlinuz --initrd initrd.img
+  ferry vm start web
+  ferry protect web --to west --wait                 # initial replication, then protected
+  ferry test-failover web --point latest-app-consistent --wait
+  ferry test-failover cleanup web --notes "drill ok" --wait
+  ferry failover web --point latest --wait           # or latest-processed | <point id> | 2026-11-26T10:00:00Z
+  ferry commit web --wait
+  ferry reprotect web --dry-run                      # what is reused, what is created (new)
+  ferry reprotect web --wait
+  ferry failback web --wait
+  ferry protections; ferry points web; ferry jobs --output json; ferry vm console web --follow
+
+Run 'ferry <command> -h' for a command's flags.`)
 }
 
 // print writes v as JSON when --output json was given, else text.

@@ -182,9 +182,12 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 	steps := []string{"stop test VM", "record drill"}
 	return v.startJob(ctx, vmName, ActCleanupTest, steps, map[string]string{"notes": notes}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		r.Step(ctx, "stop test VM")
-		_, dc, err := v.site(ctx, p.Target)
+		dst, dc, err := v.site(ctx, p.Target)
 		if err != nil {
 			return nil, err
+		}
+		if !dst.Reachable {
+			return nil, fmt.Errorf("the recovery site %s is unreachable: retry the cleanup when it is back (its test VM and overlays do not survive its restart)", dst.Name)
 		}
 		var out struct{ Steps []string }
 		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"-drill?force=1", nil, &out); err != nil && !isNotFound(err) {
