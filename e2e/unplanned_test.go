@@ -298,3 +298,56 @@ func TestRecoverySiteDownDuringDrill(t *testing.T) {
 		return r != nil && r.State == "streaming" && r.AckedSeq+50 >= st.Groups[0].LastSeq
 	})
 }
+
+// TestVaultKilledMidReprotect kills the vault while a reprotect compares
+// and sends differences: at restart the job is failed and the protection is
+// back to failover-committed; the retried reprotect finds the work already
+// done (the old disks are the replica, replication runs) and completes.
+func TestVaultKilledMidReprotect(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	g := guestDir(t)
+	s := twoSites(t)
+	c, vp := startVaultProc(t, s)
+	ctx := context.Background()
+	webA, webB := freePort(t), freePort(t)
+	createWorkloadVM(t, c, s, g, webA, webB)
+	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
+	runJob(t, c, "/v1/protections/web/commit", nil, vault.JobSucceeded)
+	var j vault.Job
+	if err := c.Do(ctx, "POST", "/v1/protections/web/reprotect", nil, &j); err != nil {
+		t.Fatal(err)
+	}
+	until(t, 30*time.Second, "the reprotect to start replication", func() bool {
+		var cur vault.Job
+		c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &cur)
+		return cur.Steps[3].State != vault.StepPending
+	})
+	vp.cmd.Process.Kill()
+	vp.cmd.Wait()
+	vp.start(t)
+	until(t, 15*time.Second, "the vault back", func() bool { return c.Do(ctx, "GET", "/v1/sites", nil, nil) == nil })
+	var after vault.Job
+	c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &after)
+	var p vault.Protection
+	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if after.State == vault.JobRunning || p.Job != "" {
+		t.Fatalf("after restart: job %s, protection %+v", after.State, p)
+	}
+	if after.State == vault.JobFailed && p.State != vault.StateCommitted {
+		t.Fatalf("a failed reprotect left %+v", p)
+	}
+	until(t, 15*time.Second, "sites reachable again", func() bool {
+		var sites []vault.Site
+		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
+	})
+	if after.State == vault.JobFailed {
+		retry := runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+		t.Logf("retried reprotect: %v", stepNames(retry))
+	}
+	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if p.State != vault.StateProtected || p.Source != "siteB" {
+		t.Fatalf("after the retried reprotect: %+v", p)
+	}
+}

@@ -457,6 +457,8 @@ type ReprotectPlan struct {
 	// MaxBytes is the most a reprotect sends (the disks' size); reused
 	// disks send only the chunks that differ.
 	MaxBytes int64 `json:"max_bytes"`
+
+	replicaReady bool // the disks already are the replica (a retry)
 }
 
 // PlanItem is one thing reused or created.
@@ -498,7 +500,16 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 			}
 		}
 	}
-	plan := ReprotectPlan{From: p.Target, To: p.Source, VM: PlanItem{Name: vmName, Action: "reuse"}}
+	isReplica := false
+	for _, rp := range st.Replicas { // an interrupted reprotect already turned them
+		if rp.Group == vmName && len(have) == 0 {
+			isReplica = true
+			for _, d := range rp.Disks {
+				have[d.Name] = d.Size
+			}
+		}
+	}
+	plan := ReprotectPlan{From: p.Target, To: p.Source, VM: PlanItem{Name: vmName, Action: "reuse"}, replicaReady: isReplica}
 	if len(have) == 0 {
 		plan.VM.Action = "create (new)"
 	}
@@ -544,7 +555,9 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "reuse disks at "+to.Name)
-		if plan.VM.Action == "reuse" {
+		if plan.replicaReady {
+			r.Say(ctx, 100, "the old disks at %s already are the replica (an earlier attempt)", to.Name)
+		} else if plan.VM.Action == "reuse" {
 			if err := tc.Do(ctx, "POST", "/v1/groups/"+vmName+"/to-replica", nil, nil); err != nil {
 				return nil, err
 			}
@@ -554,7 +567,10 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 		}
 		r.Step(ctx, "start replication")
 		if err := fc.Do(ctx, "POST", "/v1/groups/"+vmName+"/replication", map[string]string{"peer_addr": to.Addr, "peer_name": to.Name}, nil); err != nil {
-			return nil, err
+			if !strings.Contains(err.Error(), "already replicates") {
+				return nil, err
+			}
+			r.Say(ctx, -1, "already replicating (an earlier attempt)")
 		}
 		r.Step(ctx, "synchronize differences")
 		sent, total, err := v.waitInSync(ctx, r, fc, vmName, "compared")
