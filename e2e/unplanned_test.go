@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,16 +37,7 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 	// The source site dies.
 	killed := time.Now()
 	s.a.kill()
-	until(t, 15*time.Second, "the vault to see site A unreachable", func() bool {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
-		for _, x := range sites {
-			if x.Name == "siteA" && !x.Reachable {
-				return true
-			}
-		}
-		return false
-	})
+	siteReachable(t, c, "siteA", false)
 	t.Logf("site A unreachable %v after the kill", time.Since(killed).Round(time.Millisecond))
 	fo := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
 	if !strings.Contains(strings.Join(fo.Steps[1].Messages, " "), "source site is down") {
@@ -144,11 +136,8 @@ func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
 			t.Fatal(err)
 		}
 	}
-	until(t, 15*time.Second, "both sites reachable", func() bool {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
-		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
-	})
+	siteReachable(t, c, "siteA", true)
+	siteReachable(t, c, "siteB", true)
 	return c, vp
 }
 
@@ -188,11 +177,8 @@ func TestVaultKilledMidFailover(t *testing.T) {
 	if p.State != vault.StateProtected || p.Job != "" {
 		t.Fatalf("protection after restart: %+v", p)
 	}
-	until(t, 15*time.Second, "sites reachable again", func() bool {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
-		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
-	})
+	siteReachable(t, c, "siteA", true)
+	siteReachable(t, c, "siteB", true)
 	retry := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
 	t.Logf("retried failover: %v", stepNames(retry))
 	until(t, 90*time.Second, "the workload at site B", func() bool {
@@ -265,16 +251,7 @@ func TestRecoverySiteDownDuringDrill(t *testing.T) {
 	})
 	runJob(t, c, "/v1/protections/web/test-failover", map[string]string{}, vault.JobSucceeded)
 	s.b.kill()
-	until(t, 15*time.Second, "site B unreachable", func() bool {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
-		for _, x := range sites {
-			if x.Name == "siteB" && !x.Reachable {
-				return true
-			}
-		}
-		return false
-	})
+	siteReachable(t, c, "siteB", false)
 	j := runJob(t, c, "/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "site down"}, vault.JobFailed)
 	if !strings.Contains(j.Error, "unreachable") {
 		t.Fatalf("cleanup with the recovery site down: %q", j.Error)
@@ -285,11 +262,8 @@ func TestRecoverySiteDownDuringDrill(t *testing.T) {
 		t.Fatalf("after the failed cleanup: %+v", p)
 	}
 	s.b.start(t)
-	until(t, 15*time.Second, "site B back", func() bool {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
-		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
-	})
+	siteReachable(t, c, "siteA", true)
+	siteReachable(t, c, "siteB", true)
 	runJob(t, c, "/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "after the outage"}, vault.JobSucceeded)
 	var st agent.Status
 	until(t, 60*time.Second, "replication to catch up", func() bool {
@@ -337,11 +311,8 @@ func TestVaultKilledMidReprotect(t *testing.T) {
 	if after.State == vault.JobFailed && p.State != vault.StateCommitted {
 		t.Fatalf("a failed reprotect left %+v", p)
 	}
-	until(t, 15*time.Second, "sites reachable again", func() bool {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
-		return len(sites) == 2 && sites[0].Reachable && sites[1].Reachable
-	})
+	siteReachable(t, c, "siteA", true)
+	siteReachable(t, c, "siteB", true)
 	if after.State == vault.JobFailed {
 		retry := runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
 		t.Logf("retried reprotect: %v", stepNames(retry))
@@ -350,4 +321,19 @@ func TestVaultKilledMidReprotect(t *testing.T) {
 	if p.State != vault.StateProtected || p.Source != "siteB" {
 		t.Fatalf("after the retried reprotect: %+v", p)
 	}
+}
+
+// siteReachable waits until the vault sees site as reachable (or not).
+func siteReachable(t *testing.T, c *vault.Client, site string, want bool) {
+	t.Helper()
+	until(t, 15*time.Second, fmt.Sprintf("site %s reachable=%v", site, want), func() bool {
+		var sites []vault.Site
+		c.Do(context.Background(), "GET", "/v1/sites", nil, &sites)
+		for _, x := range sites {
+			if x.Name == site && x.Reachable == want {
+				return true
+			}
+		}
+		return false
+	})
 }

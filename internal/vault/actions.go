@@ -103,6 +103,24 @@ func (v *Vault) failoverPoint(ctx context.Context, p Protection, want string) (r
 	return choosePoint(pts, want)
 }
 
+// recoverySite is the prerequisites check shared by drills and failovers:
+// the VM's definition, and a reachable recovery site with room for it.
+func (v *Vault) recoverySite(ctx context.Context, r *run, p Protection) (VM, Site, AgentAPI, error) {
+	vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+	if err != nil {
+		return vm, Site{}, nil, err
+	}
+	dst, dc, err := v.site(ctx, p.Target)
+	if err != nil {
+		return vm, dst, nil, err
+	}
+	if !dst.Reachable {
+		return vm, dst, nil, fmt.Errorf("the recovery site %s is unreachable", dst.Name)
+	}
+	r.Say(ctx, -1, "recovery site %s reachable", dst.Name)
+	return vm, dst, dc, v.checkCapacity(ctx, r, dc, dst.Name, vm)
+}
+
 // checkCapacity verifies that the recovery site can run vm: memory for it
 // and disk for its overlays (at worst the size of its disks).
 func (v *Vault) checkCapacity(ctx context.Context, r *run, c AgentAPI, site string, vm VM) error {
@@ -141,18 +159,8 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 	steps := []string{"prerequisites check", "create test VM", "start test VM"}
 	return v.startJob(ctx, vmName, ActTestFailover, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		r.Step(ctx, "prerequisites check")
-		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		vm, dst, dc, err := v.recoverySite(ctx, r, p)
 		if err != nil {
-			return nil, err
-		}
-		dst, dc, err := v.site(ctx, p.Target)
-		if err != nil {
-			return nil, err
-		}
-		if !dst.Reachable {
-			return nil, fmt.Errorf("the recovery site %s is unreachable", dst.Name)
-		}
-		if err := v.checkCapacity(ctx, r, dc, dst.Name, vm); err != nil {
 			return nil, err
 		}
 		pt, err := v.failoverPoint(ctx, p, point)
@@ -217,7 +225,7 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 	return v.startJob(ctx, vmName, ActFailover, steps, params, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		started := v.now()
 		r.Step(ctx, "prerequisites check")
-		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		vm, dst, dc, err := v.recoverySite(ctx, r, p)
 		if err != nil {
 			return nil, err
 		}
@@ -225,17 +233,7 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		if err != nil {
 			return nil, err
 		}
-		dst, dc, err := v.site(ctx, p.Target)
-		if err != nil {
-			return nil, err
-		}
-		if !dst.Reachable {
-			return nil, fmt.Errorf("the recovery site %s is unreachable: cannot fail over to it", dst.Name)
-		}
-		r.Say(ctx, 100, "recovery site %s reachable; source site %s %s", dst.Name, src.Name, map[bool]string{true: "reachable", false: "UNREACHABLE"}[src.Reachable])
-		if err := v.checkCapacity(ctx, r, dc, dst.Name, vm); err != nil {
-			return nil, err
-		}
+		r.Say(ctx, 100, "source site %s %s", src.Name, map[bool]string{true: "reachable", false: "UNREACHABLE"}[src.Reachable])
 		r.Step(ctx, "shut down source VM")
 		if shutdownSource && src.Reachable {
 			var out struct{ Steps []string }
