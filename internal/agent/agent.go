@@ -432,11 +432,14 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 // withdrawn (disconnecting clients), and its images and journal deleted.
 // A replicating group is refused: stop replication first, so that deleting
 // data is always a deliberate second step.
-func (a *Agent) DeleteGroup(name string) error {
+func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 	a.mu.Lock()
 	gr := a.groups[name]
-	if gr != nil && gr.repl == nil {
-		delete(a.groups, name)
+	var vms []*runningVM
+	for _, v := range a.vms {
+		if v.group == name {
+			vms = append(vms, v)
+		}
 	}
 	a.mu.Unlock()
 	if gr == nil {
@@ -445,6 +448,14 @@ func (a *Agent) DeleteGroup(name string) error {
 	if gr.repl != nil {
 		return fmt.Errorf("%w: group %q replicates to %s; stop that first (DELETE /v1/groups/%s/replication)", ErrConflict, name, gr.repl.PeerName, name)
 	}
+	for _, v := range vms {
+		if v.vm.Status(ctx).State != qemu.StateStopped {
+			return fmt.Errorf("%w: VM %s runs on group %q; stop it first", ErrConflict, v.vm.Spec.Name, name)
+		}
+	}
+	a.mu.Lock()
+	delete(a.groups, name)
+	a.mu.Unlock()
 	a.stopGroup(gr)
 	for _, d := range gr.g.Disks() {
 		a.nbd.RemoveExport(exportName(name, d.Name))

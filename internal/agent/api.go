@@ -57,7 +57,7 @@ func (a *Agent) routes() http.Handler {
 		reply(w, map[string]string{"created": req.Name}, a.CreateGroup(req.Name, req.Disks))
 	})
 	mux.HandleFunc("DELETE /v1/groups/{name}", func(w http.ResponseWriter, r *http.Request) {
-		reply(w, map[string]string{"deleted": r.PathValue("name")}, a.DeleteGroup(r.PathValue("name")))
+		reply(w, map[string]string{"deleted": r.PathValue("name")}, a.DeleteGroup(r.Context(), r.PathValue("name")))
 	})
 	mux.HandleFunc("POST /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		var rc replConfig
