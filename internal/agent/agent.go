@@ -56,6 +56,9 @@ type Config struct {
 	Points replica.Policy
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// Vault, if set (host:port), receives a heartbeat from this agent every
+	// second over mutual TLS (the agent's certificate names its site).
+	Vault string
 	// AppInterval is how often an application-consistent point is taken
 	// of each group with a running VM (default 1 h; at least 1 min;
 	// negative: never).
@@ -192,6 +195,7 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.startFolding()
 	a.startAppPoints()
+	a.startHeartbeats()
 	os.RemoveAll(filepath.Join(a.cfg.Dir, "views")) // overlays of views from a previous run
 	os.MkdirAll(filepath.Join(a.cfg.Dir, "views"), 0o700)
 
@@ -338,6 +342,20 @@ func (a *Agent) startFolding() {
 			if _, err := r.FoldBefore(a.ctx, a.cfg.Now().Add(-a.cfg.Retention)); err != nil && !errors.Is(err, replica.ErrNotReady) {
 				a.log.Error("fold replica", "err", err)
 			}
+		}
+	})
+}
+
+// startHeartbeats tells the vault every second that this site is alive.
+func (a *Agent) startHeartbeats() {
+	if a.cfg.Vault == "" {
+		return
+	}
+	c := NewClient(a.id, a.cfg.Vault, "")
+	c.hc.Timeout = 2 * time.Second
+	a.every(time.Second, nil, func() {
+		if err := c.Do(a.ctx, "POST", "/v1/heartbeat", nil, nil); err != nil {
+			a.log.Debug("heartbeat to the vault", "err", err)
 		}
 	})
 }

@@ -308,13 +308,14 @@ func agentRun(ctx context.Context, e *env, args []string) error {
 	points := fs.Duration("point-interval", time.Second, "crash-consistent recovery point interval")
 	retention := fs.Duration("retention", 24*time.Hour, "how long replicas keep every instant recoverable")
 	appEvery := fs.Duration("app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
+	vaultAddr := fs.String("vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *dir == "" || *name == "" || *pkiDir == "" {
 		return fmt.Errorf("%w: --dir, --name and --pki are required", errUsage)
 	}
-	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points, Retention: *retention, AppInterval: *appEvery})
+	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points, Retention: *retention, AppInterval: *appEvery, Vault: *vaultAddr})
 	if err != nil {
 		return err
 	}

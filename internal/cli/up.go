@@ -51,8 +51,8 @@ func runUp(ctx context.Context, e *env, args []string) error {
 	}
 	procs := []*proc{
 		{name: "vault", args: []string{"vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}},
-		{name: "east", args: []string{"agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir}},
-		{name: "west", args: []string{"agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir}},
+		{name: "east", args: []string{"agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
+		{name: "west", args: []string{"agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
 	}
 	stopAll := func() {
 		for i := len(procs) - 1; i >= 0; i-- {

@@ -72,7 +72,10 @@ func runVault(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	srv := &http.Server{Handler: v.Handler(), ReadHeaderTimeout: 10 * time.Second,
-		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.Cert}}}
+		// Tokens authenticate people; site agents also present their
+		// certificates (heartbeats), which must chain to the CA.
+		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.Cert},
+			ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: id.Pool}}
 	go func() {
 		<-ctx.Done()
 		srv.Close()

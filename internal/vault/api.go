@@ -33,6 +33,16 @@ func (v *Vault) Handler() http.Handler {
 	read("GET /v1/jobs", func(r *http.Request) (any, error) { return v.Jobs(r.Context(), r.URL.Query().Get("protection")) })
 	read("GET /v1/jobs/{id}", func(r *http.Request) (any, error) { return v.Job(r.Context(), r.PathValue("id")) })
 
+	// Site agents heartbeat with their client certificate (mutual TLS);
+	// the certificate's name is the site.
+	mux.HandleFunc("POST /v1/heartbeat", func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+			reply(w, nil, fmt.Errorf("%w: heartbeats need a site certificate from the installation's CA", ErrAuth))
+			return
+		}
+		site := r.TLS.VerifiedChains[0][0].Subject.CommonName
+		reply(w, map[string]string{"site": site}, v.SiteHeartbeat(r.Context(), site))
+	})
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Token, Name, Addr string }
 		if err := decode(r, &req); err != nil {

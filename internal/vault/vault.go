@@ -192,8 +192,24 @@ func (v *Vault) site(ctx context.Context, name string) (Site, AgentAPI, error) {
 	return s, v.cfg.Agent(s.Addr, s.Name), nil
 }
 
+// SiteHeartbeat records a heartbeat a site agent sent over mutual TLS (the
+// site is the name in its client certificate).
+func (v *Vault) SiteHeartbeat(ctx context.Context, site string) error {
+	for {
+		cur, ver, err := get[Site](ctx, v.st, kindSite, site)
+		if err != nil {
+			return err
+		}
+		cur.LastSeen, cur.Reachable = v.now(), true
+		if _, err := put(ctx, v.st, kindSite, site, cur, ver); !errors.Is(err, store.ErrConflict) {
+			return err
+		}
+	}
+}
+
 // Heartbeat polls every site once and updates reachability: a site is
-// unreachable once 3 heartbeat intervals passed without an answer.
+// unreachable once 3 heartbeat intervals passed without an answer to a poll
+// and without a heartbeat from it.
 func (v *Vault) Heartbeat(ctx context.Context) {
 	sites, err := v.Sites(ctx)
 	if err != nil {

@@ -3,6 +3,7 @@ package vault
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
@@ -376,5 +378,45 @@ func TestPrerequisitesNameWhatIsMissing(t *testing.T) {
 	f.call(t, f.reader, "GET", "/v1/protections/vm1", nil, &p)
 	if p.State != StateProtected || p.Job != "" || p.TestPending {
 		t.Fatalf("after failed prerequisites: %+v", p)
+	}
+}
+
+// TestHeartbeatOverMutualTLS: a site agent's heartbeat, authenticated by its
+// certificate, keeps the site reachable; without a certificate it is refused.
+func TestHeartbeatOverMutualTLS(t *testing.T) {
+	pk := t.TempDir()
+	now := time.Now()
+	if err := pki.InitCA(pk, "ca", now); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"vault", "east"} {
+		pki.Issue(pk, pk, n, []string{"127.0.0.1"}, now)
+	}
+	vid, _ := pki.Load(pk, "vault")
+	eid, _ := pki.Load(pk, "east")
+	f := newFixture(t, store.NewMem())
+	f.v.AddSite(context.Background(), "east", "e:1")
+	srv := httptest.NewUnstartedServer(f.v.Handler())
+	srv.TLS = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{vid.Cert},
+		ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: vid.Pool}
+	srv.StartTLS()
+	defer srv.Close()
+	addr := strings.TrimPrefix(srv.URL, "https://")
+	c := agent.NewClient(eid, addr, "")
+	if err := c.Do(context.Background(), "POST", "/v1/heartbeat", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	sites, _ := f.v.Sites(context.Background())
+	if !sites[0].Reachable || time.Since(sites[0].LastSeen) > 5*time.Second {
+		t.Fatalf("after a heartbeat: %+v", sites[0])
+	}
+	anon := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: vid.Pool}}}
+	resp, err := anon.Post(srv.URL+"/v1/heartbeat", "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 401 {
+		t.Fatalf("heartbeat without a certificate: %d", resp.StatusCode)
 	}
 }
