@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"path/filepath"
@@ -8,7 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/guest"
+	"github.com/ferry-dr/ferry/internal/nbd"
+	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/vault"
 )
 
@@ -143,6 +147,45 @@ func TestDRLifecycle(t *testing.T) {
 		}
 	}
 	checkSent(rp)
+
+	// Once drained, the replica equals the source: stop the VM (no more
+	// writes), mark a point, and compare site B's disk with site A's view.
+	var stopped struct{ Steps []string }
+	if err := s.cb.Do(ctx, "DELETE", "/v1/vms/web", nil, &stopped); err != nil {
+		t.Fatal(err)
+	}
+	seq, err := markAndWait(t, s.cb, s.ca, "web", "compare")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vi agent.ViewInfo
+	if err := s.ca.Do(ctx, "POST", "/v1/replicas/web/views", map[string]any{"disk": "vda", "seq": seq}, &vi); err != nil {
+		t.Fatal(err)
+	}
+	srcDisk, err := nbd.Dial(ctx, "unix", filepath.Join(s.b.dir, "nbd.sock"), "web/vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	repView, err := nbd.Dial(ctx, "unix", vi.Socket, vi.Export)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, srcDisk, 64<<20), readAll(t, repView, 64<<20)) {
+		t.Fatal("after reprotect and drain, the replica at site A differs from site B's disk")
+	}
+	srcDisk.Close()
+	repView.Close()
+	s.ca.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil)
+	if err := s.cb.Do(ctx, "POST", "/v1/vms", agent.VMRequest{Name: "web", Group: "web", MemoryMiB: 256, QGA: true, Net: qemu.NetUser,
+		Forwards: []qemu.Forward{{Host: webB, GuestPort: 80}},
+		Boot: qemu.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
+			Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	until(t, 90*time.Second, "the workload at site B again", func() bool {
+		st, err := guest.FetchState(webB)
+		return err == nil && st.LastDurable > 0
+	})
 
 	// Failback with shutdown: nothing lost.
 	until(t, 30*time.Second, "a recovery point at site A", func() bool {
