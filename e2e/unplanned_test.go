@@ -22,13 +22,9 @@ import (
 // fences it, and reprotect proceeds. The records at the recovery site are
 // a prefix of what the source wrote, up to the RPO.
 func TestUnplannedFailoverAndFencing(t *testing.T) {
-	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
-	g := guestDir(t)
-	s := twoSites(t)
-	c, ctx := startVault(t, s)
-	webA, webB := freePort(t), freePort(t)
-	createWorkloadVM(t, c, s, g, webA, webB)
-	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	e := protectedWeb(t)
+	s, c, webA, webB := e.s, e.c, e.webA, e.webB
+	ctx := context.Background()
 	until(t, 90*time.Second, "records replicated", func() bool {
 		st, err := guest.FetchState(webA)
 		return err == nil && st.LastDurable > 100
@@ -98,13 +94,8 @@ func (v *vaultProc) start(t *testing.T) {
 	}
 }
 
-// startVault runs a vault process for the two sites and returns an
+// startVaultProc runs a vault process for the two sites and returns an
 // operator client; both sites are added and reachable.
-func startVault(t *testing.T, s *sites) (*vault.Client, context.Context) {
-	c, _ := startVaultProc(t, s)
-	return c, context.Background()
-}
-
 func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
 	t.Helper()
 	pk := s.a.pki
@@ -145,14 +136,9 @@ func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
 // failover runs: at restart the job is failed with the step it was in, the
 // protection is released (not stuck), and the failover can be retried.
 func TestVaultKilledMidFailover(t *testing.T) {
-	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
-	g := guestDir(t)
-	s := twoSites(t)
-	c, vp := startVaultProc(t, s)
+	e := protectedWeb(t)
+	c, vp, webB := e.c, e.vp, e.webB
 	ctx := context.Background()
-	webA, webB := freePort(t), freePort(t)
-	createWorkloadVM(t, c, s, g, webA, webB)
-	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
 	var j vault.Job
 	if err := c.Do(ctx, "POST", "/v1/protections/web/failover", map[string]any{"point": "latest"}, &j); err != nil {
 		t.Fatal(err)
@@ -238,13 +224,9 @@ func runJob(t *testing.T, c *vault.Client, path string, body any, want string) v
 // (nothing stuck); when the site is back, the cleanup succeeds and
 // replication catches up.
 func TestRecoverySiteDownDuringDrill(t *testing.T) {
-	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
-	g := guestDir(t)
-	s := twoSites(t)
-	c, ctx := startVault(t, s)
-	webA, webB := freePort(t), freePort(t)
-	createWorkloadVM(t, c, s, g, webA, webB)
-	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	e := protectedWeb(t)
+	s, c := e.s, e.c
+	ctx := context.Background()
 	until(t, 30*time.Second, "recovery points", func() bool {
 		var pts []map[string]any
 		return c.Do(ctx, "GET", "/v1/protections/web/points", nil, &pts) == nil && len(pts) > 0
@@ -278,14 +260,9 @@ func TestRecoverySiteDownDuringDrill(t *testing.T) {
 // back to failover-committed; the retried reprotect finds the work already
 // done (the old disks are the replica, replication runs) and completes.
 func TestVaultKilledMidReprotect(t *testing.T) {
-	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
-	g := guestDir(t)
-	s := twoSites(t)
-	c, vp := startVaultProc(t, s)
+	e := protectedWeb(t)
+	c, vp := e.c, e.vp
 	ctx := context.Background()
-	webA, webB := freePort(t), freePort(t)
-	createWorkloadVM(t, c, s, g, webA, webB)
-	runJob(t, c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
 	runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
 	runJob(t, c, "/v1/protections/web/commit", nil, vault.JobSucceeded)
 	var j vault.Job
@@ -336,4 +313,24 @@ func siteReachable(t *testing.T, c *vault.Client, site string, want bool) {
 		}
 		return false
 	})
+}
+
+// drEnv is two sites, a vault, and the workload VM "web" at siteA
+// protected to siteB.
+type drEnv struct {
+	s          *sites
+	c          *vault.Client
+	vp         *vaultProc
+	webA, webB string
+}
+
+func protectedWeb(t *testing.T) *drEnv {
+	t.Helper()
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	g := guestDir(t)
+	e := &drEnv{s: twoSites(t), webA: freePort(t), webB: freePort(t)}
+	e.c, e.vp = startVaultProc(t, e.s)
+	createWorkloadVM(t, e.c, e.s, g, e.webA, e.webB)
+	runJob(t, e.c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	return e
 }
