@@ -453,12 +453,6 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 	a.mu.Lock()
 	gr := a.groups[name]
-	var vms []*runningVM
-	for _, v := range a.vms {
-		if v.group == name {
-			vms = append(vms, v)
-		}
-	}
 	a.mu.Unlock()
 	if gr == nil {
 		return fmt.Errorf("%w: group %q", ErrNotFound, name)
@@ -466,10 +460,8 @@ func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 	if gr.repl != nil {
 		return fmt.Errorf("%w: group %q replicates to %s; stop that first (DELETE /v1/groups/%s/replication)", ErrConflict, name, gr.repl.PeerName, name)
 	}
-	for _, v := range vms {
-		if v.vm.Status(ctx).State != qemu.StateStopped {
-			return fmt.Errorf("%w: VM %s runs on group %q; stop it first", ErrConflict, v.vm.Spec.Name, name)
-		}
+	if v := a.runningOn(ctx, name); v != nil {
+		return fmt.Errorf("%w: VM %s runs on group %q; stop it first", ErrConflict, v.vm.Spec.Name, name)
 	}
 	a.mu.Lock()
 	delete(a.groups, name)
@@ -512,17 +504,8 @@ func (a *Agent) Fence(name string, gen int64) error {
 func (a *Agent) GroupToReplica(ctx context.Context, name string) ([]disk.Spec, error) {
 	a.mu.Lock()
 	gr := a.groups[name]
-	var same []*runningVM
-	for _, v := range a.vms {
-		if v.group == name {
-			same = append(same, v)
-		}
-	}
 	a.mu.Unlock()
-	busy := false
-	for _, v := range same { // QMP calls: outside the agent's lock
-		busy = busy || v.vm.Status(ctx).State != qemu.StateStopped
-	}
+	busy := a.runningOn(ctx, name) != nil
 	if gr == nil {
 		return nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
 	}

@@ -67,18 +67,8 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	gr := a.groups[req.Group]
 	rep := a.replicas[req.Replica]
 	_, exists := a.vms[req.Name]
-	var same []*runningVM
-	for _, v := range a.vms {
-		if v.group == owner {
-			same = append(same, v)
-		}
-	}
 	a.mu.Unlock()
-	for _, v := range same { // QMP calls: outside the agent's lock
-		if v.vm.Status(ctx).State != qemu.StateStopped {
-			exists = true
-		}
-	}
+	exists = exists || a.runningOn(ctx, owner) != nil
 	if gr == nil && rep == nil {
 		return qemu.Status{}, fmt.Errorf("%w: group or replica %q", ErrNotFound, owner)
 	}
@@ -402,4 +392,23 @@ func (a *Agent) Console(name string, off int64) ([]byte, int64, error) {
 	buf := make([]byte, 256<<10)
 	n, _ := f.ReadAt(buf, off)
 	return buf[:n], off + int64(n), nil
+}
+
+// runningOn returns a VM that is not stopped on the group or replica
+// owner, or nil. Its status is asked of QEMU outside the agent's lock.
+func (a *Agent) runningOn(ctx context.Context, owner string) *runningVM {
+	a.mu.Lock()
+	var same []*runningVM
+	for _, v := range a.vms {
+		if v.group == owner {
+			same = append(same, v)
+		}
+	}
+	a.mu.Unlock()
+	for _, v := range same {
+		if v.vm.Status(ctx).State != qemu.StateStopped {
+			return v
+		}
+	}
+	return nil
 }
