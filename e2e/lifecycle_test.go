@@ -128,7 +128,8 @@ func TestDRLifecycle(t *testing.T) {
 	if err := c.Do(ctx, "GET", "/v1/protections/web/reprotect-plan", nil, &plan); err != nil {
 		t.Fatal(err)
 	}
-	if plan.From != "siteB" || plan.To != "siteA" || len(plan.Disks) != 1 || plan.Disks[0].Action != "reuse" {
+	if plan.From != "siteB" || plan.To != "siteA" || len(plan.Disks) != 1 || plan.Disks[0].Action != "reuse" ||
+		plan.Method != "changed-block tracking" || plan.ExpectedBytes <= 0 || plan.ExpectedBytes >= plan.MaxBytes/2 {
 		t.Fatalf("reprotect plan: %+v", plan)
 	}
 	rp := runJob("/v1/protections/web/reprotect", nil, vault.JobSucceeded)
@@ -138,6 +139,9 @@ func TestDRLifecycle(t *testing.T) {
 	}
 	checkSent := func(j vault.Job) {
 		t.Helper()
+		if !strings.Contains(strings.Join(j.Steps[2].Messages, " "), "changed-block tracking") {
+			t.Fatalf("reprotect did not use changed-block tracking: %v", j.Steps[2].Messages)
+		}
 		var sent, total int64
 		for _, m := range j.Steps[len(j.Steps)-1].Messages {
 			fmt.Sscanf(m, "sent %d bytes for %d bytes", &sent, &total)
@@ -148,34 +152,8 @@ func TestDRLifecycle(t *testing.T) {
 	}
 	checkSent(rp)
 
-	// Once drained, the replica equals the source: stop the VM (no more
-	// writes), mark a point, and compare site B's disk with site A's view.
-	var stopped struct{ Steps []string }
-	if err := s.cb.Do(ctx, "DELETE", "/v1/vms/web", nil, &stopped); err != nil {
-		t.Fatal(err)
-	}
-	seq, err := markAndWait(t, s.cb, s.ca, "web", "compare")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var vi agent.ViewInfo
-	if err := s.ca.Do(ctx, "POST", "/v1/replicas/web/views", map[string]any{"disk": "vda", "seq": seq}, &vi); err != nil {
-		t.Fatal(err)
-	}
-	srcDisk, err := nbd.Dial(ctx, "unix", filepath.Join(s.b.dir, "nbd.sock"), "web/vda")
-	if err != nil {
-		t.Fatal(err)
-	}
-	repView, err := nbd.Dial(ctx, "unix", vi.Socket, vi.Export)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(readAll(t, srcDisk, 64<<20), readAll(t, repView, 64<<20)) {
-		t.Fatal("after reprotect and drain, the replica at site A differs from site B's disk")
-	}
-	srcDisk.Close()
-	repView.Close()
-	s.ca.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil)
+	// Once drained, the replica equals the source.
+	replicaEqualsSource(t, s.cb, s.ca, s.b.dir)
 	if err := s.cb.Do(ctx, "POST", "/v1/vms", agent.VMRequest{Name: "web", Group: "web", MemoryMiB: 256, QGA: true, Net: qemu.NetUser,
 		Forwards: []qemu.Forward{{Host: webB, GuestPort: 80}},
 		Boot: qemu.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
@@ -219,4 +197,39 @@ func stepNames(j vault.Job) []string {
 		out = append(out, s.Name+"="+s.State)
 	}
 	return out
+}
+
+// replicaEqualsSource stops the VM at the source (no more writes), waits
+// until a point marked after that reached the recovery site, and compares
+// the source's disk with a view of the replica at that point, byte for
+// byte.
+func replicaEqualsSource(t *testing.T, src, dst *agent.Client, srcDir string) {
+	t.Helper()
+	ctx := context.Background()
+	var stopped struct{ Steps []string }
+	if err := src.Do(ctx, "DELETE", "/v1/vms/web", nil, &stopped); err != nil {
+		t.Fatal(err)
+	}
+	seq, err := markAndWait(t, src, dst, "web", "compare")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vi agent.ViewInfo
+	if err := dst.Do(ctx, "POST", "/v1/replicas/web/views", map[string]any{"disk": "vda", "seq": seq}, &vi); err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil)
+	srcDisk, err := nbd.Dial(ctx, "unix", filepath.Join(srcDir, "nbd.sock"), "web/vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srcDisk.Close()
+	repView, err := nbd.Dial(ctx, "unix", vi.Socket, vi.Export)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repView.Close()
+	if !bytes.Equal(readAll(t, srcDisk, 64<<20), readAll(t, repView, 64<<20)) {
+		t.Fatal("after reprotect and drain, the replica differs from the source disk")
+	}
 }

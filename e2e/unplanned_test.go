@@ -29,11 +29,26 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 		st, err := guest.FetchState(webA)
 		return err == nil && st.LastDurable > 100
 	})
+	// The link goes first (site B dies for a while), so that site A holds
+	// writes that never reached B: a reprotect must send them back too.
+	s.b.kill()
+	until(t, 30*time.Second, "writes at site A that site B lacks", func() bool {
+		var st agent.Status
+		s.ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		for _, g := range st.Groups {
+			if g.Name == "web" && g.Replication != nil && g.LastSeq > g.Replication.AckedSeq+200 {
+				return true
+			}
+		}
+		return false
+	})
 	before, _ := guest.FetchState(webA)
-	// The source site dies.
+	// The source site dies; site B comes back.
 	killed := time.Now()
 	s.a.kill()
+	s.b.start(t)
 	siteReachable(t, c, "siteA", false)
+	siteReachable(t, c, "siteB", true)
 	t.Logf("site A unreachable %v after the kill", time.Since(killed).Round(time.Millisecond))
 	fo := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
 	if !strings.Contains(strings.Join(fo.Steps[1].Messages, " "), "source site is down") {
@@ -69,12 +84,18 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 		}
 	}
 	runJob(t, c, "/v1/protections/web/commit", nil, vault.JobSucceeded)
-	runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	rp := runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	if msgs := strings.Join(rp.Steps[2].Messages, " "); !strings.Contains(msgs, "changed-block tracking") {
+		t.Fatalf("reprotect after an unplanned failover did not use changed-block tracking: %s", msgs)
+	}
+	t.Logf("reprotect: %v %v", rp.Steps[2].Messages, rp.Steps[len(rp.Steps)-1].Messages)
 	var p vault.Protection
 	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
 	if p.State != vault.StateProtected || p.Source != "siteB" {
 		t.Fatalf("after reprotect: %+v", p)
 	}
+	// Site A's unshipped writes were overwritten with site B's data.
+	replicaEqualsSource(t, s.cb, s.ca, s.b.dir)
 }
 
 // vaultProc is a running 'ferry vault run' process.

@@ -95,7 +95,11 @@ type group struct {
 	g       *disk.Group
 	repl    *replConfig
 	shipper *replication.Shipper
-	stop    chan struct{}
+	// kept is the shipper of a fenced group, stopped but keeping its
+	// journal hold and dirty-block bitmap: a reprotect asks it what
+	// changed here after the failover point.
+	kept *replication.Shipper
+	stop chan struct{}
 	// fenced: a failover made another site the active one (generation);
 	// this group must not run its VM or replicate as a source until it
 	// is reprotected (turned into a replica).
@@ -105,6 +109,10 @@ type group struct {
 type replConfig struct {
 	PeerAddr string `json:"peer_addr"`
 	PeerName string `json:"peer_name"`
+	// Delta, on a reprotect, is what the peer changed after the failover
+	// point: with this group's divergence it makes the delta copy send
+	// only those chunks. Dropped once the copy is sent.
+	Delta *PeerChanges `json:"delta,omitempty"`
 }
 
 type openView struct {
@@ -272,11 +280,18 @@ func (a *Agent) openGroup(name string) error {
 	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "fenced")); err == nil {
 		fmt.Sscan(string(b), &gr.fenced)
 	}
-	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "replication.json")); err == nil && gr.fenced == 0 {
+	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "replication.json")); err == nil {
 		var rc replConfig
-		if err := json.Unmarshal(b, &rc); err == nil {
+		if err := json.Unmarshal(b, &rc); err == nil && gr.fenced == 0 {
 			gr.repl = &rc
+		} else if err == nil {
+			gr.kept = a.newShipper(gr, &rc) // holds the journal; never started
 		}
+	}
+	if d, ok, err := a.loadDivergence(name); err != nil {
+		a.log.Error("changed-block tracking unusable; a reprotect will compare checksums", "group", name, "err", err)
+	} else if ok {
+		g.Hold(divergenceHolder, d.After+1)
 	}
 	for _, s := range g.Disks() {
 		d, _ := g.Disk(s.Name)
@@ -298,14 +313,31 @@ func (a *Agent) openGroup(name string) error {
 }
 
 func (a *Agent) startShipper(gr *group) {
-	rc := gr.repl
-	gr.shipper = replication.NewShipper(replication.ShipperConfig{
+	gr.shipper = a.newShipper(gr, gr.repl)
+	gr.shipper.Start(a.ctx)
+}
+
+func (a *Agent) newShipper(gr *group, rc *replConfig) *replication.Shipper {
+	cfg := replication.ShipperConfig{
 		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
 			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName)
 		},
-	})
-	gr.shipper.Start(a.ctx)
+	}
+	if rc.Delta != nil {
+		cfg.DeltaChunks = func(upTo uint64) (replication.Chunks, error) { return a.deltaChunks(gr, rc.Delta, upTo) }
+		cfg.Copied = func() {
+			// The copy is sent: from here on the stream carries every
+			// change, and the tracking has done its job.
+			a.dropDivergence(gr)
+			plain := *rc
+			plain.Delta = nil
+			if err := writeJSONFile(filepath.Join(a.groupDir(gr.name), "replication.json"), plain); err != nil {
+				a.log.Warn("rewrite replication config", "group", gr.name, "err", err)
+			}
+		}
+	}
+	return replication.NewShipper(cfg)
 }
 
 // startPoints records a crash-consistent point every PointInterval in a
@@ -491,7 +523,10 @@ func (a *Agent) Fence(name string, gen int64) error {
 	}
 	gr.fenced = gen
 	if gr.shipper != nil {
-		a.DisableReplication(name)
+		// Stop shipping, but keep the journal hold and the bitmap: they
+		// say what changed here that the other site lacks.
+		gr.shipper.Close()
+		gr.kept, gr.shipper, gr.repl = gr.shipper, nil, nil
 	}
 	a.log.Warn("group fenced: another site runs a newer generation", "group", name, "generation", gen)
 	return nil
@@ -500,28 +535,51 @@ func (a *Agent) Fence(name string, gen int64) error {
 // GroupToReplica turns a group that no VM runs on (the old source after a
 // failover) into a replica of the same name whose images a delta copy
 // reuses: replication stops, the exports go, the journal is dropped and the
-// images are moved into the replica. It returns the disks reused.
-func (a *Agent) GroupToReplica(ctx context.Context, name string) ([]disk.Spec, error) {
+// images are moved into the replica. It returns the disks reused and, when
+// since (the failover point) is not zero, what the group changed after it
+// as far as its journal and bitmap tell (nil if they cannot). Idempotent:
+// asked again after it succeeded, it returns what it returned then.
+func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64) ([]disk.Spec, *PeerChanges, error) {
 	a.mu.Lock()
 	gr := a.groups[name]
+	rep := a.replicas[name]
 	a.mu.Unlock()
-	busy := a.runningOn(ctx, name) != nil
-	if gr == nil {
-		return nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	if gr == nil && rep != nil {
+		var pc *PeerChanges
+		if b, err := os.ReadFile(a.changesPath(name)); err == nil && json.Unmarshal(b, &pc) == nil && pc.After == since {
+			return rep.Disks(), pc, nil
+		}
+		return rep.Disks(), nil, nil
 	}
-	if busy {
-		return nil, fmt.Errorf("%w: a VM runs on group %q; shut it down first", ErrConflict, name)
+	if gr == nil {
+		return nil, nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if a.runningOn(ctx, name) != nil {
+		return nil, nil, fmt.Errorf("%w: a VM runs on group %q; shut it down first", ErrConflict, name)
+	}
+	var pc *PeerChanges
+	if since > 0 {
+		c, err := a.GroupChanges(name, since)
+		if err != nil {
+			a.log.Warn("no changed-block tracking from the old source; the reprotect compares checksums", "group", name, "err", err)
+		} else {
+			pc = &c
+		}
 	}
 	if gr.shipper != nil {
 		a.DisableReplication(name)
+	}
+	if gr.kept != nil {
+		gr.kept.Close()
 	}
 	a.stopGroup(gr)
 	specs := gr.g.Disks()
 	for _, d := range specs {
 		a.nbd.RemoveExport(exportName(name, d.Name))
 	}
+	gr.g.Observe(nil)
 	if err := gr.g.Close(); err != nil {
-		return nil, fmt.Errorf("close group %s: %w", name, err)
+		return nil, nil, fmt.Errorf("close group %s: %w", name, err)
 	}
 	a.mu.Lock()
 	delete(a.groups, name)
@@ -538,12 +596,17 @@ func (a *Agent) GroupToReplica(ctx context.Context, name string) ([]disk.Spec, e
 	a.dropReplica(name)
 	rep, err := replica.Adopt(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log}, name, specs, images)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	if pc != nil {
+		if err := writeJSONFile(a.changesPath(name), pc); err != nil {
+			a.log.Warn("keep the old source's changes", "group", name, "err", err)
+		}
 	}
 	a.mu.Lock()
 	a.replicas[name] = rep
 	a.mu.Unlock()
-	return specs, os.RemoveAll(a.groupDir(name))
+	return specs, pc, os.RemoveAll(a.groupDir(name))
 }
 
 // EnableReplication starts replicating group to the peer agent.

@@ -76,8 +76,27 @@ func (a *Agent) routes() http.Handler {
 		reply(w, map[string]any{"fenced": r.PathValue("name"), "generation": req.Generation}, a.Fence(r.PathValue("name"), req.Generation))
 	})
 	mux.HandleFunc("POST /v1/groups/{name}/to-replica", func(w http.ResponseWriter, r *http.Request) {
-		specs, err := a.GroupToReplica(r.Context(), r.PathValue("name"))
-		reply(w, map[string]any{"replica": r.PathValue("name"), "reused": specs}, err)
+		var req struct {
+			Since uint64 `json:"since"` // the failover point: report the changes after it
+		}
+		if r.ContentLength != 0 && !decode(w, r, &req) {
+			return
+		}
+		specs, pc, err := a.GroupToReplica(r.Context(), r.PathValue("name"), req.Since)
+		reply(w, map[string]any{"replica": r.PathValue("name"), "reused": specs, "changes": pc}, err)
+	})
+	mux.HandleFunc("GET /v1/groups/{name}/changes", func(w http.ResponseWriter, r *http.Request) {
+		since, err := strconv.ParseUint(r.URL.Query().Get("since"), 10, 64)
+		if err != nil {
+			reply(w, nil, fmt.Errorf("%w: since must be a sequence number: %v", ErrInvalid, err))
+			return
+		}
+		c, err := a.GroupChanges(r.PathValue("name"), since)
+		reply(w, c, err)
+	})
+	mux.HandleFunc("GET /v1/groups/{name}/divergence", func(w http.ResponseWriter, r *http.Request) {
+		d, err := a.GroupDivergence(r.PathValue("name"))
+		reply(w, d, err)
 	})
 	mux.HandleFunc("DELETE /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"stopped": r.PathValue("name")}, a.DisableReplication(r.PathValue("name")))

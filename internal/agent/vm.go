@@ -336,6 +336,12 @@ func (a *Agent) CommitVM(ctx context.Context, name string) ([]string, error) {
 	if err := gr.g.Flush(ctx); err != nil {
 		return steps, err
 	}
+	if err := a.recordDivergence(gr, rep, views); err != nil {
+		a.log.Warn("no changed-block tracking: a reprotect will compare checksums", "vm", name, "err", err)
+		say("changed-block tracking unavailable (%v): a reprotect will compare checksums", err)
+	} else {
+		say("changed-block tracking kept for a reprotect")
+	}
 	a.closeViews(rv.views)
 	if err := a.dropReplica(repName); err != nil {
 		return steps, err

@@ -332,7 +332,17 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			for _, d := range plan.Disks {
 				fmt.Fprintf(&b, "  disk %-10s %12d bytes: %s\n", d.Name, d.Size, d.Action)
 			}
-			fmt.Fprintf(&b, "  sends at most %d bytes; reused disks send only the chunks that differ\n", plan.MaxBytes)
+			switch plan.Method {
+			case "changed-block tracking":
+				fmt.Fprintf(&b, "  sends about %d of %d bytes: the chunks changed at either site since the failover point (changed-block tracking)\n", plan.ExpectedBytes, plan.MaxBytes)
+			case "checksum compare":
+				fmt.Fprintf(&b, "  sends at most %d bytes: only the chunks whose checksums differ (reads the disks at both sites)\n", plan.MaxBytes)
+			default:
+				fmt.Fprintf(&b, "  sends %d bytes: a full copy\n", plan.MaxBytes)
+			}
+			if plan.Why != "" {
+				fmt.Fprintf(&b, "  no changed-block tracking: %s\n", plan.Why)
+			}
 			return e.print(plan, b.String())
 		}
 		return job("/v1/protections/"+vm+"/reprotect", nil)

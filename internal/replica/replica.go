@@ -533,3 +533,37 @@ func (r *Replica) Close() error {
 	r.closeData()
 	return nil
 }
+
+// Changes calls fn for every part of the disks that entries after seq
+// after changed, among those the replica received, and returns the last
+// sequence received. A reprotect uses it to know what the old source
+// sent after the failover point. It fails with ErrNoPoint when after is
+// older than the index remembers (folded into the images, or before the
+// replica became consistent).
+func (r *Replica) Changes(after uint64, fn func(disk string, off, n int64)) (last uint64, err error) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.j == nil || r.man.ConsistentSeq == 0 {
+		return 0, ErrNotReady
+	}
+	if first := r.firstViewable(); after < first {
+		return 0, fmt.Errorf("%w: changes after %d: the replica only knows them after %d", ErrNoPoint, after, first)
+	}
+	for _, s := range r.man.Disks {
+		x := r.idx[s.ID]
+		if x == nil {
+			continue
+		}
+		for b, vs := range x.blocks {
+			if len(vs) > 0 && vs[len(vs)-1].seq > after {
+				fn(s.Name, b*BlockSize, min(BlockSize, s.Size-b*BlockSize))
+			}
+		}
+		for _, op := range x.ranges {
+			if op.seq > after {
+				fn(s.Name, op.off, op.end-op.off)
+			}
+		}
+	}
+	return r.j.LastSeq(), nil
+}

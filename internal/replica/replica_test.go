@@ -3,6 +3,7 @@ package replica
 import (
 	"bytes"
 	"context"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -257,4 +258,81 @@ func TestWritableViewConformance(t *testing.T) {
 		})
 		return v
 	})
+}
+
+// TestChangesCoverDifferences: every byte where a view at a point differs
+// from the last received state lies in what Changes reports after that
+// point, and a writable view's Written covers its writes. A reprotect
+// relies on both to send only what differs.
+func TestChangesCoverDifferences(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	g, err := disk.Open(disk.Config{Dir: t.TempDir(), SegmentSize: 128 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	g.CreateDisk("a", diskSize)
+	g.CreateDisk("b", diskSize)
+	start := g.HoldNext("test")
+	rep, err := Open(Config{Dir: t.TempDir(), SegmentSize: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rep.Close()
+	if err := rep.Begin("g", g.Disks(), start); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.EndBase(start - 1); err != nil {
+		t.Fatal(err)
+	}
+	randomOps(t, g, rng, 80)
+	ship(t, g.Journal(), start, rep)
+	end := g.Journal().LastSeq()
+	for _, at := range []uint64{start, start + 10, end / 2, end - 3, end} {
+		changed := map[string]map[int64]bool{}
+		last, err := rep.Changes(at, func(d string, off, n int64) {
+			if changed[d] == nil {
+				changed[d] = map[int64]bool{}
+			}
+			for b := off / BlockSize; b*BlockSize < off+n; b++ {
+				changed[d][b] = true
+			}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if last != end {
+			t.Fatalf("Changes says the last received is %d, want %d", last, end)
+		}
+		n := 0
+		for _, name := range []string{"a", "b"} {
+			then, now := readView(t, rep, name, at), readView(t, rep, name, end)
+			for b := int64(0); b < diskSize/BlockSize; b++ {
+				if !bytes.Equal(then[b*BlockSize:(b+1)*BlockSize], now[b*BlockSize:(b+1)*BlockSize]) {
+					n++
+					if !changed[name][b] {
+						t.Fatalf("block %d of %s differs between %d and %d but is not reported changed", b, name, at, end)
+					}
+				}
+			}
+		}
+		if at < end && n == 0 {
+			t.Fatalf("no block differs between %d and %d: the test proves nothing", at, end)
+		}
+		if at == end && len(changed) != 0 {
+			t.Fatalf("changes after the last entry: %v", changed)
+		}
+	}
+	v, err := rep.OpenView("a", end, filepath.Join(t.TempDir(), "overlay"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	v.WriteAt(context.Background(), []byte("x"), 3*BlockSize+5)
+	v.WriteZeroes(context.Background(), 10*BlockSize-1, 2)
+	got := map[int64]bool{}
+	v.Written(func(off, n int64) { got[off/BlockSize] = true })
+	if want := map[int64]bool{3: true, 9: true, 10: true}; !maps.Equal(got, want) {
+		t.Fatalf("Written = %v, want %v", got, want)
+	}
 }

@@ -200,3 +200,13 @@ func (v *View) Close() error {
 	}
 	return nil
 }
+
+// Written calls fn for every block a writable view's overlay holds (the
+// writes made through the view), in no particular order.
+func (v *View) Written(fn func(off, n int64)) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for b := range v.present {
+		fn(b*BlockSize, min(BlockSize, v.size-b*BlockSize))
+	}
+}

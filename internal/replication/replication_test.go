@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -465,46 +466,189 @@ func TestBitmapSurvivesRestart(t *testing.T) {
 // a failover, when the old source becomes the replica) that differ in a few
 // places: the copy sends only the chunks that differ, then streams.
 func TestDeltaCopy(t *testing.T) {
-	e := setupWith(t, nil)
-	ctx := context.Background()
-	writeRandom(t, e.g, rand.New(rand.NewPCG(9, 9)), 60)
-	e.g.Checkpoint(ctx)
-	// The old copies: the source's images now, then changed in 5 chunks.
-	e.mu.Lock()
-	e.rep.Close()
-	os.RemoveAll(e.repDir)
-	images := map[string]string{}
-	for _, s := range e.g.Disks() {
-		d, _ := e.g.Disk(s.Name)
-		b := make([]byte, s.Size)
-		d.ReadAt(ctx, b, 0)
-		p := filepath.Join(t.TempDir(), s.Name)
-		os.WriteFile(p, b, 0o600)
-		images[s.Name] = p
+	diverged := []int64{0, 5 << 20 / 8, 3 << 20, 3<<20 + 64<<10, 4<<20 - 100}
+	cases := []struct {
+		name    string
+		tracked func(upTo uint64) (Chunks, error) // nil: compare hashes
+		wantErr bool                              // the replica must end up different
+	}{
+		{name: "checksum compare"},
+		{name: "changed-block tracking", tracked: func(uint64) (Chunks, error) {
+			c := NewChunks()
+			for _, off := range diverged {
+				c.Add("a", off, 8)
+			}
+			return c, nil
+		}},
+		{name: "tracking unavailable falls back to checksums", tracked: func(uint64) (Chunks, error) {
+			return nil, os.ErrNotExist
+		}},
+		{name: "tracking that misses a chunk is trusted", wantErr: true, tracked: func(uint64) (Chunks, error) {
+			c := NewChunks()
+			for _, off := range diverged[1:] {
+				c.Add("a", off, 8)
+			}
+			return c, nil
+		}},
 	}
-	f, _ := os.OpenFile(images["a"], os.O_RDWR, 0)
-	for _, off := range []int64{0, 5 << 20 / 8, 3 << 20, 3<<20 + 64<<10, 4<<20 - 100} {
-		f.WriteAt([]byte("diverged"), off)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			copied := 0
+			e := setupWith(t, func(c *ShipperConfig) {
+				c.DeltaChunks = tc.tracked
+				c.Copied = func() { copied++ }
+			})
+			ctx := context.Background()
+			writeRandom(t, e.g, rand.New(rand.NewPCG(9, 9)), 60)
+			e.g.Checkpoint(ctx)
+			// The old copies: the source's images now, then changed in 5 chunks.
+			e.mu.Lock()
+			e.rep.Close()
+			os.RemoveAll(e.repDir)
+			images := map[string]string{}
+			for _, s := range e.g.Disks() {
+				d, _ := e.g.Disk(s.Name)
+				b := make([]byte, s.Size)
+				d.ReadAt(ctx, b, 0)
+				p := filepath.Join(t.TempDir(), s.Name)
+				os.WriteFile(p, b, 0o600)
+				images[s.Name] = p
+			}
+			f, _ := os.OpenFile(images["a"], os.O_RDWR, 0)
+			for _, off := range diverged {
+				f.WriteAt([]byte("diverged"), off)
+			}
+			f.Close()
+			rep, err := replica.Adopt(replica.Config{Dir: e.repDir}, "vm1", e.g.Disks(), images)
+			if err != nil {
+				e.mu.Unlock()
+				t.Fatal(err)
+			}
+			e.rep = rep
+			e.mu.Unlock()
+			runCtx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			e.sh.Start(runCtx)
+			defer e.sh.Close()
+			drain(t, e)
+			st := e.sh.Status()
+			want := int64(len(diverged) * ChunkSize)
+			if tc.wantErr {
+				want -= ChunkSize
+			}
+			if st.SentBytes < want || st.SentBytes > want*11/10 {
+				t.Fatalf("delta copy sent %d bytes; want %d", st.SentBytes, want)
+			}
+			if copied != 1 {
+				t.Fatalf("Copied called %d times", copied)
+			}
+			t.Logf("delta copy: %d bytes sent for %d bytes of disks", st.SentBytes, st.CopyTotal)
+			writeRandom(t, e.g, rand.New(rand.NewPCG(10, 10)), 20)
+			drain(t, e)
+			if tc.wantErr {
+				v, err := e.rep.OpenView("a", e.g.Journal().LastSeq(), "")
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, 8)
+				v.ReadAt(ctx, got, 0)
+				src, _ := e.g.Disk("a")
+				want := make([]byte, 8)
+				src.ReadAt(ctx, want, 0)
+				if bytes.Equal(got, want) {
+					t.Fatal("a chunk the tracking left out was sent anyway: the tracking is not what the copy used")
+				}
+				return
+			}
+			sameAsSource(t, e)
+		})
 	}
-	f.Close()
-	rep, err := replica.Adopt(replica.Config{Dir: e.repDir}, "vm1", e.g.Disks(), images)
+}
+
+func TestChunks(t *testing.T) {
+	c := NewChunks()
+	c.Add("a", 0, 1)
+	c.Add("a", ChunkSize-1, 2)             // chunks 0 and 1
+	c.Add("b", 130*ChunkSize, 3*ChunkSize) // 130..132
+	c.Add("b", 5, 0)                       // nothing
+	tests := []struct {
+		disk string
+		i    int64
+		want bool
+	}{{"a", 0, true}, {"a", 1, true}, {"a", 2, false}, {"b", 0, false}, {"b", 129, false},
+		{"b", 130, true}, {"b", 132, true}, {"b", 133, false}, {"c", 0, false}, {"b", 1 << 30, false}}
+	for _, tt := range tests {
+		if got := c.Has(tt.disk, tt.i); got != tt.want {
+			t.Errorf("Has(%s, %d) = %v, want %v", tt.disk, tt.i, got, tt.want)
+		}
+	}
+	if got, want := c.Count(), 5; got != want {
+		t.Fatalf("Count = %d, want %d", got, want)
+	}
+	b, err := json.Marshal(c)
 	if err != nil {
-		e.mu.Unlock()
 		t.Fatal(err)
 	}
-	e.rep = rep
-	e.mu.Unlock()
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	e.sh.Start(runCtx)
-	defer e.sh.Close()
-	drain(t, e)
-	st := e.sh.Status()
-	if want := int64(5 * ChunkSize); st.SentBytes < want || st.SentBytes > want*11/10 {
-		t.Fatalf("delta copy sent %d bytes; %d differ (5 chunks of %d)", st.SentBytes, want, ChunkSize)
+	var back Chunks
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("delta copy: %d bytes sent for %d bytes of disks", st.SentBytes, st.CopyTotal)
-	writeRandom(t, e.g, rand.New(rand.NewPCG(10, 10)), 20)
+	u := NewChunks()
+	u.Add("a", 3*ChunkSize, 1)
+	u.Union(back)
+	if got, want := u.Count(), 6; got != want || !u.Has("b", 131) || !u.Has("a", 3) {
+		t.Fatalf("after round trip and union: %d chunks, want %d", got, want)
+	}
+	for _, bad := range []string{`{"a":"!!"}`, `{"a":"AAA="}`, `[1]`} {
+		if err := json.Unmarshal([]byte(bad), &back); err == nil {
+			t.Errorf("Unmarshal(%s) accepted", bad)
+		}
+	}
+}
+
+// TestShipperChanges: what a stopped shipper reports as changed after a
+// point covers every write after it, from the journal and, past the
+// journal's bound, from the dirty-block bitmap.
+func TestShipperChanges(t *testing.T) {
+	e := setupWith(t, func(c *ShipperConfig) { c.MaxJournalBytes = 512 << 10 })
+	ctx := context.Background()
+	writeRandom(t, e.g, rand.New(rand.NewPCG(3, 3)), 10)
+	runCtx, cancel := context.WithCancel(ctx)
+	e.sh.Start(runCtx)
 	drain(t, e)
-	sameAsSource(t, e)
+	point := e.g.Journal().LastSeq()
+	e.proxy.SetDown(true) // the link is down from here
+	e.proxy.Cut()
+	a, _ := e.g.Disk("a")
+	want := NewChunks()
+	for i := int64(0); i < 40; i++ {
+		off := (i * 7 % 16) * ChunkSize
+		a.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 1)}, 64<<10), off)
+		want.Add("a", off, 64<<10)
+	}
+	until := time.Now().Add(10 * time.Second)
+	for !e.sh.Status().BitmapMode && time.Now().Before(until) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !e.sh.Status().BitmapMode {
+		t.Fatal("the shipper did not switch to the bitmap")
+	}
+	e.g.Checkpoint(ctx) // trims the journal behind the bitmap
+	cancel()
+	e.sh.Close()
+	got, from, err := e.sh.Changes(point)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from > point+1 {
+		t.Fatalf("changes complete only from %d, the point is %d", from, point)
+	}
+	for i := int64(0); i < 16; i++ {
+		if got.Has("a", i) != want.Has("a", i) {
+			t.Errorf("chunk %d: changed %v, want %v", i, got.Has("a", i), want.Has("a", i))
+		}
+	}
+	if got.Count() != want.Count() {
+		t.Fatalf("%d chunks changed, want %d", got.Count(), want.Count())
+	}
 }

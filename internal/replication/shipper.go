@@ -52,6 +52,14 @@ type ShipperConfig struct {
 	// trimmed and tracks changed blocks in a bitmap instead, and resends
 	// only those when the peer is back (default 1 GiB; negative: no bound).
 	MaxJournalBytes int64
+	// DeltaChunks, if set, is asked at the start of a delta copy (the
+	// recovery site holds older images of the same disks, a reprotect)
+	// which chunks may differ, given that entries after upTo are streamed
+	// after the copy: changed-block tracking. Only those chunks are read
+	// and sent. An error falls back to comparing every chunk's hash.
+	DeltaChunks func(upTo uint64) (Chunks, error)
+	// Copied, if set, is called after an initial copy was sent in full.
+	Copied func()
 }
 
 // Status is what a shipper reports.
@@ -531,6 +539,16 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 	if delta {
 		chunk = ChunkSize // finer: fewer bytes for scattered differences
 	}
+	var tracked Chunks // changed-block tracking: no hashes to compare
+	if delta && s.cfg.DeltaChunks != nil {
+		var err error
+		if tracked, err = s.cfg.DeltaChunks(start - 1); err != nil {
+			s.log.Warn("no changed-block tracking for this delta copy; comparing chunk hashes", "group", s.cfg.Name, "err", err)
+			tracked = nil
+		} else {
+			s.log.Info("delta copy from changed-block tracking", "group", s.cfg.Name, "chunks", tracked.Count())
+		}
+	}
 	buf := make([]byte, chunk)
 	zero := make([]byte, chunk)
 	for _, spec := range g.Disks() {
@@ -539,7 +557,7 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 			return 0, err
 		}
 		var theirs []byte
-		if delta {
+		if delta && tracked == nil {
 			if err := c.Write(link.TypeHashReq, link.EncodeHashReq(spec.ID, uint32(chunk))); err != nil {
 				return 0, err
 			}
@@ -557,11 +575,19 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 				return 0, ctx.Err()
 			}
 			n := min(chunk, spec.Size-off)
+			if tracked != nil && !tracked.Has(spec.Name, off/chunk) {
+				s.mu.Lock()
+				s.copyDone += n
+				s.mu.Unlock()
+				continue // unchanged at both sites since the failover point
+			}
 			if err := d.ReadAt(ctx, buf[:n], off); err != nil {
 				return 0, err
 			}
 			send := !bytes.Equal(buf[:n], zero[:n]) // the replica image starts sparse
-			if delta {
+			if tracked != nil {
+				send = true
+			} else if delta {
 				i := int(off/chunk) * 16
 				h := sha256.Sum256(buf[:n])
 				send = i+16 > len(theirs) || !bytes.Equal(h[:16], theirs[i:i+16])
@@ -585,6 +611,9 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 		return 0, err
 	}
 	s.log.Info("initial copy sent", "group", s.cfg.Name, "bytes", total, "start_seq", start, "end_seq", end)
+	if s.cfg.Copied != nil {
+		s.cfg.Copied()
+	}
 	return start, nil
 }
 

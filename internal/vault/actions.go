@@ -10,6 +10,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/replication"
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
@@ -455,8 +456,19 @@ type ReprotectPlan struct {
 	// MaxBytes is the most a reprotect sends (the disks' size); reused
 	// disks send only the chunks that differ.
 	MaxBytes int64 `json:"max_bytes"`
+	// Method is how the differences are found: "changed-block tracking"
+	// (the journals and bitmaps kept since the failover point), "checksum
+	// compare" (every chunk is read at both sites), or "full copy".
+	Method string `json:"method"`
+	// ExpectedBytes is what the reprotect will send: exact for changed-block
+	// tracking (plus what the VM writes until it starts), at most MaxBytes
+	// otherwise.
+	ExpectedBytes int64 `json:"expected_bytes"`
+	// Why says why changed-block tracking cannot be used, if it cannot.
+	Why string `json:"why,omitempty"`
 
 	replicaReady bool // the disks already are the replica (a retry)
+	div          *agent.Divergence
 }
 
 // PlanItem is one thing reused or created.
@@ -511,14 +523,49 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 	if len(have) == 0 {
 		plan.VM.Action = "create (new)"
 	}
+	reuse := 0
 	for _, d := range vm.Disks {
 		it := PlanItem{Name: d.Name, Size: d.Size, Action: "create (new)"}
 		if have[d.Name] == d.Size {
 			it.Action = "reuse"
+			reuse++
 		}
 		plan.Disks = append(plan.Disks, it)
 		plan.MaxBytes += d.Size
 	}
+	plan.Method, plan.ExpectedBytes = "full copy", plan.MaxBytes
+	if reuse == 0 {
+		return plan, nil
+	}
+	plan.Method = "checksum compare"
+	_, fc, err := v.site(ctx, plan.From)
+	if err != nil {
+		return ReprotectPlan{}, err
+	}
+	var div agent.Divergence
+	if err := fc.Do(ctx, "GET", "/v1/groups/"+vmName+"/divergence", nil, &div); err != nil {
+		plan.Why = fmt.Sprintf("%s keeps no changed-block tracking: %v", plan.From, err)
+		return plan, nil
+	}
+	plan.div = &div
+	var pc agent.PeerChanges
+	if isReplica {
+		// An earlier attempt turned the disks; what it learnt is kept.
+		plan.Method, plan.ExpectedBytes = "changed-block tracking", int64(div.Chunks.Count())*replication.ChunkSize
+		return plan, nil
+	}
+	if err := oc.Do(ctx, "GET", fmt.Sprintf("/v1/groups/%s/changes?since=%d", vmName, div.Base), nil, &pc); err != nil {
+		plan.Why = fmt.Sprintf("%s cannot tell what it changed after the failover point: %v", plan.To, err)
+		return plan, nil
+	}
+	if pc.From > div.Received+1 {
+		plan.Why = fmt.Sprintf("%s's journal starts at %d, after what %s received (%d)", plan.To, pc.From, plan.From, div.Received)
+		return plan, nil
+	}
+	all := replication.NewChunks()
+	all.Union(div.Chunks)
+	all.Union(pc.Chunks)
+	plan.Method, plan.ExpectedBytes = "changed-block tracking", min(plan.MaxBytes, int64(all.Count())*replication.ChunkSize)
 	return plan, nil
 }
 
@@ -553,18 +600,40 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "reuse disks at "+to.Name)
-		if plan.replicaReady {
-			r.Say(ctx, 100, "the old disks at %s already are the replica (an earlier attempt)", to.Name)
-		} else if plan.VM.Action == "reuse" {
-			if err := tc.Do(ctx, "POST", "/v1/groups/"+vmName+"/to-replica", nil, nil); err != nil {
+		var delta *agent.PeerChanges
+		if plan.replicaReady || plan.VM.Action == "reuse" {
+			var since uint64
+			if plan.div != nil {
+				since = plan.div.Base
+			}
+			var out struct {
+				Changes *agent.PeerChanges `json:"changes"`
+			}
+			if err := tc.Do(ctx, "POST", "/v1/groups/"+vmName+"/to-replica", map[string]uint64{"since": since}, &out); err != nil {
 				return nil, err
 			}
-			r.Say(ctx, 100, "the old disks at %s are now the replica", to.Name)
+			if plan.replicaReady {
+				r.Say(ctx, 100, "the old disks at %s already are the replica (an earlier attempt)", to.Name)
+			} else {
+				r.Say(ctx, 100, "the old disks at %s are now the replica", to.Name)
+			}
+			switch {
+			case plan.div == nil:
+				r.Say(ctx, -1, "differences found by checksum compare: %s", plan.Why)
+			case out.Changes == nil:
+				r.Say(ctx, -1, "differences found by checksum compare: %s could not tell what it changed after the failover point", to.Name)
+			case out.Changes.From > plan.div.Received+1:
+				r.Say(ctx, -1, "differences found by checksum compare: %s's journal starts after what %s received", to.Name, plan.From)
+			default:
+				delta = out.Changes
+				r.Say(ctx, -1, "changed-block tracking: %d chunks written at %s since the failover point, %d changed at %s after it",
+					plan.div.Chunks.Count(), plan.From, delta.Chunks.Count(), to.Name)
+			}
 		} else {
 			r.Skip(ctx, "reuse disks at "+to.Name, "no disks to reuse: a full copy")
 		}
 		r.Step(ctx, "start replication")
-		if err := fc.Do(ctx, "POST", "/v1/groups/"+vmName+"/replication", map[string]string{"peer_addr": to.Addr, "peer_name": to.Name}, nil); err != nil {
+		if err := fc.Do(ctx, "POST", "/v1/groups/"+vmName+"/replication", map[string]any{"peer_addr": to.Addr, "peer_name": to.Name, "delta": delta}, nil); err != nil {
 			if !strings.Contains(err.Error(), "already replicates") {
 				return nil, err
 			}

@@ -1,0 +1,183 @@
+package replication
+
+import (
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"math/bits"
+
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/journal"
+)
+
+// Chunks is a set of ChunkSize chunks per disk name, one bit per chunk. It
+// is how a reprotect says which parts of the disks may differ between the
+// two sites (changed-block tracking), so that only those are sent. It is
+// keyed by name, not disk id, because the two sites number disks
+// independently. The zero value is not usable; make one with NewChunks.
+type Chunks map[string][]uint64
+
+// NewChunks returns an empty set.
+func NewChunks() Chunks { return Chunks{} }
+
+// Add marks every chunk that bytes [off, off+n) of disk touch.
+func (c Chunks) Add(disk string, off, n int64) {
+	if n <= 0 {
+		return
+	}
+	first, last := off/ChunkSize, (off+n-1)/ChunkSize
+	words := c[disk]
+	if need := int(last/64) + 1; len(words) < need {
+		words = append(words, make([]uint64, need-len(words))...)
+	}
+	for i := first; i <= last; i++ {
+		words[i/64] |= 1 << (i % 64)
+	}
+	c[disk] = words
+}
+
+// Union adds every chunk of o to c.
+func (c Chunks) Union(o Chunks) {
+	for d, ws := range o {
+		mine := c[d]
+		if len(mine) < len(ws) {
+			mine = append(mine, make([]uint64, len(ws)-len(mine))...)
+		}
+		for i, w := range ws {
+			mine[i] |= w
+		}
+		c[d] = mine
+	}
+}
+
+// Has reports whether chunk i of disk is in the set.
+func (c Chunks) Has(disk string, i int64) bool {
+	ws := c[disk]
+	return int(i/64) < len(ws) && ws[i/64]&(1<<(i%64)) != 0
+}
+
+// Count is the number of chunks in the set.
+func (c Chunks) Count() int {
+	n := 0
+	for _, ws := range c {
+		for _, w := range ws {
+			n += bits.OnesCount64(w)
+		}
+	}
+	return n
+}
+
+// AddEntry marks the chunks a journal entry changes (markers and skips
+// change none). names maps the group's disk ids to names.
+func (c Chunks) AddEntry(e *journal.Entry, names map[uint16]string) {
+	if e.Kind == journal.KindMarker || e.Kind == journal.KindSkip || e.Length == 0 {
+		return
+	}
+	c.Add(names[e.Disk], int64(e.Offset), int64(e.Length))
+}
+
+// diskNames maps a group's disk ids to their names.
+func diskNames(specs []disk.Spec) map[uint16]string {
+	m := make(map[uint16]string, len(specs))
+	for _, s := range specs {
+		m[s.ID] = s.Name
+	}
+	return m
+}
+
+// JournalChanges adds to c the chunks changed by the entries of j with
+// sequence numbers in [from, to]. It fails if from is no longer in the
+// journal: c is then incomplete and must not be trusted.
+func JournalChanges(j *journal.Journal, specs []disk.Spec, from, to uint64, c Chunks) error {
+	if from > to {
+		return nil
+	}
+	if first := j.FirstSeq(); from < first {
+		return fmt.Errorf("journal changes from %d: the journal starts at %d", from, first)
+	}
+	names := diskNames(specs)
+	r, err := j.NewReader(from)
+	if err != nil {
+		return fmt.Errorf("journal changes from %d: %w", from, err)
+	}
+	defer r.Close()
+	for {
+		e, ok, err := r.TryNext()
+		if err != nil {
+			return fmt.Errorf("journal changes: %w", err)
+		}
+		if !ok || e.Seq > to {
+			return nil
+		}
+		c.AddEntry(&e, names)
+	}
+}
+
+// Changes returns the chunks of the group changed by entries after seq
+// after, as far as this shipper can still tell, and from: every change
+// with a sequence number >= from is in the set. Changes older than from
+// were acknowledged by the recovery site (the journal was trimmed only
+// behind its acknowledgements or into the dirty-block bitmap), so the
+// recovery site knows them. Works on a stopped shipper; safe to call
+// concurrently with writes (they may or may not be included).
+func (s *Shipper) Changes(after uint64) (c Chunks, from uint64, err error) {
+	g := s.cfg.Group
+	specs := g.Disks()
+	names := diskNames(specs)
+	c = NewChunks()
+	j := g.Journal()
+	from = max(after+1, j.FirstSeq())
+	s.mu.Lock()
+	bm := s.bm
+	s.mu.Unlock()
+	if bm != nil {
+		bm.mu.Lock()
+		for id, ws := range bm.Bits {
+			c.Union(Chunks{names[id]: ws})
+		}
+		since := bm.Since
+		bm.mu.Unlock()
+		from = max(after+1, min(from, since))
+	}
+	if err := JournalChanges(j, specs, max(after+1, j.FirstSeq()), j.LastSeq(), c); err != nil {
+		return nil, 0, err
+	}
+	return c, from, nil
+}
+
+// MarshalJSON writes each disk's bits as base64 of little-endian 64-bit
+// words: a 1 TiB disk's set is 2 MiB of bits, not tens of MiB of numbers.
+func (c Chunks) MarshalJSON() ([]byte, error) {
+	m := make(map[string]string, len(c))
+	for d, ws := range c {
+		b := make([]byte, 8*len(ws))
+		for i, w := range ws {
+			binary.LittleEndian.PutUint64(b[8*i:], w)
+		}
+		m[d] = base64.StdEncoding.EncodeToString(b)
+	}
+	return json.Marshal(m)
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote.
+func (c *Chunks) UnmarshalJSON(data []byte) error {
+	var m map[string]string
+	if err := json.Unmarshal(data, &m); err != nil {
+		return fmt.Errorf("chunk set: %w", err)
+	}
+	out := make(Chunks, len(m))
+	for d, s := range m {
+		b, err := base64.StdEncoding.DecodeString(s)
+		if err != nil || len(b)%8 != 0 {
+			return fmt.Errorf("chunk set of disk %q: not base64 of 64-bit words", d)
+		}
+		ws := make([]uint64, len(b)/8)
+		for i := range ws {
+			ws[i] = binary.LittleEndian.Uint64(b[8*i:])
+		}
+		out[d] = ws
+	}
+	*c = out
+	return nil
+}
