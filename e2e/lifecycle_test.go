@@ -61,7 +61,21 @@ func TestDRLifecycle(t *testing.T) {
 		return p
 	}
 	refused("/v1/protections/web/failover", map[string]string{}, "not found")
-	runJob("/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	// Site B declares its own networks; the protection maps the VM's NIC
+	// to them, and the guest's DHCP address shows where it is attached.
+	for name, n := range map[string]vault.Network{"prod-b": {Kind: vault.KindProduction, Subnet: "10.20.0.0/24"}, "drill-b": {Kind: vault.KindIsolated, Subnet: "10.99.0.0/24"}} {
+		if err := c.Do(ctx, "PUT", "/v1/sites/siteB/networks/"+name, n, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	drillAddr := freePort(t)
+	if err := c.Do(ctx, "PUT", "/v1/vms/web/forwards", map[string]string{"siteB/drill-b": drillAddr}, nil); err != nil {
+		t.Fatal(err)
+	}
+	runJob("/v1/protections", map[string]any{"vm": "web", "target": "siteB", "networks": map[string]string{"nic0": "prod-b"}, "test_network": "drill-b"}, vault.JobSucceeded)
+	if st, err := guest.FetchState(webA); err != nil || !strings.HasPrefix(st.Addr, "10.0.2.") {
+		t.Fatalf("the VM at site A is on %q (%v), want its production network 10.0.2.0/24", st.Addr, err)
+	}
 	if p := protection(); p.State != vault.StateProtected {
 		t.Fatalf("after enable: %+v", p)
 	}
@@ -78,6 +92,15 @@ func TestDRLifecycle(t *testing.T) {
 		t.Fatalf("during drill: %+v", p)
 	}
 	t.Logf("drill job steps: %v", stepNames(drill))
+	var drillSt guest.WorkloadState
+	until(t, 60*time.Second, "the drill VM's workload", func() bool {
+		var err error
+		drillSt, err = guest.FetchState(drillAddr)
+		return err == nil
+	})
+	if !strings.HasPrefix(drillSt.Addr, "10.99.0.") {
+		t.Fatalf("the drill VM is on %q, want site B's isolated network 10.99.0.0/24", drillSt.Addr)
+	}
 	refused("/v1/protections/web/test-failover", map[string]string{}, "clean up the pending test failover")
 	runJob("/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "drill passed"}, vault.JobSucceeded)
 	if p := protection(); p.TestPending || len(p.History) < 2 {
@@ -98,6 +121,9 @@ func TestDRLifecycle(t *testing.T) {
 		return err == nil && after.LastDurable > 0
 	})
 	t.Logf("VM answering at site B %v after the failover began; records before %d, after %d", time.Since(start).Round(time.Millisecond), before.LastDurable, after.LastDurable)
+	if !strings.HasPrefix(after.Addr, "10.20.0.") {
+		t.Fatalf("the failed-over VM is on %q, want site B's production network 10.20.0.0/24", after.Addr)
+	}
 	if after.LastDurable < before.LastDurable {
 		t.Fatalf("planned failover lost records: %d durable before, %d after", before.LastDurable, after.LastDurable)
 	}
@@ -182,6 +208,9 @@ func TestDRLifecycle(t *testing.T) {
 	})
 	if back.LastDurable < beforeB.LastDurable || back.ChecksumErrors != 0 {
 		t.Fatalf("failback lost records: %d before, %+v after", beforeB.LastDurable, back)
+	}
+	if !strings.HasPrefix(back.Addr, "10.0.2.") {
+		t.Fatalf("after failback the VM is on %q, want site A's production network 10.0.2.0/24", back.Addr)
 	}
 	runJob("/v1/protections/web/commit", nil, vault.JobSucceeded)
 	rp2 := runJob("/v1/protections/web/reprotect", nil, vault.JobSucceeded)

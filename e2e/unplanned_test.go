@@ -202,7 +202,7 @@ func createWorkloadVM(t *testing.T, c *vault.Client, s *sites, g, webA, webB str
 	vm := vault.VM{Name: "web", Site: "siteA", MemoryMiB: 256, Disks: []vault.DiskSpec{{Name: "vda", Size: 64 << 20}},
 		Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 		Append:   "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100",
-		Forwards: map[string]string{"siteA/user": webA, "siteB/user": webB}, GuestPort: 80, QGA: true}
+		Forwards: map[string]string{"siteA": webA, "siteB": webB}, GuestPort: 80, QGA: true}
 	if err := c.Do(ctx, "POST", "/v1/vms", vm, nil); err != nil {
 		t.Fatal(err)
 	}

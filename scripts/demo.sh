@@ -55,8 +55,10 @@ qemu-img convert -n -f raw -O raw "$UP/fs.img" "nbd+unix:///web/vda?socket=$UP/e
 "$FERRY" vm start web
 wait_web $WEB_EAST 60 | jq -c .
 
-step "3. enable replication east -> west"
-"$FERRY" protect web --to west --wait
+step "3. west declares its networks; enable replication east -> west, the VM's NIC mapped to them"
+"$FERRY" site network add west prod-west --kind production --subnet 10.20.0.0/24
+"$FERRY" site network add west drill-west --kind isolated --subnet 10.99.0.0/24
+"$FERRY" protect web --to west --network nic0=prod-west --test-network drill-west --wait
 "$FERRY" protections
 
 step "4. DR drill: test failover at west (isolated network), then cleanup"
@@ -78,6 +80,7 @@ unplanned_job=$(last_job)
 state=$(wait_web $WEB_WEST 90)
 vm_answering=$(since "$fo_start")
 echo "$state" | jq -c .
+echo "the VM at west has address $(echo "$state" | jq -r .addr) on prod-west (10.20.0.0/24)"
 resumed_time=$(echo "$state" | jq .resumed_time)
 unplanned_rpo=$(echo "$killed - $resumed_time / 1000000000" | bc -l)
 printf 'the VM at west holds records up to %s (east had %s durable when last asked); RPO %.2fs\n' \
@@ -95,6 +98,7 @@ for _ in $(seq 200); do [ "$("$FERRY" --output json protections | jq -r '.[0].fe
 step "7. reprotect west -> east: reuse east's disks, send only what differs"
 "$FERRY" reprotect web --dry-run
 "$FERRY" reprotect web --wait
+"$FERRY" --output json job show "$(last_job)" | jq -r '.steps[2].messages[]'
 r1=$("$FERRY" --output json job show "$(last_job)" | jq -r '.steps[-1].messages[-1]')
 echo "$r1"
 

@@ -33,6 +33,7 @@ type VMRequest struct {
 	MemoryMiB int            `json:"memory_mib"`
 	Boot      qemu.Boot      `json:"boot"`
 	Net       string         `json:"net"`
+	Subnet    string         `json:"subnet,omitempty"` // the attached network's (qemu.Spec.Subnet)
 	Forwards  []qemu.Forward `json:"forwards,omitempty"`
 	QGA       bool           `json:"qga"`
 	Accel     string         `json:"accel,omitempty"`
@@ -79,7 +80,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or %q already runs a VM", ErrConflict, req.Name, owner)
 	}
 	spec := qemu.Spec{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, Boot: req.Boot, Net: req.Net,
-		Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel}
+		Subnet: req.Subnet, Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel}
 	rv := &runningVM{group: owner}
 	if gr != nil {
 		for _, d := range gr.g.Disks() {
@@ -351,7 +352,7 @@ func (a *Agent) CommitVM(ctx context.Context, name string) ([]string, error) {
 	delete(a.vms, name)
 	a.mu.Unlock()
 	st, err := a.StartVM(ctx, VMRequest{Name: name, Group: repName, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB,
-		Boot: spec.Boot, Net: spec.Net, Forwards: spec.Forwards, QGA: spec.QGA, Accel: spec.Accel})
+		Boot: spec.Boot, Net: spec.Net, Subnet: spec.Subnet, Forwards: spec.Forwards, QGA: spec.QGA, Accel: spec.Accel})
 	if err != nil {
 		return steps, err
 	}

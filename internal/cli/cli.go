@@ -45,7 +45,7 @@ func commands() []command {
 		{"failback", "fail over in the reverse direction (same options as failover)", vcmd("failback")},
 		{"jobs", "list jobs", vcmd("jobs")},
 		{"job", "show a job (job show ID)", vcmd("job")},
-		{"site", "list or add sites (site list | site add NAME ADDR)", vcmd("site")},
+		{"site", "list or add sites and their networks (site list | site add NAME ADDR | site network add|delete SITE NET)", vcmd("site")},
 		{"vm", "define, start and list VMs (vm define NAME --site S --disk vda=10G ... | vm start NAME | vm list)", vcmd("vm")},
 		{"up", "all in one: a vault and two sites (east, west) on this machine", runUp},
 		{"agent", "run a site agent, or drive one (agent run|status|group create|replicate|mark|points|view open|view close)", runAgent},
@@ -122,7 +122,8 @@ Examples:
   export FERRY_VAULT=https://127.0.0.1:7400 FERRY_TOKEN=fy_... FERRY_CA=ferry-up/pki/ca.crt
   ferry vm define web --site east --disk vda=10G --kernel vmlinuz --initrd initrd.img
   ferry vm start web
-  ferry protect web --to west --wait                 # initial replication, then protected
+  ferry site network add west prod-west --kind production --subnet 10.20.0.0/24
+  ferry protect web --to west --network nic0=prod-west --wait   # initial replication, then protected
   ferry test-failover web --point latest-app-consistent --wait
   ferry test-failover cleanup web --notes "drill ok" --wait
   ferry failover web --point latest --wait           # or latest-processed | <point id> | 2026-11-26T10:00:00Z

@@ -106,7 +106,7 @@ func orEnv(v, name string) string {
 
 // runVaultCmd handles the DR commands that talk to the vault.
 func runVaultCmd(ctx context.Context, e *env, name string, args []string) error {
-	subs := map[string][]string{"site": {"list", "add"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "test-failover": {"cleanup"}}
+	subs := map[string][]string{"site": {"list", "add", "network"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "test-failover": {"cleanup"}}
 	sub := ""
 	if len(args) > 0 && slices.Contains(subs[name], args[0]) {
 		sub, args = args[0], args[1:]
@@ -118,6 +118,11 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	ca := fs.String("ca", "", "CA certificate to verify the vault (or FERRY_CA)")
 	to := fs.String("to", "", "recovery site (protect)")
 	policy := fs.String("policy", "", "policy (protect)")
+	var netMap multiFlag
+	fs.Var(&netMap, "network", "NIC=NETWORK at the recovery site for failovers (protect; repeatable; default: its first production network); NETWORK for the VM's NIC at its site (vm define)")
+	testNet := fs.String("test-network", "", "isolated network at the recovery site for drills (protect; default: its first isolated network)")
+	netKind := fs.String("kind", "production", "network kind: production (NAT, forwarded ports) or isolated (drills) (site network add)")
+	netSubnet := fs.String("subnet", "", "IPv4 subnet in CIDR notation the guests get addresses from (site network add)")
 	point := fs.String("point", "", "recovery point: latest, latest-processed, latest-app-consistent, a point id or an RFC 3339 time")
 	noShutdown := fs.Bool("no-shutdown-source", false, "do not shut the source VM down first (failover)")
 	notes := fs.String("notes", "", "notes recorded with the drill (test-failover cleanup)")
@@ -130,7 +135,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	vmKernel := fs.String("kernel", "", "kernel (vm define; default: boot from the first disk)")
 	vmInitrd := fs.String("initrd", "", "initrd (vm define)")
 	vmAppend := fs.String("append", "", "kernel command line (vm define)")
-	vmFwd := fs.String("forward", "", "SITE=HOST:PORT,... host address per site for the production network (vm define)")
+	vmFwd := fs.String("forward", "", "SITE=HOST:PORT,... host address per site that reaches the guest port on its production network; SITE/NETWORK=HOST:PORT for another network, e.g. a drill network (vm define)")
 	vmPort := fs.Int("guest-port", 80, "guest port the forwards reach (vm define)")
 	vmQGA := fs.Bool("qga", true, "guest agent channel (vm define)")
 	follow := fs.Bool("follow", false, "keep printing the console as it grows (vm console)")
@@ -165,9 +170,13 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		}
 		var b strings.Builder
 		tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "SITE\tADDRESS\tREACHABLE\tLAST SEEN")
+		fmt.Fprintln(tw, "SITE\tADDRESS\tREACHABLE\tLAST SEEN\tNETWORKS")
 		for _, s := range sites {
-			fmt.Fprintf(tw, "%s\t%s\t%v\t%s\n", s.Name, s.Addr, s.Reachable, s.LastSeen.Format(time.RFC3339))
+			var nets []string
+			for _, n := range s.Networks {
+				nets = append(nets, fmt.Sprintf("%s (%s %s)", n.Name, n.Kind, n.Subnet))
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\n", s.Name, s.Addr, s.Reachable, s.LastSeen.Format(time.RFC3339), strings.Join(nets, ", "))
 		}
 		tw.Flush()
 		return e.print(sites, b.String())
@@ -176,6 +185,21 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return fmt.Errorf("%w: ferry site add NAME ADDR", errUsage)
 		}
 		return c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": fs.Arg(0), "addr": fs.Arg(1)}, nil)
+	case "site network":
+		switch {
+		case fs.NArg() == 3 && fs.Arg(0) == "add":
+			var s vault.Site
+			if err := c.Do(ctx, "PUT", "/v1/sites/"+fs.Arg(1)+"/networks/"+fs.Arg(2), vault.Network{Kind: *netKind, Subnet: *netSubnet}, &s); err != nil {
+				return err
+			}
+			return e.print(s, fmt.Sprintf("network %s (%s, %s) declared at %s\n", fs.Arg(2), *netKind, *netSubnet, fs.Arg(1)))
+		case fs.NArg() == 3 && fs.Arg(0) == "delete":
+			if err := c.Do(ctx, "DELETE", "/v1/sites/"+fs.Arg(1)+"/networks/"+fs.Arg(2), nil, nil); err != nil {
+				return err
+			}
+			return e.print(map[string]string{"deleted": fs.Arg(2)}, fmt.Sprintf("network %s deleted at %s\n", fs.Arg(2), fs.Arg(1)))
+		}
+		return fmt.Errorf("%w: ferry site network add SITE NAME --kind production|isolated --subnet CIDR | ferry site network delete SITE NAME", errUsage)
 	case "vm define":
 		name, err := arg("a VM name")
 		if err != nil {
@@ -183,6 +207,13 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		}
 		vm := vault.VM{Name: name, Site: *vmSite, MemoryMiB: *vmMem, Kernel: *vmKernel, Initrd: *vmInitrd, Append: *vmAppend,
 			GuestPort: *vmPort, QGA: *vmQGA, Forwards: map[string]string{}}
+		switch len(netMap) {
+		case 0:
+		case 1:
+			vm.NICs = []vault.NIC{{Name: "nic0", Network: netMap[0]}}
+		default:
+			return fmt.Errorf("%w: vm define takes one --network (one NIC per VM)", errUsage)
+		}
 		for _, d := range vmDisks {
 			n, sz, ok := strings.Cut(d, "=")
 			size, err := parseSize(sz)
@@ -197,7 +228,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 				if !ok {
 					return fmt.Errorf("%w: --forward wants SITE=HOST:PORT, got %q", errUsage, f)
 				}
-				vm.Forwards[site+"/user"] = addr
+				vm.Forwards[site] = addr // SITE or SITE/NETWORK
 			}
 		}
 		if err := c.Do(ctx, "POST", "/v1/vms", vm, nil); err != nil {
@@ -285,7 +316,15 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		if err != nil {
 			return err
 		}
-		return job("/v1/protections", map[string]string{"vm": vm, "target": *to, "policy": *policy})
+		req := vault.EnableRequest{VM: vm, Target: *to, Policy: *policy, TestNetwork: *testNet, Networks: map[string]string{}}
+		for _, m := range netMap {
+			nic, n, ok := strings.Cut(m, "=")
+			if !ok {
+				return fmt.Errorf("%w: --network wants NIC=NETWORK (like nic0=prod-west), got %q", errUsage, m)
+			}
+			req.Networks[nic] = n
+		}
+		return job("/v1/protections", req)
 	case "test-failover":
 		vm, err := arg("a VM")
 		if err != nil {

@@ -78,6 +78,9 @@ type WorkloadState struct {
 	Files          uint64 `json:"files"`
 	ChecksumErrors int    `json:"checksum_errors"`
 	Error          string `json:"error,omitempty"`
+	// Addr is the guest's IPv4 address: it shows which network the NIC
+	// was attached to.
+	Addr string `json:"addr,omitempty"`
 }
 
 // FetchState asks a workload for its state over HTTP (host side; addr is
@@ -133,6 +136,7 @@ func RunWorkload(ctx context.Context, args []string) error {
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		defer mu.Unlock()
+		st.Addr = guestAddr()
 		json.NewEncoder(w).Encode(st)
 	}))
 	fmt.Printf("ferry-guest: workload up, resuming after record %d\n", last)
@@ -194,4 +198,15 @@ func writeFile(path string, data []byte) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// guestAddr is the first non-loopback IPv4 address, or "".
+func guestAddr() string {
+	addrs, _ := net.InterfaceAddrs()
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && !n.IP.IsLoopback() && n.IP.To4() != nil {
+			return n.IP.String()
+		}
+	}
+	return ""
 }

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,13 +54,16 @@ const (
 
 // Spec describes a VM.
 type Spec struct {
-	Name      string    `json:"name"`
-	VCPUs     int       `json:"vcpus"`
-	MemoryMiB int       `json:"memory_mib"`
-	Disks     []Disk    `json:"disks"`
-	Boot      Boot      `json:"boot"`
-	Net       string    `json:"net"`
-	Forwards  []Forward `json:"forwards,omitempty"`
+	Name      string `json:"name"`
+	VCPUs     int    `json:"vcpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	Disks     []Disk `json:"disks"`
+	Boot      Boot   `json:"boot"`
+	Net       string `json:"net"`
+	// Subnet is the IPv4 network (CIDR) the guest's NIC gets by DHCP;
+	// empty: QEMU's default, 10.0.2.0/24. Each site declares its own.
+	Subnet   string    `json:"subnet,omitempty"`
+	Forwards []Forward `json:"forwards,omitempty"`
 	// QGA adds the guest agent channel (virtio-serial port
 	// org.qemu.guest_agent.0).
 	QGA bool `json:"qga"`
@@ -105,6 +109,11 @@ func (s *Spec) Validate() error {
 	case "", NetNone, NetUser, NetIsolated:
 	default:
 		return bad("unknown network mode %q", s.Net)
+	}
+	if s.Subnet != "" {
+		if err := CheckSubnet(s.Subnet); err != nil {
+			return bad("%v", err)
+		}
 	}
 	switch s.Accel {
 	case "", "auto", "kvm", "tcg":
@@ -259,6 +268,9 @@ func (v *VM) args() []string {
 		nd := "user,id=n0"
 		if s.Net == NetIsolated {
 			nd += ",restrict=on"
+		}
+		if s.Subnet != "" {
+			nd += ",net=" + s.Subnet
 		}
 		for _, f := range s.Forwards {
 			nd += fmt.Sprintf(",hostfwd=tcp:%s-:%d", f.Host, f.GuestPort)
@@ -502,4 +514,21 @@ func probeKVM(ctx context.Context, boot Boot) bool {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// CheckSubnet accepts an IPv4 network in CIDR notation that user-mode
+// networking can serve: between /8 and /28, so that it has room for the
+// gateway, DNS and DHCP addresses.
+func CheckSubnet(cidr string) error {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil || !p.Addr().Is4() {
+		return fmt.Errorf("subnet %q is not an IPv4 network in CIDR notation (like 10.20.0.0/24)", cidr)
+	}
+	if p.Bits() < 8 || p.Bits() > 28 {
+		return fmt.Errorf("subnet %q: the prefix must be between /8 and /28", cidr)
+	}
+	if p.Masked() != p {
+		return fmt.Errorf("subnet %q has host bits set; did you mean %s?", cidr, p.Masked())
+	}
+	return nil
 }

@@ -32,6 +32,10 @@ func TestSpecValidate(t *testing.T) {
 		{"bad net", func(s *Spec) { s.Net = "bridge" }},
 		{"bad name", func(s *Spec) { s.Name = "a b" }},
 		{"disk without export", func(s *Spec) { s.Disks = []Disk{{Socket: "/s"}} }},
+		{"subnet not CIDR", func(s *Spec) { s.Subnet = "10.1.2.3" }},
+		{"subnet IPv6", func(s *Spec) { s.Subnet = "fd00::/64" }},
+		{"subnet too small", func(s *Spec) { s.Subnet = "10.1.2.0/30" }},
+		{"subnet host bits", func(s *Spec) { s.Subnet = "10.1.2.3/24" }},
 	}
 	if err := good.Validate(); err != nil {
 		t.Fatalf("good spec: %v", err)

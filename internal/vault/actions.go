@@ -14,9 +14,24 @@ import (
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
-// Enable starts protecting vm (running at its site) to target under
-// policy: a job that starts replication and waits for the initial copy.
-func (v *Vault) Enable(ctx context.Context, vmName, target, policy string) (Job, error) {
+// EnableRequest asks to protect a VM.
+type EnableRequest struct {
+	VM     string `json:"vm"`
+	Target string `json:"target"` // the recovery site
+	Policy string `json:"policy"` // default: "default"
+	// Networks maps the VM's NICs to networks at the recovery site for a
+	// failover (default: its first production network).
+	Networks map[string]string `json:"networks,omitempty"`
+	// TestNetwork is the recovery site's isolated network for drills
+	// (default: its first isolated network).
+	TestNetwork string `json:"test_network,omitempty"`
+}
+
+// Enable starts protecting a VM (running at its site) to a recovery site
+// under a policy, with its NICs mapped to the recovery site's networks: a
+// job that starts replication and waits for the initial copy.
+func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
+	vmName, target, policy := req.VM, req.Target, req.Policy
 	vm, _, err := get[VM](ctx, v.st, kindVM, vmName)
 	if err != nil {
 		return Job{}, err
@@ -24,13 +39,21 @@ func (v *Vault) Enable(ctx context.Context, vmName, target, policy string) (Job,
 	if target == "" || target == vm.Site {
 		return Job{}, fmt.Errorf("%w: the recovery site must be another site than %s", ErrInvalid, vm.Site)
 	}
-	if _, _, err := get[Site](ctx, v.st, kindSite, target); err != nil {
+	dstSite, _, err := get[Site](ctx, v.st, kindSite, target)
+	if err != nil {
+		return Job{}, err
+	}
+	srcSite, _, err := get[Site](ctx, v.st, kindSite, vm.Site)
+	if err != nil {
 		return Job{}, err
 	}
 	if policy == "" {
 		policy = DefaultPolicy.Name
 	}
 	p := Protection{VM: vmName, Source: vm.Site, Target: target, State: StateEnabling, Policy: policy, Generation: 1, Health: "warning"}
+	if err := mapNetworks(&p, vm, srcSite, dstSite, req.Networks, req.TestNetwork); err != nil {
+		return Job{}, err
+	}
 	if _, err := put(ctx, v.st, kindProtection, vmName, p, 0); err != nil {
 		if errors.Is(err, store.ErrConflict) {
 			cur, _ := v.Protection(ctx, vmName)
@@ -144,16 +167,6 @@ func (v *Vault) checkCapacity(ctx context.Context, r *run, c AgentAPI, site stri
 	return nil
 }
 
-// vmRequest is the request that starts vm at site on a replica point.
-func vmRequest(vm VM, name, site string, seq uint64, net string) agent.VMRequest {
-	req := agent.VMRequest{Name: name, Replica: vm.Name, Seq: seq, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, Net: net, QGA: vm.QGA,
-		Boot: qemu.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
-	if addr := vm.Forwards[site+"/"+net]; addr != "" && vm.GuestPort > 0 {
-		req.Forwards = []qemu.Forward{{Host: addr, GuestPort: vm.GuestPort}}
-	}
-	return req
-}
-
 // TestFailover boots a copy of the VM at the recovery site, in the
 // isolated network, on a writable view of a point; replication goes on.
 func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, error) {
@@ -171,12 +184,19 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		r.Say(ctx, 100, "recovery point %d (%s, %s)", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "create test VM")
 		start := v.now()
+		n, err := v.attach(ctx, &p, vm, dst.Name, true)
+		if err != nil {
+			return nil, err
+		}
 		var st qemu.Status
-		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, qemu.NetIsolated), &st); err != nil {
+		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, n), &st); err != nil {
 			return nil, err
 		}
 		r.Step(ctx, "start test VM")
-		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, isolated network; console %s", p.VM, st.State, dst.Name, pt.Seq, st.Console)
+		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, network %s (%s, %s); console %s", p.VM, st.State, dst.Name, pt.Seq, n.Name, n.Kind, n.Subnet, st.Console)
+		if addr := forwardAddr(vm, dst.Name, n); addr != "" {
+			r.Say(ctx, -1, "test VM service address: %s", addr)
+		}
 		return func(p *Protection) {
 			p.TestPending = true
 			p.History = append(p.History, HistoryEntry{Action: "test-failover", Time: start, Point: pt.Seq,
@@ -279,13 +299,17 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		}
 		r.Say(ctx, 100, "recovery point %d (%s) from %s", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "start VM at recovery site")
-		var st qemu.Status
-		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, qemu.NetUser), &st); err != nil {
+		n, err := v.attach(ctx, &p, vm, dst.Name, false)
+		if err != nil {
 			return nil, err
 		}
-		r.Say(ctx, 100, "VM %s %s at %s (%s); failover took %v excluding guest boot; console %s", p.VM, st.State, dst.Name, st.Accel,
-			v.now().Sub(started).Round(time.Millisecond), st.Console)
-		if addr := vm.Forwards[dst.Name+"/"+qemu.NetUser]; addr != "" {
+		var st qemu.Status
+		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, n), &st); err != nil {
+			return nil, err
+		}
+		r.Say(ctx, 100, "VM %s %s at %s (%s) on network %s (%s); failover took %v excluding guest boot; console %s", p.VM, st.State, dst.Name, st.Accel,
+			n.Name, n.Subnet, v.now().Sub(started).Round(time.Millisecond), st.Console)
+		if addr := forwardAddr(vm, dst.Name, n); addr != "" {
 			r.Say(ctx, -1, "service address: %s", addr)
 		}
 		if lines := v.firstConsoleLines(ctx, dc, p.VM, 3, 15*time.Second); len(lines) > 0 {
@@ -415,7 +439,11 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "start VM on the new point")
-		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, qemu.NetUser), nil); err != nil {
+		n, err := v.attach(ctx, &p, vm, dst.Name, false)
+		if err != nil {
+			return nil, err
+		}
+		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, n), nil); err != nil {
 			return nil, err
 		}
 		r.Say(ctx, 100, "VM %s runs on point %d", p.VM, pt.Seq)
@@ -640,7 +668,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			r.Say(ctx, -1, "already replicating (an earlier attempt)")
 		}
 		r.Step(ctx, "synchronize differences")
-		sent, total, err := v.waitInSync(ctx, r, fc, vmName, "compared")
+		sent, total, err := v.waitInSync(ctx, r, fc, vmName, "went through")
 		if err != nil {
 			return nil, err
 		}

@@ -63,12 +63,22 @@ func (v *Vault) Handler() http.Handler {
 		return p, v.PutPolicy(r.Context(), p)
 	})
 	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })
+	act(v, mux, "PUT /v1/vms/{name}/forwards", func(r *http.Request, fw map[string]string) (any, error) {
+		return v.SetForwards(r.Context(), r.PathValue("name"), fw)
+	})
 	act(v, mux, "POST /v1/vms/{name}/start", func(r *http.Request, _ struct{}) (any, error) {
 		return v.StartVM(r.Context(), r.PathValue("name"))
 	})
-	act(v, mux, "POST /v1/protections", func(r *http.Request, b struct{ VM, Target, Policy string }) (any, error) {
-		return v.Enable(r.Context(), b.VM, b.Target, b.Policy)
+	act(v, mux, "POST /v1/protections", func(r *http.Request, b EnableRequest) (any, error) {
+		return v.Enable(r.Context(), b)
 	})
+	act(v, mux, "PUT /v1/sites/{site}/networks/{name}", func(r *http.Request, n Network) (any, error) {
+		n.Name = r.PathValue("name")
+		return v.PutNetwork(r.Context(), r.PathValue("site"), n)
+	})
+	mux.HandleFunc("DELETE /v1/sites/{site}/networks/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"deleted": r.PathValue("name")}, v.DeleteNetwork(r.Context(), r.PathValue("site"), r.PathValue("name")))
+	}))
 	act(v, mux, "POST /v1/protections/{vm}/test-failover", func(r *http.Request, b struct{ Point string }) (any, error) {
 		return v.TestFailover(r.Context(), r.PathValue("vm"), b.Point)
 	})

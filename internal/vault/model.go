@@ -52,8 +52,9 @@ type Site struct {
 	Enrolled  time.Time `json:"enrolled"`
 	LastSeen  time.Time `json:"last_seen"`
 	Reachable bool      `json:"reachable"`
-	// Networks the site offers: "production" (forwards) and "isolated".
-	Networks []string `json:"networks"`
+	// Networks the site offers (at least one production network with
+	// forwarded ports, and an isolated one for drills).
+	Networks []Network `json:"networks"`
 }
 
 // DiskSpec is one disk of a VM.
@@ -72,8 +73,13 @@ type VM struct {
 	Kernel    string     `json:"kernel,omitempty"`
 	Initrd    string     `json:"initrd,omitempty"`
 	Append    string     `json:"append,omitempty"`
-	// Forwards maps a host address at each site to a guest port, for the
-	// production network: {"east": "127.0.0.1:8080", ...}.
+	// NICs: the VM's network interfaces and the networks they attach to
+	// at its site (default: one, nic0, on the site's first production
+	// network).
+	NICs []NIC `json:"nics,omitempty"`
+	// Forwards maps a host address at each site to GuestPort: keyed
+	// "site" (its production network) or "site/network" (any network,
+	// e.g. to reach a drill VM): {"east": "127.0.0.1:8080", ...}.
 	Forwards  map[string]string `json:"forwards,omitempty"`
 	GuestPort int               `json:"guest_port,omitempty"`
 	QGA       bool              `json:"qga"`
@@ -107,6 +113,12 @@ type Protection struct {
 	FailoverSeq uint64  `json:"failover_seq,omitempty"`
 	Health      string  `json:"health"`
 	RPOSeconds  float64 `json:"rpo_seconds"`
+	// Networks maps "site/nic" to the network the NIC attaches to at that
+	// site: the source's as the VM has them, the target's as mapped when
+	// protection was enabled. Failover and failback attach accordingly.
+	Networks map[string]string `json:"networks,omitempty"`
+	// TestNetworks is each site's isolated network for drills.
+	TestNetworks map[string]string `json:"test_networks,omitempty"`
 	// Fenced: the old source site acknowledged the new generation (set
 	// once it is reachable again after a failover).
 	Fenced bool `json:"fenced,omitempty"`

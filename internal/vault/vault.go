@@ -174,7 +174,7 @@ func (v *Vault) AddSite(ctx context.Context, name, addr string) error {
 		return err
 	}
 	if ver == 0 {
-		s = Site{Name: name, Enrolled: v.now(), Networks: []string{"production", "isolated"}}
+		s = Site{Name: name, Enrolled: v.now(), Networks: defaultNetworks()}
 	}
 	s.Addr = addr
 	_, err = put(ctx, v.st, kindSite, name, s, ver)
@@ -297,8 +297,11 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	if vm.Name == "" || vm.Site == "" || len(vm.Disks) == 0 || vm.MemoryMiB <= 0 {
 		return fmt.Errorf("%w: a VM needs a name, a site, disks and memory", ErrInvalid)
 	}
-	_, c, err := v.site(ctx, vm.Site)
+	site, c, err := v.site(ctx, vm.Site)
 	if err != nil {
+		return err
+	}
+	if err := checkNICs(&vm, site); err != nil {
 		return err
 	}
 	if _, _, err := get[VM](ctx, v.st, kindVM, vm.Name); err == nil {
@@ -347,13 +350,16 @@ func (v *Vault) StartVM(ctx context.Context, name string) (qemu.Status, error) {
 	if err != nil {
 		return qemu.Status{}, err
 	}
-	req := agent.VMRequest{Name: vm.Name, Group: vm.Name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Net: qemu.NetUser,
-		Boot: qemu.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
-	if addr := vm.Forwards[vm.Site+"/"+qemu.NetUser]; addr != "" && vm.GuestPort > 0 {
-		req.Forwards = []qemu.Forward{{Host: addr, GuestPort: vm.GuestPort}}
+	var pp *Protection
+	if p, err := v.Protection(ctx, name); err == nil {
+		pp = &p
+	}
+	n, err := v.attach(ctx, pp, vm, vm.Site, false)
+	if err != nil {
+		return qemu.Status{}, err
 	}
 	var st qemu.Status
-	return st, c.Do(ctx, "POST", "/v1/vms", req, &st)
+	return st, c.Do(ctx, "POST", "/v1/vms", vmRequest(vm, vm.Name, vm.Site, 0, n), &st)
 }
 
 // VMs lists the VMs.

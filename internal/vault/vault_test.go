@@ -420,3 +420,71 @@ func TestHeartbeatOverMutualTLS(t *testing.T) {
 		t.Fatalf("heartbeat without a certificate: %d", resp.StatusCode)
 	}
 }
+
+// TestNetworkMapping: sites declare networks; a protection maps the VM's
+// NIC to the recovery site's networks, and drills and failovers attach the
+// VM accordingly. Bad declarations and mappings are refused with a reason.
+func TestNetworkMapping(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	put := func(site, name string, n Network) (int, string) {
+		var e map[string]any
+		code := f.call(t, f.op, "PUT", "/v1/sites/"+site+"/networks/"+name, n, &e)
+		msg, _ := e["error"].(string)
+		return code, msg
+	}
+	bad := []struct {
+		name string
+		n    Network
+		want string
+	}{
+		{"Bad_Name", Network{Kind: KindProduction, Subnet: "10.1.0.0/24"}, "network name"},
+		{"x", Network{Kind: "bridged", Subnet: "10.1.0.0/24"}, "network kind"},
+		{"x", Network{Kind: KindProduction, Subnet: "10.1.0.0"}, "CIDR"},
+		{"x", Network{Kind: KindProduction, Subnet: "10.1.0.9/24"}, "host bits"},
+	}
+	for _, b := range bad {
+		if code, msg := put("west", b.name, b.n); code != 400 || !strings.Contains(msg, b.want) {
+			t.Errorf("PUT network %s %+v: %d %q, want 400 with %q", b.name, b.n, code, msg, b.want)
+		}
+	}
+	if code, _ := put("nowhere", "x", Network{Kind: KindIsolated, Subnet: "10.1.0.0/24"}); code != 404 {
+		t.Errorf("network at an unknown site: %d, want 404", code)
+	}
+	for name, n := range map[string]Network{
+		"prod-west": {Kind: KindProduction, Subnet: "10.20.0.0/24"},
+		"drill":     {Kind: KindIsolated, Subnet: "10.99.0.0/24"},
+	} {
+		if code, msg := put("west", name, n); code != 200 {
+			t.Fatalf("declare %s: %d %s", name, code, msg)
+		}
+	}
+	f.refused(t, "/v1/protections", map[string]any{"vm": "vm1", "target": "west", "networks": map[string]string{"nic0": "nope"}}, 400, "has no network \"nope\"")
+	f.refused(t, "/v1/protections", map[string]any{"vm": "vm1", "target": "west", "networks": map[string]string{"nic0": "drill"}}, 400, "a failover attaches the VM to a production network")
+	f.refused(t, "/v1/protections", map[string]any{"vm": "vm1", "target": "west", "networks": map[string]string{"eth7": "prod-west"}}, 400, "no NIC \"eth7\"")
+	f.refused(t, "/v1/protections", map[string]any{"vm": "vm1", "target": "west", "test_network": "prod-west"}, 400, "no isolated network \"prod-west\"")
+	if j := f.job(t, "/v1/protections", map[string]any{"vm": "vm1", "target": "west", "networks": map[string]string{"nic0": "prod-west"}, "test_network": "drill"}); j.State != JobSucceeded {
+		t.Fatalf("enable: %+v", j)
+	}
+	var p Protection
+	f.call(t, f.reader, "GET", "/v1/protections/vm1", nil, &p)
+	if p.Networks["east/nic0"] != "production" || p.Networks["west/nic0"] != "prod-west" || p.TestNetworks["west"] != "drill" || p.TestNetworks["east"] != "isolated" {
+		t.Fatalf("mapping: %+v %+v", p.Networks, p.TestNetworks)
+	}
+	var e map[string]string
+	if code := f.call(t, f.op, "DELETE", "/v1/sites/west/networks/prod-west", nil, &e); code != 409 || !strings.Contains(e["error"], "protection vm1") {
+		t.Fatalf("delete a mapped network: %d %v", code, e)
+	}
+	if code, msg := put("west", "drill", Network{Kind: KindProduction, Subnet: "10.99.0.0/24"}); code != 409 {
+		t.Fatalf("changing the kind of a used network: %d %s", code, msg)
+	}
+	f.job(t, "/v1/protections/vm1/test-failover", map[string]string{"point": "latest-processed"})
+	if req, _ := f.west.vm("vm1-drill"); req.Net != qemu.NetIsolated || req.Subnet != "10.99.0.0/24" {
+		t.Fatalf("drill VM attached to %s %s, want isolated 10.99.0.0/24", req.Net, req.Subnet)
+	}
+	f.job(t, "/v1/protections/vm1/test-failover/cleanup", map[string]string{"notes": "ok"})
+	f.job(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest"})
+	if req, _ := f.west.vm("vm1"); req.Net != qemu.NetUser || req.Subnet != "10.20.0.0/24" {
+		t.Fatalf("failed-over VM attached to %s %s, want production 10.20.0.0/24", req.Net, req.Subnet)
+	}
+}

@@ -1,0 +1,352 @@
+package vault
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/qemu"
+	"github.com/ferry-dr/ferry/internal/store"
+)
+
+// Network kinds.
+const (
+	// KindProduction: NAT to the outside, the VMs' published ports
+	// forwarded from the site's host addresses.
+	KindProduction = "production"
+	// KindIsolated: no route out of the network; DR drills run here so a
+	// test VM cannot reach, or be mistaken for, the production VM.
+	KindIsolated = "isolated"
+)
+
+// Network is a network a site offers to VMs.
+type Network struct {
+	Name string `json:"name"`
+	Kind string `json:"kind"`
+	// Subnet is the IPv4 network (CIDR) the guests get addresses from.
+	Subnet string `json:"subnet"`
+}
+
+// NIC is a VM's network interface, attached at the VM's site to Network.
+type NIC struct {
+	Name    string `json:"name"`
+	Network string `json:"network"`
+}
+
+// defaultNetworks are what a new site offers until it declares its own:
+// the same subnets everywhere, as QEMU's defaults.
+func defaultNetworks() []Network {
+	return []Network{
+		{Name: "production", Kind: KindProduction, Subnet: "10.0.2.0/24"},
+		{Name: "isolated", Kind: KindIsolated, Subnet: "10.0.3.0/24"},
+	}
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
+
+// PutNetwork declares (or changes) a network of a site.
+func (v *Vault) PutNetwork(ctx context.Context, site string, n Network) (Site, error) {
+	if !nameRE.MatchString(n.Name) {
+		return Site{}, fmt.Errorf("%w: network name %q: use 1-32 lower-case letters, digits and dashes", ErrInvalid, n.Name)
+	}
+	if n.Kind != KindProduction && n.Kind != KindIsolated {
+		return Site{}, fmt.Errorf("%w: network kind %q: want %s or %s", ErrInvalid, n.Kind, KindProduction, KindIsolated)
+	}
+	if err := qemu.CheckSubnet(n.Subnet); err != nil {
+		return Site{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	for {
+		s, ver, err := get[Site](ctx, v.st, kindSite, site)
+		if err != nil {
+			return s, err
+		}
+		i := slices.IndexFunc(s.Networks, func(x Network) bool { return x.Name == n.Name })
+		if i >= 0 && s.Networks[i].Kind != n.Kind {
+			if users := v.networkUsers(ctx, site, n.Name); len(users) > 0 {
+				return s, fmt.Errorf("%w: network %s at %s is used by %v; a new kind would change what a failover or drill attaches them to: declare another network", ErrForbidden, n.Name, site, users)
+			}
+		}
+		if i >= 0 {
+			s.Networks[i] = n
+		} else {
+			s.Networks = append(s.Networks, n)
+		}
+		if _, err := put(ctx, v.st, kindSite, site, s, ver); err == nil {
+			return s, nil
+		} else if !isConflict(err) {
+			return s, err
+		}
+	}
+}
+
+// DeleteNetwork removes a network from a site; refused while a VM or a
+// protection uses it.
+func (v *Vault) DeleteNetwork(ctx context.Context, site, name string) error {
+	if users := v.networkUsers(ctx, site, name); len(users) > 0 {
+		return fmt.Errorf("%w: network %s at %s is used by %v; map them to another network first", ErrForbidden, name, site, users)
+	}
+	for {
+		s, ver, err := get[Site](ctx, v.st, kindSite, site)
+		if err != nil {
+			return err
+		}
+		i := slices.IndexFunc(s.Networks, func(x Network) bool { return x.Name == name })
+		if i < 0 {
+			return fmt.Errorf("%w: network %s at %s", ErrNotFound, name, site)
+		}
+		s.Networks = slices.Delete(s.Networks, i, i+1)
+		if _, err := put(ctx, v.st, kindSite, site, s, ver); err == nil || !isConflict(err) {
+			return err
+		}
+	}
+}
+
+// networkUsers names the VMs and protections that use network name at site.
+func (v *Vault) networkUsers(ctx context.Context, site, name string) []string {
+	var users []string
+	vms, _ := v.VMs(ctx)
+	for _, vm := range vms {
+		for _, nic := range vm.NICs {
+			if vm.Site == site && nic.Network == name {
+				users = append(users, "VM "+vm.Name)
+			}
+		}
+	}
+	ps, _ := v.Protections(ctx)
+	for _, p := range ps {
+		for k, n := range p.Networks {
+			if strings.HasPrefix(k, site+"/") && n == name {
+				users = append(users, "protection "+p.VM)
+			}
+		}
+		if p.TestNetworks[site] == name {
+			users = append(users, "protection "+p.VM+" (drills)")
+		}
+	}
+	return users
+}
+
+func (s Site) network(name string) (Network, bool) {
+	i := slices.IndexFunc(s.Networks, func(n Network) bool { return n.Name == name })
+	if i < 0 {
+		return Network{}, false
+	}
+	return s.Networks[i], true
+}
+
+// firstOfKind is the site's first network of kind, the default mapping.
+func (s Site) firstOfKind(kind string) (Network, bool) {
+	i := slices.IndexFunc(s.Networks, func(n Network) bool { return n.Kind == kind })
+	if i < 0 {
+		return Network{}, false
+	}
+	return s.Networks[i], true
+}
+
+// nics returns the VM's NICs; a VM defined without any has one, nic0, on
+// its site's first production network.
+func (vm VM) nics() []NIC {
+	if len(vm.NICs) == 0 {
+		return []NIC{{Name: "nic0", Network: ""}}
+	}
+	return vm.NICs
+}
+
+// checkNICs validates a VM's NICs against its site's networks and fills in
+// the default network.
+func checkNICs(vm *VM, site Site) error {
+	if len(vm.NICs) == 0 {
+		n, ok := site.firstOfKind(KindProduction)
+		if !ok {
+			return fmt.Errorf("%w: site %s declares no production network for %s's NIC; add one (ferry site network add %s NAME --kind production --subnet CIDR)", ErrInvalid, site.Name, vm.Name, site.Name)
+		}
+		vm.NICs = []NIC{{Name: "nic0", Network: n.Name}}
+	}
+	if len(vm.NICs) > 1 {
+		return fmt.Errorf("%w: %s has %d NICs; ferry attaches one NIC per VM today", ErrInvalid, vm.Name, len(vm.NICs))
+	}
+	for _, nic := range vm.NICs {
+		if !nameRE.MatchString(nic.Name) {
+			return fmt.Errorf("%w: NIC name %q", ErrInvalid, nic.Name)
+		}
+		if _, ok := site.network(nic.Network); !ok {
+			return fmt.Errorf("%w: NIC %s of %s: site %s has no network %q (it has %s)", ErrInvalid, nic.Name, vm.Name, site.Name, nic.Network, networkNames(site))
+		}
+	}
+	return nil
+}
+
+func networkNames(s Site) string {
+	var names []string
+	for _, n := range s.Networks {
+		names = append(names, n.Name+" ("+n.Kind+")")
+	}
+	if len(names) == 0 {
+		return "none"
+	}
+	return fmt.Sprint(names)
+}
+
+// mapNetworks fills in a protection's network mapping: the VM's NICs as
+// they are at the source, at the target as asked (nic -> network) or to
+// the target's first production network, and the target's drill network
+// as asked or its first isolated network. Both sites' drill networks are
+// set, so that a drill after a reprotect finds one.
+func mapNetworks(p *Protection, vm VM, src, dst Site, want map[string]string, testNet string) error {
+	p.Networks, p.TestNetworks = map[string]string{}, map[string]string{}
+	for nic := range want {
+		if !slices.ContainsFunc(vm.nics(), func(n NIC) bool { return n.Name == nic }) {
+			return fmt.Errorf("%w: %s has no NIC %q to map", ErrInvalid, vm.Name, nic)
+		}
+	}
+	for _, nic := range vm.nics() {
+		p.Networks[src.Name+"/"+nic.Name] = nic.Network
+		name := want[nic.Name]
+		if name == "" {
+			n, ok := dst.firstOfKind(KindProduction)
+			if !ok {
+				return fmt.Errorf("%w: %s declares no production network to attach %s's %s to on failover", ErrInvalid, dst.Name, vm.Name, nic.Name)
+			}
+			name = n.Name
+		}
+		n, ok := dst.network(name)
+		if !ok {
+			return fmt.Errorf("%w: %s has no network %q for %s (it has %s)", ErrInvalid, dst.Name, name, nic.Name, networkNames(dst))
+		}
+		if n.Kind != KindProduction {
+			return fmt.Errorf("%w: %s's network %s is %s; a failover attaches the VM to a production network (drills use the isolated one)", ErrInvalid, dst.Name, name, n.Kind)
+		}
+		p.Networks[dst.Name+"/"+nic.Name] = name
+	}
+	for _, s := range []Site{dst, src} {
+		name := ""
+		if s.Name == dst.Name {
+			name = testNet
+		}
+		if name == "" {
+			n, ok := s.firstOfKind(KindIsolated)
+			if !ok {
+				if s.Name == dst.Name {
+					return fmt.Errorf("%w: %s declares no isolated network for drills; add one (ferry site network add %s NAME --kind isolated --subnet CIDR)", ErrInvalid, s.Name, s.Name)
+				}
+				continue
+			}
+			name = n.Name
+		}
+		n, ok := s.network(name)
+		if !ok || n.Kind != KindIsolated {
+			return fmt.Errorf("%w: %s has no isolated network %q for drills (it has %s)", ErrInvalid, s.Name, name, networkNames(s))
+		}
+		p.TestNetworks[s.Name] = name
+	}
+	return nil
+}
+
+// attach returns the network the VM's first NIC uses at site: for a
+// drill, the site's drill network; otherwise the protection's mapping (or,
+// unprotected, the VM's own).
+func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, drill bool) (Network, error) {
+	s, _, err := get[Site](ctx, v.st, kindSite, site)
+	if err != nil {
+		return Network{}, err
+	}
+	nic := vm.nics()[0]
+	name := nic.Network
+	if p != nil && drill {
+		name = p.TestNetworks[site]
+	} else if p != nil && p.Networks[site+"/"+nic.Name] != "" {
+		name = p.Networks[site+"/"+nic.Name]
+	}
+	if name == "" { // a VM or protection from before networks were declared
+		kind := KindProduction
+		if drill {
+			kind = KindIsolated
+		}
+		n, ok := s.firstOfKind(kind)
+		if !ok {
+			return Network{}, fmt.Errorf("%w: %s has no %s network for %s", ErrInvalid, site, kind, vm.Name)
+		}
+		return n, nil
+	}
+	n, ok := s.network(name)
+	if !ok {
+		return Network{}, fmt.Errorf("%w: %s no longer has network %q that %s's %s maps to; declare it again", ErrInvalid, site, name, vm.Name, nic.Name)
+	}
+	return n, nil
+}
+
+// vmRequest is the request that starts vm (as name) at site, on a replica
+// point if seq is not zero, attached to network n.
+func vmRequest(vm VM, name, site string, seq uint64, n Network) agent.VMRequest {
+	req := agent.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Subnet: n.Subnet,
+		Boot: qemu.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
+	if seq != 0 {
+		req.Replica, req.Seq = vm.Name, seq
+	} else {
+		req.Group = vm.Name
+	}
+	req.Net = qemu.NetUser
+	if n.Kind == KindIsolated {
+		req.Net = qemu.NetIsolated
+	}
+	if addr := forwardAddr(vm, site, n); addr != "" && vm.GuestPort > 0 {
+		req.Forwards = []qemu.Forward{{Host: addr, GuestPort: vm.GuestPort}}
+	}
+	return req
+}
+
+// SetForwards changes a VM's published addresses: each key "site" or
+// "site/network" gets the host address given, or loses it if "". They take
+// effect the next time the VM starts there (a failover, a drill).
+func (v *Vault) SetForwards(ctx context.Context, name string, fw map[string]string) (VM, error) {
+	for k, addr := range fw {
+		site, _, _ := strings.Cut(k, "/")
+		if _, _, err := get[Site](ctx, v.st, kindSite, site); err != nil {
+			return VM{}, fmt.Errorf("forward %q: %w", k, err)
+		}
+		if addr != "" {
+			if _, err := netip.ParseAddrPort(addr); err != nil {
+				return VM{}, fmt.Errorf("%w: forward %q: %q is not HOST:PORT with an IP host", ErrInvalid, k, addr)
+			}
+		}
+	}
+	for {
+		vm, ver, err := get[VM](ctx, v.st, kindVM, name)
+		if err != nil {
+			return vm, err
+		}
+		if vm.Forwards == nil {
+			vm.Forwards = map[string]string{}
+		}
+		for k, addr := range fw {
+			if addr == "" {
+				delete(vm.Forwards, k)
+			} else {
+				vm.Forwards[k] = addr
+			}
+		}
+		if _, err := put(ctx, v.st, kindVM, name, vm, ver); err == nil || !isConflict(err) {
+			return vm, err
+		}
+	}
+}
+
+// forwardAddr is the host address at site that reaches the VM's service
+// on network n: VM.Forwards["site/network"], or for a production network
+// VM.Forwards["site"].
+func forwardAddr(vm VM, site string, n Network) string {
+	if a := vm.Forwards[site+"/"+n.Name]; a != "" {
+		return a
+	}
+	if n.Kind == KindProduction {
+		return vm.Forwards[site]
+	}
+	return ""
+}
+
+func isConflict(err error) bool { return errors.Is(err, store.ErrConflict) }
