@@ -76,6 +76,7 @@ type Agent struct {
 	httpSrv *http.Server
 	ln      net.Listener
 	recv    *replication.Receiver
+	metrics *metrics
 
 	mu        sync.Mutex
 	groups    map[string]*group
@@ -171,6 +172,7 @@ func New(cfg Config) (*Agent, error) {
 		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
 	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
+	a.metrics = newMetrics(a)
 	return a, nil
 }
 
@@ -296,7 +298,7 @@ func (a *Agent) openGroup(name string) error {
 	for _, s := range g.Disks() {
 		d, _ := g.Disk(s.Name)
 		if err := a.nbd.AddExport(nbd.Export{Name: exportName(name, s.Name), Description: "ferry disk " + s.Name + " of " + name,
-			Size: s.Size, MultiConn: true, Device: d}); err != nil {
+			Size: s.Size, MultiConn: true, Device: a.metrics.instrument(d)}); err != nil {
 			g.Close()
 			return err
 		}
@@ -737,7 +739,7 @@ func (a *Agent) OpenView(replicaName, diskName string, seq uint64, writable bool
 	}
 	ov := &openView{id: id, replica: replicaName, disk: diskName, seq: seq, v: v, export: "view/" + id}
 	if err := a.nbd.AddExport(nbd.Export{Name: ov.export, Description: fmt.Sprintf("%s/%s at %d", replicaName, diskName, seq),
-		Size: v.Size(), ReadOnly: !writable, Device: v}); err != nil {
+		Size: v.Size(), ReadOnly: !writable, Device: a.metrics.instrument(v)}); err != nil {
 		v.Close()
 		return nil, err
 	}
@@ -774,13 +776,15 @@ func validName(s string) bool {
 
 // GroupStatus is one group in Status.
 type GroupStatus struct {
-	Name        string              `json:"name"`
-	Disks       []disk.Spec         `json:"disks"`
-	Exports     []string            `json:"exports"`
-	LastSeq     uint64              `json:"last_seq"`
-	PeerName    string              `json:"peer,omitempty"`
-	Replication *replication.Status `json:"replication,omitempty"`
-	AppPoint    *AppPointStatus     `json:"last_app_point,omitempty"`
+	Name    string      `json:"name"`
+	Disks   []disk.Spec `json:"disks"`
+	Exports []string    `json:"exports"`
+	LastSeq uint64      `json:"last_seq"`
+	// JournalBytes is the journal's size on disk.
+	JournalBytes int64               `json:"journal_bytes"`
+	PeerName     string              `json:"peer,omitempty"`
+	Replication  *replication.Status `json:"replication,omitempty"`
+	AppPoint     *AppPointStatus     `json:"last_app_point,omitempty"`
 }
 
 // Status is the agent's report.
@@ -818,7 +822,7 @@ func (a *Agent) Status() Status {
 	defer a.mu.Unlock()
 	st := Status{Site: a.cfg.Name, NBDSocket: a.nbdSock, Groups: []GroupStatus{}, Replicas: []replica.Status{}, Views: []ViewInfo{}}
 	for _, gr := range a.groups {
-		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq()}
+		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size()}
 		for _, d := range gs.Disks {
 			gs.Exports = append(gs.Exports, exportName(gr.name, d.Name))
 		}

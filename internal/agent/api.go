@@ -24,6 +24,9 @@ const linkProto = "ferry-link/1"
 
 func (a *Agent) routes() http.Handler {
 	mux := http.NewServeMux()
+	// Prometheus scrapes over the same mutual TLS as everything else
+	// (give it a certificate: ferry ca issue prometheus).
+	mux.Handle("GET /metrics", a.metrics.handler())
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, a.FullStatus(r.Context()), nil) })
 	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		var req VMRequest

@@ -30,6 +30,18 @@ func (v *Vault) Handler() http.Handler {
 		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
 		return v.Console(r.Context(), r.PathValue("name"), off)
 	})
+	read("GET /v1/protections/{vm}/rpo-history", func(r *http.Request) (any, error) {
+		if _, err := v.Protection(r.Context(), r.PathValue("vm")); err != nil {
+			return nil, err
+		}
+		return v.rpo.get(r.PathValue("vm")), nil
+	})
+	read("GET /v1/whoami", func(r *http.Request) (any, error) {
+		role, err := v.Authenticate(r.Context(), bearer(r))
+		return map[string]string{"role": role}, err
+	})
+	// Prometheus scrapes with a reader token (authorization: credentials).
+	mux.Handle("GET /metrics", v.auth(RoleReader, v.metrics.handler().ServeHTTP))
 	read("GET /v1/jobs", func(r *http.Request) (any, error) { return v.Jobs(r.Context(), r.URL.Query().Get("protection")) })
 	read("GET /v1/jobs/{id}", func(r *http.Request) (any, error) { return v.Job(r.Context(), r.PathValue("id")) })
 
@@ -120,8 +132,7 @@ func act[T any](v *Vault, mux *http.ServeMux, pattern string, h func(r *http.Req
 // auth wraps h: a valid token of at least role is required.
 func (v *Vault) auth(role string, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		t := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
-		got, err := v.Authenticate(r.Context(), t)
+		got, err := v.Authenticate(r.Context(), bearer(r))
 		if err != nil {
 			reply(w, nil, err)
 			return
@@ -136,6 +147,10 @@ func (v *Vault) auth(role string, h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+func bearer(r *http.Request) string {
+	return strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 }
 
 func decode(r *http.Request, v any) error {

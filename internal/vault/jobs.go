@@ -225,6 +225,7 @@ func (v *Vault) finish(ctx context.Context, r *run, newState func(*Protection), 
 		r.job.State = JobSucceeded
 	}
 	r.save(ctx)
+	v.metrics.jobEnded(r.job)
 	r.mu.Unlock()
 	v.updateProtection(ctx, r.job.Protection, func(p *Protection) error {
 		if p.Job == r.job.ID {

@@ -49,6 +49,9 @@ type Vault struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	metrics *metrics
+	rpo     *rpoHistory
 }
 
 // New returns a vault over cfg.Store.
@@ -62,7 +65,9 @@ func New(cfg Config) *Vault {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
 	}
-	return &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger}
+	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory()}
+	v.metrics = newMetrics(v)
+	return v
 }
 
 func (v *Vault) now() time.Time { return v.cfg.Now() }
@@ -276,6 +281,7 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st agent.Status) {
 			}
 			pol := v.policy(ctx, p.Policy)
 			p.RPOSeconds = rpo
+			v.rpo.add(p.VM, v.now(), rpo)
 			switch {
 			case g.Replication.State != "streaming" || time.Duration(rpo*float64(time.Second)) >= pol.RPOCritical:
 				p.Health = "critical"

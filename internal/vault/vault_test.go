@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/promtest"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
@@ -486,5 +487,79 @@ func TestNetworkMapping(t *testing.T) {
 	f.job(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest"})
 	if req, _ := f.west.vm("vm1"); req.Net != qemu.NetUser || req.Subnet != "10.20.0.0/24" {
 		t.Fatalf("failed-over VM attached to %s %s, want production 10.20.0.0/24", req.Net, req.Subnet)
+	}
+}
+
+// TestMetrics scrapes the vault's /metrics: a reader token is needed, and
+// the protection's gauges and the job histogram are there.
+func TestMetrics(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	f.job(t, "/v1/protections/vm1/test-failover", map[string]string{"point": "5"})
+	f.v.Heartbeat(context.Background())
+	scrape := func(token string) (int, promtest.Scrape) {
+		req, _ := http.NewRequest("GET", f.srv.URL+"/metrics", nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return resp.StatusCode, nil
+		}
+		s, err := promtest.Parse(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 200, s
+	}
+	if code, _ := scrape(""); code != 401 {
+		t.Fatalf("metrics without a token: %d, want 401", code)
+	}
+	_, s := scrape(f.reader)
+	tests := []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"ferry_protection_rpo_seconds", []string{"vm", "vm1", "source", "east", "target", "west"}, 0},
+		{"ferry_protection_health", []string{"vm", "vm1", "health", "healthy"}, 1},
+		{"ferry_protection_health", []string{"vm", "vm1", "health", "critical"}, 0},
+		{"ferry_protection_state", []string{"vm", "vm1", "state", StateProtected}, 1},
+		{"ferry_protection_rpo_threshold_seconds", []string{"vm", "vm1", "level", "critical"}, DefaultPolicy.RPOCritical.Seconds()},
+		{"ferry_site_up", []string{"site", "west"}, 1},
+		{"ferry_job_duration_seconds", []string{"action", ActEnable, "outcome", JobSucceeded}, 1},
+		{"ferry_job_duration_seconds", []string{"action", ActTestFailover, "outcome", JobSucceeded}, 1},
+	}
+	for _, tt := range tests {
+		got, ok := s.Value(tt.name, tt.labels...)
+		if !ok || got != tt.want {
+			t.Errorf("%s%v = %v (found %v), want %v", tt.name, tt.labels, got, ok, tt.want)
+		}
+	}
+	var hist []RPOSample
+	if code := f.call(t, f.reader, "GET", "/v1/protections/vm1/rpo-history", nil, &hist); code != 200 || len(hist) == 0 {
+		t.Fatalf("rpo history: %d %v", code, hist)
+	}
+}
+
+func TestRPOHistory(t *testing.T) {
+	h := newRPOHistory()
+	t0 := time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)
+	h.add("vm", t0, 1)
+	h.add("vm", t0.Add(3*time.Second), 5)
+	h.add("vm", t0.Add(4*time.Second), 2)
+	h.add("vm", t0.Add(10*time.Second), 0.5)
+	got := h.get("vm")
+	if len(got) != 2 || got[0].RPO != 5 || got[1].RPO != 0.5 {
+		t.Fatalf("samples %+v, want the worst per 10 s: 5, 0.5", got)
+	}
+	h.add("vm", t0.Add(7*time.Hour), 1)
+	if got := h.get("vm"); len(got) != 1 {
+		t.Fatalf("samples older than the window kept: %+v", got)
 	}
 }

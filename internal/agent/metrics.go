@@ -1,0 +1,112 @@
+package agent
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/ferry-dr/ferry/internal/nbd"
+	"github.com/ferry-dr/ferry/internal/replication"
+)
+
+// metrics are the agent's Prometheus metrics. The gauges are read from
+// Status at scrape time (a collector), so that nothing in the data path
+// updates them; only the NBD latency histogram is fed as requests complete,
+// through a device wrapper (nbd.Observe).
+type metrics struct {
+	reg *prometheus.Registry
+	nbd *prometheus.HistogramVec
+}
+
+func newMetrics(a *Agent) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.nbd = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "ferry_nbd_request_duration_seconds",
+		Help:    "Time to serve NBD requests on the site's exports, by operation.",
+		Buckets: prometheus.ExponentialBuckets(10e-6, 4, 10), // 10 µs .. 2.6 s
+	}, []string{"op"})
+	m.reg.MustRegister(m.nbd, &statusCollector{a: a},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// observe is the nbd.Observer of every export.
+func (m *metrics) observe(op string, _ int64, d time.Duration, _ error) {
+	m.nbd.WithLabelValues(op).Observe(d.Seconds())
+}
+
+func (m *metrics) instrument(d nbd.Device) nbd.Device { return nbd.Observe(d, m.observe) }
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+}
+
+var (
+	descRPO = prometheus.NewDesc("ferry_replication_rpo_seconds",
+		"Age of the oldest write the recovery site has not acknowledged (0 when in sync).", []string{"group", "peer"}, nil)
+	descPending = prometheus.NewDesc("ferry_replication_pending_bytes",
+		"Bytes written at this site and not yet acknowledged by the recovery site.", []string{"group", "peer"}, nil)
+	descThroughput = prometheus.NewDesc("ferry_replication_throughput_bytes_per_second",
+		"Replication throughput over the last seconds.", []string{"group", "peer"}, nil)
+	descSent = prometheus.NewDesc("ferry_replication_sent_bytes_total",
+		"Bytes sent to the recovery site since the agent started.", []string{"group", "peer"}, nil)
+	descConnected = prometheus.NewDesc("ferry_replication_link_up",
+		"1 when the group streams or copies to its recovery site, 0 while it connects or retries.", []string{"group", "peer", "state"}, nil)
+	descJournal = prometheus.NewDesc("ferry_journal_bytes",
+		"Size of a journal on disk: a protected group's at the source, a replica's at the recovery site.", []string{"group", "role"}, nil)
+	descPoints = prometheus.NewDesc("ferry_recovery_points",
+		"Recovery points a replica holds.", []string{"group"}, nil)
+	descReplicaLag = prometheus.NewDesc("ferry_replica_last_write_timestamp_seconds",
+		"Source time of the newest write a replica received.", []string{"group"}, nil)
+	descVMs = prometheus.NewDesc("ferry_vms",
+		"VMs this site runs, by state.", []string{"state"}, nil)
+)
+
+type statusCollector struct{ a *Agent }
+
+func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs} {
+		ch <- d
+	}
+}
+
+func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.a.Status()
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, g := range st.Groups {
+		gauge(descJournal, float64(g.JournalBytes), g.Name, "source")
+		r := g.Replication
+		if r == nil {
+			continue
+		}
+		gauge(descRPO, r.RPO, g.Name, g.PeerName)
+		gauge(descPending, float64(r.PendingBytes), g.Name, g.PeerName)
+		gauge(descThroughput, r.ThroughputBps, g.Name, g.PeerName)
+		ch <- prometheus.MustNewConstMetric(descSent, prometheus.CounterValue, float64(r.SentBytes), g.Name, g.PeerName)
+		up := 0.0
+		switch r.State {
+		case replication.StateStreaming, replication.StateInitialSync, replication.StateResync:
+			up = 1
+		}
+		gauge(descConnected, up, g.Name, g.PeerName, r.State)
+	}
+	for _, r := range st.Replicas {
+		gauge(descJournal, float64(r.JournalBytes), r.Group, "replica")
+		gauge(descPoints, float64(r.Points), r.Group)
+		if !r.LastTime.IsZero() {
+			gauge(descReplicaLag, float64(r.LastTime.UnixNano())/1e9, r.Group)
+		}
+	}
+	states := map[string]int{}
+	for _, v := range st.VMs {
+		states[v.State]++
+	}
+	for s, n := range states {
+		gauge(descVMs, float64(n), s)
+	}
+}

@@ -1,0 +1,143 @@
+package vault
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the vault's Prometheus metrics: protection and site gauges
+// read from the store at scrape time, and job durations observed when a
+// job ends.
+type metrics struct {
+	reg  *prometheus.Registry
+	jobs *prometheus.HistogramVec
+}
+
+func newMetrics(v *Vault) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.jobs = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "ferry_job_duration_seconds",
+		Help:    "How long DR jobs took, by action and outcome (succeeded, failed).",
+		Buckets: prometheus.ExponentialBuckets(0.05, 2.5, 12), // 50 ms .. 3 h
+	}, []string{"action", "outcome"})
+	m.reg.MustRegister(m.jobs, &vaultCollector{v: v},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) jobEnded(j Job) {
+	m.jobs.WithLabelValues(j.Action, j.State).Observe(j.Ended.Sub(j.Created).Seconds())
+}
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+}
+
+var (
+	descRPO = prometheus.NewDesc("ferry_protection_rpo_seconds",
+		"Current RPO of a protection: age of the oldest write its recovery site lacks.", []string{"vm", "source", "target"}, nil)
+	descRPOThreshold = prometheus.NewDesc("ferry_protection_rpo_threshold_seconds",
+		"The protection's policy RPO thresholds.", []string{"vm", "level"}, nil)
+	descHealth = prometheus.NewDesc("ferry_protection_health",
+		"1 for the protection's current health (healthy, warning, critical), 0 for the others.", []string{"vm", "health"}, nil)
+	descState = prometheus.NewDesc("ferry_protection_state",
+		"1 for the protection's current state.", []string{"vm", "state"}, nil)
+	descFailover = prometheus.NewDesc("ferry_protection_generation",
+		"Failover generation of a protection (grows by one with every failover).", []string{"vm"}, nil)
+	descSiteUp = prometheus.NewDesc("ferry_site_up",
+		"1 if the vault reaches the site's agent.", []string{"site"}, nil)
+	descJobRunning = prometheus.NewDesc("ferry_job_running",
+		"1 while a job runs on the protection.", []string{"vm", "action"}, nil)
+)
+
+type vaultCollector struct{ v *Vault }
+
+func (c *vaultCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descRPO, descRPOThreshold, descHealth, descState, descFailover, descSiteUp, descJobRunning} {
+		ch <- d
+	}
+}
+
+func (c *vaultCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	b := func(ok bool) float64 {
+		if ok {
+			return 1
+		}
+		return 0
+	}
+	sites, _ := c.v.Sites(ctx)
+	for _, s := range sites {
+		gauge(descSiteUp, b(s.Reachable), s.Name)
+	}
+	ps, _ := c.v.Protections(ctx)
+	for _, p := range ps {
+		gauge(descRPO, p.RPOSeconds, p.VM, p.Source, p.Target)
+		pol := c.v.policy(ctx, p.Policy)
+		gauge(descRPOThreshold, pol.RPOWarning.Seconds(), p.VM, "warning")
+		gauge(descRPOThreshold, pol.RPOCritical.Seconds(), p.VM, "critical")
+		for _, h := range []string{"healthy", "warning", "critical"} {
+			gauge(descHealth, b(p.Health == h), p.VM, h)
+		}
+		gauge(descState, 1, p.VM, p.State)
+		gauge(descFailover, float64(p.Generation), p.VM)
+		if p.Job != "" {
+			if j, err := c.v.Job(ctx, p.Job); err == nil {
+				gauge(descJobRunning, 1, p.VM, j.Action)
+			}
+		}
+	}
+}
+
+// RPOSample is one point of a protection's RPO history.
+type RPOSample struct {
+	Time time.Time `json:"t"`
+	RPO  float64   `json:"rpo"` // the worst RPO seen in the sample's interval
+}
+
+// rpoHistory keeps, per protection, the worst RPO of every interval over
+// the last window, in memory: it feeds the portal's chart. It starts empty
+// when the vault restarts (Prometheus keeps the long history).
+type rpoHistory struct {
+	mu       sync.Mutex
+	interval time.Duration
+	window   time.Duration
+	samples  map[string][]RPOSample
+}
+
+func newRPOHistory() *rpoHistory {
+	return &rpoHistory{interval: 10 * time.Second, window: 6 * time.Hour, samples: map[string][]RPOSample{}}
+}
+
+func (h *rpoHistory) add(vm string, now time.Time, rpo float64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	t := now.Truncate(h.interval)
+	s := h.samples[vm]
+	if n := len(s); n > 0 && s[n-1].Time.Equal(t) {
+		s[n-1].RPO = max(s[n-1].RPO, rpo)
+	} else {
+		s = append(s, RPOSample{Time: t, RPO: rpo})
+	}
+	i := 0
+	for i < len(s) && now.Sub(s[i].Time) > h.window {
+		i++
+	}
+	h.samples[vm] = s[i:]
+}
+
+func (h *rpoHistory) get(vm string) []RPOSample {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]RPOSample{}, h.samples[vm]...)
+}
