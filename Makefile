@@ -2,9 +2,9 @@
 # `make test`; both install what they need first (`make deps`).
 GO      ?= go
 BIN     := bin/ferry
-DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core
 
-.PHONY: all build deps demo test test-short vet fuzz bench guest clean
+.PHONY: screenshots all build deps demo test test-short vet fuzz bench guest clean
 
 all: build
 
@@ -31,6 +31,11 @@ vet:
 
 test: deps vet guest
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+# Screenshots of the portal's main pages, from its browser test, into
+# docs/screenshots.
+screenshots: deps guest
+	FERRY_SCREENSHOTS=$(CURDIR)/docs/screenshots $(GO) test -count=1 -timeout 10m -run '^TestPortal$$' -v ./e2e
 
 # Fuzz every parser for FUZZTIME each (default 30s).
 FUZZTIME ?= 30s

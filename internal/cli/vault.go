@@ -16,6 +16,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/portal"
 	"github.com/ferry-dr/ferry/internal/store"
 	"github.com/ferry-dr/ferry/internal/vault"
 	"github.com/schollz/progressbar/v3"
@@ -71,7 +72,13 @@ func runVault(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: v.Handler(), ReadHeaderTimeout: 10 * time.Second,
+	// One port: the REST API (and /metrics) and the portal that uses it.
+	mux := http.NewServeMux()
+	apiH := v.Handler()
+	mux.Handle("/v1/", apiH)
+	mux.Handle("/metrics", apiH)
+	mux.Handle("/", portal.Handler())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
 		// Tokens authenticate people; site agents also present their
 		// certificates (heartbeats), which must chain to the CA.
 		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.Cert},
@@ -80,7 +87,7 @@ func runVault(ctx context.Context, e *env, args []string) error {
 		<-ctx.Done()
 		srv.Close()
 	}()
-	fmt.Fprintf(e.stderr, "vault: https://%s (token in %s; CA %s)\n", ln.Addr(), tokFile, filepath.Join(*pkiDir, pki.CACert))
+	fmt.Fprintf(e.stderr, "vault: https://%s (API and portal; token in %s; CA %s)\n", ln.Addr(), tokFile, filepath.Join(*pkiDir, pki.CACert))
 	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

@@ -479,6 +479,9 @@ type Status struct {
 	FoldedSeq     uint64      `json:"folded_seq"`
 	Points        int         `json:"points"`
 	JournalBytes  int64       `json:"journal_bytes"`
+	// The newest crash-consistent and application-consistent points.
+	LastPoint    time.Time `json:"last_point,omitzero"`
+	LastAppPoint time.Time `json:"last_app_point,omitzero"`
 }
 
 // Status returns the replica's state.
@@ -492,6 +495,18 @@ func (r *Replica) Status() Status {
 	}
 	if r.last.Time != 0 {
 		s.LastTime = time.Unix(0, r.last.Time).UTC()
+	}
+	for i := len(r.points) - 1; i >= 0 && (s.LastPoint.IsZero() || s.LastAppPoint.IsZero()); i-- {
+		p := r.points[i]
+		if p.Seq < r.firstViewable() || r.inGap(p.Seq) {
+			continue
+		}
+		if s.LastPoint.IsZero() {
+			s.LastPoint = p.Time
+		}
+		if p.Type == "app" && s.LastAppPoint.IsZero() {
+			s.LastAppPoint = p.Time
+		}
 	}
 	return s
 }

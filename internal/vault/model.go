@@ -113,6 +113,9 @@ type Protection struct {
 	FailoverSeq uint64  `json:"failover_seq,omitempty"`
 	Health      string  `json:"health"`
 	RPOSeconds  float64 `json:"rpo_seconds"`
+	// The newest recovery points at the recovery site.
+	LastPoint    time.Time `json:"last_point,omitzero"`
+	LastAppPoint time.Time `json:"last_app_point,omitzero"`
 	// Networks maps "site/nic" to the network the NIC attaches to at that
 	// site: the source's as the VM has them, the target's as mapped when
 	// protection was enabled. Failover and failback attach accordingly.

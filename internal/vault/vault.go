@@ -268,8 +268,21 @@ func (v *Vault) fence(ctx context.Context, site string, c AgentAPI) {
 }
 
 // updateRPO copies RPO from a source site's status into its protections
-// and sets health from the policy's thresholds.
+// and sets health from the policy's thresholds; from a recovery site's, the
+// newest points.
 func (v *Vault) updateRPO(ctx context.Context, site string, st agent.Status) {
+	for _, r := range st.Replicas {
+		if r.LastPoint.IsZero() {
+			continue
+		}
+		v.updateProtection(ctx, r.Group, func(p *Protection) error {
+			if p.Target != site || (p.LastPoint.Equal(r.LastPoint) && p.LastAppPoint.Equal(r.LastAppPoint)) {
+				return errors.New("unchanged")
+			}
+			p.LastPoint, p.LastAppPoint = r.LastPoint, r.LastAppPoint
+			return nil
+		})
+	}
 	for _, g := range st.Groups {
 		if g.Replication == nil {
 			continue

@@ -1,0 +1,328 @@
+package e2e
+
+import (
+	"context"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/promtest"
+	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/vault"
+)
+
+// scrapeAgent reads an agent's /metrics over mutual TLS, as Prometheus
+// would with a certificate from the installation's CA.
+func scrapeAgent(t *testing.T, s *sites, p *agentProc) promtest.Scrape {
+	t.Helper()
+	id, err := pki.Load(s.a.pki, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: id.ClientConfig(p.name)}}
+	resp, err := c.Get("https://" + p.addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("agent metrics: %s", resp.Status)
+	}
+	sc, err := promtest.Parse(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sc
+}
+
+// TestMetricsFollowReplication scrapes the source agent while the
+// recovery agent is frozen (SIGSTOP: the link stalls, replication is
+// paused) and after it resumes: the RPO metric grows, then falls back.
+func TestMetricsFollowReplication(t *testing.T) {
+	e := protectedWeb(t)
+	rpo := func() float64 {
+		v, ok := scrapeAgent(t, e.s, e.s.a).Value("ferry_replication_rpo_seconds", "group", "web", "peer", "siteB")
+		if !ok {
+			t.Fatal("no ferry_replication_rpo_seconds for web")
+		}
+		return v
+	}
+	sc := scrapeAgent(t, e.s, e.s.a)
+	if n, ok := sc.Value("ferry_nbd_request_duration_seconds", "op", "write"); !ok || n == 0 {
+		t.Fatalf("NBD write latency histogram: %v samples (found %v)", n, ok)
+	}
+	if n, ok := scrapeAgent(t, e.s, e.s.b).Value("ferry_recovery_points", "group", "web"); !ok || n == 0 {
+		t.Fatalf("recovery points at site B: %v (found %v)", n, ok)
+	}
+	until(t, 30*time.Second, "replication in sync", func() bool { return rpo() < 1 })
+	e.s.b.cmd.Process.Signal(syscall.SIGSTOP)
+	resumed := false
+	defer func() {
+		if !resumed {
+			e.s.b.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}()
+	var paused float64
+	until(t, 30*time.Second, "the RPO metric to grow while replication is paused", func() bool {
+		paused = rpo()
+		return paused > 3
+	})
+	e.s.b.cmd.Process.Signal(syscall.SIGCONT)
+	resumed = true
+	var after float64
+	until(t, 60*time.Second, "the RPO metric to fall once replication resumes", func() bool {
+		after = rpo()
+		return after < 1
+	})
+	t.Logf("RPO metric: %.2fs while paused, %.2fs after resuming", paused, after)
+	// The vault's view: a reader token scrapes it.
+	tok := createToken(t, e.c, "reader")
+	req, _ := http.NewRequest("GET", "https://"+e.vp.addr+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := vaultHTTP(t, e.s).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	vs, err := promtest.Parse(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := vs.Value("ferry_site_up", "site", "siteB"); !ok || v != 1 {
+		t.Fatalf("ferry_site_up{site=siteB} = %v (found %v)", v, ok)
+	}
+	if v, ok := vs.Value("ferry_job_duration_seconds", "action", vault.ActEnable, "outcome", vault.JobSucceeded); !ok || v != 1 {
+		t.Fatalf("enable jobs observed: %v (found %v)", v, ok)
+	}
+}
+
+func createToken(t *testing.T, c *vault.Client, role string) string {
+	t.Helper()
+	var out map[string]string
+	if err := c.Do(context.Background(), "POST", "/v1/tokens", map[string]string{"role": role, "name": "portal-test"}, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out["token"]
+}
+
+func vaultHTTP(t *testing.T, s *sites) *http.Client {
+	t.Helper()
+	id, err := pki.Load(s.a.pki, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := id.ClientConfig("vault")
+	cfg.Certificates = nil // people use tokens, not certificates
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
+}
+
+// browser starts headless Chromium. The vault's certificate is from the
+// installation's own CA, which this throwaway profile does not know.
+func browser(t *testing.T) context.Context {
+	t.Helper()
+	need(t, "chromium")
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath("chromium"), chromedp.NoSandbox, chromedp.WindowSize(1280, 900),
+		chromedp.Flag("ignore-certificate-errors", true), chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.UserDataDir(t.TempDir()))
+	actx, cancel := chromedp.NewExecAllocator(context.Background(), opts...)
+	t.Cleanup(cancel)
+	bctx, cancel2 := chromedp.NewContext(actx)
+	t.Cleanup(cancel2)
+	if err := chromedp.Do(bctx); err != nil {
+		t.Fatalf("start chromium: %v", err)
+	}
+	return bctx
+}
+
+// runB runs browser actions with a deadline.
+func runB(t *testing.T, ctx context.Context, what string, d time.Duration, actions ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	if err := chromedp.Do(cctx, actions...); err != nil {
+		text, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`))
+		t.Fatalf("%s: %v\npage:\n%s", what, err, text)
+	}
+}
+
+// eval evaluates a JavaScript expression in the page.
+func eval[T any](t *testing.T, ctx context.Context, expr string) T {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	v, err := chromedp.Run(cctx, chromedp.Evaluate[T](expr))
+	if err != nil {
+		t.Fatalf("evaluate %s: %v", expr, err)
+	}
+	return v
+}
+
+// goHash moves the page to a portal route (a same-document navigation,
+// which chromedp.Navigate would wait on forever).
+func goHash(h string) chromedp.Action[chromedp.Void] {
+	return func(ctx context.Context, t *chromedp.Target) (chromedp.Void, error) {
+		_, err := chromedp.Evaluate[string](`location.hash = "` + h + `"`)(ctx, t)
+		return chromedp.Void{}, err
+	}
+}
+
+// shot saves a screenshot in FERRY_SCREENSHOTS (docs/screenshots via
+// make screenshots), or in the test's temporary directory.
+func shot(t *testing.T, ctx context.Context, name string) {
+	t.Helper()
+	dir := os.Getenv("FERRY_SCREENSHOTS")
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	png, err := chromedp.Run(cctx, chromedp.CaptureScreenshot())
+	if err != nil {
+		t.Fatalf("screenshot %s: %v", name, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+".png"), png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitJob waits on the job page until the job ends and returns its state.
+func waitJobPage(t *testing.T, ctx context.Context, d time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := chromedp.Run(cctx, chromedp.Evaluate[string](`(document.querySelector("#job h1 .badge") || {}).textContent || ""`))
+		cancel()
+		if err == nil && (st == vault.JobSucceeded || st == vault.JobFailed) {
+			return st
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	t.Fatal("the job page did not show the job ending")
+	return ""
+}
+
+// TestPortal drives the portal in headless Chromium against a real vault
+// and two real sites: a reader sees the protected VM and no actions; an
+// operator runs a test failover and its cleanup, then a failover from the
+// dialog with a chosen point, and watches each job's steps complete.
+func TestPortal(t *testing.T) {
+	e := protectedWeb(t)
+	ctx := context.Background()
+	bctx := browser(t)
+	url := "https://" + e.vp.addr + "/"
+	reader := createToken(t, e.c, "reader")
+	b, err := os.ReadFile(filepath.Join(e.vp.dir, "operator.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	operator := strings.TrimSpace(string(b))
+
+	// A bad token is refused with a message.
+	runB(t, bctx, "bad token", 20*time.Second,
+		chromedp.Navigate(url), chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SendKeys(chromedp.CSS("#token"), "fy_not_a_token"), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS("#banner")))
+	banner := eval[string](t, bctx, `document.querySelector("#banner").textContent`)
+	if !strings.Contains(banner, "not valid") {
+		t.Fatalf("bad token banner: %q", banner)
+	}
+
+	// Reader: sees the item, no action buttons.
+	runB(t, bctx, "reader signs in", 20*time.Second,
+		chromedp.SetValue(chromedp.CSS("#token"), reader), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS(`#items tr[data-vm="web"]`)),
+		chromedp.Click(chromedp.CSS(`#items tr[data-vm="web"] a`)), chromedp.WaitVisible(chromedp.CSS("#item")))
+	if eval[bool](t, bctx, `document.querySelector("#actions button") !== null`) {
+		t.Fatal("a reader sees action buttons")
+	}
+	runB(t, bctx, "reader signs out", 10*time.Second, chromedp.Click(chromedp.CSS("#logout")), chromedp.WaitVisible(chromedp.CSS("#token")))
+
+	// Operator.
+	runB(t, bctx, "operator signs in", 20*time.Second,
+		chromedp.SetValue(chromedp.CSS("#token"), operator), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS("#nav-items")), goHash("#/items"),
+		chromedp.WaitVisible(chromedp.CSS(`#items tr[data-vm="web"]`)))
+	row := eval[string](t, bctx, `document.querySelector('#items tr[data-vm="web"]').textContent`)
+	if !strings.Contains(row, "siteA") || !strings.Contains(row, "siteB") || !strings.Contains(row, vault.StateProtected) {
+		t.Fatalf("items row: %q", row)
+	}
+	until(t, 30*time.Second, "recovery points", func() bool {
+		var pts []replica.Point
+		return e.c.Do(ctx, "GET", "/v1/protections/web/points", nil, &pts) == nil && len(pts) > 3
+	})
+	if os.Getenv("FERRY_SCREENSHOTS") != "" { // a chart worth showing: the vault samples every 10 s
+		until(t, 3*time.Minute, "an RPO history for the screenshot", func() bool {
+			var h []vault.RPOSample
+			return e.c.Do(ctx, "GET", "/v1/protections/web/rpo-history", nil, &h) == nil && len(h) >= 12
+		})
+		runB(t, bctx, "refresh the list", 10*time.Second, goHash("#/jobs"), chromedp.WaitVisible(chromedp.CSS("#jobs")), goHash("#/items"),
+			chromedp.WaitVisible(chromedp.CSS(`#items tr[data-vm="web"]`)))
+	}
+	shot(t, bctx, "items")
+
+	runB(t, bctx, "item page", 20*time.Second, goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-test-failover:not([disabled])")))
+	shot(t, bctx, "item")
+	runB(t, bctx, "test failover dialog", 20*time.Second,
+		chromedp.Click(chromedp.CSS("#act-test-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 90*time.Second); st != vault.JobSucceeded {
+		t.Fatalf("test failover from the portal: %s", st)
+	}
+	steps := eval[[]string](t, bctx, `[...document.querySelectorAll("#job .step")].map(s => s.dataset.step + "=" + s.querySelector(".badge").textContent)`)
+	if strings.Join(steps, " ") != "prerequisites check=succeeded create test VM=succeeded start test VM=succeeded" {
+		t.Fatalf("test failover steps on the job page: %v", steps)
+	}
+	shot(t, bctx, "job")
+
+	// Cleanup: the checkbox is required.
+	runB(t, bctx, "cleanup dialog", 20*time.Second,
+		goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-cleanup:not([disabled])")),
+		chromedp.Click(chromedp.CSS("#act-cleanup")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.SendKeys(chromedp.CSS("#cleanup-notes"), "portal drill ok"),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.Sleep(300*time.Millisecond))
+	if !eval[bool](t, bctx, `document.querySelector("#dialog").open`) {
+		t.Fatal("cleanup went ahead without 'testing is complete' checked")
+	}
+	runB(t, bctx, "cleanup", 20*time.Second,
+		chromedp.Click(chromedp.CSS("#cleanup-done")), chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 90*time.Second); st != vault.JobSucceeded {
+		t.Fatalf("cleanup from the portal: %s", st)
+	}
+	var p vault.Protection
+	e.c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if p.TestPending || len(p.History) == 0 || p.History[len(p.History)-1].Notes != "portal drill ok" {
+		t.Fatalf("after cleanup: %+v", p)
+	}
+
+	// Failover with a chosen point: the second newest in the picker.
+	runB(t, bctx, "failover dialog", 20*time.Second,
+		goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-failover:not([disabled])")),
+		chromedp.Click(chromedp.CSS("#act-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.Click(chromedp.CSS("#choice-custom")))
+	chosen := eval[string](t, bctx, `(() => { const s = document.querySelector("#fo-point"); s.selectedIndex = 1; return s.value; })()`)
+	shot(t, bctx, "failover-dialog")
+	runB(t, bctx, "failover", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 120*time.Second); st != vault.JobSucceeded {
+		t.Fatalf("failover from the portal: %s", st)
+	}
+	e.c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if want, _ := strconv.ParseUint(chosen, 10, 64); p.State != vault.StateFailedOver || p.FailoverSeq != want {
+		t.Fatalf("after the portal failover to point %s: %+v", chosen, p)
+	}
+	runB(t, bctx, "item after failover", 20*time.Second, goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-commit:not([disabled])")))
+	topo := eval[string](t, bctx, `document.querySelector(".site.active").textContent`)
+	if !strings.Contains(topo, "siteB") {
+		t.Fatalf("the topology strip shows the VM running at %q", topo)
+	}
+	t.Logf("portal: test failover, cleanup and failover to point %s done from the browser", chosen)
+}

@@ -1,0 +1,438 @@
+// ferry portal: a single page over the vault's REST API (docs/api.md).
+// No framework and nothing fetched from elsewhere: it works offline.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+// gen counts route changes: a page still loading when the user moves on
+// must not draw over the new one or keep refreshing.
+const state = { token: sessionStorage.getItem("ferry.token") || "", role: "", timer: null, gen: 0 };
+
+// --- API ---------------------------------------------------------------
+
+async function api(method, path, body) {
+  const opts = { method, headers: { Authorization: "Bearer " + state.token } };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const resp = await fetch(path, opts);
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = { error: text }; }
+  if (!resp.ok) {
+    const err = new Error((data && data.error) || resp.status + " " + resp.statusText);
+    err.status = resp.status;
+    throw err;
+  }
+  return data;
+}
+
+// --- helpers -----------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "class") e.className = v;
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const badge = (text, cls) => el("span", { class: "badge " + (cls || text) }, text);
+const isZeroTime = (t) => !t || t.startsWith("0001-");
+const fmtTime = (t) => (isZeroTime(t) ? "—" : new Date(t).toLocaleString());
+const fmtRPO = (s) => (s === undefined || s === null ? "—" : s < 1 ? Math.round(s * 1000) + " ms" : s.toFixed(1) + " s");
+function fmtDur(a, b) {
+  if (isZeroTime(a)) return "";
+  const ms = (isZeroTime(b) ? Date.now() : new Date(b)) - new Date(a);
+  return ms < 1000 ? ms + " ms" : (ms / 1000).toFixed(1) + " s";
+}
+function fmtBytes(n) {
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + u[i];
+}
+
+function showError(err) {
+  const b = $("#banner");
+  if (!err) { b.hidden = true; return; }
+  b.textContent = err.message || String(err);
+  b.hidden = false;
+}
+
+function setTimer(fn, ms) {
+  clearInterval(state.timer);
+  state.timer = fn ? setInterval(fn, ms) : null;
+}
+
+// --- sign in -----------------------------------------------------------
+
+async function signIn(token) {
+  state.token = token;
+  try {
+    const who = await api("GET", "/v1/whoami");
+    state.role = who.role;
+  } catch (e) {
+    state.token = "";
+    sessionStorage.removeItem("ferry.token");
+    throw e.status === 401 ? new Error("That token is not valid: ask an operator for one ('ferry token create', or the token 'ferry up' printed).") : e;
+  }
+  sessionStorage.setItem("ferry.token", token);
+  $("#login").hidden = true;
+  $("#nav").hidden = false;
+  $("#logout").hidden = false;
+  $("#who").textContent = "signed in as " + state.role;
+  document.body.dataset.role = state.role;
+}
+
+function signOut() {
+  sessionStorage.removeItem("ferry.token");
+  state.token = state.role = "";
+  setTimer(null);
+  $("#view").replaceChildren();
+  $("#nav").hidden = $("#logout").hidden = true;
+  $("#who").textContent = "";
+  $("#login").hidden = false;
+  $("#token").value = "";
+  $("#token").focus();
+}
+
+const canAct = () => state.role === "operator";
+
+// --- router ------------------------------------------------------------
+
+// route draws the page the hash names. Each page function fills a fresh
+// container and may return { refresh, every }: refresh runs every `every`
+// ms while the page is shown, and returns false to stop.
+async function route() {
+  if (!state.role) return;
+  const gen = ++state.gen;
+  setTimer(null);
+  showError(null);
+  const parts = (location.hash || "#/items").slice(2).split("/");
+  for (const a of document.querySelectorAll("header nav a")) {
+    if (a.id === "nav-" + parts[0]) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  const view = el("div");
+  let page;
+  try {
+    if (parts[0] === "items" && parts[1]) page = await itemPage(view, decodeURIComponent(parts[1]));
+    else if (parts[0] === "jobs" && parts[1]) page = await jobPage(view, decodeURIComponent(parts[1]));
+    else if (parts[0] === "jobs") page = await jobsPage(view);
+    else if (parts[0] === "sites") page = await sitesPage(view);
+    else page = await itemsPage(view);
+  } catch (e) {
+    if (gen === state.gen) showError(e);
+    return;
+  }
+  if (gen !== state.gen) return;
+  $("#view").replaceChildren(view);
+  if (page && page.refresh) {
+    setTimer(async () => {
+      if (gen !== state.gen) return;
+      try {
+        if ((await page.refresh()) === false && gen === state.gen) setTimer(null);
+      } catch (e) { showError(e); }
+    }, page.every);
+  }
+}
+
+// --- replicated items --------------------------------------------------
+
+const itemsView = { filter: "", sort: "vm", dir: 1 };
+
+async function itemsPage(view) {
+  const card = el("section", { class: "card", id: "items" });
+  view.replaceChildren(card);
+  const render = async () => {
+    const ps = (await api("GET", "/v1/protections")) || [];
+    const q = itemsView.filter.toLowerCase();
+    const rows = ps.filter((p) => !q || [p.vm, p.source, p.target, p.state, p.health].join(" ").toLowerCase().includes(q));
+    const key = itemsView.sort;
+    rows.sort((a, b) => {
+      const x = a[key] ?? "", y = b[key] ?? "";
+      return (x < y ? -1 : x > y ? 1 : 0) * itemsView.dir;
+    });
+    const cols = [["vm", "VM"], ["source", "Source"], ["target", "Recovery site"], ["state", "State"], ["health", "Health"], ["rpo_seconds", "RPO"], ["last_point", "Last point"], ["last_app_point", "Last app-consistent"]];
+    const head = el("tr", {}, cols.map(([k, label]) => el("th", { scope: "col", "aria-sort": key === k ? (itemsView.dir > 0 ? "ascending" : "descending") : "none" },
+      el("button", { class: "sort", type: "button", onclick: () => { itemsView.dir = key === k ? -itemsView.dir : 1; itemsView.sort = k; render(); } },
+        label + (key === k ? (itemsView.dir > 0 ? " ▲" : " ▼") : "")))));
+    const body = rows.map((p) => el("tr", { "data-vm": p.vm },
+      el("td", {}, el("a", { href: "#/items/" + encodeURIComponent(p.vm) }, p.vm)),
+      el("td", {}, p.source), el("td", {}, p.target),
+      el("td", {}, p.state, p.test_failover_pending ? " (test failover pending cleanup)" : "", p.job ? el("span", { class: "muted" }, " · job running") : ""),
+      el("td", {}, badge(p.health || "—", p.health)),
+      el("td", { class: "rpo" }, fmtRPO(p.rpo_seconds)),
+      el("td", {}, fmtTime(p.last_point)), el("td", {}, fmtTime(p.last_app_point))));
+    const table = el("table", {}, el("thead", {}, head), el("tbody", {}, body.length ? body : el("tr", {}, el("td", { colspan: cols.length, class: "muted" }, ps.length ? "No item matches the filter." : "Nothing is protected yet: ferry protect VM --to SITE"))));
+    const old = $("#items table", card);
+    if (old) old.replaceWith(table); else card.append(table);
+  };
+  const filter = el("input", { type: "search", id: "filter", placeholder: "Filter by VM, site, state, health", "aria-label": "Filter replicated items", value: itemsView.filter,
+    oninput: (e) => { itemsView.filter = e.target.value; render(); } });
+  card.append(el("h1", {}, "Replicated items"), el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, "refreshes every 2 s")));
+  await render();
+  return { refresh: render, every: 2000 };
+}
+
+// --- one item ----------------------------------------------------------
+
+async function itemPage(view, vm) {
+  const p = await api("GET", "/v1/protections/" + encodeURIComponent(vm));
+  let points = [];
+  try { points = (await api("GET", "/v1/protections/" + encodeURIComponent(vm) + "/points")) || []; } catch (e) { /* after commit there are none */ }
+  const hist = (await api("GET", "/v1/protections/" + encodeURIComponent(vm) + "/rpo-history")) || [];
+  const vms = (await api("GET", "/v1/vms")) || [];
+  const spec = vms.find((v) => v.name === vm) || {};
+  const runsAt = spec.site || p.source;
+
+  const topo = el("div", { class: "topology", "aria-label": "topology" },
+    el("div", { class: "site" + (runsAt === p.source ? " active" : "") }, el("strong", {}, p.source), el("small", {}, runsAt === p.source ? "VM runs here" : "source")),
+    el("span", { class: "arrow", "aria-label": "replicates to" }, p.state === "failed-over" || p.state === "failover-committed" ? "⇢" : "→"),
+    el("div", { class: "site" + (runsAt === p.target ? " active" : "") }, el("strong", {}, p.target), el("small", {}, runsAt === p.target ? "VM runs here" : "recovery site")));
+
+  const facts = el("div", { class: "grid" },
+    el("div", {}, el("span", {}, "State"), p.state, p.test_failover_pending ? " · test failover pending cleanup" : ""),
+    el("div", {}, el("span", {}, "Health"), badge(p.health || "—", p.health)),
+    el("div", {}, el("span", {}, "RPO"), el("b", { id: "rpo" }, fmtRPO(p.rpo_seconds))),
+    el("div", {}, el("span", {}, "Policy"), p.policy),
+    el("div", {}, el("span", {}, "Generation"), String(p.generation)),
+    el("div", {}, el("span", {}, "Last point"), fmtTime(p.last_point)),
+    el("div", {}, el("span", {}, "Last app-consistent point"), fmtTime(p.last_app_point)),
+    el("div", {}, el("span", {}, "Running job"), p.job ? el("a", { href: "#/jobs/" + p.job }, p.job) : "none"));
+
+  const actions = el("div", { class: "actions", id: "actions" });
+  if (canAct()) {
+    const busy = !!p.job;
+    const act = (label, id, enabled, fn, cls) => actions.append(el("button", { type: "button", id, class: cls, disabled: busy || !enabled, onclick: fn }, label));
+    const prot = p.state === "protected";
+    act("Test failover", "act-test-failover", prot && !p.test_failover_pending, () => testFailoverDialog(p, points));
+    act("Cleanup test failover", "act-cleanup", p.test_failover_pending, () => cleanupDialog(p));
+    act("Failover", "act-failover", prot && !p.test_failover_pending, () => failoverDialog(p, points), "danger");
+    act("Change recovery point", "act-change-point", p.state === "failed-over", () => changePointDialog(p, points));
+    act("Commit", "act-commit", p.state === "failed-over", () => commitDialog(p));
+    act("Re-protect", "act-reprotect", p.state === "failover-committed", () => reprotectDialog(p));
+    if (busy) actions.append(el("span", { class: "muted" }, "A job is running: actions wait for it."));
+  }
+
+  const pointRows = points.slice().reverse().map((pt) => el("tr", {}, el("td", {}, String(pt.seq)), el("td", {}, fmtTime(pt.time)),
+    el("td", {}, pt.type === "app" ? "application-consistent" : pt.type === "crash" ? "crash-consistent" : pt.type), el("td", {}, pt.label || "")));
+  const history = (p.history || []).slice().reverse().map((h) => el("tr", {}, el("td", {}, h.action), el("td", {}, fmtTime(h.time)), el("td", {}, h.duration || ""), el("td", {}, h.point ? String(h.point) : ""), el("td", {}, h.notes || "")));
+
+  const head = el("section", { class: "card", id: "item" }, el("h1", {}, vm), topo, facts, el("h2", {}, "Actions"),
+    canAct() ? actions : el("p", { class: "muted" }, "Sign in with an operator token to run DR actions."));
+  const chart = el("section", { class: "card" }, el("h2", {}, "RPO over the last hours"), rpoChart(hist, p));
+  const pointsTable = el("table", { id: "points" },
+    el("thead", {}, el("tr", {}, el("th", {}, "Id"), el("th", {}, "Time"), el("th", {}, "Type"), el("th", {}, "Label"))),
+    el("tbody", {}, pointRows.length ? pointRows : el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No recovery points (initial replication running, or the failover was committed)."))));
+  const pointsCard = el("section", { class: "card" }, el("h2", {}, "Recovery points (" + points.length + ")"), el("div", { class: "scroll" }, pointsTable));
+  const historyTable = el("table", {},
+    el("thead", {}, el("tr", {}, el("th", {}, "Action"), el("th", {}, "Time"), el("th", {}, "Duration"), el("th", {}, "Point"), el("th", {}, "Notes"))),
+    el("tbody", {}, history.length ? history : el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No drills or failovers yet."))));
+  const historyCard = el("section", { class: "card" }, el("h2", {}, "History"), historyTable);
+  view.replaceChildren(head, chart, pointsCard, historyCard);
+  return {
+    every: 2000,
+    refresh: async () => {
+      const q = await api("GET", "/v1/protections/" + encodeURIComponent(vm));
+      if (q.state !== p.state || q.job !== p.job || q.test_failover_pending !== p.test_failover_pending) {
+        route(); // redraw with the actions the new state allows
+        return false;
+      }
+      $("#rpo", view).textContent = fmtRPO(q.rpo_seconds);
+    },
+  };
+}
+
+function rpoChart(hist, p) {
+  const W = 1100, H = 200, L = 52, B = 22;
+  const svg = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
+  const c = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "RPO chart, " + hist.length + " samples" });
+  if (hist.length < 2) {
+    const t = svg("text", { x: 20, y: H / 2 }); t.textContent = "Collecting samples: the chart fills in as the vault polls (every 10 s)."; c.append(t);
+    return c;
+  }
+  const t0 = new Date(hist[0].t).getTime(), t1 = new Date(hist[hist.length - 1].t).getTime();
+  const ymax = Math.max(1, ...hist.map((s) => s.rpo)) * 1.15;
+  const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - 10);
+  const y = (v) => H - B - (v / ymax) * (H - B - 10);
+  c.append(svg("polyline", { class: "line", points: hist.map((s) => x(new Date(s.t).getTime()) + "," + y(s.rpo)).join(" ") }));
+  for (const v of [0, ymax / 2, ymax / 1.15]) { const t = svg("text", { x: 4, y: y(v) + 4 }); t.textContent = fmtRPO(v); c.append(t); }
+  for (const tt of [t0, t1]) { const t = svg("text", { x: x(tt) - (tt === t1 ? 60 : 0), y: H - 6 }); t.textContent = new Date(tt).toLocaleTimeString(); c.append(t); }
+  return c;
+}
+
+// --- dialogs -----------------------------------------------------------
+
+// openDialog shows a form; submit runs act(form) -> job, then follows it.
+function openDialog(title, body, okLabel, act, okClass) {
+  const d = $("#dialog");
+  $("#dialog-title").textContent = title;
+  $("#dialog-body").replaceChildren(...body);
+  $("#dialog-error").hidden = true;
+  const ok = $("#dialog-ok");
+  ok.textContent = okLabel;
+  ok.className = okClass || "primary";
+  ok.disabled = false;
+  $("#dialog-form").onsubmit = async (ev) => {
+    ev.preventDefault();
+    ok.disabled = true;
+    try {
+      const job = await act($("#dialog-form"));
+      d.close();
+      location.hash = "#/jobs/" + job.id;
+    } catch (e) {
+      $("#dialog-error").textContent = e.message;
+      $("#dialog-error").hidden = false;
+      ok.disabled = false;
+    }
+  };
+  $("#dialog-cancel").onclick = () => d.close();
+  d.showModal();
+  const first = $("#dialog-body input, #dialog-body select, #dialog-body textarea", d);
+  (first || ok).focus();
+}
+
+function pointSelect(points, id) {
+  return el("select", { id, name: "point", "aria-label": "recovery point" },
+    points.slice().reverse().map((pt) => el("option", { value: String(pt.seq) },
+      `${pt.seq} · ${fmtTime(pt.time)} · ${pt.type === "app" ? "application-consistent" : pt.type === "crash" ? "crash-consistent" : pt.type}${pt.label ? " · " + pt.label : ""}`)));
+}
+
+function option(name, value, label, explain, checked) {
+  return el("div", {}, el("label", { class: "inline" }, el("input", { type: "radio", name, value, checked, id: name + "-" + value }), el("span", {}, label)),
+    el("p", { class: "explain" }, explain));
+}
+
+const post = (p, path, body) => api("POST", "/v1/protections/" + encodeURIComponent(p.vm) + path, body);
+
+function testFailoverDialog(p, points) {
+  openDialog("Test failover of " + p.vm, [
+    el("p", {}, `A test VM boots at ${p.target} in the isolated network from a writable copy of the point; replication goes on untouched.`),
+    el("div", { class: "options" },
+      option("choice", "latest-processed", "Latest processed", "The newest point the recovery site has: lowest RTO.", true),
+      option("choice", "latest-app-consistent", "Latest app-consistent", "The newest point taken with the guest's file systems frozen.", false),
+      option("choice", "custom", "Custom", "Pick a point below.", false)),
+    el("label", { for: "tf-point" }, "Point (for Custom)"), pointSelect(points, "tf-point"),
+  ], "Start test failover", (f) => {
+    const c = f.elements.choice.value;
+    return post(p, "/test-failover", { point: c === "custom" ? f.elements.point.value : c });
+  });
+}
+
+function cleanupDialog(p) {
+  const done = el("input", { type: "checkbox", id: "cleanup-done", name: "done", required: true });
+  openDialog("Cleanup test failover of " + p.vm, [
+    el("label", { for: "cleanup-notes" }, "Notes"),
+    el("textarea", { id: "cleanup-notes", name: "notes", placeholder: "What was tested, and how it went" }),
+    el("label", { class: "inline" }, done, el("span", {}, "Testing is complete. Delete the test failover VM and its disks.")),
+  ], "Cleanup", (f) => post(p, "/test-failover/cleanup", { notes: f.elements.notes.value }));
+}
+
+function failoverDialog(p, points) {
+  openDialog("Failover of " + p.vm, [
+    el("p", {}, `From ${p.source} to ${p.target}. The VM will run at ${p.target} on the point you choose.`),
+    el("div", { class: "options" },
+      option("choice", "latest", "Latest (lowest RPO)", "First processes all data that reached the recovery site, then makes a point of it: nothing received is lost; takes a little longer.", true),
+      option("choice", "latest-processed", "Latest processed (lowest RTO)", "Fails over to the newest point already made: fastest start.", false),
+      option("choice", "latest-app-consistent", "Latest app-consistent", "The newest point taken with the file systems frozen: applications start clean.", false),
+      option("choice", "custom", "Custom", "Pick a point below.", false)),
+    el("label", { for: "fo-point" }, "Point (for Custom)"), pointSelect(points, "fo-point"),
+    el("label", { class: "inline" }, el("input", { type: "checkbox", id: "fo-shutdown", name: "shutdown", checked: true }),
+      el("span", {}, `Shut down the VM at ${p.source} before failover (recommended: no data loss; skipped if the site is down).`)),
+  ], "Failover", (f) => {
+    const c = f.elements.choice.value;
+    return post(p, "/failover", { point: c === "custom" ? f.elements.point.value : c, shutdown_source: f.elements.shutdown.checked });
+  }, "danger");
+}
+
+function changePointDialog(p, points) {
+  openDialog("Change recovery point of " + p.vm, [
+    el("p", {}, "The VM is stopped, its writes since the failover are discarded, and it starts on the point you choose."),
+    el("label", { for: "cp-point" }, "Point"), pointSelect(points, "cp-point"),
+  ], "Change point", (f) => post(p, "/change-point", { point: f.elements.point.value }));
+}
+
+function commitDialog(p) {
+  openDialog("Commit the failover of " + p.vm, [
+    el("p", {}, `The VM's disks at ${p.target} become standalone and the recovery points are deleted: you can no longer change the recovery point. Re-protect afterwards.`),
+  ], "Commit", () => post(p, "/commit", {}));
+}
+
+async function reprotectDialog(p) {
+  let plan;
+  try { plan = await api("GET", "/v1/protections/" + encodeURIComponent(p.vm) + "/reprotect-plan"); } catch (e) { return showError(e); }
+  const rows = plan.disks.map((d) => el("tr", {}, el("td", {}, "disk " + d.name), el("td", {}, fmtBytes(d.size)), el("td", {}, d.action)));
+  rows.unshift(el("tr", {}, el("td", {}, "VM " + plan.vm.name), el("td", {}, ""), el("td", {}, plan.vm.action)));
+  openDialog("Re-protect " + p.vm, [
+    el("p", {}, `Replicate from ${plan.from} (where the VM runs) back to ${plan.to}.`),
+    el("table", { id: "plan" }, el("thead", {}, el("tr", {}, el("th", {}, `At ${plan.to}`), el("th", {}, "Size"), el("th", {}, "Action"))), el("tbody", {}, rows)),
+    el("p", {}, `Expected to send ${fmtBytes(plan.expected_bytes)} of ${fmtBytes(plan.max_bytes)} (${plan.method})${plan.why ? ": " + plan.why : ""}.`),
+  ], "Re-protect", () => post(p, "/reprotect", {}));
+}
+
+// --- jobs --------------------------------------------------------------
+
+async function jobsPage(view) {
+  const card = el("section", { class: "card", id: "jobs" }, el("h1", {}, "Jobs"));
+  view.replaceChildren(card);
+  const render = async () => {
+    const js = (await api("GET", "/v1/jobs")) || [];
+    const table = el("table", {}, el("thead", {}, el("tr", {}, ["Job", "Action", "VM", "State", "Started", "Duration", "Error"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, js.map((j) => el("tr", { "data-job": j.id }, el("td", {}, el("a", { href: "#/jobs/" + j.id }, j.id)), el("td", {}, j.action), el("td", {}, el("a", { href: "#/items/" + encodeURIComponent(j.protection) }, j.protection)),
+        el("td", {}, badge(j.state)), el("td", {}, fmtTime(j.created)), el("td", {}, fmtDur(j.created, j.ended)), el("td", { class: "error" }, j.error || "")))));
+    const old = $("table", card);
+    if (old) old.replaceWith(table); else card.append(table);
+  };
+  await render();
+  return { refresh: render, every: 2000 };
+}
+
+async function jobPage(view, id) {
+  const card = el("section", { class: "card", id: "job" });
+  view.replaceChildren(card);
+  const render = async () => {
+    const j = await api("GET", "/v1/jobs/" + encodeURIComponent(id));
+    card.replaceChildren(
+      el("h1", {}, `${j.action} of `, el("a", { href: "#/items/" + encodeURIComponent(j.protection) }, j.protection), " ", badge(j.state)),
+      el("p", { class: "muted" }, `job ${j.id} · started ${fmtTime(j.created)} · ${fmtDur(j.created, j.ended)}`),
+      j.error ? el("p", { class: "error", role: "alert" }, j.error) : "",
+      ...j.steps.map((s) => el("div", { class: "step " + s.state, "data-step": s.name },
+        el("header", {}, el("strong", {}, s.name), badge(s.state), el("progress", { max: 100, value: s.percent, "aria-label": s.name + " progress" }), el("span", { class: "muted" }, fmtDur(s.start, s.end))),
+        s.messages && s.messages.length ? el("ul", {}, s.messages.map((m) => el("li", {}, m))) : "")));
+    return j.state === "running" || j.state === "pending";
+  };
+  return (await render()) ? { refresh: render, every: 1000 } : null;
+}
+
+// --- sites -------------------------------------------------------------
+
+async function sitesPage(view) {
+  const sites = (await api("GET", "/v1/sites")) || [];
+  view.replaceChildren(el("section", { class: "card", id: "sites" }, el("h1", {}, "Sites"),
+    el("table", {}, el("thead", {}, el("tr", {}, ["Site", "Address", "Reachable", "Last seen", "Networks"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, sites.map((s) => el("tr", {}, el("td", {}, s.name), el("td", {}, s.addr), el("td", {}, badge(s.reachable ? "reachable" : "unreachable", s.reachable ? "healthy" : "critical")),
+        el("td", {}, fmtTime(s.last_seen)), el("td", {}, (s.networks || []).map((n) => `${n.name} (${n.kind}, ${n.subnet})`).join(", "))))))));
+}
+
+// --- start -------------------------------------------------------------
+
+$("#login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  try {
+    await signIn($("#token").value.trim());
+    showError(null);
+    if (!location.hash) location.hash = "#/items"; else route();
+  } catch (e) { showError(e); }
+});
+$("#logout").addEventListener("click", signOut);
+window.addEventListener("hashchange", route);
+if (state.token) signIn(state.token).then(route).catch(() => signOut());
