@@ -170,7 +170,7 @@ func eval[T any](t *testing.T, ctx context.Context, expr string) T {
 // which chromedp.Navigate would wait on forever).
 func goHash(h string) chromedp.Action[chromedp.Void] {
 	return func(ctx context.Context, t *chromedp.Target) (chromedp.Void, error) {
-		_, err := chromedp.Evaluate[string](`location.hash = "` + h + `"`)(ctx, t)
+		_, err := chromedp.Evaluate[string](`location.hash = "`+h+`"`)(ctx, t)
 		return chromedp.Void{}, err
 	}
 }
