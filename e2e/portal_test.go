@@ -176,12 +176,15 @@ func goHash(h string) chromedp.Action[chromedp.Void] {
 }
 
 // shot saves a screenshot in FERRY_SCREENSHOTS (docs/screenshots via
-// make screenshots), or in the test's temporary directory.
+// make screenshots), or in build/screenshots, and logs where.
 func shot(t *testing.T, ctx context.Context, name string) {
 	t.Helper()
 	dir := os.Getenv("FERRY_SCREENSHOTS")
 	if dir == "" {
-		dir = t.TempDir()
+		dir, _ = filepath.Abs("../build/screenshots")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -189,9 +192,11 @@ func shot(t *testing.T, ctx context.Context, name string) {
 	if err != nil {
 		t.Fatalf("screenshot %s: %v", name, err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, name+".png"), png, 0o644); err != nil {
+	path := filepath.Join(dir, name+".png")
+	if err := os.WriteFile(path, png, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("screenshot %s", path)
 }
 
 // waitJob waits on the job page until the job ends and returns its state.
@@ -324,5 +329,34 @@ func TestPortal(t *testing.T) {
 	if !strings.Contains(topo, "siteB") {
 		t.Fatalf("the topology strip shows the VM running at %q", topo)
 	}
-	t.Logf("portal: test failover, cleanup and failover to point %s done from the browser", chosen)
+
+	// Commit, then re-protect: the dialog shows the plan before it starts.
+	runB(t, bctx, "commit", 20*time.Second,
+		chromedp.Click(chromedp.CSS("#act-commit")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 120*time.Second); st != vault.JobSucceeded {
+		t.Fatalf("commit from the portal: %s", st)
+	}
+	runB(t, bctx, "reprotect dialog", 30*time.Second,
+		goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-reprotect:not([disabled])")),
+		chromedp.Click(chromedp.CSS("#act-reprotect")), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #plan")))
+	plan := eval[string](t, bctx, `document.querySelector("#dialog-body").textContent`)
+	if !strings.Contains(plan, "disk vda") || !strings.Contains(plan, "reuse") || !strings.Contains(plan, "Expected to send") || !strings.Contains(plan, "changed-block tracking") {
+		t.Fatalf("reprotect plan in the dialog: %q", plan)
+	}
+	shot(t, bctx, "reprotect-dialog")
+	runB(t, bctx, "reprotect", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 180*time.Second); st != vault.JobSucceeded {
+		t.Fatalf("reprotect from the portal: %s", st)
+	}
+	e.c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	if p.State != vault.StateProtected || p.Source != "siteB" || p.Target != "siteA" {
+		t.Fatalf("after the portal's reprotect: %+v", p)
+	}
+	runB(t, bctx, "jobs page", 20*time.Second, goHash("#/jobs"), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job]`)))
+	if n := eval[int](t, bctx, `document.querySelectorAll("#jobs tr[data-job]").length`); n < 6 {
+		t.Fatalf("jobs page lists %d jobs, want the 6 run", n)
+	}
+	shot(t, bctx, "jobs")
+	t.Logf("portal: test failover, cleanup, failover to point %s, commit and reprotect done from the browser", chosen)
 }

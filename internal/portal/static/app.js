@@ -261,11 +261,14 @@ function rpoChart(hist, p) {
     return c;
   }
   const t0 = new Date(hist[0].t).getTime(), t1 = new Date(hist[hist.length - 1].t).getTime();
-  const ymax = Math.max(1, ...hist.map((s) => s.rpo)) * 1.15;
+  // A round top: 1, 2 or 5 times a power of ten, above the worst sample.
+  const worst = Math.max(0.5, ...hist.map((s) => s.rpo)) * 1.1;
+  const mag = Math.pow(10, Math.floor(Math.log10(worst)));
+  const ymax = [1, 2, 5, 10].map((m) => m * mag).find((v) => v >= worst);
   const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - 10);
   const y = (v) => H - B - (v / ymax) * (H - B - 10);
   c.append(svg("polyline", { class: "line", points: hist.map((s) => x(new Date(s.t).getTime()) + "," + y(s.rpo)).join(" ") }));
-  for (const v of [0, ymax / 2, ymax / 1.15]) { const t = svg("text", { x: 4, y: y(v) + 4 }); t.textContent = fmtRPO(v); c.append(t); }
+  for (const v of [0, ymax / 2, ymax]) { const t = svg("text", { x: 4, y: y(v) + 4 }); t.textContent = fmtRPO(v); c.append(t); }
   for (const tt of [t0, t1]) { const t = svg("text", { x: x(tt) - (tt === t1 ? 60 : 0), y: H - 6 }); t.textContent = new Date(tt).toLocaleTimeString(); c.append(t); }
   return c;
 }
@@ -347,7 +350,7 @@ function failoverDialog(p, points) {
       option("choice", "custom", "Custom", "Pick a point below.", false)),
     el("label", { for: "fo-point" }, "Point (for Custom)"), pointSelect(points, "fo-point"),
     el("label", { class: "inline" }, el("input", { type: "checkbox", id: "fo-shutdown", name: "shutdown", checked: true }),
-      el("span", {}, `Shut down the VM at ${p.source} before failover (recommended: no data loss; skipped if the site is down).`)),
+      el("span", {}, `Shut down the machine before beginning failover (at ${p.source}; recommended: nothing is lost; skipped if the site is down).`)),
   ], "Failover", (f) => {
     const c = f.elements.choice.value;
     return post(p, "/failover", { point: c === "custom" ? f.elements.point.value : c, shutdown_source: f.elements.shutdown.checked });
