@@ -500,6 +500,9 @@ func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 	a.mu.Lock()
 	delete(a.groups, name)
 	a.mu.Unlock()
+	if gr.kept != nil {
+		gr.kept.Close()
+	}
 	a.stopGroup(gr)
 	for _, d := range gr.g.Disks() {
 		a.nbd.RemoveExport(exportName(name, d.Name))

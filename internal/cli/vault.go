@@ -431,39 +431,67 @@ func jobText(j vault.Job) string {
 // waitJob follows a job with a progress bar per step (on stderr) and
 // returns an error if it fails.
 func waitJob(ctx context.Context, e *env, c *vault.Client, id string) error {
-	bars := map[string]*progressbar.ProgressBar{}
-	said := map[string]int{}
+	// One bar per step, drawn in order: a step's bar is closed (with its
+	// own line) before the next one starts, and shows the step's latest
+	// message while it runs. The full messages come in the summary.
+	type stepBar struct {
+		name string
+		b    *progressbar.ProgressBar
+		done bool
+	}
+	bars := map[string]*stepBar{}
+	var open *stepBar
+	end := func(sb *stepBar, state string) {
+		if sb == nil || sb.done {
+			return
+		}
+		sb.done = true
+		sb.b.Describe(fmt.Sprintf("%-28s %s", sb.name, state))
+		if state == vault.JobFailed {
+			sb.b.Exit()
+			fmt.Fprintln(e.stderr)
+			return
+		}
+		sb.b.Finish()
+	}
 	for {
 		var j vault.Job
 		if err := c.Do(ctx, "GET", "/v1/jobs/"+id, nil, &j); err != nil {
 			return err
 		}
 		for _, s := range j.Steps {
-			if s.State == vault.StepPending {
+			if s.State == vault.StepPending || e.json {
 				continue
 			}
-			b := bars[s.Name]
-			if b == nil && !e.json {
-				b = progressbar.NewOptions(100, progressbar.OptionSetWriter(e.stderr), progressbar.OptionSetDescription(fmt.Sprintf("%-28s", s.Name)),
-					progressbar.OptionSetWidth(20), progressbar.OptionShowCount(), progressbar.OptionOnCompletion(func() { fmt.Fprintln(e.stderr) }))
-				bars[s.Name] = b
-			}
-			if b != nil {
-				pct := s.Percent
-				if s.State == vault.JobSucceeded || s.State == "skipped" {
-					pct = 100
+			sb := bars[s.Name]
+			if sb == nil {
+				if open != nil && !open.done {
+					open.b.Finish() // the vault moved on: the previous step ended
+					open.done = true
 				}
-				b.Set(pct)
-				for _, m := range s.Messages[said[s.Name]:] {
-					b.Describe(fmt.Sprintf("%-28s %s", s.Name, m))
-				}
-				said[s.Name] = len(s.Messages)
+				sb = &stepBar{name: s.Name, b: progressbar.NewOptions(100, progressbar.OptionSetWriter(e.stderr), progressbar.OptionSetDescription(fmt.Sprintf("%-28s", s.Name)),
+					progressbar.OptionSetWidth(20), progressbar.OptionShowCount(), progressbar.OptionOnCompletion(func() { fmt.Fprintln(e.stderr) }))}
+				bars[s.Name], open = sb, sb
 			}
+			if sb.done {
+				continue
+			}
+			switch s.State {
+			case vault.JobSucceeded, "skipped", vault.JobFailed:
+				end(sb, s.State)
+				continue
+			}
+			if n := len(s.Messages); n > 0 {
+				m := s.Messages[n-1]
+				if len(m) > 70 {
+					m = m[:67] + "..."
+				}
+				sb.b.Describe(fmt.Sprintf("%-28s %s", s.Name, m))
+			}
+			sb.b.Set(min(s.Percent, 99)) // 100 would close the bar before the step ends
 		}
 		if j.State != vault.JobRunning {
-			for _, b := range bars {
-				b.Finish()
-			}
+			end(open, j.State)
 			if err := e.print(j, "\n"+jobText(j)); err != nil {
 				return err
 			}
