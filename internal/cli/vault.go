@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -20,6 +21,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/store"
 	"github.com/ferry-dr/ferry/internal/vault"
 	"github.com/schollz/progressbar/v3"
+	"golang.org/x/sys/unix"
 )
 
 // runVault is "ferry vault run": the control plane daemon.
@@ -441,6 +443,10 @@ func waitJob(ctx context.Context, e *env, c *vault.Client, id string) error {
 	}
 	bars := map[string]*stepBar{}
 	var open *stepBar
+	// Bars redraw with carriage returns, which make a log file unreadable:
+	// to a file or pipe, say each step's state once it changes.
+	plain := !isTerminal(e.stderr)
+	told := map[string]string{}
 	end := func(sb *stepBar, state string) {
 		if sb == nil || sb.done {
 			return
@@ -461,6 +467,13 @@ func waitJob(ctx context.Context, e *env, c *vault.Client, id string) error {
 		}
 		for _, s := range j.Steps {
 			if s.State == vault.StepPending || e.json {
+				continue
+			}
+			if plain {
+				if told[s.Name] != s.State {
+					told[s.Name] = s.State
+					fmt.Fprintf(e.stderr, "%-28s %s\n", s.Name, s.State)
+				}
 				continue
 			}
 			sb := bars[s.Name]
@@ -506,4 +519,14 @@ func waitJob(ctx context.Context, e *env, c *vault.Client, id string) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
