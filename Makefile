@@ -2,7 +2,7 @@
 # `make test`; both install what they need first (`make deps`).
 GO      ?= go
 BIN     := bin/ferry
-DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync
 
 .PHONY: screenshots all build deps demo test test-short vet fuzz bench guest clean
 
@@ -49,6 +49,7 @@ fuzz:
 bench: deps build
 	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh
 	FERRY=$(CURDIR)/$(BIN) bench/replication.sh
+	$(GO) run ./bench/reprotect
 
 demo: deps build guest
 	FERRY=$(CURDIR)/$(BIN) scripts/demo.sh
