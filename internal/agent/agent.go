@@ -63,6 +63,11 @@ type Config struct {
 	// of each group with a running VM (default 1 h; at least 1 min;
 	// negative: never).
 	AppInterval time.Duration
+	// DivergenceBound bounds the journal a committed group keeps for a
+	// reprotect's changed-block tracking: past it, the journal's changes
+	// are folded into the divergence record's chunk set and the journal
+	// may be trimmed (default 1 GiB; the check runs every 5 s).
+	DivergenceBound int64
 }
 
 // Agent is a running site agent.
@@ -311,6 +316,11 @@ func (a *Agent) openGroup(name string) error {
 	}
 	g.Start(a.ctx)
 	a.startPoints(gr)
+	a.every(5*time.Second, gr.stop, func() {
+		if err := a.compactDivergence(gr, a.cfg.DivergenceBound); err != nil {
+			a.log.Error("changed-block tracking", "group", gr.name, "err", err)
+		}
+	})
 	return nil
 }
 

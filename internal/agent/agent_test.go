@@ -12,6 +12,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/ferry-dr/ferry/internal/replication"
 )
 
 func pkiDir(t *testing.T, names ...string) string {
@@ -167,3 +168,77 @@ func TestTwoAgents(t *testing.T) {
 type jsonRaw string
 
 func (j jsonRaw) MarshalJSON() ([]byte, error) { return []byte(j), nil }
+
+// TestDivergenceCompaction: a committed group's changed-block tracking
+// holds its journal only up to a bound; past it the journal's changes go
+// into the record's chunk set and the journal is trimmed, and nothing
+// written since the failover is forgotten.
+func TestDivergenceCompaction(t *testing.T) {
+	pk := pkiDir(t, "siteA")
+	a := startAgent(t, pk, "siteA")
+	ctx := context.Background()
+	if err := a.CreateGroup("vm1", []disk.Spec{{Name: "vda", Size: 64 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	gr, err := a.group("vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, _ := gr.g.Disk("vda")
+	// As a commit leaves it: the record, and the journal held after it.
+	rec := divergence{Base: 10, Received: 12, After: gr.g.Journal().LastSeq(), Chunks: replication.NewChunks()}
+	rec.Chunks.Add("vda", 0, 1) // written through the failover view
+	if err := writeJSONFile(a.divergencePath("vm1"), rec); err != nil {
+		t.Fatal(err)
+	}
+	gr.g.Hold(divergenceHolder, rec.After+1)
+	want := replication.NewChunks()
+	want.Add("vda", 0, 1)
+	buf := bytes.Repeat([]byte{7}, 256<<10)
+	for i := int64(1); i <= 320; i++ { // 80 MiB in 256 KiB writes: more than a journal segment
+		off := (i * 2 << 20) % (62 << 20)
+		if err := d.WriteAt(ctx, buf, off); err != nil {
+			t.Fatal(err)
+		}
+		want.Add("vda", off, int64(len(buf)))
+	}
+	written := gr.g.Journal().LastSeq()
+	if err := a.compactDivergence(gr, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := gr.g.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, _, ok := func() (divergence, bool, bool) { d, ok, _ := a.loadDivergence("vm1"); return d, ok, ok }()
+	if !ok || got.After < written {
+		t.Fatalf("record after compaction: after %d, the writes end at %d", got.After, written)
+	}
+	if first := gr.g.Journal().FirstSeq(); first <= rec.After+1 {
+		t.Fatalf("journal not trimmed after compaction: starts at %d", first)
+	}
+	// A write after the compaction is in the journal again.
+	if err := d.WriteAt(ctx, buf[:4096], 63<<20); err != nil {
+		t.Fatal(err)
+	}
+	want.Add("vda", 63<<20, 4096)
+	all, _, err := a.divergenceChunks(gr, gr.g.Journal().LastSeq())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if all.Count() != want.Count() {
+		t.Fatalf("tracked %d chunks, want %d", all.Count(), want.Count())
+	}
+	for c := int64(0); c < 1024; c++ {
+		if all.Has("vda", c) != want.Has("vda", c) {
+			t.Fatalf("chunk %d: tracked %v, want %v", c, all.Has("vda", c), want.Has("vda", c))
+		}
+	}
+	// Under the bound nothing moves.
+	before, _, _ := a.loadDivergence("vm1")
+	if err := a.compactDivergence(gr, 1<<40); err != nil {
+		t.Fatal(err)
+	}
+	if after, _, _ := a.loadDivergence("vm1"); after.After != before.After {
+		t.Fatal("compaction under the bound")
+	}
+}

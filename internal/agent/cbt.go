@@ -214,3 +214,40 @@ func (a *Agent) GroupChanges(name string, since uint64) (PeerChanges, error) {
 	}
 	return PeerChanges{After: since, From: from, Chunks: c}, nil
 }
+
+// compactDivergence folds the changes the group's journal holds past the
+// divergence record into the record's chunk set once the journal is over
+// bound (<= 0: 1 GiB), then lets the journal go: a VM that runs long after
+// a commit without a reprotect must not fill the disk. The record is made
+// durable before the hold moves, so a crash loses no change. No-op for a
+// group without a record.
+func (a *Agent) compactDivergence(gr *group, bound int64) error {
+	if bound <= 0 {
+		bound = 1 << 30
+	}
+	j := gr.g.Journal()
+	if j.Size() <= bound {
+		return nil
+	}
+	d, ok, err := a.loadDivergence(gr.name)
+	if err != nil || !ok {
+		return err
+	}
+	last := j.LastSeq()
+	if last <= d.After {
+		return nil
+	}
+	if d.Chunks == nil {
+		d.Chunks = replication.NewChunks()
+	}
+	if err := replication.JournalChanges(j, gr.g.Disks(), d.After+1, last, d.Chunks); err != nil {
+		return err
+	}
+	d.After = last
+	if err := writeJSONFile(a.divergencePath(gr.name), d); err != nil {
+		return err
+	}
+	gr.g.Hold(divergenceHolder, last+1)
+	a.log.Info("changed-block tracking: journal folded into the chunk set", "group", gr.name, "after", last, "chunks", d.Chunks.Count())
+	return nil
+}
