@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -101,6 +102,36 @@ func TestMetricsFollowReplication(t *testing.T) {
 	}
 	if v, ok := vs.Value("ferry_job_duration_seconds", "action", vault.ActEnable, "outcome", vault.JobSucceeded); !ok || v != 1 {
 		t.Fatalf("enable jobs observed: %v (found %v)", v, ok)
+	}
+	// Every metric docs/monitoring.md names (its tables, alert rules and,
+	// through them, the Grafana dashboard) is served by someone.
+	doc, err := os.ReadFile("../docs/monitoring.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dash, err := os.ReadFile("../docs/grafana/ferry-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := []promtest.Scrape{vs, scrapeAgent(t, e.s, e.s.a), scrapeAgent(t, e.s, e.s.b)}
+	names := regexp.MustCompile(`ferry_[a-z_]+`).FindAllString(string(doc)+string(dash), -1)
+	if len(names) < 20 {
+		t.Fatalf("only %d metric names found in the docs", len(names))
+	}
+	for _, n := range names {
+		base := n
+		for _, suf := range []string{"_bucket", "_count", "_sum"} {
+			base = strings.TrimSuffix(base, suf)
+		}
+		found := false
+		for _, sc := range served {
+			if sc[base] != nil {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("docs name %s, which no /metrics serves", n)
+		}
 	}
 }
 

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"net/http"
 	"time"
 
@@ -74,7 +75,9 @@ func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
-	st := c.a.Status()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st := c.a.FullStatus(ctx) // with the VMs, which asks QEMU
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
@@ -102,7 +105,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descReplicaLag, float64(r.LastTime.UnixNano())/1e9, r.Group)
 		}
 	}
-	states := map[string]int{}
+	states := map[string]int{"running": 0} // present even with no VM
 	for _, v := range st.VMs {
 		states[v.State]++
 	}

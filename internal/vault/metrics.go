@@ -53,7 +53,7 @@ var (
 	descSiteUp = prometheus.NewDesc("ferry_site_up",
 		"1 if the vault reaches the site's agent.", []string{"site"}, nil)
 	descJobRunning = prometheus.NewDesc("ferry_job_running",
-		"1 while a job runs on the protection.", []string{"vm", "action"}, nil)
+		"1 while a job runs on the protection (action: its action), else 0 (action: none).", []string{"vm", "action"}, nil)
 )
 
 type vaultCollector struct{ v *Vault }
@@ -91,10 +91,15 @@ func (c *vaultCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descState, 1, p.VM, p.State)
 		gauge(descFailover, float64(p.Generation), p.VM)
+		running := false
 		if p.Job != "" {
 			if j, err := c.v.Job(ctx, p.Job); err == nil {
 				gauge(descJobRunning, 1, p.VM, j.Action)
+				running = true
 			}
+		}
+		if !running {
+			gauge(descJobRunning, 0, p.VM, "none")
 		}
 	}
 }

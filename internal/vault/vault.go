@@ -243,7 +243,30 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 		if err == nil {
 			v.updateRPO(ctx, s.Name, st)
 			v.fence(ctx, s.Name, c)
+		} else if !s.Reachable || v.now().Sub(s.LastSeen) >= 3*v.cfg.HeartbeatInterval {
+			v.sourceDown(ctx, s.Name)
 		}
+	}
+}
+
+// sourceDown marks the protections replicating from an unreachable site
+// critical: nobody can say how far behind the recovery site is, and the
+// VM may be lost (the portal, the CLI and the metrics must not keep
+// showing the last healthy figures).
+func (v *Vault) sourceDown(ctx context.Context, site string) {
+	ps, err := v.Protections(ctx)
+	if err != nil {
+		return
+	}
+	for _, p := range ps {
+		if p.Source != site || p.Health == "critical" || (p.State != StateProtected && p.State != StateInitialSync) {
+			continue
+		}
+		v.updateProtection(ctx, p.VM, func(p *Protection) error {
+			p.Health = "critical"
+			return nil
+		})
+		v.log.Warn("source site unreachable: protection critical", "vm", p.VM, "site", site)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -100,6 +101,7 @@ func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) er
 }
 
 type fixture struct {
+	skew       atomic.Int64 // added to the vault's clock
 	v          *Vault
 	st         store.Store
 	east, west *fakeAgent
@@ -114,7 +116,7 @@ func newFixture(t *testing.T, st store.Store) *fixture {
 		west: &fakeAgent{site: "west", vms: map[string]agent.VMRequest{},
 			points: []replica.Point{{Seq: 5, Type: "crash", Time: time.Now()}, {Seq: 7, Type: "app", Time: time.Now()}, {Seq: 9, Type: "crash", Time: time.Now()}}}}
 	f.east.peer = f.west
-	f.v = New(Config{Store: st, NoHeartbeats: true, Agent: func(addr, site string) AgentAPI {
+	f.v = New(Config{Store: st, NoHeartbeats: true, Now: func() time.Time { return time.Now().Add(time.Duration(f.skew.Load())) }, Agent: func(addr, site string) AgentAPI {
 		if site == "east" {
 			return f.east
 		}
@@ -561,5 +563,46 @@ func TestRPOHistory(t *testing.T) {
 	h.add("vm", t0.Add(7*time.Hour), 1)
 	if got := h.get("vm"); len(got) != 1 {
 		t.Fatalf("samples older than the window kept: %+v", got)
+	}
+}
+
+// TestSourceDownIsCritical: once the source site stops answering, its
+// protections turn critical (in the API and the metrics) instead of
+// showing their last healthy figures; when it answers again, health comes
+// from its RPO again.
+func TestSourceDownIsCritical(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	ctx := context.Background()
+	f.v.Heartbeat(ctx)
+	health := func() string {
+		p, err := f.v.Protection(ctx, "vm1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Health
+	}
+	if h := health(); h != "healthy" {
+		t.Fatalf("health %s with the source up", h)
+	}
+	f.east.mu.Lock()
+	f.east.down = true
+	f.east.mu.Unlock()
+	f.v.Heartbeat(ctx) // one missed poll: not yet unreachable
+	if h := health(); h != "healthy" {
+		t.Fatalf("health %s after one missed poll", h)
+	}
+	f.skew.Store(int64(5 * time.Second))
+	f.v.Heartbeat(ctx)
+	if h := health(); h != "critical" {
+		t.Fatalf("health %s with the source unreachable, want critical", h)
+	}
+	f.east.mu.Lock()
+	f.east.down = false
+	f.east.mu.Unlock()
+	f.v.Heartbeat(ctx)
+	if h := health(); h != "healthy" {
+		t.Fatalf("health %s with the source back, want healthy", h)
 	}
 }
