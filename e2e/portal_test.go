@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/chromedp/chromedp/kb"
 
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/promtest"
@@ -289,6 +290,10 @@ func TestPortal(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS("#nav-items")), goHash("#/items"),
 		chromedp.WaitVisible(chromedp.CSS(`#items tr[data-vm="web"]`)))
 	row := eval[string](t, bctx, `document.querySelector('#items tr[data-vm="web"]').textContent`)
+	// Keyboard: a sort header is a button that Enter presses.
+	runB(t, bctx, "sort with the keyboard", 10*time.Second,
+		chromedp.SendKeys(chromedp.CSS(`#items th[aria-sort="ascending"] button`), kb.Enter),
+		chromedp.WaitVisible(chromedp.CSS(`#items th[aria-sort="descending"]`)))
 	if !strings.Contains(row, "siteA") || !strings.Contains(row, "siteB") || !strings.Contains(row, vault.StateProtected) {
 		t.Fatalf("items row: %q", row)
 	}
@@ -308,6 +313,13 @@ func TestPortal(t *testing.T) {
 
 	runB(t, bctx, "item page", 20*time.Second, goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-test-failover:not([disabled])")))
 	shot(t, bctx, "item")
+	// Keyboard: a dialog takes the focus and Escape closes it.
+	runB(t, bctx, "dialog and Escape", 20*time.Second,
+		chromedp.SendKeys(chromedp.CSS("#act-test-failover"), kb.Enter), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")))
+	if !eval[bool](t, bctx, `document.querySelector("#dialog").contains(document.activeElement)`) {
+		t.Fatal("the open dialog does not hold the focus")
+	}
+	runB(t, bctx, "Escape", 10*time.Second, chromedp.SendKeys(chromedp.CSS("#dialog input"), kb.Escape), chromedp.WaitNotVisible(chromedp.CSS("#dialog")))
 	runB(t, bctx, "test failover dialog", 20*time.Second,
 		chromedp.Click(chromedp.CSS("#act-test-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
 		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
