@@ -45,6 +45,8 @@ FERRY_VAULT=$(sed -n 's/^vault: //p' "$UP/up.out")
 FERRY_TOKEN=$(sed -n 's/^token: //p' "$UP/up.out")
 FERRY_CA=$UP/pki/ca.crt
 "$FERRY" site list
+reader=$("$FERRY" token create --role reader --name demo-portal | head -1)
+echo "web portal: $FERRY_VAULT (sign in with the operator token above, or with the reader token $reader)"
 
 step "2. the test guest's VM 'web' at east: ext4 data disk, a workload writing records"
 "$FERRY" vm define web --site east --disk vda=64M --memory 256 --kernel "$G/vmlinuz" --initrd "$G/initrd.img" \

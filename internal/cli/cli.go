@@ -44,6 +44,7 @@ func commands() []command {
 		{"reprotect", "replicate back the other way after a commit (--dry-run shows the plan)", vcmd("reprotect")},
 		{"failback", "fail over in the reverse direction (same options as failover)", vcmd("failback")},
 		{"jobs", "list jobs", vcmd("jobs")},
+		{"token", "create an API token (token create --role reader|operator|enroll --name WHAT)", vcmd("token")},
 		{"job", "show a job (job show ID)", vcmd("job")},
 		{"site", "list or add sites and their networks (site list | site add NAME ADDR | site network add|delete SITE NET)", vcmd("site")},
 		{"vm", "define, start and list VMs (vm define NAME --site S --disk vda=10G ... | vm start NAME | vm list)", vcmd("vm")},

@@ -115,7 +115,7 @@ func orEnv(v, name string) string {
 
 // runVaultCmd handles the DR commands that talk to the vault.
 func runVaultCmd(ctx context.Context, e *env, name string, args []string) error {
-	subs := map[string][]string{"site": {"list", "add", "network"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "test-failover": {"cleanup"}}
+	subs := map[string][]string{"site": {"list", "add", "network"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "token": {"create"}, "test-failover": {"cleanup"}}
 	sub := ""
 	if len(args) > 0 && slices.Contains(subs[name], args[0]) {
 		sub, args = args[0], args[1:]
@@ -129,6 +129,8 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	policy := fs.String("policy", "", "policy (protect)")
 	var netMap multiFlag
 	fs.Var(&netMap, "network", "NIC=NETWORK at the recovery site for failovers (protect; repeatable; default: its first production network); NETWORK for the VM's NIC at its site (vm define)")
+	tokenRole := fs.String("role", "reader", "reader, operator or enroll (token create)")
+	tokenName := fs.String("name", "", "what the token is for, recorded with it (token create)")
 	testNet := fs.String("test-network", "", "isolated network at the recovery site for drills (protect; default: its first isolated network)")
 	netKind := fs.String("kind", "production", "network kind: production (NAT, forwarded ports) or isolated (drills) (site network add)")
 	netSubnet := fs.String("subnet", "", "IPv4 subnet in CIDR notation the guests get addresses from (site network add)")
@@ -194,6 +196,21 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return fmt.Errorf("%w: ferry site add NAME ADDR", errUsage)
 		}
 		return c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": fs.Arg(0), "addr": fs.Arg(1)}, nil)
+	case "token create":
+		role := *tokenRole
+		if role != vault.RoleReader && role != vault.RoleOperator && role != vault.RoleEnroll {
+			return fmt.Errorf("%w: --role must be reader, operator or enroll", errUsage)
+		}
+		var out map[string]string
+		if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": role, "name": *tokenName}, &out); err != nil {
+			return err
+		}
+		hint := map[string]string{
+			vault.RoleReader:   "reads everything, acts on nothing: the portal without action buttons, Prometheus (authorization: credentials)",
+			vault.RoleOperator: "runs every DR action",
+			vault.RoleEnroll:   "enrolls one site, once: POST /v1/enroll {\"token\", \"name\", \"addr\"} without other credentials",
+		}[role]
+		return e.print(out, fmt.Sprintf("%s\n# a %s token: %s; it is shown only now\n", out["token"], role, hint))
 	case "site network":
 		switch {
 		case fs.NArg() == 3 && fs.Arg(0) == "add":
