@@ -266,25 +266,7 @@ func TestWritableViewConformance(t *testing.T) {
 // relies on both to send only what differs.
 func TestChangesCoverDifferences(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
-	g, err := disk.Open(disk.Config{Dir: t.TempDir(), SegmentSize: 128 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	g.CreateDisk("a", diskSize)
-	g.CreateDisk("b", diskSize)
-	start := g.HoldNext("test")
-	rep, err := Open(Config{Dir: t.TempDir(), SegmentSize: 64 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rep.Close()
-	if err := rep.Begin("g", g.Disks(), start); err != nil {
-		t.Fatal(err)
-	}
-	if err := rep.EndBase(start - 1); err != nil {
-		t.Fatal(err)
-	}
+	g, rep, start := emptyPair(t, 128<<10)
 	randomOps(t, g, rng, 80)
 	ship(t, g.Journal(), start, rep)
 	end := g.Journal().LastSeq()
@@ -335,4 +317,31 @@ func TestChangesCoverDifferences(t *testing.T) {
 	if want := map[int64]bool{3: true, 9: true, 10: true}; !maps.Equal(got, want) {
 		t.Fatalf("Written = %v, want %v", got, want)
 	}
+}
+
+// emptyPair returns a source group with two empty disks, a and b, whose
+// journal is held from start, and a replica of it that is consistent
+// from start-1 (an initial copy of nothing). Both close with the test.
+func emptyPair(t *testing.T, segment int64) (*disk.Group, *Replica, uint64) {
+	t.Helper()
+	g, err := disk.Open(disk.Config{Dir: t.TempDir(), SegmentSize: segment})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	g.CreateDisk("a", diskSize)
+	g.CreateDisk("b", diskSize)
+	start := g.HoldNext("test")
+	rep, err := Open(Config{Dir: t.TempDir(), SegmentSize: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rep.Close() })
+	if err := rep.Begin("g", g.Disks(), start); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.EndBase(start - 1); err != nil {
+		t.Fatal(err)
+	}
+	return g, rep, start
 }

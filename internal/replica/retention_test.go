@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/disk"
 )
 
 func TestPrune(t *testing.T) {
@@ -51,20 +50,7 @@ func TestPrune(t *testing.T) {
 
 func TestFoldKeepsViewsRight(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
-	g, err := disk.Open(disk.Config{Dir: t.TempDir(), SegmentSize: 64 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	g.CreateDisk("a", diskSize)
-	g.CreateDisk("b", diskSize)
-	start := g.HoldNext("test")
-	rep, err := Open(Config{Dir: t.TempDir(), SegmentSize: 64 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rep.Begin("g", g.Disks(), start)
-	rep.EndBase(start - 1)
+	g, rep, start := emptyPair(t, 64<<10)
 	randomOps(t, g, rng, 120)
 	src := g.Journal()
 	ship(t, src, start, rep)
