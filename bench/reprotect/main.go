@@ -8,13 +8,15 @@
 //   - rsync --inplace --no-whole-file (what users do today without ferry).
 //
 // The "new source" is a disk of -size bytes of random data, the "old
-// source" a copy of it; then -changed percent of the new source's chunks
-// are rewritten (the VM's writes since the failover) and -old-changed
-// percent of the old source's (writes that never shipped). The page cache
+// source" a copy of it; then -changed percent of the new source's 64 KiB
+// chunks get a 4 KiB write, 4 KiB aligned as a file system writes (the
+// VM's writes since the failover), and -old-changed percent of the old
+// source's chunks a 512-byte sector write (writes that never shipped). The
+// divergent bytes are counted by comparing the two images. The page cache
 // is dropped before each run when possible, so reads come from the disk.
 // Every run must end with identical images, or the command fails.
 //
-// Last line: RESULT reprotect cbt_s=.. checksum_s=.. rsync_s=.. cbt_read_mb=.. checksum_read_mb=.. sent_cbt_mb=.. sent_checksum_mb=.. rsync_sent_mb=..
+// Last line: RESULT reprotect cbt_s=.. checksum_s=.. rsync_s=.. cbt_vs_rsync=.. sent_vs_divergent=.. cbt_read_mb=.. checksum_read_mb=.. divergent_mb=.. sent_cbt_mb=.. sent_checksum_mb=.. rsync_sent_mb=..
 package main
 
 import (
@@ -100,7 +102,7 @@ func run(dir string, size int64, changed, oldChanged float64) error {
 	nNew := int(float64(chunks) * changed / 100)
 	for i := 0; i < nNew; i++ {
 		c := rng.Int64N(chunks)
-		off := c*replication.ChunkSize + rng.Int64N(replication.ChunkSize-4096)
+		off := c*replication.ChunkSize + rng.Int64N(replication.ChunkSize/4096)*4096
 		fillBuf(buf[:4096], rng)
 		if err := d.WriteAt(ctx, buf[:4096], off); err != nil {
 			return err
@@ -119,7 +121,7 @@ func run(dir string, size int64, changed, oldChanged float64) error {
 	}
 	nOld := int(float64(chunks) * oldChanged / 100)
 	for i := 0; i < nOld; i++ {
-		off := rng.Int64N(chunks)*replication.ChunkSize + rng.Int64N(replication.ChunkSize-512)
+		off := rng.Int64N(chunks)*replication.ChunkSize + rng.Int64N(replication.ChunkSize/512)*512
 		fillBuf(buf[:512], rng)
 		if _, err := f.WriteAt(buf[:512], off); err != nil {
 			return err
@@ -127,8 +129,12 @@ func run(dir string, size int64, changed, oldChanged float64) error {
 		tracked.Add("vda", off, 512)
 	}
 	f.Close()
-	fmt.Printf("disk %d MiB; %d chunks rewritten at the new source, %d changed at the old source; %d chunks (%d MiB) tracked\n",
-		size>>20, nNew, nOld, tracked.Count(), int64(tracked.Count())*replication.ChunkSize>>20)
+	divergent, err := differingBytes(img, pristineOld)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("disk %d MiB; %d writes at the new source, %d at the old source; %d bytes differ; %d blocks (%.1f MiB) tracked\n",
+		size>>20, nNew, nOld, divergent, tracked.Count(), mib(tracked.Bytes()))
 
 	id, err := setupPKI(dir)
 	if err != nil {
@@ -149,8 +155,9 @@ func run(dir string, size int64, changed, oldChanged float64) error {
 	}
 	fmt.Printf("rsync           %6.2f s, sent %7.1f MiB (%s)\n", r.secs, mib(r.sentBytes), r.extraLabel)
 	results = append(results, r)
-	fmt.Printf("RESULT reprotect cbt_s=%.2f checksum_s=%.2f rsync_s=%.2f cbt_read_mb=%.1f checksum_read_mb=%.1f sent_cbt_mb=%.1f sent_checksum_mb=%.1f rsync_sent_mb=%.1f\n",
-		results[0].secs, results[1].secs, results[2].secs, mib(results[0].readBytes), mib(results[1].readBytes),
+	fmt.Printf("RESULT reprotect cbt_s=%.2f checksum_s=%.2f rsync_s=%.2f cbt_vs_rsync=%.3f sent_vs_divergent=%.2f cbt_read_mb=%.1f checksum_read_mb=%.1f divergent_mb=%.2f sent_cbt_mb=%.2f sent_checksum_mb=%.1f rsync_sent_mb=%.1f\n",
+		results[0].secs, results[1].secs, results[2].secs, results[0].secs/results[2].secs, float64(results[0].sentBytes)/float64(divergent),
+		mib(results[0].readBytes), mib(results[1].readBytes), mib(divergent),
 		mib(results[0].sentBytes), mib(results[1].sentBytes), mib(results[2].sentBytes))
 	return nil
 }
@@ -320,6 +327,35 @@ func fillRandom(path string, size int64, rng *rand.Rand) error {
 		}
 	}
 	return f.Sync()
+}
+
+// differingBytes counts the bytes at which two files of the same size
+// differ.
+func differingBytes(a, b string) (int64, error) {
+	fa, err := os.Open(a)
+	if err != nil {
+		return 0, err
+	}
+	defer fa.Close()
+	fb, err := os.Open(b)
+	if err != nil {
+		return 0, err
+	}
+	defer fb.Close()
+	x, y := make([]byte, 4<<20), make([]byte, 4<<20)
+	var n int64
+	for {
+		k, errA := io.ReadFull(fa, x)
+		_, errB := io.ReadFull(fb, y[:k])
+		for i := 0; i < k; i++ {
+			if x[i] != y[i] {
+				n++
+			}
+		}
+		if errA != nil || errB != nil {
+			return n, nil
+		}
+	}
 }
 
 func copyFile(from, to string) error {

@@ -248,6 +248,6 @@ func (a *Agent) compactDivergence(gr *group, bound int64) error {
 		return err
 	}
 	gr.g.Hold(divergenceHolder, last+1)
-	a.log.Info("changed-block tracking: journal folded into the chunk set", "group", gr.name, "after", last, "chunks", d.Chunks.Count())
+	a.log.Info("changed-block tracking: journal folded into the chunk set", "group", gr.name, "after", last, "blocks", d.Chunks.Count())
 	return nil
 }

@@ -399,7 +399,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			}
 			switch plan.Method {
 			case "changed-block tracking":
-				fmt.Fprintf(&b, "  sends about %d of %d bytes: the chunks changed at either site since the failover point (changed-block tracking)\n", plan.ExpectedBytes, plan.MaxBytes)
+				fmt.Fprintf(&b, "  sends about %d of %d bytes: the blocks changed at either site since the failover point (changed-block tracking)\n", plan.ExpectedBytes, plan.MaxBytes)
 			case "checksum compare":
 				fmt.Fprintf(&b, "  sends at most %d bytes: only the chunks whose checksums differ (reads the disks at both sites)\n", plan.MaxBytes)
 			default:

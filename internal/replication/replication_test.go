@@ -9,6 +9,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -532,9 +534,13 @@ func TestDeltaCopy(t *testing.T) {
 			defer e.sh.Close()
 			drain(t, e)
 			st := e.sh.Status()
-			want := int64(len(diverged) * ChunkSize)
+			unit := int64(ChunkSize) // checksums compare chunks
+			if tc.tracked != nil && tc.name != "tracking unavailable falls back to checksums" {
+				unit = TrackSize // tracking sends blocks
+			}
+			want := int64(len(diverged)) * unit
 			if tc.wantErr {
-				want -= ChunkSize
+				want -= unit
 			}
 			if st.SentBytes < want || st.SentBytes > want*11/10 {
 				t.Fatalf("delta copy sent %d bytes; want %d", st.SentBytes, want)
@@ -568,38 +574,71 @@ func TestDeltaCopy(t *testing.T) {
 func TestChunks(t *testing.T) {
 	c := NewChunks()
 	c.Add("a", 0, 1)
-	c.Add("a", ChunkSize-1, 2)             // chunks 0 and 1
-	c.Add("b", 130*ChunkSize, 3*ChunkSize) // 130..132
-	c.Add("b", 5, 0)                       // nothing
+	c.Add("a", TrackSize-1, 2)              // blocks 0 and 1
+	c.Add("b", 130*TrackSize, 3*TrackSize)  // 130..132
+	c.Add("b", 5, 0)                        // nothing
+	c.Add("c", 60*TrackSize, 200*TrackSize) // 60..259: whole words at once
 	tests := []struct {
 		disk string
 		i    int64
 		want bool
 	}{{"a", 0, true}, {"a", 1, true}, {"a", 2, false}, {"b", 0, false}, {"b", 129, false},
-		{"b", 130, true}, {"b", 132, true}, {"b", 133, false}, {"c", 0, false}, {"b", 1 << 30, false}}
+		{"b", 130, true}, {"b", 132, true}, {"b", 133, false}, {"c", 59, false}, {"c", 60, true},
+		{"c", 64, true}, {"c", 127, true}, {"c", 259, true}, {"c", 260, false}, {"d", 0, false}, {"b", 1 << 30, false}}
 	for _, tt := range tests {
 		if got := c.Has(tt.disk, tt.i); got != tt.want {
 			t.Errorf("Has(%s, %d) = %v, want %v", tt.disk, tt.i, got, tt.want)
 		}
 	}
-	if got, want := c.Count(), 5; got != want {
+	if got, want := c.Count(), 5+200; got != want {
 		t.Fatalf("Count = %d, want %d", got, want)
 	}
-	b, err := json.Marshal(c)
-	if err != nil {
-		t.Fatal(err)
+	var runs [][2]int64
+	c.Runs("c", 1<<30, 64*TrackSize, func(off, n int64) error { runs = append(runs, [2]int64{off / TrackSize, n / TrackSize}); return nil })
+	if want := [][2]int64{{60, 64}, {124, 64}, {188, 64}, {252, 8}}; !slices.Equal(runs, want) {
+		t.Fatalf("Runs = %v, want %v", runs, want)
 	}
-	var back Chunks
-	if err := json.Unmarshal(b, &back); err != nil {
-		t.Fatal(err)
+	runs = nil
+	c.Runs("b", 131*TrackSize+100, 1<<20, func(off, n int64) error { runs = append(runs, [2]int64{off, n}); return nil })
+	if want := [][2]int64{{130 * TrackSize, TrackSize + 100}}; !slices.Equal(runs, want) {
+		t.Fatalf("Runs clipped to the disk = %v, want %v", runs, want)
+	}
+	// JSON: sparse sets as runs, dense ones as a bitmap; both read back.
+	dense := NewChunks()
+	for i := int64(0); i < 4096; i += 2 {
+		dense.Add("x", i*TrackSize, 1)
+	}
+	for _, set := range []Chunks{c, dense} {
+		b, err := json.Marshal(set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var back Chunks
+		if err := json.Unmarshal(b, &back); err != nil {
+			t.Fatal(err)
+		}
+		if back.Count() != set.Count() {
+			t.Fatalf("round trip of %.60s: %d blocks, want %d", b, back.Count(), set.Count())
+		}
+		for d := range set {
+			for i := int64(0); i < 5000; i++ {
+				if back.Has(d, i) != set.Has(d, i) {
+					t.Fatalf("round trip: block %d of %s differs", i, d)
+				}
+			}
+		}
+	}
+	if b, _ := json.Marshal(c); !strings.Contains(string(b), `"c":[[60,200]]`) {
+		t.Fatalf("a sparse set is not written as runs: %s", b)
 	}
 	u := NewChunks()
-	u.Add("a", 3*ChunkSize, 1)
-	u.Union(back)
-	if got, want := u.Count(), 6; got != want || !u.Has("b", 131) || !u.Has("a", 3) {
-		t.Fatalf("after round trip and union: %d chunks, want %d", got, want)
+	u.Add("a", 3*TrackSize, 1)
+	u.Union(c)
+	if got, want := u.Count(), 206; got != want || !u.Has("b", 131) || !u.Has("a", 3) {
+		t.Fatalf("after union: %d blocks, want %d", got, want)
 	}
-	for _, bad := range []string{`{"a":"!!"}`, `{"a":"AAA="}`, `[1]`} {
+	var back Chunks
+	for _, bad := range []string{`{"a":"!!"}`, `{"a":"AAA="}`, `[1]`, `{"a":[[-1,2]]}`, `{"a":[[0,0]]}`, `{"a":[[0,99999999999]]}`, `{"a":{}}`} {
 		if err := json.Unmarshal([]byte(bad), &back); err == nil {
 			t.Errorf("Unmarshal(%s) accepted", bad)
 		}
@@ -643,9 +682,9 @@ func TestShipperChanges(t *testing.T) {
 	if from > point+1 {
 		t.Fatalf("changes complete only from %d, the point is %d", from, point)
 	}
-	for i := int64(0); i < 16; i++ {
+	for i := int64(0); i < 16*ChunkSize/TrackSize; i++ {
 		if got.Has("a", i) != want.Has("a", i) {
-			t.Errorf("chunk %d: changed %v, want %v", i, got.Has("a", i), want.Has("a", i))
+			t.Errorf("block %d: changed %v, want %v", i, got.Has("a", i), want.Has("a", i))
 		}
 	}
 	if got.Count() != want.Count() {

@@ -546,7 +546,7 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 			s.log.Warn("no changed-block tracking for this delta copy; comparing chunk hashes", "group", s.cfg.Name, "err", err)
 			tracked = nil
 		} else {
-			s.log.Info("delta copy from changed-block tracking", "group", s.cfg.Name, "chunks", tracked.Count())
+			s.log.Info("delta copy from changed-block tracking", "group", s.cfg.Name, "blocks", tracked.Count())
 		}
 	}
 	buf := make([]byte, chunk)
@@ -556,8 +556,40 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 		if err != nil {
 			return 0, err
 		}
+		if tracked != nil {
+			// Only the tracked blocks, in runs of up to 1 MiB: nothing
+			// else is read at either site.
+			big := make([]byte, 1<<20)
+			s.mu.Lock()
+			base := s.copyDone
+			s.mu.Unlock()
+			err := tracked.Runs(spec.Name, spec.Size, int64(len(big)), func(off, n int64) error {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				if err := d.ReadAt(ctx, big[:n], off); err != nil {
+					return err
+				}
+				if err := c.Write(link.TypeBaseData, link.EncodeBaseData(spec.ID, off), big[:n]); err != nil {
+					return err
+				}
+				s.mu.Lock()
+				s.sent += n
+				s.rate.add(s.cfg.Now(), n)
+				s.copyDone = base + off + n // runs come in order of offset
+				s.mu.Unlock()
+				return nil
+			})
+			if err != nil {
+				return 0, err
+			}
+			s.mu.Lock()
+			s.copyDone = base + spec.Size // the rest needs nothing
+			s.mu.Unlock()
+			continue
+		}
 		var theirs []byte
-		if delta && tracked == nil {
+		if delta {
 			if err := c.Write(link.TypeHashReq, link.EncodeHashReq(spec.ID, uint32(chunk))); err != nil {
 				return 0, err
 			}
@@ -575,19 +607,11 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 				return 0, ctx.Err()
 			}
 			n := min(chunk, spec.Size-off)
-			if tracked != nil && !tracked.Has(spec.Name, off/chunk) {
-				s.mu.Lock()
-				s.copyDone += n
-				s.mu.Unlock()
-				continue // unchanged at both sites since the failover point
-			}
 			if err := d.ReadAt(ctx, buf[:n], off); err != nil {
 				return 0, err
 			}
 			send := !bytes.Equal(buf[:n], zero[:n]) // the replica image starts sparse
-			if tracked != nil {
-				send = true
-			} else if delta {
+			if delta {
 				i := int(off/chunk) * 16
 				h := sha256.Sum256(buf[:n])
 				send = i+16 > len(theirs) || !bytes.Equal(h[:16], theirs[i:i+16])

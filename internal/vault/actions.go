@@ -579,7 +579,7 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 	var pc agent.PeerChanges
 	if isReplica {
 		// An earlier attempt turned the disks; what it learnt is kept.
-		plan.Method, plan.ExpectedBytes = "changed-block tracking", int64(div.Chunks.Count())*replication.ChunkSize
+		plan.Method, plan.ExpectedBytes = "changed-block tracking", div.Chunks.Bytes()
 		return plan, nil
 	}
 	if err := oc.Do(ctx, "GET", fmt.Sprintf("/v1/groups/%s/changes?since=%d", vmName, div.Base), nil, &pc); err != nil {
@@ -593,7 +593,7 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 	all := replication.NewChunks()
 	all.Union(div.Chunks)
 	all.Union(pc.Chunks)
-	plan.Method, plan.ExpectedBytes = "changed-block tracking", min(plan.MaxBytes, int64(all.Count())*replication.ChunkSize)
+	plan.Method, plan.ExpectedBytes = "changed-block tracking", min(plan.MaxBytes, all.Bytes())
 	return plan, nil
 }
 
@@ -654,7 +654,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 				r.Say(ctx, -1, "differences found by checksum compare: %s's journal starts after what %s received", to.Name, plan.From)
 			default:
 				delta = out.Changes
-				r.Say(ctx, -1, "changed-block tracking: %d chunks written at %s since the failover point, %d changed at %s after it",
+				r.Say(ctx, -1, "changed-block tracking: %d blocks of 4 KiB written at %s since the failover point, %d changed at %s after it",
 					plan.div.Chunks.Count(), plan.From, delta.Chunks.Count(), to.Name)
 			}
 		} else {

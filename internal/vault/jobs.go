@@ -204,8 +204,41 @@ func (v *Vault) finish(ctx context.Context, r *run, newState func(*Protection), 
 		return // the vault is stopping: the job is resumed or failed at the next start
 	}
 	ctx = context.WithoutCancel(ctx)
+	// The protection first, then the job's record: whoever sees the job
+	// ended (a CLI --wait, the portal) finds the protection free for the
+	// next action. A vault that dies between the two finds the job still
+	// running with the protection already released; recoverJobs then
+	// records the outcome the protection shows.
+	v.updateProtection(ctx, r.job.Protection, func(p *Protection) error {
+		if p.Job != r.job.ID {
+			return errReleased
+		}
+		p.Job = ""
+		if err != nil {
+			p.State = r.job.PrevState
+		} else if newState != nil {
+			newState(p)
+		}
+		return nil
+	})
 	r.mu.Lock()
-	now := v.now()
+	r.end(err)
+	r.save(ctx)
+	v.metrics.jobEnded(r.job)
+	r.mu.Unlock()
+	if err != nil {
+		v.log.Warn("job failed", "job", r.job.ID, "action", r.job.Action, "err", err)
+	} else {
+		v.log.Info("job succeeded", "job", r.job.ID, "action", r.job.Action)
+	}
+}
+
+// errReleased: the protection no longer belongs to the job.
+var errReleased = errors.New("the protection is not held by this job")
+
+// end marks the job and its running step ended with err. Caller holds mu.
+func (r *run) end(err error) {
+	now := r.v.now()
 	for i := range r.job.Steps {
 		s := &r.job.Steps[i]
 		if s.State == JobRunning {
@@ -223,25 +256,6 @@ func (v *Vault) finish(ctx context.Context, r *run, newState func(*Protection), 
 		r.job.State, r.job.Error = JobFailed, err.Error()
 	} else {
 		r.job.State = JobSucceeded
-	}
-	r.save(ctx)
-	v.metrics.jobEnded(r.job)
-	r.mu.Unlock()
-	v.updateProtection(ctx, r.job.Protection, func(p *Protection) error {
-		if p.Job == r.job.ID {
-			p.Job = ""
-		}
-		if err != nil {
-			p.State = r.job.PrevState
-		} else if newState != nil {
-			newState(p)
-		}
-		return nil
-	})
-	if err != nil {
-		v.log.Warn("job failed", "job", r.job.ID, "action", r.job.Action, "err", err)
-	} else {
-		v.log.Info("job succeeded", "job", r.job.ID, "action", r.job.Action)
 	}
 }
 
@@ -266,6 +280,18 @@ func (v *Vault) recoverJobs(ctx context.Context) error {
 			}
 		}
 		r := &run{v: v, job: j, ver: d.Version}
+		if p, err := v.Protection(ctx, j.Protection); err == nil && p.Job != j.ID {
+			// The vault stopped after the outcome reached the protection,
+			// before it reached the job's record: record what it shows.
+			var err error
+			if p.State == j.PrevState {
+				err = fmt.Errorf("the vault stopped as the job ended; the protection is back in state %s", p.State)
+			}
+			r.end(err)
+			r.save(ctx)
+			v.log.Warn("job ended at restart from its protection's state", "job", j.ID, "state", r.job.State)
+			continue
+		}
 		v.finish(ctx, r, nil, fmt.Errorf("the vault stopped during step %q; nothing after it was done: check the VM and retry the action", step))
 		v.log.Warn("job failed at restart", "job", j.ID, "step", step)
 	}

@@ -606,3 +606,40 @@ func TestSourceDownIsCritical(t *testing.T) {
 		t.Fatalf("health %s with the source back, want healthy", h)
 	}
 }
+
+// TestVaultStopsBetweenProtectionAndJob: a vault that dies after a job's
+// outcome reached the protection but before it reached the job's record
+// records, at restart, the outcome the protection shows, and leaves the
+// protection alone.
+func TestVaultStopsBetweenProtectionAndJob(t *testing.T) {
+	st := store.NewMem()
+	f := newFixture(t, st)
+	f.setup(t)
+	j := f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	ctx := context.Background()
+	// Rewind the job's record to "running", as if the vault had died
+	// right after releasing the protection.
+	doc, err := st.Get(ctx, kindJob, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.State, j.Ended = JobRunning, time.Time{}
+	j.Steps[len(j.Steps)-1].State = JobRunning
+	b, _ := json.Marshal(j)
+	if _, err := st.Put(ctx, kindJob, j.ID, b, doc.Version); err != nil {
+		t.Fatal(err)
+	}
+	f.v.Close()
+	f2 := newFixture(t, st)
+	j2, err := f2.v.Job(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j2.State != JobSucceeded {
+		t.Fatalf("job after restart: %+v", j2)
+	}
+	p, _ := f2.v.Protection(ctx, "vm1")
+	if p.State != StateProtected || p.Job != "" {
+		t.Fatalf("protection after restart: %+v", p)
+	}
+}
