@@ -105,7 +105,10 @@ type group struct {
 	// journal hold and dirty-block bitmap: a reprotect asks it what
 	// changed here after the failover point.
 	kept *replication.Shipper
-	stop chan struct{}
+	// divMu serializes the divergence record's writers and readers (a
+	// commit, the compaction loop, a reprotect's copy).
+	divMu sync.Mutex
+	stop  chan struct{}
 	// fenced: a failover made another site the active one (generation);
 	// this group must not run its VM or replicate as a source until it
 	// is reprotected (turned into a replica).

@@ -91,6 +91,8 @@ func (a *Agent) recordDivergence(gr *group, rep *replica.Replica, views []*openV
 		return err
 	}
 	d.Received = last
+	gr.divMu.Lock()
+	defer gr.divMu.Unlock()
 	d.After = gr.g.Journal().LastSeq()
 	gr.g.Hold(divergenceHolder, d.After+1)
 	return writeJSONFile(a.divergencePath(gr.name), d)
@@ -113,6 +115,8 @@ func (a *Agent) loadDivergence(name string) (d divergence, ok bool, err error) {
 
 // dropDivergence forgets the record and releases the journal it held.
 func (a *Agent) dropDivergence(gr *group) {
+	gr.divMu.Lock()
+	defer gr.divMu.Unlock()
 	os.Remove(a.divergencePath(gr.name))
 	gr.g.Hold(divergenceHolder, 0)
 }
@@ -144,6 +148,8 @@ func (a *Agent) GroupDivergence(name string) (Divergence, error) {
 // divergenceChunks returns what changed in the group since the failover
 // point, with the group's journal read up to upTo.
 func (a *Agent) divergenceChunks(gr *group, upTo uint64) (replication.Chunks, divergence, error) {
+	gr.divMu.Lock()
+	defer gr.divMu.Unlock()
 	d, ok, err := a.loadDivergence(gr.name)
 	if err != nil {
 		return nil, d, err
@@ -229,6 +235,8 @@ func (a *Agent) compactDivergence(gr *group, bound int64) error {
 	if j.Size() <= bound {
 		return nil
 	}
+	gr.divMu.Lock()
+	defer gr.divMu.Unlock()
 	d, ok, err := a.loadDivergence(gr.name)
 	if err != nil || !ok {
 		return err
