@@ -274,6 +274,17 @@ func (a *Agent) Close() error {
 	return err
 }
 
+// group returns the named group.
+func (a *Agent) group(name string) (*group, error) {
+	a.mu.Lock()
+	gr := a.groups[name]
+	a.mu.Unlock()
+	if gr == nil {
+		return nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	return gr, nil
+}
+
 func exportName(group, diskName string) string { return group + "/" + diskName }
 
 func (a *Agent) groupDir(name string) string { return filepath.Join(a.cfg.Dir, "groups", name) }
@@ -498,11 +509,9 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 // A replicating group is refused: stop replication first, so that deleting
 // data is always a deliberate second step.
 func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
-	a.mu.Lock()
-	gr := a.groups[name]
-	a.mu.Unlock()
-	if gr == nil {
-		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	gr, err := a.group(name)
+	if err != nil {
+		return err
 	}
 	if gr.repl != nil {
 		return fmt.Errorf("%w: group %q replicates to %s; stop that first (DELETE /v1/groups/%s/replication)", ErrConflict, name, gr.repl.PeerName, name)
@@ -530,11 +539,9 @@ func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 // (after a failover): the group stops replicating as a source and will not
 // run its VM, across restarts, until it is reprotected. Idempotent.
 func (a *Agent) Fence(name string, gen int64) error {
-	a.mu.Lock()
-	gr := a.groups[name]
-	a.mu.Unlock()
-	if gr == nil {
-		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	gr, err := a.group(name)
+	if err != nil {
+		return err
 	}
 	if err := os.WriteFile(filepath.Join(a.groupDir(name), "fenced"), []byte(fmt.Sprint(gen)), 0o600); err != nil {
 		return err
@@ -632,17 +639,14 @@ func (a *Agent) EnableReplication(name string, rc replConfig) error {
 	if rc.PeerAddr == "" || rc.PeerName == "" {
 		return fmt.Errorf("%w: peer_addr and peer_name are required", ErrInvalid)
 	}
-	a.mu.Lock()
-	gr := a.groups[name]
-	a.mu.Unlock()
-	if gr == nil {
-		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	gr, err := a.group(name)
+	if err != nil {
+		return err
 	}
 	if gr.repl != nil {
 		return fmt.Errorf("%w: group %q already replicates to %s", ErrConflict, name, gr.repl.PeerName)
 	}
-	b, _ := json.Marshal(rc)
-	if err := os.WriteFile(filepath.Join(a.groupDir(name), "replication.json"), b, 0o600); err != nil {
+	if err := writeJSONFile(filepath.Join(a.groupDir(name), "replication.json"), rc); err != nil {
 		return err
 	}
 	gr.repl = &rc
@@ -652,11 +656,9 @@ func (a *Agent) EnableReplication(name string, rc replConfig) error {
 
 // DisableReplication stops replicating group and releases its journal hold.
 func (a *Agent) DisableReplication(name string) error {
-	a.mu.Lock()
-	gr := a.groups[name]
-	a.mu.Unlock()
-	if gr == nil {
-		return fmt.Errorf("%w: group %q", ErrNotFound, name)
+	gr, err := a.group(name)
+	if err != nil {
+		return err
 	}
 	if gr.shipper == nil {
 		return fmt.Errorf("%w: group %q is not replicating", ErrConflict, name)
@@ -673,11 +675,9 @@ func (a *Agent) DisableReplication(name string) error {
 
 // Mark records a named recovery point in the group and makes it durable.
 func (a *Agent) Mark(ctx context.Context, name string, m replica.Marker) (uint64, error) {
-	a.mu.Lock()
-	gr := a.groups[name]
-	a.mu.Unlock()
-	if gr == nil {
-		return 0, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	gr, err := a.group(name)
+	if err != nil {
+		return 0, err
 	}
 	if m.Type == "" {
 		m.Type = "named"

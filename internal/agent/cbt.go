@@ -186,17 +186,6 @@ func (a *Agent) deltaChunks(gr *group, peer *PeerChanges, upTo uint64) (replicat
 	return c, nil
 }
 
-// group returns the named group.
-func (a *Agent) group(name string) (*group, error) {
-	a.mu.Lock()
-	gr := a.groups[name]
-	a.mu.Unlock()
-	if gr == nil {
-		return nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
-	}
-	return gr, nil
-}
-
 func (a *Agent) changesPath(name string) string {
 	return filepath.Join(a.cfg.Dir, "replicas", name, "changes.json")
 }

@@ -181,16 +181,14 @@ func (s *Shipper) Changes(after uint64) (c Chunks, from uint64, err error) {
 	bm := s.bm
 	s.mu.Unlock()
 	if bm != nil {
-		bm.mu.Lock()
-		for id, ws := range bm.Bits {
-			for w, word := range ws {
-				for word != 0 {
-					b := bits.TrailingZeros64(word)
-					word &^= 1 << b
-					c.Add(names[id], (int64(w)*64+int64(b))*ChunkSize, ChunkSize)
-				}
-			}
+		sizes := map[uint16]int64{}
+		for _, sp := range specs {
+			sizes[sp.ID] = sp.Size
 		}
+		for _, x := range bm.extents(sizes, 1<<30) {
+			c.Add(names[x.disk], x.off, x.n)
+		}
+		bm.mu.Lock()
 		since := bm.Since
 		bm.mu.Unlock()
 		from = max(after+1, min(from, since))

@@ -226,6 +226,7 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 		var st agent.Status
 		err := c.Do(cctx, "GET", "/v1/status", nil, &st)
 		cancel()
+		reachable := s.Reachable
 		for {
 			cur, ver, gerr := get[Site](ctx, v.st, kindSite, s.Name)
 			if gerr != nil {
@@ -236,14 +237,16 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 			} else {
 				cur.Reachable = v.now().Sub(cur.LastSeen) < 3*v.cfg.HeartbeatInterval
 			}
+			reachable = cur.Reachable
 			if _, perr := put(ctx, v.st, kindSite, s.Name, cur, ver); !errors.Is(perr, store.ErrConflict) {
 				break
 			}
 		}
-		if err == nil {
+		switch {
+		case err == nil:
 			v.updateRPO(ctx, s.Name, st)
 			v.fence(ctx, s.Name, c)
-		} else if !s.Reachable || v.now().Sub(s.LastSeen) >= 3*v.cfg.HeartbeatInterval {
+		case !reachable:
 			v.sourceDown(ctx, s.Name)
 		}
 	}
