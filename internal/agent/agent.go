@@ -25,6 +25,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/nbd"
@@ -299,7 +300,17 @@ func (a *Agent) openGroup(name string) error {
 	}
 	gr := &group{name: name, g: g, stop: make(chan struct{})}
 	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "fenced")); err == nil {
-		fmt.Sscan(string(b), &gr.fenced)
+		// The marker exists: the group is fenced, whatever its content
+		// says. One that does not parse (written by an older ferry
+		// without fsync, or damaged) still fences; the vault raises it to
+		// the real generation on its next poll.
+		if _, err := fmt.Sscan(string(b), &gr.fenced); err != nil || gr.fenced <= 0 {
+			a.log.Error("fence marker unreadable; keeping the group fenced", "group", name, "content", string(b), "err", err)
+			gr.fenced = 1
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		g.Close()
+		return fmt.Errorf("read fence marker of %s: %w", name, err)
 	}
 	if b, err := os.ReadFile(filepath.Join(a.groupDir(name), "replication.json")); err == nil {
 		var rc replConfig
@@ -543,10 +554,21 @@ func (a *Agent) Fence(name string, gen int64) error {
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(a.groupDir(name), "fenced"), []byte(fmt.Sprint(gen)), 0o600); err != nil {
+	if gen <= 0 {
+		return fmt.Errorf("%w: generation %d", ErrInvalid, gen)
+	}
+	a.mu.Lock()
+	cur := gr.fenced
+	a.mu.Unlock()
+	if gen <= cur {
+		return nil // already fenced at this generation or a newer one
+	}
+	if err := atomicfile.WriteFile(filepath.Join(a.groupDir(name), "fenced"), []byte(fmt.Sprint(gen)), 0o600); err != nil {
 		return err
 	}
+	a.mu.Lock()
 	gr.fenced = gen
+	a.mu.Unlock()
 	if gr.shipper != nil {
 		// Stop shipping, but keep the journal hold and the bitmap: they
 		// say what changed here that the other site lacks.
@@ -801,6 +823,9 @@ type GroupStatus struct {
 	PeerName     string              `json:"peer,omitempty"`
 	Replication  *replication.Status `json:"replication,omitempty"`
 	AppPoint     *AppPointStatus     `json:"last_app_point,omitempty"`
+	// Fenced is the generation this group was fenced at (0: not fenced):
+	// the vault re-sends a fence until it reads its generation here.
+	Fenced int64 `json:"fenced,omitempty"`
 }
 
 // Status is the agent's report.
@@ -838,7 +863,7 @@ func (a *Agent) Status() Status {
 	defer a.mu.Unlock()
 	st := Status{Site: a.cfg.Name, NBDSocket: a.nbdSock, Groups: []GroupStatus{}, Replicas: []replica.Status{}, Views: []ViewInfo{}}
 	for _, gr := range a.groups {
-		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size()}
+		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size(), Fenced: gr.fenced}
 		for _, d := range gs.Disks {
 			gs.Exports = append(gs.Exports, exportName(gr.name, d.Name))
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
 )
@@ -55,27 +56,7 @@ func (a *Agent) divergencePath(name string) string {
 	return filepath.Join(a.groupDir(name), "divergence.json")
 }
 
-func writeJSONFile(path string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err = f.Write(b); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return os.Rename(tmp, path)
-}
+func writeJSONFile(path string, v any) error { return atomicfile.WriteJSON(path, v, 0o600) }
 
 // recordDivergence is called by a commit, before the replica goes: it
 // notes what the views wrote and what the replica received after their

@@ -27,6 +27,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"golang.org/x/sys/unix"
 )
@@ -178,29 +179,10 @@ func (g *Group) saveManifest(m manifest) error {
 	if err != nil {
 		return err
 	}
-	tmp := g.manifestPath() + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("write manifest: %w", err)
+	if err := atomicfile.WriteFile(g.manifestPath(), b, 0o600); err != nil {
+		return fmt.Errorf("save manifest: %w", err)
 	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("write manifest: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync manifest: %w", err)
-	}
-	f.Close()
-	if err := os.Rename(tmp, g.manifestPath()); err != nil {
-		return fmt.Errorf("install manifest: %w", err)
-	}
-	d, err := os.Open(g.cfg.Dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return nil
 }
 
 func (g *Group) imagePath(name string) string {

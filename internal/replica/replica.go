@@ -25,6 +25,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
 )
@@ -143,27 +144,7 @@ func (r *Replica) imagePath(name string) string {
 
 func (r *Replica) saveManifest() error {
 	b, _ := json.MarshalIndent(r.man, "", "  ")
-	tmp := r.manifestPath() + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	f, err := os.Open(tmp)
-	if err == nil {
-		err = f.Sync()
-		f.Close()
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, r.manifestPath()); err != nil {
-		return err
-	}
-	d, err := os.Open(r.cfg.Dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return atomicfile.WriteFile(r.manifestPath(), b, 0o600)
 }
 
 func (r *Replica) openData() error {

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"sync"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/journal"
 )
 
@@ -107,19 +108,10 @@ func (b *bitmap) save(path string) error {
 	if err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
 		return fmt.Errorf("save bitmap: %w", err)
 	}
-	if _, err := f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	f.Close()
-	if err != nil {
-		return fmt.Errorf("save bitmap: %w", err)
-	}
-	return os.Rename(tmp, path)
+	return nil
 }
 
 func loadBitmap(path string) (*bitmap, error) {

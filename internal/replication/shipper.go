@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"github.com/ferry-dr/ferry/internal/link"
@@ -283,12 +284,11 @@ func (s *Shipper) loadAcked() uint64 {
 }
 
 // saveAcked remembers the acknowledged sequence. A stale value only makes
-// the hold more conservative, so it is written without fsync.
+// the hold more conservative; a torn one must never read as 0 (which
+// would ask for a full copy), so it goes through the durable helper.
 func (s *Shipper) saveAcked(seq uint64) {
-	b, _ := json.Marshal(struct{ Acked uint64 }{seq})
-	tmp := s.ackPath() + ".tmp"
-	if os.WriteFile(tmp, b, 0o600) == nil {
-		os.Rename(tmp, s.ackPath())
+	if err := atomicfile.WriteJSON(s.ackPath(), struct{ Acked uint64 }{seq}, 0o600); err != nil {
+		s.log.Warn("save acknowledged sequence", "err", err)
 	}
 }
 

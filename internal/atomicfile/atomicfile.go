@@ -1,0 +1,80 @@
+// Package atomicfile writes ferry's state files so that a crash at any
+// instant leaves either the old content or the new one, never a torn or
+// empty file: write a temporary file in the same directory, fsync it,
+// rename it over the target, fsync the directory. Every manifest, bitmap,
+// marker and record an agent keeps goes through WriteFile.
+package atomicfile
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// CrashPoint, if set (tests only), is called at each named step of
+// WriteFile; a test can kill the process there ("before-rename",
+// "after-rename") to prove that readers never see a partial file.
+var CrashPoint func(name, path string)
+
+func crash(name, path string) {
+	if CrashPoint != nil {
+		CrashPoint(name, path)
+	}
+}
+
+// WriteFile replaces path with data, durably: when it returns nil the new
+// content survives a crash or power loss. On error the old content (if
+// any) is intact; a leftover temporary file is removed.
+func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			os.Remove(tmp)
+		}
+	}()
+	if _, err = f.Write(data); err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	crash("before-rename", path)
+	if err = os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("install %s: %w", path, err)
+	}
+	crash("after-rename", path)
+	if err = syncDir(dir); err != nil {
+		return fmt.Errorf("sync directory of %s: %w", path, err)
+	}
+	return nil
+}
+
+// WriteJSON is WriteFile of v encoded as JSON.
+func WriteJSON(path string, v any, perm os.FileMode) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", path, err)
+	}
+	return WriteFile(path, b, perm)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
