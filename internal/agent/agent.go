@@ -25,6 +25,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/link"
@@ -134,11 +135,12 @@ type openView struct {
 	export  string
 }
 
-// Errors for API callers.
+// Errors for API callers: the api package's sentinels, so that the
+// status code a caller receives maps back to them.
 var (
-	ErrNotFound = errors.New("not found")
-	ErrConflict = errors.New("conflict")
-	ErrInvalid  = errors.New("invalid request")
+	ErrNotFound = api.ErrNotFound
+	ErrConflict = api.ErrConflict
+	ErrInvalid  = api.ErrInvalid
 )
 
 // New loads the agent's identity and state. Start serves it.
@@ -666,6 +668,9 @@ func (a *Agent) EnableReplication(name string, rc replConfig) error {
 		return err
 	}
 	if gr.repl != nil {
+		if gr.repl.PeerName == rc.PeerName && gr.repl.PeerAddr == rc.PeerAddr {
+			return nil // asked again (a retried job): already so
+		}
 		return fmt.Errorf("%w: group %q already replicates to %s", ErrConflict, name, gr.repl.PeerName)
 	}
 	if err := writeJSONFile(filepath.Join(a.groupDir(name), "replication.json"), rc); err != nil {

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/httpjson"
 	"github.com/ferry-dr/ferry/internal/pki"
@@ -155,19 +156,7 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	return true
 }
 
-func reply(w http.ResponseWriter, v any, err error) { httpjson.Reply(w, v, err, statusOf) }
-
-func statusOf(err error) int {
-	switch {
-	case errors.Is(err, ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, ErrConflict):
-		return http.StatusConflict
-	case errors.Is(err, ErrInvalid):
-		return http.StatusBadRequest
-	}
-	return http.StatusInternalServerError
-}
+func reply(w http.ResponseWriter, v any, err error) { httpjson.Reply(w, v, err) }
 
 // serveLink upgrades the request to a replication stream.
 func (a *Agent) serveLink(w http.ResponseWriter, r *http.Request) {
@@ -250,12 +239,13 @@ func NewClient(id *pki.Identity, addr, serverName string) *Client {
 }
 
 // Do sends a JSON request and decodes the JSON answer into out (if not
-// nil). An error answer is an error whose text carries the status code.
+// nil). An error answer wraps an *api.StatusError: errors.Is matches it
+// against the api sentinel of its status (api.ErrNotFound, ...).
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
 	err := httpjson.Call(ctx, c.hc, method, c.base+path, "", in, out)
-	var se *httpjson.StatusError
+	var se *api.StatusError
 	if errors.As(err, &se) {
-		return fmt.Errorf("%s %s: %d %s: %s", method, path, se.Code, http.StatusText(se.Code), se.Message)
+		return fmt.Errorf("%s %s: %d %s: %w", method, path, se.Code, http.StatusText(se.Code), se)
 	}
 	if err != nil {
 		return fmt.Errorf("agent at %s: %w", c.base, err)

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -129,7 +130,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		if err := c.Do(ctx, "DELETE", "/v1/groups/"+name, nil, nil); err != nil {
+		if err := c.Do(ctx, "DELETE", "/v1/groups/"+url.PathEscape(name), nil, nil); err != nil {
 			return err
 		}
 		return e.print(map[string]string{"deleted": name}, fmt.Sprintf("deleted group %s and its disks\n", name))
@@ -141,7 +142,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		if *to == "" || *toName == "" {
 			return fmt.Errorf("%w: --to ADDR and --to-site NAME are required", errUsage)
 		}
-		if err := c.Do(ctx, "POST", "/v1/groups/"+name+"/replication", map[string]string{"peer_addr": *to, "peer_name": *toName}, nil); err != nil {
+		if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/replication", map[string]string{"peer_addr": *to, "peer_name": *toName}, nil); err != nil {
 			return err
 		}
 		return e.print(map[string]string{"replicating": name}, fmt.Sprintf("replicating %s to %s (%s); watch with 'ferry agent status'\n", name, *toName, *to))
@@ -150,7 +151,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		return c.Do(ctx, "DELETE", "/v1/groups/"+name+"/replication", nil, nil)
+		return c.Do(ctx, "DELETE", "/v1/groups/"+url.PathEscape(name)+"/replication", nil, nil)
 	case "vm start":
 		name, err := arg(0, "a VM name")
 		if err != nil {
@@ -181,7 +182,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		var out struct {
 			Steps []string `json:"steps"`
 		}
-		if err := c.Do(ctx, "DELETE", "/v1/vms/"+name, nil, &out); err != nil {
+		if err := c.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(name), nil, &out); err != nil {
 			return err
 		}
 		return e.print(out, "  "+strings.Join(out.Steps, "\n  ")+"\n")
@@ -192,13 +193,13 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		}
 		if *app {
 			var st agent.AppPointStatus
-			if err := c.Do(ctx, "POST", "/v1/groups/"+name+"/points", replica.Marker{Type: "app", Label: *label}, &st); err != nil {
+			if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/points", replica.Marker{Type: "app", Label: *label}, &st); err != nil {
 				return fmt.Errorf("%w (crash-consistent points continue)", err)
 			}
 			return e.print(st, fmt.Sprintf("application-consistent point at seq %d; guest frozen %.0f ms\n", st.Seq, st.FreezeMS))
 		}
 		var out map[string]uint64
-		if err := c.Do(ctx, "POST", "/v1/groups/"+name+"/points", replica.Marker{Type: "named", Label: *label}, &out); err != nil {
+		if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/points", replica.Marker{Type: "named", Label: *label}, &out); err != nil {
 			return err
 		}
 		return e.print(out, fmt.Sprintf("point %q at seq %d\n", *label, out["seq"]))
@@ -208,7 +209,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		var pts []replica.Point
-		if err := c.Do(ctx, "GET", "/v1/replicas/"+name+"/points", nil, &pts); err != nil {
+		if err := c.Do(ctx, "GET", "/v1/replicas/"+url.PathEscape(name)+"/points", nil, &pts); err != nil {
 			return err
 		}
 		var b strings.Builder
@@ -229,7 +230,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		var vi agent.ViewInfo
-		if err := c.Do(ctx, "POST", "/v1/replicas/"+name+"/views", map[string]any{"disk": d, "seq": *seq, "writable": *writable}, &vi); err != nil {
+		if err := c.Do(ctx, "POST", "/v1/replicas/"+url.PathEscape(name)+"/views", map[string]any{"disk": d, "seq": *seq, "writable": *writable}, &vi); err != nil {
 			return err
 		}
 		return e.print(vi, fmt.Sprintf("view %s of %s/%s at seq %d: nbd+unix:///%s?socket=%s\n", vi.ID, vi.Replica, vi.Disk, vi.Seq, vi.Export, vi.Socket))
@@ -238,7 +239,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		return c.Do(ctx, "DELETE", "/v1/views/"+id, nil, nil)
+		return c.Do(ctx, "DELETE", "/v1/views/"+url.PathEscape(id), nil, nil)
 	}
 	return fmt.Errorf("%w: unknown agent subcommand %q", errUsage, sub)
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -215,12 +216,12 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		switch {
 		case fs.NArg() == 3 && fs.Arg(0) == "add":
 			var s vault.Site
-			if err := c.Do(ctx, "PUT", "/v1/sites/"+fs.Arg(1)+"/networks/"+fs.Arg(2), vault.Network{Kind: *netKind, Subnet: *netSubnet}, &s); err != nil {
+			if err := c.Do(ctx, "PUT", "/v1/sites/"+neturl.PathEscape(fs.Arg(1))+"/networks/"+neturl.PathEscape(fs.Arg(2)), vault.Network{Kind: *netKind, Subnet: *netSubnet}, &s); err != nil {
 				return err
 			}
 			return e.print(s, fmt.Sprintf("network %s (%s, %s) declared at %s\n", fs.Arg(2), *netKind, *netSubnet, fs.Arg(1)))
 		case fs.NArg() == 3 && fs.Arg(0) == "delete":
-			if err := c.Do(ctx, "DELETE", "/v1/sites/"+fs.Arg(1)+"/networks/"+fs.Arg(2), nil, nil); err != nil {
+			if err := c.Do(ctx, "DELETE", "/v1/sites/"+neturl.PathEscape(fs.Arg(1))+"/networks/"+neturl.PathEscape(fs.Arg(2)), nil, nil); err != nil {
 				return err
 			}
 			return e.print(map[string]string{"deleted": fs.Arg(2)}, fmt.Sprintf("network %s deleted at %s\n", fs.Arg(2), fs.Arg(1)))
@@ -267,7 +268,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return err
 		}
 		var st map[string]any
-		if err := c.Do(ctx, "POST", "/v1/vms/"+name+"/start", nil, &st); err != nil {
+		if err := c.Do(ctx, "POST", "/v1/vms/"+neturl.PathEscape(name)+"/start", nil, &st); err != nil {
 			return err
 		}
 		return e.print(st, fmt.Sprintf("VM %s %v (%v); console %v\n", name, st["state"], st["accel"], st["console"]))
@@ -282,7 +283,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 				Data string `json:"data"`
 				Next int64  `json:"next"`
 			}
-			if err := c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", name, off), nil, &out); err != nil {
+			if err := c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", neturl.PathEscape(name), off), nil, &out); err != nil {
 				return err
 			}
 			fmt.Fprint(e.stdout, out.Data)
@@ -329,7 +330,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return err
 		}
 		var pts []map[string]any
-		if err := c.Do(ctx, "GET", "/v1/protections/"+vm+"/points", nil, &pts); err != nil {
+		if err := c.Do(ctx, "GET", "/v1/protections/"+neturl.PathEscape(vm)+"/points", nil, &pts); err != nil {
 			return err
 		}
 		var b strings.Builder
@@ -356,32 +357,32 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		if err != nil {
 			return err
 		}
-		return job("/v1/protections/"+vm+"/test-failover", map[string]string{"point": *point})
+		return job("/v1/protections/"+neturl.PathEscape(vm)+"/test-failover", map[string]string{"point": *point})
 	case "test-failover cleanup":
 		vm, err := arg("a VM")
 		if err != nil {
 			return err
 		}
-		return job("/v1/protections/"+vm+"/test-failover/cleanup", map[string]string{"notes": *notes})
+		return job("/v1/protections/"+neturl.PathEscape(vm)+"/test-failover/cleanup", map[string]string{"notes": *notes})
 	case "failover", "failback":
 		vm, err := arg("a VM")
 		if err != nil {
 			return err
 		}
 		shutdown := !*noShutdown
-		return job("/v1/protections/"+vm+"/failover", map[string]any{"point": *point, "shutdown_source": shutdown})
+		return job("/v1/protections/"+neturl.PathEscape(vm)+"/failover", map[string]any{"point": *point, "shutdown_source": shutdown})
 	case "change-point":
 		vm, err := arg("a VM")
 		if err != nil {
 			return err
 		}
-		return job("/v1/protections/"+vm+"/change-point", map[string]string{"point": *point})
+		return job("/v1/protections/"+neturl.PathEscape(vm)+"/change-point", map[string]string{"point": *point})
 	case "commit":
 		vm, err := arg("a VM")
 		if err != nil {
 			return err
 		}
-		return job("/v1/protections/"+vm+"/commit", nil)
+		return job("/v1/protections/"+neturl.PathEscape(vm)+"/commit", nil)
 	case "reprotect":
 		vm, err := arg("a VM")
 		if err != nil {
@@ -389,7 +390,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		}
 		if *dryRun {
 			var plan vault.ReprotectPlan
-			if err := c.Do(ctx, "GET", "/v1/protections/"+vm+"/reprotect-plan", nil, &plan); err != nil {
+			if err := c.Do(ctx, "GET", "/v1/protections/"+neturl.PathEscape(vm)+"/reprotect-plan", nil, &plan); err != nil {
 				return err
 			}
 			var b strings.Builder
@@ -410,7 +411,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			}
 			return e.print(plan, b.String())
 		}
-		return job("/v1/protections/"+vm+"/reprotect", nil)
+		return job("/v1/protections/"+neturl.PathEscape(vm)+"/reprotect", nil)
 	case "jobs":
 		var js []vault.Job
 		if err := c.Do(ctx, "GET", "/v1/jobs", nil, &js); err != nil {
@@ -427,7 +428,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			return err
 		}
 		var j vault.Job
-		if err := c.Do(ctx, "GET", "/v1/jobs/"+id, nil, &j); err != nil {
+		if err := c.Do(ctx, "GET", "/v1/jobs/"+neturl.PathEscape(id), nil, &j); err != nil {
 			return err
 		}
 		return e.print(j, jobText(j))
@@ -479,7 +480,7 @@ func waitJob(ctx context.Context, e *env, c *vault.Client, id string) error {
 	}
 	for {
 		var j vault.Job
-		if err := c.Do(ctx, "GET", "/v1/jobs/"+id, nil, &j); err != nil {
+		if err := c.Do(ctx, "GET", "/v1/jobs/"+neturl.PathEscape(id), nil, &j); err != nil {
 			return err
 		}
 		for _, s := range j.Steps {

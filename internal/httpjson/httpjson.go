@@ -11,10 +11,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+
+	"github.com/ferry-dr/ferry/internal/api"
 )
 
-// ErrBody: the request body is not the JSON expected.
-var ErrBody = errors.New("invalid request body")
+// ErrBody: the request body is not the JSON expected (an api.ErrInvalid).
+var ErrBody = api.Kind("invalid request body", api.ErrInvalid)
 
 // Decode reads a JSON body (at most 1 MiB; unknown fields refused) into v.
 // An empty body leaves v as it is.
@@ -28,28 +30,21 @@ func Decode(r *http.Request, v any) error {
 }
 
 // Reply writes v as JSON, or, if err is not nil, {"error": err} with the
-// status code status(err) gives.
-func Reply(w http.ResponseWriter, v any, err error, status func(error) int) {
+// status code of the api sentinel err wraps (api.Status).
+func Reply(w http.ResponseWriter, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
-		w.WriteHeader(status(err))
+		w.WriteHeader(api.Status(err))
 		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
 		return
 	}
 	json.NewEncoder(w).Encode(v)
 }
 
-// StatusError is an error answer from an API.
-type StatusError struct {
-	Code    int
-	Message string
-}
-
-func (e *StatusError) Error() string { return fmt.Sprintf("%d: %s", e.Code, e.Message) }
-
 // Call sends in as JSON (if not nil) with an optional bearer token and
-// decodes the JSON answer into out (if not nil). An error answer becomes a
-// *StatusError carrying the API's message.
+// decodes the JSON answer into out (if not nil). An error answer becomes an
+// *api.StatusError carrying the API's message, which errors.Is matches
+// against the sentinel of its status.
 func Call(ctx context.Context, hc *http.Client, method, url, token string, in, out any) error {
 	var body io.Reader
 	if in != nil {
@@ -78,7 +73,7 @@ func Call(ctx context.Context, hc *http.Client, method, url, token string, in, o
 		if e.Error == "" {
 			e.Error = string(b)
 		}
-		return &StatusError{Code: resp.StatusCode, Message: e.Error}
+		return &api.StatusError{Code: resp.StatusCode, Message: e.Error}
 	}
 	if out != nil {
 		return json.Unmarshal(b, out)

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
@@ -76,7 +78,7 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 			return nil, fmt.Errorf("both sites must be reachable (%s: %v, %s: %v)", src.Name, src.Reachable, dst.Name, dst.Reachable)
 		}
 		r.Step(ctx, "start replication")
-		if err := sc.Do(ctx, "POST", "/v1/groups/"+p.VM+"/replication", map[string]string{"peer_addr": dst.Addr, "peer_name": dst.Name}, nil); err != nil {
+		if err := sc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(p.VM)+"/replication", map[string]string{"peer_addr": dst.Addr, "peer_name": dst.Name}, nil); err != nil {
 			return nil, err
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.State = StateInitialSync; return nil })
@@ -219,7 +221,7 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 			return nil, fmt.Errorf("the recovery site %s is unreachable: retry the cleanup when it is back (its test VM and overlays do not survive its restart)", dst.Name)
 		}
 		var out struct{ Steps []string }
-		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"-drill?force=1", nil, &out); err != nil && !isNotFound(err) {
+		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(p.VM)+"-drill?force=1", nil, &out); err != nil && !isNotFound(err) {
 			return nil, err
 		}
 		for _, s := range out.Steps {
@@ -233,7 +235,7 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 	})
 }
 
-func isNotFound(err error) bool { return err != nil && strings.Contains(err.Error(), "404") }
+func isNotFound(err error) bool { return errors.Is(err, api.ErrNotFound) }
 
 // Failover moves the VM to the recovery site at a point: "latest" (all
 // the data the recovery site can get, then a new point), "latest-processed",
@@ -258,7 +260,7 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		r.Step(ctx, "shut down source VM")
 		if shutdownSource && src.Reachable {
 			var out struct{ Steps []string }
-			if err := sc.Do(ctx, "DELETE", "/v1/vms/"+p.VM, nil, &out); err != nil {
+			if err := sc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(p.VM), nil, &out); err != nil {
 				r.Say(ctx, -1, "shutdown failed, going on: %v", err)
 			}
 			for _, s := range out.Steps {
@@ -330,7 +332,7 @@ func (v *Vault) firstConsoleLines(ctx context.Context, c AgentAPI, vm string, n 
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
 		var out struct{ Data string }
-		if err := c.Do(ctx, "GET", "/v1/vms/"+vm+"/console", nil, &out); err == nil {
+		if err := c.Do(ctx, "GET", "/v1/vms/"+url.PathEscape(vm)+"/console", nil, &out); err == nil {
 			var lines []string
 			for _, l := range strings.Split(out.Data, "\n") {
 				l = strings.TrimSpace(strings.Map(func(r rune) rune {
@@ -374,14 +376,14 @@ func (v *Vault) newestInstant(ctx context.Context, dc AgentAPI, vm string) (repl
 // site has it (everything written before it is then there).
 func (v *Vault) markAndWait(ctx context.Context, r *run, sc, dc AgentAPI, vm, label string) (uint64, error) {
 	var out map[string]uint64
-	if err := sc.Do(ctx, "POST", "/v1/groups/"+vm+"/points", replica.Marker{Type: "named", Label: label}, &out); err != nil {
+	if err := sc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vm)+"/points", replica.Marker{Type: "named", Label: label}, &out); err != nil {
 		return 0, err
 	}
 	seq := out["seq"]
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) {
 		var pts []replica.Point
-		if err := dc.Do(ctx, "GET", "/v1/replicas/"+vm+"/points", nil, &pts); err == nil {
+		if err := dc.Do(ctx, "GET", "/v1/replicas/"+url.PathEscape(vm)+"/points", nil, &pts); err == nil {
 			for _, p := range pts {
 				if p.Seq == seq {
 					r.Say(ctx, 100, "the recovery site has everything up to point %d", seq)
@@ -432,7 +434,7 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 		var out struct{ Steps []string }
 		// Its writes since the failover are discarded: no need to wait
 		// for a clean shutdown.
-		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+p.VM+"?force=1", nil, &out); err != nil && !isNotFound(err) {
+		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(p.VM)+"?force=1", nil, &out); err != nil && !isNotFound(err) {
 			return nil, err
 		}
 		for _, s := range out.Steps {
@@ -463,7 +465,7 @@ func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
 		}
 		r.Step(ctx, "make disks standalone")
 		var out struct{ Steps []string }
-		if err := dc.Do(ctx, "POST", "/v1/vms/"+p.VM+"/commit", nil, &out); err != nil {
+		if err := dc.Do(ctx, "POST", "/v1/vms/"+url.PathEscape(p.VM)+"/commit", nil, &out); err != nil {
 			return nil, err
 		}
 		for _, s := range out.Steps {
@@ -571,7 +573,7 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 		return ReprotectPlan{}, err
 	}
 	var div agent.Divergence
-	if err := fc.Do(ctx, "GET", "/v1/groups/"+vmName+"/divergence", nil, &div); err != nil {
+	if err := fc.Do(ctx, "GET", "/v1/groups/"+url.PathEscape(vmName)+"/divergence", nil, &div); err != nil {
 		plan.Why = fmt.Sprintf("%s keeps no changed-block tracking: %v", plan.From, err)
 		return plan, nil
 	}
@@ -621,7 +623,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 		}
 		r.Step(ctx, "shut down VM at "+to.Name)
 		var out struct{ Steps []string }
-		if err := tc.Do(ctx, "DELETE", "/v1/vms/"+vmName, nil, &out); err != nil && !isNotFound(err) {
+		if err := tc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(vmName), nil, &out); err != nil && !isNotFound(err) {
 			return nil, err
 		}
 		for _, s := range out.Steps {
@@ -637,7 +639,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			var out struct {
 				Changes *agent.PeerChanges `json:"changes"`
 			}
-			if err := tc.Do(ctx, "POST", "/v1/groups/"+vmName+"/to-replica", map[string]uint64{"since": since}, &out); err != nil {
+			if err := tc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/to-replica", map[string]uint64{"since": since}, &out); err != nil {
 				return nil, err
 			}
 			if plan.replicaReady {
@@ -661,11 +663,8 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			r.Skip(ctx, "reuse disks at "+to.Name, "no disks to reuse: a full copy")
 		}
 		r.Step(ctx, "start replication")
-		if err := fc.Do(ctx, "POST", "/v1/groups/"+vmName+"/replication", map[string]any{"peer_addr": to.Addr, "peer_name": to.Name, "delta": delta}, nil); err != nil {
-			if !strings.Contains(err.Error(), "already replicates") {
-				return nil, err
-			}
-			r.Say(ctx, -1, "already replicating (an earlier attempt)")
+		if err := fc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/replication", map[string]any{"peer_addr": to.Addr, "peer_name": to.Name, "delta": delta}, nil); err != nil {
+			return nil, err
 		}
 		r.Step(ctx, "synchronize differences")
 		sent, total, err := v.waitInSync(ctx, r, fc, vmName, "went through")

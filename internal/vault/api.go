@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/httpjson"
 )
 
@@ -160,20 +161,14 @@ func decode(r *http.Request, v any) error {
 	return nil
 }
 
-func reply(w http.ResponseWriter, v any, err error) { httpjson.Reply(w, v, err, statusOf) }
-
-func statusOf(err error) int {
-	switch {
-	case errors.Is(err, ErrAuth):
-		return http.StatusUnauthorized
-	case errors.Is(err, ErrRole):
-		return http.StatusForbidden
-	case errors.Is(err, ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, ErrForbidden), errors.Is(err, ErrBusy):
-		return http.StatusConflict
-	case errors.Is(err, ErrInvalid):
-		return http.StatusBadRequest
+// reply answers with v or err. An error a site agent answered a call of
+// the vault's with is the site's failure, not the caller's: it goes out
+// as 502 (api.ErrSite) with the site's message, so that an agent's 404 or
+// 401 is never taken for the vault's own.
+func reply(w http.ResponseWriter, v any, err error) {
+	var se *api.StatusError
+	if errors.As(err, &se) {
+		err = fmt.Errorf("%w: %s", api.ErrSite, err.Error())
 	}
-	return http.StatusInternalServerError
+	httpjson.Reply(w, v, err)
 }

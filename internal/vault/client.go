@@ -10,6 +10,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/httpjson"
 )
 
@@ -38,12 +39,13 @@ func NewClient(url, token, caFile string) (*Client, error) {
 }
 
 // Do sends a JSON request and decodes the answer into out; an error answer
-// is returned with the vault's message.
+// is an *api.StatusError with the vault's message, matched with
+// errors.Is against the api sentinels.
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
 	err := httpjson.Call(ctx, c.hc, method, c.base+path, c.token, in, out)
-	var se *httpjson.StatusError
+	var se *api.StatusError
 	if errors.As(err, &se) {
-		return errors.New(se.Message)
+		return se // errors.Is(err, api.ErrNotFound) and the like work
 	}
 	if err != nil {
 		return fmt.Errorf("vault at %s: %w (is it running? set --vault or FERRY_VAULT)", c.base, err)

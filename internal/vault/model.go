@@ -7,9 +7,10 @@
 package vault
 
 import (
-	"errors"
 	"fmt"
 	"time"
+
+	"github.com/ferry-dr/ferry/internal/api"
 )
 
 // Protection states.
@@ -35,14 +36,14 @@ const (
 	ActReprotect    = "reprotect"
 )
 
-// Errors.
+// Errors. Each is, or wraps, the api sentinel that gives its status code.
 var (
-	ErrNotFound  = errors.New("not found")
-	ErrForbidden = errors.New("forbidden move")
-	ErrBusy      = errors.New("a job is running")
-	ErrInvalid   = errors.New("invalid request")
-	ErrAuth      = errors.New("unauthorized")
-	ErrRole      = errors.New("not allowed for this role")
+	ErrNotFound  = api.ErrNotFound
+	ErrForbidden = api.Kind("forbidden move", api.ErrConflict)
+	ErrBusy      = api.Kind("a job is running", api.ErrConflict)
+	ErrInvalid   = api.ErrInvalid
+	ErrAuth      = api.ErrUnauthorized
+	ErrRole      = api.Kind("not allowed for this role", api.ErrForbidden)
 )
 
 // Site is an enrolled site agent.

@@ -8,13 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/store"
@@ -245,7 +246,7 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 		switch {
 		case err == nil:
 			v.updateRPO(ctx, s.Name, st)
-			v.fence(ctx, s.Name, c)
+			v.fence(ctx, s.Name, c, st)
 		case !reachable:
 			v.sourceDown(ctx, s.Name)
 		}
@@ -273,23 +274,38 @@ func (v *Vault) sourceDown(ctx context.Context, site string) {
 	}
 }
 
-// fence tells a reachable site that was the source of a failed-over
-// protection that a newer generation runs elsewhere, once.
-func (v *Vault) fence(ctx context.Context, site string, c AgentAPI) {
+// fence makes a reachable site that was the source of a failed-over
+// protection hold the group fenced at the protection's generation. It
+// trusts the site's status, not its own record: every poll compares the
+// generation the site reports with the protection's and sends the fence
+// again until they agree, so a fence the site lost (a crash, a restored
+// disk) is sent again. A site without the group has nothing to fence.
+func (v *Vault) fence(ctx context.Context, site string, c AgentAPI, st agent.Status) {
 	ps, err := v.Protections(ctx)
 	if err != nil {
 		return
 	}
+	groups := map[string]agent.GroupStatus{}
+	for _, g := range st.Groups {
+		groups[g.Name] = g
+	}
 	for _, p := range ps {
-		if p.Source != site || p.Fenced || (p.State != StateFailedOver && p.State != StateCommitted) {
+		if p.Source != site || (p.State != StateFailedOver && p.State != StateCommitted) {
 			continue
 		}
-		err := c.Do(ctx, "POST", "/v1/groups/"+p.VM+"/fence", map[string]int64{"generation": p.Generation}, nil)
-		if err != nil && !strings.Contains(err.Error(), "404") {
+		g, has := groups[p.VM]
+		if has && g.Fenced < p.Generation {
+			err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(p.VM)+"/fence", map[string]int64{"generation": p.Generation}, nil)
+			if err != nil && !errors.Is(err, api.ErrNotFound) {
+				v.log.Warn("fence the old source: will retry", "vm", p.VM, "site", site, "err", err)
+				continue
+			}
+		}
+		if p.Fenced {
 			continue
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.Fenced = true; return nil })
-		v.log.Info("old source fenced", "vm", p.VM, "site", site, "generation", p.Generation)
+		v.log.Info("old source fenced", "vm", p.VM, "site", site, "generation", p.Generation, "had_group", has)
 	}
 }
 
@@ -356,7 +372,7 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	for _, d := range vm.Disks {
 		disks = append(disks, map[string]any{"name": d.Name, "size": d.Size})
 	}
-	if err := c.Do(ctx, "POST", "/v1/groups", map[string]any{"name": vm.Name, "disks": disks}, nil); err != nil && !strings.Contains(err.Error(), "409") {
+	if err := c.Do(ctx, "POST", "/v1/groups", map[string]any{"name": vm.Name, "disks": disks}, nil); err != nil && !errors.Is(err, api.ErrConflict) {
 		return fmt.Errorf("create the disks of %s at %s: %w", vm.Name, vm.Site, err)
 	}
 	_, err = put(ctx, v.st, kindVM, vm.Name, vm, 0)
@@ -377,7 +393,7 @@ func (v *Vault) Console(ctx context.Context, name string, off int64) (map[string
 		return nil, err
 	}
 	var out map[string]any
-	err = c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", name, off), nil, &out)
+	err = c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", url.PathEscape(name), off), nil, &out)
 	if out != nil {
 		out["site"] = vm.Site
 	}
@@ -452,7 +468,7 @@ func (v *Vault) Points(ctx context.Context, vm string) ([]replica.Point, error) 
 		return nil, err
 	}
 	var pts []replica.Point
-	return pts, c.Do(ctx, "GET", "/v1/replicas/"+vm+"/points", nil, &pts)
+	return pts, c.Do(ctx, "GET", "/v1/replicas/"+url.PathEscape(vm)+"/points", nil, &pts)
 }
 
 // choosePoint resolves latest-processed, latest-app-consistent, a sequence
