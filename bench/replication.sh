@@ -25,7 +25,7 @@ FERRY=${FERRY:-$DIR/ferry}
 [ -x "$FERRY" ] || go build -o "$FERRY" ./cmd/ferry
 PKI=$DIR/pki
 "$FERRY" ca init --pki "$PKI" >/dev/null
-for n in siteA siteB operator; do "$FERRY" ca issue --pki "$PKI" "$n" >/dev/null; done
+for n in site/siteA site/siteB operator/operator; do "$FERRY" ca issue --pki "$PKI" --role "${n%/*}" "${n#*/}" >/dev/null; done
 PA=127.0.0.1:17411 PB=127.0.0.1:17412
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -38,6 +38,7 @@ api() { # agent-addr method path [json]
 }
 for _ in $(seq 100); do api $PA GET /v1/status >/dev/null 2>&1 && api $PB GET /v1/status >/dev/null 2>&1 && break; sleep 0.1; done
 api $PA POST /v1/groups '{"name":"vm1","disks":[{"name":"vda","size":4294967296}]}' >/dev/null
+api $PB PUT /v1/replicas/vm1/source "{\"source\":\"siteA\"}" >/dev/null
 api $PA POST /v1/groups/vm1/replication "{\"peer_addr\":\"$PB\",\"peer_name\":\"siteB\"}" >/dev/null
 URI="nbd+unix:///vm1/vda?socket=$DIR/a/nbd.sock"
 status() { api $PA GET /v1/status | jq -c '.groups[0].replication'; }

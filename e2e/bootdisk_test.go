@@ -34,6 +34,9 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 	}
 	sockA := filepath.Join(a.dir, "nbd.sock")
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", filepath.Join(g, "boot.img"), "nbd+unix:///vm2/boot?socket="+sockA)
+	if err := cb.Do(ctx, "PUT", "/v1/replicas/vm2/source", map[string]string{"source": "siteA"}, nil); err != nil {
+		t.Fatal(err)
+	}
 	if err := ca.Do(ctx, "POST", "/v1/groups/vm2/replication", map[string]string{"peer_addr": b.addr, "peer_name": "siteB"}, nil); err != nil {
 		t.Fatal(err)
 	}

@@ -51,9 +51,9 @@ func TestAgentsInNetworkNamespaces(t *testing.T) {
 	}
 	pk := t.TempDir()
 	run(t, ferryBin, "ca", "init", "--pki", pk)
-	run(t, ferryBin, "ca", "issue", "--pki", pk, "--host", "10.77.0.1", "siteA")
-	run(t, ferryBin, "ca", "issue", "--pki", pk, "--host", "10.77.0.2", "siteB")
-	run(t, ferryBin, "ca", "issue", "--pki", pk, "operator")
+	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "site", "--host", "10.77.0.1", "siteA")
+	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "site", "--host", "10.77.0.2", "siteB")
+	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "operator", "operator")
 	root := t.TempDir()
 	type site struct{ ns, name, addr, dir string }
 	A := site{nsA, "siteA", "10.77.0.1:7410", filepath.Join(root, "a")}

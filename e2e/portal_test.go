@@ -29,7 +29,7 @@ func scrapeAgent(t *testing.T, s *sites, p *agentProc) promtest.Scrape {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: id.ClientConfig(p.name)}}
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: id.ClientConfig(pki.Peer{Role: pki.RoleSite, Name: p.name})}}
 	resp, err := c.Get("https://" + p.addr + "/metrics")
 	if err != nil {
 		t.Fatal(err)
@@ -151,7 +151,7 @@ func vaultHTTP(t *testing.T, s *sites) *http.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := id.ClientConfig("vault")
+	cfg := id.ClientConfig(pki.Peer{Role: pki.RoleVault, Name: "vault"})
 	cfg.Certificates = nil // people use tokens, not certificates
 	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
 }

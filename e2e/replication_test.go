@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -98,8 +99,9 @@ func twoSites(t *testing.T) *sites {
 	t.Helper()
 	pk := t.TempDir()
 	run(t, ferryBin, "ca", "init", "--pki", pk)
-	for _, n := range []string{"siteA", "siteB", "operator"} {
-		run(t, ferryBin, "ca", "issue", "--pki", pk, n)
+	for _, n := range []string{"site/siteA", "site/siteB", "operator/operator"} {
+		role, name, _ := strings.Cut(n, "/")
+		run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", role, name)
 	}
 	root := t.TempDir()
 	s := &sites{root: root,
@@ -148,6 +150,9 @@ func TestReplicationEndToEnd(t *testing.T) {
 	ca, cb := st2.ca, st2.cb
 	size := int64(records * ordercheck.RecordSize)
 	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := cb.Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": link.Addr(), "peer_name": "siteB"}, nil); err != nil {

@@ -120,7 +120,7 @@ func (v *vaultProc) start(t *testing.T) {
 func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
 	t.Helper()
 	pk := s.a.pki
-	run(t, ferryBin, "ca", "issue", "--pki", pk, "vault")
+	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "vault", "vault")
 	vp := &vaultProc{dir: filepath.Join(s.root, "vault"), addr: freePort(t)}
 	vp.args = []string{"vault", "run", "--dir", vp.dir, "--pki", pk, "--listen", vp.addr}
 	vp.start(t)

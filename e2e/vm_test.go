@@ -78,6 +78,9 @@ func TestAppConsistentPoints(t *testing.T) {
 	f.Close()
 	run(t, "mkfs.ext4", "-q", "-F", fs)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(a.dir, "nbd.sock"))
+	if err := cb.Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
+		t.Fatal(err)
+	}
 	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": b.addr, "peer_name": "siteB"}, nil); err != nil {
 		t.Fatal(err)
 	}

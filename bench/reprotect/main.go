@@ -187,14 +187,14 @@ func ferryRun(ctx context.Context, dir string, g *disk.Group, pristineOld string
 			if err != nil {
 				return
 			}
-			go rc.Serve(ctx, c)
+			go rc.Serve(ctx, c, nil)
 		}
 	}()
 	state := filepath.Join(dir, "state-"+mode)
 	os.MkdirAll(state, 0o700)
 	cfg := replication.ShipperConfig{Group: g, Name: "vm1", Source: "src", StateDir: state,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
-			d := tls.Dialer{Config: id["src"].ClientConfig("dst")}
+			d := tls.Dialer{Config: id["src"].ClientConfig(pki.Peer{Role: pki.RoleSite, Name: "dst"})}
 			return d.DialContext(ctx, "tcp", ln.Addr().String())
 		}}
 	if mode == "cbt" {
@@ -291,7 +291,7 @@ func setupPKI(dir string) (map[string]*pki.Identity, error) {
 	}
 	out := map[string]*pki.Identity{}
 	for _, n := range []string{"src", "dst"} {
-		if err := pki.Issue(pk, pk, n, []string{"127.0.0.1"}, now); err != nil {
+		if err := pki.Issue(pk, pk, pki.Peer{Role: pki.RoleSite, Name: n}, []string{"127.0.0.1"}, now); err != nil {
 			return nil, err
 		}
 		id, err := pki.Load(pk, n)

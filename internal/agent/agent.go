@@ -169,8 +169,14 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.AppInterval > 0 && cfg.AppInterval < time.Minute {
 		return nil, fmt.Errorf("app-consistent interval %v is below the 1 minute minimum", cfg.AppInterval)
 	}
+	if err := api.CheckName(api.KindSite, cfg.Name); err != nil {
+		return nil, err
+	}
 	id, err := pki.Load(cfg.PKIDir, cfg.Name)
 	if err != nil {
+		return nil, err
+	}
+	if err := id.Require(pki.RoleSite, cfg.Name); err != nil {
 		return nil, err
 	}
 	for _, sub := range []string{"groups", "replicas", "views"} {
@@ -422,7 +428,8 @@ func (a *Agent) startHeartbeats() {
 	if a.cfg.Vault == "" {
 		return
 	}
-	c := NewClient(a.id, a.cfg.Vault, "")
+	// Heartbeats go only to a server holding a vault certificate.
+	c := NewClientFor(a.id, a.cfg.Vault, pki.Peer{Role: pki.RoleVault})
 	c.hc.Timeout = 2 * time.Second
 	a.every(time.Second, nil, func() {
 		if err := c.Do(a.ctx, "POST", "/v1/heartbeat", nil, nil); err != nil {
@@ -588,7 +595,19 @@ func (a *Agent) Fence(name string, gen int64) error {
 // since (the failover point) is not zero, what the group changed after it
 // as far as its journal and bitmap tell (nil if they cannot). Idempotent:
 // asked again after it succeeded, it returns what it returned then.
-func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64) ([]disk.Spec, *PeerChanges, error) {
+//
+// source, the site that will stream to the replica, is recorded first:
+// the link takes the replica's stream from that site only.
+func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64, source string) ([]disk.Spec, *PeerChanges, error) {
+	if err := api.CheckName(api.KindSite, source); err != nil {
+		return nil, nil, fmt.Errorf("to-replica needs the site that will stream to it: %w", err)
+	}
+	if source == a.cfg.Name {
+		return nil, nil, fmt.Errorf("%w: a replica's source cannot be this site", ErrInvalid)
+	}
+	if err := a.recordSource(name, source); err != nil {
+		return nil, nil, err
+	}
 	a.mu.Lock()
 	gr := a.groups[name]
 	rep := a.replicas[name]
@@ -728,6 +747,103 @@ func (a *Agent) openReplica(name string) (*replica.Replica, error) {
 	}
 	a.replicas[name] = r
 	return r, nil
+}
+
+func (a *Agent) sourcePath(name string) string {
+	return filepath.Join(a.cfg.Dir, "replicas", name+".source")
+}
+
+// ReplicaSource is the site recorded as the source of replica name ("" if
+// none is).
+func (a *Agent) ReplicaSource(name string) (string, error) {
+	b, err := os.ReadFile(a.sourcePath(name))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the source of replica %s: %w", name, err)
+	}
+	src := strings.TrimSpace(string(b))
+	if err := api.CheckName(api.KindSite, src); err != nil {
+		return "", fmt.Errorf("source of replica %s: %w", name, err)
+	}
+	return src, nil
+}
+
+// ExpectReplica records that replica name (existing or still to come) is
+// streamed by site source, and by no other: the vault calls it before it
+// enables replication towards this site, and again when a reprotect turns
+// the direction around. Idempotent; it replaces an earlier source.
+func (a *Agent) ExpectReplica(name, source string) error {
+	if err := api.CheckName(api.KindGroup, name); err != nil {
+		return err
+	}
+	if err := api.CheckName(api.KindSite, source); err != nil {
+		return err
+	}
+	if source == a.cfg.Name {
+		return fmt.Errorf("%w: site %s cannot replicate to itself", ErrInvalid, source)
+	}
+	a.mu.Lock()
+	_, isSource := a.groups[name]
+	a.mu.Unlock()
+	if isSource {
+		return fmt.Errorf("%w: %s is a source group here; turn it into a replica with to-replica", ErrConflict, name)
+	}
+	return a.recordSource(name, source)
+}
+
+func (a *Agent) recordSource(name, source string) error {
+	cur, err := a.ReplicaSource(name)
+	if err != nil {
+		return err
+	}
+	if cur == source {
+		return nil
+	}
+	if err := atomicfile.WriteFile(a.sourcePath(name), []byte(source+"\n"), 0o600); err != nil {
+		return err
+	}
+	a.log.Info("replica source recorded", "replica", name, "source", source, "was", cur)
+	return nil
+}
+
+// admitLink decides whether peer may stream the replica its Hello names:
+// only a site certificate whose name is both the Hello's source and the
+// source recorded for that replica. A replica kept by an older ferry has
+// no record yet: the first site that streams it under its own name is
+// recorded (and logged).
+func (a *Agent) admitLink(peer pki.Peer, h link.Hello) error {
+	if peer.Role != pki.RoleSite {
+		return fmt.Errorf("%w: %s is not a site", api.ErrForbidden, peer)
+	}
+	if err := api.CheckName(api.KindGroup, h.Group); err != nil {
+		return err
+	}
+	if h.Source != peer.Name {
+		a.log.Warn("refused a replication stream: the certificate does not name the claimed source",
+			"group", h.Group, "claimed", h.Source, "certificate", peer.String())
+		return fmt.Errorf("%w: the certificate is %s but the stream claims to come from site %q", api.ErrForbidden, peer, h.Source)
+	}
+	src, err := a.ReplicaSource(h.Group)
+	if err != nil {
+		return err
+	}
+	if src == "" {
+		if _, err := os.Stat(filepath.Join(a.cfg.Dir, "replicas", h.Group, "replica.json")); err != nil {
+			return fmt.Errorf("%w: no replica %q is expected here; the vault (or 'ferry agent replicate') records its source first", api.ErrForbidden, h.Group)
+		}
+		a.log.Warn("replica without a recorded source (kept by an older ferry): recording its first stream's site", "replica", h.Group, "source", peer.Name)
+		if err := atomicfile.WriteFile(a.sourcePath(h.Group), []byte(peer.Name+"\n"), 0o600); err != nil {
+			return err
+		}
+		return nil
+	}
+	if src != peer.Name {
+		a.log.Warn("refused a replication stream from a site that is not the replica's source", "group", h.Group, "source", src, "caller", peer.String())
+		return fmt.Errorf("%w: replica %q is streamed by site %s, not %s", api.ErrForbidden, h.Group, src, peer.Name)
+	}
+	return nil
 }
 
 func (a *Agent) replicaFor(h link.Hello) (*replica.Replica, error) {

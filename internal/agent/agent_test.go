@@ -11,23 +11,19 @@ import (
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/pki/pkitest"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
 )
 
 func pkiDir(t *testing.T, names ...string) string {
 	t.Helper()
-	dir := t.TempDir()
-	now := time.Now()
-	if err := pki.InitCA(dir, "test", now); err != nil {
-		t.Fatal(err)
-	}
-	for _, n := range names {
-		if err := pki.Issue(dir, dir, n, []string{"127.0.0.1", "localhost"}, now); err != nil {
-			t.Fatal(err)
+	for i, n := range names {
+		if n == "operator" || n == "vault" {
+			names[i] = n + "/" + n
 		}
 	}
-	return dir
+	return pkitest.Dir(t, names...)
 }
 
 func startAgent(t *testing.T, pk, name string) *Agent {
@@ -68,6 +64,9 @@ func TestTwoAgents(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("POST %s %s: %v, want %s", tc.path, tc.body, err, tc.want)
 		}
+	}
+	if err := NewClient(op, b.Addr(), "siteB").Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
+		t.Fatal(err)
 	}
 	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", replConfig{PeerAddr: b.Addr(), PeerName: "siteB"}, nil); err != nil {
 		t.Fatal(err)

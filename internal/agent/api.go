@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,19 +18,54 @@ import (
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/httpjson"
+	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
 
 const linkProto = "ferry-link/1"
 
+// Who may call what: every route names the roles whose certificates it
+// accepts. The vault and operators manage; monitors read; sites only
+// stream their replicas (and the link checks which site, per replica).
+var (
+	readers  = roles{pki.RoleVault, pki.RoleOperator, pki.RoleMonitor}
+	managers = roles{pki.RoleVault, pki.RoleOperator}
+	sites    = roles{pki.RoleSite}
+)
+
+type roles []string
+
+type peerKey struct{}
+
+// callerOf is the identity of the caller of a route (set by handle).
+func callerOf(r *http.Request) pki.Peer {
+	p, _ := r.Context().Value(peerKey{}).(pki.Peer)
+	return p
+}
+
 func (a *Agent) routes() http.Handler {
 	mux := http.NewServeMux()
+	handle := func(pattern string, allowed roles, h http.HandlerFunc) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			peer, err := pki.Verified(r.TLS)
+			if err != nil {
+				reply(w, nil, fmt.Errorf("%w: %v", api.ErrUnauthorized, err))
+				return
+			}
+			if !slices.Contains(allowed, peer.Role) {
+				a.log.Warn("refused a call", "route", pattern, "caller", peer.String())
+				reply(w, nil, fmt.Errorf("%w: %s may not call %s (allowed: %s)", api.ErrForbidden, peer, pattern, strings.Join(allowed, ", ")))
+				return
+			}
+			h(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, peer)))
+		})
+	}
 	// Prometheus scrapes over the same mutual TLS as everything else
-	// (give it a certificate: ferry ca issue prometheus).
-	mux.Handle("GET /metrics", a.metrics.handler())
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, a.FullStatus(r.Context()), nil) })
-	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+	// (give it a certificate: ferry ca issue --role monitor prometheus).
+	handle("GET /metrics", readers, a.metrics.handler().ServeHTTP)
+	handle("GET /v1/status", readers, func(w http.ResponseWriter, r *http.Request) { reply(w, a.FullStatus(r.Context()), nil) })
+	handle("POST /v1/vms", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req VMRequest
 		if !decode(w, r, &req) {
 			return
@@ -37,20 +73,20 @@ func (a *Agent) routes() http.Handler {
 		st, err := a.StartVM(r.Context(), req)
 		reply(w, st, err)
 	})
-	mux.HandleFunc("GET /v1/vms/{name}/console", func(w http.ResponseWriter, r *http.Request) {
+	handle("GET /v1/vms/{name}/console", managers, func(w http.ResponseWriter, r *http.Request) {
 		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
 		b, next, err := a.Console(r.PathValue("name"), off)
 		reply(w, map[string]any{"data": string(b), "next": next}, err)
 	})
-	mux.HandleFunc("POST /v1/vms/{name}/commit", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/vms/{name}/commit", managers, func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.CommitVM(r.Context(), r.PathValue("name"))
 		reply(w, map[string]any{"committed": r.PathValue("name"), "steps": steps}, err)
 	})
-	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
+	handle("DELETE /v1/vms/{name}", managers, func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.StopVM(r.Context(), r.PathValue("name"), r.URL.Query().Get("force") == "1")
 		reply(w, map[string]any{"stopped": r.PathValue("name"), "steps": steps}, err)
 	})
-	mux.HandleFunc("POST /v1/groups", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/groups", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Name  string      `json:"name"`
 			Disks []disk.Spec `json:"disks"`
@@ -60,17 +96,17 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, map[string]string{"created": req.Name}, a.CreateGroup(req.Name, req.Disks))
 	})
-	mux.HandleFunc("DELETE /v1/groups/{name}", func(w http.ResponseWriter, r *http.Request) {
+	handle("DELETE /v1/groups/{name}", managers, func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"deleted": r.PathValue("name")}, a.DeleteGroup(r.Context(), r.PathValue("name")))
 	})
-	mux.HandleFunc("POST /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/groups/{name}/replication", managers, func(w http.ResponseWriter, r *http.Request) {
 		var rc replConfig
 		if !decode(w, r, &rc) {
 			return
 		}
 		reply(w, map[string]string{"replicating": r.PathValue("name"), "to": rc.PeerName}, a.EnableReplication(r.PathValue("name"), rc))
 	})
-	mux.HandleFunc("POST /v1/groups/{name}/fence", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/groups/{name}/fence", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Generation int64 `json:"generation"`
 		}
@@ -79,17 +115,19 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, map[string]any{"fenced": r.PathValue("name"), "generation": req.Generation}, a.Fence(r.PathValue("name"), req.Generation))
 	})
-	mux.HandleFunc("POST /v1/groups/{name}/to-replica", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/groups/{name}/to-replica", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Since uint64 `json:"since"` // the failover point: report the changes after it
+			// Source is the site that will stream to the new replica.
+			Source string `json:"source"`
 		}
 		if r.ContentLength != 0 && !decode(w, r, &req) {
 			return
 		}
-		specs, pc, err := a.GroupToReplica(r.Context(), r.PathValue("name"), req.Since)
+		specs, pc, err := a.GroupToReplica(r.Context(), r.PathValue("name"), req.Since, req.Source)
 		reply(w, map[string]any{"replica": r.PathValue("name"), "reused": specs, "changes": pc}, err)
 	})
-	mux.HandleFunc("GET /v1/groups/{name}/changes", func(w http.ResponseWriter, r *http.Request) {
+	handle("GET /v1/groups/{name}/changes", managers, func(w http.ResponseWriter, r *http.Request) {
 		since, err := strconv.ParseUint(r.URL.Query().Get("since"), 10, 64)
 		if err != nil {
 			reply(w, nil, fmt.Errorf("%w: since must be a sequence number: %v", ErrInvalid, err))
@@ -98,14 +136,14 @@ func (a *Agent) routes() http.Handler {
 		c, err := a.GroupChanges(r.PathValue("name"), since)
 		reply(w, c, err)
 	})
-	mux.HandleFunc("GET /v1/groups/{name}/divergence", func(w http.ResponseWriter, r *http.Request) {
+	handle("GET /v1/groups/{name}/divergence", managers, func(w http.ResponseWriter, r *http.Request) {
 		d, err := a.GroupDivergence(r.PathValue("name"))
 		reply(w, d, err)
 	})
-	mux.HandleFunc("DELETE /v1/groups/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
+	handle("DELETE /v1/groups/{name}/replication", managers, func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"stopped": r.PathValue("name")}, a.DisableReplication(r.PathValue("name")))
 	})
-	mux.HandleFunc("POST /v1/groups/{name}/points", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/groups/{name}/points", managers, func(w http.ResponseWriter, r *http.Request) {
 		var m replica.Marker
 		if !decode(w, r, &m) {
 			return
@@ -121,11 +159,11 @@ func (a *Agent) routes() http.Handler {
 		seq, err := a.Mark(r.Context(), r.PathValue("name"), m)
 		reply(w, map[string]uint64{"seq": seq}, err)
 	})
-	mux.HandleFunc("GET /v1/replicas/{name}/points", func(w http.ResponseWriter, r *http.Request) {
+	handle("GET /v1/replicas/{name}/points", managers, func(w http.ResponseWriter, r *http.Request) {
 		pts, err := a.Points(r.PathValue("name"))
 		reply(w, pts, err)
 	})
-	mux.HandleFunc("POST /v1/replicas/{name}/views", func(w http.ResponseWriter, r *http.Request) {
+	handle("POST /v1/replicas/{name}/views", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Disk     string `json:"disk"`
 			Seq      uint64 `json:"seq"`
@@ -141,10 +179,19 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, a.viewInfo(ov), nil)
 	})
-	mux.HandleFunc("DELETE /v1/views/{id}", func(w http.ResponseWriter, r *http.Request) {
+	handle("DELETE /v1/views/{id}", managers, func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"closed": r.PathValue("id")}, a.CloseView(r.PathValue("id")))
 	})
-	mux.HandleFunc("POST /v1/link", a.serveLink)
+	handle("PUT /v1/replicas/{name}/source", managers, func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Source string `json:"source"`
+		}
+		if !decode(w, r, &req) {
+			return
+		}
+		reply(w, map[string]string{"replica": r.PathValue("name"), "source": req.Source}, a.ExpectReplica(r.PathValue("name"), req.Source))
+	})
+	handle("POST /v1/link", sites, a.serveLink)
 	return mux
 }
 
@@ -177,18 +224,11 @@ func (a *Agent) serveLink(w http.ResponseWriter, r *http.Request) {
 	conn.SetDeadline(time.Time{})
 	a.wg.Add(1)
 	defer a.wg.Done()
-	if err := a.recv.Serve(a.ctx, bufferedConn{Conn: conn, r: brw.Reader}); err != nil && a.ctx.Err() == nil {
-		a.log.Warn("replication stream ended", "peer", peerName(conn), "err", err)
+	peer := callerOf(r)
+	admit := func(h link.Hello) error { return a.admitLink(peer, h) }
+	if err := a.recv.Serve(a.ctx, bufferedConn{Conn: conn, r: brw.Reader}, admit); err != nil && a.ctx.Err() == nil {
+		a.log.Warn("replication stream ended", "peer", peer.String(), "err", err)
 	}
-}
-
-func peerName(c net.Conn) string {
-	if tc, ok := c.(*tls.Conn); ok {
-		if cs := tc.ConnectionState(); len(cs.PeerCertificates) > 0 {
-			return cs.PeerCertificates[0].Subject.CommonName
-		}
-	}
-	return c.RemoteAddr().String()
 }
 
 // bufferedConn reads through the buffer the HTTP layer may have filled.
@@ -202,7 +242,8 @@ func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 // dialLink opens a replication stream to the agent at addr, whose
 // certificate must name peerName.
 func dialLink(ctx context.Context, id *pki.Identity, addr, peerName string) (io.ReadWriteCloser, error) {
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}, Config: id.ClientConfig(peerName)}
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second},
+		Config: id.ClientConfig(pki.Peer{Role: pki.RoleSite, Name: peerName})}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
@@ -230,10 +271,16 @@ type Client struct {
 	hc   *http.Client
 }
 
-// NewClient returns a client for the agent at addr (host:port) whose
-// certificate names serverName, authenticating with id.
-func NewClient(id *pki.Identity, addr, serverName string) *Client {
-	tr := &http.Transport{TLSClientConfig: id.ClientConfig(serverName), ForceAttemptHTTP2: false}
+// NewClient returns a client for the agent of site at addr (host:port),
+// authenticating with id; the server must hold site's certificate.
+func NewClient(id *pki.Identity, addr, site string) *Client {
+	return NewClientFor(id, addr, pki.Peer{Role: pki.RoleSite, Name: site})
+}
+
+// NewClientFor returns a client for the server at addr that must hold the
+// identity server (an empty name accepts any name of that role).
+func NewClientFor(id *pki.Identity, addr string, server pki.Peer) *Client {
+	tr := &http.Transport{TLSClientConfig: id.ClientConfig(server), ForceAttemptHTTP2: false}
 	// Long enough for a graceful VM shutdown (60 s grace, then quit).
 	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 3 * time.Minute}}
 }

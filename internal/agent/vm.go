@@ -379,7 +379,13 @@ func (a *Agent) dropReplica(name string) error {
 		return nil
 	}
 	rep.Close()
-	return os.RemoveAll(filepath.Join(a.cfg.Dir, "replicas", name))
+	if err := os.RemoveAll(filepath.Join(a.cfg.Dir, "replicas", name)); err != nil {
+		return err
+	}
+	if err := os.Remove(a.sourcePath(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // Console returns the VM's serial console from byte offset off (at most

@@ -25,6 +25,7 @@ func runCA(ctx context.Context, e *env, args []string) error {
 	dir := fs.String("pki", "", "PKI directory (required)")
 	name := fs.String("name", "ferry CA", "CA name (init)")
 	hosts := fs.String("host", "127.0.0.1,localhost", "comma-separated DNS names and IPs the certificate is valid for (issue)")
+	role := fs.String("role", "", "what the holder is: site (an agent), vault, operator (calls agents directly) or monitor (reads status and metrics) (issue; required)")
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
@@ -36,15 +37,20 @@ func runCA(ctx context.Context, e *env, args []string) error {
 		if err := pki.InitCA(*dir, *name, time.Now()); err != nil {
 			return err
 		}
-		return e.print(map[string]string{"ca": *dir}, fmt.Sprintf("created CA in %s; issue site certificates with 'ferry ca issue --pki %s NAME'\n", *dir, *dir))
+		return e.print(map[string]string{"ca": *dir}, fmt.Sprintf("created CA in %s; issue certificates with 'ferry ca issue --pki %s --role site NAME'\n", *dir, *dir))
 	case "issue":
-		if fs.NArg() != 1 {
-			return fmt.Errorf("%w: ferry ca issue --pki DIR NAME", errUsage)
+		if fs.NArg() != 1 || *role == "" {
+			return fmt.Errorf("%w: ferry ca issue --pki DIR --role site|vault|operator|monitor NAME", errUsage)
 		}
-		if err := pki.Issue(*dir, *dir, fs.Arg(0), strings.Split(*hosts, ","), time.Now()); err != nil {
+		if err := pki.CheckRole(*role); err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+		peer := pki.Peer{Role: *role, Name: fs.Arg(0)}
+		if err := pki.Issue(*dir, *dir, peer, strings.Split(*hosts, ","), time.Now()); err != nil {
 			return err
 		}
-		return e.print(map[string]string{"issued": fs.Arg(0)}, fmt.Sprintf("issued %s.crt and %s.key in %s\n", fs.Arg(0), fs.Arg(0), *dir))
+		return e.print(map[string]string{"issued": fs.Arg(0), "identity": peer.URI().String()},
+			fmt.Sprintf("issued %s.crt and %s.key in %s for %s\n", fs.Arg(0), fs.Arg(0), *dir, peer.URI()))
 	}
 	return fmt.Errorf("%w: unknown ca subcommand %q", errUsage, args[0])
 }
@@ -141,6 +147,11 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		}
 		if *to == "" || *toName == "" {
 			return fmt.Errorf("%w: --to ADDR and --to-site NAME are required", errUsage)
+		}
+		// The recovery site takes the stream from this site only.
+		tc := agent.NewClient(id, *to, *toName)
+		if err := tc.Do(ctx, "PUT", "/v1/replicas/"+url.PathEscape(name)+"/source", map[string]string{"source": *site}, nil); err != nil {
+			return fmt.Errorf("record %s as the source of %s at %s: %w", *site, name, *toName, err)
 		}
 		if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/replication", map[string]string{"peer_addr": *to, "peer_name": *toName}, nil); err != nil {
 			return err

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -30,12 +31,19 @@ func runUp(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	pkiDir := filepath.Join(abs, "pki")
+	ids := []pki.Peer{{Role: pki.RoleSite, Name: "east"}, {Role: pki.RoleSite, Name: "west"},
+		{Role: pki.RoleVault, Name: "vault"}, {Role: pki.RoleOperator, Name: "operator"}}
+	fresh := false
 	if _, err := os.Stat(filepath.Join(pkiDir, pki.CACert)); err != nil {
 		if err := pki.InitCA(pkiDir, "ferry up", time.Now()); err != nil {
 			return err
 		}
-		for _, n := range []string{"east", "west", "vault", "operator"} {
-			if err := pki.Issue(pkiDir, pkiDir, n, []string{"127.0.0.1", "localhost"}, time.Now()); err != nil {
+		fresh = true
+	}
+	for _, id := range ids {
+		// Certificates from before identities existed are reissued.
+		if _, err := pki.Load(pkiDir, id.Name); fresh || errors.Is(err, pki.ErrNoIdentity) || errors.Is(err, os.ErrNotExist) {
+			if err := pki.Issue(pkiDir, pkiDir, id, []string{"127.0.0.1", "localhost"}, time.Now()); err != nil {
 				return err
 			}
 		}

@@ -48,6 +48,9 @@ func runVault(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if err := id.Require(pki.RoleVault, ""); err != nil {
+		return err
+	}
 	st, err := store.OpenSQLite(filepath.Join(*dir, "vault.db"))
 	if err != nil {
 		return err

@@ -21,11 +21,11 @@ func TestMutualTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, n := range []string{"siteA", "siteB"} {
-		if err := Issue(ca, ca, n, []string{"127.0.0.1", "localhost"}, now); err != nil {
+		if err := Issue(ca, ca, Peer{Role: RoleSite, Name: n}, []string{"127.0.0.1", "localhost"}, now); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := Issue(other, other, "intruder", []string{"127.0.0.1"}, now); err != nil {
+	if err := Issue(other, other, Peer{Role: RoleSite, Name: "intruder"}, []string{"127.0.0.1"}, now); err != nil {
 		t.Fatal(err)
 	}
 	a, _ := Load(ca, "siteA")
@@ -52,7 +52,7 @@ func TestMutualTLS(t *testing.T) {
 		}
 	}()
 	dial := func(id *Identity) error {
-		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", ln.Addr().String(), id.ClientConfig("siteA"))
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", ln.Addr().String(), id.ClientConfig(Peer{Role: RoleSite, Name: "siteA"}))
 		if err != nil {
 			return err
 		}

@@ -39,8 +39,11 @@ type session struct {
 	done  chan struct{}
 }
 
-// Serve runs one stream on conn (closed when Serve returns).
-func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
+// Serve runs one stream on conn (closed when Serve returns). admit, if
+// not nil, decides whether the authenticated peer may send the stream its
+// Hello announces; it runs before the stream touches anything, so a
+// refused stream never ends the live one of the same group.
+func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser, admit func(link.Hello) error) error {
 	defer conn.Close()
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
@@ -48,6 +51,12 @@ func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
 	var hello link.Hello
 	if err := c.ReadJSON(link.TypeHello, &hello); err != nil {
 		return fmt.Errorf("read hello: %w", err)
+	}
+	if admit != nil {
+		if err := admit(hello); err != nil {
+			c.Write(link.TypeError, []byte(err.Error()))
+			return fmt.Errorf("stream of %q refused: %w", hello.Group, err)
+		}
 	}
 	me := &session{close: func() { conn.Close() }, done: make(chan struct{})}
 	defer close(me.done)

@@ -45,7 +45,7 @@ func setupWith(t *testing.T, tweak func(*ShipperConfig)) *env {
 		t.Fatal(err)
 	}
 	for _, n := range []string{"src", "dst"} {
-		if err := pki.Issue(pk, pk, n, []string{"127.0.0.1"}, now); err != nil {
+		if err := pki.Issue(pk, pk, pki.Peer{Role: pki.RoleSite, Name: n}, []string{"127.0.0.1"}, now); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -82,7 +82,7 @@ func setupWith(t *testing.T, tweak func(*ShipperConfig)) *env {
 			if err != nil {
 				return
 			}
-			go rc.Serve(context.Background(), c)
+			go rc.Serve(context.Background(), c, nil)
 		}
 	}()
 	e.proxy, err = faultnet.New(ln.Addr().String())
@@ -94,7 +94,7 @@ func setupWith(t *testing.T, tweak func(*ShipperConfig)) *env {
 		Group: e.g, Name: "vm1", Source: "src", StateDir: t.TempDir(),
 		MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
-			d := tls.Dialer{Config: srcID.ClientConfig("dst")}
+			d := tls.Dialer{Config: srcID.ClientConfig(pki.Peer{Role: pki.RoleSite, Name: "dst"})}
 			return d.DialContext(ctx, "tcp", e.proxy.Addr())
 		},
 	}

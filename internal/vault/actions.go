@@ -70,7 +70,7 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 		if err != nil {
 			return nil, err
 		}
-		dst, _, err := v.site(ctx, p.Target)
+		dst, dc, err := v.site(ctx, p.Target)
 		if err != nil {
 			return nil, err
 		}
@@ -78,6 +78,11 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 			return nil, fmt.Errorf("both sites must be reachable (%s: %v, %s: %v)", src.Name, src.Reachable, dst.Name, dst.Reachable)
 		}
 		r.Step(ctx, "start replication")
+		// The recovery site takes this replica's stream from the source
+		// site only.
+		if err := expectReplica(ctx, dc, p.VM, src.Name); err != nil {
+			return nil, err
+		}
 		if err := sc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(p.VM)+"/replication", map[string]string{"peer_addr": dst.Addr, "peer_name": dst.Name}, nil); err != nil {
 			return nil, err
 		}
@@ -233,6 +238,15 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 			p.History = append(p.History, HistoryEntry{Action: "cleanup-test-failover", Time: v.now(), Notes: notes})
 		}, nil
 	})
+}
+
+// expectReplica tells the site behind c that replica vm is streamed by
+// site source, and by no other.
+func expectReplica(ctx context.Context, c AgentAPI, vm, source string) error {
+	if err := c.Do(ctx, "PUT", "/v1/replicas/"+url.PathEscape(vm)+"/source", map[string]string{"source": source}, nil); err != nil {
+		return fmt.Errorf("record %s as the source of replica %s: %w", source, vm, err)
+	}
+	return nil
 }
 
 func isNotFound(err error) bool { return errors.Is(err, api.ErrNotFound) }
@@ -639,7 +653,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			var out struct {
 				Changes *agent.PeerChanges `json:"changes"`
 			}
-			if err := tc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/to-replica", map[string]uint64{"since": since}, &out); err != nil {
+			if err := tc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/to-replica", map[string]any{"since": since, "source": plan.From}, &out); err != nil {
 				return nil, err
 			}
 			if plan.replicaReady {
@@ -663,6 +677,9 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			r.Skip(ctx, "reuse disks at "+to.Name, "no disks to reuse: a full copy")
 		}
 		r.Step(ctx, "start replication")
+		if err := expectReplica(ctx, tc, vmName, plan.From); err != nil {
+			return nil, err
+		}
 		if err := fc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/replication", map[string]any{"peer_addr": to.Addr, "peer_name": to.Name, "delta": delta}, nil); err != nil {
 			return nil, err
 		}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/httpjson"
+	"github.com/ferry-dr/ferry/internal/pki"
 )
 
 // Handler serves the vault's REST API (docs/api.md). Every call but
@@ -49,12 +50,16 @@ func (v *Vault) Handler() http.Handler {
 	// Site agents heartbeat with their client certificate (mutual TLS);
 	// the certificate's name is the site.
 	mux.HandleFunc("POST /v1/heartbeat", func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-			reply(w, nil, fmt.Errorf("%w: heartbeats need a site certificate from the installation's CA", ErrAuth))
+		peer, err := pki.Verified(r.TLS)
+		if err != nil {
+			reply(w, nil, fmt.Errorf("%w: heartbeats need a site certificate from the installation's CA: %v", ErrAuth, err))
 			return
 		}
-		site := r.TLS.VerifiedChains[0][0].Subject.CommonName
-		reply(w, map[string]string{"site": site}, v.SiteHeartbeat(r.Context(), site))
+		if peer.Role != pki.RoleSite {
+			reply(w, nil, fmt.Errorf("%w: %s is not a site; only sites heartbeat", ErrRole, peer))
+			return
+		}
+		reply(w, map[string]string{"site": peer.Name}, v.SiteHeartbeat(r.Context(), peer.Name))
 	})
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Token, Name, Addr string }

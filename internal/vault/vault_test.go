@@ -392,9 +392,8 @@ func TestHeartbeatOverMutualTLS(t *testing.T) {
 	if err := pki.InitCA(pk, "ca", now); err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range []string{"vault", "east"} {
-		pki.Issue(pk, pk, n, []string{"127.0.0.1"}, now)
-	}
+	pki.Issue(pk, pk, pki.Peer{Role: pki.RoleVault, Name: "vault"}, []string{"127.0.0.1"}, now)
+	pki.Issue(pk, pk, pki.Peer{Role: pki.RoleSite, Name: "east"}, []string{"127.0.0.1"}, now)
 	vid, _ := pki.Load(pk, "vault")
 	eid, _ := pki.Load(pk, "east")
 	f := newFixture(t, store.NewMem())
@@ -405,7 +404,7 @@ func TestHeartbeatOverMutualTLS(t *testing.T) {
 	srv.StartTLS()
 	defer srv.Close()
 	addr := strings.TrimPrefix(srv.URL, "https://")
-	c := agent.NewClient(eid, addr, "")
+	c := agent.NewClientFor(eid, addr, pki.Peer{Role: pki.RoleVault})
 	if err := c.Do(context.Background(), "POST", "/v1/heartbeat", nil, nil); err != nil {
 		t.Fatal(err)
 	}
