@@ -3,13 +3,16 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/guest"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/qemu"
@@ -30,18 +33,26 @@ func TestDRLifecycle(t *testing.T) {
 	if err := bad.Do(ctx, "GET", "/v1/sites", nil, nil); err == nil || !strings.Contains(err.Error(), "unknown token") {
 		t.Fatalf("bad token: %v", err)
 	}
-	// Enrollment with a one-time token (the sites are already known by
-	// address; this re-enrolls siteB the way a new site would).
-	var enroll map[string]string
-	if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": "enroll", "name": "siteB"}, &enroll); err != nil {
-		t.Fatal(err)
-	}
+	// Enrollment with a one-time token. The sites are already known: a
+	// plain enroll token cannot take over siteB's name; a re-enrollment
+	// token an operator made for siteB can, once.
 	anon, _ := vault.NewClient("https://"+vp.addr, "", filepath.Join(s.a.pki, "ca.crt"))
-	if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]string{"token": enroll["token"], "name": "siteB", "addr": s.b.addr}, nil); err != nil {
+	var plain map[string]any
+	if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": "enroll", "name": "new site"}, &plain); err != nil {
 		t.Fatal(err)
 	}
-	if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]string{"token": enroll["token"], "name": "siteB", "addr": s.b.addr}, nil); err == nil {
-		t.Fatal("an enroll token worked twice")
+	if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]any{"token": plain["token"], "name": "siteB", "addr": "127.0.0.1:9"}, nil); !errors.Is(err, api.ErrConflict) {
+		t.Fatalf("enrollment over an existing site: %v, want a conflict", err)
+	}
+	var enroll map[string]any
+	if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": "enroll", "name": "siteB", "reenroll": "siteB"}, &enroll); err != nil {
+		t.Fatal(err)
+	}
+	if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]any{"token": enroll["token"], "name": "siteB", "addr": s.b.addr}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]any{"token": enroll["token"], "name": "siteB", "addr": s.b.addr}, nil); !errors.Is(err, api.ErrUnauthorized) {
+		t.Fatalf("an enroll token used twice: %v, want unauthorized", err)
 	}
 	webA, webB := freePort(t), freePort(t)
 	createWorkloadVM(t, c, s, g, webA, webB)
@@ -181,7 +192,7 @@ func TestDRLifecycle(t *testing.T) {
 	// Once drained, the replica equals the source.
 	replicaEqualsSource(t, s.cb, s.ca, s.b.dir)
 	if err := s.cb.Do(ctx, "POST", "/v1/vms", agent.VMRequest{Name: "web", Group: "web", MemoryMiB: 256, QGA: true, Net: qemu.NetUser,
-		Forwards: []qemu.Forward{{Host: webB, GuestPort: 80}},
+		Forwards: []qemu.Forward{{Host: netip.MustParseAddrPort(webB), GuestPort: 80}},
 		Boot: qemu.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 			Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100"}}, nil); err != nil {
 		t.Fatal(err)

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -88,7 +89,7 @@ func TestAppConsistentPoints(t *testing.T) {
 	startVM := func(qga string) {
 		t.Helper()
 		req := agent.VMRequest{Name: "guest1", Group: "vm1", MemoryMiB: 256, QGA: true, Net: qemu.NetUser,
-			Forwards: []qemu.Forward{{Host: web, GuestPort: 80}},
+			Forwards: []qemu.Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}},
 			Boot: qemu.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 				Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=" + qga}}
 		if err := ca.Do(ctx, "POST", "/v1/vms", req, nil); err != nil {

@@ -28,6 +28,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
@@ -70,6 +71,11 @@ type Config struct {
 	// are folded into the divergence record's chunk set and the journal
 	// may be trimmed (default 1 GiB; the check runs every 5 s).
 	DivergenceBound int64
+	// ReadTimeout bounds reading a request with its body (default 30 s;
+	// the replication link is exempt); MaxConnsPerClient caps the
+	// connections one certificate holds open (default 64).
+	ReadTimeout       time.Duration
+	MaxConnsPerClient int
 }
 
 // Agent is a running site agent.
@@ -231,8 +237,9 @@ func (a *Agent) Start(ctx context.Context) error {
 		return fmt.Errorf("listen on %s: %w", a.cfg.Listen, err)
 	}
 	a.ln = ln
-	a.httpSrv = &http.Server{Handler: a.routes(), ReadHeaderTimeout: 10 * time.Second,
-		BaseContext: func(net.Listener) context.Context { return a.ctx }}
+	a.httpSrv = httpserver.New(httpserver.Config{Handler: a.routes(), Logger: a.log,
+		ReadTimeout: a.cfg.ReadTimeout, MaxConnsPerClient: a.cfg.MaxConnsPerClient})
+	a.httpSrv.BaseContext = func(net.Listener) context.Context { return a.ctx }
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -487,8 +494,8 @@ func (a *Agent) stopGroup(gr *group) {
 
 // CreateGroup creates a group with the given disks and exports them.
 func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
-	if !validName(name) {
-		return fmt.Errorf("%w: group name %q (letters, digits, - and _ only)", ErrInvalid, name)
+	if err := api.CheckName(api.KindGroup, name); err != nil {
+		return err
 	}
 	if len(disks) == 0 {
 		return fmt.Errorf("%w: a group needs at least one disk", ErrInvalid)
@@ -507,7 +514,7 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 		return err
 	}
 	for _, d := range disks {
-		if !validName(d.Name) || d.Size <= 0 {
+		if api.CheckName(api.KindDisk, d.Name) != nil || d.Size <= 0 {
 			g.Close()
 			os.RemoveAll(a.groupDir(name))
 			return fmt.Errorf("%w: disk %q of size %d", ErrInvalid, d.Name, d.Size)
@@ -847,8 +854,8 @@ func (a *Agent) admitLink(peer pki.Peer, h link.Hello) error {
 }
 
 func (a *Agent) replicaFor(h link.Hello) (*replica.Replica, error) {
-	if !validName(h.Group) {
-		return nil, fmt.Errorf("%w: group name %q", ErrInvalid, h.Group)
+	if err := api.CheckName(api.KindGroup, h.Group); err != nil {
+		return nil, err
 	}
 	// Split-brain guard: a group that is a source here (promoted by a
 	// failover), or a replica a failed-over VM runs on, takes no stream
@@ -919,18 +926,6 @@ func (a *Agent) CloseView(id string) error {
 	}
 	a.nbd.RemoveExport(ov.export)
 	return ov.v.Close()
-}
-
-func validName(s string) bool {
-	if s == "" || len(s) > 64 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
 
 // GroupStatus is one group in Status.

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
@@ -61,8 +62,11 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	if req.Replica != "" {
 		owner = req.Replica
 	}
-	if !validName(req.Name) || (req.Group == "") == (req.Replica == "") {
-		return qemu.Status{}, fmt.Errorf("%w: a VM needs a valid name and either a group or a replica", ErrInvalid)
+	if err := api.CheckName(api.KindGroup, req.Name); err != nil {
+		return qemu.Status{}, err
+	}
+	if (req.Group == "") == (req.Replica == "") {
+		return qemu.Status{}, fmt.Errorf("%w: a VM needs either a group or a replica", ErrInvalid)
 	}
 	a.mu.Lock()
 	gr := a.groups[req.Group]

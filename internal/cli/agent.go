@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"net/url"
 	"os"
 	"strconv"
@@ -172,10 +173,11 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 			Boot: qemu.Boot{Kernel: *vmKernel, Initrd: *vmInitrd, Append: *vmAppend}}
 		if *vmFwd != "" {
 			for _, f := range strings.Split(*vmFwd, ",") {
-				h, p, ok := strings.Cut(f, "=")
+				hs, p, ok := strings.Cut(f, "=")
 				port, err := strconv.Atoi(p)
-				if !ok || err != nil {
-					return fmt.Errorf("%w: --forward wants HOST:PORT=GUESTPORT, got %q", errUsage, f)
+				h, herr := netip.ParseAddrPort(hs)
+				if !ok || err != nil || herr != nil {
+					return fmt.Errorf("%w: --forward wants IP:PORT=GUESTPORT, got %q", errUsage, f)
 				}
 				req.Forwards = append(req.Forwards, qemu.Forward{Host: h, GuestPort: port})
 			}

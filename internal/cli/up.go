@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -117,14 +118,27 @@ func runUp(ctx context.Context, e *env, args []string) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	// Enroll both sites with one-time tokens, as a real site would.
+	// Enroll both sites with one-time tokens, as a real site would; a
+	// site enrolled by an earlier run at another address is re-enrolled
+	// with a token made for that.
+	var known []vault.Site
+	if err := c.Do(ctx, "GET", "/v1/sites", nil, &known); err != nil {
+		return err
+	}
 	for _, s := range []struct{ name, addr string }{{"east", *eastAddr}, {"west", *westAddr}} {
-		var tok map[string]string
-		if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": "enroll", "name": s.name}, &tok); err != nil {
+		req := vault.TokenRequest{Role: vault.RoleEnroll, Name: s.name, TTL: "1m"}
+		if i := slices.IndexFunc(known, func(k vault.Site) bool { return k.Name == s.name }); i >= 0 {
+			if known[i].Addr == s.addr {
+				continue
+			}
+			req.Reenroll = s.name
+		}
+		var tok map[string]any
+		if err := c.Do(ctx, "POST", "/v1/tokens", req, &tok); err != nil {
 			return err
 		}
 		anon, _ := vault.NewClient(url, "", ca)
-		if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]string{"token": tok["token"], "name": s.name, "addr": s.addr}, nil); err != nil {
+		if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]any{"token": tok["token"], "name": s.name, "addr": s.addr}, nil); err != nil {
 			return fmt.Errorf("enroll %s: %w", s.name, err)
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/portal"
 	"github.com/ferry-dr/ferry/internal/store"
@@ -84,11 +85,11 @@ func runVault(ctx context.Context, e *env, args []string) error {
 	mux.Handle("/v1/", apiH)
 	mux.Handle("/metrics", apiH)
 	mux.Handle("/", portal.Handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
-		// Tokens authenticate people; site agents also present their
-		// certificates (heartbeats), which must chain to the CA.
-		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.Cert},
-			ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: id.Pool}}
+	srv := httpserver.New(httpserver.Config{Handler: mux, Logger: e.log})
+	// Tokens authenticate people; site agents also present their
+	// certificates (heartbeats), which must chain to the CA.
+	srv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.Cert},
+		ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: id.Pool}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -119,7 +120,7 @@ func orEnv(v, name string) string {
 
 // runVaultCmd handles the DR commands that talk to the vault.
 func runVaultCmd(ctx context.Context, e *env, name string, args []string) error {
-	subs := map[string][]string{"site": {"list", "add", "network"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "token": {"create"}, "test-failover": {"cleanup"}}
+	subs := map[string][]string{"site": {"list", "add", "delete", "network"}, "vm": {"define", "start", "list", "console"}, "job": {"show"}, "token": {"create", "list", "revoke"}, "test-failover": {"cleanup"}}
 	sub := ""
 	if len(args) > 0 && slices.Contains(subs[name], args[0]) {
 		sub, args = args[0], args[1:]
@@ -135,6 +136,9 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 	fs.Var(&netMap, "network", "NIC=NETWORK at the recovery site for failovers (protect; repeatable; default: its first production network); NETWORK for the VM's NIC at its site (vm define)")
 	tokenRole := fs.String("role", "reader", "reader, operator or enroll (token create)")
 	tokenName := fs.String("name", "", "what the token is for, recorded with it (token create)")
+	tokenTTL := fs.String("ttl", "", "how long the token lives, e.g. 720h (token create; default: until revoked)")
+	reenroll := fs.String("reenroll", "", "an enroll token that may re-enroll this existing site at a new address (token create)")
+	readdress := fs.Bool("readdress", false, "change the address of an existing site (site add)")
 	testNet := fs.String("test-network", "", "isolated network at the recovery site for drills (protect; default: its first isolated network)")
 	netKind := fs.String("kind", "production", "network kind: production (NAT, forwarded ports) or isolated (drills) (site network add)")
 	netSubnet := fs.String("subnet", "", "IPv4 subnet in CIDR notation the guests get addresses from (site network add)")
@@ -199,14 +203,57 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 		if fs.NArg() != 2 {
 			return fmt.Errorf("%w: ferry site add NAME ADDR", errUsage)
 		}
-		return c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": fs.Arg(0), "addr": fs.Arg(1)}, nil)
+		var out map[string]string
+		if err := c.Do(ctx, "POST", "/v1/sites", map[string]any{"name": fs.Arg(0), "addr": fs.Arg(1), "readdress": *readdress}, &out); err != nil {
+			return err
+		}
+		return e.print(out, fmt.Sprintf("site %s at %s\n", fs.Arg(0), fs.Arg(1)))
+	case "site delete":
+		if fs.NArg() != 1 {
+			return fmt.Errorf("%w: ferry site delete NAME", errUsage)
+		}
+		var out map[string]string
+		if err := c.Do(ctx, "DELETE", "/v1/sites/"+neturl.PathEscape(fs.Arg(0)), nil, &out); err != nil {
+			return err
+		}
+		return e.print(out, fmt.Sprintf("deleted site %s\n", fs.Arg(0)))
+	case "token list":
+		var ts []vault.TokenInfo
+		if err := c.Do(ctx, "GET", "/v1/tokens", nil, &ts); err != nil {
+			return err
+		}
+		var b strings.Builder
+		tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tROLE\tNAME\tCREATED\tEXPIRES")
+		for _, t := range ts {
+			exp := "never"
+			if !t.Expires.IsZero() {
+				exp = t.Expires.Format(time.RFC3339)
+			}
+			name := t.Name
+			if t.Reenroll != "" {
+				name += " (re-enrolls " + t.Reenroll + ")"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.ID, t.Role, name, t.Created.Format(time.RFC3339), exp)
+		}
+		tw.Flush()
+		return e.print(ts, b.String())
+	case "token revoke":
+		if fs.NArg() != 1 {
+			return fmt.Errorf("%w: ferry token revoke ID (IDs: ferry token list)", errUsage)
+		}
+		var out map[string]string
+		if err := c.Do(ctx, "DELETE", "/v1/tokens/"+neturl.PathEscape(fs.Arg(0)), nil, &out); err != nil {
+			return err
+		}
+		return e.print(out, fmt.Sprintf("revoked token %s; it no longer works\n", fs.Arg(0)))
 	case "token create":
 		role := *tokenRole
 		if role != vault.RoleReader && role != vault.RoleOperator && role != vault.RoleEnroll {
 			return fmt.Errorf("%w: --role must be reader, operator or enroll", errUsage)
 		}
-		var out map[string]string
-		if err := c.Do(ctx, "POST", "/v1/tokens", map[string]string{"role": role, "name": *tokenName}, &out); err != nil {
+		var out map[string]any
+		if err := c.Do(ctx, "POST", "/v1/tokens", vault.TokenRequest{Role: role, Name: *tokenName, TTL: *tokenTTL, Reenroll: *reenroll}, &out); err != nil {
 			return err
 		}
 		hint := map[string]string{
@@ -214,7 +261,7 @@ func runVaultCmd(ctx context.Context, e *env, name string, args []string) error 
 			vault.RoleOperator: "runs every DR action",
 			vault.RoleEnroll:   "enrolls one site, once: POST /v1/enroll {\"token\", \"name\", \"addr\"} without other credentials",
 		}[role]
-		return e.print(out, fmt.Sprintf("%s\n# a %s token: %s; it is shown only now\n", out["token"], role, hint))
+		return e.print(out, fmt.Sprintf("%s\n# a %s token (id %s): %s; it is shown only now\n", out["token"], role, out["id"], hint))
 	case "site network":
 		switch {
 		case fs.NArg() == 3 && fs.Arg(0) == "add":

@@ -512,25 +512,20 @@ func requestReady(br *bufio.Reader) bool {
 }
 
 // transmit runs the transmission phase. The calling goroutine reads and
-// executes requests in order; FLUSH and FUA waits run on their own
-// goroutines so that requests behind them go on.
+// executes requests in order; FLUSH and FUA waits go to the connection's
+// flusher so that requests behind them go on.
 func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer) error {
 	e := c.export
 	dev := e.Device
 	size := uint64(e.Size)
 	w := &replier{nc: c.nc, bw: bw}
-	var waits sync.WaitGroup
+	fl := newFlusher(dev, w, MaxDurableInFlight)
+	go fl.run(ctx)
 	defer func() {
-		waits.Wait()
+		fl.close() // answers every FLUSH and FUA received, then stops
 		w.flush()
 	}()
-	durable := func(h uint64) {
-		waits.Add(1)
-		go func() {
-			defer waits.Done()
-			w.send(h, errnoOf(dev.Flush(ctx)), nil, true)
-		}()
-	}
+	durable := fl.add
 	// Writes of one burst are collected and applied together when the
 	// device can batch; any other request first applies the batch, so the
 	// order of execution is the order of arrival.
@@ -669,4 +664,77 @@ func errnoOf(err error) uint32 {
 		return EINVAL
 	}
 	return EIO
+}
+
+// MaxDurableInFlight bounds the FLUSH and FUA requests of one connection
+// waiting for their flush: past it the connection's request loop stops
+// reading the socket until the flusher catches up, so a client that
+// pipelines without end holds a bounded amount of memory and no extra
+// goroutines.
+const MaxDurableInFlight = 256
+
+// flusher answers one connection's FLUSH and FUA requests with one
+// goroutine. Each round takes every handle waiting, runs one
+// Device.Flush, which started after each of those requests had been
+// received and so covers every write acknowledged before it, and then
+// replies to them all: a burst of FLUSHes costs one fsync, not one each.
+type flusher struct {
+	dev  Device
+	w    *replier
+	max  int
+	mu   sync.Mutex
+	cond *sync.Cond
+	// pending handles, in arrival order.
+	pending []uint64
+	closed  bool
+	done    chan struct{}
+}
+
+func newFlusher(dev Device, w *replier, max int) *flusher {
+	f := &flusher{dev: dev, w: w, max: max, done: make(chan struct{})}
+	f.cond = sync.NewCond(&f.mu)
+	return f
+}
+
+// add queues handle h for the next flush; it blocks while the queue is
+// full (the bound on requests in flight).
+func (f *flusher) add(h uint64) {
+	f.mu.Lock()
+	for len(f.pending) >= f.max && !f.closed {
+		f.cond.Wait()
+	}
+	f.pending = append(f.pending, h)
+	f.cond.Broadcast()
+	f.mu.Unlock()
+}
+
+func (f *flusher) run(ctx context.Context) {
+	defer close(f.done)
+	var batch []uint64
+	for {
+		f.mu.Lock()
+		for len(f.pending) == 0 && !f.closed {
+			f.cond.Wait()
+		}
+		if len(f.pending) == 0 && f.closed {
+			f.mu.Unlock()
+			return
+		}
+		batch, f.pending = f.pending, batch[:0]
+		f.cond.Broadcast() // room for the request loop again
+		f.mu.Unlock()
+		errno := errnoOf(f.dev.Flush(ctx))
+		for i, h := range batch {
+			f.w.send(h, errno, nil, i == len(batch)-1)
+		}
+	}
+}
+
+// close waits until every queued handle is answered, then stops run.
+func (f *flusher) close() {
+	f.mu.Lock()
+	f.closed = true
+	f.cond.Broadcast()
+	f.mu.Unlock()
+	<-f.done
 }

@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/qga"
 )
 
@@ -39,10 +40,12 @@ type Boot struct {
 	Append string `json:"append,omitempty"`
 }
 
-// Forward forwards a host TCP address to a guest port.
+// Forward forwards a host TCP address to a guest port. The host address
+// is typed: in JSON it is "127.0.0.1:8080", and anything that does not
+// parse as an address and a port is refused when decoded.
 type Forward struct {
-	Host      string `json:"host"` // e.g. 127.0.0.1:8080
-	GuestPort int    `json:"guest_port"`
+	Host      netip.AddrPort `json:"host"`
+	GuestPort int            `json:"guest_port"`
 }
 
 // Net modes.
@@ -78,9 +81,11 @@ var ErrSpec = errors.New("qemu: invalid VM spec")
 // Validate refuses specs that cannot start, before anything runs.
 func (s *Spec) Validate() error {
 	bad := func(format string, a ...any) error { return fmt.Errorf("%w: %s", ErrSpec, fmt.Sprintf(format, a...)) }
+	// A drill's name is the VM's plus "-drill": the full name length.
+	if err := api.CheckName(api.KindGroup, s.Name); err != nil {
+		return bad("%v", err)
+	}
 	switch {
-	case s.Name == "" || strings.ContainsAny(s.Name, "/ \t"):
-		return bad("name %q", s.Name)
 	case s.VCPUs < 0 || s.VCPUs > 64:
 		return bad("%d vCPUs", s.VCPUs)
 	case s.MemoryMiB <= 0:
@@ -113,6 +118,19 @@ func (s *Spec) Validate() error {
 	if s.Subnet != "" {
 		if err := CheckSubnet(s.Subnet); err != nil {
 			return bad("%v", err)
+		}
+	}
+	for _, f := range s.Forwards {
+		if !f.Host.IsValid() || !f.Host.Addr().Is4() || f.Host.Port() == 0 {
+			return bad("forward host %v: want an IPv4 address and a port", f.Host)
+		}
+		if f.GuestPort <= 0 || f.GuestPort > 65535 {
+			return bad("forward guest port %d", f.GuestPort)
+		}
+	}
+	for _, f := range []string{s.Boot.Kernel, s.Boot.Initrd, s.Boot.Append} {
+		if strings.ContainsFunc(f, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+			return bad("boot option %q holds control characters", f)
 		}
 	}
 	switch s.Accel {
@@ -241,13 +259,13 @@ func (v *VM) args() []string {
 	s := v.Spec
 	a := []string{"-name", s.Name, "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
 		"-machine", "q35", "-accel", v.accel, "-smp", fmt.Sprint(s.VCPUs), "-m", fmt.Sprint(s.MemoryMiB),
-		"-qmp", "unix:" + v.qmpPath() + ",server=on,wait=off",
-		"-serial", "file:" + v.ConsolePath(), "-no-reboot"}
+		"-qmp", "unix:" + optValue(v.qmpPath()) + ",server=on,wait=off",
+		"-serial", "file:" + optValue(v.ConsolePath()), "-no-reboot"}
 	if v.accel == "kvm" {
 		a = append(a, "-cpu", "host")
 	}
 	for i, d := range s.Disks {
-		drive := fmt.Sprintf("file=nbd+unix:///%s?socket=%s,format=raw,if=none,id=d%d,cache=none,aio=threads", d.Export, d.Socket, i)
+		drive := fmt.Sprintf("file=%s,format=raw,if=none,id=d%d,cache=none,aio=threads", optValue("nbd+unix:///"+d.Export+"?socket="+d.Socket), i)
 		dev := fmt.Sprintf("virtio-blk-pci,drive=d%d", i)
 		if i == 0 && s.Boot.Kernel == "" {
 			dev += ",bootindex=1"
@@ -269,16 +287,18 @@ func (v *VM) args() []string {
 		if s.Net == NetIsolated {
 			nd += ",restrict=on"
 		}
-		if s.Subnet != "" {
-			nd += ",net=" + s.Subnet
+		// Only typed values go into the option list: a parsed prefix,
+		// parsed addresses, integers.
+		if p, err := netip.ParsePrefix(s.Subnet); err == nil {
+			nd += ",net=" + p.String()
 		}
 		for _, f := range s.Forwards {
-			nd += fmt.Sprintf(",hostfwd=tcp:%s-:%d", f.Host, f.GuestPort)
+			nd += fmt.Sprintf(",hostfwd=tcp:%s:%d-:%d", f.Host.Addr(), f.Host.Port(), f.GuestPort)
 		}
 		a = append(a, "-netdev", nd, "-device", "virtio-net-pci,netdev=n0")
 	}
 	if s.QGA {
-		a = append(a, "-chardev", "socket,path="+v.qgaPath()+",server=on,wait=off,id=qga0",
+		a = append(a, "-chardev", "socket,path="+optValue(v.qgaPath())+",server=on,wait=off,id=qga0",
 			"-device", "virtio-serial-pci", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0")
 	}
 	return a
@@ -515,6 +535,11 @@ func probeKVM(ctx context.Context, boot Boot) bool {
 		}
 	}
 }
+
+// optValue escapes a value placed inside a QEMU option list: QEMU reads
+// ",," as a literal comma, so a path with a comma cannot start a new
+// option.
+func optValue(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 // CheckSubnet accepts an IPv4 network in CIDR notation that user-mode
 // networking can serve: between /8 and /28, so that it has room for the

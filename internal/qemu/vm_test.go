@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -143,7 +144,7 @@ func TestWorkloadVM(t *testing.T) {
 	vm, err := Start(context.Background(), Spec{
 		Name: "wl", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}},
 		Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100"},
-		Net:  NetUser, Forwards: []Forward{{Host: web, GuestPort: 80}}, QGA: true, Accel: "auto",
+		Net:  NetUser, Forwards: []Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}, QGA: true, Accel: "auto",
 	}, t.TempDir(), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -243,7 +244,7 @@ func TestNetworkModes(t *testing.T) {
 			vm, err := Start(context.Background(), Spec{
 				Name: "net", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}},
 				Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.qga=0 ferry.probe=10.0.2.2:" + port},
-				Net:  tc.mode, Forwards: []Forward{{Host: web, GuestPort: 80}}, Accel: "auto",
+				Net:  tc.mode, Forwards: []Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}, Accel: "auto",
 			}, t.TempDir(), nil)
 			if err != nil {
 				t.Fatal(err)

@@ -62,20 +62,41 @@ func (v *Vault) Handler() http.Handler {
 		reply(w, map[string]string{"site": peer.Name}, v.SiteHeartbeat(r.Context(), peer.Name))
 	})
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
-		var req struct{ Token, Name, Addr string }
+		var req struct {
+			Token string `json:"token"`
+			Name  string `json:"name"`
+			Addr  string `json:"addr"`
+		}
 		if err := decode(r, &req); err != nil {
 			reply(w, nil, err)
 			return
 		}
 		reply(w, map[string]string{"enrolled": req.Name}, v.Enroll(r.Context(), req.Token, req.Name, req.Addr))
 	})
-	act(v, mux, "POST /v1/sites", func(r *http.Request, b struct{ Name, Addr string }) (any, error) {
-		return map[string]string{"site": b.Name}, v.AddSite(r.Context(), b.Name, b.Addr)
+	act(v, mux, "POST /v1/sites", func(r *http.Request, b struct {
+		Name      string `json:"name"`
+		Addr      string `json:"addr"`
+		Readdress bool   `json:"readdress"`
+	}) (any, error) {
+		return map[string]string{"site": b.Name, "addr": b.Addr}, v.addSite(r.Context(), b.Name, b.Addr, b.Readdress)
 	})
-	act(v, mux, "POST /v1/tokens", func(r *http.Request, b struct{ Role, Name string }) (any, error) {
-		t, err := v.CreateToken(r.Context(), b.Role, b.Name)
-		return map[string]string{"token": t, "role": b.Role}, err
+	mux.HandleFunc("DELETE /v1/sites/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"deleted": r.PathValue("name")}, v.DeleteSite(r.Context(), r.PathValue("name")))
+	}))
+	act(v, mux, "POST /v1/tokens", func(r *http.Request, b TokenRequest) (any, error) {
+		t, info, err := v.NewToken(r.Context(), b)
+		return struct {
+			Token string `json:"token"`
+			TokenInfo
+		}{t, info}, err
 	})
+	mux.HandleFunc("GET /v1/tokens", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		ts, err := v.Tokens(r.Context())
+		reply(w, ts, err)
+	}))
+	mux.HandleFunc("DELETE /v1/tokens/{id}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"revoked": r.PathValue("id")}, v.RevokeToken(r.Context(), r.PathValue("id")))
+	}))
 	act(v, mux, "PUT /v1/policies/{name}", func(r *http.Request, p Policy) (any, error) {
 		p.Name = r.PathValue("name")
 		return p, v.PutPolicy(r.Context(), p)
@@ -155,8 +176,14 @@ func (v *Vault) auth(role string, h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// bearer is the token of an "Authorization: Bearer TOKEN" header; any
+// other form gives "" (no token), never the raw header.
 func bearer(r *http.Request) string {
-	return strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+	scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return ""
+	}
+	return strings.TrimSpace(tok)
 }
 
 func decode(r *http.Request, v any) error {

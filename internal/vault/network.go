@@ -5,11 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strings"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/store"
 )
@@ -47,12 +47,10 @@ func defaultNetworks() []Network {
 	}
 }
 
-var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
-
 // PutNetwork declares (or changes) a network of a site.
 func (v *Vault) PutNetwork(ctx context.Context, site string, n Network) (Site, error) {
-	if !nameRE.MatchString(n.Name) {
-		return Site{}, fmt.Errorf("%w: network name %q: use 1-32 lower-case letters, digits and dashes", ErrInvalid, n.Name)
+	if err := api.CheckName(api.KindNetwork, n.Name); err != nil {
+		return Site{}, err
 	}
 	if n.Kind != KindProduction && n.Kind != KindIsolated {
 		return Site{}, fmt.Errorf("%w: network kind %q: want %s or %s", ErrInvalid, n.Kind, KindProduction, KindIsolated)
@@ -171,8 +169,8 @@ func checkNICs(vm *VM, site Site) error {
 		return fmt.Errorf("%w: %s has %d NICs; ferry attaches one NIC per VM today", ErrInvalid, vm.Name, len(vm.NICs))
 	}
 	for _, nic := range vm.NICs {
-		if !nameRE.MatchString(nic.Name) {
-			return fmt.Errorf("%w: NIC name %q", ErrInvalid, nic.Name)
+		if err := api.CheckName("NIC", nic.Name); err != nil {
+			return err
 		}
 		if _, ok := site.network(nic.Network); !ok {
 			return fmt.Errorf("%w: NIC %s of %s: site %s has no network %q (it has %s)", ErrInvalid, nic.Name, vm.Name, site.Name, nic.Network, networkNames(site))
@@ -295,7 +293,11 @@ func vmRequest(vm VM, name, site string, seq uint64, n Network) agent.VMRequest 
 		req.Net = qemu.NetIsolated
 	}
 	if addr := forwardAddr(vm, site, n); addr != "" && vm.GuestPort > 0 {
-		req.Forwards = []qemu.Forward{{Host: addr, GuestPort: vm.GuestPort}}
+		// Stored forwards were validated; one that no longer parses (an
+		// older vault stored it) is left out rather than passed on.
+		if ap, err := parseForward(addr); err == nil {
+			req.Forwards = []qemu.Forward{{Host: ap, GuestPort: vm.GuestPort}}
+		}
 	}
 	return req
 }
@@ -304,15 +306,13 @@ func vmRequest(vm VM, name, site string, seq uint64, n Network) agent.VMRequest 
 // "site/network" gets the host address given, or loses it if "". They take
 // effect the next time the VM starts there (a failover, a drill).
 func (v *Vault) SetForwards(ctx context.Context, name string, fw map[string]string) (VM, error) {
-	for k, addr := range fw {
+	if err := checkForwards(fw, true); err != nil {
+		return VM{}, err
+	}
+	for k := range fw {
 		site, _, _ := strings.Cut(k, "/")
 		if _, _, err := get[Site](ctx, v.st, kindSite, site); err != nil {
 			return VM{}, fmt.Errorf("forward %q: %w", k, err)
-		}
-		if addr != "" {
-			if _, err := netip.ParseAddrPort(addr); err != nil {
-				return VM{}, fmt.Errorf("%w: forward %q: %q is not HOST:PORT with an IP host", ErrInvalid, k, addr)
-			}
 		}
 	}
 	for {
@@ -350,3 +350,37 @@ func forwardAddr(vm VM, site string, n Network) string {
 }
 
 func isConflict(err error) bool { return errors.Is(err, store.ErrConflict) }
+
+// checkForwards validates published addresses: each key is "site" or
+// "site/network" (valid names), each value an IPv4 address and a port
+// (net/netip), or "" to remove one if removal is allowed. Nothing else
+// can reach QEMU's option list.
+func checkForwards(fw map[string]string, removal bool) error {
+	for k, addr := range fw {
+		site, network, hasNet := strings.Cut(k, "/")
+		if err := api.CheckName(api.KindSite, site); err != nil {
+			return fmt.Errorf("forward %q: %w", k, err)
+		}
+		if hasNet {
+			if err := api.CheckName(api.KindNetwork, network); err != nil {
+				return fmt.Errorf("forward %q: %w", k, err)
+			}
+		}
+		if addr == "" && removal {
+			continue
+		}
+		if _, err := parseForward(addr); err != nil {
+			return fmt.Errorf("forward %q: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// parseForward parses a published address: an IPv4 address and a port.
+func parseForward(addr string) (netip.AddrPort, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() || ap.Port() == 0 {
+		return netip.AddrPort{}, fmt.Errorf("%w: %q is not an IPv4 address and a port (like 127.0.0.1:8080)", ErrInvalid, addr)
+	}
+	return ap, nil
+}

@@ -5,12 +5,16 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"net/url"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -122,7 +126,37 @@ type token struct {
 	Role    string    `json:"role"`
 	Name    string    `json:"name"`
 	Created time.Time `json:"created"`
+	// Expires, if set, ends the token.
+	Expires time.Time `json:"expires,omitzero"`
+	// Reenroll, on an enroll token, is the one existing site it may
+	// re-address (an operator asked for it explicitly).
+	Reenroll string `json:"reenroll,omitempty"`
 }
+
+// TokenInfo describes a token without its secret: ID (the start of its
+// hash) is what revoking takes.
+type TokenInfo struct {
+	ID       string    `json:"id"`
+	Role     string    `json:"role"`
+	Name     string    `json:"name"`
+	Created  time.Time `json:"created"`
+	Expires  time.Time `json:"expires,omitzero"`
+	Reenroll string    `json:"reenroll,omitempty"`
+}
+
+// TokenRequest asks for a new token.
+type TokenRequest struct {
+	Role string `json:"role"`
+	Name string `json:"name"`
+	// TTL, if not empty, is how long the token lives (a Go duration such
+	// as "24h").
+	TTL string `json:"ttl,omitempty"`
+	// Reenroll (enroll tokens only) names an existing site the token may
+	// re-enroll at a new address.
+	Reenroll string `json:"reenroll,omitempty"`
+}
+
+const tokenIDLen = 12
 
 func hashToken(t string) string {
 	h := sha256.Sum256([]byte(t))
@@ -131,16 +165,87 @@ func hashToken(t string) string {
 
 // CreateToken makes a new token for role; only its hash is stored.
 func (v *Vault) CreateToken(ctx context.Context, role, name string) (string, error) {
-	switch role {
+	t, _, err := v.NewToken(ctx, TokenRequest{Role: role, Name: name})
+	return t, err
+}
+
+// NewToken makes a token as asked and returns it (shown only now) and its
+// description.
+func (v *Vault) NewToken(ctx context.Context, req TokenRequest) (string, TokenInfo, error) {
+	switch req.Role {
 	case RoleReader, RoleOperator, RoleEnroll:
 	default:
-		return "", fmt.Errorf("%w: role %q (reader, operator or enroll)", ErrInvalid, role)
+		return "", TokenInfo{}, fmt.Errorf("%w: role %q (reader, operator or enroll)", ErrInvalid, req.Role)
+	}
+	if len(req.Name) > 128 || strings.ContainsFunc(req.Name, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		return "", TokenInfo{}, fmt.Errorf("%w: a token's name is up to 128 printable characters", ErrInvalid)
+	}
+	tk := token{Role: req.Role, Name: req.Name, Created: v.now()}
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil || d <= 0 {
+			return "", TokenInfo{}, fmt.Errorf("%w: ttl %q: want a positive duration such as 24h", ErrInvalid, req.TTL)
+		}
+		tk.Expires = tk.Created.Add(d)
+	}
+	if req.Reenroll != "" {
+		if req.Role != RoleEnroll {
+			return "", TokenInfo{}, fmt.Errorf("%w: only an enroll token re-enrolls a site", ErrInvalid)
+		}
+		if _, _, err := get[Site](ctx, v.st, kindSite, req.Reenroll); err != nil {
+			return "", TokenInfo{}, fmt.Errorf("re-enroll: %w", err)
+		}
+		tk.Reenroll = req.Reenroll
 	}
 	b := make([]byte, 24)
 	rand.Read(b)
 	t := "fy_" + hex.EncodeToString(b)
-	_, err := put(ctx, v.st, kindToken, hashToken(t), token{Role: role, Name: name, Created: v.now()}, 0)
-	return t, err
+	h := hashToken(t)
+	_, err := put(ctx, v.st, kindToken, h, tk, 0)
+	return t, tokenInfo(h, tk), err
+}
+
+func tokenInfo(hash string, tk token) TokenInfo {
+	return TokenInfo{ID: hash[:tokenIDLen], Role: tk.Role, Name: tk.Name, Created: tk.Created, Expires: tk.Expires, Reenroll: tk.Reenroll}
+}
+
+// Tokens lists the tokens (never their secrets).
+func (v *Vault) Tokens(ctx context.Context) ([]TokenInfo, error) {
+	docs, err := v.st.List(ctx, kindToken)
+	if err != nil {
+		return nil, err
+	}
+	out := []TokenInfo{}
+	for _, d := range docs {
+		var tk token
+		if err := json.Unmarshal(d.Data, &tk); err != nil {
+			return nil, fmt.Errorf("decode token %s: %w", d.ID[:tokenIDLen], err)
+		}
+		out = append(out, tokenInfo(d.ID, tk))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Created.Before(out[j].Created) })
+	return out, nil
+}
+
+// RevokeToken deletes the token whose ID is id; it stops working at once.
+func (v *Vault) RevokeToken(ctx context.Context, id string) error {
+	if len(id) != tokenIDLen {
+		return fmt.Errorf("%w: a token ID has %d characters (ferry token list)", ErrInvalid, tokenIDLen)
+	}
+	docs, err := v.st.List(ctx, kindToken)
+	if err != nil {
+		return err
+	}
+	for _, d := range docs {
+		if strings.HasPrefix(d.ID, id) {
+			if err := v.st.Delete(ctx, kindToken, d.ID, d.Version); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+			v.log.Info("token revoked", "id", id)
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: token %s", ErrNotFound, id)
 }
 
 // Authenticate returns the role of a token.
@@ -152,39 +257,131 @@ func (v *Vault) Authenticate(ctx context.Context, t string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("%w: unknown token", ErrAuth)
 	}
+	if !tk.Expires.IsZero() && !v.now().Before(tk.Expires) {
+		return "", fmt.Errorf("%w: token expired at %s; ask an operator for a new one", ErrAuth, tk.Expires.Format(time.RFC3339))
+	}
 	return tk.Role, nil
 }
 
 // --- sites ---
 
-// Enroll registers a site agent with a one-time enroll token.
+// Enroll registers a site agent with a one-time enroll token. A name that
+// is already enrolled is refused, unless the token was made to re-enroll
+// that very site (ferry token create --role enroll --reenroll NAME).
 func (v *Vault) Enroll(ctx context.Context, enrollToken, name, addr string) error {
+	if err := checkSite(name, addr); err != nil {
+		return err
+	}
 	h := hashToken(enrollToken)
 	tk, ver, err := get[token](ctx, v.st, kindToken, h)
 	if err != nil || tk.Role != RoleEnroll {
 		return fmt.Errorf("%w: not a valid enroll token", ErrAuth)
 	}
+	if !tk.Expires.IsZero() && !v.now().Before(tk.Expires) {
+		return fmt.Errorf("%w: enroll token expired", ErrAuth)
+	}
+	_, _, gerr := get[Site](ctx, v.st, kindSite, name)
+	exists := gerr == nil
+	if exists && tk.Reenroll != name {
+		return fmt.Errorf("%w: site %q is enrolled already; to move it, an operator creates a re-enrollment token (ferry token create --role enroll --reenroll %s)", ErrForbidden, name, name)
+	}
+	if !exists && tk.Reenroll != "" {
+		return fmt.Errorf("%w: this token re-enrolls site %q only", ErrRole, tk.Reenroll)
+	}
 	if err := v.st.Delete(ctx, kindToken, h, ver); err != nil { // one time only
 		return fmt.Errorf("%w: enroll token already used", ErrAuth)
 	}
-	return v.AddSite(ctx, name, addr)
+	return v.putSite(ctx, name, addr, exists)
 }
 
-// AddSite registers (or re-addresses) a site.
+// AddSite registers a new site; an existing one is re-addressed only if
+// readdress is set.
 func (v *Vault) AddSite(ctx context.Context, name, addr string) error {
-	if name == "" || addr == "" {
-		return fmt.Errorf("%w: a site needs a name and an address", ErrInvalid)
+	return v.addSite(ctx, name, addr, false)
+}
+
+func (v *Vault) addSite(ctx context.Context, name, addr string, readdress bool) error {
+	if err := checkSite(name, addr); err != nil {
+		return err
 	}
+	return v.putSite(ctx, name, addr, readdress)
+}
+
+func (v *Vault) putSite(ctx context.Context, name, addr string, readdress bool) error {
 	s, ver, err := get[Site](ctx, v.st, kindSite, name)
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		return err
 	}
+	if ver != 0 && !readdress {
+		return fmt.Errorf("%w: site %q exists (at %s); re-address it explicitly (ferry site add --readdress)", ErrForbidden, name, s.Addr)
+	}
 	if ver == 0 {
 		s = Site{Name: name, Enrolled: v.now(), Networks: defaultNetworks()}
 	}
+	if s.Addr != addr && ver != 0 {
+		v.log.Warn("site re-addressed", "site", name, "from", s.Addr, "to", addr)
+	}
 	s.Addr = addr
 	_, err = put(ctx, v.st, kindSite, name, s, ver)
+	if errors.Is(err, store.ErrConflict) {
+		return fmt.Errorf("%w: site %q changed meanwhile; try again", ErrBusy, name)
+	}
 	return err
+}
+
+// checkSite validates a site's name and its agent's address (HOST:PORT).
+func checkSite(name, addr string) error {
+	if err := api.CheckName(api.KindSite, name); err != nil {
+		return err
+	}
+	host, port, err := net.SplitHostPort(addr)
+	n, perr := strconv.Atoi(port)
+	if err != nil || perr != nil || n <= 0 || n > 65535 || host == "" {
+		return fmt.Errorf("%w: site address %q: want HOST:PORT", ErrInvalid, addr)
+	}
+	if _, err := netip.ParseAddr(host); err != nil && api.CheckName("host", strings.ReplaceAll(host, ".", "-")) != nil {
+		return fmt.Errorf("%w: site address %q: the host is neither an IP address nor a DNS name", ErrInvalid, addr)
+	}
+	return nil
+}
+
+// DeleteSite forgets a site; refused while a VM runs there or a
+// protection replicates from or to it.
+func (v *Vault) DeleteSite(ctx context.Context, name string) error {
+	s, ver, err := get[Site](ctx, v.st, kindSite, name)
+	if err != nil {
+		return err
+	}
+	var users []string
+	vms, err := v.VMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		if vm.Site == name {
+			users = append(users, "VM "+vm.Name)
+		}
+	}
+	ps, err := v.Protections(ctx)
+	if err != nil {
+		return err
+	}
+	for _, p := range ps {
+		if p.Source == name || p.Target == name {
+			users = append(users, "protection of "+p.VM)
+		}
+	}
+	if len(users) > 0 {
+		return fmt.Errorf("%w: site %s is used by %s; move or delete them first", ErrForbidden, name, strings.Join(users, ", "))
+	}
+	if err := v.st.Delete(ctx, kindSite, s.Name, ver); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return fmt.Errorf("%w: site %q changed meanwhile; try again", ErrBusy, name)
+		}
+		return err
+	}
+	v.log.Info("site deleted", "site", name)
+	return nil
 }
 
 // Sites lists the sites.
@@ -355,8 +552,8 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st agent.Status) {
 // DefineVM records a VM (its spec and the site it runs at) and creates its
 // disks there (a group named after the VM; an existing one is kept).
 func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
-	if vm.Name == "" || vm.Site == "" || len(vm.Disks) == 0 || vm.MemoryMiB <= 0 {
-		return fmt.Errorf("%w: a VM needs a name, a site, disks and memory", ErrInvalid)
+	if err := checkVM(vm); err != nil {
+		return err
 	}
 	site, c, err := v.site(ctx, vm.Site)
 	if err != nil {
@@ -380,6 +577,48 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
 	}
 	return err
+}
+
+// checkVM validates everything in a VM's definition that a site agent or
+// QEMU will see.
+func checkVM(vm VM) error {
+	if err := api.CheckName(api.KindVM, vm.Name); err != nil {
+		return err
+	}
+	if err := api.CheckName(api.KindSite, vm.Site); err != nil {
+		return err
+	}
+	if len(vm.Disks) == 0 || len(vm.Disks) > 16 {
+		return fmt.Errorf("%w: a VM needs 1 to 16 disks, got %d", ErrInvalid, len(vm.Disks))
+	}
+	seen := map[string]bool{}
+	for _, d := range vm.Disks {
+		if err := api.CheckName(api.KindDisk, d.Name); err != nil {
+			return err
+		}
+		if seen[d.Name] {
+			return fmt.Errorf("%w: disk %q given twice", ErrInvalid, d.Name)
+		}
+		seen[d.Name] = true
+		if d.Size <= 0 || d.Size > 1<<50 {
+			return fmt.Errorf("%w: disk %s: size %d out of range (1 B to 1 PiB)", ErrInvalid, d.Name, d.Size)
+		}
+	}
+	if vm.MemoryMiB <= 0 || vm.MemoryMiB > 1<<20 {
+		return fmt.Errorf("%w: memory %d MiB out of range (1 MiB to 1 TiB)", ErrInvalid, vm.MemoryMiB)
+	}
+	if vm.VCPUs < 0 || vm.VCPUs > 64 {
+		return fmt.Errorf("%w: %d vCPUs out of range (0: one, up to 64)", ErrInvalid, vm.VCPUs)
+	}
+	if vm.GuestPort < 0 || vm.GuestPort > 65535 {
+		return fmt.Errorf("%w: guest port %d out of range", ErrInvalid, vm.GuestPort)
+	}
+	for _, f := range []struct{ what, s string }{{"kernel", vm.Kernel}, {"initrd", vm.Initrd}, {"append", vm.Append}} {
+		if strings.ContainsFunc(f.s, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+			return fmt.Errorf("%w: %s holds control characters", ErrInvalid, f.what)
+		}
+	}
+	return checkForwards(vm.Forwards, false)
 }
 
 // Console returns a VM's serial console from offset, wherever it runs.
@@ -428,6 +667,9 @@ func (v *Vault) VMs(ctx context.Context) ([]VM, error) { return list[VM](ctx, v.
 
 // PutPolicy creates or replaces a policy.
 func (v *Vault) PutPolicy(ctx context.Context, p Policy) error {
+	if err := api.CheckName(api.KindPolicy, p.Name); err != nil {
+		return err
+	}
 	if p.Name == "" || p.Retention <= 0 || p.RPOWarning <= 0 || p.RPOCritical < p.RPOWarning {
 		return fmt.Errorf("%w: a policy needs a name, retention > 0 and 0 < RPO warning <= critical", ErrInvalid)
 	}

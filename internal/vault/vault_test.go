@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/promtest"
 	"github.com/ferry-dr/ferry/internal/qemu"
@@ -92,7 +93,7 @@ func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) er
 	case method == "DELETE" && strings.HasPrefix(path, "/v1/vms/"):
 		name, _, _ := strings.Cut(strings.TrimPrefix(path, "/v1/vms/"), "?")
 		if _, ok := f.vms[name]; !ok {
-			return errors.New("404 Not Found")
+			return &api.StatusError{Code: 404, Message: "no VM " + name}
 		}
 		delete(f.vms, name)
 		set(map[string]any{"steps": []string{"guest powered off"}})
@@ -440,7 +441,7 @@ func TestNetworkMapping(t *testing.T) {
 		n    Network
 		want string
 	}{
-		{"Bad_Name", Network{Kind: KindProduction, Subnet: "10.1.0.0/24"}, "network name"},
+		{"bad name", Network{Kind: KindProduction, Subnet: "10.1.0.0/24"}, "network name"},
 		{"x", Network{Kind: "bridged", Subnet: "10.1.0.0/24"}, "network kind"},
 		{"x", Network{Kind: KindProduction, Subnet: "10.1.0.0"}, "CIDR"},
 		{"x", Network{Kind: KindProduction, Subnet: "10.1.0.9/24"}, "host bits"},
