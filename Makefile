@@ -45,6 +45,9 @@ fuzz:
 	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzServerOptions$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/journal -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/link -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/vault -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/agent -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/api -run '^$$' -fuzz '^FuzzCheckName$$' -fuzztime $(FUZZTIME)
 
 bench: deps build
 	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh

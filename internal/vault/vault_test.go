@@ -35,6 +35,11 @@ type fakeAgent struct {
 	block  chan struct{} // if set, POST /v1/vms waits on it
 	peer   *fakeAgent    // where this site's points replicate to
 	mem    int64         // memory available it reports
+	// fenced is the generation its status reports for vm1; a fence sets
+	// it only if keepFence (else the site "loses" it, as in a crash).
+	fenced    int64
+	keepFence bool
+	fences    int
 }
 
 func (f *fakeAgent) vm(name string) (agent.VMRequest, bool) {
@@ -63,9 +68,14 @@ func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) er
 	defer f.mu.Unlock()
 	switch {
 	case method == "GET" && path == "/v1/status":
-		st := agent.Status{Site: f.site, MemAvailable: f.mem, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10,
+		st := agent.Status{Site: f.site, MemAvailable: f.mem, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10, Fenced: f.fenced,
 			Replication: &replication.Status{State: "streaming", AckedSeq: 10, LastSeq: 10}}}}
 		set(st)
+	case method == "POST" && strings.HasSuffix(path, "/fence"):
+		f.fences++
+		if f.keepFence {
+			f.fenced = in.(map[string]int64)["generation"]
+		}
 	case method == "GET" && strings.Contains(path, "/console"):
 		set(map[string]any{"data": "Linux version 6.1\nferry-guest: up\nready\n", "next": 40})
 	case method == "GET" && strings.HasSuffix(path, "/points"):
@@ -110,7 +120,7 @@ type fixture struct {
 	op, reader string
 }
 
-func newFixture(t *testing.T, st store.Store) *fixture {
+func newFixture(t testing.TB, st store.Store) *fixture {
 	t.Helper()
 	f := &fixture{st: st,
 		east: &fakeAgent{site: "east", vms: map[string]agent.VMRequest{"vm1": {Name: "vm1"}}},
@@ -135,7 +145,7 @@ func newFixture(t *testing.T, st store.Store) *fixture {
 	return f
 }
 
-func (f *fixture) call(t *testing.T, token, method, path string, body any, out any) int {
+func (f *fixture) call(t testing.TB, token, method, path string, body any, out any) int {
 	t.Helper()
 	var rd *bytes.Reader
 	switch b := body.(type) {
@@ -163,7 +173,7 @@ func (f *fixture) call(t *testing.T, token, method, path string, body any, out a
 }
 
 // setup enrolls east and west and defines vm1 at east.
-func (f *fixture) setup(t *testing.T) {
+func (f *fixture) setup(t testing.TB) {
 	t.Helper()
 	ctx := context.Background()
 	enroll, _ := f.v.CreateToken(ctx, RoleEnroll, "east")
