@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/portal"
@@ -70,7 +71,7 @@ func runVault(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		if err := os.WriteFile(tokFile, []byte(t+"\n"), 0o600); err != nil {
+		if err := atomicfile.WriteFile(tokFile, []byte(t+"\n"), 0o600); err != nil {
 			return err
 		}
 		fmt.Fprintf(e.stderr, "created the first operator token in %s\n", tokFile)
