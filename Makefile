@@ -2,14 +2,28 @@
 # `make test`; both install what they need first (`make deps`).
 GO      ?= go
 BIN     := bin/ferry
-DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync
+# The version stamped into the binary: the git description, or "dev".
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd
 
-.PHONY: screenshots all build deps demo test test-short vet fuzz bench guest clean
+.PHONY: screenshots all build man package deps demo test vet fuzz bench guest clean
 
 all: build
 
+# A static binary (pure Go: the SQLite store is modernc.org/sqlite), its
+# version stamped from git.
 build:
-	$(GO) build -o $(BIN) ./cmd/ferry
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ferry
+
+# Man pages, one per command, from the command tree.
+man: build
+	rm -rf build/man && $(BIN) man build/man
+
+# A Debian package: the binary, systemd units for the agent and the
+# vault, their config files, man pages and shell completions.
+package: build
+	packaging/build-deb.sh $(BIN) $(VERSION) build/package
 
 # Debian packages, installed only when missing (idempotent).
 deps:

@@ -8,11 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agent"
-	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/agentclient"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/qemu"
-	"github.com/ferry-dr/ferry/internal/replica"
 )
 
 // TestBootFromReplicatedDisk puts a bootable disk (SYSLINUX, the test
@@ -28,16 +27,15 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 	st2 := twoSites(t)
 	a, b, ca, cb := st2.a, st2.b, st2.ca, st2.cb
 	ctx := context.Background()
-	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm2", "disks": []disk.Spec{
-		{Name: "boot", Size: 48 << 20}, {Name: "data", Size: 32 << 20}}}, nil); err != nil {
+	if err := ca.CreateGroup(ctx, "vm2", []api.DiskSpec{{Name: "boot", Size: 48 << 20}, {Name: "data", Size: 32 << 20}}); err != nil {
 		t.Fatal(err)
 	}
 	sockA := filepath.Join(a.dir, "nbd.sock")
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", filepath.Join(g, "boot.img"), "nbd+unix:///vm2/boot?socket="+sockA)
-	if err := cb.Do(ctx, "PUT", "/v1/replicas/vm2/source", map[string]string{"source": "siteA"}, nil); err != nil {
+	if err := cb.ExpectReplica(ctx, "vm2", "siteA"); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm2/replication", map[string]string{"peer_addr": b.addr, "peer_name": "siteB"}, nil); err != nil {
+	if err := ca.Replicate(ctx, "vm2", api.Replicate{PeerAddr: b.addr, PeerName: "siteB"}); err != nil {
 		t.Fatal(err)
 	}
 	seq, err := markAndWait(t, ca, cb, "vm2", "bootable")
@@ -46,10 +44,10 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 	}
 
 	// Site B: boot the replica from writable views.
-	var views []agent.ViewInfo
+	var views []api.ViewInfo
 	for _, d := range []string{"boot", "data"} {
-		var vi agent.ViewInfo
-		if err := cb.Do(ctx, "POST", "/v1/replicas/vm2/views", map[string]any{"disk": d, "seq": seq, "writable": true}, &vi); err != nil {
+		vi, err := cb.OpenView(ctx, "vm2", api.OpenView{Disk: d, Seq: seq, Writable: true})
+		if err != nil {
 			t.Fatal(err)
 		}
 		views = append(views, vi)
@@ -86,8 +84,8 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 	if got := head(views[1].Socket, views[1].Export); !bytes.HasPrefix(got, []byte("ferry-guest-ok bootdisk")) {
 		t.Fatalf("the guest's write is not in the writable view: %q", got)
 	}
-	var ro agent.ViewInfo
-	if err := cb.Do(ctx, "POST", "/v1/replicas/vm2/views", map[string]any{"disk": "data", "seq": seq}, &ro); err != nil {
+	ro, err := cb.OpenView(ctx, "vm2", api.OpenView{Disk: "data", Seq: seq})
+	if err != nil {
 		t.Fatal(err)
 	}
 	if got := head(ro.Socket, ro.Export); !bytes.Equal(got, make([]byte, 32)) {
@@ -95,12 +93,11 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 	}
 
 	// Site A: the agent boots the same disk.
-	if err := ca.Do(ctx, "POST", "/v1/vms", agent.VMRequest{Name: "g2", Group: "vm2", MemoryMiB: 256, Net: qemu.NetNone}, nil); err != nil {
+	if _, err := ca.StartVM(ctx, api.VMRequest{Name: "g2", Group: "vm2", MemoryMiB: 256, Net: api.NetNone}); err != nil {
 		t.Fatal(err)
 	}
 	until(t, 90*time.Second, "the guest at site A to power off", func() bool {
-		var st agent.Status
-		ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		st, _ := ca.Status(ctx)
 		return len(st.VMs) == 1 && st.VMs[0].State == qemu.StateStopped
 	})
 	if got := head(sockA, "vm2/data"); !strings.HasPrefix(string(got), "ferry-guest-ok bootdisk") {
@@ -110,35 +107,33 @@ func TestBootFromReplicatedDisk(t *testing.T) {
 
 // markAndWait records a named point at the source and waits until the
 // recovery site lists it; it returns the point's sequence.
-func markAndWait(t *testing.T, ca, cb *agent.Client, group, label string) (uint64, error) {
+func markAndWait(t *testing.T, ca, cb *agentclient.Client, group, label string) (uint64, error) {
 	t.Helper()
 	ctx := context.Background()
 	// A point is only offered once the initial copy is over: wait for it.
 	until(t, 60*time.Second, "the initial copy", func() bool {
-		var st agent.Status
-		ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		st, _ := ca.Status(ctx)
 		for _, g := range st.Groups {
-			if g.Name == group && g.Replication != nil && g.Replication.State == "streaming" && g.Replication.AckedSeq == g.LastSeq {
+			if g.Name == group && g.Replication != nil && g.Replication.State == api.ReplStreaming && g.Replication.AckedSeq == g.LastSeq {
 				return true
 			}
 		}
 		return false
 	})
-	var out map[string]uint64
-	if err := ca.Do(ctx, "POST", "/v1/groups/"+group+"/points", replica.Marker{Type: "named", Label: label}, &out); err != nil {
+	seq, err := ca.Mark(ctx, group, api.Marker{Type: api.PointNamed, Label: label})
+	if err != nil {
 		return 0, err
 	}
 	var lastErr error
-	var pts []replica.Point
+	var pts []api.Point
 	defer func() {
 		if t.Failed() {
-			var st agent.Status
-			cb.Do(ctx, "GET", "/v1/status", nil, &st)
+			st, _ := cb.Status(ctx)
 			t.Logf("points %v, err %v, recovery status %+v", pts, lastErr, st)
 		}
 	}()
 	until(t, 60*time.Second, "point "+label+" at the recovery site", func() bool {
-		lastErr = cb.Do(ctx, "GET", "/v1/replicas/"+group+"/points", nil, &pts)
+		pts, lastErr = cb.Points(ctx, group)
 		for _, p := range pts {
 			if p.Label == label {
 				return true
@@ -146,5 +141,5 @@ func markAndWait(t *testing.T, ca, cb *agent.Client, group, label string) (uint6
 		}
 		return false
 	})
-	return out["seq"], nil
+	return seq, nil
 }

@@ -267,7 +267,7 @@ func TestFioVerify(t *testing.T) {
 		{"--rw=randwrite", "--bsrange=512-256k", "--iodepth=32", "--fsync=16"},
 	} {
 		args := append([]string{"--name=verify", "--ioengine=nbd", "--uri=" + s.uri("vda"), "--size=64M",
-			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json"}, w...)
+			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"}, w...)
 		out := run(t, "fio", args...)
 		var res struct {
 			Jobs []struct {

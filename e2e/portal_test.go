@@ -15,10 +15,11 @@ import (
 	"github.com/chromedp/chromedp"
 	"github.com/chromedp/chromedp/kb"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/promtest"
-	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/vault"
+	"github.com/ferry-dr/ferry/internal/vaultclient"
 )
 
 // scrapeAgent reads an agent's /metrics over mutual TLS, as Prometheus
@@ -101,7 +102,7 @@ func TestMetricsFollowReplication(t *testing.T) {
 	if v, ok := vs.Value("ferry_site_up", "site", "siteB"); !ok || v != 1 {
 		t.Fatalf("ferry_site_up{site=siteB} = %v (found %v)", v, ok)
 	}
-	if v, ok := vs.Value("ferry_job_duration_seconds", "action", vault.ActEnable, "outcome", vault.JobSucceeded); !ok || v != 1 {
+	if v, ok := vs.Value("ferry_job_duration_seconds", "action", vault.ActEnable, "outcome", string(api.JobSucceeded)); !ok || v != 1 {
 		t.Fatalf("enable jobs observed: %v (found %v)", v, ok)
 	}
 	// Every metric docs/monitoring.md names (its tables, alert rules and,
@@ -136,13 +137,13 @@ func TestMetricsFollowReplication(t *testing.T) {
 	}
 }
 
-func createToken(t *testing.T, c *vault.Client, role string) string {
+func createToken(t *testing.T, c *vaultclient.Client, role string) string {
 	t.Helper()
-	var out map[string]string
-	if err := c.Do(context.Background(), "POST", "/v1/tokens", map[string]string{"role": role, "name": "portal-test"}, &out); err != nil {
+	out, err := c.CreateToken(context.Background(), api.TokenRequest{Role: role, Name: "portal-test"})
+	if err != nil {
 		t.Fatal(err)
 	}
-	return out["token"]
+	return out.Token
 }
 
 func vaultHTTP(t *testing.T, s *sites) *http.Client {
@@ -239,7 +240,7 @@ func waitJobPage(t *testing.T, ctx context.Context, d time.Duration) string {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		st, err := chromedp.Run(cctx, chromedp.Evaluate[string](`(document.querySelector("#job h1 .badge") || {}).textContent || ""`))
 		cancel()
-		if err == nil && (st == vault.JobSucceeded || st == vault.JobFailed) {
+		if err == nil && (st == string(api.JobSucceeded) || st == string(api.JobFailed)) {
 			return st
 		}
 		time.Sleep(300 * time.Millisecond)
@@ -294,17 +295,17 @@ func TestPortal(t *testing.T) {
 	runB(t, bctx, "sort with the keyboard", 10*time.Second,
 		chromedp.SendKeys(chromedp.CSS(`#items th[aria-sort="ascending"] button`), kb.Enter),
 		chromedp.WaitVisible(chromedp.CSS(`#items th[aria-sort="descending"]`)))
-	if !strings.Contains(row, "siteA") || !strings.Contains(row, "siteB") || !strings.Contains(row, vault.StateProtected) {
+	if !strings.Contains(row, "siteA") || !strings.Contains(row, "siteB") || !strings.Contains(row, string(api.StateProtected)) {
 		t.Fatalf("items row: %q", row)
 	}
 	until(t, 30*time.Second, "recovery points", func() bool {
-		var pts []replica.Point
-		return e.c.Do(ctx, "GET", "/v1/protections/web/points", nil, &pts) == nil && len(pts) > 3
+		pts, err := e.c.Points(ctx, "web")
+		return err == nil && len(pts) > 3
 	})
 	if os.Getenv("FERRY_SCREENSHOTS") != "" { // a chart worth showing: the vault samples every 10 s
 		until(t, 3*time.Minute, "an RPO history for the screenshot", func() bool {
-			var h []vault.RPOSample
-			return e.c.Do(ctx, "GET", "/v1/protections/web/rpo-history", nil, &h) == nil && len(h) >= 12
+			h, err := e.c.RPOHistory(ctx, "web")
+			return err == nil && len(h) >= 12
 		})
 		runB(t, bctx, "refresh the list", 10*time.Second, goHash("#/jobs"), chromedp.WaitVisible(chromedp.CSS("#jobs")), goHash("#/items"),
 			chromedp.WaitVisible(chromedp.CSS(`#items tr[data-vm="web"]`)))
@@ -323,7 +324,7 @@ func TestPortal(t *testing.T) {
 	runB(t, bctx, "test failover dialog", 20*time.Second,
 		chromedp.Click(chromedp.CSS("#act-test-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
 		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
-	if st := waitJobPage(t, bctx, 90*time.Second); st != vault.JobSucceeded {
+	if st := waitJobPage(t, bctx, 90*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("test failover from the portal: %s", st)
 	}
 	steps := eval[[]string](t, bctx, `[...document.querySelectorAll("#job .step")].map(s => s.dataset.step + "=" + s.querySelector(".badge").textContent)`)
@@ -343,11 +344,10 @@ func TestPortal(t *testing.T) {
 	}
 	runB(t, bctx, "cleanup", 20*time.Second,
 		chromedp.Click(chromedp.CSS("#cleanup-done")), chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
-	if st := waitJobPage(t, bctx, 90*time.Second); st != vault.JobSucceeded {
+	if st := waitJobPage(t, bctx, 90*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("cleanup from the portal: %s", st)
 	}
-	var p vault.Protection
-	e.c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+	p, _ := e.c.Protection(ctx, "web")
 	if p.TestPending || len(p.History) == 0 || p.History[len(p.History)-1].Notes != "portal drill ok" {
 		t.Fatalf("after cleanup: %+v", p)
 	}
@@ -360,11 +360,11 @@ func TestPortal(t *testing.T) {
 	chosen := eval[string](t, bctx, `(() => { const s = document.querySelector("#fo-point"); s.selectedIndex = 1; return s.value; })()`)
 	shot(t, bctx, "failover-dialog")
 	runB(t, bctx, "failover", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
-	if st := waitJobPage(t, bctx, 120*time.Second); st != vault.JobSucceeded {
+	if st := waitJobPage(t, bctx, 120*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("failover from the portal: %s", st)
 	}
-	e.c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if want, _ := strconv.ParseUint(chosen, 10, 64); p.State != vault.StateFailedOver || p.FailoverSeq != want {
+	p, _ = e.c.Protection(ctx, "web")
+	if want, _ := strconv.ParseUint(chosen, 10, 64); p.State != api.StateFailedOver || p.FailoverSeq != want {
 		t.Fatalf("after the portal failover to point %s: %+v", chosen, p)
 	}
 	runB(t, bctx, "item after failover", 20*time.Second, goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-commit:not([disabled])")))
@@ -377,7 +377,7 @@ func TestPortal(t *testing.T) {
 	runB(t, bctx, "commit", 20*time.Second,
 		chromedp.Click(chromedp.CSS("#act-commit")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
 		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
-	if st := waitJobPage(t, bctx, 120*time.Second); st != vault.JobSucceeded {
+	if st := waitJobPage(t, bctx, 120*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("commit from the portal: %s", st)
 	}
 	runB(t, bctx, "reprotect dialog", 30*time.Second,
@@ -389,11 +389,11 @@ func TestPortal(t *testing.T) {
 	}
 	shot(t, bctx, "reprotect-dialog")
 	runB(t, bctx, "reprotect", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
-	if st := waitJobPage(t, bctx, 180*time.Second); st != vault.JobSucceeded {
+	if st := waitJobPage(t, bctx, 180*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("reprotect from the portal: %s", st)
 	}
-	e.c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if p.State != vault.StateProtected || p.Source != "siteB" || p.Target != "siteA" {
+	p, _ = e.c.Protection(ctx, "web")
+	if p.State != api.StateProtected || p.Source != "siteB" || p.Target != "siteA" {
 		t.Fatalf("after the portal's reprotect: %+v", p)
 	}
 	runB(t, bctx, "jobs page", 20*time.Second, goHash("#/jobs"), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job]`)))

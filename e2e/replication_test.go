@@ -14,13 +14,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agent"
-	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/agentclient"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/faultnet"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/ordercheck"
 	"github.com/ferry-dr/ferry/internal/pki"
-	"github.com/ferry-dr/ferry/internal/replica"
 )
 
 // agentProc is a running 'ferry agent run' process.
@@ -91,7 +90,7 @@ func (p *agentProc) stop(tb testing.TB) {
 // end of the test.
 type sites struct {
 	a, b   *agentProc
-	ca, cb *agent.Client
+	ca, cb *agentclient.Client
 	root   string
 }
 
@@ -120,8 +119,8 @@ func twoSites(t *testing.T) *sites {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.ca = agent.NewClient(op, s.a.addr, "siteA")
-	s.cb = agent.NewClient(op, s.b.addr, "siteB")
+	s.ca = agentclient.New(op, s.a.addr, "siteA")
+	s.cb = agentclient.New(op, s.b.addr, "siteB")
 	return s
 }
 
@@ -149,13 +148,13 @@ func TestReplicationEndToEnd(t *testing.T) {
 	ctx := context.Background()
 	ca, cb := st2.ca, st2.cb
 	size := int64(records * ordercheck.RecordSize)
-	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
+	if err := ca.CreateGroup(ctx, "vm1", []api.DiskSpec{{Name: "vda", Size: size}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := cb.Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
+	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": link.Addr(), "peer_name": "siteB"}, nil); err != nil {
+	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: link.Addr(), PeerName: "siteB"}); err != nil {
 		t.Fatal(err)
 	}
 	w := ordercheck.NewWriter(lanes)
@@ -211,13 +210,13 @@ func TestReplicationEndToEnd(t *testing.T) {
 
 	// Drain.
 	deadline := time.Now().Add(60 * time.Second)
-	var st agent.Status
 	for {
-		if err := ca.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+		st, err := ca.Status(ctx)
+		if err != nil {
 			t.Fatal(err)
 		}
 		r := st.Groups[0].Replication
-		if r != nil && r.State == "streaming" && r.AckedSeq == st.Groups[0].LastSeq {
+		if r != nil && r.State == api.ReplStreaming && r.AckedSeq == st.Groups[0].LastSeq {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -227,15 +226,16 @@ func TestReplicationEndToEnd(t *testing.T) {
 	}
 	// Let the source record a point after its last write, and the replica
 	// receive it.
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/points", replica.Marker{Type: "named", Label: "final"}, nil); err != nil {
+	if _, err := ca.Mark(ctx, "vm1", api.Marker{Type: api.PointNamed, Label: "final"}); err != nil {
 		t.Fatal(err)
 	}
-	var pts []replica.Point
+	var pts []api.Point
 	for {
-		if err := cb.Do(ctx, "GET", "/v1/replicas/vm1/points", nil, &pts); err != nil {
+		var err error
+		if pts, err = cb.Points(ctx, "vm1"); err != nil {
 			t.Fatal(err)
 		}
-		if slices.ContainsFunc(pts, func(p replica.Point) bool { return p.Label == "final" }) {
+		if slices.ContainsFunc(pts, func(p api.Point) bool { return p.Label == "final" }) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -244,11 +244,11 @@ func TestReplicationEndToEnd(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	readView := func(seq uint64) []byte {
-		var vi agent.ViewInfo
-		if err := cb.Do(ctx, "POST", "/v1/replicas/vm1/views", map[string]any{"disk": "vda", "seq": seq}, &vi); err != nil {
+		vi, err := cb.OpenView(ctx, "vm1", api.OpenView{Disk: "vda", Seq: seq})
+		if err != nil {
 			t.Fatal(err)
 		}
-		defer cb.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil)
+		defer cb.CloseView(ctx, vi.ID)
 		vc, err := nbd.Dial(ctx, "unix", vi.Socket, vi.Export)
 		if err != nil {
 			t.Fatal(err)
@@ -287,7 +287,7 @@ func TestReplicationEndToEnd(t *testing.T) {
 		}
 		checked++
 	}
-	t.Logf("%d points in the catalog, %d checked; replication: %+v", len(pts), checked, st.Groups[0].Replication)
+	t.Logf("%d points in the catalog, %d checked", len(pts), checked)
 	if checked == 0 {
 		t.Fatal("no point checked")
 	}

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,8 +13,9 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/guest"
-	"github.com/ferry-dr/ferry/internal/vault"
+	"github.com/ferry-dr/ferry/internal/vaultclient"
 )
 
 // TestUnplannedFailoverAndFencing kills the source site (SIGKILL) while
@@ -33,8 +35,7 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 	// writes that never reached B: a reprotect must send them back too.
 	s.b.kill()
 	until(t, 30*time.Second, "writes at site A that site B lacks", func() bool {
-		var st agent.Status
-		s.ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		st, _ := s.ca.Status(ctx)
 		for _, g := range st.Groups {
 			if g.Name == "web" && g.Replication != nil && g.LastSeq > g.Replication.AckedSeq+200 {
 				return true
@@ -50,7 +51,7 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 	siteReachable(t, c, "siteA", false)
 	siteReachable(t, c, "siteB", true)
 	t.Logf("site A unreachable %v after the kill", time.Since(killed).Round(time.Millisecond))
-	fo := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
+	fo := runJob(t, c, api.JobSucceeded)(c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"}))
 	if !strings.Contains(strings.Join(fo.Steps[1].Messages, " "), "source site is down") {
 		t.Fatalf("the job does not say the source was down: %+v", fo.Steps[1])
 	}
@@ -67,31 +68,28 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 	// Site A comes back; its group still says "replicate to B".
 	s.a.start(t)
 	until(t, 20*time.Second, "the vault to fence site A", func() bool {
-		var p vault.Protection
-		c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
+		p, _ := c.Protection(ctx, "web")
 		return p.Fenced
 	})
 	ca := s.ca
-	err := ca.Do(ctx, "POST", "/v1/vms", agent.VMRequest{Name: "web", Group: "web", MemoryMiB: 256}, nil)
-	if err == nil || !strings.Contains(err.Error(), "fenced") {
+	_, err := ca.StartVM(ctx, api.VMRequest{Name: "web", Group: "web", MemoryMiB: 256})
+	if !errors.Is(err, api.ErrConflict) || !strings.Contains(err.Error(), "fenced") {
 		t.Fatalf("starting the VM at the fenced old source: %v", err)
 	}
-	var st agent.Status
-	ca.Do(ctx, "GET", "/v1/status", nil, &st)
+	st, _ := ca.Status(ctx)
 	for _, gs := range st.Groups {
 		if gs.Replication != nil {
 			t.Fatalf("the fenced old source still replicates: %+v", gs.Replication)
 		}
 	}
-	runJob(t, c, "/v1/protections/web/commit", nil, vault.JobSucceeded)
-	rp := runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	runJob(t, c, api.JobSucceeded)(c.Commit(ctx, "web"))
+	rp := runJob(t, c, api.JobSucceeded)(c.Reprotect(ctx, "web"))
 	if msgs := strings.Join(rp.Steps[2].Messages, " "); !strings.Contains(msgs, "changed-block tracking") {
 		t.Fatalf("reprotect after an unplanned failover did not use changed-block tracking: %s", msgs)
 	}
 	t.Logf("reprotect: %v %v", rp.Steps[2].Messages, rp.Steps[len(rp.Steps)-1].Messages)
-	var p vault.Protection
-	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if p.State != vault.StateProtected || p.Source != "siteB" {
+	p, _ := c.Protection(ctx, "web")
+	if p.State != api.StateProtected || p.Source != "siteB" {
 		t.Fatalf("after reprotect: %+v", p)
 	}
 	// Site A's unshipped writes were overwritten with site B's data.
@@ -117,7 +115,7 @@ func (v *vaultProc) start(t *testing.T) {
 
 // startVaultProc runs a vault process for the two sites and returns an
 // operator client; both sites are added and reachable.
-func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
+func startVaultProc(t *testing.T, s *sites) (*vaultclient.Client, *vaultProc) {
 	t.Helper()
 	pk := s.a.pki
 	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "vault", "vault")
@@ -137,14 +135,14 @@ func startVaultProc(t *testing.T, s *sites) (*vault.Client, *vaultProc) {
 		token = strings.TrimSpace(string(b))
 		return err == nil && token != ""
 	})
-	c, err := vault.NewClient("https://"+vp.addr, token, filepath.Join(pk, "ca.crt"))
+	c, err := vaultclient.New("https://"+vp.addr, token, filepath.Join(pk, "ca.crt"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	until(t, 15*time.Second, "the vault API", func() bool { return c.Do(ctx, "GET", "/v1/sites", nil, nil) == nil })
+	until(t, 15*time.Second, "the vault API", func() bool { return sitesOK(c) })
 	for _, x := range []*agentProc{s.a, s.b} {
-		if err := c.Do(ctx, "POST", "/v1/sites", map[string]string{"name": x.name, "addr": x.addr}, nil); err != nil {
+		if err := c.AddSite(ctx, api.AddSite{Name: x.name, Addr: x.addr}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -160,33 +158,30 @@ func TestVaultKilledMidFailover(t *testing.T) {
 	e := protectedWeb(t)
 	c, vp, webB := e.c, e.vp, e.webB
 	ctx := context.Background()
-	var j vault.Job
-	if err := c.Do(ctx, "POST", "/v1/protections/web/failover", map[string]any{"point": "latest"}, &j); err != nil {
+	j, err := c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"})
+	if err != nil {
 		t.Fatal(err)
 	}
 	// The guest's shutdown takes a moment: kill the vault inside it.
 	until(t, 20*time.Second, "the job to be shutting the source down", func() bool {
-		var cur vault.Job
-		c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &cur)
-		return cur.Steps[1].State == vault.JobRunning
+		cur, _ := c.Job(ctx, j.ID)
+		return cur.Steps[1].State == api.JobRunning
 	})
 	vp.cmd.Process.Kill()
 	vp.cmd.Wait()
 	vp.start(t)
-	until(t, 15*time.Second, "the vault back", func() bool { return c.Do(ctx, "GET", "/v1/sites", nil, nil) == nil })
-	var after vault.Job
-	c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &after)
-	if after.State != vault.JobFailed || !strings.Contains(after.Error, "the vault stopped during step") {
+	until(t, 15*time.Second, "the vault back", func() bool { return sitesOK(c) })
+	after, _ := c.Job(ctx, j.ID)
+	if after.State != api.JobFailed || !strings.Contains(after.Error, "the vault stopped during step") {
 		t.Fatalf("job after the vault's restart: %s %q", after.State, after.Error)
 	}
-	var p vault.Protection
-	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if p.State != vault.StateProtected || p.Job != "" {
+	p, _ := c.Protection(ctx, "web")
+	if p.State != api.StateProtected || p.Job != "" {
 		t.Fatalf("protection after restart: %+v", p)
 	}
 	siteReachable(t, c, "siteA", true)
 	siteReachable(t, c, "siteB", true)
-	retry := runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
+	retry := runJob(t, c, api.JobSucceeded)(c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"}))
 	t.Logf("retried failover: %v", stepNames(retry))
 	until(t, 90*time.Second, "the workload at site B", func() bool {
 		st, err := guest.FetchState(webB)
@@ -196,14 +191,14 @@ func TestVaultKilledMidFailover(t *testing.T) {
 
 // createWorkloadVM defines the test guest's workload VM "web" at site A
 // with an ext4 data disk and starts it.
-func createWorkloadVM(t *testing.T, c *vault.Client, s *sites, g, webA, webB string) {
+func createWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, webA, webB string) {
 	t.Helper()
 	ctx := context.Background()
-	vm := vault.VM{Name: "web", Site: "siteA", MemoryMiB: 256, Disks: []vault.DiskSpec{{Name: "vda", Size: 64 << 20}},
+	vm := api.VM{Name: "web", Site: "siteA", MemoryMiB: 256, Disks: []api.VMDisk{{Name: "vda", Size: 64 << 20}},
 		Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 		Append:   "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100",
 		Forwards: map[string]string{"siteA": webA, "siteB": webB}, GuestPort: 80, QGA: true}
-	if err := c.Do(ctx, "POST", "/v1/vms", vm, nil); err != nil {
+	if _, err := c.DefineVM(ctx, vm); err != nil {
 		t.Fatal(err)
 	}
 	fs := filepath.Join(s.root, "fs.img")
@@ -212,7 +207,7 @@ func createWorkloadVM(t *testing.T, c *vault.Client, s *sites, g, webA, webB str
 	f.Close()
 	run(t, "mkfs.ext4", "-q", "-F", fs)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///web/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
-	if err := c.Do(ctx, "POST", "/v1/vms/web/start", nil, nil); err != nil {
+	if _, err := c.StartVM(ctx, "web"); err != nil {
 		t.Fatal(err)
 	}
 	until(t, 90*time.Second, "the workload at site A", func() bool {
@@ -221,23 +216,33 @@ func createWorkloadVM(t *testing.T, c *vault.Client, s *sites, g, webA, webB str
 	})
 }
 
-// runJob posts an action and waits for its job to end in state want.
-func runJob(t *testing.T, c *vault.Client, path string, body any, want string) vault.Job {
-	t.Helper()
-	ctx := context.Background()
-	var j vault.Job
-	if err := c.Do(ctx, "POST", path, body, &j); err != nil {
-		t.Fatalf("POST %s: %v", path, err)
+// runJob waits for the job a call started to end in state want:
+// runJob(t, c, api.JobSucceeded)(c.Commit(ctx, "web")).
+func runJob(t *testing.T, c *vaultclient.Client, want api.JobState) func(api.Job, error) api.Job {
+	return func(j api.Job, err error) api.Job {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("start the job: %v", err)
+		}
+		ctx := context.Background()
+		deadline := time.Now().Add(3 * time.Minute)
+		for j.State == api.JobRunning && time.Now().Before(deadline) {
+			time.Sleep(200 * time.Millisecond)
+			if cur, err := c.Job(ctx, j.ID); err == nil {
+				j = cur
+			}
+		}
+		if j.State != want {
+			t.Fatalf("job %s %s: %s (%s)\n%+v", j.ID, j.Action, j.State, j.Error, j.Steps)
+		}
+		return j
 	}
-	deadline := time.Now().Add(3 * time.Minute)
-	for j.State == vault.JobRunning && time.Now().Before(deadline) {
-		time.Sleep(200 * time.Millisecond)
-		c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &j)
-	}
-	if j.State != want {
-		t.Fatalf("job %s %s: %s (%s)\n%+v", j.ID, j.Action, j.State, j.Error, j.Steps)
-	}
-	return j
+}
+
+// sitesOK reports whether the vault answers.
+func sitesOK(c *vaultclient.Client) bool {
+	_, err := c.Sites(context.Background())
+	return err == nil
 }
 
 // TestRecoverySiteDownDuringDrill loses the recovery site while a drill
@@ -249,30 +254,29 @@ func TestRecoverySiteDownDuringDrill(t *testing.T) {
 	s, c := e.s, e.c
 	ctx := context.Background()
 	until(t, 30*time.Second, "recovery points", func() bool {
-		var pts []map[string]any
-		return c.Do(ctx, "GET", "/v1/protections/web/points", nil, &pts) == nil && len(pts) > 0
+		pts, err := c.Points(ctx, "web")
+		return err == nil && len(pts) > 0
 	})
-	runJob(t, c, "/v1/protections/web/test-failover", map[string]string{}, vault.JobSucceeded)
+	runJob(t, c, api.JobSucceeded)(c.TestFailover(ctx, "web", ""))
 	s.b.kill()
 	siteReachable(t, c, "siteB", false)
-	j := runJob(t, c, "/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "site down"}, vault.JobFailed)
+	j := runJob(t, c, api.JobFailed)(c.CleanupTestFailover(ctx, "web", "site down"))
 	if !strings.Contains(j.Error, "unreachable") {
 		t.Fatalf("cleanup with the recovery site down: %q", j.Error)
 	}
-	var p vault.Protection
-	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if !p.TestPending || p.Job != "" || p.State != vault.StateProtected {
+	p, _ := c.Protection(ctx, "web")
+	if !p.TestPending || p.Job != "" || p.State != api.StateProtected {
 		t.Fatalf("after the failed cleanup: %+v", p)
 	}
 	s.b.start(t)
 	siteReachable(t, c, "siteA", true)
 	siteReachable(t, c, "siteB", true)
-	runJob(t, c, "/v1/protections/web/test-failover/cleanup", map[string]string{"notes": "after the outage"}, vault.JobSucceeded)
+	runJob(t, c, api.JobSucceeded)(c.CleanupTestFailover(ctx, "web", "after the outage"))
 	var st agent.Status
 	until(t, 60*time.Second, "replication to catch up", func() bool {
-		s.ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		st, _ = s.ca.Status(ctx)
 		r := st.Groups[0].Replication
-		return r != nil && r.State == "streaming" && r.AckedSeq+50 >= st.Groups[0].LastSeq
+		return r != nil && r.State == api.ReplStreaming && r.AckedSeq+50 >= st.Groups[0].LastSeq
 	})
 }
 
@@ -284,49 +288,45 @@ func TestVaultKilledMidReprotect(t *testing.T) {
 	e := protectedWeb(t)
 	c, vp := e.c, e.vp
 	ctx := context.Background()
-	runJob(t, c, "/v1/protections/web/failover", map[string]any{"point": "latest"}, vault.JobSucceeded)
-	runJob(t, c, "/v1/protections/web/commit", nil, vault.JobSucceeded)
-	var j vault.Job
-	if err := c.Do(ctx, "POST", "/v1/protections/web/reprotect", nil, &j); err != nil {
+	runJob(t, c, api.JobSucceeded)(c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"}))
+	runJob(t, c, api.JobSucceeded)(c.Commit(ctx, "web"))
+	j, err := c.Reprotect(ctx, "web")
+	if err != nil {
 		t.Fatal(err)
 	}
 	until(t, 30*time.Second, "the reprotect to start replication", func() bool {
-		var cur vault.Job
-		c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &cur)
-		return cur.Steps[3].State != vault.StepPending
+		cur, _ := c.Job(ctx, j.ID)
+		return cur.Steps[3].State != api.JobPending
 	})
 	vp.cmd.Process.Kill()
 	vp.cmd.Wait()
 	vp.start(t)
-	until(t, 15*time.Second, "the vault back", func() bool { return c.Do(ctx, "GET", "/v1/sites", nil, nil) == nil })
-	var after vault.Job
-	c.Do(ctx, "GET", "/v1/jobs/"+j.ID, nil, &after)
-	var p vault.Protection
-	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if after.State == vault.JobRunning || p.Job != "" {
+	until(t, 15*time.Second, "the vault back", func() bool { return sitesOK(c) })
+	after, _ := c.Job(ctx, j.ID)
+	p, _ := c.Protection(ctx, "web")
+	if after.State == api.JobRunning || p.Job != "" {
 		t.Fatalf("after restart: job %s, protection %+v", after.State, p)
 	}
-	if after.State == vault.JobFailed && p.State != vault.StateCommitted {
+	if after.State == api.JobFailed && p.State != api.StateCommitted {
 		t.Fatalf("a failed reprotect left %+v", p)
 	}
 	siteReachable(t, c, "siteA", true)
 	siteReachable(t, c, "siteB", true)
-	if after.State == vault.JobFailed {
-		retry := runJob(t, c, "/v1/protections/web/reprotect", nil, vault.JobSucceeded)
+	if after.State == api.JobFailed {
+		retry := runJob(t, c, api.JobSucceeded)(c.Reprotect(ctx, "web"))
 		t.Logf("retried reprotect: %v", stepNames(retry))
 	}
-	c.Do(ctx, "GET", "/v1/protections/web", nil, &p)
-	if p.State != vault.StateProtected || p.Source != "siteB" {
+	p, _ = c.Protection(ctx, "web")
+	if p.State != api.StateProtected || p.Source != "siteB" {
 		t.Fatalf("after the retried reprotect: %+v", p)
 	}
 }
 
 // siteReachable waits until the vault sees site as reachable (or not).
-func siteReachable(t *testing.T, c *vault.Client, site string, want bool) {
+func siteReachable(t *testing.T, c *vaultclient.Client, site string, want bool) {
 	t.Helper()
 	until(t, 15*time.Second, fmt.Sprintf("site %s reachable=%v", site, want), func() bool {
-		var sites []vault.Site
-		c.Do(context.Background(), "GET", "/v1/sites", nil, &sites)
+		sites, _ := c.Sites(context.Background())
 		for _, x := range sites {
 			if x.Name == site && x.Reachable == want {
 				return true
@@ -340,7 +340,7 @@ func siteReachable(t *testing.T, c *vault.Client, site string, want bool) {
 // protected to siteB.
 type drEnv struct {
 	s          *sites
-	c          *vault.Client
+	c          *vaultclient.Client
 	vp         *vaultProc
 	webA, webB string
 }
@@ -352,6 +352,6 @@ func protectedWeb(t *testing.T) *drEnv {
 	e := &drEnv{s: twoSites(t), webA: freePort(t), webB: freePort(t)}
 	e.c, e.vp = startVaultProc(t, e.s)
 	createWorkloadVM(t, e.c, e.s, g, e.webA, e.webB)
-	runJob(t, e.c, "/v1/protections", map[string]string{"vm": "web", "target": "siteB"}, vault.JobSucceeded)
+	runJob(t, e.c, api.JobSucceeded)(e.c.Enable(context.Background(), api.EnableRequest{VM: "web", Target: "siteB"}))
 	return e
 }

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -10,11 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agent"
-	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/agentclient"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/guest"
-	"github.com/ferry-dr/ferry/internal/qemu"
-	"github.com/ferry-dr/ferry/internal/replica"
 )
 
 func workload(addr string) (guest.WorkloadState, error) { return guest.FetchState(addr) }
@@ -31,13 +30,13 @@ func until(t *testing.T, d time.Duration, what string, cond func() bool) {
 }
 
 // viewToFile copies a view of the replica at seq into a file.
-func viewToFile(t *testing.T, cb *agent.Client, seq uint64, path string) {
+func viewToFile(t *testing.T, cb *agentclient.Client, seq uint64, path string) {
 	t.Helper()
-	var vi agent.ViewInfo
-	if err := cb.Do(context.Background(), "POST", "/v1/replicas/vm1/views", map[string]any{"disk": "vda", "seq": seq}, &vi); err != nil {
+	vi, err := cb.OpenView(context.Background(), "vm1", api.OpenView{Disk: "vda", Seq: seq})
+	if err != nil {
 		t.Fatal(err)
 	}
-	defer cb.Do(context.Background(), "DELETE", "/v1/views/"+vi.ID, nil, nil)
+	defer cb.CloseView(context.Background(), vi.ID)
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///"+vi.Export+"?socket="+vi.Socket, path)
 }
 
@@ -70,7 +69,7 @@ func TestAppConsistentPoints(t *testing.T) {
 	a, b, ca, cb, root := st2.a, st2.b, st2.ca, st2.cb, st2.root
 	ctx := context.Background()
 	const size = 64 << 20
-	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: size}}}, nil); err != nil {
+	if err := ca.CreateGroup(ctx, "vm1", []api.DiskSpec{{Name: "vda", Size: size}}); err != nil {
 		t.Fatal(err)
 	}
 	fs := filepath.Join(root, "fs.img")
@@ -79,20 +78,20 @@ func TestAppConsistentPoints(t *testing.T) {
 	f.Close()
 	run(t, "mkfs.ext4", "-q", "-F", fs)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(a.dir, "nbd.sock"))
-	if err := cb.Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
+	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", map[string]string{"peer_addr": b.addr, "peer_name": "siteB"}, nil); err != nil {
+	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: b.addr, PeerName: "siteB"}); err != nil {
 		t.Fatal(err)
 	}
 	web := freePort(t)
 	startVM := func(qga string) {
 		t.Helper()
-		req := agent.VMRequest{Name: "guest1", Group: "vm1", MemoryMiB: 256, QGA: true, Net: qemu.NetUser,
-			Forwards: []qemu.Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}},
-			Boot: qemu.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
+		req := api.VMRequest{Name: "guest1", Group: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetUser,
+			Forwards: []api.Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}},
+			Boot: api.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 				Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=" + qga}}
-		if err := ca.Do(ctx, "POST", "/v1/vms", req, nil); err != nil {
+		if _, err := ca.StartVM(ctx, req); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -103,8 +102,8 @@ func TestAppConsistentPoints(t *testing.T) {
 		before = st
 		return err == nil && st.LastDurable > 30
 	})
-	var ap agent.AppPointStatus
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/points", replica.Marker{Type: "app", Label: "app1"}, &ap); err != nil {
+	ap, err := ca.AppPoint(ctx, "vm1", "app1")
+	if err != nil {
 		t.Fatal(err)
 	}
 	if !ap.Succeeded || ap.Seq == 0 || ap.FreezeMS <= 0 || ap.FreezeMS > 10000 {
@@ -117,10 +116,9 @@ func TestAppConsistentPoints(t *testing.T) {
 		st, err := workload(web)
 		return err == nil && st.LastDurable > before.LastDurable+100
 	})
-	var pts []replica.Point
-	var crash *replica.Point
+	var crash *api.Point
 	until(t, 30*time.Second, "points at the recovery site", func() bool {
-		cb.Do(ctx, "GET", "/v1/replicas/vm1/points", nil, &pts)
+		pts, _ := cb.Points(ctx, "vm1")
 		for i := range pts {
 			if pts[i].Type == "crash" && pts[i].Seq > ap.Seq+50 {
 				crash = &pts[i]
@@ -151,12 +149,12 @@ func TestAppConsistentPoints(t *testing.T) {
 	t.Logf("crash-consistent point %d holds %d records", crash.Seq, n)
 
 	// Graceful stop through the agent.
-	var stopped struct{ Steps []string }
-	if err := ca.Do(ctx, "DELETE", "/v1/vms/guest1", nil, &stopped); err != nil {
+	stopped, err := ca.StopVM(ctx, "guest1", false)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(strings.Join(stopped.Steps, ";"), "guest powered off") {
-		t.Fatalf("stop steps: %q", stopped.Steps)
+	if !strings.Contains(strings.Join(stopped, ";"), "guest powered off") {
+		t.Fatalf("stop steps: %q", stopped)
 	}
 
 	// The same guest without its guest agent.
@@ -165,21 +163,20 @@ func TestAppConsistentPoints(t *testing.T) {
 		st, err := workload(web)
 		return err == nil && st.LastDurable > before.LastDurable+150
 	})
-	err := ca.Do(ctx, "POST", "/v1/groups/vm1/points", replica.Marker{Type: "app", Label: "app2"}, nil)
-	if err == nil || !strings.Contains(err.Error(), "guest agent") {
+	_, err = ca.AppPoint(ctx, "vm1", "app2")
+	if !errors.Is(err, api.ErrConflict) || !strings.Contains(err.Error(), "guest agent") {
 		t.Fatalf("app point without a guest agent: %v", err)
 	}
-	var st agent.Status
-	ca.Do(ctx, "GET", "/v1/status", nil, &st)
+	st, _ := ca.Status(ctx)
 	gs := st.Groups[0]
 	if gs.AppPoint == nil || gs.AppPoint.Succeeded || gs.AppPoint.Error == "" {
 		t.Fatalf("failure not recorded: %+v", gs.AppPoint)
 	}
 	last := gs.LastSeq
 	until(t, 30*time.Second, "replication to go on", func() bool {
-		ca.Do(ctx, "GET", "/v1/status", nil, &st)
+		st, _ = ca.Status(ctx)
 		r := st.Groups[0].Replication
 		return r != nil && r.AckedSeq > last
 	})
-	ca.Do(ctx, "DELETE", "/v1/vms/guest1", nil, nil)
+	ca.StopVM(ctx, "guest1", true)
 }

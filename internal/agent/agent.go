@@ -32,9 +32,9 @@ import (
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
-	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
+	"github.com/ferry-dr/ferry/internal/vaultclient"
 	"golang.org/x/sys/unix"
 )
 
@@ -123,14 +123,7 @@ type group struct {
 	fenced int64
 }
 
-type replConfig struct {
-	PeerAddr string `json:"peer_addr"`
-	PeerName string `json:"peer_name"`
-	// Delta, on a reprotect, is what the peer changed after the failover
-	// point: with this group's divergence it makes the delta copy send
-	// only those chunks. Dropped once the copy is sent.
-	Delta *PeerChanges `json:"delta,omitempty"`
-}
+type replConfig = api.Replicate
 
 type openView struct {
 	id      string
@@ -436,10 +429,14 @@ func (a *Agent) startHeartbeats() {
 		return
 	}
 	// Heartbeats go only to a server holding a vault certificate.
-	c := NewClientFor(a.id, a.cfg.Vault, pki.Peer{Role: pki.RoleVault})
-	c.hc.Timeout = 2 * time.Second
+	c, err := vaultclient.NewSite(a.id, a.cfg.Vault)
+	if err != nil {
+		a.log.Error("no heartbeats", "err", err)
+		return
+	}
+	c.SetTimeout(2 * time.Second)
 	a.every(time.Second, nil, func() {
-		if err := c.Do(a.ctx, "POST", "/v1/heartbeat", nil, nil); err != nil {
+		if err := c.Heartbeat(a.ctx); err != nil {
 			a.log.Debug("heartbeat to the vault", "err", err)
 		}
 	})
@@ -612,13 +609,16 @@ func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64, s
 	if source == a.cfg.Name {
 		return nil, nil, fmt.Errorf("%w: a replica's source cannot be this site", ErrInvalid)
 	}
-	if err := a.recordSource(name, source); err != nil {
-		return nil, nil, err
-	}
 	a.mu.Lock()
 	gr := a.groups[name]
 	rep := a.replicas[name]
 	a.mu.Unlock()
+	if gr == nil && rep == nil {
+		return nil, nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
+	}
+	if err := a.recordSource(name, source); err != nil {
+		return nil, nil, err
+	}
 	if gr == nil && rep != nil {
 		var pc *PeerChanges
 		if b, err := os.ReadFile(a.changesPath(name)); err == nil && json.Unmarshal(b, &pc) == nil && pc.After == since {
@@ -929,45 +929,13 @@ func (a *Agent) CloseView(id string) error {
 }
 
 // GroupStatus is one group in Status.
-type GroupStatus struct {
-	Name    string      `json:"name"`
-	Disks   []disk.Spec `json:"disks"`
-	Exports []string    `json:"exports"`
-	LastSeq uint64      `json:"last_seq"`
-	// JournalBytes is the journal's size on disk.
-	JournalBytes int64               `json:"journal_bytes"`
-	PeerName     string              `json:"peer,omitempty"`
-	Replication  *replication.Status `json:"replication,omitempty"`
-	AppPoint     *AppPointStatus     `json:"last_app_point,omitempty"`
-	// Fenced is the generation this group was fenced at (0: not fenced):
-	// the vault re-sends a fence until it reads its generation here.
-	Fenced int64 `json:"fenced,omitempty"`
-}
+type GroupStatus = api.GroupStatus
 
 // Status is the agent's report.
-type Status struct {
-	Site      string           `json:"site"`
-	NBDSocket string           `json:"nbd_socket"`
-	Groups    []GroupStatus    `json:"groups"`
-	Replicas  []replica.Status `json:"replicas"`
-	Views     []ViewInfo       `json:"views"`
-	VMs       []qemu.Status    `json:"vms"`
-	// Capacity for new VMs: memory available and disk free where the
-	// agent keeps its data (for the vault's prerequisites checks).
-	MemAvailable int64 `json:"mem_available_bytes"`
-	DiskFree     int64 `json:"disk_free_bytes"`
-}
+type Status = api.AgentStatus
 
 // ViewInfo describes an open view.
-type ViewInfo struct {
-	ID       string `json:"id"`
-	Replica  string `json:"replica"`
-	Disk     string `json:"disk"`
-	Seq      uint64 `json:"seq"`
-	Writable bool   `json:"writable"`
-	Export   string `json:"export"`
-	Socket   string `json:"socket"`
-}
+type ViewInfo = api.ViewInfo
 
 func (a *Agent) viewInfo(ov *openView) ViewInfo {
 	return ViewInfo{ID: ov.id, Replica: ov.replica, Disk: ov.disk, Seq: ov.seq, Writable: ov.v.Writable(), Export: ov.export, Socket: a.nbdSock}

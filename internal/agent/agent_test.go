@@ -3,17 +3,23 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
-	"strings"
+	"net/http"
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/agentclient"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/httpjson"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/pki/pkitest"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
+	"github.com/ferry-dr/ferry/internal/vault"
+	"github.com/ferry-dr/ferry/internal/vault/sitetest"
 )
 
 func pkiDir(t *testing.T, names ...string) string {
@@ -26,9 +32,17 @@ func pkiDir(t *testing.T, names ...string) string {
 	return pkitest.Dir(t, names...)
 }
 
-func startAgent(t *testing.T, pk, name string) *Agent {
+func startAgent(t testing.TB, pk, name string) *Agent {
 	t.Helper()
-	a, err := New(Config{Dir: t.TempDir(), Name: name, Listen: "127.0.0.1:0", PKIDir: pk, PointInterval: 50 * time.Millisecond})
+	return startAgentWith(t, Config{Name: name, PKIDir: pk, PointInterval: 50 * time.Millisecond})
+}
+
+// startAgentWith starts an agent with cfg (in a new directory, on a free
+// port) and closes it at the end of the test.
+func startAgentWith(t testing.TB, cfg Config) *Agent {
+	t.Helper()
+	cfg.Dir, cfg.Listen = t.TempDir(), "127.0.0.1:0"
+	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,30 +59,34 @@ func TestTwoAgents(t *testing.T) {
 	b := startAgent(t, pk, "siteB")
 	op, _ := pki.Load(pk, "operator")
 	ctx := context.Background()
-	ca := NewClient(op, a.Addr(), "siteA")
-	cb := NewClient(op, b.Addr(), "siteB")
+	ca := agentclient.New(op, a.Addr(), "siteA")
+	cb := agentclient.New(op, b.Addr(), "siteB")
 
-	if err := ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: 8 << 20}}}, nil); err != nil {
+	if err := ca.CreateGroup(ctx, "vm1", []disk.Spec{{Name: "vda", Size: 8 << 20}}); err != nil {
 		t.Fatal(err)
 	}
-	// Bad requests get clear errors.
-	for _, tc := range []struct{ path, body, want string }{
-		{"/v1/groups", `{"name":"vm1","disks":[{"name":"x","size":1}]}`, "409"},
-		{"/v1/groups", `{"name":"../x","disks":[{"name":"x","size":1}]}`, "400"},
-		{"/v1/groups", `{"nme":"y"}`, "400"},
-		{"/v1/groups/nope/replication", `{"peer_addr":"x","peer_name":"y"}`, "404"},
-		{"/v1/replicas/nope/views", `{"disk":"vda"}`, "404"},
+	// Bad requests get clear errors, mapped back to the sentinels.
+	rawA := newRaw(op, a.Addr(), "siteA")
+	for _, tc := range []struct {
+		path, body string
+		want       error
+	}{
+		{"/v1/groups", `{"name":"vm1","disks":[{"name":"x","size":1}]}`, api.ErrConflict},
+		{"/v1/groups", `{"name":"../x","disks":[{"name":"x","size":1}]}`, api.ErrInvalid},
+		{"/v1/groups", `{"nme":"y"}`, api.ErrInvalid},
+		{"/v1/groups/nope/replication", `{"peer_addr":"x","peer_name":"y"}`, api.ErrNotFound},
+		{"/v1/replicas/nope/views", `{"disk":"vda"}`, api.ErrNotFound},
 	} {
 		var raw any
-		err := ca.Do(ctx, "POST", tc.path, jsonRaw(tc.body), &raw)
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("POST %s %s: %v, want %s", tc.path, tc.body, err, tc.want)
+		err := rawA.call(ctx, "POST", tc.path, jsonRaw(tc.body), &raw)
+		if !errors.Is(err, tc.want) {
+			t.Errorf("POST %s %s: %v, want %v", tc.path, tc.body, err, tc.want)
 		}
 	}
-	if err := NewClient(op, b.Addr(), "siteB").Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
+	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Do(ctx, "POST", "/v1/groups/vm1/replication", replConfig{PeerAddr: b.Addr(), PeerName: "siteB"}, nil); err != nil {
+	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: b.Addr(), PeerName: "siteB"}); err != nil {
 		t.Fatal(err)
 	}
 	nc, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
@@ -93,8 +111,8 @@ func TestTwoAgents(t *testing.T) {
 	// Drain: the recovery site has everything.
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		var st Status
-		if err := ca.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+		st, err := ca.Status(ctx)
+		if err != nil {
 			t.Fatal(err)
 		}
 		r := st.Groups[0].Replication
@@ -106,8 +124,8 @@ func TestTwoAgents(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	var pts []replica.Point
-	if err := cb.Do(ctx, "GET", "/v1/replicas/vm1/points", nil, &pts); err != nil {
+	pts, err := cb.Points(ctx, "vm1")
+	if err != nil {
 		t.Fatal(err)
 	}
 	var named *replica.Point
@@ -119,8 +137,8 @@ func TestTwoAgents(t *testing.T) {
 	if named == nil {
 		t.Fatalf("named point missing from %d points", len(pts))
 	}
-	var vi ViewInfo
-	if err := cb.Do(ctx, "POST", "/v1/replicas/vm1/views", map[string]any{"disk": "vda", "seq": named.Seq}, &vi); err != nil {
+	vi, err := cb.OpenView(ctx, "vm1", api.OpenView{Disk: "vda", Seq: named.Seq})
+	if err != nil {
 		t.Fatal(err)
 	}
 	vc, err := nbd.Dial(ctx, "unix", vi.Socket, vi.Export)
@@ -140,25 +158,24 @@ func TestTwoAgents(t *testing.T) {
 		t.Fatal("write to a read-only view succeeded")
 	}
 	vc.Close()
-	if err := cb.Do(ctx, "DELETE", "/v1/views/"+vi.ID, nil, nil); err != nil {
+	if err := cb.CloseView(ctx, vi.ID); err != nil {
 		t.Fatal(err)
 	}
 	// Deleting a replicating group is refused; after stopping it works,
 	// and disconnects the disk's clients.
-	if err := ca.Do(ctx, "DELETE", "/v1/groups/vm1", nil, nil); err == nil || !strings.Contains(err.Error(), "409") {
+	if err := ca.DeleteGroup(ctx, "vm1"); !errors.Is(err, api.ErrConflict) {
 		t.Fatalf("delete while replicating: %v", err)
 	}
-	if err := ca.Do(ctx, "DELETE", "/v1/groups/vm1/replication", nil, nil); err != nil {
+	if err := ca.Unreplicate(ctx, "vm1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Do(ctx, "DELETE", "/v1/groups/vm1", nil, nil); err != nil {
+	if err := ca.DeleteGroup(ctx, "vm1"); err != nil {
 		t.Fatal(err)
 	}
 	if err := nc.ReadAt(ctx, make([]byte, 512), 0); err == nil {
 		t.Fatal("the deleted disk's NBD client still works")
 	}
-	var st Status
-	ca.Do(ctx, "GET", "/v1/status", nil, &st)
+	st, _ := ca.Status(ctx)
 	if len(st.Groups) != 0 {
 		t.Fatalf("groups after delete: %+v", st.Groups)
 	}
@@ -240,4 +257,31 @@ func TestDivergenceCompaction(t *testing.T) {
 	if after, _, _ := a.loadDivergence("vm1"); after.After != before.After {
 		t.Fatal("compaction under the bound")
 	}
+}
+
+// rawAPI calls an agent's routes by path, for the tests of the wire
+// itself (bad bodies, route roles); everything else uses agentclient.
+type rawAPI struct {
+	base string
+	hc   *http.Client
+}
+
+func newRaw(id *pki.Identity, addr, site string) *rawAPI {
+	tr := &http.Transport{TLSClientConfig: id.ClientConfig(pki.Peer{Role: pki.RoleSite, Name: site})}
+	return &rawAPI{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
+}
+
+func (r *rawAPI) call(ctx context.Context, method, path string, in, out any) error {
+	return httpjson.Call(ctx, r.hc, method, r.base+path, "", in, out)
+}
+
+// TestSiteConformance: the real agent, reached through agentclient over
+// mutual TLS, keeps the contract the vault relies on (the vault's fake
+// runs the same suite).
+func TestSiteConformance(t *testing.T) {
+	sitetest.Run(t, func(t *testing.T) vault.Site {
+		pk := pkiDir(t, "siteA", "vault")
+		a := startAgent(t, pk, "siteA")
+		return agentclient.New(pkitest.Load(t, pk, "vault"), a.Addr(), "siteA")
+	})
 }

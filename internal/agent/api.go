@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
-	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/httpjson"
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/pki"
@@ -76,21 +75,18 @@ func (a *Agent) routes() http.Handler {
 	handle("GET /v1/vms/{name}/console", managers, func(w http.ResponseWriter, r *http.Request) {
 		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
 		b, next, err := a.Console(r.PathValue("name"), off)
-		reply(w, map[string]any{"data": string(b), "next": next}, err)
+		reply(w, api.Console{Data: string(b), Next: next}, err)
 	})
 	handle("POST /v1/vms/{name}/commit", managers, func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.CommitVM(r.Context(), r.PathValue("name"))
-		reply(w, map[string]any{"committed": r.PathValue("name"), "steps": steps}, err)
+		reply(w, api.Steps{Steps: steps}, err)
 	})
 	handle("DELETE /v1/vms/{name}", managers, func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.StopVM(r.Context(), r.PathValue("name"), r.URL.Query().Get("force") == "1")
-		reply(w, map[string]any{"stopped": r.PathValue("name"), "steps": steps}, err)
+		reply(w, api.Steps{Steps: steps}, err)
 	})
 	handle("POST /v1/groups", managers, func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Name  string      `json:"name"`
-			Disks []disk.Spec `json:"disks"`
-		}
+		var req api.CreateGroup
 		if !decode(w, r, &req) {
 			return
 		}
@@ -107,25 +103,19 @@ func (a *Agent) routes() http.Handler {
 		reply(w, map[string]string{"replicating": r.PathValue("name"), "to": rc.PeerName}, a.EnableReplication(r.PathValue("name"), rc))
 	})
 	handle("POST /v1/groups/{name}/fence", managers, func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Generation int64 `json:"generation"`
-		}
+		var req api.Fence
 		if !decode(w, r, &req) {
 			return
 		}
 		reply(w, map[string]any{"fenced": r.PathValue("name"), "generation": req.Generation}, a.Fence(r.PathValue("name"), req.Generation))
 	})
 	handle("POST /v1/groups/{name}/to-replica", managers, func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Since uint64 `json:"since"` // the failover point: report the changes after it
-			// Source is the site that will stream to the new replica.
-			Source string `json:"source"`
-		}
+		var req api.ToReplica
 		if r.ContentLength != 0 && !decode(w, r, &req) {
 			return
 		}
 		specs, pc, err := a.GroupToReplica(r.Context(), r.PathValue("name"), req.Since, req.Source)
-		reply(w, map[string]any{"replica": r.PathValue("name"), "reused": specs, "changes": pc}, err)
+		reply(w, api.ToReplicaResult{Replica: r.PathValue("name"), Reused: specs, Changes: pc}, err)
 	})
 	handle("GET /v1/groups/{name}/changes", managers, func(w http.ResponseWriter, r *http.Request) {
 		since, err := strconv.ParseUint(r.URL.Query().Get("since"), 10, 64)
@@ -157,18 +147,14 @@ func (a *Agent) routes() http.Handler {
 			return
 		}
 		seq, err := a.Mark(r.Context(), r.PathValue("name"), m)
-		reply(w, map[string]uint64{"seq": seq}, err)
+		reply(w, api.MarkResult{Seq: seq}, err)
 	})
 	handle("GET /v1/replicas/{name}/points", managers, func(w http.ResponseWriter, r *http.Request) {
 		pts, err := a.Points(r.PathValue("name"))
 		reply(w, pts, err)
 	})
 	handle("POST /v1/replicas/{name}/views", managers, func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Disk     string `json:"disk"`
-			Seq      uint64 `json:"seq"`
-			Writable bool   `json:"writable"`
-		}
+		var req api.OpenView
 		if !decode(w, r, &req) {
 			return
 		}
@@ -183,13 +169,14 @@ func (a *Agent) routes() http.Handler {
 		reply(w, map[string]string{"closed": r.PathValue("id")}, a.CloseView(r.PathValue("id")))
 	})
 	handle("PUT /v1/replicas/{name}/source", managers, func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Source string `json:"source"`
-		}
+		var req api.ReplicaSource
 		if !decode(w, r, &req) {
 			return
 		}
-		reply(w, map[string]string{"replica": r.PathValue("name"), "source": req.Source}, a.ExpectReplica(r.PathValue("name"), req.Source))
+		reply(w, req, a.ExpectReplica(r.PathValue("name"), req.Source))
+	})
+	handle("DELETE /v1/replicas/{name}", managers, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"deleted": r.PathValue("name")}, a.DeleteReplica(r.PathValue("name")))
 	})
 	handle("POST /v1/link", sites, a.serveLink)
 	return mux
@@ -263,39 +250,4 @@ func dialLink(ctx context.Context, id *pki.Identity, addr, peerName string) (io.
 	}
 	c.SetDeadline(time.Time{})
 	return bufferedConn{Conn: c, r: br}, nil
-}
-
-// Client calls an agent's API.
-type Client struct {
-	base string
-	hc   *http.Client
-}
-
-// NewClient returns a client for the agent of site at addr (host:port),
-// authenticating with id; the server must hold site's certificate.
-func NewClient(id *pki.Identity, addr, site string) *Client {
-	return NewClientFor(id, addr, pki.Peer{Role: pki.RoleSite, Name: site})
-}
-
-// NewClientFor returns a client for the server at addr that must hold the
-// identity server (an empty name accepts any name of that role).
-func NewClientFor(id *pki.Identity, addr string, server pki.Peer) *Client {
-	tr := &http.Transport{TLSClientConfig: id.ClientConfig(server), ForceAttemptHTTP2: false}
-	// Long enough for a graceful VM shutdown (60 s grace, then quit).
-	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 3 * time.Minute}}
-}
-
-// Do sends a JSON request and decodes the JSON answer into out (if not
-// nil). An error answer wraps an *api.StatusError: errors.Is matches it
-// against the api sentinel of its status (api.ErrNotFound, ...).
-func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
-	err := httpjson.Call(ctx, c.hc, method, c.base+path, "", in, out)
-	var se *api.StatusError
-	if errors.As(err, &se) {
-		return fmt.Errorf("%s %s: %d %s: %w", method, path, se.Code, http.StatusText(se.Code), se)
-	}
-	if err != nil {
-		return fmt.Errorf("agent at %s: %w", c.base, err)
-	}
-	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
@@ -46,11 +47,7 @@ type divergence struct {
 
 // PeerChanges is what the old source of a failover changed after the
 // failover point, as it tells a reprotect.
-type PeerChanges struct {
-	After  uint64             `json:"after"` // the failover point they are relative to
-	From   uint64             `json:"from"`  // every change from this sequence on is in Chunks
-	Chunks replication.Chunks `json:"chunks"`
-}
+type PeerChanges = api.PeerChanges
 
 func (a *Agent) divergencePath(name string) string {
 	return filepath.Join(a.groupDir(name), "divergence.json")
@@ -104,13 +101,7 @@ func (a *Agent) dropDivergence(gr *group) {
 
 // Divergence is a group's changed-block tracking since its failover, as
 // the vault sees it.
-type Divergence struct {
-	Base     uint64 `json:"base"`
-	Received uint64 `json:"received"`
-	// Chunks is what diverged here from the replica at Base, so far: the
-	// VM's writes since the failover and what the replica had after Base.
-	Chunks replication.Chunks `json:"chunks"`
-}
+type Divergence = api.Divergence
 
 // GroupDivergence reports a group's divergence record (ErrNotFound if it
 // has none: it was not created by a commit, or it was used up).

@@ -39,14 +39,7 @@ func FuzzRequestBodies(f *testing.F) {
 		f.Add(uint8(i), []byte(s))
 	}
 	pk := pkitest.Dir(f, "siteA", "vault/vault")
-	a, err := New(Config{Dir: f.TempDir(), Name: "siteA", Listen: "127.0.0.1:0", PKIDir: pk, PointInterval: -1, AppInterval: -1})
-	if err != nil {
-		f.Fatal(err)
-	}
-	if err := a.Start(context.Background()); err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(func() { a.Close() })
+	a := startAgentWith(f, Config{Name: "siteA", PKIDir: pk, PointInterval: -1, AppInterval: -1})
 	vault := pkitest.Load(f, pk, "vault")
 	leaf, err := x509.ParseCertificate(vault.Cert.Certificate[0])
 	if err != nil {

@@ -103,7 +103,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 		case replication.StateStreaming, replication.StateInitialSync, replication.StateResync:
 			up = 1
 		}
-		gauge(descConnected, up, g.Name, g.PeerName, r.State)
+		gauge(descConnected, up, g.Name, g.PeerName, string(r.State))
 	}
 	for _, r := range st.Replicas {
 		gauge(descJournal, float64(r.JournalBytes), r.Group, "replica")
@@ -114,7 +114,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	states := map[string]int{"running": 0} // present even with no VM
 	for _, v := range st.VMs {
-		states[v.State]++
+		states[string(v.State)]++
 	}
 	for s, n := range states {
 		gauge(descVMs, float64(n), s)

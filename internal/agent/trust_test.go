@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/agentclient"
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
@@ -27,7 +28,7 @@ import (
 type trustEnv struct {
 	pk       string
 	a, b     *Agent
-	ca, cb   *Client // as the operator
+	ca, cb   *agentclient.Client // as the operator
 	disk     *nbd.Client
 	diskSize int64
 }
@@ -37,15 +38,15 @@ func newTrustEnv(t *testing.T) *trustEnv {
 	pk := pkitest.Dir(t, "siteA", "siteB", "siteC", "operator/operator", "monitor/prometheus", "vault/vault")
 	e := &trustEnv{pk: pk, a: startAgent(t, pk, "siteA"), b: startAgent(t, pk, "siteB"), diskSize: 4 << 20}
 	op := pkitest.Load(t, pk, "operator")
-	e.ca, e.cb = NewClient(op, e.a.Addr(), "siteA"), NewClient(op, e.b.Addr(), "siteB")
+	e.ca, e.cb = agentclient.New(op, e.a.Addr(), "siteA"), agentclient.New(op, e.b.Addr(), "siteB")
 	ctx := context.Background()
-	if err := e.ca.Do(ctx, "POST", "/v1/groups", map[string]any{"name": "vm1", "disks": []disk.Spec{{Name: "vda", Size: e.diskSize}}}, nil); err != nil {
+	if err := e.ca.CreateGroup(ctx, "vm1", []disk.Spec{{Name: "vda", Size: e.diskSize}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.cb.Do(ctx, "PUT", "/v1/replicas/vm1/source", map[string]string{"source": "siteA"}, nil); err != nil {
+	if err := e.cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.ca.Do(ctx, "POST", "/v1/groups/vm1/replication", replConfig{PeerAddr: e.b.Addr(), PeerName: "siteB"}, nil); err != nil {
+	if err := e.ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: e.b.Addr(), PeerName: "siteB"}); err != nil {
 		t.Fatal(err)
 	}
 	var err error
@@ -192,8 +193,8 @@ func TestForgedLinkRefused(t *testing.T) {
 func TestRouteRoles(t *testing.T) {
 	e := newTrustEnv(t)
 	ctx := context.Background()
-	as := func(who, site string, addr string) *Client {
-		return NewClient(pkitest.Load(t, e.pk, who), addr, site)
+	as := func(who, site string, addr string) *rawAPI {
+		return newRaw(pkitest.Load(t, e.pk, who), addr, site)
 	}
 	tests := []struct {
 		who, method, path string
@@ -213,7 +214,7 @@ func TestRouteRoles(t *testing.T) {
 		{"operator", "GET", "/v1/replicas/vm1/points", nil, nil},
 	}
 	for _, tt := range tests {
-		err := as(tt.who, "siteB", e.b.Addr()).Do(ctx, tt.method, tt.path, tt.body, nil)
+		err := as(tt.who, "siteB", e.b.Addr()).call(ctx, tt.method, tt.path, tt.body, nil)
 		if tt.want == nil && err != nil || tt.want != nil && !errors.Is(err, tt.want) {
 			t.Errorf("%s %s as %s: %v, want %v", tt.method, tt.path, tt.who, err, tt.want)
 		}
@@ -229,7 +230,7 @@ func TestRouteRoles(t *testing.T) {
 		t.Errorf("a site fenced siteA's group: %+v", st.Groups)
 	}
 	// A client that expects siteB's certificate refuses siteA's server.
-	err := NewClient(pkitest.Load(t, e.pk, "operator"), e.a.Addr(), "siteB").Do(ctx, "GET", "/v1/status", nil, nil)
+	_, err := agentclient.New(pkitest.Load(t, e.pk, "operator"), e.a.Addr(), "siteB").Status(ctx)
 	if !errors.Is(err, pki.ErrWrongPeer) && (err == nil || !isTLSRefusal(err)) {
 		t.Errorf("siteA's server accepted as siteB: %v", err)
 	}
@@ -245,14 +246,7 @@ func isTLSRefusal(err error) bool {
 // the read timeout (before, 50 such connections all stayed open).
 func TestSlowBodyClosed(t *testing.T) {
 	pk := pkitest.Dir(t, "siteA", "operator/operator")
-	a, err := New(Config{Dir: t.TempDir(), Name: "siteA", Listen: "127.0.0.1:0", PKIDir: pk, PointInterval: -1, ReadTimeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
+	a := startAgentWith(t, Config{Name: "siteA", PKIDir: pk, PointInterval: -1, ReadTimeout: time.Second})
 	op := pkitest.Load(t, pk, "operator")
 	const n = 50
 	closed := make(chan time.Duration, n)
@@ -286,14 +280,7 @@ func TestSlowBodyClosed(t *testing.T) {
 // connections; others still get in.
 func TestConnectionCap(t *testing.T) {
 	pk := pkitest.Dir(t, "siteA", "operator/operator", "vault/vault")
-	a, err := New(Config{Dir: t.TempDir(), Name: "siteA", Listen: "127.0.0.1:0", PKIDir: pk, PointInterval: -1, MaxConnsPerClient: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
+	a := startAgentWith(t, Config{Name: "siteA", PKIDir: pk, PointInterval: -1, MaxConnsPerClient: 4})
 	op := pkitest.Load(t, pk, "operator")
 	status := func(c net.Conn) error {
 		io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: siteA\r\n\r\n")
@@ -326,7 +313,7 @@ func TestConnectionCap(t *testing.T) {
 		}
 	}
 	// Another identity is not held back by the operator's connections.
-	if err := NewClient(pkitest.Load(t, pk, "vault"), a.Addr(), "siteA").Do(context.Background(), "GET", "/v1/status", nil, nil); err != nil {
+	if _, err := agentclient.New(pkitest.Load(t, pk, "vault"), a.Addr(), "siteA").Status(context.Background()); err != nil {
 		t.Fatalf("the vault was refused: %v", err)
 	}
 }

@@ -21,24 +21,7 @@ const MaxFreeze = 10 * time.Second
 
 // VMRequest asks the agent to run a VM on a group's disks (attached in
 // the group's order: vda, vdb, ...).
-type VMRequest struct {
-	Name  string `json:"name"`
-	Group string `json:"group,omitempty"`
-	// Replica and Seq run the VM at the recovery site instead, on writable
-	// views of every disk of the replica at sequence Seq (0: the newest
-	// point): a test failover or a failover. The VM's writes stay in the
-	// views' overlays until committed.
-	Replica   string         `json:"replica,omitempty"`
-	Seq       uint64         `json:"seq,omitempty"`
-	VCPUs     int            `json:"vcpus"`
-	MemoryMiB int            `json:"memory_mib"`
-	Boot      qemu.Boot      `json:"boot"`
-	Net       string         `json:"net"`
-	Subnet    string         `json:"subnet,omitempty"` // the attached network's (qemu.Spec.Subnet)
-	Forwards  []qemu.Forward `json:"forwards,omitempty"`
-	QGA       bool           `json:"qga"`
-	Accel     string         `json:"accel,omitempty"`
-}
+type VMRequest = api.VMRequest
 
 type runningVM struct {
 	group string // or the replica it runs on
@@ -48,13 +31,7 @@ type runningVM struct {
 }
 
 // AppPointStatus is the outcome of the last application-consistent point.
-type AppPointStatus struct {
-	Seq       uint64    `json:"seq,omitempty"`
-	Time      time.Time `json:"time"`
-	FreezeMS  float64   `json:"freeze_ms,omitempty"`
-	Error     string    `json:"error,omitempty"`
-	Succeeded bool      `json:"succeeded"`
-}
+type AppPointStatus = api.AppPointStatus
 
 // StartVM starts a VM on a group's disks.
 func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error) {
@@ -374,6 +351,39 @@ func allZero(b []byte) bool {
 }
 
 // dropReplica closes and deletes a replica.
+// DeleteReplica deletes a replica with its journal and recovery points
+// (protection disabled). Refused while a VM runs on it or a view is open.
+func (a *Agent) DeleteReplica(name string) error {
+	if err := api.CheckName(api.KindGroup, name); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	rep := a.replicas[name]
+	busy := ""
+	for _, v := range a.vms {
+		if v.group == name {
+			busy = "a VM runs on it"
+		}
+	}
+	for _, ov := range a.views {
+		if ov.replica == name {
+			busy = "view " + ov.id + " is open"
+		}
+	}
+	a.mu.Unlock()
+	if rep == nil {
+		if src, _ := a.ReplicaSource(name); src != "" {
+			return os.Remove(a.sourcePath(name)) // expected, never streamed
+		}
+		return fmt.Errorf("%w: replica %q", ErrNotFound, name)
+	}
+	if busy != "" {
+		return fmt.Errorf("%w: replica %s: %s", ErrConflict, name, busy)
+	}
+	a.log.Info("replica deleted", "replica", name)
+	return a.dropReplica(name)
+}
+
 func (a *Agent) dropReplica(name string) error {
 	a.mu.Lock()
 	rep := a.replicas[name]

@@ -1,6 +1,9 @@
 package api
 
-import "fmt"
+import (
+	"fmt"
+	"net/netip"
+)
 
 // Kinds of names, for messages and for their length limits.
 const (
@@ -42,6 +45,23 @@ func CheckName(kind, s string) error {
 		if !ok {
 			return fmt.Errorf("%w: %s name %q: use letters, digits, '-' and '_', starting with a letter or a digit", ErrInvalid, kind, s)
 		}
+	}
+	return nil
+}
+
+// CheckSubnet accepts an IPv4 network in CIDR notation that user-mode
+// networking can serve: between /8 and /28, so that it has room for the
+// gateway, DNS and DHCP addresses.
+func CheckSubnet(cidr string) error {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil || !p.Addr().Is4() {
+		return fmt.Errorf("%w: subnet %q is not an IPv4 network in CIDR notation (like 10.20.0.0/24)", ErrInvalid, cidr)
+	}
+	if p.Bits() < 8 || p.Bits() > 28 {
+		return fmt.Errorf("%w: subnet %q: the prefix must be between /8 and /28", ErrInvalid, cidr)
+	}
+	if p.Masked() != p {
+		return fmt.Errorf("%w: subnet %q has host bits set; did you mean %s?", ErrInvalid, cidr, p.Masked())
 	}
 	return nil
 }

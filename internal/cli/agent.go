@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -12,265 +11,273 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
-	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/agentclient"
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/pki"
-	"github.com/ferry-dr/ferry/internal/qemu"
-	"github.com/ferry-dr/ferry/internal/replica"
+	"github.com/spf13/cobra"
 )
 
-func runCA(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return fmt.Errorf("%w: ca init|issue", errUsage)
-	}
-	fs := newFlags("ca "+args[0], e)
-	dir := fs.String("pki", "", "PKI directory (required)")
-	name := fs.String("name", "ferry CA", "CA name (init)")
-	hosts := fs.String("host", "127.0.0.1,localhost", "comma-separated DNS names and IPs the certificate is valid for (issue)")
-	role := fs.String("role", "", "what the holder is: site (an agent), vault, operator (calls agents directly) or monitor (reads status and metrics) (issue; required)")
-	if err := parse(fs, args[1:]); err != nil {
-		return err
-	}
-	if *dir == "" {
-		return fmt.Errorf("%w: --pki is required", errUsage)
-	}
-	switch args[0] {
-	case "init":
-		if err := pki.InitCA(*dir, *name, time.Now()); err != nil {
+// agentOpts are the flags of the commands that drive an agent directly.
+type agentOpts struct{ addr, site, pki, as string }
+
+func agentCommand(e *env, c *cobra.Command, o *agentOpts, f func(ctx context.Context, ac *agentclient.Client, args []string) error) *cobra.Command {
+	c.RunE = runE(e, func(ctx context.Context, args []string) error {
+		id, err := pki.Load(o.pki, o.as)
+		if err != nil {
 			return err
 		}
-		return e.print(map[string]string{"ca": *dir}, fmt.Sprintf("created CA in %s; issue certificates with 'ferry ca issue --pki %s --role site NAME'\n", *dir, *dir))
-	case "issue":
-		if fs.NArg() != 1 || *role == "" {
-			return fmt.Errorf("%w: ferry ca issue --pki DIR --role site|vault|operator|monitor NAME", errUsage)
-		}
-		if err := pki.CheckRole(*role); err != nil {
-			return fmt.Errorf("%w: %v", errUsage, err)
-		}
-		peer := pki.Peer{Role: *role, Name: fs.Arg(0)}
-		if err := pki.Issue(*dir, *dir, peer, strings.Split(*hosts, ","), time.Now()); err != nil {
-			return err
-		}
-		return e.print(map[string]string{"issued": fs.Arg(0), "identity": peer.URI().String()},
-			fmt.Sprintf("issued %s.crt and %s.key in %s for %s\n", fs.Arg(0), fs.Arg(0), *dir, peer.URI()))
-	}
-	return fmt.Errorf("%w: unknown ca subcommand %q", errUsage, args[0])
+		return f(ctx, agentclient.New(id, o.addr, o.site), args)
+	})
+	return c
 }
 
-func runAgent(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return fmt.Errorf("%w: agent run|status|group|replicate|unreplicate|mark|points|view", errUsage)
-	}
-	if args[0] == "run" {
-		return agentRun(ctx, e, args[1:])
-	}
-	sub := args[0]
-	args = args[1:]
-	if (sub == "group" || sub == "view" || sub == "vm") && len(args) > 0 {
-		sub, args = sub+" "+args[0], args[1:]
-	}
-	fs := newFlags("agent "+sub, e)
-	addr := fs.String("agent", "127.0.0.1:7410", "agent address")
-	site := fs.String("site", "", "the agent's site name, as in its certificate (required)")
-	pkiDir := fs.String("pki", "", "PKI directory holding your certificate and the CA (required)")
-	as := fs.String("as", "operator", "name of your certificate in --pki")
-	var disks multiFlag
-	fs.Var(&disks, "disk", "disk NAME=SIZE (group create; repeatable)")
-	to := fs.String("to", "", "peer agent address (replicate)")
-	toName := fs.String("to-site", "", "peer site name (replicate)")
-	label := fs.String("label", "", "point label (mark)")
-	app := fs.Bool("app", false, "application-consistent point: quiesce the guest through its guest agent (mark)")
-	vmGroup := fs.String("group", "", "group whose disks the VM uses (vm start)")
-	vmMem := fs.Int("memory", 512, "memory in MiB (vm start)")
-	vmCPUs := fs.Int("vcpus", 1, "vCPUs (vm start)")
-	vmKernel := fs.String("kernel", "", "kernel to boot (vm start; default: boot from the first disk)")
-	vmInitrd := fs.String("initrd", "", "initrd (vm start)")
-	vmAppend := fs.String("append", "", "kernel command line (vm start)")
-	vmNet := fs.String("net", "user", "network: user, isolated or none (vm start)")
-	vmFwd := fs.String("forward", "", "host forwards HOST:PORT=GUESTPORT,... (vm start)")
-	vmQGA := fs.Bool("qga", true, "add the guest agent channel (vm start)")
-	seq := fs.Uint64("seq", 0, "sequence number of the point (view open; 0: newest point)")
-	writable := fs.Bool("writable", false, "writable view with a discardable overlay (view open)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if *site == "" || *pkiDir == "" {
-		return fmt.Errorf("%w: --site and --pki are required", errUsage)
-	}
-	id, err := pki.Load(*pkiDir, *as)
-	if err != nil {
-		return err
-	}
-	c := agent.NewClient(id, *addr, *site)
-	arg := func(i int, what string) (string, error) {
-		if fs.NArg() <= i {
-			return "", fmt.Errorf("%w: ferry agent %s needs %s", errUsage, sub, what)
-		}
-		return fs.Arg(i), nil
-	}
-	switch sub {
-	case "status":
-		var st agent.Status
-		if err := c.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
-			return err
-		}
-		return e.print(st, statusText(st))
-	case "group create":
-		name, err := arg(0, "a group name")
-		if err != nil {
-			return err
-		}
-		var specs []disk.Spec
-		for _, d := range disks {
-			n, s, ok := strings.Cut(d, "=")
-			size, err := parseSize(s)
-			if !ok || err != nil {
-				return fmt.Errorf("%w: --disk wants NAME=SIZE, got %q", errUsage, d)
+func agentCmd(e *env) *cobra.Command {
+	var o agentOpts
+	status := agentCommand(e, &cobra.Command{Use: "status", Short: "Groups, replication, replicas, views and VMs of a site", Args: cobra.NoArgs}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			st, err := ac.Status(ctx)
+			if err != nil {
+				return err
 			}
-			specs = append(specs, disk.Spec{Name: n, Size: size})
-		}
-		if err := c.Do(ctx, "POST", "/v1/groups", map[string]any{"name": name, "disks": specs}, nil); err != nil {
-			return err
-		}
-		return e.print(map[string]string{"created": name}, fmt.Sprintf("created group %s; its disks are NBD exports %s/DISK on the agent's socket\n", name, name))
-	case "group delete":
-		name, err := arg(0, "a group name")
-		if err != nil {
-			return err
-		}
-		if err := c.Do(ctx, "DELETE", "/v1/groups/"+url.PathEscape(name), nil, nil); err != nil {
-			return err
-		}
-		return e.print(map[string]string{"deleted": name}, fmt.Sprintf("deleted group %s and its disks\n", name))
-	case "replicate":
-		name, err := arg(0, "a group name")
-		if err != nil {
-			return err
-		}
-		if *to == "" || *toName == "" {
-			return fmt.Errorf("%w: --to ADDR and --to-site NAME are required", errUsage)
-		}
-		// The recovery site takes the stream from this site only.
-		tc := agent.NewClient(id, *to, *toName)
-		if err := tc.Do(ctx, "PUT", "/v1/replicas/"+url.PathEscape(name)+"/source", map[string]string{"source": *site}, nil); err != nil {
-			return fmt.Errorf("record %s as the source of %s at %s: %w", *site, name, *toName, err)
-		}
-		if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/replication", map[string]string{"peer_addr": *to, "peer_name": *toName}, nil); err != nil {
-			return err
-		}
-		return e.print(map[string]string{"replicating": name}, fmt.Sprintf("replicating %s to %s (%s); watch with 'ferry agent status'\n", name, *toName, *to))
-	case "unreplicate":
-		name, err := arg(0, "a group name")
-		if err != nil {
-			return err
-		}
-		return c.Do(ctx, "DELETE", "/v1/groups/"+url.PathEscape(name)+"/replication", nil, nil)
-	case "vm start":
-		name, err := arg(0, "a VM name")
-		if err != nil {
-			return err
-		}
-		req := agent.VMRequest{Name: name, Group: *vmGroup, VCPUs: *vmCPUs, MemoryMiB: *vmMem, Net: *vmNet, QGA: *vmQGA,
-			Boot: qemu.Boot{Kernel: *vmKernel, Initrd: *vmInitrd, Append: *vmAppend}}
-		if *vmFwd != "" {
-			for _, f := range strings.Split(*vmFwd, ",") {
-				hs, p, ok := strings.Cut(f, "=")
-				port, err := strconv.Atoi(p)
-				h, herr := netip.ParseAddrPort(hs)
-				if !ok || err != nil || herr != nil {
-					return fmt.Errorf("%w: --forward wants IP:PORT=GUESTPORT, got %q", errUsage, f)
+			return e.print(st, statusText(st))
+		})
+	var disks []string
+	groupCreate := agentCommand(e, &cobra.Command{Use: "create NAME", Short: "Create a consistency group with its disks", Args: cobra.ExactArgs(1),
+		Example: "  ferry agent group create $A --disk vda=10G --disk vdb=1G vm1"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			var specs []api.DiskSpec
+			for _, d := range disks {
+				n, s, ok := strings.Cut(d, "=")
+				size, err := parseSize(s)
+				if !ok || err != nil {
+					return usagef("--disk wants NAME=SIZE, got %q", d)
 				}
-				req.Forwards = append(req.Forwards, qemu.Forward{Host: h, GuestPort: port})
+				specs = append(specs, api.DiskSpec{Name: n, Size: size})
 			}
-		}
-		var st qemu.Status
-		if err := c.Do(ctx, "POST", "/v1/vms", req, &st); err != nil {
-			return err
-		}
-		return e.print(st, fmt.Sprintf("VM %s %s (%s); console log %s\n", st.Name, st.State, st.Accel, st.Console))
-	case "vm stop":
-		name, err := arg(0, "a VM name")
-		if err != nil {
-			return err
-		}
-		var out struct {
-			Steps []string `json:"steps"`
-		}
-		if err := c.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(name), nil, &out); err != nil {
-			return err
-		}
-		return e.print(out, "  "+strings.Join(out.Steps, "\n  ")+"\n")
-	case "mark":
-		name, err := arg(0, "a group name")
-		if err != nil {
-			return err
-		}
-		if *app {
-			var st agent.AppPointStatus
-			if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/points", replica.Marker{Type: "app", Label: *label}, &st); err != nil {
-				return fmt.Errorf("%w (crash-consistent points continue)", err)
+			if err := ac.CreateGroup(ctx, args[0], specs); err != nil {
+				return err
 			}
-			return e.print(st, fmt.Sprintf("application-consistent point at seq %d; guest frozen %.0f ms\n", st.Seq, st.FreezeMS))
+			return e.print(map[string]string{"created": args[0]}, fmt.Sprintf("created group %s; its disks are NBD exports %s/DISK on the agent's socket\n", args[0], args[0]))
+		})
+	groupCreate.Flags().StringArrayVar(&disks, "disk", nil, "disk NAME=SIZE (repeatable)")
+	groupCreate.MarkFlagRequired("disk")
+	groupDelete := agentCommand(e, &cobra.Command{Use: "delete NAME", Short: "Delete a group's disks and journal", Args: cobra.ExactArgs(1)}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			if err := ac.DeleteGroup(ctx, args[0]); err != nil {
+				return err
+			}
+			return e.print(map[string]string{"deleted": args[0]}, fmt.Sprintf("deleted group %s and its disks\n", args[0]))
+		})
+	var to, toSite string
+	replicate := agentCommand(e, &cobra.Command{Use: "replicate GROUP", Short: "Replicate a group to another site's agent", Args: cobra.ExactArgs(1),
+		Example: "  ferry agent replicate $A --to 127.0.0.1:7412 --to-site siteB vm1"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			id, err := pki.Load(o.pki, o.as)
+			if err != nil {
+				return err
+			}
+			// The recovery site takes the stream from this site only.
+			if err := agentclient.New(id, to, toSite).ExpectReplica(ctx, args[0], o.site); err != nil {
+				return fmt.Errorf("record %s as the source of %s at %s: %w", o.site, args[0], toSite, err)
+			}
+			if err := ac.Replicate(ctx, args[0], api.Replicate{PeerAddr: to, PeerName: toSite}); err != nil {
+				return err
+			}
+			return e.print(map[string]string{"replicating": args[0], "to": toSite}, fmt.Sprintf("replicating %s to %s (%s); watch with 'ferry agent status'\n", args[0], toSite, to))
+		})
+	str(replicate.Flags(), &to, "to", "", "the recovery site's agent address (required)")
+	str(replicate.Flags(), &toSite, "to-site", "", "the recovery site's name (required)")
+	replicate.MarkFlagRequired("to")
+	replicate.MarkFlagRequired("to-site")
+	unreplicate := agentCommand(e, &cobra.Command{Use: "unreplicate GROUP", Short: "Stop a group's replication", Args: cobra.ExactArgs(1)}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			if err := ac.Unreplicate(ctx, args[0]); err != nil {
+				return err
+			}
+			return e.print(map[string]string{"stopped": args[0]}, fmt.Sprintf("%s no longer replicates\n", args[0]))
+		})
+	var label string
+	var app bool
+	mark := agentCommand(e, &cobra.Command{Use: "mark GROUP", Short: "Record a named (or application-consistent) recovery point", Args: cobra.ExactArgs(1),
+		Example: "  ferry agent mark $A --label before-upgrade vm1\n  ferry agent mark $A --app vm1"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			if app {
+				st, err := ac.AppPoint(ctx, args[0], label)
+				if err != nil {
+					return fmt.Errorf("%w (crash-consistent points continue)", err)
+				}
+				return e.print(st, fmt.Sprintf("application-consistent point at seq %d; guest frozen %.0f ms\n", st.Seq, st.FreezeMS))
+			}
+			seq, err := ac.Mark(ctx, args[0], api.Marker{Type: api.PointNamed, Label: label})
+			if err != nil {
+				return err
+			}
+			return e.print(api.MarkResult{Seq: seq}, fmt.Sprintf("point %q at seq %d\n", label, seq))
+		})
+	str(mark.Flags(), &label, "label", "", "point label")
+	mark.Flags().BoolVar(&app, "app", false, "application-consistent: quiesce the guest through its guest agent")
+	points := agentCommand(e, &cobra.Command{Use: "points REPLICA", Short: "List a replica's recovery points", Args: cobra.ExactArgs(1)}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			pts, err := ac.Points(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			var b strings.Builder
+			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SEQ\tTIME\tTYPE\tLABEL")
+			for _, p := range pts {
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", p.Seq, p.Time.Format(time.RFC3339Nano), p.Type, p.Label)
+			}
+			tw.Flush()
+			return e.print(pts, b.String())
+		})
+	var seq uint64
+	var writable bool
+	viewOpen := agentCommand(e, &cobra.Command{Use: "open REPLICA DISK", Short: "Open a view of a replica's disk at any point, over NBD", Args: cobra.ExactArgs(2),
+		Example: "  ferry agent view open $B vm1 vda --seq 1234 --writable"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			vi, err := ac.OpenView(ctx, args[0], api.OpenView{Disk: args[1], Seq: seq, Writable: writable})
+			if err != nil {
+				return err
+			}
+			return e.print(vi, fmt.Sprintf("view %s of %s/%s at seq %d: nbd+unix:///%s?socket=%s\n", vi.ID, vi.Replica, vi.Disk, vi.Seq, vi.Export, vi.Socket))
+		})
+	viewOpen.Flags().Uint64Var(&seq, "seq", 0, "sequence number of the point (0: the newest point)")
+	viewOpen.Flags().BoolVar(&writable, "writable", false, "writable view with a discardable overlay")
+	viewClose := agentCommand(e, &cobra.Command{Use: "close ID", Short: "Close a view", Args: cobra.ExactArgs(1)}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			if err := ac.CloseView(ctx, args[0]); err != nil {
+				return err
+			}
+			return e.print(map[string]string{"closed": args[0]}, fmt.Sprintf("view %s closed\n", args[0]))
+		})
+	var vmGroup, vmKernel, vmInitrd, vmAppend, vmNet, vmFwd string
+	var vmMem, vmCPUs int
+	var vmQGA bool
+	vmStart := agentCommand(e, &cobra.Command{Use: "start NAME", Short: "Start a VM on a group's disks", Args: cobra.ExactArgs(1),
+		Example: "  ferry agent vm start $A --group vm1 --kernel vmlinuz --initrd initrd.img --forward 127.0.0.1:8080=80 web"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			req := api.VMRequest{Name: args[0], Group: vmGroup, VCPUs: vmCPUs, MemoryMiB: vmMem, Net: api.NetMode(vmNet), QGA: vmQGA,
+				Boot: api.Boot{Kernel: vmKernel, Initrd: vmInitrd, Append: vmAppend}}
+			if vmFwd != "" {
+				for _, f := range strings.Split(vmFwd, ",") {
+					hs, p, ok := strings.Cut(f, "=")
+					port, err := strconv.Atoi(p)
+					h, herr := netip.ParseAddrPort(hs)
+					if !ok || err != nil || herr != nil {
+						return usagef("--forward wants IP:PORT=GUESTPORT, got %q", f)
+					}
+					req.Forwards = append(req.Forwards, api.Forward{Host: h, GuestPort: port})
+				}
+			}
+			st, err := ac.StartVM(ctx, req)
+			if err != nil {
+				return err
+			}
+			return e.print(st, fmt.Sprintf("VM %s %s (%s); console log %s\n", st.Name, st.State, st.Accel, st.Console))
+		})
+	fs := vmStart.Flags()
+	str(fs, &vmGroup, "group", "", "group whose disks the VM uses (required)")
+	fs.IntVar(&vmMem, "memory", 512, "memory in MiB")
+	fs.IntVar(&vmCPUs, "vcpus", 1, "virtual CPUs")
+	str(fs, &vmKernel, "kernel", "", "kernel to boot (default: boot from the first disk)")
+	str(fs, &vmInitrd, "initrd", "", "initrd")
+	str(fs, &vmAppend, "append", "", "kernel command line")
+	str(fs, &vmNet, "net", "user", "network: user, isolated or none")
+	str(fs, &vmFwd, "forward", "", "host forwards IP:PORT=GUESTPORT,...")
+	fs.BoolVar(&vmQGA, "qga", true, "add the guest agent channel")
+	vmStart.MarkFlagRequired("group")
+	var force bool
+	vmStop := agentCommand(e, &cobra.Command{Use: "stop NAME", Short: "Shut a VM down (the power button, then quit)", Args: cobra.ExactArgs(1)}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			steps, err := ac.StopVM(ctx, args[0], force)
+			if err != nil {
+				return err
+			}
+			return e.print(api.Steps{Steps: steps}, "  "+strings.Join(steps, "\n  ")+"\n")
+		})
+	vmStop.Flags().BoolVar(&force, "force", false, "at once, without a graceful shutdown")
+
+	c := group("agent", "Run a site agent, or drive one directly",
+		agentRunCmd(e), status, group("group", "Create or delete consistency groups", groupCreate, groupDelete), replicate, unreplicate, mark, points,
+		group("view", "Open or close views of replicas", viewOpen, viewClose), group("vm", "Start or stop VMs on a site", vmStart, vmStop))
+	// The flags of the client subcommands (not of 'agent run').
+	for _, sub := range c.Commands() {
+		if sub.Name() == "run" {
+			continue
 		}
-		var out map[string]uint64
-		if err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(name)+"/points", replica.Marker{Type: "named", Label: *label}, &out); err != nil {
-			return err
-		}
-		return e.print(out, fmt.Sprintf("point %q at seq %d\n", *label, out["seq"]))
-	case "points":
-		name, err := arg(0, "a replica name")
-		if err != nil {
-			return err
-		}
-		var pts []replica.Point
-		if err := c.Do(ctx, "GET", "/v1/replicas/"+url.PathEscape(name)+"/points", nil, &pts); err != nil {
-			return err
-		}
-		var b strings.Builder
-		tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "SEQ\tTIME\tTYPE\tLABEL")
-		for _, p := range pts {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", p.Seq, p.Time.Format(time.RFC3339Nano), p.Type, p.Label)
-		}
-		tw.Flush()
-		return e.print(pts, b.String())
-	case "view open":
-		name, err := arg(0, "a replica name and a disk")
-		if err != nil {
-			return err
-		}
-		d, err := arg(1, "a replica name and a disk")
-		if err != nil {
-			return err
-		}
-		var vi agent.ViewInfo
-		if err := c.Do(ctx, "POST", "/v1/replicas/"+url.PathEscape(name)+"/views", map[string]any{"disk": d, "seq": *seq, "writable": *writable}, &vi); err != nil {
-			return err
-		}
-		return e.print(vi, fmt.Sprintf("view %s of %s/%s at seq %d: nbd+unix:///%s?socket=%s\n", vi.ID, vi.Replica, vi.Disk, vi.Seq, vi.Export, vi.Socket))
-	case "view close":
-		id, err := arg(0, "a view id")
-		if err != nil {
-			return err
-		}
-		return c.Do(ctx, "DELETE", "/v1/views/"+url.PathEscape(id), nil, nil)
+		addAgentFlags(sub, &o)
 	}
-	return fmt.Errorf("%w: unknown agent subcommand %q", errUsage, sub)
+	return c
 }
 
-func statusText(st agent.Status) string {
+func addAgentFlags(c *cobra.Command, o *agentOpts) {
+	if c.HasSubCommands() {
+		for _, s := range c.Commands() {
+			addAgentFlags(s, o)
+		}
+		return
+	}
+	fs := c.Flags()
+	str(fs, &o.addr, "agent", "127.0.0.1:7410", "the agent's address")
+	str(fs, &o.site, "site", "", "the agent's site name, as in its certificate (required)")
+	str(fs, &o.pki, "pki", "", "PKI directory holding your certificate and the CA (required)")
+	str(fs, &o.as, "as", "operator", "name of your certificate in --pki")
+	c.MarkFlagRequired("site")
+	c.MarkFlagRequired("pki")
+}
+
+func agentRunCmd(e *env) *cobra.Command {
+	var dir, name, listen, pkiDir, vaultAddr string
+	var points, retention, appEvery time.Duration
+	c := &cobra.Command{Use: "run", Short: "Run a site agent (the daemon)", Args: cobra.NoArgs,
+		Example: "  ferry agent run --dir /var/lib/ferry --name east --listen 0.0.0.0:7410 --pki /etc/ferry/pki --vault vault.example:7400\n" +
+			"  ferry agent run --config /etc/ferry/agent.toml",
+		RunE: runE(e, func(ctx context.Context, args []string) error {
+			if dir == "" || name == "" || pkiDir == "" {
+				return usagef("--dir, --name and --pki are required (flags or the config file)")
+			}
+			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr})
+			if err != nil {
+				return err
+			}
+			if err := a.Start(ctx); err != nil {
+				a.Close()
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "ferry agent %s listening on %s, NBD on %s\n", name, a.Addr(), a.NBDSocket())
+			<-ctx.Done()
+			return a.Close()
+		})}
+	fs := c.Flags()
+	str(fs, &dir, "dir", "", "data directory (required)")
+	str(fs, &name, "name", "", "site name; its certificate NAME.crt must be in --pki (required)")
+	str(fs, &listen, "listen", "127.0.0.1:7410", "address for the API and the replication link (mutual TLS)")
+	str(fs, &pkiDir, "pki", "", "PKI directory (required)")
+	fs.DurationVar(&points, "point-interval", time.Second, "crash-consistent recovery point interval")
+	fs.DurationVar(&retention, "retention", 24*time.Hour, "how long replicas keep every instant recoverable")
+	fs.DurationVar(&appEvery, "app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
+	str(fs, &vaultAddr, "vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
+	return c
+}
+
+func statusText(st api.AgentStatus) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "site %s, NBD socket %s\n", st.Site, st.NBDSocket)
 	for _, g := range st.Groups {
 		fmt.Fprintf(&b, "group %s: %d disks, last seq %d\n", g.Name, len(g.Disks), g.LastSeq)
+		if g.Fenced != 0 {
+			fmt.Fprintf(&b, "  FENCED: generation %d runs at another site; reprotect it\n", g.Fenced)
+		}
 		if r := g.Replication; r != nil {
 			fmt.Fprintf(&b, "  -> %s: %s, acked %d, RPO %.3fs, pending %d B, %.1f MB/s", g.PeerName, r.State, r.AckedSeq, r.RPO, r.PendingBytes, r.ThroughputBps/1e6)
-			if r.State == "initial-sync" && r.CopyTotal > 0 {
-				fmt.Fprintf(&b, ", copy %s%s", progressBar(r.CopyDone, r.CopyTotal), eta(r.CopyTotal-r.CopyDone, r.ThroughputBps))
+			if r.State == api.ReplInitialSync && r.CopyTotal > 0 {
+				fmt.Fprintf(&b, ", copy %s%s", bar(r.CopyDone, r.CopyTotal), eta(r.CopyTotal-r.CopyDone, r.ThroughputBps))
 			}
-			if r.ResyncTotal > 0 && r.State == "resynchronizing" {
-				fmt.Fprintf(&b, ", resync %s%s", progressBar(r.ResyncDone, r.ResyncTotal), eta(r.ResyncTotal-r.ResyncDone, r.ThroughputBps))
+			if r.ResyncTotal > 0 && r.State == api.ReplResync {
+				fmt.Fprintf(&b, ", resync %s%s", bar(r.ResyncDone, r.ResyncTotal), eta(r.ResyncTotal-r.ResyncDone, r.ThroughputBps))
 			}
-			if r.BitmapMode && r.State != "resynchronizing" {
+			if r.BitmapMode && r.State != api.ReplResync {
 				b.WriteString(", tracking dirty blocks (journal bound reached)")
 			}
 			if r.LastError != "" {
@@ -306,43 +313,3 @@ func eta(n int64, rate float64) string {
 	}
 	return fmt.Sprintf(" ETA %s", (time.Duration(float64(n)/rate) * time.Second).Round(time.Second))
 }
-
-func progressBar(done, total int64) string {
-	const w = 20
-	n := int(done * w / max(total, 1))
-	return fmt.Sprintf("[%s%s] %3d%%", strings.Repeat("#", n), strings.Repeat(".", w-n), done*100/max(total, 1))
-}
-
-func agentRun(ctx context.Context, e *env, args []string) error {
-	fs := newFlags("agent run", e)
-	dir := fs.String("dir", "", "data directory (required)")
-	name := fs.String("name", "", "site name; its certificate NAME.crt must be in --pki (required)")
-	listen := fs.String("listen", "127.0.0.1:7410", "address for the API and the replication link (mutual TLS)")
-	pkiDir := fs.String("pki", "", "PKI directory (required)")
-	points := fs.Duration("point-interval", time.Second, "crash-consistent recovery point interval")
-	retention := fs.Duration("retention", 24*time.Hour, "how long replicas keep every instant recoverable")
-	appEvery := fs.Duration("app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
-	vaultAddr := fs.String("vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if *dir == "" || *name == "" || *pkiDir == "" {
-		return fmt.Errorf("%w: --dir, --name and --pki are required", errUsage)
-	}
-	a, err := agent.New(agent.Config{Dir: *dir, Name: *name, Listen: *listen, PKIDir: *pkiDir, Logger: e.log, PointInterval: *points, Retention: *retention, AppInterval: *appEvery, Vault: *vaultAddr})
-	if err != nil {
-		return err
-	}
-	if err := a.Start(ctx); err != nil {
-		a.Close()
-		return err
-	}
-	fmt.Fprintf(os.Stderr, "ferry agent %s listening on %s, NBD on %s\n", *name, a.Addr(), a.NBDSocket())
-	<-ctx.Done()
-	return a.Close()
-}
-
-type multiFlag []string
-
-func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
-func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }

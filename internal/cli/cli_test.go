@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -40,11 +42,11 @@ func TestRunErrorsAndJSON(t *testing.T) {
 		code    int
 		errWant string
 	}{
-		{nil, 2, "Usage"},
 		{[]string{"nope"}, 2, `unknown command "nope"`},
+		{[]string{"vm", "bogus"}, 2, `unknown command "bogus"`},
 		{[]string{"serve"}, 2, "--dir is required"},
 		{[]string{"serve", "--dir", dir}, 2, "--socket"},
-		{[]string{"disk", "create", "--dir", dir, "vda"}, 2, "NAME SIZE"},
+		{[]string{"disk", "create", "--dir", dir, "vda"}, 2, "accepts 2 arg(s)"},
 		{[]string{"disk", "create", "--dir", dir, "vda", "lots"}, 2, "bad size"},
 	}
 	for _, tc := range tests {
@@ -69,5 +71,104 @@ func TestRunErrorsAndJSON(t *testing.T) {
 	}
 	if code, _, stderr := run(t, "disk", "create", "--dir", dir, "vda", "8M"); code != 1 || !strings.Contains(stderr, "already exists") {
 		t.Fatalf("duplicate disk: %d %q", code, stderr)
+	}
+}
+
+// TestCommandsOwnTheirFlags: each command has its own flags and help; a
+// flag of another command, a flag taken as a value, or an unknown output
+// format is a usage error (exit 2), in text and in JSON.
+func TestCommandsOwnTheirFlags(t *testing.T) {
+	code, out, _ := run(t, "failover", "-h")
+	if code != 0 || !strings.Contains(out, "--point") || !strings.Contains(out, "--no-shutdown-source") {
+		t.Fatalf("failover -h: %d %q", code, out)
+	}
+	for _, other := range []string{"--kernel", "--role", "--dry-run", "--disk", "--memory"} {
+		if strings.Contains(out, other) {
+			t.Errorf("failover -h lists %s", other)
+		}
+	}
+	tests := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"failover", "web", "--kernel", "foo"}, 2, "unknown flag: --kernel"},
+		{[]string{"failover", "web", "--point", "--wait"}, 2, `got the flag "--wait"`},
+		{[]string{"--output", "yaml", "protections"}, 2, `--output "yaml"`},
+		{[]string{"vm", "stop", "web"}, 2, "set --vault and --token"},
+		{[]string{"ca", "issue", "--pki", t.TempDir(), "east"}, 2, `"role" not set`},
+		{[]string{"ca", "issue", "--pki", t.TempDir(), "--role", "admin", "east"}, 2, "role \"admin\""},
+		{[]string{"--log-level", "loud", "version"}, 2, "--log-level"},
+	}
+	for _, tc := range tests {
+		code, _, stderr := run(t, tc.args...)
+		if code != tc.code || !strings.Contains(stderr, tc.want) {
+			t.Errorf("ferry %v: exit %d, stderr %q; want %d and %q", tc.args, code, stderr, tc.code, tc.want)
+		}
+	}
+	// The same errors as JSON on stdout with --output json.
+	code, out, _ = run(t, "-o", "json", "failover", "web", "--kernel", "foo")
+	var je jsonError
+	if err := json.Unmarshal([]byte(out), &je); err != nil || code != 2 || je.Error.Kind != "usage" || !strings.Contains(je.Error.Message, "--kernel") {
+		t.Fatalf("JSON error: %d %q %v", code, out, err)
+	}
+	for _, group := range []string{"vault", "agent", "ca", "site", "vm", "token", "policy", "job"} {
+		code, out, stderr := run(t, group, "-h")
+		if code != 0 || !strings.Contains(out, "Usage:") {
+			t.Errorf("ferry %s -h: %d %q %q", group, code, out, stderr)
+		}
+	}
+	if code, out, _ := run(t, "--version"); code != 0 || strings.TrimSpace(out) != "ferry "+Version {
+		t.Errorf("--version: %d %q", code, out)
+	}
+	if code, out, _ := run(t, "completion", "bash"); code != 0 || !strings.Contains(out, "__start_ferry") {
+		t.Errorf("completion bash: %d, %d bytes", code, len(out))
+	}
+}
+
+// TestConfigFile: a config file fills the flags the command line left
+// unset; flags and environment variables win; a daemon's config refuses
+// keys that are not its flags.
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "config.toml")
+	os.WriteFile(conf, []byte("vault = 'https://127.0.0.1:1'\ntoken = 'fy_from_config'\n"), 0o600)
+	t.Setenv("FERRY_VAULT", "")
+	t.Setenv("FERRY_TOKEN", "")
+	code, _, stderr := run(t, "--config", conf, "protections")
+	if code != 1 || !strings.Contains(stderr, "https://127.0.0.1:1") {
+		t.Fatalf("config's vault not used: %d %q", code, stderr)
+	}
+	code, _, stderr = run(t, "--config", conf, "protections", "--vault", "https://127.0.0.1:2")
+	if code != 1 || !strings.Contains(stderr, "https://127.0.0.1:2") {
+		t.Fatalf("a flag did not win over the config: %d %q", code, stderr)
+	}
+	t.Setenv("FERRY_VAULT", "https://127.0.0.1:3")
+	code, _, stderr = run(t, "--config", conf, "protections")
+	if code != 1 || !strings.Contains(stderr, "https://127.0.0.1:3") {
+		t.Fatalf("the environment did not win over the config: %d %q", code, stderr)
+	}
+	daemon := filepath.Join(dir, "agent.toml")
+	os.WriteFile(daemon, []byte("name = 'east'\nlisten = '127.0.0.1:0'\nlistn = 'typo'\n"), 0o600)
+	code, _, stderr = run(t, "--config", daemon, "agent", "run")
+	if code != 2 || !strings.Contains(stderr, `"listn" is not a flag`) {
+		t.Fatalf("daemon config with a typo: %d %q", code, stderr)
+	}
+	if code, _, stderr := run(t, "--config", filepath.Join(dir, "missing.toml"), "version"); code != 2 || !strings.Contains(stderr, "missing.toml") {
+		t.Fatalf("a missing --config: %d %q", code, stderr)
+	}
+}
+
+// TestManPages: one page per command, generated from the same tree.
+func TestManPages(t *testing.T) {
+	dir := t.TempDir()
+	if code, _, stderr := run(t, "man", dir); code != 0 {
+		t.Fatalf("man: %d %s", code, stderr)
+	}
+	for _, page := range []string{"ferry.1", "ferry-failover.1", "ferry-agent-run.1", "ferry-token-revoke.1"} {
+		b, err := os.ReadFile(filepath.Join(dir, page))
+		if err != nil || !bytes.Contains(b, []byte(".TH")) {
+			t.Errorf("%s: %v", page, err)
+		}
 	}
 }

@@ -14,21 +14,33 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/nbd"
+	"github.com/spf13/cobra"
 )
 
-func runServe(ctx context.Context, e *env, args []string) error {
-	fs := newFlags("serve", e)
-	dir := fs.String("dir", "", "disk group directory (required)")
-	socket := fs.String("socket", "", "unix socket to serve NBD on (mode 0600)")
-	listen := fs.String("listen", "", "TCP address to serve NBD on, for tests only (e.g. 127.0.0.1:10809)")
-	create := fs.String("create", "", "create missing disks first: name=size[,name=size...]")
-	ckpt := fs.Duration("checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only by --checkpoint-bytes)")
-	segSize := fs.String("segment-size", "64M", "journal segment size")
-	ckptBytes := fs.String("checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
-	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
+func serveCmd(e *env) *cobra.Command {
+	var o serveOpts
+	c := &cobra.Command{Use: "serve", Short: "Serve a disk group's disks over NBD, journaling every write (no replication)", Args: cobra.NoArgs,
+		Example: "  ferry serve --dir vm1 --socket vm1.sock --create vda=10G\n  qemu-system-x86_64 ... -drive file=nbd+unix:///vda?socket=vm1.sock,format=raw,if=virtio,cache=none",
+		RunE:    runE(e, func(ctx context.Context, args []string) error { return runServe(ctx, e, &o) })}
+	fs := c.Flags()
+	str(fs, &o.dir, "dir", "", "disk group directory (required)")
+	str(fs, &o.socket, "socket", "", "unix socket to serve NBD on (mode 0600)")
+	str(fs, &o.listen, "listen", "", "TCP address to serve NBD on, for tests only (e.g. 127.0.0.1:10809)")
+	str(fs, &o.create, "create", "", "create missing disks first: name=size[,name=size...]")
+	fs.DurationVar(&o.ckpt, "checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only by --checkpoint-bytes)")
+	str(fs, &o.segSize, "segment-size", "64M", "journal segment size")
+	str(fs, &o.ckptBytes, "checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
+	str(fs, &o.cpuProfile, "cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
+	return c
+}
+
+type serveOpts struct {
+	dir, socket, listen, create, segSize, ckptBytes, cpuProfile string
+	ckpt                                                        time.Duration
+}
+
+func runServe(ctx context.Context, e *env, o *serveOpts) error {
+	dir, socket, listen, create, ckpt, segSize, ckptBytes, cpuProfile := &o.dir, &o.socket, &o.listen, &o.create, &o.ckpt, &o.segSize, &o.ckptBytes, &o.cpuProfile
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
@@ -40,10 +52,10 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	if *dir == "" {
-		return fmt.Errorf("%w: --dir is required", errUsage)
+		return usagef("--dir is required")
 	}
 	if *socket == "" && *listen == "" {
-		return fmt.Errorf("%w: give --socket PATH (or --listen ADDR for tests)", errUsage)
+		return usagef("give --socket PATH (or --listen ADDR for tests)")
 	}
 	seg, err := parseSize(*segSize)
 	if err != nil {
@@ -131,7 +143,7 @@ func createDisks(g *disk.Group, spec string) error {
 	for _, part := range strings.Split(spec, ",") {
 		name, size, ok := strings.Cut(part, "=")
 		if !ok {
-			return fmt.Errorf("%w: --create wants name=size, got %q", errUsage, part)
+			return usagef("--create wants name=size, got %q", part)
 		}
 		n, err := parseSize(size)
 		if err != nil {
@@ -144,46 +156,49 @@ func createDisks(g *disk.Group, spec string) error {
 	return nil
 }
 
-func runDisk(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return fmt.Errorf("%w: disk create|list", errUsage)
-	}
-	fs := newFlags("disk "+args[0], e)
-	dir := fs.String("dir", "", "disk group directory (required)")
-	if err := parse(fs, args[1:]); err != nil {
-		return err
-	}
-	if *dir == "" {
-		return fmt.Errorf("%w: --dir is required", errUsage)
-	}
-	g, err := disk.Open(disk.Config{Dir: *dir, Logger: e.log})
-	if err != nil {
-		return err
-	}
-	defer g.Close()
-	switch args[0] {
-	case "create":
-		if fs.NArg() != 2 {
-			return fmt.Errorf("%w: ferry disk create --dir DIR NAME SIZE", errUsage)
+func diskCmd(e *env) *cobra.Command {
+	var dir string
+	open := func() (*disk.Group, error) {
+		if dir == "" {
+			return nil, usagef("--dir is required")
 		}
-		size, err := parseSize(fs.Arg(1))
-		if err != nil {
-			return err
-		}
-		d, err := g.CreateDisk(fs.Arg(0), size)
-		if err != nil {
-			return err
-		}
-		s := d.Spec()
-		return e.print(s, fmt.Sprintf("created disk %q (id %d, %d bytes) in %s\n", s.Name, s.ID, s.Size, filepath.Clean(*dir)))
-	case "list":
-		specs := g.Disks()
-		var b strings.Builder
-		fmt.Fprintf(&b, "%-4s %-20s %s\n", "ID", "NAME", "SIZE")
-		for _, s := range specs {
-			fmt.Fprintf(&b, "%-4d %-20s %d\n", s.ID, s.Name, s.Size)
-		}
-		return e.print(specs, b.String())
+		return disk.Open(disk.Config{Dir: dir, Logger: e.log})
 	}
-	return fmt.Errorf("%w: unknown disk subcommand %q", errUsage, args[0])
+	create := &cobra.Command{Use: "create NAME SIZE", Short: "Create a disk in a group", Args: cobra.ExactArgs(2),
+		Example: "  ferry disk create --dir vm1 vda 10G",
+		RunE: runE(e, func(ctx context.Context, args []string) error {
+			size, err := parseSize(args[1])
+			if err != nil {
+				return err
+			}
+			g, err := open()
+			if err != nil {
+				return err
+			}
+			defer g.Close()
+			d, err := g.CreateDisk(args[0], size)
+			if err != nil {
+				return err
+			}
+			s := d.Spec()
+			return e.print(s, fmt.Sprintf("created disk %q (id %d, %d bytes) in %s\n", s.Name, s.ID, s.Size, filepath.Clean(dir)))
+		})}
+	list := &cobra.Command{Use: "list", Short: "List a group's disks", Args: cobra.NoArgs,
+		RunE: runE(e, func(ctx context.Context, args []string) error {
+			g, err := open()
+			if err != nil {
+				return err
+			}
+			defer g.Close()
+			specs := g.Disks()
+			var b strings.Builder
+			fmt.Fprintf(&b, "%-4s %-20s %s\n", "ID", "NAME", "SIZE")
+			for _, s := range specs {
+				fmt.Fprintf(&b, "%-4d %-20s %d\n", s.ID, s.Name, s.Size)
+			}
+			return e.print(specs, b.String())
+		})}
+	c := group("disk", "Create and list the disks of a group (no agent)", create, list)
+	str(c.PersistentFlags(), &dir, "dir", "", "disk group directory (required)")
+	return c
 }

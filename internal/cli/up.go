@@ -12,21 +12,31 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/pki"
-	"github.com/ferry-dr/ferry/internal/vault"
+	"github.com/ferry-dr/ferry/internal/vaultclient"
+	"github.com/spf13/cobra"
 )
 
 // runUp is "ferry up": a vault and two site agents (east and west) on this
 // machine, each its own process and data directory, enrolled and ready.
-func runUp(ctx context.Context, e *env, args []string) error {
-	fs := newFlags("up", e)
-	dir := fs.String("dir", "ferry-up", "data directory for the vault and both sites")
-	vaultAddr := fs.String("vault-listen", "127.0.0.1:7400", "vault API address")
-	eastAddr := fs.String("east-listen", "127.0.0.1:7411", "east agent address")
-	westAddr := fs.String("west-listen", "127.0.0.1:7412", "west agent address")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
+func upCmd(e *env) *cobra.Command {
+	var dir, vaultAddr, eastAddr, westAddr string
+	c := &cobra.Command{Use: "up", Short: "All in one: a vault and two sites (east, west) on this machine", Args: cobra.NoArgs,
+		Long:    "Start a vault and two site agents, east and west, each its own process and data directory,\nenrolled and ready; prints the vault's URL, a token and the export line for the CLI.",
+		Example: "  ferry up &\n  ferry up --dir /tmp/ferry-demo --vault-listen 127.0.0.1:17400",
+		RunE: runE(e, func(ctx context.Context, args []string) error {
+			return runUp(ctx, e, &dir, &vaultAddr, &eastAddr, &westAddr)
+		})}
+	fs := c.Flags()
+	str(fs, &dir, "dir", "ferry-up", "data directory for the vault and both sites")
+	str(fs, &vaultAddr, "vault-listen", "127.0.0.1:7400", "vault API address")
+	str(fs, &eastAddr, "east-listen", "127.0.0.1:7411", "east agent address")
+	str(fs, &westAddr, "west-listen", "127.0.0.1:7412", "west agent address")
+	return c
+}
+
+func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *string) error {
 	abs, err := filepath.Abs(*dir)
 	if err != nil {
 		return err
@@ -59,9 +69,9 @@ func runUp(ctx context.Context, e *env, args []string) error {
 		cmd  *exec.Cmd
 	}
 	procs := []*proc{
-		{name: "vault", args: []string{"vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}},
-		{name: "east", args: []string{"agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
-		{name: "west", args: []string{"agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
+		{name: "vault", args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}},
+		{name: "east", args: []string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
+		{name: "west", args: []string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
 	}
 	stopAll := func() {
 		for i := len(procs) - 1; i >= 0; i-- {
@@ -105,12 +115,12 @@ func runUp(ctx context.Context, e *env, args []string) error {
 	}
 	url := "https://" + *vaultAddr
 	ca := filepath.Join(pkiDir, pki.CACert)
-	c, err := vault.NewClient(url, token, ca)
+	c, err := vaultclient.New(url, token, ca)
 	if err != nil {
 		return err
 	}
 	for {
-		if err := c.Do(ctx, "GET", "/v1/sites", nil, nil); err == nil {
+		if _, err := c.Sites(ctx); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -121,30 +131,28 @@ func runUp(ctx context.Context, e *env, args []string) error {
 	// Enroll both sites with one-time tokens, as a real site would; a
 	// site enrolled by an earlier run at another address is re-enrolled
 	// with a token made for that.
-	var known []vault.Site
-	if err := c.Do(ctx, "GET", "/v1/sites", nil, &known); err != nil {
+	known, err := c.Sites(ctx)
+	if err != nil {
 		return err
 	}
 	for _, s := range []struct{ name, addr string }{{"east", *eastAddr}, {"west", *westAddr}} {
-		req := vault.TokenRequest{Role: vault.RoleEnroll, Name: s.name, TTL: "1m"}
-		if i := slices.IndexFunc(known, func(k vault.Site) bool { return k.Name == s.name }); i >= 0 {
+		req := api.TokenRequest{Role: "enroll", Name: s.name, TTL: "1m"}
+		if i := slices.IndexFunc(known, func(k api.Site) bool { return k.Name == s.name }); i >= 0 {
 			if known[i].Addr == s.addr {
 				continue
 			}
 			req.Reenroll = s.name
 		}
-		var tok map[string]any
-		if err := c.Do(ctx, "POST", "/v1/tokens", req, &tok); err != nil {
+		tok, err := c.CreateToken(ctx, req)
+		if err != nil {
 			return err
 		}
-		anon, _ := vault.NewClient(url, "", ca)
-		if err := anon.Do(ctx, "POST", "/v1/enroll", map[string]any{"token": tok["token"], "name": s.name, "addr": s.addr}, nil); err != nil {
+		if err := c.Enroll(ctx, api.Enroll{Token: tok.Token, Name: s.name, Addr: s.addr}); err != nil {
 			return fmt.Errorf("enroll %s: %w", s.name, err)
 		}
 	}
 	for {
-		var sites []vault.Site
-		c.Do(ctx, "GET", "/v1/sites", nil, &sites)
+		sites, _ := c.Sites(ctx)
 		if len(sites) == 2 && sites[0].Reachable && sites[1].Reachable {
 			break
 		}

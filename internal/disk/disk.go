@@ -27,6 +27,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"golang.org/x/sys/unix"
@@ -42,11 +43,7 @@ var (
 )
 
 // Spec describes one disk of a group.
-type Spec struct {
-	ID   uint16 `json:"id"`
-	Name string `json:"name"`
-	Size int64  `json:"size"`
-}
+type Spec = api.DiskSpec
 
 // Config configures a Group.
 type Config struct {

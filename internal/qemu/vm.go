@@ -32,37 +32,28 @@ type Disk struct {
 	Export string `json:"export"`
 }
 
-// Boot says how the VM boots: from a kernel and initrd, or from its first
-// disk (Kernel empty).
-type Boot struct {
-	Kernel string `json:"kernel,omitempty"`
-	Initrd string `json:"initrd,omitempty"`
-	Append string `json:"append,omitempty"`
-}
+// Boot says how the VM boots (api.Boot).
+type Boot = api.Boot
 
-// Forward forwards a host TCP address to a guest port. The host address
-// is typed: in JSON it is "127.0.0.1:8080", and anything that does not
-// parse as an address and a port is refused when decoded.
-type Forward struct {
-	Host      netip.AddrPort `json:"host"`
-	GuestPort int            `json:"guest_port"`
-}
+// Forward forwards a host TCP address to a guest port (api.Forward):
+// typed, so nothing but an address and a port reaches QEMU.
+type Forward = api.Forward
 
 // Net modes.
 const (
-	NetNone     = "none"
-	NetUser     = "user"     // user-mode NAT with forwards
-	NetIsolated = "isolated" // no route out; only the forwards reach it
+	NetNone     = api.NetNone
+	NetUser     = api.NetUser     // user-mode NAT with forwards
+	NetIsolated = api.NetIsolated // no route out; only the forwards reach it
 )
 
 // Spec describes a VM.
 type Spec struct {
-	Name      string `json:"name"`
-	VCPUs     int    `json:"vcpus"`
-	MemoryMiB int    `json:"memory_mib"`
-	Disks     []Disk `json:"disks"`
-	Boot      Boot   `json:"boot"`
-	Net       string `json:"net"`
+	Name      string      `json:"name"`
+	VCPUs     int         `json:"vcpus"`
+	MemoryMiB int         `json:"memory_mib"`
+	Disks     []Disk      `json:"disks"`
+	Boot      Boot        `json:"boot"`
+	Net       api.NetMode `json:"net"`
 	// Subnet is the IPv4 network (CIDR) the guest's NIC gets by DHCP;
 	// empty: QEMU's default, 10.0.2.0/24. Each site declares its own.
 	Subnet   string    `json:"subnet,omitempty"`
@@ -143,12 +134,12 @@ func (s *Spec) Validate() error {
 
 // States of a VM.
 const (
-	StateStarting = "starting"
-	StateRunning  = "running"
-	StatePaused   = "paused"
-	StateStopping = "stopping"
-	StateStopped  = "stopped" // powered off or stopped on request
-	StateCrashed  = "crashed" // QEMU exited on its own without a guest power-off
+	StateStarting = api.VMStarting
+	StateRunning  = api.VMRunning
+	StatePaused   = api.VMPaused
+	StateStopping = api.VMStopping
+	StateStopped  = api.VMStopped // powered off or stopped on request
+	StateCrashed  = api.VMCrashed // QEMU exited on its own without a guest power-off
 )
 
 // VM is a running (or ended) QEMU process.
@@ -164,7 +155,7 @@ type VM struct {
 	done chan struct{}
 
 	mu        sync.Mutex
-	state     string
+	state     api.VMState
 	exitErr   error
 	powerOff  bool // the guest powered off (SHUTDOWN event)
 	stopAsked bool
@@ -323,14 +314,7 @@ func (v *VM) watchEvents() {
 }
 
 // Status is a VM's state as QEMU reports it.
-type Status struct {
-	Name    string `json:"name"`
-	State   string `json:"state"`
-	Accel   string `json:"accel"`
-	PID     int    `json:"pid"`
-	Reason  string `json:"reason,omitempty"` // why it crashed
-	Console string `json:"console"`
-}
+type Status = api.VMStatus
 
 // Status reports the VM's state; for a running VM it asks QEMU
 // (query-status).
@@ -541,19 +525,6 @@ func probeKVM(ctx context.Context, boot Boot) bool {
 // option.
 func optValue(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
-// CheckSubnet accepts an IPv4 network in CIDR notation that user-mode
-// networking can serve: between /8 and /28, so that it has room for the
-// gateway, DNS and DHCP addresses.
-func CheckSubnet(cidr string) error {
-	p, err := netip.ParsePrefix(cidr)
-	if err != nil || !p.Addr().Is4() {
-		return fmt.Errorf("subnet %q is not an IPv4 network in CIDR notation (like 10.20.0.0/24)", cidr)
-	}
-	if p.Bits() < 8 || p.Bits() > 28 {
-		return fmt.Errorf("subnet %q: the prefix must be between /8 and /28", cidr)
-	}
-	if p.Masked() != p {
-		return fmt.Errorf("subnet %q has host bits set; did you mean %s?", cidr, p.Masked())
-	}
-	return nil
-}
+// CheckSubnet accepts an IPv4 network user-mode networking can serve
+// (api.CheckSubnet).
+func CheckSubnet(cidr string) error { return api.CheckSubnet(cidr) }

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/guest"
 	"github.com/ferry-dr/ferry/internal/nbd"
@@ -237,8 +238,11 @@ func TestNetworkModes(t *testing.T) {
 	defer hostLn.Close()
 	go http.Serve(hostLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	_, port, _ := net.SplitHostPort(hostLn.Addr().String())
-	for _, tc := range []struct{ mode, want string }{{NetUser, "probe reached"}, {NetIsolated, "probe blocked"}} {
-		t.Run(tc.mode, func(t *testing.T) {
+	for _, tc := range []struct {
+		mode api.NetMode
+		want string
+	}{{NetUser, "probe reached"}, {NetIsolated, "probe blocked"}} {
+		t.Run(string(tc.mode), func(t *testing.T) {
 			sock, _ := ext4Disk(t, 32<<20)
 			web := freeAddr(t)
 			vm, err := Start(context.Background(), Spec{

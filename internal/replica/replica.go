@@ -25,6 +25,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
@@ -38,30 +39,15 @@ var (
 	ErrReadOnlyView = errors.New("replica: view is read-only")
 )
 
-// Marker is the payload of a recovery-point marker entry, written by the
-// source agent into its journal so that every disk of the group shares it.
-type Marker struct {
-	Type  string `json:"type"` // "crash" (periodic checkpoint), "app" (application-consistent), "named"
-	Label string `json:"label,omitempty"`
-}
+// Marker is the payload of a recovery-point marker entry (api.Marker).
+type Marker = api.Marker
 
 // TypeResyncDone marks the end of a resynchronization: the replica is
 // consistent again from this point (it was not from the skip before it).
-const TypeResyncDone = "resync-done"
+const TypeResyncDone = api.PointResyncDone
 
-// Encode returns the marker's journal payload.
-func (m Marker) Encode() []byte {
-	b, _ := json.Marshal(m)
-	return b
-}
-
-// Point is a recovery point in the catalog.
-type Point struct {
-	Seq   uint64    `json:"seq"`
-	Time  time.Time `json:"time"`
-	Type  string    `json:"type"`
-	Label string    `json:"label,omitempty"`
-}
+// Point is a recovery point in the catalog (api.Point).
+type Point = api.Point
 
 // Config configures a Replica.
 type Config struct {
@@ -450,20 +436,7 @@ func (r *Replica) Disks() []disk.Spec {
 }
 
 // Status describes the replica.
-type Status struct {
-	Group         string      `json:"group"`
-	Disks         []disk.Spec `json:"disks"`
-	BaseSeq       uint64      `json:"base_seq"`
-	ConsistentSeq uint64      `json:"consistent_seq"`
-	LastSeq       uint64      `json:"last_seq"`
-	LastTime      time.Time   `json:"last_time"`
-	FoldedSeq     uint64      `json:"folded_seq"`
-	Points        int         `json:"points"`
-	JournalBytes  int64       `json:"journal_bytes"`
-	// The newest crash-consistent and application-consistent points.
-	LastPoint    time.Time `json:"last_point,omitzero"`
-	LastAppPoint time.Time `json:"last_app_point,omitzero"`
-}
+type Status = api.ReplicaStatus
 
 // Status returns the replica's state.
 func (r *Replica) Status() Status {

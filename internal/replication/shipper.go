@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
@@ -22,14 +23,14 @@ import (
 
 // States of a shipper.
 const (
-	StateConnecting   = "connecting"
-	StateInitialSync  = "initial-sync"
-	StateStreaming    = "streaming"
-	StateDisconnected = "disconnected"
+	StateConnecting   = api.ReplConnecting
+	StateInitialSync  = api.ReplInitialSync
+	StateStreaming    = api.ReplStreaming
+	StateDisconnected = api.ReplDisconnected
 	// StateResync: resending the blocks that changed while the journal
 	// could not hold the writes (the dirty-block bitmap), then streaming.
-	StateResync  = "resynchronizing"
-	StateStopped = "stopped"
+	StateResync  = api.ReplResync
+	StateStopped = api.ReplStopped
 )
 
 // holder is the name of the shipper's hold on the group's journal.
@@ -64,24 +65,7 @@ type ShipperConfig struct {
 }
 
 // Status is what a shipper reports.
-type Status struct {
-	State         string  `json:"state"`
-	LastSeq       uint64  `json:"last_seq"`  // newest entry at the source
-	AckedSeq      uint64  `json:"acked_seq"` // newest entry durable at the recovery site
-	PendingBytes  int64   `json:"pending_bytes"`
-	RPO           float64 `json:"rpo_seconds"`
-	SentBytes     int64   `json:"sent_bytes"`
-	ThroughputBps float64 `json:"throughput_bytes_per_second"`
-	// Initial copy progress.
-	CopyDone   int64  `json:"copy_done_bytes,omitempty"`
-	CopyTotal  int64  `json:"copy_total_bytes,omitempty"`
-	LastError  string `json:"last_error,omitempty"`
-	Reconnects int    `json:"reconnects"`
-	// Dirty-block tracking and resynchronization.
-	BitmapMode  bool  `json:"bitmap_mode,omitempty"`
-	ResyncDone  int64 `json:"resync_done_bytes,omitempty"`
-	ResyncTotal int64 `json:"resync_total_bytes,omitempty"`
-}
+type Status = api.ReplicationStatus
 
 // sentBatch remembers a batch sent but not yet acknowledged, for RPO.
 type sentBatch struct {
@@ -97,7 +81,7 @@ type Shipper struct {
 	log *slog.Logger
 
 	mu                  sync.Mutex
-	state               string
+	state               api.ReplicationState
 	acked               uint64
 	queue               []sentBatch
 	sent                int64
@@ -341,7 +325,7 @@ func (s *Shipper) Close() {
 	s.mu.Unlock()
 }
 
-func (s *Shipper) setState(st string) {
+func (s *Shipper) setState(st api.ReplicationState) {
 	s.mu.Lock()
 	s.state = st
 	s.mu.Unlock()

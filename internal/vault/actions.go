@@ -4,30 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"strings"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/api"
-	"github.com/ferry-dr/ferry/internal/qemu"
-	"github.com/ferry-dr/ferry/internal/replica"
-	"github.com/ferry-dr/ferry/internal/replication"
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
 // EnableRequest asks to protect a VM.
-type EnableRequest struct {
-	VM     string `json:"vm"`
-	Target string `json:"target"` // the recovery site
-	Policy string `json:"policy"` // default: "default"
-	// Networks maps the VM's NICs to networks at the recovery site for a
-	// failover (default: its first production network).
-	Networks map[string]string `json:"networks,omitempty"`
-	// TestNetwork is the recovery site's isolated network for drills
-	// (default: its first isolated network).
-	TestNetwork string `json:"test_network,omitempty"`
-}
+type EnableRequest = api.EnableRequest
 
 // Enable starts protecting a VM (running at its site) to a recovery site
 // under a policy, with its NICs mapped to the recovery site's networks: a
@@ -41,11 +26,11 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 	if target == "" || target == vm.Site {
 		return Job{}, fmt.Errorf("%w: the recovery site must be another site than %s", ErrInvalid, vm.Site)
 	}
-	dstSite, _, err := get[Site](ctx, v.st, kindSite, target)
+	dstSite, _, err := get[api.Site](ctx, v.st, kindSite, target)
 	if err != nil {
 		return Job{}, err
 	}
-	srcSite, _, err := get[Site](ctx, v.st, kindSite, vm.Site)
+	srcSite, _, err := get[api.Site](ctx, v.st, kindSite, vm.Site)
 	if err != nil {
 		return Job{}, err
 	}
@@ -56,7 +41,11 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 	if err := mapNetworks(&p, vm, srcSite, dstSite, req.Networks, req.TestNetwork); err != nil {
 		return Job{}, err
 	}
-	if _, err := put(ctx, v.st, kindProtection, vmName, p, 0); err != nil {
+	ver := int64(0)
+	if cur, cver, err := get[Protection](ctx, v.st, kindProtection, vmName); err == nil && cur.State == StateDisabled && cur.Job == "" {
+		ver, p.History = cver, cur.History // protected again after a disable
+	}
+	if _, err := put(ctx, v.st, kindProtection, vmName, p, ver); err != nil {
 		if errors.Is(err, store.ErrConflict) {
 			cur, _ := v.Protection(ctx, vmName)
 			return Job{}, fmt.Errorf("%w: %s is already protected (%s, %s -> %s)", ErrForbidden, vmName, cur.State, cur.Source, cur.Target)
@@ -83,7 +72,7 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 		if err := expectReplica(ctx, dc, p.VM, src.Name); err != nil {
 			return nil, err
 		}
-		if err := sc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(p.VM)+"/replication", map[string]string{"peer_addr": dst.Addr, "peer_name": dst.Name}, nil); err != nil {
+		if err := sc.Replicate(ctx, p.VM, api.Replicate{PeerAddr: dst.Addr, PeerName: dst.Name}); err != nil {
 			return nil, err
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.State = StateInitialSync; return nil })
@@ -99,10 +88,9 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 // waitInSync follows a group's replication at its source until the initial
 // (or delta) copy is over and the recovery site has every entry, reporting
 // progress; it returns the bytes sent and the disks' size.
-func (v *Vault) waitInSync(ctx context.Context, r *run, c AgentAPI, vm, verb string) (sent, total int64, err error) {
+func (v *Vault) waitInSync(ctx context.Context, r *run, c Site, vm, verb string) (sent, total int64, err error) {
 	for {
-		var st agent.Status
-		if err := c.Do(ctx, "GET", "/v1/status", nil, &st); err == nil {
+		if st, err := c.Status(ctx); err == nil {
 			for _, g := range st.Groups {
 				if g.Name != vm || g.Replication == nil {
 					continue
@@ -112,7 +100,7 @@ func (v *Vault) waitInSync(ctx context.Context, r *run, c AgentAPI, vm, verb str
 				if total > 0 {
 					r.Say(ctx, int(rs.CopyDone*100/total), "%s %d of %d bytes, sent %d", verb, rs.CopyDone, total, sent)
 				}
-				if rs.State == "streaming" && rs.AckedSeq == g.LastSeq {
+				if rs.State == api.ReplStreaming && rs.AckedSeq == g.LastSeq {
 					return sent, total, nil
 				}
 			}
@@ -126,20 +114,20 @@ func (v *Vault) waitInSync(ctx context.Context, r *run, c AgentAPI, vm, verb str
 }
 
 // failoverPoint asks the recovery site for its points and picks one.
-func (v *Vault) failoverPoint(ctx context.Context, p Protection, want string) (replica.Point, error) {
+func (v *Vault) failoverPoint(ctx context.Context, p Protection, want string) (api.Point, error) {
 	pts, err := v.Points(ctx, p.VM)
 	if err != nil {
-		return replica.Point{}, fmt.Errorf("list recovery points at %s: %w", p.Target, err)
+		return api.Point{}, fmt.Errorf("list recovery points at %s: %w", p.Target, err)
 	}
 	return choosePoint(pts, want)
 }
 
 // recoverySite is the prerequisites check shared by drills and failovers:
 // the VM's definition, and a reachable recovery site with room for it.
-func (v *Vault) recoverySite(ctx context.Context, r *run, p Protection) (VM, Site, AgentAPI, error) {
+func (v *Vault) recoverySite(ctx context.Context, r *run, p Protection) (VM, api.Site, Site, error) {
 	vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
 	if err != nil {
-		return vm, Site{}, nil, err
+		return vm, api.Site{}, nil, err
 	}
 	dst, dc, err := v.site(ctx, p.Target)
 	if err != nil {
@@ -154,9 +142,9 @@ func (v *Vault) recoverySite(ctx context.Context, r *run, p Protection) (VM, Sit
 
 // checkCapacity verifies that the recovery site can run vm: memory for it
 // and disk for its overlays (at worst the size of its disks).
-func (v *Vault) checkCapacity(ctx context.Context, r *run, c AgentAPI, site string, vm VM) error {
-	var st agent.Status
-	if err := c.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
+func (v *Vault) checkCapacity(ctx context.Context, r *run, c Site, site string, vm VM) error {
+	st, err := c.Status(ctx)
+	if err != nil {
 		return fmt.Errorf("the recovery site %s does not answer: %w", site, err)
 	}
 	need := int64(vm.MemoryMiB) << 20
@@ -195,8 +183,8 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		if err != nil {
 			return nil, err
 		}
-		var st qemu.Status
-		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, n), &st); err != nil {
+		st, err := dc.StartVM(ctx, vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, n))
+		if err != nil {
 			return nil, err
 		}
 		r.Step(ctx, "start test VM")
@@ -225,11 +213,11 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 		if !dst.Reachable {
 			return nil, fmt.Errorf("the recovery site %s is unreachable: retry the cleanup when it is back (its test VM and overlays do not survive its restart)", dst.Name)
 		}
-		var out struct{ Steps []string }
-		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(p.VM)+"-drill?force=1", nil, &out); err != nil && !isNotFound(err) {
+		steps, err := dc.StopVM(ctx, p.VM+"-drill", true)
+		if err != nil && !isNotFound(err) {
 			return nil, err
 		}
-		for _, s := range out.Steps {
+		for _, s := range steps {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "record drill")
@@ -242,8 +230,8 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 
 // expectReplica tells the site behind c that replica vm is streamed by
 // site source, and by no other.
-func expectReplica(ctx context.Context, c AgentAPI, vm, source string) error {
-	if err := c.Do(ctx, "PUT", "/v1/replicas/"+url.PathEscape(vm)+"/source", map[string]string{"source": source}, nil); err != nil {
+func expectReplica(ctx context.Context, c Site, vm, source string) error {
+	if err := c.ExpectReplica(ctx, vm, source); err != nil {
 		return fmt.Errorf("record %s as the source of replica %s: %w", source, vm, err)
 	}
 	return nil
@@ -273,11 +261,11 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		r.Say(ctx, 100, "source site %s %s", src.Name, map[bool]string{true: "reachable", false: "UNREACHABLE"}[src.Reachable])
 		r.Step(ctx, "shut down source VM")
 		if shutdownSource && src.Reachable {
-			var out struct{ Steps []string }
-			if err := sc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(p.VM), nil, &out); err != nil {
+			steps, err := sc.StopVM(ctx, p.VM, false)
+			if err != nil {
 				r.Say(ctx, -1, "shutdown failed, going on: %v", err)
 			}
-			for _, s := range out.Steps {
+			for _, s := range steps {
 				r.Say(ctx, -1, "%s", s)
 			}
 		} else if !src.Reachable {
@@ -298,7 +286,7 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 			r.Say(ctx, -1, "nothing to synchronize: using what the recovery site has")
 		}
 		r.Step(ctx, "create recovery point")
-		var pt replica.Point
+		var pt api.Point
 		if want == "latest" || want == "" {
 			// Everything the recovery site received: every entry boundary
 			// is crash-consistent, so the newest one is a point too.
@@ -319,8 +307,8 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		if err != nil {
 			return nil, err
 		}
-		var st qemu.Status
-		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, n), &st); err != nil {
+		st, err := dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, n))
+		if err != nil {
 			return nil, err
 		}
 		r.Say(ctx, 100, "VM %s %s at %s (%s) on network %s (%s); failover took %v excluding guest boot; console %s", p.VM, st.State, dst.Name, st.Accel,
@@ -342,11 +330,10 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 }
 
 // firstConsoleLines waits up to d for the VM's first n console lines.
-func (v *Vault) firstConsoleLines(ctx context.Context, c AgentAPI, vm string, n int, d time.Duration) []string {
+func (v *Vault) firstConsoleLines(ctx context.Context, c Site, vm string, n int, d time.Duration) []string {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
-		var out struct{ Data string }
-		if err := c.Do(ctx, "GET", "/v1/vms/"+url.PathEscape(vm)+"/console", nil, &out); err == nil {
+		if out, err := c.Console(ctx, vm, 0); err == nil {
 			var lines []string
 			for _, l := range strings.Split(out.Data, "\n") {
 				l = strings.TrimSpace(strings.Map(func(r rune) rune {
@@ -373,31 +360,29 @@ func (v *Vault) firstConsoleLines(ctx context.Context, c AgentAPI, vm string, n 
 }
 
 // newestInstant is the newest sequence the recovery site holds for vm.
-func (v *Vault) newestInstant(ctx context.Context, dc AgentAPI, vm string) (replica.Point, error) {
-	var st agent.Status
-	if err := dc.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
-		return replica.Point{}, err
+func (v *Vault) newestInstant(ctx context.Context, dc Site, vm string) (api.Point, error) {
+	st, err := dc.Status(ctx)
+	if err != nil {
+		return api.Point{}, err
 	}
 	for _, r := range st.Replicas {
 		if r.Group == vm && r.LastSeq > 0 && r.ConsistentSeq > 0 {
-			return replica.Point{Seq: r.LastSeq, Time: r.LastTime, Type: "latest"}, nil
+			return api.Point{Seq: r.LastSeq, Time: r.LastTime, Type: "latest"}, nil
 		}
 	}
-	return replica.Point{}, fmt.Errorf("no replica of %s at the recovery site", vm)
+	return api.Point{}, fmt.Errorf("no replica of %s at the recovery site", vm)
 }
 
 // markAndWait records a point at the source and waits until the recovery
 // site has it (everything written before it is then there).
-func (v *Vault) markAndWait(ctx context.Context, r *run, sc, dc AgentAPI, vm, label string) (uint64, error) {
-	var out map[string]uint64
-	if err := sc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vm)+"/points", replica.Marker{Type: "named", Label: label}, &out); err != nil {
+func (v *Vault) markAndWait(ctx context.Context, r *run, sc, dc Site, vm, label string) (uint64, error) {
+	seq, err := sc.Mark(ctx, vm, api.Marker{Type: api.PointNamed, Label: label})
+	if err != nil {
 		return 0, err
 	}
-	seq := out["seq"]
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) {
-		var pts []replica.Point
-		if err := dc.Do(ctx, "GET", "/v1/replicas/"+url.PathEscape(vm)+"/points", nil, &pts); err == nil {
+		if pts, err := dc.Points(ctx, vm); err == nil {
 			for _, p := range pts {
 				if p.Seq == seq {
 					r.Say(ctx, 100, "the recovery site has everything up to point %d", seq)
@@ -445,13 +430,13 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 			return nil, err
 		}
 		r.Step(ctx, "stop VM at recovery site")
-		var out struct{ Steps []string }
 		// Its writes since the failover are discarded: no need to wait
 		// for a clean shutdown.
-		if err := dc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(p.VM)+"?force=1", nil, &out); err != nil && !isNotFound(err) {
+		steps, err := dc.StopVM(ctx, p.VM, true)
+		if err != nil && !isNotFound(err) {
 			return nil, err
 		}
-		for _, s := range out.Steps {
+		for _, s := range steps {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "start VM on the new point")
@@ -459,7 +444,7 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 		if err != nil {
 			return nil, err
 		}
-		if err := dc.Do(ctx, "POST", "/v1/vms", vmRequest(vm, p.VM, dst.Name, pt.Seq, n), nil); err != nil {
+		if _, err := dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, n)); err != nil {
 			return nil, err
 		}
 		r.Say(ctx, 100, "VM %s runs on point %d", p.VM, pt.Seq)
@@ -478,11 +463,11 @@ func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
 			return nil, err
 		}
 		r.Step(ctx, "make disks standalone")
-		var out struct{ Steps []string }
-		if err := dc.Do(ctx, "POST", "/v1/vms/"+url.PathEscape(p.VM)+"/commit", nil, &out); err != nil {
+		steps, err := dc.CommitVM(ctx, p.VM)
+		if err != nil {
 			return nil, err
 		}
-		for _, s := range out.Steps {
+		for _, s := range steps {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "delete recovery points")
@@ -491,60 +476,47 @@ func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
 }
 
 // ReprotectPlan says what a reprotect will reuse and create at the site
-// that becomes the recovery site.
-type ReprotectPlan struct {
-	From  string     `json:"from"` // the new source (where the VM runs)
-	To    string     `json:"to"`   // the new recovery site
-	Disks []PlanItem `json:"disks"`
-	VM    PlanItem   `json:"vm"`
-	// MaxBytes is the most a reprotect sends (the disks' size); reused
-	// disks send only the chunks that differ.
-	MaxBytes int64 `json:"max_bytes"`
-	// Method is how the differences are found: "changed-block tracking"
-	// (the journals and bitmaps kept since the failover point), "checksum
-	// compare" (every chunk is read at both sites), or "full copy".
-	Method string `json:"method"`
-	// ExpectedBytes is what the reprotect will send: exact for changed-block
-	// tracking (plus what the VM writes until it starts), at most MaxBytes
-	// otherwise.
-	ExpectedBytes int64 `json:"expected_bytes"`
-	// Why says why changed-block tracking cannot be used, if it cannot.
-	Why string `json:"why,omitempty"`
+// that becomes the recovery site (api.ReprotectPlan).
+type ReprotectPlan = api.ReprotectPlan
 
+// reprotectPlan is the plan with what the reprotect itself needs.
+type reprotectPlan struct {
+	api.ReprotectPlan
 	replicaReady bool // the disks already are the replica (a retry)
-	div          *agent.Divergence
+	div          *api.Divergence
 }
 
 // PlanItem is one thing reused or created.
-type PlanItem struct {
-	Name   string `json:"name"`
-	Size   int64  `json:"size,omitempty"`
-	Action string `json:"action"` // "reuse" or "create (new)"
-}
+type PlanItem = api.PlanItem
 
 // PlanReprotect shows what a reprotect of vm would do.
 func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan, error) {
+	p, err := v.planReprotect(ctx, vmName)
+	return p.ReprotectPlan, err
+}
+
+func (v *Vault) planReprotect(ctx context.Context, vmName string) (reprotectPlan, error) {
 	p, err := v.Protection(ctx, vmName)
 	if err != nil {
-		return ReprotectPlan{}, err
+		return reprotectPlan{}, err
 	}
 	if err := guard(&p, ActReprotect); err != nil {
-		return ReprotectPlan{}, err
+		return reprotectPlan{}, err
 	}
 	vm, _, err := get[VM](ctx, v.st, kindVM, vmName)
 	if err != nil {
-		return ReprotectPlan{}, err
+		return reprotectPlan{}, err
 	}
 	other, oc, err := v.site(ctx, p.Source)
 	if err != nil {
-		return ReprotectPlan{}, err
+		return reprotectPlan{}, err
 	}
 	if !other.Reachable {
-		return ReprotectPlan{}, fmt.Errorf("%w: %s is unreachable; reprotect needs it back", ErrForbidden, other.Name)
+		return reprotectPlan{}, fmt.Errorf("%w: %s is unreachable; reprotect needs it back", ErrForbidden, other.Name)
 	}
-	var st agent.Status
-	if err := oc.Do(ctx, "GET", "/v1/status", nil, &st); err != nil {
-		return ReprotectPlan{}, err
+	st, err := oc.Status(ctx)
+	if err != nil {
+		return reprotectPlan{}, err
 	}
 	have := map[string]int64{}
 	for _, g := range st.Groups {
@@ -563,7 +535,7 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 			}
 		}
 	}
-	plan := ReprotectPlan{From: p.Target, To: p.Source, VM: PlanItem{Name: vmName, Action: "reuse"}, replicaReady: isReplica}
+	plan := reprotectPlan{ReprotectPlan: api.ReprotectPlan{From: p.Target, To: p.Source, VM: PlanItem{Name: vmName, Action: "reuse"}}, replicaReady: isReplica}
 	if len(have) == 0 {
 		plan.VM.Action = "create (new)"
 	}
@@ -584,21 +556,21 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 	plan.Method = "checksum compare"
 	_, fc, err := v.site(ctx, plan.From)
 	if err != nil {
-		return ReprotectPlan{}, err
+		return reprotectPlan{}, err
 	}
-	var div agent.Divergence
-	if err := fc.Do(ctx, "GET", "/v1/groups/"+url.PathEscape(vmName)+"/divergence", nil, &div); err != nil {
+	div, err := fc.Divergence(ctx, vmName)
+	if err != nil {
 		plan.Why = fmt.Sprintf("%s keeps no changed-block tracking: %v", plan.From, err)
 		return plan, nil
 	}
 	plan.div = &div
-	var pc agent.PeerChanges
 	if isReplica {
 		// An earlier attempt turned the disks; what it learnt is kept.
 		plan.Method, plan.ExpectedBytes = "changed-block tracking", div.Chunks.Bytes()
 		return plan, nil
 	}
-	if err := oc.Do(ctx, "GET", fmt.Sprintf("/v1/groups/%s/changes?since=%d", vmName, div.Base), nil, &pc); err != nil {
+	pc, err := oc.Changes(ctx, vmName, div.Base)
+	if err != nil {
 		plan.Why = fmt.Sprintf("%s cannot tell what it changed after the failover point: %v", plan.To, err)
 		return plan, nil
 	}
@@ -606,7 +578,7 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 		plan.Why = fmt.Sprintf("%s's journal starts at %d, after what %s received (%d)", plan.To, pc.From, plan.From, div.Received)
 		return plan, nil
 	}
-	all := replication.NewChunks()
+	all := api.NewChunks()
 	all.Union(div.Chunks)
 	all.Union(pc.Chunks)
 	plan.Method, plan.ExpectedBytes = "changed-block tracking", min(plan.MaxBytes, all.Bytes())
@@ -617,7 +589,7 @@ func (v *Vault) PlanReprotect(ctx context.Context, vmName string) (ReprotectPlan
 // now back to the site it failed over from, reusing the disks there and
 // sending only the chunks that differ.
 func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
-	plan, err := v.PlanReprotect(ctx, vmName)
+	plan, err := v.planReprotect(ctx, vmName)
 	if err != nil {
 		return Job{}, err
 	}
@@ -636,24 +608,22 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			return nil, err
 		}
 		r.Step(ctx, "shut down VM at "+to.Name)
-		var out struct{ Steps []string }
-		if err := tc.Do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(vmName), nil, &out); err != nil && !isNotFound(err) {
+		steps, err := tc.StopVM(ctx, vmName, false)
+		if err != nil && !isNotFound(err) {
 			return nil, err
 		}
-		for _, s := range out.Steps {
+		for _, s := range steps {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "reuse disks at "+to.Name)
-		var delta *agent.PeerChanges
+		var delta *api.PeerChanges
 		if plan.replicaReady || plan.VM.Action == "reuse" {
 			var since uint64
 			if plan.div != nil {
 				since = plan.div.Base
 			}
-			var out struct {
-				Changes *agent.PeerChanges `json:"changes"`
-			}
-			if err := tc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/to-replica", map[string]any{"since": since, "source": plan.From}, &out); err != nil {
+			out, err := tc.ToReplica(ctx, vmName, api.ToReplica{Since: since, Source: plan.From})
+			if err != nil {
 				return nil, err
 			}
 			if plan.replicaReady {
@@ -680,7 +650,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 		if err := expectReplica(ctx, tc, vmName, plan.From); err != nil {
 			return nil, err
 		}
-		if err := fc.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(vmName)+"/replication", map[string]any{"peer_addr": to.Addr, "peer_name": to.Name, "delta": delta}, nil); err != nil {
+		if err := fc.Replicate(ctx, vmName, api.Replicate{PeerAddr: to.Addr, PeerName: to.Name, Delta: delta}); err != nil {
 			return nil, err
 		}
 		r.Step(ctx, "synchronize differences")
@@ -694,6 +664,46 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			p.Source, p.Target = plan.From, plan.To
 			p.State, p.FailoverSeq, p.Health, p.Fenced = StateProtected, 0, "healthy", false
 			p.History = append(p.History, HistoryEntry{Action: "reprotect", Time: v.now(), Notes: fmt.Sprintf("sent %d of %d bytes", sent, total)})
+		}, nil
+	})
+}
+
+// Disable stops protecting a VM: replication stops at the source and the
+// replica with its recovery points is deleted at the recovery site, or
+// kept if keepReplica (for a later reprotect-free look, or to copy it
+// elsewhere). The VM keeps running; the protection stays listed as
+// disabled and can be enabled again (a full initial copy).
+func (v *Vault) Disable(ctx context.Context, vmName string, keepReplica bool) (Job, error) {
+	steps := []string{"stop replication", "delete replica"}
+	return v.startJob(ctx, vmName, ActDisable, steps, map[string]string{"keep_replica": fmt.Sprint(keepReplica)}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
+		r.Step(ctx, "stop replication")
+		src, sc, err := v.site(ctx, p.Source)
+		if err != nil {
+			return nil, err
+		}
+		if !src.Reachable {
+			return nil, fmt.Errorf("the source site %s is unreachable: its replication cannot be stopped; retry when it is back", src.Name)
+		}
+		if err := sc.Unreplicate(ctx, p.VM); err != nil && !isNotFound(err) {
+			return nil, err
+		}
+		r.Say(ctx, 100, "%s no longer replicates %s", src.Name, p.VM)
+		r.Step(ctx, "delete replica")
+		if keepReplica {
+			r.Skip(ctx, "delete replica", "kept as asked: delete it at "+p.Target+" when done")
+		} else {
+			_, dc, err := v.site(ctx, p.Target)
+			if err != nil {
+				return nil, err
+			}
+			if err := dc.DeleteReplica(ctx, p.VM); err != nil && !isNotFound(err) {
+				return nil, err
+			}
+			r.Say(ctx, 100, "replica of %s and its recovery points deleted at %s", p.VM, p.Target)
+		}
+		return func(p *Protection) {
+			p.State, p.Health, p.RPOSeconds = StateDisabled, "", 0
+			p.History = append(p.History, HistoryEntry{Action: ActDisable, Time: v.now()})
 		}, nil
 	})
 }

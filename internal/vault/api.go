@@ -40,7 +40,7 @@ func (v *Vault) Handler() http.Handler {
 	})
 	read("GET /v1/whoami", func(r *http.Request) (any, error) {
 		role, err := v.Authenticate(r.Context(), bearer(r))
-		return map[string]string{"role": role}, err
+		return api.Whoami{Role: role}, err
 	})
 	// Prometheus scrapes with a reader token (authorization: credentials).
 	mux.Handle("GET /metrics", v.auth(RoleReader, v.metrics.handler().ServeHTTP))
@@ -62,22 +62,14 @@ func (v *Vault) Handler() http.Handler {
 		reply(w, map[string]string{"site": peer.Name}, v.SiteHeartbeat(r.Context(), peer.Name))
 	})
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Token string `json:"token"`
-			Name  string `json:"name"`
-			Addr  string `json:"addr"`
-		}
+		var req api.Enroll
 		if err := decode(r, &req); err != nil {
 			reply(w, nil, err)
 			return
 		}
 		reply(w, map[string]string{"enrolled": req.Name}, v.Enroll(r.Context(), req.Token, req.Name, req.Addr))
 	})
-	act(v, mux, "POST /v1/sites", func(r *http.Request, b struct {
-		Name      string `json:"name"`
-		Addr      string `json:"addr"`
-		Readdress bool   `json:"readdress"`
-	}) (any, error) {
+	act(v, mux, "POST /v1/sites", func(r *http.Request, b api.AddSite) (any, error) {
 		return map[string]string{"site": b.Name, "addr": b.Addr}, v.addSite(r.Context(), b.Name, b.Addr, b.Readdress)
 	})
 	mux.HandleFunc("DELETE /v1/sites/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
@@ -85,10 +77,7 @@ func (v *Vault) Handler() http.Handler {
 	}))
 	act(v, mux, "POST /v1/tokens", func(r *http.Request, b TokenRequest) (any, error) {
 		t, info, err := v.NewToken(r.Context(), b)
-		return struct {
-			Token string `json:"token"`
-			TokenInfo
-		}{t, info}, err
+		return api.NewToken{Token: t, TokenInfo: info}, err
 	})
 	mux.HandleFunc("GET /v1/tokens", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
 		ts, err := v.Tokens(r.Context())
@@ -101,12 +90,24 @@ func (v *Vault) Handler() http.Handler {
 		p.Name = r.PathValue("name")
 		return p, v.PutPolicy(r.Context(), p)
 	})
+	read("GET /v1/policies", func(r *http.Request) (any, error) { return v.Policies(r.Context()) })
+	read("GET /v1/policies/{name}", func(r *http.Request) (any, error) { return v.Policy(r.Context(), r.PathValue("name")) })
 	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })
 	act(v, mux, "PUT /v1/vms/{name}/forwards", func(r *http.Request, fw map[string]string) (any, error) {
 		return v.SetForwards(r.Context(), r.PathValue("name"), fw)
 	})
 	act(v, mux, "POST /v1/vms/{name}/start", func(r *http.Request, _ struct{}) (any, error) {
 		return v.StartVM(r.Context(), r.PathValue("name"))
+	})
+	act(v, mux, "POST /v1/vms/{name}/stop", func(r *http.Request, _ struct{}) (any, error) {
+		steps, err := v.StopVM(r.Context(), r.PathValue("name"))
+		return api.Steps{Steps: steps}, err
+	})
+	mux.HandleFunc("DELETE /v1/vms/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"deleted": r.PathValue("name")}, v.DeleteVM(r.Context(), r.PathValue("name")))
+	}))
+	act(v, mux, "POST /v1/protections/{vm}/disable", func(r *http.Request, b api.DisableRequest) (any, error) {
+		return v.Disable(r.Context(), r.PathValue("vm"), b.KeepReplica)
 	})
 	act(v, mux, "POST /v1/protections", func(r *http.Request, b EnableRequest) (any, error) {
 		return v.Enable(r.Context(), b)
@@ -118,19 +119,16 @@ func (v *Vault) Handler() http.Handler {
 	mux.HandleFunc("DELETE /v1/sites/{site}/networks/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"deleted": r.PathValue("name")}, v.DeleteNetwork(r.Context(), r.PathValue("site"), r.PathValue("name")))
 	}))
-	act(v, mux, "POST /v1/protections/{vm}/test-failover", func(r *http.Request, b struct{ Point string }) (any, error) {
+	act(v, mux, "POST /v1/protections/{vm}/test-failover", func(r *http.Request, b api.PointRequest) (any, error) {
 		return v.TestFailover(r.Context(), r.PathValue("vm"), b.Point)
 	})
-	act(v, mux, "POST /v1/protections/{vm}/test-failover/cleanup", func(r *http.Request, b struct{ Notes string }) (any, error) {
+	act(v, mux, "POST /v1/protections/{vm}/test-failover/cleanup", func(r *http.Request, b api.CleanupRequest) (any, error) {
 		return v.CleanupTestFailover(r.Context(), r.PathValue("vm"), b.Notes)
 	})
-	act(v, mux, "POST /v1/protections/{vm}/failover", func(r *http.Request, b struct {
-		Point          string `json:"point"`
-		ShutdownSource *bool  `json:"shutdown_source"`
-	}) (any, error) {
+	act(v, mux, "POST /v1/protections/{vm}/failover", func(r *http.Request, b api.FailoverRequest) (any, error) {
 		return v.Failover(r.Context(), r.PathValue("vm"), b.Point, b.ShutdownSource == nil || *b.ShutdownSource)
 	})
-	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b struct{ Point string }) (any, error) {
+	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b api.PointRequest) (any, error) {
 		return v.ChangePoint(r.Context(), r.PathValue("vm"), b.Point)
 	})
 	act(v, mux, "POST /v1/protections/{vm}/commit", func(r *http.Request, _ struct{}) (any, error) {

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -32,7 +33,7 @@ func newMetrics(v *Vault) *metrics {
 }
 
 func (m *metrics) jobEnded(j Job) {
-	m.jobs.WithLabelValues(j.Action, j.State).Observe(j.Ended.Sub(j.Created).Seconds())
+	m.jobs.WithLabelValues(j.Action, string(j.State)).Observe(j.Ended.Sub(j.Created).Seconds())
 }
 
 func (m *metrics) handler() http.Handler {
@@ -86,10 +87,10 @@ func (c *vaultCollector) Collect(ch chan<- prometheus.Metric) {
 		pol := c.v.policy(ctx, p.Policy)
 		gauge(descRPOThreshold, pol.RPOWarning.Seconds(), p.VM, "warning")
 		gauge(descRPOThreshold, pol.RPOCritical.Seconds(), p.VM, "critical")
-		for _, h := range []string{"healthy", "warning", "critical"} {
-			gauge(descHealth, b(p.Health == h), p.VM, h)
+		for _, h := range []api.Health{api.Healthy, api.Warning, api.Critical} {
+			gauge(descHealth, b(p.Health == h), p.VM, string(h))
 		}
-		gauge(descState, 1, p.VM, p.State)
+		gauge(descState, 1, p.VM, string(p.State))
 		gauge(descFailover, float64(p.Generation), p.VM)
 		running := false
 		if p.Job != "" {
@@ -104,11 +105,8 @@ func (c *vaultCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// RPOSample is one point of a protection's RPO history.
-type RPOSample struct {
-	Time time.Time `json:"t"`
-	RPO  float64   `json:"rpo"` // the worst RPO seen in the sample's interval
-}
+// RPOSample is one point of a protection's RPO history (api.RPOSample).
+type RPOSample = api.RPOSample
 
 // rpoHistory keeps, per protection, the worst RPO of every interval over
 // the last window, in memory: it feeds the portal's chart. It starts empty
@@ -129,13 +127,13 @@ func (h *rpoHistory) add(vm string, now time.Time, rpo float64) {
 	defer h.mu.Unlock()
 	t := now.Truncate(h.interval)
 	s := h.samples[vm]
-	if n := len(s); n > 0 && s[n-1].Time.Equal(t) {
+	if n := len(s); n > 0 && s[n-1].T.Equal(t) {
 		s[n-1].RPO = max(s[n-1].RPO, rpo)
 	} else {
-		s = append(s, RPOSample{Time: t, RPO: rpo})
+		s = append(s, RPOSample{T: t, RPO: rpo})
 	}
 	i := 0
-	for i < len(s) && now.Sub(s[i].Time) > h.window {
+	for i < len(s) && now.Sub(s[i].T) > h.window {
 		i++
 	}
 	h.samples[vm] = s[i:]

@@ -15,14 +15,14 @@ import (
 
 // Protection states.
 const (
-	StateEnabling     = "enabling"
-	StateInitialSync  = "initial-sync"
-	StateProtected    = "protected"
-	StateFailingOver  = "failing-over"
-	StateFailedOver   = "failed-over"
-	StateCommitted    = "failover-committed"
-	StateReprotecting = "reprotecting"
-	StateDisabled     = "disabled"
+	StateEnabling     = api.StateEnabling
+	StateInitialSync  = api.StateInitialSync
+	StateProtected    = api.StateProtected
+	StateFailingOver  = api.StateFailingOver
+	StateFailedOver   = api.StateFailedOver
+	StateCommitted    = api.StateCommitted
+	StateReprotecting = api.StateReprotecting
+	StateDisabled     = api.StateDisabled
 )
 
 // Actions on a protection.
@@ -34,6 +34,7 @@ const (
 	ActChangePoint  = "change-recovery-point"
 	ActCommit       = "commit"
 	ActReprotect    = "reprotect"
+	ActDisable      = "disable-replication"
 )
 
 // Errors. Each is, or wraps, the api sentinel that gives its status code.
@@ -46,98 +47,24 @@ var (
 	ErrRole      = api.Kind("not allowed for this role", api.ErrForbidden)
 )
 
-// Site is an enrolled site agent.
-type Site struct {
-	Name      string    `json:"name"`
-	Addr      string    `json:"addr"` // the agent's API address
-	Enrolled  time.Time `json:"enrolled"`
-	LastSeen  time.Time `json:"last_seen"`
-	Reachable bool      `json:"reachable"`
-	// Networks the site offers (at least one production network with
-	// forwarded ports, and an isolated one for drills).
-	Networks []Network `json:"networks"`
-}
-
 // DiskSpec is one disk of a VM.
-type DiskSpec struct {
-	Name string `json:"name"`
-	Size int64  `json:"size"`
-}
+type DiskSpec = api.VMDisk
 
 // VM is a protected (or protectable) virtual machine.
-type VM struct {
-	Name      string     `json:"name"`
-	Site      string     `json:"site"` // where it runs now
-	VCPUs     int        `json:"vcpus"`
-	MemoryMiB int        `json:"memory_mib"`
-	Disks     []DiskSpec `json:"disks"`
-	Kernel    string     `json:"kernel,omitempty"`
-	Initrd    string     `json:"initrd,omitempty"`
-	Append    string     `json:"append,omitempty"`
-	// NICs: the VM's network interfaces and the networks they attach to
-	// at its site (default: one, nic0, on the site's first production
-	// network).
-	NICs []NIC `json:"nics,omitempty"`
-	// Forwards maps a host address at each site to GuestPort: keyed
-	// "site" (its production network) or "site/network" (any network,
-	// e.g. to reach a drill VM): {"east": "127.0.0.1:8080", ...}.
-	Forwards  map[string]string `json:"forwards,omitempty"`
-	GuestPort int               `json:"guest_port,omitempty"`
-	QGA       bool              `json:"qga"`
-}
+type VM = api.VM
 
 // Policy governs a protection.
-type Policy struct {
-	Name               string        `json:"name"`
-	Retention          time.Duration `json:"retention"`
-	CheckpointInterval time.Duration `json:"checkpoint_interval"`
-	AppInterval        time.Duration `json:"app_interval"`
-	RPOWarning         time.Duration `json:"rpo_warning"`
-	RPOCritical        time.Duration `json:"rpo_critical"`
-}
+type Policy = api.Policy
 
 // DefaultPolicy is used when a protection names none.
 var DefaultPolicy = Policy{Name: "default", Retention: 24 * time.Hour, CheckpointInterval: time.Second,
 	AppInterval: time.Hour, RPOWarning: 30 * time.Second, RPOCritical: 5 * time.Minute}
 
 // Protection is a VM replicated from Source to Target.
-type Protection struct {
-	VM          string `json:"vm"`
-	Source      string `json:"source"`
-	Target      string `json:"target"`
-	State       string `json:"state"`
-	Policy      string `json:"policy"`
-	Generation  int64  `json:"generation"`
-	Job         string `json:"job,omitempty"` // the running job
-	TestPending bool   `json:"test_failover_pending"`
-	// Failover: the point the VM runs on at the target.
-	FailoverSeq uint64  `json:"failover_seq,omitempty"`
-	Health      string  `json:"health"`
-	RPOSeconds  float64 `json:"rpo_seconds"`
-	// The newest recovery points at the recovery site.
-	LastPoint    time.Time `json:"last_point,omitzero"`
-	LastAppPoint time.Time `json:"last_app_point,omitzero"`
-	// Networks maps "site/nic" to the network the NIC attaches to at that
-	// site: the source's as the VM has them, the target's as mapped when
-	// protection was enabled. Failover and failback attach accordingly.
-	Networks map[string]string `json:"networks,omitempty"`
-	// TestNetworks is each site's isolated network for drills.
-	TestNetworks map[string]string `json:"test_networks,omitempty"`
-	// Fenced: the old source site acknowledged the new generation (set
-	// once it is reachable again after a failover).
-	Fenced bool `json:"fenced,omitempty"`
-	// History of drills and failovers.
-	History []HistoryEntry `json:"history,omitempty"`
-}
+type Protection = api.Protection
 
 // HistoryEntry records a finished drill or failover.
-type HistoryEntry struct {
-	Action   string    `json:"action"`
-	Time     time.Time `json:"time"`
-	Duration string    `json:"duration"`
-	Notes    string    `json:"notes,omitempty"`
-	Point    uint64    `json:"point,omitempty"`
-}
+type HistoryEntry = api.HistoryEntry
 
 // guard says whether action may start on p, and if not, why and what to do.
 func guard(p *Protection, action string) error {
@@ -184,6 +111,15 @@ func guard(p *Protection, action string) error {
 		if p.State != StateCommitted {
 			return bad("commit the failover first (ferry commit)")
 		}
+	case ActDisable:
+		switch {
+		case p.TestPending:
+			return bad("clean up the test failover first")
+		case p.State == StateDisabled:
+			return bad("it is not protected")
+		case p.State != StateProtected && p.State != StateInitialSync && p.State != StateEnabling:
+			return bad("finish the failover first (commit, then reprotect or fail back)")
+		}
 	default:
 		return fmt.Errorf("%w: unknown action %q", ErrInvalid, action)
 	}
@@ -199,34 +135,15 @@ func pending(p *Protection) string {
 
 // Job states and step states.
 const (
-	JobRunning   = "running"
-	JobSucceeded = "succeeded"
-	JobFailed    = "failed"
-	StepPending  = "pending"
+	JobRunning   = api.JobRunning
+	JobSucceeded = api.JobSucceeded
+	JobFailed    = api.JobFailed
+	StepPending  = api.JobPending
+	StepSkipped  = api.JobSkipped
 )
 
 // Step is one named step of a job as the user sees it.
-type Step struct {
-	Name     string    `json:"name"`
-	State    string    `json:"state"` // pending, running, succeeded, failed, skipped
-	Start    time.Time `json:"start,omitempty"`
-	End      time.Time `json:"end,omitempty"`
-	Percent  int       `json:"percent"`
-	Messages []string  `json:"messages,omitempty"`
-}
+type Step = api.Step
 
 // Job is a DR action in progress or done.
-type Job struct {
-	ID         string            `json:"id"`
-	Action     string            `json:"action"`
-	Protection string            `json:"protection"`
-	State      string            `json:"state"`
-	Steps      []Step            `json:"steps"`
-	Params     map[string]string `json:"params,omitempty"`
-	Created    time.Time         `json:"created"`
-	Ended      time.Time         `json:"ended,omitempty"`
-	Error      string            `json:"error,omitempty"`
-	// PrevState is the protection's state when the job began; a job that
-	// cannot finish restores it, so no protection is left stuck.
-	PrevState string `json:"prev_state"`
-}
+type Job = api.Job

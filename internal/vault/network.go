@@ -8,9 +8,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/api"
-	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
@@ -18,25 +16,17 @@ import (
 const (
 	// KindProduction: NAT to the outside, the VMs' published ports
 	// forwarded from the site's host addresses.
-	KindProduction = "production"
+	KindProduction = api.NetworkProduction
 	// KindIsolated: no route out of the network; DR drills run here so a
 	// test VM cannot reach, or be mistaken for, the production VM.
-	KindIsolated = "isolated"
+	KindIsolated = api.NetworkIsolated
 )
 
 // Network is a network a site offers to VMs.
-type Network struct {
-	Name string `json:"name"`
-	Kind string `json:"kind"`
-	// Subnet is the IPv4 network (CIDR) the guests get addresses from.
-	Subnet string `json:"subnet"`
-}
+type Network = api.Network
 
 // NIC is a VM's network interface, attached at the VM's site to Network.
-type NIC struct {
-	Name    string `json:"name"`
-	Network string `json:"network"`
-}
+type NIC = api.NIC
 
 // defaultNetworks are what a new site offers until it declares its own:
 // the same subnets everywhere, as QEMU's defaults.
@@ -48,18 +38,18 @@ func defaultNetworks() []Network {
 }
 
 // PutNetwork declares (or changes) a network of a site.
-func (v *Vault) PutNetwork(ctx context.Context, site string, n Network) (Site, error) {
+func (v *Vault) PutNetwork(ctx context.Context, site string, n Network) (api.Site, error) {
 	if err := api.CheckName(api.KindNetwork, n.Name); err != nil {
-		return Site{}, err
+		return api.Site{}, err
 	}
 	if n.Kind != KindProduction && n.Kind != KindIsolated {
-		return Site{}, fmt.Errorf("%w: network kind %q: want %s or %s", ErrInvalid, n.Kind, KindProduction, KindIsolated)
+		return api.Site{}, fmt.Errorf("%w: network kind %q: want %s or %s", ErrInvalid, n.Kind, KindProduction, KindIsolated)
 	}
-	if err := qemu.CheckSubnet(n.Subnet); err != nil {
-		return Site{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	if err := api.CheckSubnet(n.Subnet); err != nil {
+		return api.Site{}, err
 	}
 	for {
-		s, ver, err := get[Site](ctx, v.st, kindSite, site)
+		s, ver, err := get[api.Site](ctx, v.st, kindSite, site)
 		if err != nil {
 			return s, err
 		}
@@ -89,7 +79,7 @@ func (v *Vault) DeleteNetwork(ctx context.Context, site, name string) error {
 		return fmt.Errorf("%w: network %s at %s is used by %v; map them to another network first", ErrForbidden, name, site, users)
 	}
 	for {
-		s, ver, err := get[Site](ctx, v.st, kindSite, site)
+		s, ver, err := get[api.Site](ctx, v.st, kindSite, site)
 		if err != nil {
 			return err
 		}
@@ -129,7 +119,7 @@ func (v *Vault) networkUsers(ctx context.Context, site, name string) []string {
 	return users
 }
 
-func (s Site) network(name string) (Network, bool) {
+func siteNetwork(s api.Site, name string) (Network, bool) {
 	i := slices.IndexFunc(s.Networks, func(n Network) bool { return n.Name == name })
 	if i < 0 {
 		return Network{}, false
@@ -138,7 +128,7 @@ func (s Site) network(name string) (Network, bool) {
 }
 
 // firstOfKind is the site's first network of kind, the default mapping.
-func (s Site) firstOfKind(kind string) (Network, bool) {
+func firstOfKind(s api.Site, kind api.NetworkKind) (Network, bool) {
 	i := slices.IndexFunc(s.Networks, func(n Network) bool { return n.Kind == kind })
 	if i < 0 {
 		return Network{}, false
@@ -148,7 +138,7 @@ func (s Site) firstOfKind(kind string) (Network, bool) {
 
 // nics returns the VM's NICs; a VM defined without any has one, nic0, on
 // its site's first production network.
-func (vm VM) nics() []NIC {
+func vmNICs(vm VM) []NIC {
 	if len(vm.NICs) == 0 {
 		return []NIC{{Name: "nic0", Network: ""}}
 	}
@@ -157,9 +147,9 @@ func (vm VM) nics() []NIC {
 
 // checkNICs validates a VM's NICs against its site's networks and fills in
 // the default network.
-func checkNICs(vm *VM, site Site) error {
+func checkNICs(vm *VM, site api.Site) error {
 	if len(vm.NICs) == 0 {
-		n, ok := site.firstOfKind(KindProduction)
+		n, ok := firstOfKind(site, KindProduction)
 		if !ok {
 			return fmt.Errorf("%w: site %s declares no production network for %s's NIC; add one (ferry site network add %s NAME --kind production --subnet CIDR)", ErrInvalid, site.Name, vm.Name, site.Name)
 		}
@@ -172,17 +162,17 @@ func checkNICs(vm *VM, site Site) error {
 		if err := api.CheckName("NIC", nic.Name); err != nil {
 			return err
 		}
-		if _, ok := site.network(nic.Network); !ok {
+		if _, ok := siteNetwork(site, nic.Network); !ok {
 			return fmt.Errorf("%w: NIC %s of %s: site %s has no network %q (it has %s)", ErrInvalid, nic.Name, vm.Name, site.Name, nic.Network, networkNames(site))
 		}
 	}
 	return nil
 }
 
-func networkNames(s Site) string {
+func networkNames(s api.Site) string {
 	var names []string
 	for _, n := range s.Networks {
-		names = append(names, n.Name+" ("+n.Kind+")")
+		names = append(names, n.Name+" ("+string(n.Kind)+")")
 	}
 	if len(names) == 0 {
 		return "none"
@@ -195,24 +185,24 @@ func networkNames(s Site) string {
 // the target's first production network, and the target's drill network
 // as asked or its first isolated network. Both sites' drill networks are
 // set, so that a drill after a reprotect finds one.
-func mapNetworks(p *Protection, vm VM, src, dst Site, want map[string]string, testNet string) error {
+func mapNetworks(p *Protection, vm VM, src, dst api.Site, want map[string]string, testNet string) error {
 	p.Networks, p.TestNetworks = map[string]string{}, map[string]string{}
 	for nic := range want {
-		if !slices.ContainsFunc(vm.nics(), func(n NIC) bool { return n.Name == nic }) {
+		if !slices.ContainsFunc(vmNICs(vm), func(n NIC) bool { return n.Name == nic }) {
 			return fmt.Errorf("%w: %s has no NIC %q to map", ErrInvalid, vm.Name, nic)
 		}
 	}
-	for _, nic := range vm.nics() {
+	for _, nic := range vmNICs(vm) {
 		p.Networks[src.Name+"/"+nic.Name] = nic.Network
 		name := want[nic.Name]
 		if name == "" {
-			n, ok := dst.firstOfKind(KindProduction)
+			n, ok := firstOfKind(dst, KindProduction)
 			if !ok {
 				return fmt.Errorf("%w: %s declares no production network to attach %s's %s to on failover", ErrInvalid, dst.Name, vm.Name, nic.Name)
 			}
 			name = n.Name
 		}
-		n, ok := dst.network(name)
+		n, ok := siteNetwork(dst, name)
 		if !ok {
 			return fmt.Errorf("%w: %s has no network %q for %s (it has %s)", ErrInvalid, dst.Name, name, nic.Name, networkNames(dst))
 		}
@@ -221,13 +211,13 @@ func mapNetworks(p *Protection, vm VM, src, dst Site, want map[string]string, te
 		}
 		p.Networks[dst.Name+"/"+nic.Name] = name
 	}
-	for _, s := range []Site{dst, src} {
+	for _, s := range []api.Site{dst, src} {
 		name := ""
 		if s.Name == dst.Name {
 			name = testNet
 		}
 		if name == "" {
-			n, ok := s.firstOfKind(KindIsolated)
+			n, ok := firstOfKind(s, KindIsolated)
 			if !ok {
 				if s.Name == dst.Name {
 					return fmt.Errorf("%w: %s declares no isolated network for drills; add one (ferry site network add %s NAME --kind isolated --subnet CIDR)", ErrInvalid, s.Name, s.Name)
@@ -236,7 +226,7 @@ func mapNetworks(p *Protection, vm VM, src, dst Site, want map[string]string, te
 			}
 			name = n.Name
 		}
-		n, ok := s.network(name)
+		n, ok := siteNetwork(s, name)
 		if !ok || n.Kind != KindIsolated {
 			return fmt.Errorf("%w: %s has no isolated network %q for drills (it has %s)", ErrInvalid, s.Name, name, networkNames(s))
 		}
@@ -249,11 +239,11 @@ func mapNetworks(p *Protection, vm VM, src, dst Site, want map[string]string, te
 // drill, the site's drill network; otherwise the protection's mapping (or,
 // unprotected, the VM's own).
 func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, drill bool) (Network, error) {
-	s, _, err := get[Site](ctx, v.st, kindSite, site)
+	s, _, err := get[api.Site](ctx, v.st, kindSite, site)
 	if err != nil {
 		return Network{}, err
 	}
-	nic := vm.nics()[0]
+	nic := vmNICs(vm)[0]
 	name := nic.Network
 	if p != nil && drill {
 		name = p.TestNetworks[site]
@@ -265,13 +255,13 @@ func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, d
 		if drill {
 			kind = KindIsolated
 		}
-		n, ok := s.firstOfKind(kind)
+		n, ok := firstOfKind(s, kind)
 		if !ok {
 			return Network{}, fmt.Errorf("%w: %s has no %s network for %s", ErrInvalid, site, kind, vm.Name)
 		}
 		return n, nil
 	}
-	n, ok := s.network(name)
+	n, ok := siteNetwork(s, name)
 	if !ok {
 		return Network{}, fmt.Errorf("%w: %s no longer has network %q that %s's %s maps to; declare it again", ErrInvalid, site, name, vm.Name, nic.Name)
 	}
@@ -280,23 +270,23 @@ func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, d
 
 // vmRequest is the request that starts vm (as name) at site, on a replica
 // point if seq is not zero, attached to network n.
-func vmRequest(vm VM, name, site string, seq uint64, n Network) agent.VMRequest {
-	req := agent.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Subnet: n.Subnet,
-		Boot: qemu.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
+func vmRequest(vm VM, name, site string, seq uint64, n Network) api.VMRequest {
+	req := api.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Subnet: n.Subnet,
+		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}}
 	if seq != 0 {
 		req.Replica, req.Seq = vm.Name, seq
 	} else {
 		req.Group = vm.Name
 	}
-	req.Net = qemu.NetUser
+	req.Net = api.NetUser
 	if n.Kind == KindIsolated {
-		req.Net = qemu.NetIsolated
+		req.Net = api.NetIsolated
 	}
 	if addr := forwardAddr(vm, site, n); addr != "" && vm.GuestPort > 0 {
 		// Stored forwards were validated; one that no longer parses (an
 		// older vault stored it) is left out rather than passed on.
 		if ap, err := parseForward(addr); err == nil {
-			req.Forwards = []qemu.Forward{{Host: ap, GuestPort: vm.GuestPort}}
+			req.Forwards = []api.Forward{{Host: ap, GuestPort: vm.GuestPort}}
 		}
 	}
 	return req
@@ -311,7 +301,7 @@ func (v *Vault) SetForwards(ctx context.Context, name string, fw map[string]stri
 	}
 	for k := range fw {
 		site, _, _ := strings.Cut(k, "/")
-		if _, _, err := get[Site](ctx, v.st, kindSite, site); err != nil {
+		if _, _, err := get[api.Site](ctx, v.st, kindSite, site); err != nil {
 			return VM{}, fmt.Errorf("forward %q: %w", k, err)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
@@ -79,7 +80,7 @@ func TestEnrollOverExistingSite(t *testing.T) {
 	if got := f.call(t, "", "POST", "/v1/enroll", map[string]string{"token": plain, "name": "east", "addr": "127.0.0.1:9"}, nil); got != http.StatusConflict {
 		t.Fatalf("enroll over east: %d, want 409", got)
 	}
-	if s, _, _ := get[Site](ctx, f.st, kindSite, "east"); s.Addr != "e:1" {
+	if s, _, _ := get[api.Site](ctx, f.st, kindSite, "east"); s.Addr != "e:1" {
 		t.Fatalf("east moved to %s", s.Addr)
 	}
 	if got := f.call(t, f.op, "POST", "/v1/sites", map[string]string{"name": "east", "addr": "127.0.0.1:9"}, nil); got != http.StatusConflict {
@@ -95,7 +96,7 @@ func TestEnrollOverExistingSite(t *testing.T) {
 	if got := f.call(t, "", "POST", "/v1/enroll", map[string]any{"token": tok["token"], "name": "east", "addr": "e:2"}, nil); got != 200 {
 		t.Fatalf("re-enroll east: %d", got)
 	}
-	if s, _, _ := get[Site](ctx, f.st, kindSite, "east"); s.Addr != "e:2" {
+	if s, _, _ := get[api.Site](ctx, f.st, kindSite, "east"); s.Addr != "e:2" {
 		t.Fatalf("east at %s after re-enrollment, want e:2", s.Addr)
 	}
 }

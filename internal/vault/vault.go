@@ -11,33 +11,25 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/api"
-	"github.com/ferry-dr/ferry/internal/qemu"
-	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/store"
 )
-
-// AgentAPI is how the vault calls a site agent (agent.Client fits): a JSON
-// request; an error for a failed call or an error status.
-type AgentAPI interface {
-	Do(ctx context.Context, method, path string, in, out any) error
-}
 
 // Config configures a Vault.
 type Config struct {
 	Store  store.Store
 	Logger *slog.Logger
 	Now    func() time.Time
-	// Agent returns a client for the agent at addr with site name.
-	Agent func(addr, site string) AgentAPI
+	// Site returns a client for the agent of site name at addr
+	// (agentclient.New fits).
+	Site func(addr, name string) Site
 	// HeartbeatInterval is how often sites are polled (default 1 s); a
 	// site is unreachable after 3 missed polls.
 	HeartbeatInterval time.Duration
@@ -57,6 +49,9 @@ type Vault struct {
 
 	metrics *metrics
 	rpo     *rpoHistory
+
+	clientsMu sync.Mutex
+	clients   map[string]Site // by "name@addr"
 }
 
 // New returns a vault over cfg.Store.
@@ -70,7 +65,7 @@ func New(cfg Config) *Vault {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
 	}
-	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory()}
+	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), clients: map[string]Site{}}
 	v.metrics = newMetrics(v)
 	return v
 }
@@ -135,26 +130,10 @@ type token struct {
 
 // TokenInfo describes a token without its secret: ID (the start of its
 // hash) is what revoking takes.
-type TokenInfo struct {
-	ID       string    `json:"id"`
-	Role     string    `json:"role"`
-	Name     string    `json:"name"`
-	Created  time.Time `json:"created"`
-	Expires  time.Time `json:"expires,omitzero"`
-	Reenroll string    `json:"reenroll,omitempty"`
-}
+type TokenInfo = api.TokenInfo
 
 // TokenRequest asks for a new token.
-type TokenRequest struct {
-	Role string `json:"role"`
-	Name string `json:"name"`
-	// TTL, if not empty, is how long the token lives (a Go duration such
-	// as "24h").
-	TTL string `json:"ttl,omitempty"`
-	// Reenroll (enroll tokens only) names an existing site the token may
-	// re-enroll at a new address.
-	Reenroll string `json:"reenroll,omitempty"`
-}
+type TokenRequest = api.TokenRequest
 
 const tokenIDLen = 12
 
@@ -192,7 +171,7 @@ func (v *Vault) NewToken(ctx context.Context, req TokenRequest) (string, TokenIn
 		if req.Role != RoleEnroll {
 			return "", TokenInfo{}, fmt.Errorf("%w: only an enroll token re-enrolls a site", ErrInvalid)
 		}
-		if _, _, err := get[Site](ctx, v.st, kindSite, req.Reenroll); err != nil {
+		if _, _, err := get[api.Site](ctx, v.st, kindSite, req.Reenroll); err != nil {
 			return "", TokenInfo{}, fmt.Errorf("re-enroll: %w", err)
 		}
 		tk.Reenroll = req.Reenroll
@@ -280,7 +259,7 @@ func (v *Vault) Enroll(ctx context.Context, enrollToken, name, addr string) erro
 	if !tk.Expires.IsZero() && !v.now().Before(tk.Expires) {
 		return fmt.Errorf("%w: enroll token expired", ErrAuth)
 	}
-	_, _, gerr := get[Site](ctx, v.st, kindSite, name)
+	_, _, gerr := get[api.Site](ctx, v.st, kindSite, name)
 	exists := gerr == nil
 	if exists && tk.Reenroll != name {
 		return fmt.Errorf("%w: site %q is enrolled already; to move it, an operator creates a re-enrollment token (ferry token create --role enroll --reenroll %s)", ErrForbidden, name, name)
@@ -308,7 +287,7 @@ func (v *Vault) addSite(ctx context.Context, name, addr string, readdress bool) 
 }
 
 func (v *Vault) putSite(ctx context.Context, name, addr string, readdress bool) error {
-	s, ver, err := get[Site](ctx, v.st, kindSite, name)
+	s, ver, err := get[api.Site](ctx, v.st, kindSite, name)
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		return err
 	}
@@ -316,7 +295,7 @@ func (v *Vault) putSite(ctx context.Context, name, addr string, readdress bool) 
 		return fmt.Errorf("%w: site %q exists (at %s); re-address it explicitly (ferry site add --readdress)", ErrForbidden, name, s.Addr)
 	}
 	if ver == 0 {
-		s = Site{Name: name, Enrolled: v.now(), Networks: defaultNetworks()}
+		s = api.Site{Name: name, Enrolled: v.now(), Networks: defaultNetworks()}
 	}
 	if s.Addr != addr && ver != 0 {
 		v.log.Warn("site re-addressed", "site", name, "from", s.Addr, "to", addr)
@@ -348,7 +327,7 @@ func checkSite(name, addr string) error {
 // DeleteSite forgets a site; refused while a VM runs there or a
 // protection replicates from or to it.
 func (v *Vault) DeleteSite(ctx context.Context, name string) error {
-	s, ver, err := get[Site](ctx, v.st, kindSite, name)
+	s, ver, err := get[api.Site](ctx, v.st, kindSite, name)
 	if err != nil {
 		return err
 	}
@@ -385,21 +364,38 @@ func (v *Vault) DeleteSite(ctx context.Context, name string) error {
 }
 
 // Sites lists the sites.
-func (v *Vault) Sites(ctx context.Context) ([]Site, error) { return list[Site](ctx, v.st, kindSite) }
+func (v *Vault) Sites(ctx context.Context) ([]api.Site, error) {
+	return list[api.Site](ctx, v.st, kindSite)
+}
 
-func (v *Vault) site(ctx context.Context, name string) (Site, AgentAPI, error) {
-	s, _, err := get[Site](ctx, v.st, kindSite, name)
+func (v *Vault) site(ctx context.Context, name string) (api.Site, Site, error) {
+	s, _, err := get[api.Site](ctx, v.st, kindSite, name)
 	if err != nil {
 		return s, nil, err
 	}
-	return s, v.cfg.Agent(s.Addr, s.Name), nil
+	return s, v.siteClient(s.Addr, s.Name), nil
+}
+
+// siteClient returns the client of site name at addr, made once: a client
+// keeps its connections for the next call (a new one per call would leave
+// idle connections behind until the agent's per-client cap refuses more).
+func (v *Vault) siteClient(addr, name string) Site {
+	v.clientsMu.Lock()
+	defer v.clientsMu.Unlock()
+	key := name + "@" + addr
+	c, ok := v.clients[key]
+	if !ok {
+		c = v.cfg.Site(addr, name)
+		v.clients[key] = c
+	}
+	return c
 }
 
 // SiteHeartbeat records a heartbeat a site agent sent over mutual TLS (the
 // site is the name in its client certificate).
 func (v *Vault) SiteHeartbeat(ctx context.Context, site string) error {
 	for {
-		cur, ver, err := get[Site](ctx, v.st, kindSite, site)
+		cur, ver, err := get[api.Site](ctx, v.st, kindSite, site)
 		if err != nil {
 			return err
 		}
@@ -419,14 +415,13 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 		return
 	}
 	for _, s := range sites {
-		c := v.cfg.Agent(s.Addr, s.Name)
+		c := v.siteClient(s.Addr, s.Name)
 		cctx, cancel := context.WithTimeout(ctx, v.cfg.HeartbeatInterval)
-		var st agent.Status
-		err := c.Do(cctx, "GET", "/v1/status", nil, &st)
+		st, err := c.Status(cctx)
 		cancel()
 		reachable := s.Reachable
 		for {
-			cur, ver, gerr := get[Site](ctx, v.st, kindSite, s.Name)
+			cur, ver, gerr := get[api.Site](ctx, v.st, kindSite, s.Name)
 			if gerr != nil {
 				break
 			}
@@ -477,12 +472,12 @@ func (v *Vault) sourceDown(ctx context.Context, site string) {
 // generation the site reports with the protection's and sends the fence
 // again until they agree, so a fence the site lost (a crash, a restored
 // disk) is sent again. A site without the group has nothing to fence.
-func (v *Vault) fence(ctx context.Context, site string, c AgentAPI, st agent.Status) {
+func (v *Vault) fence(ctx context.Context, site string, c Site, st api.AgentStatus) {
 	ps, err := v.Protections(ctx)
 	if err != nil {
 		return
 	}
-	groups := map[string]agent.GroupStatus{}
+	groups := map[string]api.GroupStatus{}
 	for _, g := range st.Groups {
 		groups[g.Name] = g
 	}
@@ -492,7 +487,7 @@ func (v *Vault) fence(ctx context.Context, site string, c AgentAPI, st agent.Sta
 		}
 		g, has := groups[p.VM]
 		if has && g.Fenced < p.Generation {
-			err := c.Do(ctx, "POST", "/v1/groups/"+url.PathEscape(p.VM)+"/fence", map[string]int64{"generation": p.Generation}, nil)
+			err := c.Fence(ctx, p.VM, p.Generation)
 			if err != nil && !errors.Is(err, api.ErrNotFound) {
 				v.log.Warn("fence the old source: will retry", "vm", p.VM, "site", site, "err", err)
 				continue
@@ -509,7 +504,7 @@ func (v *Vault) fence(ctx context.Context, site string, c AgentAPI, st agent.Sta
 // updateRPO copies RPO from a source site's status into its protections
 // and sets health from the policy's thresholds; from a recovery site's, the
 // newest points.
-func (v *Vault) updateRPO(ctx context.Context, site string, st agent.Status) {
+func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) {
 	for _, r := range st.Replicas {
 		if r.LastPoint.IsZero() {
 			continue
@@ -565,11 +560,11 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	if _, _, err := get[VM](ctx, v.st, kindVM, vm.Name); err == nil {
 		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
 	}
-	var disks []map[string]any
+	var disks []api.DiskSpec
 	for _, d := range vm.Disks {
-		disks = append(disks, map[string]any{"name": d.Name, "size": d.Size})
+		disks = append(disks, api.DiskSpec{Name: d.Name, Size: d.Size})
 	}
-	if err := c.Do(ctx, "POST", "/v1/groups", map[string]any{"name": vm.Name, "disks": disks}, nil); err != nil && !errors.Is(err, api.ErrConflict) {
+	if err := c.CreateGroup(ctx, vm.Name, disks); err != nil && !errors.Is(err, api.ErrConflict) {
 		return fmt.Errorf("create the disks of %s at %s: %w", vm.Name, vm.Site, err)
 	}
 	_, err = put(ctx, v.st, kindVM, vm.Name, vm, 0)
@@ -622,33 +617,30 @@ func checkVM(vm VM) error {
 }
 
 // Console returns a VM's serial console from offset, wherever it runs.
-func (v *Vault) Console(ctx context.Context, name string, off int64) (map[string]any, error) {
+func (v *Vault) Console(ctx context.Context, name string, off int64) (api.Console, error) {
 	vm, _, err := get[VM](ctx, v.st, kindVM, name)
 	if err != nil {
-		return nil, err
+		return api.Console{}, err
 	}
 	_, c, err := v.site(ctx, vm.Site)
 	if err != nil {
-		return nil, err
+		return api.Console{}, err
 	}
-	var out map[string]any
-	err = c.Do(ctx, "GET", fmt.Sprintf("/v1/vms/%s/console?offset=%d", url.PathEscape(name), off), nil, &out)
-	if out != nil {
-		out["site"] = vm.Site
-	}
+	out, err := c.Console(ctx, name, off)
+	out.Site = vm.Site
 	return out, err
 }
 
 // StartVM starts a defined VM at the site where it is (not for a VM that
 // a failover runs on views: the failover starts that one).
-func (v *Vault) StartVM(ctx context.Context, name string) (qemu.Status, error) {
+func (v *Vault) StartVM(ctx context.Context, name string) (api.VMStatus, error) {
 	vm, _, err := get[VM](ctx, v.st, kindVM, name)
 	if err != nil {
-		return qemu.Status{}, err
+		return api.VMStatus{}, err
 	}
 	_, c, err := v.site(ctx, vm.Site)
 	if err != nil {
-		return qemu.Status{}, err
+		return api.VMStatus{}, err
 	}
 	var pp *Protection
 	if p, err := v.Protection(ctx, name); err == nil {
@@ -656,10 +648,9 @@ func (v *Vault) StartVM(ctx context.Context, name string) (qemu.Status, error) {
 	}
 	n, err := v.attach(ctx, pp, vm, vm.Site, false)
 	if err != nil {
-		return qemu.Status{}, err
+		return api.VMStatus{}, err
 	}
-	var st qemu.Status
-	return st, c.Do(ctx, "POST", "/v1/vms", vmRequest(vm, vm.Name, vm.Site, 0, n), &st)
+	return c.StartVM(ctx, vmRequest(vm, vm.Name, vm.Site, 0, n))
 }
 
 // VMs lists the VMs.
@@ -681,6 +672,79 @@ func (v *Vault) PutPolicy(ctx context.Context, p Policy) error {
 	return err
 }
 
+// Policies lists the policies, the default one first.
+func (v *Vault) Policies(ctx context.Context) ([]Policy, error) {
+	ps, err := list[Policy](ctx, v.st, kindPolicy)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.ContainsFunc(ps, func(p Policy) bool { return p.Name == DefaultPolicy.Name }) {
+		ps = append([]Policy{DefaultPolicy}, ps...)
+	}
+	return ps, nil
+}
+
+// Policy returns one policy ("default" exists until replaced).
+func (v *Vault) Policy(ctx context.Context, name string) (Policy, error) {
+	p, _, err := get[Policy](ctx, v.st, kindPolicy, name)
+	if errors.Is(err, ErrNotFound) && name == DefaultPolicy.Name {
+		return DefaultPolicy, nil
+	}
+	return p, err
+}
+
+// StopVM shuts a VM down gracefully where it runs. A VM that runs on a
+// failover's views is not stopped this way (its writes would be lost):
+// commit first, or change its recovery point.
+func (v *Vault) StopVM(ctx context.Context, name string) ([]string, error) {
+	vm, _, err := get[VM](ctx, v.st, kindVM, name)
+	if err != nil {
+		return nil, err
+	}
+	if p, err := v.Protection(ctx, name); err == nil {
+		if p.Job != "" {
+			return nil, fmt.Errorf("%w: job %s is running on %s; wait for it", ErrBusy, p.Job, name)
+		}
+		if p.State == StateFailedOver || p.State == StateFailingOver {
+			return nil, fmt.Errorf("%w: %s runs on a failover's recovery point; commit first (ferry commit %s), or its writes are lost", ErrForbidden, name, name)
+		}
+	}
+	_, c, err := v.site(ctx, vm.Site)
+	if err != nil {
+		return nil, err
+	}
+	return c.StopVM(ctx, name, false)
+}
+
+// DeleteVM deletes a VM that is not protected and does not run, with its
+// disks at its site.
+func (v *Vault) DeleteVM(ctx context.Context, name string) error {
+	vm, ver, err := get[VM](ctx, v.st, kindVM, name)
+	if err != nil {
+		return err
+	}
+	if p, err := v.Protection(ctx, name); err == nil && p.State != StateDisabled {
+		return fmt.Errorf("%w: %s is protected (%s); disable protection first (ferry disable %s)", ErrForbidden, name, p.State, name)
+	}
+	_, c, err := v.site(ctx, vm.Site)
+	if err != nil {
+		return err
+	}
+	if err := c.DeleteGroup(ctx, name); err != nil && !errors.Is(err, api.ErrNotFound) {
+		if errors.Is(err, api.ErrConflict) {
+			return fmt.Errorf("%w: %s still runs or replicates at %s; stop it first (ferry vm stop %s): %v", ErrForbidden, name, vm.Site, name, err)
+		}
+		return err
+	}
+	if err := v.st.Delete(ctx, kindVM, name, ver); err != nil {
+		return err
+	}
+	if _, pver, err := get[Protection](ctx, v.st, kindProtection, name); err == nil {
+		v.st.Delete(ctx, kindProtection, name, pver)
+	}
+	return nil
+}
+
 func (v *Vault) policy(ctx context.Context, name string) Policy {
 	if p, _, err := get[Policy](ctx, v.st, kindPolicy, name); err == nil {
 		return p
@@ -700,7 +764,7 @@ func (v *Vault) Protection(ctx context.Context, vm string) (Protection, error) {
 }
 
 // Points lists the recovery points of a protection at its recovery site.
-func (v *Vault) Points(ctx context.Context, vm string) ([]replica.Point, error) {
+func (v *Vault) Points(ctx context.Context, vm string) ([]api.Point, error) {
 	p, err := v.Protection(ctx, vm)
 	if err != nil {
 		return nil, err
@@ -709,15 +773,14 @@ func (v *Vault) Points(ctx context.Context, vm string) ([]replica.Point, error) 
 	if err != nil {
 		return nil, err
 	}
-	var pts []replica.Point
-	return pts, c.Do(ctx, "GET", "/v1/replicas/"+url.PathEscape(vm)+"/points", nil, &pts)
+	return c.Points(ctx, vm)
 }
 
 // choosePoint resolves latest-processed, latest-app-consistent, a sequence
 // number or an RFC 3339 time against the catalog.
-func choosePoint(pts []replica.Point, want string) (replica.Point, error) {
+func choosePoint(pts []api.Point, want string) (api.Point, error) {
 	if len(pts) == 0 {
-		return replica.Point{}, fmt.Errorf("%w: the recovery site has no recovery point yet", ErrForbidden)
+		return api.Point{}, fmt.Errorf("%w: the recovery site has no recovery point yet", ErrForbidden)
 	}
 	switch want {
 	case "", "latest-processed":
@@ -728,7 +791,7 @@ func choosePoint(pts []replica.Point, want string) (replica.Point, error) {
 				return pts[i], nil
 			}
 		}
-		return replica.Point{}, fmt.Errorf("%w: no application-consistent point; take one (ferry point --app) or pick another", ErrNotFound)
+		return api.Point{}, fmt.Errorf("%w: no application-consistent point; take one (ferry point --app) or pick another", ErrNotFound)
 	}
 	if seq, err := strconv.ParseUint(want, 10, 64); err == nil {
 		for _, p := range pts {
@@ -736,14 +799,14 @@ func choosePoint(pts []replica.Point, want string) (replica.Point, error) {
 				return p, nil
 			}
 		}
-		return replica.Point{}, fmt.Errorf("%w: no recovery point %d (list them with ferry points)", ErrNotFound, seq)
+		return api.Point{}, fmt.Errorf("%w: no recovery point %d (list them with ferry points)", ErrNotFound, seq)
 	}
 	if t, err := time.Parse(time.RFC3339Nano, want); err == nil {
 		i := sort.Search(len(pts), func(i int) bool { return pts[i].Time.After(t) })
 		if i == 0 {
-			return replica.Point{}, fmt.Errorf("%w: no recovery point at or before %s", ErrNotFound, want)
+			return api.Point{}, fmt.Errorf("%w: no recovery point at or before %s", ErrNotFound, want)
 		}
 		return pts[i-1], nil
 	}
-	return replica.Point{}, fmt.Errorf("%w: point %q: want latest, latest-processed, latest-app-consistent, a point id or an RFC 3339 time", ErrInvalid, want)
+	return api.Point{}, fmt.Errorf("%w: point %q: want latest, latest-processed, latest-app-consistent, a point id or an RFC 3339 time", ErrInvalid, want)
 }

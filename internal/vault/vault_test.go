@@ -5,129 +5,41 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/promtest"
 	"github.com/ferry-dr/ferry/internal/qemu"
-	"github.com/ferry-dr/ferry/internal/replica"
-	"github.com/ferry-dr/ferry/internal/replication"
 	"github.com/ferry-dr/ferry/internal/store"
+	"github.com/ferry-dr/ferry/internal/vaultclient"
 )
 
-// fakeAgent answers the agent API calls the vault makes.
-type fakeAgent struct {
-	mu     sync.Mutex
-	site   string
-	down   bool
-	points []replica.Point
-	vms    map[string]agent.VMRequest
-	calls  []string
-	block  chan struct{} // if set, POST /v1/vms waits on it
-	peer   *fakeAgent    // where this site's points replicate to
-	mem    int64         // memory available it reports
-	// fenced is the generation its status reports for vm1; a fence sets
-	// it only if keepFence (else the site "loses" it, as in a crash).
-	fenced    int64
-	keepFence bool
-	fences    int
-}
-
-func (f *fakeAgent) vm(name string) (agent.VMRequest, bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	v, ok := f.vms[name]
-	return v, ok
-}
-
-func (f *fakeAgent) Do(ctx context.Context, method, path string, in, out any) error {
-	f.mu.Lock()
-	if f.down {
-		f.mu.Unlock()
-		return errors.New("connection refused")
-	}
-	f.calls = append(f.calls, method+" "+path)
-	block := f.block
-	f.mu.Unlock()
-	set := func(v any) {
-		if out != nil {
-			b, _ := json.Marshal(v)
-			json.Unmarshal(b, out)
-		}
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	switch {
-	case method == "GET" && path == "/v1/status":
-		st := agent.Status{Site: f.site, MemAvailable: f.mem, Groups: []agent.GroupStatus{{Name: "vm1", LastSeq: 10, Fenced: f.fenced,
-			Replication: &replication.Status{State: "streaming", AckedSeq: 10, LastSeq: 10}}}}
-		set(st)
-	case method == "POST" && strings.HasSuffix(path, "/fence"):
-		f.fences++
-		if f.keepFence {
-			f.fenced = in.(map[string]int64)["generation"]
-		}
-	case method == "GET" && strings.Contains(path, "/console"):
-		set(map[string]any{"data": "Linux version 6.1\nferry-guest: up\nready\n", "next": 40})
-	case method == "GET" && strings.HasSuffix(path, "/points"):
-		set(f.points)
-	case method == "POST" && strings.HasSuffix(path, "/points"):
-		// The point replicates to the peer at once.
-		p := f.peer
-		p.mu.Lock()
-		seq := uint64(100 + len(p.points))
-		p.points = append(p.points, replica.Point{Seq: seq, Time: time.Now(), Type: "named", Label: "failover"})
-		p.mu.Unlock()
-		set(map[string]uint64{"seq": seq})
-	case method == "POST" && path == "/v1/vms":
-		if block != nil {
-			f.mu.Unlock()
-			select {
-			case <-block:
-			case <-ctx.Done():
-			}
-			f.mu.Lock()
-		}
-		req := in.(agent.VMRequest)
-		f.vms[req.Name] = req
-		set(qemu.Status{Name: req.Name, State: "running"})
-	case method == "DELETE" && strings.HasPrefix(path, "/v1/vms/"):
-		name, _, _ := strings.Cut(strings.TrimPrefix(path, "/v1/vms/"), "?")
-		if _, ok := f.vms[name]; !ok {
-			return &api.StatusError{Code: 404, Message: "no VM " + name}
-		}
-		delete(f.vms, name)
-		set(map[string]any{"steps": []string{"guest powered off"}})
-	}
-	return nil
-}
-
 type fixture struct {
-	skew       atomic.Int64 // added to the vault's clock
-	v          *Vault
-	st         store.Store
-	east, west *fakeAgent
-	srv        *httptest.Server
-	op, reader string
+	skew atomic.Int64 // added to the vault's clock
+	// clientsMade counts the site clients the vault asked for.
+	clientsMade atomic.Int64
+	v           *Vault
+	st          store.Store
+	east, west  *fakeAgent
+	srv         *httptest.Server
+	op, reader  string
 }
 
 func newFixture(t testing.TB, st store.Store) *fixture {
 	t.Helper()
 	f := &fixture{st: st,
-		east: &fakeAgent{site: "east", vms: map[string]agent.VMRequest{"vm1": {Name: "vm1"}}},
-		west: &fakeAgent{site: "west", vms: map[string]agent.VMRequest{},
-			points: []replica.Point{{Seq: 5, Type: "crash", Time: time.Now()}, {Seq: 7, Type: "app", Time: time.Now()}, {Seq: 9, Type: "crash", Time: time.Now()}}}}
+		east: newFakeAgent("east", "vm1"),
+		west: newFakeAgent("west")}
+	f.west.points = []api.Point{{Seq: 5, Type: "crash", Time: time.Now()}, {Seq: 7, Type: "app", Time: time.Now()}, {Seq: 9, Type: "crash", Time: time.Now()}}
 	f.east.peer = f.west
-	f.v = New(Config{Store: st, NoHeartbeats: true, Now: func() time.Time { return time.Now().Add(time.Duration(f.skew.Load())) }, Agent: func(addr, site string) AgentAPI {
+	f.v = New(Config{Store: st, NoHeartbeats: true, Now: func() time.Time { return time.Now().Add(time.Duration(f.skew.Load())) }, Site: func(addr, site string) Site {
+		f.clientsMade.Add(1)
 		if site == "east" {
 			return f.east
 		}
@@ -274,7 +186,7 @@ func TestLifecycleAndGuards(t *testing.T) {
 	}
 	var names []string
 	for _, s := range j.Steps {
-		names = append(names, s.Name+"="+s.State)
+		names = append(names, s.Name+"="+string(s.State))
 	}
 	want := "prerequisites check=succeeded shut down source VM=succeeded synchronize latest data=succeeded create recovery point=succeeded start VM at recovery site=succeeded"
 	if strings.Join(names, " ") != want {
@@ -415,9 +327,17 @@ func TestHeartbeatOverMutualTLS(t *testing.T) {
 	srv.StartTLS()
 	defer srv.Close()
 	addr := strings.TrimPrefix(srv.URL, "https://")
-	c := agent.NewClientFor(eid, addr, pki.Peer{Role: pki.RoleVault})
-	if err := c.Do(context.Background(), "POST", "/v1/heartbeat", nil, nil); err != nil {
+	c, err := vaultclient.NewSite(eid, addr)
+	if err != nil {
 		t.Fatal(err)
+	}
+	if err := c.Heartbeat(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The vault's certificate is checked: a site's own certificate (as a
+	// server) is not the vault.
+	if other, _ := vaultclient.NewSite(vid, addr); other.Heartbeat(context.Background()) == nil {
+		t.Fatal("a vault certificate heartbeated as a site")
 	}
 	sites, _ := f.v.Sites(context.Background())
 	if !sites[0].Reachable || time.Since(sites[0].LastSeen) > 5*time.Second {
@@ -541,11 +461,11 @@ func TestMetrics(t *testing.T) {
 		{"ferry_protection_rpo_seconds", []string{"vm", "vm1", "source", "east", "target", "west"}, 0},
 		{"ferry_protection_health", []string{"vm", "vm1", "health", "healthy"}, 1},
 		{"ferry_protection_health", []string{"vm", "vm1", "health", "critical"}, 0},
-		{"ferry_protection_state", []string{"vm", "vm1", "state", StateProtected}, 1},
+		{"ferry_protection_state", []string{"vm", "vm1", "state", string(StateProtected)}, 1},
 		{"ferry_protection_rpo_threshold_seconds", []string{"vm", "vm1", "level", "critical"}, DefaultPolicy.RPOCritical.Seconds()},
 		{"ferry_site_up", []string{"site", "west"}, 1},
-		{"ferry_job_duration_seconds", []string{"action", ActEnable, "outcome", JobSucceeded}, 1},
-		{"ferry_job_duration_seconds", []string{"action", ActTestFailover, "outcome", JobSucceeded}, 1},
+		{"ferry_job_duration_seconds", []string{"action", ActEnable, "outcome", string(JobSucceeded)}, 1},
+		{"ferry_job_duration_seconds", []string{"action", ActTestFailover, "outcome", string(JobSucceeded)}, 1},
 	}
 	for _, tt := range tests {
 		got, ok := s.Value(tt.name, tt.labels...)
@@ -586,7 +506,7 @@ func TestSourceDownIsCritical(t *testing.T) {
 	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
 	ctx := context.Background()
 	f.v.Heartbeat(ctx)
-	health := func() string {
+	health := func() api.Health {
 		p, err := f.v.Protection(ctx, "vm1")
 		if err != nil {
 			t.Fatal(err)
@@ -651,5 +571,22 @@ func TestVaultStopsBetweenProtectionAndJob(t *testing.T) {
 	p, _ := f2.v.Protection(ctx, "vm1")
 	if p.State != StateProtected || p.Job != "" {
 		t.Fatalf("protection after restart: %+v", p)
+	}
+}
+
+// TestSiteClientsReused: the vault makes one client per site and keeps it
+// (a client per call left idle connections behind until the agents' cap
+// on connections per identity refused the vault).
+func TestSiteClientsReused(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	ctx := context.Background()
+	for range 10 {
+		f.v.Heartbeat(ctx)
+	}
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	f.job(t, "/v1/protections/vm1/test-failover", map[string]string{})
+	if got := f.clientsMade.Load(); got != 2 {
+		t.Fatalf("%d site clients made for 2 sites", got)
 	}
 }

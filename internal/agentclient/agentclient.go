@@ -1,0 +1,196 @@
+// Package agentclient is the typed client of a site agent's API
+// (docs/agent-api.md): one method per route, and the only code that spells
+// an agent's URLs. Errors the agent answers wrap an *api.StatusError, so
+// callers decide with errors.Is(err, api.ErrNotFound) and the like. It
+// imports no data-plane package: the vault reaches sites through it
+// without linking the journal, the NBD server or QEMU.
+package agentclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/httpjson"
+	"github.com/ferry-dr/ferry/internal/pki"
+)
+
+// Client calls one agent. It is safe for concurrent use.
+type Client struct {
+	base string
+	hc   *http.Client
+}
+
+// New returns a client for the agent of site at addr (host:port),
+// authenticating with id; the server must hold site's certificate.
+func New(id *pki.Identity, addr, site string) *Client {
+	return NewFor(id, addr, pki.Peer{Role: pki.RoleSite, Name: site})
+}
+
+// NewFor returns a client for the server at addr that must hold the
+// identity server (an empty name accepts any name of that role).
+func NewFor(id *pki.Identity, addr string, server pki.Peer) *Client {
+	tr := &http.Transport{TLSClientConfig: id.ClientConfig(server), ForceAttemptHTTP2: false,
+		MaxIdleConnsPerHost: 4, IdleConnTimeout: 30 * time.Second}
+	// Long enough for a graceful VM shutdown (60 s grace, then quit).
+	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 3 * time.Minute}}
+}
+
+// SetTimeout bounds every call (default 3 min).
+func (c *Client) SetTimeout(d time.Duration) { c.hc.Timeout = d }
+
+func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
+	err := httpjson.Call(ctx, c.hc, method, c.base+path, "", in, out)
+	var se *api.StatusError
+	if errors.As(err, &se) {
+		return fmt.Errorf("%s %s: %d %s: %w", method, path, se.Code, http.StatusText(se.Code), se)
+	}
+	if err != nil {
+		return fmt.Errorf("agent at %s: %w", c.base, err)
+	}
+	return nil
+}
+
+func esc(s string) string { return url.PathEscape(s) }
+
+// Status reports the agent's groups, replicas, views and VMs, and its
+// capacity. Read-only.
+func (c *Client) Status(ctx context.Context) (api.AgentStatus, error) {
+	var st api.AgentStatus
+	return st, c.call(ctx, "GET", "/v1/status", nil, &st)
+}
+
+// CreateGroup creates a consistency group with its disks. ErrConflict if
+// one of that name exists; ErrInvalid for bad names or sizes.
+func (c *Client) CreateGroup(ctx context.Context, name string, disks []api.DiskSpec) error {
+	return c.call(ctx, "POST", "/v1/groups", api.CreateGroup{Name: name, Disks: disks}, nil)
+}
+
+// DeleteGroup deletes a group's disks and journal. ErrConflict while it
+// replicates or a VM runs on it; ErrNotFound if there is none.
+func (c *Client) DeleteGroup(ctx context.Context, name string) error {
+	return c.call(ctx, "DELETE", "/v1/groups/"+esc(name), nil, nil)
+}
+
+// Replicate starts replicating group to the peer in r; asked again with
+// the same peer it does nothing (idempotent). ErrConflict if the group
+// replicates elsewhere.
+func (c *Client) Replicate(ctx context.Context, group string, r api.Replicate) error {
+	return c.call(ctx, "POST", "/v1/groups/"+esc(group)+"/replication", r, nil)
+}
+
+// Unreplicate stops a group's replication and releases its journal hold.
+func (c *Client) Unreplicate(ctx context.Context, group string) error {
+	return c.call(ctx, "DELETE", "/v1/groups/"+esc(group)+"/replication", nil, nil)
+}
+
+// Fence tells the site that generation gen of group runs elsewhere: the
+// group stops replicating as a source and refuses to start its VM.
+// Idempotent; never lowers a generation. ErrNotFound if there is no such
+// group.
+func (c *Client) Fence(ctx context.Context, group string, gen int64) error {
+	return c.call(ctx, "POST", "/v1/groups/"+esc(group)+"/fence", api.Fence{Generation: gen}, nil)
+}
+
+// ToReplica turns a group no VM runs on into a replica of the same name
+// streamed by req.Source, reporting what it changed after req.Since.
+// Idempotent: asked again it answers what it answered then.
+func (c *Client) ToReplica(ctx context.Context, group string, req api.ToReplica) (api.ToReplicaResult, error) {
+	var out api.ToReplicaResult
+	return out, c.call(ctx, "POST", "/v1/groups/"+esc(group)+"/to-replica", req, &out)
+}
+
+// Changes reports the blocks a (fenced) group changed after since.
+// ErrNotFound if the group or its tracking is gone.
+func (c *Client) Changes(ctx context.Context, group string, since uint64) (api.PeerChanges, error) {
+	var out api.PeerChanges
+	return out, c.call(ctx, "GET", "/v1/groups/"+esc(group)+"/changes?since="+strconv.FormatUint(since, 10), nil, &out)
+}
+
+// Divergence reports a committed group's divergence record. ErrNotFound if
+// it has none.
+func (c *Client) Divergence(ctx context.Context, group string) (api.Divergence, error) {
+	var out api.Divergence
+	return out, c.call(ctx, "GET", "/v1/groups/"+esc(group)+"/divergence", nil, &out)
+}
+
+// Mark records a named or crash-consistent point in a group's journal and
+// returns its sequence number; it is durable when answered.
+func (c *Client) Mark(ctx context.Context, group string, m api.Marker) (uint64, error) {
+	var out api.MarkResult
+	return out.Seq, c.call(ctx, "POST", "/v1/groups/"+esc(group)+"/points", m, &out)
+}
+
+// AppPoint takes an application-consistent point through the group's VM's
+// guest agent. ErrConflict, with the reason, if the guest cannot be
+// quiesced.
+func (c *Client) AppPoint(ctx context.Context, group, label string) (api.AppPointStatus, error) {
+	var out api.AppPointStatus
+	return out, c.call(ctx, "POST", "/v1/groups/"+esc(group)+"/points", api.Marker{Type: api.PointApp, Label: label}, &out)
+}
+
+// ExpectReplica records site source as the only one whose streams
+// replica takes. Idempotent.
+func (c *Client) ExpectReplica(ctx context.Context, replica, source string) error {
+	return c.call(ctx, "PUT", "/v1/replicas/"+esc(replica)+"/source", api.ReplicaSource{Source: source}, nil)
+}
+
+// DeleteReplica deletes a replica with its journal and recovery points.
+// ErrConflict while a VM or a view uses it; ErrNotFound without it.
+func (c *Client) DeleteReplica(ctx context.Context, name string) error {
+	return c.call(ctx, "DELETE", "/v1/replicas/"+esc(name), nil, nil)
+}
+
+// Points lists a replica's recovery points, oldest first. ErrNotFound if
+// there is no such replica.
+func (c *Client) Points(ctx context.Context, replica string) ([]api.Point, error) {
+	var out []api.Point
+	return out, c.call(ctx, "GET", "/v1/replicas/"+esc(replica)+"/points", nil, &out)
+}
+
+// OpenView exports a view of a replica's disk at a point over NBD.
+func (c *Client) OpenView(ctx context.Context, replica string, req api.OpenView) (api.ViewInfo, error) {
+	var out api.ViewInfo
+	return out, c.call(ctx, "POST", "/v1/replicas/"+esc(replica)+"/views", req, &out)
+}
+
+// CloseView closes a view and disconnects its clients.
+func (c *Client) CloseView(ctx context.Context, id string) error {
+	return c.call(ctx, "DELETE", "/v1/views/"+esc(id), nil, nil)
+}
+
+// StartVM starts a VM on a group's disks, or on views of a replica at a
+// point. ErrConflict if it exists or the group is fenced.
+func (c *Client) StartVM(ctx context.Context, req api.VMRequest) (api.VMStatus, error) {
+	var out api.VMStatus
+	return out, c.call(ctx, "POST", "/v1/vms", req, &out)
+}
+
+// StopVM shuts a VM down (gracefully, or at once with force) and returns
+// the steps taken. ErrNotFound if no such VM runs.
+func (c *Client) StopVM(ctx context.Context, name string, force bool) ([]string, error) {
+	q := ""
+	if force {
+		q = "?force=1"
+	}
+	var out api.Steps
+	return out.Steps, c.call(ctx, "DELETE", "/v1/vms/"+esc(name)+q, nil, &out)
+}
+
+// CommitVM makes a VM that runs on views standalone and returns the steps
+// taken.
+func (c *Client) CommitVM(ctx context.Context, name string) ([]string, error) {
+	var out api.Steps
+	return out.Steps, c.call(ctx, "POST", "/v1/vms/"+esc(name)+"/commit", nil, &out)
+}
+
+// Console returns a VM's serial console from byte off.
+func (c *Client) Console(ctx context.Context, name string, off int64) (api.Console, error) {
+	var out api.Console
+	return out, c.call(ctx, "GET", "/v1/vms/"+esc(name)+"/console?offset="+strconv.FormatInt(off, 10), nil, &out)
+}

@@ -1,0 +1,313 @@
+package api
+
+import (
+	"encoding/json"
+	"net/netip"
+	"time"
+)
+
+// This file: what a site agent's API takes and answers
+// (docs/agent-api.md). The data-plane packages alias these types
+// (disk.Spec = api.DiskSpec, ...), so one definition serves both ends.
+
+// DiskSpec is one disk of a consistency group: its id inside the group's
+// journal, its name and its size in bytes.
+type DiskSpec struct {
+	ID   uint16 `json:"id"`
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// PointType says what a recovery point is.
+type PointType string
+
+// Point types.
+const (
+	PointCrash PointType = "crash" // a periodic crash-consistent checkpoint
+	PointApp   PointType = "app"   // application-consistent: the guest was quiesced
+	PointNamed PointType = "named" // asked for by name (a failover, an operator)
+	// PointResyncDone marks the end of a resynchronization: the replica
+	// is consistent again from here.
+	PointResyncDone PointType = "resync-done"
+)
+
+// Point is a recovery point in a replica's catalog.
+type Point struct {
+	Seq   uint64    `json:"seq"`
+	Time  time.Time `json:"time"`
+	Type  PointType `json:"type"`
+	Label string    `json:"label,omitempty"`
+}
+
+// Marker is the payload of a recovery-point marker entry, written by the
+// source agent into its journal so that every disk of the group shares it;
+// POST /v1/groups/{name}/points takes one.
+type Marker struct {
+	Type  PointType `json:"type"`
+	Label string    `json:"label,omitempty"`
+}
+
+// Encode returns the marker's journal payload.
+func (m Marker) Encode() []byte {
+	b, _ := json.Marshal(m)
+	return b
+}
+
+// ReplicaStatus is a replica's state at the recovery site.
+type ReplicaStatus struct {
+	Group         string     `json:"group"`
+	Disks         []DiskSpec `json:"disks"`
+	BaseSeq       uint64     `json:"base_seq"`
+	ConsistentSeq uint64     `json:"consistent_seq"`
+	LastSeq       uint64     `json:"last_seq"`
+	LastTime      time.Time  `json:"last_time"`
+	FoldedSeq     uint64     `json:"folded_seq"`
+	Points        int        `json:"points"`
+	JournalBytes  int64      `json:"journal_bytes"`
+	// The newest crash-consistent and application-consistent points.
+	LastPoint    time.Time `json:"last_point,omitzero"`
+	LastAppPoint time.Time `json:"last_app_point,omitzero"`
+}
+
+// ReplicationState is where a group's shipper is.
+type ReplicationState string
+
+// Replication states.
+const (
+	ReplConnecting   ReplicationState = "connecting"
+	ReplInitialSync  ReplicationState = "initial-sync"
+	ReplStreaming    ReplicationState = "streaming"
+	ReplDisconnected ReplicationState = "disconnected"
+	// ReplResync: resending the blocks that changed while the journal
+	// could not hold the writes (the dirty-block bitmap), then streaming.
+	ReplResync  ReplicationState = "resynchronizing"
+	ReplStopped ReplicationState = "stopped"
+)
+
+// ReplicationStatus is a source group's replication.
+type ReplicationStatus struct {
+	State         ReplicationState `json:"state"`
+	LastSeq       uint64           `json:"last_seq"`  // newest entry at the source
+	AckedSeq      uint64           `json:"acked_seq"` // newest entry durable at the recovery site
+	PendingBytes  int64            `json:"pending_bytes"`
+	RPO           float64          `json:"rpo_seconds"`
+	SentBytes     int64            `json:"sent_bytes"`
+	ThroughputBps float64          `json:"throughput_bytes_per_second"`
+	// Initial copy progress.
+	CopyDone   int64  `json:"copy_done_bytes,omitempty"`
+	CopyTotal  int64  `json:"copy_total_bytes,omitempty"`
+	LastError  string `json:"last_error,omitempty"`
+	Reconnects int    `json:"reconnects"`
+	// Dirty-block tracking and resynchronization.
+	BitmapMode  bool  `json:"bitmap_mode,omitempty"`
+	ResyncDone  int64 `json:"resync_done_bytes,omitempty"`
+	ResyncTotal int64 `json:"resync_total_bytes,omitempty"`
+}
+
+// VMState is where a VM is.
+type VMState string
+
+// VM states.
+const (
+	VMStarting VMState = "starting"
+	VMRunning  VMState = "running"
+	VMPaused   VMState = "paused"
+	VMStopping VMState = "stopping"
+	VMStopped  VMState = "stopped" // powered off or stopped on request
+	VMCrashed  VMState = "crashed" // QEMU exited on its own without a guest power-off
+)
+
+// VMStatus is a VM's state as its site reports it.
+type VMStatus struct {
+	Name    string  `json:"name"`
+	State   VMState `json:"state"`
+	Accel   string  `json:"accel"`
+	PID     int     `json:"pid"`
+	Reason  string  `json:"reason,omitempty"` // why it crashed
+	Console string  `json:"console"`
+}
+
+// Boot says how a VM boots: from a kernel and initrd, or from its first
+// disk (Kernel empty).
+type Boot struct {
+	Kernel string `json:"kernel,omitempty"`
+	Initrd string `json:"initrd,omitempty"`
+	Append string `json:"append,omitempty"`
+}
+
+// Forward forwards a host TCP address to a guest port. The host address
+// is typed: in JSON it is "127.0.0.1:8080", and anything that does not
+// parse as an address and a port is refused when decoded.
+type Forward struct {
+	Host      netip.AddrPort `json:"host"`
+	GuestPort int            `json:"guest_port"`
+}
+
+// NetMode is how a VM's NIC is attached.
+type NetMode string
+
+// Network modes.
+const (
+	NetNone     NetMode = "none"
+	NetUser     NetMode = "user"     // user-mode NAT with forwards
+	NetIsolated NetMode = "isolated" // no route out; only the forwards reach it
+)
+
+// VMRequest starts a VM at a site (POST /v1/vms).
+type VMRequest struct {
+	Name  string `json:"name"`
+	Group string `json:"group,omitempty"`
+	// Replica and Seq run the VM at the recovery site instead, on writable
+	// views of every disk of the replica at sequence Seq (0: the newest
+	// point): a test failover or a failover. The VM's writes stay in the
+	// views' overlays until committed.
+	Replica   string    `json:"replica,omitempty"`
+	Seq       uint64    `json:"seq,omitempty"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	Boot      Boot      `json:"boot"`
+	Net       NetMode   `json:"net"`
+	Subnet    string    `json:"subnet,omitempty"` // the attached network's IPv4 CIDR
+	Forwards  []Forward `json:"forwards,omitempty"`
+	QGA       bool      `json:"qga"`
+	Accel     string    `json:"accel,omitempty"`
+}
+
+// Steps are what a long agent operation did, for the job's messages
+// (DELETE /v1/vms/{name}, POST /v1/vms/{name}/commit).
+type Steps struct {
+	Steps []string `json:"steps"`
+}
+
+// Console is a piece of a VM's serial console (GET
+// /v1/vms/{name}/console?offset=N): Data from the offset asked, and the
+// offset to ask next.
+type Console struct {
+	Data string `json:"data"`
+	Next int64  `json:"next"`
+	Site string `json:"site,omitempty"` // set by the vault
+}
+
+// AppPointStatus is the outcome of an application-consistent point.
+type AppPointStatus struct {
+	Seq       uint64    `json:"seq,omitempty"`
+	Time      time.Time `json:"time"`
+	FreezeMS  float64   `json:"freeze_ms,omitempty"`
+	Error     string    `json:"error,omitempty"`
+	Succeeded bool      `json:"succeeded"`
+}
+
+// MarkResult answers a named point (POST /v1/groups/{name}/points).
+type MarkResult struct {
+	Seq uint64 `json:"seq"`
+}
+
+// GroupStatus is a consistency group at its site.
+type GroupStatus struct {
+	Name    string     `json:"name"`
+	Disks   []DiskSpec `json:"disks"`
+	Exports []string   `json:"exports"`
+	LastSeq uint64     `json:"last_seq"`
+	// JournalBytes is the journal's size on disk.
+	JournalBytes int64              `json:"journal_bytes"`
+	PeerName     string             `json:"peer,omitempty"`
+	Replication  *ReplicationStatus `json:"replication,omitempty"`
+	AppPoint     *AppPointStatus    `json:"last_app_point,omitempty"`
+	// Fenced is the generation this group was fenced at (0: not fenced):
+	// the vault re-sends a fence until it reads its generation here.
+	Fenced int64 `json:"fenced,omitempty"`
+}
+
+// ViewInfo describes an open view and how to attach it.
+type ViewInfo struct {
+	ID       string `json:"id"`
+	Replica  string `json:"replica"`
+	Disk     string `json:"disk"`
+	Seq      uint64 `json:"seq"`
+	Writable bool   `json:"writable"`
+	Export   string `json:"export"`
+	Socket   string `json:"socket"`
+}
+
+// AgentStatus is a site agent's report (GET /v1/status).
+type AgentStatus struct {
+	Site      string          `json:"site"`
+	NBDSocket string          `json:"nbd_socket"`
+	Groups    []GroupStatus   `json:"groups"`
+	Replicas  []ReplicaStatus `json:"replicas"`
+	Views     []ViewInfo      `json:"views"`
+	VMs       []VMStatus      `json:"vms"`
+	// Capacity for new VMs: memory available and disk free where the
+	// agent keeps its data.
+	MemAvailable int64 `json:"mem_available_bytes"`
+	DiskFree     int64 `json:"disk_free_bytes"`
+}
+
+// CreateGroup creates a consistency group (POST /v1/groups).
+type CreateGroup struct {
+	Name  string     `json:"name"`
+	Disks []DiskSpec `json:"disks"`
+}
+
+// Replicate starts replicating a group (POST
+// /v1/groups/{name}/replication).
+type Replicate struct {
+	PeerAddr string `json:"peer_addr"`
+	PeerName string `json:"peer_name"`
+	// Delta, on a reprotect, is what the peer changed after the failover
+	// point: with this group's divergence it makes the delta copy send
+	// only those blocks. Dropped once the copy is sent.
+	Delta *PeerChanges `json:"delta,omitempty"`
+}
+
+// Fence fences a group at a generation (POST /v1/groups/{name}/fence).
+type Fence struct {
+	Generation int64 `json:"generation"`
+}
+
+// ToReplica turns a group into a replica (POST
+// /v1/groups/{name}/to-replica).
+type ToReplica struct {
+	// Since is the failover point: report the changes after it.
+	Since uint64 `json:"since"`
+	// Source is the site that will stream to the new replica.
+	Source string `json:"source"`
+}
+
+// ToReplicaResult answers ToReplica.
+type ToReplicaResult struct {
+	Replica string       `json:"replica"`
+	Reused  []DiskSpec   `json:"reused"`
+	Changes *PeerChanges `json:"changes"`
+}
+
+// ReplicaSource records the one site that streams a replica (PUT
+// /v1/replicas/{name}/source).
+type ReplicaSource struct {
+	Source string `json:"source"`
+}
+
+// OpenView opens a view (POST /v1/replicas/{name}/views).
+type OpenView struct {
+	Disk     string `json:"disk"`
+	Seq      uint64 `json:"seq"`
+	Writable bool   `json:"writable"`
+}
+
+// PeerChanges is what a site changed in a group after a point: every
+// block changed from sequence From on is in Chunks.
+type PeerChanges struct {
+	After  uint64 `json:"after"` // the failover point they are relative to
+	From   uint64 `json:"from"`  // every change from this sequence on is in Chunks
+	Chunks Chunks `json:"chunks"`
+}
+
+// Divergence is a committed group's record of what diverged from the
+// replica at Base.
+type Divergence struct {
+	Base     uint64 `json:"base"`
+	Received uint64 `json:"received"`
+	// Chunks is what diverged here from the replica at Base, so far: the
+	// VM's writes since the failover and what the replica had after Base.
+	Chunks Chunks `json:"chunks"`
+}

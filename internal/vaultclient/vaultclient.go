@@ -1,0 +1,306 @@
+// Package vaultclient is the typed client of the vault's API
+// (docs/api.md): one method per route, and the only code that spells the
+// vault's URLs. Errors the vault answers are *api.StatusError values that
+// errors.Is matches against the api sentinels (api.ErrNotFound,
+// api.ErrConflict, ...). It imports no vault or data-plane package.
+package vaultclient
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/httpjson"
+	"github.com/ferry-dr/ferry/internal/pki"
+)
+
+// Client calls the vault with a token. It is safe for concurrent use.
+type Client struct {
+	base, token string
+	hc          *http.Client
+}
+
+// New returns a client for the vault at rawURL (https://host:port),
+// verifying its certificate against the CA in caFile (empty: the system's
+// roots), sending token on every call.
+func New(rawURL, token, caFile string) (*Client, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS13}
+	if caFile != "" {
+		b, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("read the vault's CA certificate: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("%s holds no certificate", caFile)
+		}
+		tc.RootCAs = pool
+	}
+	return newClient(rawURL, token, tc)
+}
+
+// NewSite returns a client with which a site agent reaches the vault at
+// addr (host:port) with its certificate; the server must hold a vault
+// certificate. It needs no token (Heartbeat).
+func NewSite(id *pki.Identity, addr string) (*Client, error) {
+	return newClient("https://"+addr, "", id.ClientConfig(pki.Peer{Role: pki.RoleVault}))
+}
+
+func newClient(rawURL, token string, tc *tls.Config) (*Client, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("vault URL %q: want https://HOST:PORT", rawURL)
+	}
+	return &Client{base: strings.TrimSuffix(rawURL, "/"), token: token,
+		hc: &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{TLSClientConfig: tc}}}, nil
+}
+
+// SetTimeout bounds every call (default 2 min).
+func (c *Client) SetTimeout(d time.Duration) { c.hc.Timeout = d }
+
+// URL is the vault's base URL.
+func (c *Client) URL() string { return c.base }
+
+func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
+	err := httpjson.Call(ctx, c.hc, method, c.base+path, c.token, in, out)
+	var se *api.StatusError
+	if errors.As(err, &se) {
+		return se
+	}
+	if err != nil {
+		return fmt.Errorf("vault at %s: %w (is it running? set --vault or FERRY_VAULT)", c.base, err)
+	}
+	return nil
+}
+
+func esc(s string) string { return url.PathEscape(s) }
+
+// --- identity, tokens, sites ---
+
+// Whoami returns the role of the client's token.
+func (c *Client) Whoami(ctx context.Context) (string, error) {
+	var out api.Whoami
+	return out.Role, c.call(ctx, "GET", "/v1/whoami", nil, &out)
+}
+
+// CreateToken makes a token; the answer holds its secret, shown only now.
+func (c *Client) CreateToken(ctx context.Context, req api.TokenRequest) (api.NewToken, error) {
+	var out api.NewToken
+	return out, c.call(ctx, "POST", "/v1/tokens", req, &out)
+}
+
+// Tokens lists the tokens, without their secrets (operators only).
+func (c *Client) Tokens(ctx context.Context) ([]api.TokenInfo, error) {
+	var out []api.TokenInfo
+	return out, c.call(ctx, "GET", "/v1/tokens", nil, &out)
+}
+
+// RevokeToken ends the token with this ID at once. ErrNotFound if none.
+func (c *Client) RevokeToken(ctx context.Context, id string) error {
+	return c.call(ctx, "DELETE", "/v1/tokens/"+esc(id), nil, nil)
+}
+
+// Enroll registers a site with a one-time enroll token (the client's own
+// token is not sent).
+func (c *Client) Enroll(ctx context.Context, req api.Enroll) error {
+	anon := *c
+	anon.token = ""
+	return anon.call(ctx, "POST", "/v1/enroll", req, nil)
+}
+
+// Heartbeat tells the vault the calling site is up (a site client).
+func (c *Client) Heartbeat(ctx context.Context) error {
+	return c.call(ctx, "POST", "/v1/heartbeat", nil, nil)
+}
+
+// Sites lists the sites.
+func (c *Client) Sites(ctx context.Context) ([]api.Site, error) {
+	var out []api.Site
+	return out, c.call(ctx, "GET", "/v1/sites", nil, &out)
+}
+
+// AddSite registers a site (re-addresses one with Readdress).
+func (c *Client) AddSite(ctx context.Context, req api.AddSite) error {
+	return c.call(ctx, "POST", "/v1/sites", req, nil)
+}
+
+// DeleteSite forgets a site. ErrConflict while something uses it.
+func (c *Client) DeleteSite(ctx context.Context, name string) error {
+	return c.call(ctx, "DELETE", "/v1/sites/"+esc(name), nil, nil)
+}
+
+// PutNetwork declares or changes a network of a site.
+func (c *Client) PutNetwork(ctx context.Context, site string, n api.Network) (api.Site, error) {
+	var out api.Site
+	return out, c.call(ctx, "PUT", "/v1/sites/"+esc(site)+"/networks/"+esc(n.Name), n, &out)
+}
+
+// DeleteNetwork removes a network of a site. ErrConflict while used.
+func (c *Client) DeleteNetwork(ctx context.Context, site, name string) error {
+	return c.call(ctx, "DELETE", "/v1/sites/"+esc(site)+"/networks/"+esc(name), nil, nil)
+}
+
+// --- VMs and policies ---
+
+// VMs lists the VMs.
+func (c *Client) VMs(ctx context.Context) ([]api.VM, error) {
+	var out []api.VM
+	return out, c.call(ctx, "GET", "/v1/vms", nil, &out)
+}
+
+// DefineVM records a VM and creates its disks at its site.
+func (c *Client) DefineVM(ctx context.Context, vm api.VM) (api.VM, error) {
+	var out api.VM
+	return out, c.call(ctx, "POST", "/v1/vms", vm, &out)
+}
+
+// StartVM starts a defined VM where it is.
+func (c *Client) StartVM(ctx context.Context, name string) (api.VMStatus, error) {
+	var out api.VMStatus
+	return out, c.call(ctx, "POST", "/v1/vms/"+esc(name)+"/start", nil, &out)
+}
+
+// StopVM shuts a VM down where it runs (not one a failover runs on views)
+// and returns the steps taken.
+func (c *Client) StopVM(ctx context.Context, name string) (api.Steps, error) {
+	var out api.Steps
+	return out, c.call(ctx, "POST", "/v1/vms/"+esc(name)+"/stop", nil, &out)
+}
+
+// DeleteVM deletes a stopped, unprotected VM and its disks.
+func (c *Client) DeleteVM(ctx context.Context, name string) error {
+	return c.call(ctx, "DELETE", "/v1/vms/"+esc(name), nil, nil)
+}
+
+// SetForwards changes a VM's published addresses ("" removes one).
+func (c *Client) SetForwards(ctx context.Context, name string, fw map[string]string) (api.VM, error) {
+	var out api.VM
+	return out, c.call(ctx, "PUT", "/v1/vms/"+esc(name)+"/forwards", fw, &out)
+}
+
+// Console returns a VM's serial console from byte off, wherever it runs.
+func (c *Client) Console(ctx context.Context, name string, off int64) (api.Console, error) {
+	var out api.Console
+	return out, c.call(ctx, "GET", "/v1/vms/"+esc(name)+"/console?offset="+strconv.FormatInt(off, 10), nil, &out)
+}
+
+// Policies lists the policies (the default one included).
+func (c *Client) Policies(ctx context.Context) ([]api.Policy, error) {
+	var out []api.Policy
+	return out, c.call(ctx, "GET", "/v1/policies", nil, &out)
+}
+
+// Policy returns one policy.
+func (c *Client) Policy(ctx context.Context, name string) (api.Policy, error) {
+	var out api.Policy
+	return out, c.call(ctx, "GET", "/v1/policies/"+esc(name), nil, &out)
+}
+
+// PutPolicy creates or replaces a policy.
+func (c *Client) PutPolicy(ctx context.Context, p api.Policy) (api.Policy, error) {
+	var out api.Policy
+	return out, c.call(ctx, "PUT", "/v1/policies/"+esc(p.Name), p, &out)
+}
+
+// --- protections and the DR lifecycle (each action is a job) ---
+
+// Protections lists the protections.
+func (c *Client) Protections(ctx context.Context) ([]api.Protection, error) {
+	var out []api.Protection
+	return out, c.call(ctx, "GET", "/v1/protections", nil, &out)
+}
+
+// Protection returns one protection.
+func (c *Client) Protection(ctx context.Context, vm string) (api.Protection, error) {
+	var out api.Protection
+	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm), nil, &out)
+}
+
+// Points lists a protection's recovery points at its recovery site.
+func (c *Client) Points(ctx context.Context, vm string) ([]api.Point, error) {
+	var out []api.Point
+	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm)+"/points", nil, &out)
+}
+
+// RPOHistory returns the worst RPO per 10 s over the last 6 h.
+func (c *Client) RPOHistory(ctx context.Context, vm string) ([]api.RPOSample, error) {
+	var out []api.RPOSample
+	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm)+"/rpo-history", nil, &out)
+}
+
+func (c *Client) job(ctx context.Context, path string, body any) (api.Job, error) {
+	var out api.Job
+	return out, c.call(ctx, "POST", path, body, &out)
+}
+
+// Enable starts protecting a VM.
+func (c *Client) Enable(ctx context.Context, req api.EnableRequest) (api.Job, error) {
+	return c.job(ctx, "/v1/protections", req)
+}
+
+// Disable stops protecting a VM: replication stops; the replica and its
+// points are deleted, or kept if keepReplica.
+func (c *Client) Disable(ctx context.Context, vm string, keepReplica bool) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/disable", api.DisableRequest{KeepReplica: keepReplica})
+}
+
+// TestFailover starts a DR drill on a point.
+func (c *Client) TestFailover(ctx context.Context, vm, point string) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/test-failover", api.PointRequest{Point: point})
+}
+
+// CleanupTestFailover ends a drill and records notes.
+func (c *Client) CleanupTestFailover(ctx context.Context, vm, notes string) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/test-failover/cleanup", api.CleanupRequest{Notes: notes})
+}
+
+// Failover fails a VM over to its recovery site.
+func (c *Client) Failover(ctx context.Context, vm string, req api.FailoverRequest) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/failover", req)
+}
+
+// ChangePoint restarts a failed-over VM on another point.
+func (c *Client) ChangePoint(ctx context.Context, vm, point string) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/change-point", api.PointRequest{Point: point})
+}
+
+// Commit makes a failover final.
+func (c *Client) Commit(ctx context.Context, vm string) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/commit", struct{}{})
+}
+
+// PlanReprotect shows what a reprotect would reuse and create.
+func (c *Client) PlanReprotect(ctx context.Context, vm string) (api.ReprotectPlan, error) {
+	var out api.ReprotectPlan
+	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm)+"/reprotect-plan", nil, &out)
+}
+
+// Reprotect replicates back the other way after a commit.
+func (c *Client) Reprotect(ctx context.Context, vm string) (api.Job, error) {
+	return c.job(ctx, "/v1/protections/"+esc(vm)+"/reprotect", struct{}{})
+}
+
+// Jobs lists jobs, of one protection if not empty.
+func (c *Client) Jobs(ctx context.Context, protection string) ([]api.Job, error) {
+	q := ""
+	if protection != "" {
+		q = "?protection=" + url.QueryEscape(protection)
+	}
+	var out []api.Job
+	return out, c.call(ctx, "GET", "/v1/jobs"+q, nil, &out)
+}
+
+// Job returns one job.
+func (c *Client) Job(ctx context.Context, id string) (api.Job, error) {
+	var out api.Job
+	return out, c.call(ctx, "GET", "/v1/jobs/"+esc(id), nil, &out)
+}
