@@ -98,6 +98,9 @@ type Agent struct {
 	nextView  int
 	vms       map[string]*runningVM
 	appPoints map[string]AppPointStatus
+	// problems are the groups and replicas that did not open: the agent
+	// serves the rest; these wait for an operator, untouched.
+	problems map[string]api.Problem // by kind/name
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -185,7 +188,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, id: id,
 		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
-		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{},
+		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{}, problems: map[string]api.Problem{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
 	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
 	a.metrics = newMetrics(a)
@@ -203,11 +206,14 @@ func (a *Agent) Start(ctx context.Context) error {
 	a.wg.Add(1)
 	go func() { defer a.wg.Done(); a.nbd.Serve(a.ctx, nln) }()
 
+	// One group or replica that does not open (a damaged journal) does
+	// not stop the site: it is reported, left as it is, and the rest
+	// serve.
 	entries, _ := os.ReadDir(filepath.Join(a.cfg.Dir, "groups"))
 	for _, e := range entries {
 		if e.IsDir() {
 			if err := a.openGroup(e.Name()); err != nil {
-				return fmt.Errorf("open group %s: %w", e.Name(), err)
+				a.problem("group", e.Name(), err)
 			}
 		}
 	}
@@ -215,7 +221,7 @@ func (a *Agent) Start(ctx context.Context) error {
 	for _, e := range entries {
 		if e.IsDir() {
 			if _, err := a.openReplica(e.Name()); err != nil {
-				return fmt.Errorf("open replica %s: %w", e.Name(), err)
+				a.problem("replica", e.Name(), err)
 			}
 		}
 	}
@@ -284,11 +290,33 @@ func (a *Agent) Close() error {
 }
 
 // group returns the named group.
+// problem records a group or replica that did not open.
+func (a *Agent) problem(kind, name string, err error) {
+	a.log.Error(kind+" not opened: the site serves the rest; it waits for an operator, untouched", kind, name, "err", err)
+	a.mu.Lock()
+	a.problems[kind+"/"+name] = api.Problem{Kind: kind, Name: name, Reason: err.Error(), Since: a.cfg.Now()}
+	a.mu.Unlock()
+}
+
+// problemErr refuses work on a group or replica that did not open.
+func (a *Agent) problemErr(kind, name string) error {
+	a.mu.Lock()
+	p, ok := a.problems[kind+"/"+name]
+	a.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	return fmt.Errorf("%w: %s %s did not open (%s); nothing of it was changed: see docs/replication.md, \"Damaged journals\"", ErrConflict, kind, name, p.Reason)
+}
+
 func (a *Agent) group(name string) (*group, error) {
 	a.mu.Lock()
 	gr := a.groups[name]
 	a.mu.Unlock()
 	if gr == nil {
+		if err := a.problemErr("group", name); err != nil {
+			return nil, err
+		}
 		return nil, fmt.Errorf("%w: group %q", ErrNotFound, name)
 	}
 	return gr, nil
@@ -854,6 +882,9 @@ func (a *Agent) admitLink(peer pki.Peer, h link.Hello) error {
 }
 
 func (a *Agent) replicaFor(h link.Hello) (*replica.Replica, error) {
+	if err := a.problemErr("replica", h.Group); err != nil {
+		return nil, err
+	}
 	if err := api.CheckName(api.KindGroup, h.Group); err != nil {
 		return nil, err
 	}
@@ -948,6 +979,9 @@ func (a *Agent) Status() Status {
 	st := Status{Site: a.cfg.Name, NBDSocket: a.nbdSock, Groups: []GroupStatus{}, Replicas: []replica.Status{}, Views: []ViewInfo{}}
 	for _, gr := range a.groups {
 		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size(), Fenced: gr.fenced}
+		if err := gr.g.Failed(); err != nil {
+			gs.Failed = err.Error()
+		}
 		for _, d := range gs.Disks {
 			gs.Exports = append(gs.Exports, exportName(gr.name, d.Name))
 		}
@@ -970,6 +1004,12 @@ func (a *Agent) Status() Status {
 		st.Views = append(st.Views, a.viewInfo(ov))
 	}
 	sort.Slice(st.Views, func(i, j int) bool { return st.Views[i].ID < st.Views[j].ID })
+	for _, p := range a.problems {
+		st.Problems = append(st.Problems, p)
+	}
+	sort.Slice(st.Problems, func(i, j int) bool {
+		return st.Problems[i].Kind+st.Problems[i].Name < st.Problems[j].Kind+st.Problems[j].Name
+	})
 	return st
 }
 

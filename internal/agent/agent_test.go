@@ -6,6 +6,9 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -41,7 +44,10 @@ func startAgent(t testing.TB, pk, name string) *Agent {
 // port) and closes it at the end of the test.
 func startAgentWith(t testing.TB, cfg Config) *Agent {
 	t.Helper()
-	cfg.Dir, cfg.Listen = t.TempDir(), "127.0.0.1:0"
+	if cfg.Dir == "" {
+		cfg.Dir = t.TempDir()
+	}
+	cfg.Listen = "127.0.0.1:0"
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -284,4 +290,49 @@ func TestSiteConformance(t *testing.T) {
 		a := startAgent(t, pk, "siteA")
 		return agentclient.New(pkitest.Load(t, pk, "vault"), a.Addr(), "siteA")
 	})
+}
+
+// TestDamagedGroupDoesNotStopAgent: a group that does not open (here, an
+// unreadable manifest) is reported and left alone; the agent starts and
+// serves its other groups (before, Start failed and took every disk of the
+// site offline).
+func TestDamagedGroupDoesNotStopAgent(t *testing.T) {
+	pk := pkiDir(t, "siteA", "operator")
+	dir := t.TempDir()
+	a := startAgentWith(t, Config{Dir: dir, Name: "siteA", PKIDir: pk, PointInterval: -1})
+	for _, g := range []string{"g1", "g2"} {
+		if err := a.CreateGroup(g, []disk.Spec{{Name: "vda", Size: 1 << 20}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.Close()
+	manifest := filepath.Join(dir, "groups", "g1", "group.json")
+	if err := os.WriteFile(manifest, []byte("{torn"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b := startAgentWith(t, Config{Dir: dir, Name: "siteA", PKIDir: pk, PointInterval: -1})
+	st := b.Status()
+	if len(st.Problems) != 1 || st.Problems[0].Kind != "group" || st.Problems[0].Name != "g1" || !strings.Contains(st.Problems[0].Reason, "manifest") {
+		t.Fatalf("problems: %+v", st.Problems)
+	}
+	if len(st.Groups) != 1 || st.Groups[0].Name != "g2" {
+		t.Fatalf("groups served: %+v", st.Groups)
+	}
+	ctx := context.Background()
+	c, err := nbd.Dial(ctx, "unix", b.NBDSocket(), "g2/vda")
+	if err != nil {
+		t.Fatalf("the healthy group is not served: %v", err)
+	}
+	c.Close()
+	op := pkitest.Load(t, pk, "operator")
+	ac := agentclient.New(op, b.Addr(), "siteA")
+	if _, err := ac.Mark(ctx, "g1", api.Marker{Type: api.PointNamed}); !errors.Is(err, api.ErrConflict) || !strings.Contains(err.Error(), "did not open") {
+		t.Fatalf("a call on the damaged group: %v", err)
+	}
+	if err := ac.DeleteGroup(ctx, "g1"); !errors.Is(err, api.ErrConflict) {
+		t.Fatalf("deleting the damaged group: %v", err)
+	}
+	if b, _ := os.ReadFile(manifest); string(b) != "{torn" {
+		t.Fatal("the damaged group was changed")
+	}
 }

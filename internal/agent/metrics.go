@@ -71,12 +71,14 @@ var (
 		"Source time of the newest write a replica received.", []string{"group"}, nil)
 	descVMs = prometheus.NewDesc("ferry_vms",
 		"VMs this site runs, by state.", []string{"state"}, nil)
+	descProblem = prometheus.NewDesc("ferry_problems",
+		"Groups and replicas that did not open (damaged) or that failed and refuse writes, by kind; the agent's status says which and why.", []string{"kind"}, nil)
 )
 
 type statusCollector struct{ a *Agent }
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs} {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem} {
 		ch <- d
 	}
 }
@@ -87,6 +89,18 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.a.FullStatus(ctx) // with the VMs, which asks QEMU
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	problems := map[string]int{"group": 0, "replica": 0} // present even with none
+	for _, p := range st.Problems {
+		problems[p.Kind]++
+	}
+	for _, g := range st.Groups {
+		if g.Failed != "" {
+			problems["group"]++
+		}
+	}
+	for k, n := range problems {
+		gauge(descProblem, float64(n), k)
 	}
 	for _, g := range st.Groups {
 		gauge(descJournal, float64(g.JournalBytes), g.Name, "source")

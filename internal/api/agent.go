@@ -216,6 +216,20 @@ type GroupStatus struct {
 	// Fenced is the generation this group was fenced at (0: not fenced):
 	// the vault re-sends a fence until it reads its generation here.
 	Fenced int64 `json:"fenced,omitempty"`
+	// Failed, if not empty, is why the group refuses writes (a disk
+	// full when applying a write, a failed fsync): it serves again once
+	// reopened.
+	Failed string `json:"failed,omitempty"`
+}
+
+// Problem is a group or replica a site could not open (a damaged journal,
+// an unreadable manifest): the site serves the rest, and this one waits
+// for an operator. Nothing of it was deleted.
+type Problem struct {
+	Kind   string    `json:"kind"` // "group" or "replica"
+	Name   string    `json:"name"`
+	Reason string    `json:"reason"`
+	Since  time.Time `json:"since"`
 }
 
 // ViewInfo describes an open view and how to attach it.
@@ -241,6 +255,8 @@ type AgentStatus struct {
 	// agent keeps its data.
 	MemAvailable int64 `json:"mem_available_bytes"`
 	DiskFree     int64 `json:"disk_free_bytes"`
+	// Problems are the groups and replicas the site could not open.
+	Problems []Problem `json:"problems,omitempty"`
 }
 
 // CreateGroup creates a consistency group (POST /v1/groups).

@@ -145,9 +145,11 @@ type Protection struct {
 	Job         string          `json:"job,omitempty"` // the running job
 	TestPending bool            `json:"test_failover_pending"`
 	// Failover: the point the VM runs on at the target.
-	FailoverSeq uint64  `json:"failover_seq,omitempty"`
-	Health      Health  `json:"health"`
-	RPOSeconds  float64 `json:"rpo_seconds"`
+	FailoverSeq uint64 `json:"failover_seq,omitempty"`
+	Health      Health `json:"health"`
+	// HealthReason says why health is not healthy.
+	HealthReason string  `json:"health_reason,omitempty"`
+	RPOSeconds   float64 `json:"rpo_seconds"`
 	// The newest recovery points at the recovery site.
 	LastPoint    time.Time `json:"last_point,omitzero"`
 	LastAppPoint time.Time `json:"last_app_point,omitzero"`

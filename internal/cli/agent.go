@@ -269,6 +269,9 @@ func statusText(st api.AgentStatus) string {
 		if g.Fenced != 0 {
 			fmt.Fprintf(&b, "  FENCED: generation %d runs at another site; reprotect it\n", g.Fenced)
 		}
+		if g.Failed != "" {
+			fmt.Fprintf(&b, "  FAILED, refusing writes: %s\n", g.Failed)
+		}
 		if r := g.Replication; r != nil {
 			fmt.Fprintf(&b, "  -> %s: %s, acked %d, RPO %.3fs, pending %d B, %.1f MB/s", g.PeerName, r.State, r.AckedSeq, r.RPO, r.PendingBytes, r.ThroughputBps/1e6)
 			if r.State == api.ReplInitialSync && r.CopyTotal > 0 {
@@ -302,6 +305,9 @@ func statusText(st api.AgentStatus) string {
 	}
 	for _, v := range st.Views {
 		fmt.Fprintf(&b, "view %s: %s/%s at %d, nbd+unix:///%s?socket=%s\n", v.ID, v.Replica, v.Disk, v.Seq, v.Export, v.Socket)
+	}
+	for _, p := range st.Problems {
+		fmt.Fprintf(&b, "DAMAGED %s %s (since %s), left untouched: %s\n", p.Kind, p.Name, p.Since.Format(time.RFC3339), p.Reason)
 	}
 	return b.String()
 }

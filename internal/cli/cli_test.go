@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ferry-dr/ferry/internal/journal"
 )
 
 func TestParseSize(t *testing.T) {
@@ -170,5 +173,45 @@ func TestManPages(t *testing.T) {
 		if err != nil || !bytes.Contains(b, []byte(".TH")) {
 			t.Errorf("%s: %v", page, err)
 		}
+	}
+}
+
+// TestInspectorsReadOnly: 'journal verify', 'journal dump' and 'disk list'
+// never create or change anything; verify exits 1 on damage and says where.
+func TestInspectorsReadOnly(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nope")
+	for _, args := range [][]string{{"journal", "verify", "--dir", missing}, {"journal", "dump", "--dir", missing}, {"disk", "list", "--dir", missing}} {
+		if code, _, stderr := run(t, args...); code != 1 {
+			t.Errorf("ferry %v: exit %d (%s), want 1", args, code, stderr)
+		}
+		if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("ferry %v created %s", args, missing)
+		}
+	}
+	dir := t.TempDir()
+	j, _, err := journal.Open(journal.Options{Dir: dir, SegmentSize: 4 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 40 {
+		if _, err := j.Append(&journal.Entry{Kind: journal.KindWrite, Offset: uint64(i) * 512, Length: 512, Data: bytes.Repeat([]byte{byte(i)}, 512)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	j.Close()
+	if code, out, stderr := run(t, "journal", "verify", "--dir", dir); code != 0 || !strings.Contains(out, "clean") {
+		t.Fatalf("verify a clean journal: %d %q %q", code, out, stderr)
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	b, _ := os.ReadFile(segs[0])
+	b[200] ^= 0xff // inside an entry of the oldest segment
+	os.WriteFile(segs[0], b, 0o600)
+	code, _, stderr := run(t, "journal", "verify", "--dir", dir)
+	if code != 1 || !strings.Contains(stderr, "damaged") || !strings.Contains(stderr, filepath.Base(segs[0])) {
+		t.Fatalf("verify a damaged journal: %d %q", code, stderr)
+	}
+	after, _ := os.ReadFile(segs[0])
+	if !bytes.Equal(after, b) {
+		t.Fatal("verify changed a segment")
 	}
 }

@@ -75,13 +75,13 @@ func protectionsCmd(e *env) *cobra.Command {
 			}
 			var b strings.Builder
 			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "VM\tDIRECTION\tSTATE\tHEALTH\tRPO\tJOB")
+			fmt.Fprintln(tw, "VM\tDIRECTION\tSTATE\tHEALTH\tRPO\tJOB\tWHY")
 			for _, p := range ps {
 				st := string(p.State)
 				if p.TestPending {
 					st += " (test-failover-cleanup-pending)"
 				}
-				fmt.Fprintf(tw, "%s\t%s -> %s\t%s\t%s\t%.2fs\t%s\n", p.VM, p.Source, p.Target, st, p.Health, p.RPOSeconds, p.Job)
+				fmt.Fprintf(tw, "%s\t%s -> %s\t%s\t%s\t%.2fs\t%s\t%s\n", p.VM, p.Source, p.Target, st, p.Health, p.RPOSeconds, p.Job, p.HealthReason)
 			}
 			tw.Flush()
 			return e.print(ps, b.String())

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -27,20 +28,28 @@ func journalCmd(e *env) *cobra.Command {
 		if dir == "" {
 			return nil, journal.Recovery{}, usagef("--dir is required")
 		}
-		// Opening recovers a torn tail: that is what verify reports.
-		return journal.Open(journal.Options{Dir: dir, Logger: e.log})
+		// Read-only: inspecting never creates, cuts or repairs.
+		return journal.Open(journal.Options{Dir: dir, Logger: e.log, ReadOnly: true})
 	}
-	verify := &cobra.Command{Use: "verify", Short: "Check a journal (and cut a torn tail, as a restart would)", Args: cobra.NoArgs,
+	verify := &cobra.Command{Use: "verify", Short: "Check a journal, changing nothing; exit 1 if it is damaged", Args: cobra.NoArgs,
+		Long: `Check every entry of a journal without changing anything. A torn tail (what a
+crash leaves) is reported: the next writable open cuts it. Damage anywhere
+else is reported with its segment, offset and the intact sequence ranges,
+and the command exits 1: a writable open refuses such a journal rather than
+drop entries.`,
 		RunE: runE(e, func(ctx context.Context, args []string) error {
 			j, rec, err := open()
 			if err != nil {
+				if errors.Is(err, journal.ErrDamaged) {
+					return fmt.Errorf("journal %s is damaged: %s; nothing was changed", dir, rec.Damage)
+				}
 				return err
 			}
 			defer j.Close()
 			msg := fmt.Sprintf("journal %s: %d segments, entries %d..%d, clean\n", dir, rec.Segments, rec.FirstSeq, rec.LastSeq)
 			if rec.Reason != "" {
-				msg = fmt.Sprintf("journal %s: tail cut (%s): %d bytes, %d files dropped; now entries %d..%d\n",
-					dir, rec.Reason, rec.TruncatedBytes, rec.DroppedFiles, rec.FirstSeq, rec.LastSeq)
+				msg = fmt.Sprintf("journal %s: %d segments, entries %d..%d, then a torn tail of %d bytes (%s) that the next writable open cuts\n",
+					dir, rec.Segments, rec.FirstSeq, rec.LastSeq, rec.TruncatedBytes, rec.Reason)
 			}
 			return e.print(rec, msg)
 		})}

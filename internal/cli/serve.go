@@ -183,14 +183,15 @@ func diskCmd(e *env) *cobra.Command {
 			s := d.Spec()
 			return e.print(s, fmt.Sprintf("created disk %q (id %d, %d bytes) in %s\n", s.Name, s.ID, s.Size, filepath.Clean(dir)))
 		})}
-	list := &cobra.Command{Use: "list", Short: "List a group's disks", Args: cobra.NoArgs,
+	list := &cobra.Command{Use: "list", Short: "List a group's disks (reads only)", Args: cobra.NoArgs,
 		RunE: runE(e, func(ctx context.Context, args []string) error {
-			g, err := open()
+			if dir == "" {
+				return usagef("--dir is required")
+			}
+			specs, err := disk.ReadSpecs(dir)
 			if err != nil {
 				return err
 			}
-			defer g.Close()
-			specs := g.Disks()
 			var b strings.Builder
 			fmt.Fprintf(&b, "%-4s %-20s %s\n", "ID", "NAME", "SIZE")
 			for _, s := range specs {

@@ -152,6 +152,34 @@ func Open(cfg Config) (*Group, error) {
 
 func (g *Group) manifestPath() string { return filepath.Join(g.cfg.Dir, "group.json") }
 
+// Failed returns the error that stopped the group, or nil: a failed group
+// refuses every write until it is reopened (which replays its journal).
+func (g *Group) Failed() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.failed
+}
+
+// ErrNoGroup: the directory holds no disk group.
+var ErrNoGroup = errors.New("disk: no group")
+
+// ReadSpecs lists the disks of the group in dir without opening it:
+// nothing is created, recovered or written (for tools that only look).
+func ReadSpecs(dir string) ([]Spec, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "group.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w in %s", ErrNoGroup, dir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var m manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("parse manifest in %s: %w", dir, err)
+	}
+	return m.Disks, nil
+}
+
 func (g *Group) loadManifest() error {
 	b, err := os.ReadFile(g.manifestPath())
 	if errors.Is(err, os.ErrNotExist) {
@@ -320,7 +348,7 @@ func (g *Group) applyBatch(es []*journal.Entry) error {
 		if err := g.applyImage(e); err != nil {
 			// The journal holds an entry the image lacks; only a reopen
 			// (which replays it) makes them agree again.
-			g.failed = fmt.Errorf("%w: apply seq %d to image: %v; reopen the group to replay the journal", ErrFailed, e.Seq, err)
+			g.failed = fmt.Errorf("%w: apply seq %d to image: %w; free space and reopen the group (restart the agent): it replays the journal", ErrFailed, e.Seq, err)
 			return g.failed
 		}
 	}
@@ -487,7 +515,7 @@ func (g *Group) checkpoint(ctx context.Context) error {
 	for _, d := range disks {
 		if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
 			g.mu.Lock()
-			g.failed = fmt.Errorf("%w: fsync image %q: %v", ErrFailed, d.spec.Name, err)
+			g.failed = fmt.Errorf("%w: fsync image %q: %w", ErrFailed, d.spec.Name, err)
 			g.mu.Unlock()
 			return g.failed
 		}

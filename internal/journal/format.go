@@ -101,6 +101,11 @@ var (
 	ErrLocked = errors.New("journal: in use by another process")
 	// ErrInvalid: the caller passed an entry that cannot be recorded.
 	ErrInvalid = errors.New("journal: invalid entry")
+	// ErrDamaged: the journal holds corruption that is not a torn tail;
+	// Open deleted nothing and Recovery.Damage says where it is.
+	ErrDamaged = errors.New("journal: damaged")
+	// ErrReadOnly: the journal was opened read-only.
+	ErrReadOnly = errors.New("journal: opened read-only")
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

@@ -3,6 +3,7 @@ package journal
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -332,8 +333,11 @@ func TestRecoverTruncated(t *testing.T) {
 }
 
 // TestRecoverCorrupt flips bytes in the header, the payload and the CRC of
-// entries in the middle of the last segment and in a sealed segment: the
-// journal is cut before the damaged entry and everything after it goes.
+// entries in a sealed segment and in the middle of the newest one: Open
+// refuses with ErrDamaged, says where, and changes nothing on disk (before,
+// it cut the journal there and dropped every entry after it, fsynced or
+// not). Only damage to the newest segment's last entry, which a crash can
+// leave, is cut as a torn tail. A read-only open reports the same damage.
 func TestRecoverCorrupt(t *testing.T) {
 	base := t.TempDir()
 	j := openT(t, base, 16<<10)
@@ -344,8 +348,12 @@ func TestRecoverCorrupt(t *testing.T) {
 	for _, si := range []int{0, len(segs) / 2, len(segs) - 1} {
 		s := segs[si]
 		bounds := entryBounds(t, s.path)
+		newest := si == len(segs)-1
 		for trial := 0; trial < 12; trial++ {
 			k := rng.IntN(len(bounds) - 1) // entry index inside segment
+			if trial == 11 && newest {
+				k = len(bounds) - 2 // the newest entry: a torn tail
+			}
 			start, end := bounds[k], bounds[k+1]
 			var at int64
 			switch trial % 3 {
@@ -361,23 +369,60 @@ func TestRecoverCorrupt(t *testing.T) {
 			b, _ := os.ReadFile(p)
 			b[at] ^= 0x5a
 			os.WriteFile(p, b, 0o600)
-			j, rec, err := Open(Options{Dir: dir, SegmentSize: 16 << 10})
-			if err != nil {
-				t.Fatalf("seg %d byte %d: Open: %v", si, at, err)
-			}
+			before := dirDigest(t, dir)
 			want := int(s.firstSeq) - 1 + k
-			if got := j.LastSeq(); got != uint64(want) {
-				t.Fatalf("seg %d entry %d byte %d: LastSeq %d, want %d (%+v)", si, k, at, got, want, rec)
+			if newest && k == len(bounds)-2 {
+				j, rec, err := Open(Options{Dir: dir, SegmentSize: 16 << 10})
+				if err != nil {
+					t.Fatalf("torn newest entry, byte %d: %v", at, err)
+				}
+				if got := j.LastSeq(); got != uint64(want) || rec.Reason == "" {
+					t.Fatalf("torn tail: LastSeq %d, want %d (%+v)", got, want, rec)
+				}
+				j.Close()
+				continue
 			}
-			checkEntries(t, j, 1, want)
-			if si < len(segs)-1 && rec.DroppedFiles != len(segs)-1-si {
-				t.Fatalf("dropped %d files, want %d", rec.DroppedFiles, len(segs)-1-si)
+			ro, rrec, err := Open(Options{Dir: dir, ReadOnly: true})
+			if !errors.Is(err, ErrDamaged) || ro != nil || rrec.Damage == nil {
+				t.Fatalf("seg %d byte %d: read-only open: %v %+v", si, at, err, rrec)
 			}
-			j.Close()
+			_, rec, err := Open(Options{Dir: dir, SegmentSize: 16 << 10})
+			if !errors.Is(err, ErrDamaged) {
+				t.Fatalf("seg %d entry %d byte %d: Open: %v, want ErrDamaged", si, k, at, err)
+			}
+			d := rec.Damage
+			if d == nil || d.Segment != filepath.Base(s.path) || d.Offset != start || d.LastSeq != uint64(want) || d.FirstSeq != 1 {
+				t.Fatalf("seg %d entry %d byte %d: damage %+v, want segment %s offset %d last %d", si, k, at, d, filepath.Base(s.path), start, want)
+			}
+			if after := dirDigest(t, dir); after != before {
+				t.Fatalf("seg %d byte %d: Open changed the journal's files", si, at)
+			}
 		}
 	}
 }
 
+// dirDigest hashes the names, sizes and contents of the segment files.
+func dirDigest(t *testing.T, dir string) string {
+	t.Helper()
+	h := sha256.New()
+	segs, err := listSegments(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range segs {
+		b, err := os.ReadFile(s.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(h, "%s %d\n", filepath.Base(s.path), len(b))
+		h.Write(b)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}
+
+// TestRecoverBadSegmentHeader: a sealed segment with a bad header is
+// damage, not a tail to cut (before, it and every later segment were
+// deleted).
 func TestRecoverBadSegmentHeader(t *testing.T) {
 	base := t.TempDir()
 	j := openT(t, base, 4<<10)
@@ -388,17 +433,54 @@ func TestRecoverBadSegmentHeader(t *testing.T) {
 	b, _ := os.ReadFile(p)
 	b[2] ^= 1
 	os.WriteFile(p, b, 0o600)
-	j2, rec, err := Open(Options{Dir: base, SegmentSize: 4 << 10})
+	before := dirDigest(t, base)
+	_, rec, err := Open(Options{Dir: base, SegmentSize: 4 << 10})
+	if !errors.Is(err, ErrDamaged) || rec.Damage == nil || rec.Damage.Segment != filepath.Base(p) || rec.Damage.After != segs[2].firstSeq {
+		t.Fatalf("Open: %v %+v", err, rec.Damage)
+	}
+	if dirDigest(t, base) != before {
+		t.Fatal("Open changed the journal's files")
+	}
+	// A missing segment (a gap) is damage too.
+	os.Remove(segs[2].path)
+	if _, rec, err := Open(Options{Dir: base, SegmentSize: 4 << 10}); !errors.Is(err, ErrDamaged) || rec.Damage == nil {
+		t.Fatalf("a gap between segments: %v %+v", err, rec.Damage)
+	}
+}
+
+// TestReadOnlyOpen: a read-only open creates nothing, cuts nothing, and
+// refuses appends; it reports a torn tail without cutting it.
+func TestReadOnlyOpen(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nope")
+	if _, _, err := Open(Options{Dir: missing, ReadOnly: true}); err == nil {
+		t.Fatal("read-only open of a missing journal succeeded")
+	}
+	if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("read-only open created %s", missing)
+	}
+	dir := t.TempDir()
+	j := openT(t, dir, 16<<10)
+	appendN(t, j, 0, 20)
+	j.Close()
+	segs, _ := listSegments(dir)
+	last := segs[len(segs)-1].path
+	fi, _ := os.Stat(last)
+	bounds := entryBounds(t, last)
+	os.Truncate(last, bounds[len(bounds)-2]+10) // tear the newest entry
+	before := dirDigest(t, dir)
+	ro, rec, err := Open(Options{Dir: dir, ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer j2.Close()
-	if got, want := j2.LastSeq(), segs[1].firstSeq-1; got != want {
-		t.Fatalf("LastSeq = %d, want %d (%+v)", got, want, rec)
+	if rec.Reason == "" || rec.TruncatedBytes != 10 {
+		t.Errorf("torn tail not reported: %+v (file was %d bytes)", rec, fi.Size())
 	}
-	appendN(t, j2, int(segs[1].firstSeq-1), 1)
-	if got := j2.LastSeq(); got != segs[1].firstSeq {
-		t.Fatalf("after append LastSeq = %d", got)
+	if _, err := ro.Append(&Entry{Kind: KindWrite, Length: 512, Data: make([]byte, 512)}); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("append to a read-only journal: %v", err)
+	}
+	ro.Close()
+	if dirDigest(t, dir) != before {
+		t.Fatal("a read-only open changed the journal")
 	}
 }
 

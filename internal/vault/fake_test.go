@@ -33,6 +33,8 @@ type fakeAgent struct {
 	fences    int
 	// fencedAt is every other group's fence (always kept).
 	fencedAt map[string]int64
+	// problems it reports in its status.
+	problems []api.Problem
 }
 
 var _ Site = (*fakeAgent)(nil)
@@ -76,7 +78,7 @@ func (f *fakeAgent) Status(ctx context.Context) (api.AgentStatus, error) {
 		return api.AgentStatus{}, err
 	}
 	defer f.mu.Unlock()
-	st := api.AgentStatus{Site: f.site, MemAvailable: f.mem}
+	st := api.AgentStatus{Site: f.site, MemAvailable: f.mem, Problems: f.problems}
 	for g := range f.groups {
 		gs := api.GroupStatus{Name: g, LastSeq: 10, Replication: &api.ReplicationStatus{State: api.ReplStreaming, AckedSeq: 10, LastSeq: 10}}
 		gs.Fenced = f.fencedAt[g]

@@ -227,3 +227,23 @@ func TestFenceSticks(t *testing.T) {
 		t.Fatal("a lost fence was not sent again")
 	}
 }
+
+// TestDamagedReplicaIsCritical: a replica its recovery site could not
+// open turns the protection critical, with the reason, in the API.
+func TestDamagedReplicaIsCritical(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	ctx := context.Background()
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	f.west.mu.Lock()
+	f.west.problems = []api.Problem{{Kind: "replica", Name: "vm1", Reason: "journal: damaged: segment 3 at offset 4096"}}
+	f.west.mu.Unlock()
+	for range 3 { // the source's polls must not turn it healthy again
+		f.v.Heartbeat(ctx)
+		var p Protection
+		f.call(t, f.reader, "GET", "/v1/protections/vm1", nil, &p)
+		if p.Health != api.Critical || !strings.Contains(p.HealthReason, "replica at west did not open: journal: damaged") {
+			t.Fatalf("protection with a damaged replica: %s %q", p.Health, p.HealthReason)
+		}
+	}
+}

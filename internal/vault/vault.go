@@ -52,6 +52,8 @@ type Vault struct {
 
 	clientsMu sync.Mutex
 	clients   map[string]Site // by "name@addr"
+	// problems each site reported at its last poll.
+	problems map[string][]api.Problem
 }
 
 // New returns a vault over cfg.Store.
@@ -65,7 +67,7 @@ func New(cfg Config) *Vault {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
 	}
-	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), clients: map[string]Site{}}
+	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), clients: map[string]Site{}, problems: map[string][]api.Problem{}}
 	v.metrics = newMetrics(v)
 	return v
 }
@@ -438,11 +440,45 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 		switch {
 		case err == nil:
 			v.updateRPO(ctx, s.Name, st)
+			v.siteProblems(ctx, s.Name, st)
 			v.fence(ctx, s.Name, c, st)
 		case !reachable:
 			v.sourceDown(ctx, s.Name)
 		}
 	}
+}
+
+// siteProblems turns critical, with the reason, the protections whose
+// group (at their source) or replica (at their recovery site) did not open
+// at site.
+func (v *Vault) siteProblems(ctx context.Context, site string, st api.AgentStatus) {
+	v.clientsMu.Lock()
+	v.problems[site] = st.Problems
+	v.clientsMu.Unlock()
+	for _, pr := range st.Problems {
+		reason := fmt.Sprintf("the %s at %s did not open: %s", pr.Kind, site, pr.Reason)
+		v.updateProtection(ctx, pr.Name, func(p *Protection) error {
+			mine := pr.Kind == "group" && p.Source == site || pr.Kind == "replica" && p.Target == site
+			if !mine || p.Health == api.Critical && p.HealthReason == reason {
+				return errors.New("unchanged")
+			}
+			p.Health, p.HealthReason = api.Critical, reason
+			return nil
+		})
+	}
+}
+
+// replicaProblem is why the replica of vm at site did not open, as that
+// site last reported ("" if it did).
+func (v *Vault) replicaProblem(site, vm string) string {
+	v.clientsMu.Lock()
+	defer v.clientsMu.Unlock()
+	for _, pr := range v.problems[site] {
+		if pr.Kind == "replica" && pr.Name == vm {
+			return fmt.Sprintf("the replica at %s did not open: %s", site, pr.Reason)
+		}
+	}
+	return ""
 }
 
 // sourceDown marks the protections replicating from an unreachable site
@@ -459,7 +495,7 @@ func (v *Vault) sourceDown(ctx context.Context, site string) {
 			continue
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error {
-			p.Health = "critical"
+			p.Health, p.HealthReason = api.Critical, fmt.Sprintf("the source site %s is unreachable", site)
 			return nil
 		})
 		v.log.Warn("source site unreachable: protection critical", "vm", p.VM, "site", site)
@@ -529,13 +565,24 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 			pol := v.policy(ctx, p.Policy)
 			p.RPOSeconds = rpo
 			v.rpo.add(p.VM, v.now(), rpo)
+			lag := time.Duration(rpo * float64(time.Second))
 			switch {
-			case g.Replication.State != "streaming" || time.Duration(rpo*float64(time.Second)) >= pol.RPOCritical:
-				p.Health = "critical"
-			case time.Duration(rpo*float64(time.Second)) >= pol.RPOWarning:
-				p.Health = "warning"
+			case g.Failed != "":
+				p.Health, p.HealthReason = api.Critical, fmt.Sprintf("the disks at %s refuse writes: %s", site, g.Failed)
+			case g.Replication.State != api.ReplStreaming:
+				p.Health, p.HealthReason = api.Critical, fmt.Sprintf("replication is %s", g.Replication.State)
+				if g.Replication.LastError != "" {
+					p.HealthReason += ": " + g.Replication.LastError
+				}
+			case lag >= pol.RPOCritical:
+				p.Health, p.HealthReason = api.Critical, fmt.Sprintf("RPO %v is over the critical threshold %v", lag.Round(time.Millisecond), pol.RPOCritical)
+			case lag >= pol.RPOWarning:
+				p.Health, p.HealthReason = api.Warning, fmt.Sprintf("RPO %v is over the warning threshold %v", lag.Round(time.Millisecond), pol.RPOWarning)
 			default:
-				p.Health = "healthy"
+				p.Health, p.HealthReason = api.Healthy, ""
+				if r := v.replicaProblem(p.Target, p.VM); r != "" {
+					p.Health, p.HealthReason = api.Critical, r
+				}
 			}
 			return nil
 		})
