@@ -113,6 +113,13 @@ func Open(cfg Config) (*Replica, error) {
 	if err := json.Unmarshal(b, &r.man); err != nil {
 		return nil, fmt.Errorf("parse replica manifest: %w", err)
 	}
+	if r.man.ConsistentSeq == 0 {
+		// An initial copy that did not end (the agent stopped, or died in
+		// Begin): its images and journal are incomplete, maybe partly
+		// gone. Nothing of it is served; the source's next stream starts
+		// the copy again (NextSeq is 0), and Begin rebuilds the files.
+		return r, nil
+	}
 	if err := r.openData(); err != nil {
 		return nil, err
 	}
@@ -232,7 +239,21 @@ func (r *Replica) BeginDelta(group string, disks []disk.Spec, startSeq uint64) e
 func (r *Replica) begin(group string, disks []disk.Spec, startSeq uint64, keep bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	for _, s := range disks {
+		if s.Name == "" || filepath.Base(s.Name) != s.Name || s.Size <= 0 {
+			return fmt.Errorf("replica: invalid disk %+v", s)
+		}
+	}
 	r.closeData()
+	// The intent first: a manifest that says "copy in progress" is
+	// durable before any file goes, so a crash anywhere below reopens as
+	// an incomplete copy (redone), never as a consistent replica whose
+	// files are missing.
+	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: max(startSeq, 1), FoldedSeq: max(startSeq, 1) - 1}
+	if err := r.saveManifest(); err != nil {
+		return fmt.Errorf("save replica manifest: %w", err)
+	}
+	crash("begin-intent-saved")
 	if err := os.RemoveAll(filepath.Join(r.cfg.Dir, "journal")); err != nil {
 		return err
 	}
@@ -241,13 +262,11 @@ func (r *Replica) begin(group string, disks []disk.Spec, startSeq uint64, keep b
 			return err
 		}
 	}
+	crash("begin-old-data-removed")
 	if err := os.MkdirAll(filepath.Join(r.cfg.Dir, "images"), 0o700); err != nil {
 		return err
 	}
 	for _, s := range disks {
-		if s.Name == "" || filepath.Base(s.Name) != s.Name || s.Size <= 0 {
-			return fmt.Errorf("replica: invalid disk %+v", s)
-		}
 		flags := os.O_RDWR | os.O_CREATE | os.O_TRUNC
 		if fi, err := os.Stat(r.imagePath(s.Name)); keep && err == nil && fi.Size() == s.Size {
 			flags = os.O_RDWR // reuse: the delta copy fixes what differs
@@ -262,12 +281,20 @@ func (r *Replica) begin(group string, disks []disk.Spec, startSeq uint64, keep b
 			return err
 		}
 	}
-	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: max(startSeq, 1), FoldedSeq: max(startSeq, 1) - 1}
-	if err := r.saveManifest(); err != nil {
-		return fmt.Errorf("save replica manifest: %w", err)
-	}
+	crash("begin-images-created")
 	r.last = journal.Entry{}
 	return r.openData()
+}
+
+// CrashPoint, if set (tests only), is called at each named step of a
+// multi-file change; a test makes the process "die" there (panics, or
+// exits) and reopens the replica to prove the change is crash-safe.
+var CrashPoint func(name string)
+
+func crash(name string) {
+	if CrashPoint != nil {
+		CrashPoint(name)
+	}
 }
 
 // HasImages reports whether the replica holds images of exactly these
