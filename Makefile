@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
 DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd
 
-.PHONY: screenshots all build man package deps demo test vet fuzz bench guest clean
+.PHONY: screenshots all build man package deps demo demo-soak test vet fuzz bench guest clean
 
 all: build
 
@@ -70,6 +70,13 @@ bench: deps build
 
 demo: deps build guest
 	FERRY=$(CURDIR)/$(BIN) scripts/demo.sh
+
+# The demo RUNS times in a row (default 10), optionally beside a CPU hog
+# (STRESS=1: stress-ng --cpu 2); stops at the first failure.
+RUNS ?= 10
+STRESS ?= 0
+demo-soak: deps build guest
+	FERRY=$(CURDIR)/$(BIN) RUNS=$(RUNS) STRESS=$(STRESS) scripts/demo-soak.sh
 
 clean:
 	rm -rf bin build

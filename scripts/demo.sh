@@ -25,10 +25,34 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 web() { curl -s -m 2 "http://$1/" 2>/dev/null; }
-wait_web() { # addr timeout -> prints the state JSON once it answers
-	for _ in $(seq $(($2 * 10))); do s=$(web "$1") && [ -n "$s" ] && { echo "$s"; return 0; }; sleep 0.1; done
-	echo "no answer from $1" >&2; return 1
+# Every wait is a poll with a deadline on the exact condition the next step
+# needs; none is a fixed sleep or a single request.
+until_true() { # timeout-seconds what command... -> polls until the command succeeds
+	local secs=$1 deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
+	until "$@"; do
+		[ "$(date +%s)" -lt "$deadline" ] || { echo "timed out after ${secs}s waiting for $what" >&2; return 1; }
+		sleep 0.1
+	done
 }
+wait_web() { # addr timeout -> prints the state JSON once it answers
+	local s deadline=$(( $(date +%s) + $2 ))
+	while :; do
+		s=$(web "$1") && [ -n "$s" ] && echo "$s" | jq -e .last_durable >/dev/null 2>&1 && { echo "$s"; return 0; }
+		[ "$(date +%s)" -lt "$deadline" ] || { echo "no answer from $1 in $2 s" >&2; return 1; }
+		sleep 0.1
+	done
+}
+wait_records() { # addr min timeout -> prints the state JSON once more than min records are durable
+	local s deadline=$(( $(date +%s) + $3 ))
+	while :; do
+		s=$(web "$1") && [ -n "$s" ] && [ "$(echo "$s" | jq -r '.last_durable // 0')" -gt "$2" ] && { echo "$s"; return 0; }
+		[ "$(date +%s)" -lt "$deadline" ] || { echo "the workload at $1 did not pass $2 records in $3 s" >&2; return 1; }
+		sleep 0.1
+	done
+}
+points_at_least() { [ "$("$FERRY" --output json points web 2>/dev/null | jq 'length')" -ge "$1" ]; }
+site_reachable() { [ "$("$FERRY" --output json site list | jq -r ".[] | select(.name==\"$1\") | .reachable")" = "$2" ]; }
+fenced() { [ "$("$FERRY" --output json protections | jq -r '.[0].fenced')" = true ]; }
 took() { # failover job id -> seconds it took excluding guest boot (from its last step)
 	"$FERRY" --output json job show "$1" | jq -r '.steps[-1].messages[] | select(test("failover took")) | capture("took (?<d>[0-9.]+)(?<u>m?s)") | if .u == "ms" then (.d|tonumber)/1000 else .d end'
 }
@@ -37,8 +61,8 @@ last_job() { "$FERRY" --output json jobs | jq -r '.[0].id'; }
 step "1. ferry up: a vault and two sites, east and west"
 "$FERRY" up --dir "$UP" >"$UP/up.out" 2>&1 &
 upid=$!
-for _ in $(seq 300); do grep -q '^token:' "$UP/up.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^token:' "$UP/up.out" || { cat "$UP/up.out"; exit 1; }
+has_token() { grep -q '^token:' "$UP/up.out" 2>/dev/null; }
+until_true 60 "ferry up to print its token" has_token || { cat "$UP/up.out"; exit 1; }
 cat "$UP/up.out"
 export FERRY_VAULT FERRY_TOKEN FERRY_CA
 FERRY_VAULT=$(sed -n 's/^vault: //p' "$UP/up.out")
@@ -64,17 +88,17 @@ step "3. west declares its networks; enable replication east -> west, the VM's N
 "$FERRY" protections
 
 step "4. DR drill: test failover at west (isolated network), then cleanup"
-sleep 2 # a few recovery points
+until_true 60 "a few recovery points at west" points_at_least 3
 "$FERRY" test-failover web --point latest-processed --wait
 "$FERRY" protections
 "$FERRY" test-failover cleanup web --notes "drill: VM booted at west" --wait
 
 step "5. disaster: the east site dies (SIGKILL); unplanned failover to west"
-sleep 2
-before=$(web $WEB_EAST | jq .last_durable)
+start_records=$(wait_web $WEB_EAST 60 | jq .last_durable)
+before=$(wait_records $WEB_EAST $((start_records + 20)) 60 | jq .last_durable)
 kill -9 "$(cat "$UP/east.pid")"
 killed=$(now)
-for _ in $(seq 100); do [ "$("$FERRY" --output json site list | jq -r '.[] | select(.name=="east") | .reachable')" = false ] && break; sleep 0.1; done
+until_true 30 "the vault to see east unreachable" site_reachable east false
 echo "east unreachable after $(printf %.1f "$(since "$killed")")s"
 fo_start=$(now)
 "$FERRY" failover web --point latest --wait
@@ -85,6 +109,9 @@ echo "$state" | jq -c .
 echo "the VM at west has address $(echo "$state" | jq -r .addr) on prod-west (10.20.0.0/24)"
 resumed_time=$(echo "$state" | jq .resumed_time)
 unplanned_rpo=$(echo "$killed - $resumed_time / 1000000000" | bc -l)
+# The record's time is the guest's clock, which can run a little ahead of
+# the host's under TCG: a negative difference means no loss, shown as 0.
+if [ "$(echo "$unplanned_rpo < 0" | bc -l)" = 1 ]; then unplanned_rpo=0; fi
 printf 'the VM at west holds records up to %s (east had %s durable when last asked); RPO %.2fs\n' \
 	"$(echo "$state" | jq .resumed_after)" "$before" "$unplanned_rpo"
 failover_s=$(took "$unplanned_job")
@@ -94,7 +121,7 @@ step "6. commit; east comes back: fenced, its VM stays down"
 eastcmd=$(cat "$UP/east.cmd")
 $eastcmd >>"$UP/east.log" 2>&1 &
 eastpid=$!
-for _ in $(seq 200); do [ "$("$FERRY" --output json protections | jq -r '.[0].fenced')" = true ] && break; sleep 0.1; done
+until_true 60 "the vault to fence east" fenced
 "$FERRY" protections
 
 step "7. reprotect west -> east: reuse east's disks, send only what differs"
@@ -105,8 +132,9 @@ r1=$("$FERRY" --output json job show "$(last_job)" | jq -r '.steps[-1].messages[
 echo "$r1"
 
 step "8. failback with shutdown (planned): nothing lost"
-sleep 2
-pre=$(web $WEB_WEST | jq .last_durable)
+# The commit restarted the VM at west: wait until it writes again.
+pre_start=$(wait_web $WEB_WEST 120 | jq .last_durable)
+pre=$(wait_records $WEB_WEST $((pre_start + 20)) 120 | jq .last_durable)
 fb_start=$(now)
 "$FERRY" failback web --point latest --wait
 state=$(wait_web $WEB_EAST 90)
