@@ -169,7 +169,7 @@ async function itemsPage(view) {
       el("td", {}, el("a", { href: "#/items/" + encodeURIComponent(p.vm) }, p.vm)),
       el("td", {}, p.source), el("td", {}, p.target),
       el("td", {}, p.state, p.test_failover_pending ? " (test failover pending cleanup)" : "", p.job ? el("span", { class: "muted" }, " · job running") : ""),
-      el("td", {}, badge(p.health || "—", p.health)),
+      el("td", { title: p.health_reason || "" }, badge(p.health || "—", p.health)),
       el("td", { class: "rpo" }, fmtRPO(p.rpo_seconds)),
       el("td", {}, fmtTime(p.last_point)), el("td", {}, fmtTime(p.last_app_point))));
     const table = el("table", {}, el("thead", {}, head), el("tbody", {}, body.length ? body : el("tr", {}, el("td", { colspan: cols.length, class: "muted" }, ps.length ? "No item matches the filter." : "Nothing is protected yet: ferry protect VM --to SITE"))));
@@ -201,7 +201,7 @@ async function itemPage(view, vm) {
 
   const facts = el("div", { class: "grid" },
     el("div", {}, el("span", {}, "State"), p.state, p.test_failover_pending ? " · test failover pending cleanup" : ""),
-    el("div", {}, el("span", {}, "Health"), badge(p.health || "—", p.health)),
+    el("div", {}, el("span", {}, "Health"), badge(p.health || "—", p.health), p.health_reason ? el("small", { class: "muted", id: "health-reason" }, " " + p.health_reason) : ""),
     el("div", {}, el("span", {}, "RPO"), el("b", { id: "rpo" }, fmtRPO(p.rpo_seconds))),
     el("div", {}, el("span", {}, "Policy"), p.policy),
     el("div", {}, el("span", {}, "Generation"), String(p.generation)),
