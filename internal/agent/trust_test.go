@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -282,15 +283,18 @@ func TestConnectionCap(t *testing.T) {
 	pk := pkitest.Dir(t, "siteA", "operator/operator", "vault/vault")
 	a := startAgentWith(t, Config{Name: "siteA", PKIDir: pk, PointInterval: -1, MaxConnsPerClient: 4})
 	op := pkitest.Load(t, pk, "operator")
-	status := func(c net.Conn) error {
-		io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: siteA\r\n\r\n")
+	// Each connection asks to create a group: under the cap it is done,
+	// over the cap it is answered 429 and never reaches the agent.
+	create := func(c net.Conn, name string) (int, error) {
+		body := `{"name":"` + name + `","disks":[{"name":"vda","size":4096}]}`
+		fmt.Fprintf(c, "POST /v1/groups HTTP/1.1\r\nHost: siteA\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		resp, err := http.ReadResponse(bufioReader(c), nil)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		resp.Body.Close()
-		return nil
+		return resp.StatusCode, nil
 	}
 	var open []net.Conn
 	t.Cleanup(func() {
@@ -304,17 +308,37 @@ func TestConnectionCap(t *testing.T) {
 			t.Fatal(err)
 		}
 		open = append(open, c)
-		err = status(c)
-		if i < 4 && err != nil {
-			t.Fatalf("connection %d refused under the cap: %v", i+1, err)
+		code, err := create(c, fmt.Sprintf("cap%d", i))
+		if i < 4 && (err != nil || code != http.StatusOK) {
+			t.Fatalf("connection %d under the cap: %d %v", i+1, code, err)
 		}
-		if i >= 4 && err == nil {
-			t.Fatalf("connection %d served over the cap of 4", i+1)
+		if i >= 4 && (err != nil || code != http.StatusTooManyRequests) {
+			t.Fatalf("connection %d over the cap of 4: %d %v, want 429", i+1, code, err)
 		}
+	}
+	if n := len(a.Status().Groups); n != 4 {
+		t.Fatalf("%d groups created, want the 4 under the cap", n)
 	}
 	// Another identity is not held back by the operator's connections.
 	if _, err := agentclient.New(pkitest.Load(t, pk, "vault"), a.Addr(), "siteA").Status(context.Background()); err != nil {
 		t.Fatalf("the vault was refused: %v", err)
+	}
+	// A connection closed frees its place.
+	open[0].Close()
+	until := time.Now().Add(5 * time.Second)
+	for {
+		c, err := tlsDial(op, a.Addr(), "siteA")
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, c)
+		if code, err := create(c, "after"); err == nil && code == http.StatusOK {
+			break
+		}
+		if time.Now().After(until) {
+			t.Fatal("a closed connection's place was not freed")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -8,13 +8,18 @@
 package httpserver
 
 import (
+	"context"
 	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/httpjson"
 	"github.com/ferry-dr/ferry/internal/pki"
 )
 
@@ -58,9 +63,10 @@ func New(cfg Config) *http.Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	l := &limiter{max: cfg.MaxConnsPerClient, log: cfg.Logger, count: map[string]int{}, owner: map[net.Conn]string{}}
+	l := &limiter{max: cfg.MaxConnsPerClient, log: cfg.Logger, count: map[string]int{}, owner: map[net.Conn]*slot{}}
 	return &http.Server{
-		Handler:           cfg.Handler,
+		Handler:           l.wrap(cfg.Handler),
+		ConnContext:       l.connContext,
 		ReadHeaderTimeout: cfg.ReadHeaderTimeout,
 		ReadTimeout:       cfg.ReadTimeout,
 		WriteTimeout:      cfg.WriteTimeout,
@@ -73,46 +79,80 @@ func New(cfg Config) *http.Server {
 
 // limiter counts open connections per client identity. A connection is
 // counted from its first request (the TLS handshake is done by then, so
-// the identity is known) until it closes or is hijacked.
+// the identity is known) until it closes or is hijacked. A connection over
+// the cap has its requests answered 429 without reaching the handler, and
+// is closed.
 type limiter struct {
 	max   int
 	log   *slog.Logger
 	mu    sync.Mutex
 	count map[string]int
-	owner map[net.Conn]string // "" for a connection refused
+	owner map[net.Conn]*slot
+}
+
+// slot is a connection's standing, shared with its requests' contexts.
+type slot struct {
+	key     string // the identity counted ("" until the first request)
+	counted bool
+	refused atomic.Bool
+	decided bool
+}
+
+type slotKey struct{}
+
+func (l *limiter) connContext(ctx context.Context, c net.Conn) context.Context {
+	sl := &slot{}
+	l.mu.Lock()
+	l.owner[c] = sl
+	l.mu.Unlock()
+	return context.WithValue(ctx, slotKey{}, sl)
 }
 
 func (l *limiter) state(c net.Conn, s http.ConnState) {
 	switch s {
 	case http.StateActive:
 		l.mu.Lock()
-		if _, seen := l.owner[c]; seen {
+		sl := l.owner[c]
+		if sl == nil || sl.decided {
 			l.mu.Unlock()
 			return
 		}
-		key := clientKey(c)
-		if l.count[key] >= l.max {
-			l.owner[c] = ""
+		sl.decided = true
+		sl.key = clientKey(c)
+		if l.count[sl.key] >= l.max {
 			l.mu.Unlock()
-			l.log.Warn("connection refused: too many from one client", "client", key, "limit", l.max)
-			c.Close()
+			sl.refused.Store(true)
+			l.log.Warn("connection refused: too many from one client", "client", sl.key, "limit", l.max)
 			return
 		}
-		l.count[key]++
-		l.owner[c] = key
+		l.count[sl.key]++
+		sl.counted = true
 		l.mu.Unlock()
 	case http.StateHijacked, http.StateClosed:
 		l.mu.Lock()
-		if key, ok := l.owner[c]; ok {
+		if sl, ok := l.owner[c]; ok {
 			delete(l.owner, c)
-			if key != "" {
-				if l.count[key]--; l.count[key] <= 0 {
-					delete(l.count, key)
+			if sl.counted {
+				if l.count[sl.key]--; l.count[sl.key] <= 0 {
+					delete(l.count, sl.key)
 				}
 			}
 		}
 		l.mu.Unlock()
 	}
+}
+
+// wrap refuses the requests of a connection over the cap before h sees
+// them: nothing they ask for happens.
+func (l *limiter) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if sl, _ := r.Context().Value(slotKey{}).(*slot); sl != nil && sl.refused.Load() {
+			w.Header().Set("Connection", "close")
+			httpjson.Reply(w, nil, fmt.Errorf("%w: more than %d connections from %s; reuse connections", api.ErrTooMany, l.max, sl.key))
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // clientKey is the identity in the client's certificate, else its IP.
