@@ -330,14 +330,15 @@ func configString(v any) string {
 	return fmt.Sprint(v)
 }
 
-// noDash is a string flag value that refuses another flag as its value,
-// so "--point --wait" is an error, not the point "--wait".
+// noDash is a string flag value that refuses a long flag as its value,
+// so "--point --wait" is an error, not the point "--wait". (A value that
+// starts with a single dash, like a kernel option, is fine.)
 type noDash struct{ p *string }
 
 func (n noDash) String() string { return *n.p }
 func (n noDash) Type() string   { return "string" }
 func (n noDash) Set(v string) error {
-	if strings.HasPrefix(v, "-") {
+	if strings.HasPrefix(v, "--") {
 		return fmt.Errorf("needs a value, got the flag %q", v)
 	}
 	*n.p = v
