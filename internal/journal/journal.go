@@ -732,23 +732,10 @@ func (j *Journal) Trim(seq uint64) error {
 // Close syncs and closes the journal. Readers fail with ErrClosed when they
 // would wait for new entries.
 func (j *Journal) Close() error {
-	if j.opts.ReadOnly {
-		j.mu.Lock()
-		defer j.mu.Unlock()
-		if j.closed {
-			return nil
-		}
-		j.closed = true
-		close(j.notify)
-		for _, f := range j.readFiles {
-			f.Close()
-		}
-		if j.lock != nil {
-			j.lock.Close()
-		}
-		return nil
+	var err error
+	if !j.opts.ReadOnly {
+		err = j.Sync(context.Background())
 	}
-	err := j.Sync(context.Background())
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.closed {
@@ -758,6 +745,12 @@ func (j *Journal) Close() error {
 	close(j.notify)
 	for _, f := range j.readFiles {
 		f.Close()
+	}
+	if j.opts.ReadOnly { // nothing written, nothing to sync or cut
+		if j.lock != nil {
+			j.lock.Close()
+		}
+		return nil
 	}
 	for _, f := range j.pending {
 		f.Close()
