@@ -244,7 +244,7 @@ func stepNames(j api.Job) []string {
 func replicaEqualsSource(t *testing.T, src, dst *agentclient.Client, srcDir string) {
 	t.Helper()
 	ctx := context.Background()
-	if _, err := src.StopVM(ctx, "web", false); err != nil {
+	if _, err := src.StopVM(ctx, "web", api.StopOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	seq, err := markAndWait(t, src, dst, "web", "compare")

@@ -149,7 +149,7 @@ func TestAppConsistentPoints(t *testing.T) {
 	t.Logf("crash-consistent point %d holds %d records", crash.Seq, n)
 
 	// Graceful stop through the agent.
-	stopped, err := ca.StopVM(ctx, "guest1", false)
+	stopped, err := ca.StopVM(ctx, "guest1", api.StopOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,5 +178,5 @@ func TestAppConsistentPoints(t *testing.T) {
 		r := st.Groups[0].Replication
 		return r != nil && r.AckedSeq > last
 	})
-	ca.StopVM(ctx, "guest1", true)
+	ca.StopVM(ctx, "guest1", api.StopOptions{Force: true})
 }

@@ -82,7 +82,16 @@ func (a *Agent) routes() http.Handler {
 		reply(w, api.Steps{Steps: steps}, err)
 	})
 	handle("DELETE /v1/vms/{name}", managers, func(w http.ResponseWriter, r *http.Request) {
-		steps, err := a.StopVM(r.Context(), r.PathValue("name"), r.URL.Query().Get("force") == "1")
+		opts := api.StopOptions{Force: r.URL.Query().Get("force") == "1"}
+		if t := r.URL.Query().Get("timeout"); t != "" {
+			d, err := time.ParseDuration(t)
+			if err != nil || d <= 0 || d > time.Hour {
+				reply(w, nil, fmt.Errorf("%w: timeout %q: want a duration up to 1h, like 30s", ErrInvalid, t))
+				return
+			}
+			opts.Timeout = d
+		}
+		steps, err := a.StopVM(r.Context(), r.PathValue("name"), opts)
 		reply(w, api.Steps{Steps: steps}, err)
 	})
 	handle("POST /v1/groups", managers, func(w http.ResponseWriter, r *http.Request) {

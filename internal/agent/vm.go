@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -97,7 +98,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 
 // StopVM shuts a VM down gracefully (or at once with force, for a VM whose
 // writes are discarded anyway) and returns the steps taken.
-func (a *Agent) StopVM(ctx context.Context, name string, force bool) ([]string, error) {
+func (a *Agent) StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error) {
 	a.mu.Lock()
 	rv := a.vms[name]
 	delete(a.vms, name)
@@ -111,10 +112,10 @@ func (a *Agent) StopVM(ctx context.Context, name string, force bool) ([]string, 
 		a.log.Info("vm shutdown", "vm", name, "step", s)
 	}
 	var err error
-	if force {
+	if opts.Force {
 		rv.vm.Quit(report)
 	} else {
-		err = rv.vm.Shutdown(ctx, 60*time.Second, report)
+		err = rv.vm.Shutdown(ctx, cmp.Or(opts.Timeout, api.DefaultStopTimeout), report)
 	}
 	if len(rv.views) > 0 {
 		a.closeViews(rv.views)

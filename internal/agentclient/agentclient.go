@@ -171,15 +171,22 @@ func (c *Client) StartVM(ctx context.Context, req api.VMRequest) (api.VMStatus, 
 	return out, c.call(ctx, "POST", "/v1/vms", req, &out)
 }
 
-// StopVM shuts a VM down (gracefully, or at once with force) and returns
-// the steps taken. ErrNotFound if no such VM runs.
-func (c *Client) StopVM(ctx context.Context, name string, force bool) ([]string, error) {
-	q := ""
-	if force {
-		q = "?force=1"
+// StopVM shuts a VM down (gracefully within opts.Timeout, or at once with
+// opts.Force) and returns the steps taken. ErrNotFound if no such VM runs.
+func (c *Client) StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error) {
+	q := url.Values{}
+	if opts.Force {
+		q.Set("force", "1")
+	}
+	if opts.Timeout > 0 {
+		q.Set("timeout", opts.Timeout.String())
+	}
+	path := "/v1/vms/" + esc(name)
+	if len(q) > 0 {
+		path += "?" + q.Encode()
 	}
 	var out api.Steps
-	return out.Steps, c.call(ctx, "DELETE", "/v1/vms/"+esc(name)+q, nil, &out)
+	return out.Steps, c.call(ctx, "DELETE", path, nil, &out)
 }
 
 // CommitVM makes a VM that runs on views standalone and returns the steps

@@ -173,6 +173,18 @@ type VMRequest struct {
 	Accel     string    `json:"accel,omitempty"`
 }
 
+// StopOptions says how a VM is stopped (DELETE /v1/vms/{name}?force=1&timeout=30s).
+type StopOptions struct {
+	// Force stops it at once (quit), for a VM whose writes are discarded.
+	Force bool
+	// Timeout bounds a graceful stop: the guest agent's guest-shutdown,
+	// then the ACPI button, then quit once it has passed (0: 60 s).
+	Timeout time.Duration
+}
+
+// DefaultStopTimeout bounds a graceful stop when none is given.
+const DefaultStopTimeout = 60 * time.Second
+
 // Steps are what a long agent operation did, for the job's messages
 // (DELETE /v1/vms/{name}, POST /v1/vms/{name}/commit).
 type Steps struct {

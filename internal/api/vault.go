@@ -122,6 +122,10 @@ type VM struct {
 	Forwards  map[string]string `json:"forwards,omitempty"`
 	GuestPort int               `json:"guest_port,omitempty"`
 	QGA       bool              `json:"qga"`
+	// ShutdownTimeout bounds a graceful shutdown of the VM (a planned
+	// failover, a reprotect, vm stop): the guest agent's guest-shutdown,
+	// then the ACPI button, then quit (0: 60 s).
+	ShutdownTimeout time.Duration `json:"shutdown_timeout,omitempty"`
 }
 
 // Policy governs a protection.
@@ -228,6 +232,8 @@ type FailoverRequest struct {
 	// ShutdownSource (default true) shuts the source VM down first and
 	// waits until its last write reached the recovery site.
 	ShutdownSource *bool `json:"shutdown_source"`
+	// ShutdownTimeout bounds that shutdown (0: the VM's, else 60 s).
+	ShutdownTimeout time.Duration `json:"shutdown_timeout,omitempty"`
 }
 
 // CleanupRequest ends a DR drill.

@@ -188,15 +188,17 @@ func agentCmd(e *env) *cobra.Command {
 	fs.BoolVar(&vmQGA, "qga", true, "add the guest agent channel")
 	vmStart.MarkFlagRequired("group")
 	var force bool
-	vmStop := agentCommand(e, &cobra.Command{Use: "stop NAME", Short: "Shut a VM down (the power button, then quit)", Args: cobra.ExactArgs(1)}, &o,
+	var stopTimeout time.Duration
+	vmStop := agentCommand(e, &cobra.Command{Use: "stop NAME", Short: "Shut a VM down (the guest agent, the power button, then quit)", Args: cobra.ExactArgs(1)}, &o,
 		func(ctx context.Context, ac *agentclient.Client, args []string) error {
-			steps, err := ac.StopVM(ctx, args[0], force)
+			steps, err := ac.StopVM(ctx, args[0], api.StopOptions{Force: force, Timeout: stopTimeout})
 			if err != nil {
 				return err
 			}
 			return e.print(api.Steps{Steps: steps}, "  "+strings.Join(steps, "\n  ")+"\n")
 		})
 	vmStop.Flags().BoolVar(&force, "force", false, "at once, without a graceful shutdown")
+	vmStop.Flags().DurationVar(&stopTimeout, "timeout", api.DefaultStopTimeout, "quit after this if the guest has not powered off")
 
 	c := group("agent", "Run a site agent, or drive one directly",
 		agentRunCmd(e), status, group("group", "Create or delete consistency groups", groupCreate, groupDelete), replicate, unreplicate, mark, points,

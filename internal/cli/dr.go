@@ -142,6 +142,7 @@ func failoverCmd(e *env, name string) *cobra.Command {
 	var o vaultOpts
 	var point string
 	var noShutdown, wait bool
+	var shutdownTimeout time.Duration
 	short := "Fail a VM over to its recovery site"
 	if name == "failback" {
 		short = "Fail a VM back: a failover in the reverse direction, after a reprotect"
@@ -150,7 +151,7 @@ func failoverCmd(e *env, name string) *cobra.Command {
 		Example: fmt.Sprintf("  ferry %s web --wait                       # shut the source down first: no data loss\n  ferry %s web --point latest-processed --wait\n  ferry %s web --point 2026-11-26T10:00:00Z --no-shutdown-source", name, name, name)}, &o,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
 			shutdown := !noShutdown
-			j, err := vc.Failover(ctx, args[0], api.FailoverRequest{Point: point, ShutdownSource: &shutdown})
+			j, err := vc.Failover(ctx, args[0], api.FailoverRequest{Point: point, ShutdownSource: &shutdown, ShutdownTimeout: shutdownTimeout})
 			if err != nil {
 				return err
 			}
@@ -158,6 +159,7 @@ func failoverCmd(e *env, name string) *cobra.Command {
 		})
 	str(c.Flags(), &point, "point", "", pointHelp+" (default: latest)")
 	c.Flags().BoolVar(&noShutdown, "no-shutdown-source", false, "do not shut the source VM down first")
+	c.Flags().DurationVar(&shutdownTimeout, "shutdown-timeout", 0, "bound the source's shutdown (guest agent, ACPI, then quit); default: the VM's, else 60s")
 	c.Flags().BoolVar(&wait, "wait", false, "wait for the job; exit non-zero if it fails")
 	return c
 }

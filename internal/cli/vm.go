@@ -18,13 +18,14 @@ func vmCmd(e *env) *cobra.Command {
 	var disks []string
 	var mem, vcpus, port int
 	var qga bool
+	var shutdownTimeout time.Duration
 	define := vaultCommand(e, &cobra.Command{Use: "define NAME", Short: "Define a VM at a site and create its disks there", Args: cobra.ExactArgs(1),
 		Example: "  ferry vm define web --site east --disk vda=10G --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0'\n" +
 			"  ferry vm define web --site east --disk vda=10G --forward east=127.0.0.1:8081,west=127.0.0.1:8082"}, &od,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
 			name := args[0]
 			vm := api.VM{Name: name, Site: site, MemoryMiB: mem, VCPUs: vcpus, Kernel: kernel, Initrd: initrd, Append: appendLine,
-				GuestPort: port, QGA: qga, Forwards: map[string]string{}}
+				GuestPort: port, QGA: qga, Forwards: map[string]string{}, ShutdownTimeout: shutdownTimeout}
 			if network != "" {
 				vm.NICs = []api.NIC{{Name: "nic0", Network: network}}
 			}
@@ -62,7 +63,8 @@ func vmCmd(e *env) *cobra.Command {
 	str(fs, &network, "network", "", "network of the VM's NIC at its site (default: the site's first production network)")
 	str(fs, &fwd, "forward", "", "SITE=HOST:PORT,... host address per site that reaches the guest port on its production network; SITE/NETWORK=HOST:PORT for another network")
 	fs.IntVar(&port, "guest-port", 80, "guest port the forwards reach")
-	fs.BoolVar(&qga, "qga", true, "guest agent channel (application-consistent points)")
+	fs.BoolVar(&qga, "qga", true, "guest agent channel (application-consistent points, guest-shutdown)")
+	fs.DurationVar(&shutdownTimeout, "shutdown-timeout", 0, "bound a graceful shutdown (guest agent, ACPI, then quit); default 60s")
 	define.MarkFlagRequired("site")
 	define.MarkFlagRequired("disk")
 

@@ -297,3 +297,53 @@ func TestCrashAndNoGuestAgent(t *testing.T) {
 		t.Fatalf("status after kill: %+v", st)
 	}
 }
+
+// TestShutdownIgnoredACPI: a guest that ignores the ACPI power button
+// (ferry.acpi=0) powers off through its guest agent at once; the ACPI
+// path alone would cost the whole timeout before quit.
+func TestShutdownIgnoredACPI(t *testing.T) {
+	kernel, initrd := guestFiles(t)
+	sock, _ := ext4Disk(t, 32<<20)
+	web := freeAddr(t)
+	ctx := context.Background()
+	start := func(qga bool) *VM {
+		vm, err := Start(ctx, Spec{
+			Name: "noacpi", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}},
+			Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=50 ferry.acpi=0"},
+			Net:  NetUser, Forwards: []Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}, QGA: qga, Accel: "auto",
+		}, t.TempDir(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 90*time.Second, "the workload", func() bool {
+			st, err := workloadState(web)
+			return err == nil && st.LastDurable > 5
+		})
+		return vm
+	}
+	vm := start(true)
+	defer vm.Kill()
+	var steps []string
+	began := time.Now()
+	if err := vm.Shutdown(ctx, 40*time.Second, func(s string) { steps = append(steps, s) }); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(began)
+	joined := strings.Join(steps, "; ")
+	if !strings.Contains(joined, "guest-shutdown accepted") || !strings.Contains(joined, "guest powered off") || strings.Contains(joined, "quit") {
+		t.Fatalf("steps: %s", joined)
+	}
+	if took > 20*time.Second {
+		t.Fatalf("the guest agent's shutdown took %v", took)
+	}
+	t.Logf("guest without ACPI handling, through its agent: %v (%s)", took.Round(time.Millisecond), joined)
+	// Without a guest agent the same guest costs the timeout, then quit.
+	vm2 := start(false)
+	defer vm2.Kill()
+	steps = nil
+	began = time.Now()
+	vm2.Shutdown(ctx, 5*time.Second, func(s string) { steps = append(steps, s) })
+	if j := strings.Join(steps, "; "); !strings.Contains(j, "no power-off within 5s: quit") || time.Since(began) < 5*time.Second {
+		t.Fatalf("without an agent: %s in %v", j, time.Since(began))
+	}
+}

@@ -1,6 +1,7 @@
 package vault
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -213,7 +214,7 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 		if !dst.Reachable {
 			return nil, fmt.Errorf("the recovery site %s is unreachable: retry the cleanup when it is back (its test VM and overlays do not survive its restart)", dst.Name)
 		}
-		steps, err := dc.StopVM(ctx, p.VM+"-drill", true)
+		steps, err := dc.StopVM(ctx, p.VM+"-drill", api.StopOptions{Force: true})
 		if err != nil && !isNotFound(err) {
 			return nil, err
 		}
@@ -244,7 +245,11 @@ func isNotFound(err error) bool { return errors.Is(err, api.ErrNotFound) }
 // "latest-app-consistent", a point id or a time. With shutdownSource (and
 // the source reachable) the source VM is shut down first and every write
 // it made reaches the recovery site before the point is made: no data loss.
-func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSource bool) (Job, error) {
+func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverRequest) (Job, error) {
+	point, shutdownSource := req.Point, req.ShutdownSource == nil || *req.ShutdownSource
+	if req.ShutdownTimeout < 0 || req.ShutdownTimeout > time.Hour {
+		return Job{}, fmt.Errorf("%w: shutdown timeout %v: want up to 1h", ErrInvalid, req.ShutdownTimeout)
+	}
 	steps := []string{"prerequisites check", "shut down source VM", "synchronize latest data", "create recovery point", "start VM at recovery site"}
 	params := map[string]string{"point": point, "shutdown_source": fmt.Sprint(shutdownSource)}
 	return v.startJob(ctx, vmName, ActFailover, steps, params, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
@@ -261,7 +266,9 @@ func (v *Vault) Failover(ctx context.Context, vmName, point string, shutdownSour
 		r.Say(ctx, 100, "source site %s %s", src.Name, map[bool]string{true: "reachable", false: "UNREACHABLE"}[src.Reachable])
 		r.Step(ctx, "shut down source VM")
 		if shutdownSource && src.Reachable {
-			steps, err := sc.StopVM(ctx, p.VM, false)
+			timeout := cmp.Or(req.ShutdownTimeout, vm.ShutdownTimeout, api.DefaultStopTimeout)
+			r.Say(ctx, -1, "shutting %s down: the guest agent, then the ACPI button, then quit after %v", p.VM, timeout)
+			steps, err := sc.StopVM(ctx, p.VM, api.StopOptions{Timeout: timeout})
 			if err != nil {
 				r.Say(ctx, -1, "shutdown failed, going on: %v", err)
 			}
@@ -432,7 +439,7 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 		r.Step(ctx, "stop VM at recovery site")
 		// Its writes since the failover are discarded: no need to wait
 		// for a clean shutdown.
-		steps, err := dc.StopVM(ctx, p.VM, true)
+		steps, err := dc.StopVM(ctx, p.VM, api.StopOptions{Force: true})
 		if err != nil && !isNotFound(err) {
 			return nil, err
 		}
@@ -608,7 +615,11 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			return nil, err
 		}
 		r.Step(ctx, "shut down VM at "+to.Name)
-		steps, err := tc.StopVM(ctx, vmName, false)
+		vm, _, err := get[VM](ctx, v.st, kindVM, vmName)
+		if err != nil {
+			return nil, err
+		}
+		steps, err := tc.StopVM(ctx, vmName, api.StopOptions{Timeout: vm.ShutdownTimeout})
 		if err != nil && !isNotFound(err) {
 			return nil, err
 		}

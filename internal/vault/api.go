@@ -126,7 +126,7 @@ func (v *Vault) Handler() http.Handler {
 		return v.CleanupTestFailover(r.Context(), r.PathValue("vm"), b.Notes)
 	})
 	act(v, mux, "POST /v1/protections/{vm}/failover", func(r *http.Request, b api.FailoverRequest) (any, error) {
-		return v.Failover(r.Context(), r.PathValue("vm"), b.Point, b.ShutdownSource == nil || *b.ShutdownSource)
+		return v.Failover(r.Context(), r.PathValue("vm"), b)
 	})
 	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b api.PointRequest) (any, error) {
 		return v.ChangePoint(r.Context(), r.PathValue("vm"), b.Point)

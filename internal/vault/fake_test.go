@@ -238,7 +238,7 @@ func (f *fakeAgent) StartVM(ctx context.Context, req api.VMRequest) (api.VMStatu
 	return api.VMStatus{Name: req.Name, State: api.VMRunning}, nil
 }
 
-func (f *fakeAgent) StopVM(ctx context.Context, name string, force bool) ([]string, error) {
+func (f *fakeAgent) StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error) {
 	if err := f.enter("stop VM " + name); err != nil {
 		return nil, err
 	}

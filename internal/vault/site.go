@@ -34,9 +34,10 @@ type Site interface {
 	// ErrConflict if it runs already or the group is fenced; ErrNotFound
 	// without the group or replica.
 	StartVM(ctx context.Context, req api.VMRequest) (api.VMStatus, error)
-	// StopVM shuts a VM down (force: at once) and returns the steps.
-	// ErrNotFound if it does not run.
-	StopVM(ctx context.Context, name string, force bool) ([]string, error)
+	// StopVM shuts a VM down (gracefully within opts.Timeout: the guest
+	// agent, then ACPI, then quit; or at once with opts.Force) and returns
+	// the steps. ErrNotFound if it does not run.
+	StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error)
 	// CommitVM makes a VM on views standalone. ErrNotFound if it does not
 	// run on views.
 	CommitVM(ctx context.Context, name string) ([]string, error)

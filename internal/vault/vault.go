@@ -652,6 +652,9 @@ func checkVM(vm VM) error {
 	if vm.VCPUs < 0 || vm.VCPUs > 64 {
 		return fmt.Errorf("%w: %d vCPUs out of range (0: one, up to 64)", ErrInvalid, vm.VCPUs)
 	}
+	if vm.ShutdownTimeout < 0 || vm.ShutdownTimeout > time.Hour {
+		return fmt.Errorf("%w: shutdown timeout %v: want up to 1h", ErrInvalid, vm.ShutdownTimeout)
+	}
 	if vm.GuestPort < 0 || vm.GuestPort > 65535 {
 		return fmt.Errorf("%w: guest port %d out of range", ErrInvalid, vm.GuestPort)
 	}
@@ -760,7 +763,7 @@ func (v *Vault) StopVM(ctx context.Context, name string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return c.StopVM(ctx, name, false)
+	return c.StopVM(ctx, name, api.StopOptions{Timeout: vm.ShutdownTimeout})
 }
 
 // DeleteVM deletes a VM that is not protected and does not run, with its

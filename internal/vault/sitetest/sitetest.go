@@ -85,7 +85,7 @@ func Run(t *testing.T, newSite func(t *testing.T) vault.Site) {
 	t.Run("vms", func(t *testing.T) {
 		_, err := s.StartVM(ctx, api.VMRequest{Name: "st-vm", Group: "nope", MemoryMiB: 64})
 		is(t, "start on an unknown group", err, api.ErrNotFound)
-		_, err = s.StopVM(ctx, "nope", true)
+		_, err = s.StopVM(ctx, "nope", api.StopOptions{Force: true})
 		is(t, "stop unknown", err, api.ErrNotFound)
 		_, err = s.CommitVM(ctx, "nope")
 		is(t, "commit unknown", err, api.ErrNotFound)
