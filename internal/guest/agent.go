@@ -193,9 +193,11 @@ func RunAgent(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	// guest-shutdown is a clean shutdown, as qemu-guest-agent's is
+	// (shutdown -h): PID 1, the guest's init script, stops the workload,
+	// unmounts the data disk and powers off, as for the power button.
 	a := &Agent{Mounts: strings.Split(*mounts, ","), Shutdown: func() error {
-		unix.Sync()
-		return unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+		return unix.Kill(1, unix.SIGTERM)
 	}}
 	for ctx.Err() == nil {
 		f, err := os.OpenFile(dev, os.O_RDWR, 0)
