@@ -247,3 +247,23 @@ func TestDamagedReplicaIsCritical(t *testing.T) {
 		}
 	}
 }
+
+// TestFenceWaitsForDamagedGroup: an old source whose group did not open is
+// not counted as fenced (once repaired it would replicate as a source).
+func TestFenceWaitsForDamagedGroup(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	ctx := context.Background()
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	if j := f.job(t, "/v1/protections/vm1/failover", map[string]any{"point": "latest", "shutdown_source": false}); j.State != JobSucceeded {
+		t.Fatalf("failover: %+v", j)
+	}
+	f.east.mu.Lock()
+	delete(f.east.groups, "vm1")
+	f.east.problems = []api.Problem{{Kind: "group", Name: "vm1", Reason: "journal: damaged"}}
+	f.east.mu.Unlock()
+	f.v.Heartbeat(ctx)
+	if p, _ := f.v.Protection(ctx, "vm1"); p.Fenced {
+		t.Fatal("a group that did not open was counted as fenced")
+	}
+}

@@ -517,8 +517,21 @@ func (v *Vault) fence(ctx context.Context, site string, c Site, st api.AgentStat
 	for _, g := range st.Groups {
 		groups[g.Name] = g
 	}
+	damaged := map[string]bool{}
+	for _, pr := range st.Problems {
+		if pr.Kind == "group" {
+			damaged[pr.Name] = true
+		}
+	}
 	for _, p := range ps {
 		if p.Source != site || (p.State != StateFailedOver && p.State != StateCommitted) {
+			continue
+		}
+		if damaged[p.VM] {
+			// The group is there but did not open: it cannot take the
+			// fence now, and must not be counted as fenced (it would
+			// replicate as a source once repaired). Retried every poll.
+			v.log.Warn("old source's group did not open: fence pending", "vm", p.VM, "site", site)
 			continue
 		}
 		g, has := groups[p.VM]
