@@ -3,11 +3,11 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/agent"
@@ -122,14 +122,11 @@ func agentCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SEQ\tTIME\tTYPE\tLABEL")
-			for _, p := range pts {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", p.Seq, p.Time.Format(time.RFC3339Nano), p.Type, p.Label)
-			}
-			tw.Flush()
-			return e.print(pts, b.String())
+			return e.print(pts, table("SEQ\tTIME\tTYPE\tLABEL", func(tw io.Writer) {
+				for _, p := range pts {
+					fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", p.Seq, p.Time.Format(time.RFC3339Nano), p.Type, p.Label)
+				}
+			}))
 		})
 	var seq uint64
 	var writable bool

@@ -3,8 +3,8 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -73,18 +73,15 @@ func protectionsCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "VM\tDIRECTION\tSTATE\tHEALTH\tRPO\tJOB\tWHY")
-			for _, p := range ps {
-				st := string(p.State)
-				if p.TestPending {
-					st += " (test-failover-cleanup-pending)"
+			return e.print(ps, table("VM\tDIRECTION\tSTATE\tHEALTH\tRPO\tJOB\tWHY", func(tw io.Writer) {
+				for _, p := range ps {
+					st := string(p.State)
+					if p.TestPending {
+						st += " (test-failover-cleanup-pending)"
+					}
+					fmt.Fprintf(tw, "%s\t%s -> %s\t%s\t%s\t%.2fs\t%s\t%s\n", p.VM, p.Source, p.Target, st, p.Health, p.RPOSeconds, p.Job, p.HealthReason)
 				}
-				fmt.Fprintf(tw, "%s\t%s -> %s\t%s\t%s\t%.2fs\t%s\t%s\n", p.VM, p.Source, p.Target, st, p.Health, p.RPOSeconds, p.Job, p.HealthReason)
-			}
-			tw.Flush()
-			return e.print(ps, b.String())
+			}))
 		})
 }
 
@@ -97,14 +94,11 @@ func pointsCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tTIME\tTYPE\tLABEL")
-			for _, p := range pts {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", p.Seq, p.Time.Format(time.RFC3339Nano), p.Type, p.Label)
-			}
-			tw.Flush()
-			return e.print(pts, b.String())
+			return e.print(pts, table("ID\tTIME\tTYPE\tLABEL", func(tw io.Writer) {
+				for _, p := range pts {
+					fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", p.Seq, p.Time.Format(time.RFC3339Nano), p.Type, p.Label)
+				}
+			}))
 		})
 }
 

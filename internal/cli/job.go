@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -65,14 +64,11 @@ func jobsCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tACTION\tVM\tSTATE\tCREATED\tERROR")
-			for _, j := range js {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.Action, j.Protection, j.State, j.Created.Format(time.RFC3339), j.Error)
-			}
-			tw.Flush()
-			return e.print(js, b.String())
+			return e.print(js, table("ID\tACTION\tVM\tSTATE\tCREATED\tERROR", func(tw io.Writer) {
+				for _, j := range js {
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.Action, j.Protection, j.State, j.Created.Format(time.RFC3339), j.Error)
+				}
+			}))
 		})
 	str(c.Flags(), &protection, "protection", "", "only the jobs of this VM's protection")
 	return c

@@ -3,8 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
-	"strings"
-	"text/tabwriter"
+	"io"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -39,14 +38,11 @@ func policyCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "POLICY\tRETENTION\tPOINTS\tAPP-CONSISTENT\tRPO WARNING\tRPO CRITICAL")
-			for _, p := range ps {
-				fmt.Fprintf(tw, "%s\t%v\t%v\t%v\t%v\t%v\n", p.Name, p.Retention, p.CheckpointInterval, p.AppInterval, p.RPOWarning, p.RPOCritical)
-			}
-			tw.Flush()
-			return e.print(ps, b.String())
+			return e.print(ps, table("POLICY\tRETENTION\tPOINTS\tAPP-CONSISTENT\tRPO WARNING\tRPO CRITICAL", func(tw io.Writer) {
+				for _, p := range ps {
+					fmt.Fprintf(tw, "%s\t%v\t%v\t%v\t%v\t%v\n", p.Name, p.Retention, p.CheckpointInterval, p.AppInterval, p.RPOWarning, p.RPOCritical)
+				}
+			}))
 		})
 	show := vaultCommand(e, &cobra.Command{Use: "show NAME", Short: "Show a policy", Args: cobra.ExactArgs(1)}, &os_,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {

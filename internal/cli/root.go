@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"text/tabwriter"
 
 	"github.com/BurntSushi/toml"
 	"github.com/ferry-dr/ferry/internal/api"
@@ -382,4 +383,14 @@ func versionCmd(e *env) *cobra.Command {
 		RunE: runE(e, func(ctx context.Context, args []string) error {
 			return e.print(map[string]string{"version": Version}, "ferry "+Version+"\n")
 		})}
+}
+
+// table renders rows under a header, aligned in columns (tab-separated).
+func table(header string, rows func(tw io.Writer)) string {
+	var b strings.Builder
+	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	rows(tw)
+	tw.Flush()
+	return b.String()
 }

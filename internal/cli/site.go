@@ -3,8 +3,8 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -20,18 +20,15 @@ func siteCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SITE\tADDRESS\tREACHABLE\tLAST SEEN\tNETWORKS")
-			for _, s := range sites {
-				var nets []string
-				for _, n := range s.Networks {
-					nets = append(nets, fmt.Sprintf("%s (%s %s)", n.Name, n.Kind, n.Subnet))
+			return e.print(sites, table("SITE\tADDRESS\tREACHABLE\tLAST SEEN\tNETWORKS", func(tw io.Writer) {
+				for _, s := range sites {
+					var nets []string
+					for _, n := range s.Networks {
+						nets = append(nets, fmt.Sprintf("%s (%s %s)", n.Name, n.Kind, n.Subnet))
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\n", s.Name, s.Addr, s.Reachable, s.LastSeen.Format(time.RFC3339), strings.Join(nets, ", "))
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\n", s.Name, s.Addr, s.Reachable, s.LastSeen.Format(time.RFC3339), strings.Join(nets, ", "))
-			}
-			tw.Flush()
-			return e.print(sites, b.String())
+			}))
 		})
 	var readdress bool
 	add := vaultCommand(e, &cobra.Command{Use: "add NAME ADDR", Short: "Add a site by its agent's address (HOST:PORT)", Args: cobra.ExactArgs(2),

@@ -3,8 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
-	"strings"
-	"text/tabwriter"
+	"io"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -44,22 +43,19 @@ func tokenCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tROLE\tNAME\tCREATED\tEXPIRES")
-			for _, t := range ts {
-				exp := "never"
-				if !t.Expires.IsZero() {
-					exp = t.Expires.Format(time.RFC3339)
+			return e.print(ts, table("ID\tROLE\tNAME\tCREATED\tEXPIRES", func(tw io.Writer) {
+				for _, t := range ts {
+					exp := "never"
+					if !t.Expires.IsZero() {
+						exp = t.Expires.Format(time.RFC3339)
+					}
+					name := t.Name
+					if t.Reenroll != "" {
+						name += " (re-enrolls " + t.Reenroll + ")"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.ID, t.Role, name, t.Created.Format(time.RFC3339), exp)
 				}
-				name := t.Name
-				if t.Reenroll != "" {
-					name += " (re-enrolls " + t.Reenroll + ")"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.ID, t.Role, name, t.Created.Format(time.RFC3339), exp)
-			}
-			tw.Flush()
-			return e.print(ts, b.String())
+			}))
 		})
 	revoke := vaultCommand(e, &cobra.Command{Use: "revoke ID", Short: "Revoke a token at once (IDs: ferry token list)", Args: cobra.ExactArgs(1)}, &or,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {

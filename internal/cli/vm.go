@@ -3,8 +3,8 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -97,14 +97,11 @@ func vmCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var b strings.Builder
-			tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "VM\tSITE\tMEMORY\tDISKS")
-			for _, v := range vms {
-				fmt.Fprintf(tw, "%s\t%s\t%d MiB\t%d\n", v.Name, v.Site, v.MemoryMiB, len(v.Disks))
-			}
-			tw.Flush()
-			return e.print(vms, b.String())
+			return e.print(vms, table("VM\tSITE\tMEMORY\tDISKS", func(tw io.Writer) {
+				for _, v := range vms {
+					fmt.Fprintf(tw, "%s\t%s\t%d MiB\t%d\n", v.Name, v.Site, v.MemoryMiB, len(v.Disks))
+				}
+			}))
 		})
 	var follow bool
 	console := vaultCommand(e, &cobra.Command{Use: "console NAME", Short: "Print a VM's serial console, wherever it runs", Args: cobra.ExactArgs(1),
