@@ -289,7 +289,6 @@ func (a *Agent) Close() error {
 	return err
 }
 
-// group returns the named group.
 // problem records a group or replica that did not open.
 func (a *Agent) problem(kind, name string, err error) {
 	a.log.Error(kind+" not opened: the site serves the rest; it waits for an operator, untouched", kind, name, "err", err)
@@ -309,6 +308,7 @@ func (a *Agent) problemErr(kind, name string) error {
 	return fmt.Errorf("%w: %s %s did not open (%s); nothing of it was changed: see docs/replication.md, \"Damaged journals\"", ErrConflict, kind, name, p.Reason)
 }
 
+// group returns the named group.
 func (a *Agent) group(name string) (*group, error) {
 	a.mu.Lock()
 	gr := a.groups[name]
@@ -869,10 +869,7 @@ func (a *Agent) admitLink(peer pki.Peer, h link.Hello) error {
 			return fmt.Errorf("%w: no replica %q is expected here; the vault (or 'ferry agent replicate') records its source first", api.ErrForbidden, h.Group)
 		}
 		a.log.Warn("replica without a recorded source (kept by an older ferry): recording its first stream's site", "replica", h.Group, "source", peer.Name)
-		if err := atomicfile.WriteFile(a.sourcePath(h.Group), []byte(peer.Name+"\n"), 0o600); err != nil {
-			return err
-		}
-		return nil
+		return a.recordSource(h.Group, peer.Name)
 	}
 	if src != peer.Name {
 		a.log.Warn("refused a replication stream from a site that is not the replica's source", "group", h.Group, "source", src, "caller", peer.String())

@@ -50,13 +50,17 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	gr := a.groups[req.Group]
 	rep := a.replicas[req.Replica]
 	_, exists := a.vms[req.Name]
+	var fenced int64
+	if gr != nil {
+		fenced = gr.fenced // written under a.mu by Fence
+	}
 	a.mu.Unlock()
 	exists = exists || a.runningOn(ctx, owner) != nil
 	if gr == nil && rep == nil {
 		return qemu.Status{}, fmt.Errorf("%w: group or replica %q", ErrNotFound, owner)
 	}
-	if gr != nil && gr.fenced != 0 {
-		return qemu.Status{}, fmt.Errorf("%w: group %q is fenced: generation %d runs at another site since a failover; reprotect it", ErrConflict, owner, gr.fenced)
+	if fenced != 0 {
+		return qemu.Status{}, fmt.Errorf("%w: group %q is fenced: generation %d runs at another site since a failover; reprotect it", ErrConflict, owner, fenced)
 	}
 	if exists {
 		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or %q already runs a VM", ErrConflict, req.Name, owner)

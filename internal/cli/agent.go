@@ -17,8 +17,12 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// agentOpts are the flags of the commands that drive an agent directly.
-type agentOpts struct{ addr, site, pki, as string }
+// agentOpts are the flags of the commands that drive an agent directly,
+// and the identity loaded from them.
+type agentOpts struct {
+	addr, site, pki, as string
+	id                  *pki.Identity
+}
 
 func agentCommand(e *env, c *cobra.Command, o *agentOpts, f func(ctx context.Context, ac *agentclient.Client, args []string) error) *cobra.Command {
 	c.RunE = runE(e, func(ctx context.Context, args []string) error {
@@ -26,6 +30,7 @@ func agentCommand(e *env, c *cobra.Command, o *agentOpts, f func(ctx context.Con
 		if err != nil {
 			return err
 		}
+		o.id = id
 		return f(ctx, agentclient.New(id, o.addr, o.site), args)
 	})
 	return c
@@ -72,12 +77,8 @@ func agentCmd(e *env) *cobra.Command {
 	replicate := agentCommand(e, &cobra.Command{Use: "replicate GROUP", Short: "Replicate a group to another site's agent", Args: cobra.ExactArgs(1),
 		Example: "  ferry agent replicate $A --to 127.0.0.1:7412 --to-site siteB vm1"}, &o,
 		func(ctx context.Context, ac *agentclient.Client, args []string) error {
-			id, err := pki.Load(o.pki, o.as)
-			if err != nil {
-				return err
-			}
 			// The recovery site takes the stream from this site only.
-			if err := agentclient.New(id, to, toSite).ExpectReplica(ctx, args[0], o.site); err != nil {
+			if err := agentclient.New(o.id, to, toSite).ExpectReplica(ctx, args[0], o.site); err != nil {
 				return fmt.Errorf("record %s as the source of %s at %s: %w", o.site, args[0], toSite, err)
 			}
 			if err := ac.Replicate(ctx, args[0], api.Replicate{PeerAddr: to, PeerName: toSite}); err != nil {

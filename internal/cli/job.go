@@ -205,10 +205,8 @@ func isTerminal(w io.Writer) bool {
 // bar renders a static progress bar for a status line, with the library
 // the job bars use.
 func bar(done, total int64) string {
-	var sb strings.Builder
 	b := progressbar.NewOptions64(max(total, 1), progressbar.OptionSetWriter(io.Discard), progressbar.OptionSetWidth(20),
 		progressbar.OptionSetRenderBlankState(false))
 	b.Set64(min(done, max(total, 1)))
-	sb.WriteString(strings.TrimSpace(b.String()))
-	return sb.String()
+	return strings.TrimSpace(b.String())
 }

@@ -101,6 +101,10 @@ type Shipper struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
+	// saveKick wakes the saver, which writes savedAck durably off the ack
+	// path (an fsync there would hold up every acknowledgement behind it).
+	saveKick chan struct{}
+	saver    sync.WaitGroup
 }
 
 // NewShipper returns a stopped shipper and puts its hold on the journal at
@@ -281,6 +285,9 @@ func (s *Shipper) Start(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	s.cancel = cancel
 	s.done = make(chan struct{})
+	s.saveKick = make(chan struct{}, 1)
+	s.saver.Add(1)
+	go s.saveLoop(ctx)
 	go s.watchJournal(ctx)
 	go func() {
 		defer close(s.done)
@@ -319,10 +326,28 @@ func (s *Shipper) Close() {
 	if s.cancel != nil {
 		s.cancel()
 		<-s.done
+		s.saver.Wait()
 	}
 	s.mu.Lock()
 	s.saveAcked(s.acked)
 	s.mu.Unlock()
+}
+
+// saveLoop writes the acknowledged sequence each time the ack path asks
+// (at most once a second), until ctx ends.
+func (s *Shipper) saveLoop(ctx context.Context) {
+	defer s.saver.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.saveKick:
+		}
+		s.mu.Lock()
+		seq := s.savedAck
+		s.mu.Unlock()
+		s.saveAcked(seq)
+	}
 }
 
 func (s *Shipper) setState(st api.ReplicationState) {
@@ -489,7 +514,10 @@ func (s *Shipper) readAcks(c *link.Conn) error {
 		}
 		s.cfg.Group.Hold(holder, acked+1)
 		if save {
-			s.saveAcked(acked)
+			select { // the saver writes it; never wait for the disk here
+			case s.saveKick <- struct{}{}:
+			default:
+			}
 		}
 	}
 }

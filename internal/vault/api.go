@@ -70,7 +70,7 @@ func (v *Vault) Handler() http.Handler {
 		reply(w, map[string]string{"enrolled": req.Name}, v.Enroll(r.Context(), req.Token, req.Name, req.Addr))
 	})
 	act(v, mux, "POST /v1/sites", func(r *http.Request, b api.AddSite) (any, error) {
-		return map[string]string{"site": b.Name, "addr": b.Addr}, v.addSite(r.Context(), b.Name, b.Addr, b.Readdress)
+		return map[string]string{"site": b.Name, "addr": b.Addr}, v.AddSite(r.Context(), b.Name, b.Addr, b.Readdress)
 	})
 	mux.HandleFunc("DELETE /v1/sites/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"deleted": r.PathValue("name")}, v.DeleteSite(r.Context(), r.PathValue("name")))

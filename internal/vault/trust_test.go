@@ -267,3 +267,19 @@ func TestFenceWaitsForDamagedGroup(t *testing.T) {
 		t.Fatal("a group that did not open was counted as fenced")
 	}
 }
+
+func TestCheckSiteAddress(t *testing.T) {
+	for _, tt := range []struct {
+		addr string
+		ok   bool
+	}{
+		{"10.0.0.2:7410", true}, {"[::1]:7410", true}, {"east.example.com:7410", true}, {"e:1", true},
+		{"a-very-long-but-fine-label-for-a-host.in.some.deeply.nested.zone.example.org:7410", true},
+		{"east:0", false}, {"east:70000", false}, {":7410", false}, {"east", false}, {"-east:1", false},
+		{"east..example:1", false}, {"ea st:1", false}, {"east,restrict=off:1", false}, {"127.0.0.1:1/x", false},
+	} {
+		if err := checkSite("east", tt.addr); (err == nil) != tt.ok {
+			t.Errorf("checkSite(%q) = %v, want ok=%v", tt.addr, err, tt.ok)
+		}
+	}
+}

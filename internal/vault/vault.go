@@ -50,8 +50,9 @@ type Vault struct {
 	metrics *metrics
 	rpo     *rpoHistory
 
-	clientsMu sync.Mutex
-	clients   map[string]Site // by "name@addr"
+	// sitesMu guards what the vault keeps per site in memory.
+	sitesMu sync.Mutex
+	clients map[string]Site // by "name@addr"
 	// problems each site reported at its last poll.
 	problems map[string][]api.Problem
 }
@@ -277,11 +278,7 @@ func (v *Vault) Enroll(ctx context.Context, enrollToken, name, addr string) erro
 
 // AddSite registers a new site; an existing one is re-addressed only if
 // readdress is set.
-func (v *Vault) AddSite(ctx context.Context, name, addr string) error {
-	return v.addSite(ctx, name, addr, false)
-}
-
-func (v *Vault) addSite(ctx context.Context, name, addr string, readdress bool) error {
+func (v *Vault) AddSite(ctx context.Context, name, addr string, readdress bool) error {
 	if err := checkSite(name, addr); err != nil {
 		return err
 	}
@@ -320,10 +317,29 @@ func checkSite(name, addr string) error {
 	if err != nil || perr != nil || n <= 0 || n > 65535 || host == "" {
 		return fmt.Errorf("%w: site address %q: want HOST:PORT", ErrInvalid, addr)
 	}
-	if _, err := netip.ParseAddr(host); err != nil && api.CheckName("host", strings.ReplaceAll(host, ".", "-")) != nil {
+	if _, err := netip.ParseAddr(host); err != nil && !dnsName(host) {
 		return fmt.Errorf("%w: site address %q: the host is neither an IP address nor a DNS name", ErrInvalid, addr)
 	}
 	return nil
+}
+
+// dnsName reports whether s is a DNS host name: dot-separated labels of 1
+// to 63 letters, digits and inner hyphens, 253 characters at most.
+func dnsName(s string) bool {
+	if len(s) > 253 {
+		return false
+	}
+	for _, l := range strings.Split(s, ".") {
+		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+			return false
+		}
+		for _, c := range l {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // DeleteSite forgets a site; refused while a VM runs there or a
@@ -382,8 +398,8 @@ func (v *Vault) site(ctx context.Context, name string) (api.Site, Site, error) {
 // keeps its connections for the next call (a new one per call would leave
 // idle connections behind until the agent's per-client cap refuses more).
 func (v *Vault) siteClient(addr, name string) Site {
-	v.clientsMu.Lock()
-	defer v.clientsMu.Unlock()
+	v.sitesMu.Lock()
+	defer v.sitesMu.Unlock()
 	key := name + "@" + addr
 	c, ok := v.clients[key]
 	if !ok {
@@ -452,9 +468,9 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 // group (at their source) or replica (at their recovery site) did not open
 // at site.
 func (v *Vault) siteProblems(ctx context.Context, site string, st api.AgentStatus) {
-	v.clientsMu.Lock()
+	v.sitesMu.Lock()
 	v.problems[site] = st.Problems
-	v.clientsMu.Unlock()
+	v.sitesMu.Unlock()
 	for _, pr := range st.Problems {
 		reason := fmt.Sprintf("the %s at %s did not open: %s", pr.Kind, site, pr.Reason)
 		v.updateProtection(ctx, pr.Name, func(p *Protection) error {
@@ -471,8 +487,8 @@ func (v *Vault) siteProblems(ctx context.Context, site string, st api.AgentStatu
 // replicaProblem is why the replica of vm at site did not open, as that
 // site last reported ("" if it did).
 func (v *Vault) replicaProblem(site, vm string) string {
-	v.clientsMu.Lock()
-	defer v.clientsMu.Unlock()
+	v.sitesMu.Lock()
+	defer v.sitesMu.Unlock()
 	for _, pr := range v.problems[site] {
 		if pr.Kind == "replica" && pr.Name == vm {
 			return fmt.Sprintf("the replica at %s did not open: %s", site, pr.Reason)
@@ -808,8 +824,9 @@ func (v *Vault) DeleteVM(ctx context.Context, name string) error {
 	return nil
 }
 
+// policy is the named policy, or the default one if it is gone.
 func (v *Vault) policy(ctx context.Context, name string) Policy {
-	if p, _, err := get[Policy](ctx, v.st, kindPolicy, name); err == nil {
+	if p, err := v.Policy(ctx, name); err == nil {
 		return p
 	}
 	return DefaultPolicy

@@ -320,7 +320,7 @@ func TestHeartbeatOverMutualTLS(t *testing.T) {
 	vid, _ := pki.Load(pk, "vault")
 	eid, _ := pki.Load(pk, "east")
 	f := newFixture(t, store.NewMem())
-	f.v.AddSite(context.Background(), "east", "e:1")
+	f.v.AddSite(context.Background(), "east", "e:1", false)
 	srv := httptest.NewUnstartedServer(f.v.Handler())
 	srv.TLS = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{vid.Cert},
 		ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: vid.Pool}
