@@ -232,6 +232,33 @@ type GroupStatus struct {
 	// full when applying a write, a failed fsync): it serves again once
 	// reopened.
 	Failed string `json:"failed,omitempty"`
+	// Fold is the background fold of a group a commit created, while its
+	// disks are layered over the replica they were failed over from.
+	Fold *FoldStatus `json:"fold,omitempty"`
+}
+
+// FoldPhase is how far a committed group's background fold got.
+type FoldPhase string
+
+// Fold phases.
+const (
+	// FoldJournal: the replica's journal up to the failover point is
+	// being folded into its images.
+	FoldJournal FoldPhase = "journal"
+	// FoldOverlay: the VM's writes since the failover are being moved
+	// into those images.
+	FoldOverlay FoldPhase = "overlay"
+	// FoldDone: the group's disks are plain images.
+	FoldDone FoldPhase = "done"
+)
+
+// FoldStatus is the progress of a committed group's background fold. The
+// VM runs on the group throughout; nothing waits for the fold but a
+// reprotect back to this site (which finishes it first).
+type FoldStatus struct {
+	Phase       FoldPhase `json:"phase"`
+	EntriesLeft uint64    `json:"entries_left,omitempty"`
+	BytesLeft   int64     `json:"bytes_left,omitempty"`
 }
 
 // Problem is a group or replica a site could not open (a damaged journal,

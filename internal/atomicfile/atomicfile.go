@@ -70,6 +70,9 @@ func WriteJSON(path string, v any, perm os.FileMode) error {
 	return WriteFile(path, b, perm)
 }
 
+// SyncDir makes the entries of dir durable (after a rename into it).
+func SyncDir(dir string) error { return syncDir(dir) }
+
 func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {

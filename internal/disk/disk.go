@@ -25,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -61,14 +62,27 @@ type Config struct {
 	// size (docs/benchmarks.md has the measurements); it also bounds the
 	// replay after a crash.
 	CheckpointBytes int64
-	Logger          *slog.Logger
-	Now             func() time.Time
+	// OpenBase opens the base of a layered group (one a commit created);
+	// nil if the caller has none.
+	OpenBase func(ref BaseRef) (Base, error)
+	// FoldRate bounds the background fold of a layered group, in bytes
+	// per second (default 128 MiB/s; negative: unbounded).
+	FoldRate int64
+	// NoFold keeps Start from running the background fold: tests drive
+	// it with FoldStep.
+	NoFold bool
+	Logger *slog.Logger
+	Now    func() time.Time
 }
 
 type manifest struct {
+	// Version 1: plain images; 2: Base is set (older ferry must not open
+	// a layered group as if its top layers were whole images).
 	Version    int    `json:"version"`
 	Disks      []Spec `json:"disks"`
 	AppliedSeq uint64 `json:"applied_seq"`
+	// Base: the disks are layered over this base until the fold is done.
+	Base *BaseRef `json:"base,omitempty"`
 }
 
 // Group is an open consistency group.
@@ -94,6 +108,12 @@ type Group struct {
 
 	observer func(e *journal.Entry) // sees every applied change, under mu
 
+	// base of a layered group (nil when the images are plain); fold is
+	// the background fold's progress.
+	base     Base
+	foldMu   sync.Mutex
+	foldLeft FoldStatus
+
 	stop chan struct{}
 	kick chan struct{} // asks the loop for a checkpoint now
 	wg   sync.WaitGroup
@@ -103,8 +123,19 @@ type Group struct {
 type Disk struct {
 	g    *Group
 	spec Spec
-	f    *os.File
+	// img is replaced once, when a fold ends, while reads may run.
+	img atomic.Pointer[imageBox]
 }
+
+type imageBox struct{ image }
+
+func newDisk(g *Group, s Spec, img image) *Disk {
+	d := &Disk{g: g, spec: s}
+	d.img.Store(&imageBox{img})
+	return d
+}
+
+func (d *Disk) image() image { return d.img.Load().image }
 
 // Open opens the group in cfg.Dir, creating the directory and manifest if
 // needed, and replays the journal into the images past the last checkpoint.
@@ -135,6 +166,10 @@ func Open(cfg Config) (*Group, error) {
 		g.log.Warn("journal recovered", "reason", rec.Reason, "last_seq", rec.LastSeq, "truncated_bytes", rec.TruncatedBytes)
 	}
 	g.j = j
+	if err := g.openBase(); err != nil {
+		j.Close()
+		return nil, err
+	}
 	for _, s := range g.man.Disks {
 		if err := g.openImage(s); err != nil {
 			g.closeFiles()
@@ -192,7 +227,7 @@ func (g *Group) loadManifest() error {
 	if err := json.Unmarshal(b, &g.man); err != nil {
 		return fmt.Errorf("parse manifest %s: %w", g.manifestPath(), err)
 	}
-	if g.man.Version != 1 {
+	if g.man.Version != 1 && g.man.Version != 2 {
 		return fmt.Errorf("manifest %s: unsupported version %d", g.manifestPath(), g.man.Version)
 	}
 	return nil
@@ -215,11 +250,14 @@ func (g *Group) imagePath(name string) string {
 }
 
 func (g *Group) openImage(s Spec) error {
+	if g.base != nil {
+		return g.openLayered(s)
+	}
 	f, err := os.OpenFile(g.imagePath(s.Name), os.O_RDWR, 0)
 	if err != nil {
 		return fmt.Errorf("open image of disk %q: %w", s.Name, err)
 	}
-	g.disks[s.ID] = &Disk{g: g, spec: s, f: f}
+	g.disks[s.ID] = newDisk(g, s, plainImage{f})
 	return nil
 }
 
@@ -261,6 +299,9 @@ func (g *Group) CreateDisk(name string, size int64) (*Disk, error) {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.base != nil {
+		return nil, fmt.Errorf("%w: disk %q: the group's fold is still running", ErrExists, name)
+	}
 	var id uint16 = 1
 	for _, s := range g.man.Disks {
 		if s.Name == name {
@@ -289,7 +330,7 @@ func (g *Group) CreateDisk(name string, size int64) (*Disk, error) {
 		return nil, err
 	}
 	g.man = m
-	d := &Disk{g: g, spec: s, f: f}
+	d := newDisk(g, s, plainImage{f})
 	g.disks[id] = d
 	return d, nil
 }
@@ -371,13 +412,14 @@ func (g *Group) applyImage(e *journal.Entry) error {
 	}
 	switch e.Kind {
 	case journal.KindWrite:
-		_, err := d.f.WriteAt(e.Data, int64(e.Offset))
-		return err
+		return d.image().WriteAt(e.Data, int64(e.Offset))
 	case journal.KindZero, journal.KindTrim:
-		return zeroRange(d.f, int64(e.Offset), int64(e.Length))
+		return d.image().Zero(int64(e.Offset), int64(e.Length))
 	}
 	return nil
 }
+
+func fdatasync(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
 
 // zeroRange makes the range read as zero, deallocating it where the file
 // system can.
@@ -475,7 +517,7 @@ func (g *Group) AppendResync(id uint16, off, n int64) (uint64, error) {
 		return 0, err
 	}
 	p := make([]byte, n)
-	if _, err := d.f.ReadAt(p, off); err != nil {
+	if err := d.image().ReadAt(p, off); err != nil {
 		return 0, fmt.Errorf("resync read: %w", err)
 	}
 	e := journal.Entry{Kind: journal.KindWrite, Flags: journal.FlagResync, Disk: id, Offset: uint64(off), Length: uint32(n), Data: p}
@@ -508,16 +550,29 @@ func (g *Group) checkpoint(ctx context.Context) error {
 	}
 	m := g.man
 	g.appended = 0
+	// The maps of layered disks are taken with seq, before the sync: every
+	// block they put in top got there by a write up to seq.
+	maps := map[*Disk]BlockSet{}
+	for _, d := range disks {
+		if l, ok := d.image().(*layered); ok {
+			maps[d] = l.snapshot()
+		}
+	}
 	g.mu.Unlock()
-	if seq == m.AppliedSeq {
+	if seq == m.AppliedSeq && len(maps) == 0 {
 		return nil
 	}
 	for _, d := range disks {
-		if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
+		if err := d.image().Sync(); err != nil {
 			g.mu.Lock()
 			g.failed = fmt.Errorf("%w: fsync image %q: %w", ErrFailed, d.spec.Name, err)
 			g.mu.Unlock()
 			return g.failed
+		}
+	}
+	for d, s := range maps {
+		if err := saveMap(g.mapPath(d.spec.Name), s); err != nil {
+			return fmt.Errorf("checkpoint: %w", err)
 		}
 	}
 	// The manifest must not claim entries that are not durable in the
@@ -558,6 +613,16 @@ func (g *Group) AppliedSeq() uint64 {
 // CheckpointInterval if that is set. Tests that drive checkpoints step by
 // step do not call Start.
 func (g *Group) Start(ctx context.Context) {
+	g.mu.Lock()
+	layered := g.base != nil
+	g.mu.Unlock()
+	if layered && !g.cfg.NoFold {
+		g.wg.Add(1)
+		go func() {
+			defer g.wg.Done()
+			g.foldLoop(ctx)
+		}()
+	}
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
@@ -606,7 +671,10 @@ func (g *Group) Close() error {
 
 func (g *Group) closeFiles() {
 	for _, d := range g.disks {
-		d.f.Close()
+		d.image().Close()
+	}
+	if g.base != nil {
+		g.base.Close()
 	}
 }
 
@@ -628,8 +696,7 @@ func (d *Disk) ReadAt(_ context.Context, p []byte, off int64) error {
 	if err := d.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	_, err := d.f.ReadAt(p, off)
-	return err
+	return d.image().ReadAt(p, off)
 }
 
 // WriteAt journals and applies a write.

@@ -20,6 +20,10 @@ func TestMain(m *testing.M) {
 		fullChild(dir)
 		return
 	}
+	if arg := os.Getenv("FERRY_DISK_CRASH_CHILD"); arg != "" {
+		crashChild(arg)
+		return
+	}
 	os.Exit(m.Run())
 }
 

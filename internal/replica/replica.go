@@ -37,6 +37,7 @@ var (
 	ErrNoPoint      = errors.New("replica: no such recovery point")
 	ErrUnknownDisk  = errors.New("replica: unknown disk")
 	ErrReadOnlyView = errors.New("replica: view is read-only")
+	ErrCommitted    = errors.New("replica: committed (the base of a standalone group)")
 )
 
 // Marker is the payload of a recovery-point marker entry (api.Marker).
@@ -68,6 +69,15 @@ type manifest struct {
 	ConsistentSeq uint64 `json:"consistent_seq"`
 	// FoldedSeq: entries up to here are in the images (retention).
 	FoldedSeq uint64 `json:"folded_seq"`
+	// FoldingTo: a fold to here was started (the intent, saved before the
+	// images change). Until it is done the images may hold some entries
+	// past FoldedSeq, so no view below it is offered.
+	FoldingTo uint64 `json:"folding_to,omitempty"`
+	// CommittedSeq and CommittedTo: a commit made this replica the base
+	// of the group CommittedTo at point CommittedSeq. It takes no more
+	// streams, offers no points, and never folds past CommittedSeq.
+	CommittedSeq uint64 `json:"committed_seq,omitempty"`
+	CommittedTo  string `json:"committed_to,omitempty"`
 }
 
 // Replica is one replicated group at the recovery site.
@@ -414,8 +424,11 @@ func (r *Replica) NextSeq() uint64 {
 // must not be acknowledged, until Commit.
 func (r *Replica) Append(es []*journal.Entry) error {
 	r.mu.RLock()
-	j := r.j
+	j, committed := r.j, r.man.CommittedTo
 	r.mu.RUnlock()
+	if committed != "" {
+		return fmt.Errorf("%w: to group %s", ErrCommitted, committed)
+	}
 	if j == nil {
 		return ErrNotReady
 	}
@@ -520,7 +533,9 @@ func (r *Replica) inGap(seq uint64) bool {
 }
 
 // firstViewable is the oldest sequence a view can show. Caller holds mu.
-func (r *Replica) firstViewable() uint64 { return max(r.man.ConsistentSeq, r.man.FoldedSeq) }
+func (r *Replica) firstViewable() uint64 {
+	return max(r.man.ConsistentSeq, r.man.FoldedSeq, r.man.FoldingTo)
+}
 
 // Close closes the replica.
 func (r *Replica) Close() error {

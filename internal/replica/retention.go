@@ -90,6 +90,12 @@ func (r *Replica) FoldBefore(ctx context.Context, cutoff time.Time) (uint64, err
 // points before seq hold it back: the fold stops at the oldest of them.
 // Idempotent; a seq at or below the folded point does nothing.
 func (r *Replica) Fold(ctx context.Context, seq uint64) (uint64, error) {
+	to, _, err := r.fold(ctx, seq)
+	return to, err
+}
+
+// fold is Fold that also returns the bytes it wrote into the images.
+func (r *Replica) fold(ctx context.Context, seq uint64) (_ uint64, wrote int64, _ error) {
 	r.foldMu.Lock()
 	defer r.foldMu.Unlock()
 	r.mu.RLock()
@@ -97,44 +103,66 @@ func (r *Replica) Fold(ctx context.Context, seq uint64) (uint64, error) {
 	from := r.man.FoldedSeq + 1
 	if r.man.ConsistentSeq == 0 || j == nil {
 		r.mu.RUnlock()
-		return 0, ErrNotReady
+		return 0, 0, ErrNotReady
 	}
 	seq = min(seq, j.LastSeq())
 	for _, at := range r.viewHolds {
 		seq = min(seq, at)
 	}
+	if r.man.CommittedSeq != 0 {
+		seq = min(seq, r.man.CommittedSeq)
+	}
 	r.mu.RUnlock()
 	if seq < from {
-		return from - 1, nil
+		return from - 1, 0, nil
 	}
+	// The intent first: once an entry past FoldedSeq may be in an image,
+	// a view below the fold's end would show it, so none is offered
+	// (across a crash too) until the fold is done.
+	r.mu.Lock()
+	if seq > r.man.FoldingTo {
+		r.man.FoldingTo = seq
+		if err := r.saveManifest(); err != nil {
+			r.mu.Unlock()
+			return 0, wrote, fmt.Errorf("fold: save intent: %w", err)
+		}
+	}
+	r.mu.Unlock()
+	crash("fold-intent-saved")
 	rd, err := j.NewReader(from)
 	if err != nil {
-		return 0, fmt.Errorf("fold: %w", err)
+		return 0, wrote, fmt.Errorf("fold: %w", err)
 	}
 	defer rd.Close()
 	for s := from; s <= seq; s++ {
 		if ctx.Err() != nil {
-			return 0, ctx.Err()
+			return 0, wrote, ctx.Err()
 		}
 		e, ok, err := rd.TryNext()
 		if err != nil || !ok {
-			return 0, fmt.Errorf("fold at %d: %v", s, err)
+			return 0, wrote, fmt.Errorf("fold at %d: %v", s, err)
+		}
+		if e.Kind != journal.KindMarker {
+			wrote += int64(e.Length)
 		}
 		if err := r.applyToImage(&e); err != nil {
-			return 0, fmt.Errorf("fold seq %d: %w", s, err)
+			return 0, wrote, fmt.Errorf("fold seq %d: %w", s, err)
+		}
+		if s == from {
+			crash("fold-first-applied")
 		}
 	}
 	r.mu.Lock()
 	for _, f := range r.images {
 		if err := f.Sync(); err != nil {
 			r.mu.Unlock()
-			return 0, fmt.Errorf("fold: sync image: %w", err)
+			return 0, wrote, fmt.Errorf("fold: sync image: %w", err)
 		}
 	}
 	r.man.FoldedSeq = seq
 	if err := r.saveManifest(); err != nil {
 		r.mu.Unlock()
-		return 0, fmt.Errorf("fold: %w", err)
+		return 0, wrote, fmt.Errorf("fold: %w", err)
 	}
 	for _, x := range r.idx {
 		x.dropUpTo(seq)
@@ -148,10 +176,10 @@ func (r *Replica) Fold(ctx context.Context, seq uint64) (uint64, error) {
 	r.points = keep
 	r.mu.Unlock()
 	if err := j.Trim(seq + 1); err != nil {
-		return seq, err
+		return seq, wrote, err
 	}
 	r.log.Info("folded journal into replica images", "to_seq", seq)
-	return seq, nil
+	return seq, wrote, nil
 }
 
 func (r *Replica) applyToImage(e *journal.Entry) error {
