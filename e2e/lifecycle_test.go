@@ -145,7 +145,35 @@ func TestDRLifecycle(t *testing.T) {
 	refused(api.ErrConflict, "only a protected VM can fail over")(c.Failover(ctx, "web", api.FailoverRequest{}))
 	refused(api.ErrConflict, "commit the failover first")(c.Reprotect(ctx, "web"))
 
-	ok(c.Commit(ctx, "web"))
+	// Commit does not stop the VM: its HTTP answers every 100 ms poll
+	// while the job runs, and its record count keeps growing.
+	pollStop := make(chan struct{})
+	pollDone := make(chan []string)
+	go func() {
+		var missed []string
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-pollStop:
+				pollDone <- missed
+				return
+			case <-tick.C:
+			}
+			if _, err := guest.FetchState(webB); err != nil {
+				missed = append(missed, err.Error())
+			}
+		}
+	}()
+	cj := ok(c.Commit(ctx, "web"))
+	close(pollStop)
+	if missed := <-pollDone; len(missed) > 0 {
+		t.Fatalf("the VM did not answer %d polls during commit: %v", len(missed), missed)
+	}
+	if msgs := strings.Join(cj.Steps[0].Messages, " "); !strings.Contains(msgs, "kept running") {
+		t.Fatalf("commit steps: %+v", cj.Steps)
+	}
+	t.Logf("commit: %v", cj.Steps[0].Messages)
 	if p := protection(); p.State != api.StateCommitted {
 		t.Fatalf("after commit: %+v", p)
 	}

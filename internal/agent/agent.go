@@ -55,6 +55,13 @@ type Config struct {
 	// in it can be recovered (default 24 h); older entries are folded into
 	// the replica images every FoldInterval (default 1 min).
 	Retention, FoldInterval time.Duration
+	// FoldRate bounds the background fold of a committed group (the
+	// replica's journal and the VM's writes since its failover moved
+	// into plain images), in bytes per second (default 128 MiB/s).
+	FoldRate int64
+	// NoFold keeps committed groups from folding in the background (tests
+	// drive the fold step by step).
+	NoFold bool
 	// Points thins the catalog that the API lists.
 	Points replica.Policy
 	// Now is the clock (default time.Now).
@@ -135,6 +142,7 @@ type openView struct {
 	seq     uint64
 	v       *replica.View
 	export  string
+	sw      *nbd.Switch // the export's device: a commit switches it to the group
 }
 
 // Errors for API callers: the api package's sentinels, so that the
@@ -211,18 +219,31 @@ func (a *Agent) Start(ctx context.Context) error {
 	// serve.
 	entries, _ := os.ReadDir(filepath.Join(a.cfg.Dir, "groups"))
 	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".") {
+			// A commit that died before its group was renamed into
+			// place: its replica is still a replica (rolled back below).
+			os.RemoveAll(filepath.Join(a.cfg.Dir, "groups", e.Name()))
+			continue
+		}
 		if e.IsDir() {
-			if err := a.openGroup(e.Name()); err != nil {
+			if err := a.openGroup(e.Name(), nil); err != nil {
 				a.problem("group", e.Name(), err)
 			}
 		}
 	}
 	entries, _ = os.ReadDir(filepath.Join(a.cfg.Dir, "replicas"))
 	for _, e := range entries {
-		if e.IsDir() {
-			if _, err := a.openReplica(e.Name()); err != nil {
-				a.problem("replica", e.Name(), err)
-			}
+		if !e.IsDir() {
+			continue
+		}
+		a.mu.Lock()
+		gr := a.groups[e.Name()]
+		a.mu.Unlock()
+		if gr != nil && gr.g.Layered() {
+			continue // the base of a committed group, opened by it
+		}
+		if _, err := a.openReplica(e.Name()); err != nil {
+			a.problem("replica", e.Name(), err)
 		}
 	}
 	a.startFolding()
@@ -329,8 +350,19 @@ func (a *Agent) groupDir(name string) string { return filepath.Join(a.cfg.Dir, "
 // openGroup opens an existing group, exports its disks and resumes its
 // replication. The shipper's hold is placed before the checkpoint loop
 // starts, so nothing unshipped can be trimmed.
-func (a *Agent) openGroup(name string) error {
-	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), CheckpointInterval: a.cfg.CheckpointInterval, Logger: a.log.With("group", name)})
+//
+// base, if not nil, is the base of a group a commit just created (the
+// replica, still open); otherwise a layered group opens its base from the
+// replica directory its manifest names.
+func (a *Agent) openGroup(name string, base disk.Base) error {
+	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), CheckpointInterval: a.cfg.CheckpointInterval,
+		FoldRate: a.cfg.FoldRate, NoFold: a.cfg.NoFold, Logger: a.log.With("group", name),
+		OpenBase: func(ref disk.BaseRef) (disk.Base, error) {
+			if base != nil {
+				return base, nil
+			}
+			return a.openBase(ref)
+		}})
 	if err != nil {
 		return err
 	}
@@ -553,7 +585,7 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 	if err := g.Close(); err != nil {
 		return err
 	}
-	return a.openGroup(name)
+	return a.openGroup(name, nil)
 }
 
 // DeleteGroup removes a group that does not replicate: its exports are
@@ -581,10 +613,8 @@ func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 	for _, d := range gr.g.Disks() {
 		a.nbd.RemoveExport(exportName(name, d.Name))
 	}
-	if err := gr.g.Close(); err != nil {
-		a.log.Warn("close deleted group", "group", name, "err", err)
-	}
-	return os.RemoveAll(a.groupDir(name))
+	// Remove also deletes the base of a committed group still folding.
+	return gr.g.Remove()
 }
 
 // Fence records that generation gen of the group is active at another site
@@ -667,6 +697,14 @@ func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64, s
 			a.log.Warn("no changed-block tracking from the old source; the reprotect compares checksums", "group", name, "err", err)
 		} else {
 			pc = &c
+		}
+	}
+	if gr.g.Layered() {
+		// The replica takes plain images: the commit's fold ends first
+		// (it is bounded by what the VM and the old replica wrote, not by
+		// the disks' size).
+		if err := gr.g.FinishFold(ctx); err != nil {
+			return nil, nil, fmt.Errorf("finish the fold of %s before it becomes a replica: %w", name, err)
 		}
 	}
 	if gr.shipper != nil {
@@ -776,12 +814,47 @@ func (a *Agent) openReplica(name string) (*replica.Replica, error) {
 	if r := a.replicas[name]; r != nil {
 		return r, nil
 	}
-	r, err := replica.Open(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log.With("replica", name)})
+	if a.groups[name] != nil {
+		return nil, fmt.Errorf("%w: %s is a group at this site", ErrConflict, name)
+	}
+	dir := filepath.Join(a.cfg.Dir, "replicas", name)
+	r, err := replica.Open(replica.Config{Dir: dir, Logger: a.log.With("replica", name)})
 	if err != nil {
 		return nil, err
 	}
+	if group, _ := r.Committed(); group != "" {
+		// The commit did not create its group (it died before the
+		// group's directory was renamed into place): the replica is a
+		// replica again, recovery points and all.
+		a.log.Warn("a commit did not finish; the replica is kept as it was", "replica", name)
+		if err := r.Uncommit(); err != nil {
+			r.Close()
+			return nil, err
+		}
+	}
 	a.replicas[name] = r
 	return r, nil
+}
+
+// openBase opens the committed replica a layered group is folding.
+func (a *Agent) openBase(ref disk.BaseRef) (disk.Base, error) {
+	if err := api.CheckName(api.KindGroup, ref.Name); err != nil {
+		return nil, err
+	}
+	r, err := replica.Open(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", ref.Name), Logger: a.log.With("replica", ref.Name)})
+	if err != nil {
+		return nil, err
+	}
+	if group, seq := r.Committed(); group != ref.Name || seq != ref.Seq {
+		r.Close()
+		return nil, fmt.Errorf("replica %s is committed to %q at %d, not to the group at %d", ref.Name, group, seq, ref.Seq)
+	}
+	b, err := r.Base()
+	if err != nil {
+		r.Close()
+		return nil, err
+	}
+	return b, nil
 }
 
 func (a *Agent) sourcePath(name string) string {
@@ -931,9 +1004,9 @@ func (a *Agent) OpenView(replicaName, diskName string, seq uint64, writable bool
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	ov := &openView{id: id, replica: replicaName, disk: diskName, seq: seq, v: v, export: "view/" + id}
+	ov := &openView{id: id, replica: replicaName, disk: diskName, seq: seq, v: v, export: "view/" + id, sw: nbd.NewSwitch(v)}
 	if err := a.nbd.AddExport(nbd.Export{Name: ov.export, Description: fmt.Sprintf("%s/%s at %d", replicaName, diskName, seq),
-		Size: v.Size(), ReadOnly: !writable, Device: a.metrics.instrument(v)}); err != nil {
+		Size: v.Size(), ReadOnly: !writable, Device: a.metrics.instrument(ov.sw)}); err != nil {
 		v.Close()
 		return nil, err
 	}
@@ -978,6 +1051,10 @@ func (a *Agent) Status() Status {
 		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size(), Fenced: gr.fenced}
 		if err := gr.g.Failed(); err != nil {
 			gs.Failed = err.Error()
+		}
+		if gr.g.Layered() {
+			f := gr.g.Fold()
+			gs.Fold = &f
 		}
 		for _, d := range gs.Disks {
 			gs.Exports = append(gs.Exports, exportName(gr.name, d.Name))

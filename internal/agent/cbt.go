@@ -55,20 +55,24 @@ func (a *Agent) divergencePath(name string) string {
 
 func writeJSONFile(path string, v any) error { return atomicfile.WriteJSON(path, v, 0o600) }
 
-// recordDivergence is called by a commit, before the replica goes: it
-// notes what the views wrote and what the replica received after their
-// point, and holds the group's journal from now on.
-func (a *Agent) recordDivergence(gr *group, rep *replica.Replica, views []*openView) error {
-	d := divergence{Chunks: replication.NewChunks()}
-	for _, ov := range views {
-		d.Base = ov.seq
-		ov.v.Written(func(off, n int64) { d.Chunks.Add(ov.disk, off, n) })
-	}
-	last, err := rep.Changes(d.Base, func(disk string, off, n int64) { d.Chunks.Add(disk, off, n) })
+// replicaDivergence starts a commit's divergence record: what the
+// replica received after the point seq, from its index. The commit adds
+// what the VM wrote (its views' overlays) and saves it with
+// saveDivergence.
+func replicaDivergence(rep *replica.Replica, seq uint64) (divergence, error) {
+	d := divergence{Chunks: replication.NewChunks(), Base: seq}
+	last, err := rep.Changes(seq, func(disk string, off, n int64) { d.Chunks.Add(disk, off, n) })
 	if err != nil {
-		return err
+		return d, err
 	}
 	d.Received = last
+	return d, nil
+}
+
+// saveDivergence records d for the group a commit created and holds the
+// group's journal from its start: the group's own writes are tracked
+// there.
+func (a *Agent) saveDivergence(gr *group, d divergence) error {
 	gr.divMu.Lock()
 	defer gr.divMu.Unlock()
 	d.After = gr.g.Journal().LastSeq()

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/replication"
 )
@@ -73,12 +74,14 @@ var (
 		"VMs this site runs, by state.", []string{"state"}, nil)
 	descProblem = prometheus.NewDesc("ferry_problems",
 		"Groups and replicas that did not open (damaged) or that failed and refuse writes, by kind; the agent's status says which and why.", []string{"kind"}, nil)
+	descFold = prometheus.NewDesc("ferry_fold_remaining",
+		"Work left in a committed group's background fold, by unit: journal entries of the old replica, bytes of the VM's writes since the failover (0 once the disks are plain images).", []string{"group", "unit"}, nil)
 )
 
 type statusCollector struct{ a *Agent }
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem} {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold} {
 		ch <- d
 	}
 }
@@ -104,6 +107,12 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, g := range st.Groups {
 		gauge(descJournal, float64(g.JournalBytes), g.Name, "source")
+		var f api.FoldStatus // zero for a group with plain images
+		if g.Fold != nil {
+			f = *g.Fold
+		}
+		gauge(descFold, float64(f.EntriesLeft), g.Name, "entries")
+		gauge(descFold, float64(f.BytesLeft), g.Name, "bytes")
 		r := g.Replication
 		if r == nil {
 			continue

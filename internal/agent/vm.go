@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 )
@@ -29,6 +31,9 @@ type runningVM struct {
 	vm    *qemu.VM
 	views []string // writable views it runs on (closed when it stops)
 	seq   uint64   // the point, for a VM on a replica
+	// exports are the exports of views a commit switched to the group:
+	// the VM still uses them; they go when it stops.
+	exports []string
 }
 
 // AppPointStatus is the outcome of the last application-consistent point.
@@ -124,6 +129,9 @@ func (a *Agent) StopVM(ctx context.Context, name string, opts api.StopOptions) (
 	if len(rv.views) > 0 {
 		a.closeViews(rv.views)
 		steps = append(steps, "writable views closed: the VM's writes since its point are discarded")
+	}
+	for _, e := range rv.exports {
+		a.nbd.RemoveExport(e)
 	}
 	return steps, err
 }
@@ -259,101 +267,187 @@ func (a *Agent) stopVMs() {
 }
 
 // CommitVM makes a VM that runs on writable views of a replica (a failover)
-// standalone: it stops the VM, copies each view (the point plus the VM's
-// writes since) into a new group of the same name, deletes the replica
-// with its journal and recovery points, and starts the VM again on the
-// group. It returns the steps taken.
+// standalone, without stopping it: the views' overlays become the top
+// layers of a new group of the same name over the replica at the point
+// (its base), the VM's exports switch to the group's disks between two of
+// its requests, and the replica's recovery points go. A background fold
+// then makes the group's disks plain images (docs/architecture.md,
+// "Commit"). The job's time does not depend on the disks' size: it syncs
+// the overlays and writes a few small files. It returns the steps taken.
+//
+// Crash safety: the group is built aside and renamed into place; the
+// replica is marked committed just before. A crash before the rename
+// leaves the replica as it was (Start rolls the mark back); after it, the
+// group opens over its base.
 func (a *Agent) CommitVM(ctx context.Context, name string) ([]string, error) {
 	a.mu.Lock()
 	rv := a.vms[name]
+	var rep *replica.Replica
+	var views []*openView
+	if rv != nil {
+		rep = a.replicas[rv.group]
+		for _, id := range rv.views {
+			views = append(views, a.views[id])
+		}
+	}
 	a.mu.Unlock()
-	if rv == nil || len(rv.views) == 0 {
+	if rv == nil || len(rv.views) == 0 || rep == nil {
 		return nil, fmt.Errorf("%w: no VM %q running on a replica", ErrNotFound, name)
+	}
+	steps, err := a.commitViews(ctx, rv.group, rep, views)
+	if err != nil {
+		return steps, err
+	}
+	a.mu.Lock()
+	for _, ov := range views {
+		rv.exports = append(rv.exports, ov.export)
+	}
+	rv.views, rv.seq = nil, 0
+	a.mu.Unlock()
+	steps = append(steps, fmt.Sprintf("VM %s kept running", name))
+	return steps, nil
+}
+
+// commitViews is the commit of the writable views a VM runs on (any
+// client of their exports): see CommitVM. The views' exports stay, now
+// serving the group's disks.
+func (a *Agent) commitViews(ctx context.Context, repName string, rep *replica.Replica, views []*openView) ([]string, error) {
+	if _, err := a.group(repName); err == nil {
+		return nil, fmt.Errorf("%w: a group %q exists at this site already", ErrConflict, repName)
 	}
 	var steps []string
 	say := func(format string, args ...any) {
 		s := fmt.Sprintf(format, args...)
 		steps = append(steps, s)
-		a.log.Info("commit", "vm", name, "step", s)
+		a.log.Info("commit", "group", repName, "step", s)
 	}
-	spec := rv.vm.Spec
-	if err := rv.vm.Shutdown(ctx, 60*time.Second, func(s string) { say("%s", s) }); err != nil {
-		return steps, err
-	}
-	repName := rv.group
-	a.mu.Lock()
-	rep := a.replicas[repName]
-	var views []*openView
-	for _, id := range rv.views {
-		views = append(views, a.views[id])
-	}
-	a.mu.Unlock()
+	start := time.Now()
+	seq := views[0].seq
+	// Divergence first, while the replica still offers its index: what
+	// the VM wrote and what the replica received after the point.
 	var specs []disk.Spec
 	for _, d := range rep.Disks() {
-		specs = append(specs, disk.Spec{Name: d.Name, Size: d.Size})
+		specs = append(specs, disk.Spec{ID: d.ID, Name: d.Name, Size: d.Size})
 	}
-	if err := a.CreateGroup(repName, specs); err != nil {
-		return steps, fmt.Errorf("create standalone disks: %w", err)
-	}
-	a.mu.Lock()
-	gr := a.groups[repName]
-	a.mu.Unlock()
-	buf := make([]byte, 1<<20)
+	div, divErr := replicaDivergence(rep, seq)
+
 	for _, ov := range views {
-		d, err := gr.g.Disk(ov.disk)
+		ov.sw.Pause()
+	}
+	paused := time.Now()
+	resumed := false
+	resume := func(gr *group) {
+		if resumed {
+			return
+		}
+		resumed = true
+		for _, ov := range views {
+			var next nbd.Device
+			if gr != nil {
+				next, _ = gr.g.Disk(ov.disk)
+			}
+			ov.sw.Resume(next)
+		}
+	}
+	defer resume(nil)
+
+	aside := filepath.Join(a.cfg.Dir, "groups", "."+repName+".commit")
+	os.RemoveAll(aside)
+	layers := map[uint16]disk.Layer{}
+	ids := map[string]uint16{}
+	for _, s := range specs {
+		ids[s.Name] = s.ID
+	}
+	var written int64
+	for _, ov := range views {
+		path, present, err := ov.v.TakeOverlay()
 		if err != nil {
 			return steps, err
 		}
-		var copied int64
-		for off := int64(0); off < d.Size(); off += int64(len(buf)) {
-			n := min(int64(len(buf)), d.Size()-off)
-			if err := ov.v.ReadAt(ctx, buf[:n], off); err != nil {
-				return steps, fmt.Errorf("read view of %s: %w", ov.disk, err)
-			}
-			if allZero(buf[:n]) {
-				continue
-			}
-			if err := d.WriteAt(ctx, buf[:n], off); err != nil {
-				return steps, err
-			}
-			copied += n
+		layers[ids[ov.disk]] = disk.Layer{Path: path, Present: present}
+		written += present.Len() * disk.BlockSize
+		if divErr == nil {
+			ov.v.Written(func(off, n int64) { div.Chunks.Add(ov.disk, off, n) })
 		}
-		say("disk %s: %d bytes copied from point %d and the VM's writes", ov.disk, copied, ov.seq)
 	}
-	if err := gr.g.Flush(ctx); err != nil {
+	rollback := func() {
+		// The overlays go back where the views find them (their files
+		// stay open either way), the replica is a replica again.
+		for _, ov := range views {
+			os.Rename(filepath.Join(aside, "images", ov.disk+".top"), layers[ids[ov.disk]].Path)
+		}
+		os.RemoveAll(aside)
+		rep.Uncommit()
+	}
+	if err := disk.CreateLayered(aside, specs, layers, disk.BaseRef{Name: repName, Seq: seq}); err != nil {
+		rollback()
+		return steps, fmt.Errorf("build the committed group: %w", err)
+	}
+	if err := rep.CommitAt(seq, repName); err != nil {
+		rollback()
 		return steps, err
 	}
-	if err := a.recordDivergence(gr, rep, views); err != nil {
-		a.log.Warn("no changed-block tracking: a reprotect will compare checksums", "vm", name, "err", err)
-		say("changed-block tracking unavailable (%v): a reprotect will compare checksums", err)
-	} else {
-		say("changed-block tracking kept for a reprotect")
+	crash("commit-replica-marked")
+	if err := os.Rename(aside, a.groupDir(repName)); err != nil {
+		rollback()
+		return steps, fmt.Errorf("put the committed group in place: %w", err)
 	}
-	a.closeViews(rv.views)
-	if err := a.dropReplica(repName); err != nil {
+	if err := atomicfile.SyncDir(filepath.Join(a.cfg.Dir, "groups")); err != nil {
 		return steps, err
 	}
-	say("replica %s deleted with its journal and recovery points", repName)
-	a.mu.Lock()
-	delete(a.vms, name)
-	a.mu.Unlock()
-	st, err := a.StartVM(ctx, VMRequest{Name: name, Group: repName, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB,
-		Boot: spec.Boot, Net: spec.Net, Subnet: spec.Subnet, Forwards: spec.Forwards, QGA: spec.QGA, Accel: spec.Accel})
+	crash("commit-group-in-place")
+	base, err := rep.Base()
 	if err != nil {
 		return steps, err
 	}
-	say("VM %s %s on its standalone disks", name, st.State)
+	a.mu.Lock()
+	delete(a.replicas, repName)
+	a.mu.Unlock()
+	if err := a.openGroup(repName, base); err != nil {
+		// The group is in place and complete: a restart opens it. The VM
+		// stays paused rather than write past it into an overlay.
+		return steps, fmt.Errorf("open the committed group (restart the agent to open it): %w", err)
+	}
+	gr, err := a.group(repName)
+	if err != nil {
+		return steps, err
+	}
+	if divErr == nil {
+		divErr = a.saveDivergence(gr, div)
+	}
+	resume(gr)
+	pause := time.Since(paused)
+	say("disks switched to the standalone group %s at point %d under the running VM (I/O paused %s); %d bytes the VM wrote since the failover kept as top layers",
+		repName, seq, pause.Round(time.Microsecond), written)
+	if divErr != nil {
+		a.log.Warn("no changed-block tracking: a reprotect will compare checksums", "group", repName, "err", divErr)
+		say("changed-block tracking unavailable (%v): a reprotect will compare checksums", divErr)
+	} else {
+		say("changed-block tracking kept for a reprotect")
+	}
+	a.mu.Lock()
+	for _, ov := range views {
+		delete(a.views, ov.id)
+	}
+	a.mu.Unlock()
+	for _, ov := range views {
+		ov.v.Close() // the overlay file now belongs to the group
+	}
+	say("recovery points of %s removed; the replica's journal up to the point folds into the group's images in the background", repName)
+	say("commit took %s", time.Since(start).Round(time.Millisecond))
 	return steps, nil
 }
 
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
+// CrashPoint, if set (tests only), is called at each named step of a
+// multi-file change; a test makes the process die there and restarts it.
+var CrashPoint func(name string)
+
+func crash(name string) {
+	if CrashPoint != nil {
+		CrashPoint(name)
 	}
-	return true
 }
+
 
 // dropReplica closes and deletes a replica.
 // DeleteReplica deletes a replica with its journal and recovery points

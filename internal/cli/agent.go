@@ -230,6 +230,7 @@ func addAgentFlags(c *cobra.Command, o *agentOpts) {
 func agentRunCmd(e *env) *cobra.Command {
 	var dir, name, listen, pkiDir, vaultAddr string
 	var points, retention, appEvery time.Duration
+	var foldMiB int64
 	c := &cobra.Command{Use: "run", Short: "Run a site agent (the daemon)", Args: cobra.NoArgs,
 		Example: "  ferry agent run --dir /var/lib/ferry --name east --listen 0.0.0.0:7410 --pki /etc/ferry/pki --vault vault.example:7400\n" +
 			"  ferry agent run --config /etc/ferry/agent.toml",
@@ -237,7 +238,7 @@ func agentRunCmd(e *env) *cobra.Command {
 			if dir == "" || name == "" || pkiDir == "" {
 				return usagef("--dir, --name and --pki are required (flags or the config file)")
 			}
-			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr})
+			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20})
 			if err != nil {
 				return err
 			}
@@ -258,6 +259,7 @@ func agentRunCmd(e *env) *cobra.Command {
 	fs.DurationVar(&retention, "retention", 24*time.Hour, "how long replicas keep every instant recoverable")
 	fs.DurationVar(&appEvery, "app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
 	str(fs, &vaultAddr, "vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
+	fs.Int64Var(&foldMiB, "fold-rate", 128, "MiB/s the background fold of a committed group may write (it makes the disks plain images; the VM runs throughout)")
 	return c
 }
 
@@ -271,6 +273,9 @@ func statusText(st api.AgentStatus) string {
 		}
 		if g.Failed != "" {
 			fmt.Fprintf(&b, "  FAILED, refusing writes: %s\n", g.Failed)
+		}
+		if f := g.Fold; f != nil && f.Phase != api.FoldDone {
+			fmt.Fprintf(&b, "  folding after commit (%s): %d journal entries, %d bytes of the VM's writes left\n", f.Phase, f.EntriesLeft, f.BytesLeft)
 		}
 		if r := g.Replication; r != nil {
 			fmt.Fprintf(&b, "  -> %s: %s, acked %d, RPO %.3fs, pending %d B, %.1f MB/s", g.PeerName, r.State, r.AckedSeq, r.RPO, r.PendingBytes, r.ThroughputBps/1e6)

@@ -4,11 +4,13 @@ import (
 	"cmp"
 	"slices"
 
+	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
 )
 
-// BlockSize is the granularity of the version index.
-const BlockSize = 4096
+// BlockSize is the granularity of the version index (the same as a
+// layered disk's, so a view's overlay can become a top layer).
+const BlockSize = disk.BlockSize
 
 // bigRange is the number of blocks from which a zero or trim is kept as
 // one range operation rather than a version per block (a discard of a

@@ -6,6 +6,8 @@ import (
 	"os"
 	"sync"
 	"syscall"
+
+	"github.com/ferry-dr/ferry/internal/disk"
 )
 
 // View is a disk of the replica as it was at one point: the image plus,
@@ -21,6 +23,7 @@ type View struct {
 	mu      sync.Mutex // overlay
 	overlay *os.File
 	present map[int64]bool // blocks held in the overlay
+	taken   bool           // a commit took the overlay: Close keeps it
 	ops     []op
 }
 
@@ -196,9 +199,34 @@ func (v *View) Close() error {
 		name := v.overlay.Name()
 		v.overlay.Close()
 		v.overlay = nil
+		if v.taken {
+			return nil
+		}
 		return os.Remove(name)
 	}
 	return nil
+}
+
+// TakeOverlay hands a writable view's overlay to a commit, which makes it
+// the top layer of the group that replaces the view: the overlay is made
+// durable and its path and blocks returned. The view must not be written
+// afterwards (the commit pauses its device first); Close then leaves the
+// file alone.
+func (v *View) TakeOverlay() (path string, present disk.BlockSet, err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.overlay == nil {
+		return "", disk.BlockSet{}, fmt.Errorf("%w: no overlay to take", ErrReadOnlyView)
+	}
+	if err := v.overlay.Sync(); err != nil {
+		return "", disk.BlockSet{}, fmt.Errorf("sync view overlay: %w", err)
+	}
+	present = disk.NewBlockSet(v.size)
+	for b := range v.present {
+		present.Add(b)
+	}
+	v.taken = true
+	return v.overlay.Name(), present, nil
 }
 
 // Written calls fn for every block a writable view's overlay holds (the
