@@ -448,7 +448,6 @@ func crash(name string) {
 	}
 }
 
-
 // dropReplica closes and deletes a replica.
 // DeleteReplica deletes a replica with its journal and recovery points
 // (protection disabled). Refused while a VM runs on it or a view is open.

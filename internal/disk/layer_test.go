@@ -36,7 +36,9 @@ type pendingWrite struct {
 
 var _ Base = (*fileBase)(nil)
 
-func (b *fileBase) ImagePath(id uint16) string { return filepath.Join(b.dir, fmt.Sprintf("%d.img", id)) }
+func (b *fileBase) ImagePath(id uint16) string {
+	return filepath.Join(b.dir, fmt.Sprintf("%d.img", id))
+}
 
 func (b *fileBase) ReadAt(id uint16, p []byte, off int64) error {
 	b.mu.Lock()
