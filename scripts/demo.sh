@@ -170,7 +170,7 @@ printf '%-44s %s\n' "unplanned failover RPO (east killed)" "$(printf %.2f "$unpl
 printf '%-44s %s\n' "unplanned failover job (excl. guest boot)" "${failover_s}s"
 printf '%-44s %s\n' "VM answering at west after failover began" "$(printf %.1f "$vm_answering")s"
 printf '%-44s %s\n' "commit (CLI, job end to end)" "${commit_s}s, VM unanswered polls: $commit_missed"
-printf '%-44s %s\n' "planned failback job (incl. source shutdown)" "${planned_job_s}s"
+printf '%-44s %s\n' "planned failback job (excl. shutdown, boot)" "${planned_job_s}s"
 printf '%-44s %s\n' "records lost in the planned failback" "$lost"
 printf '%-44s %s\n' "reprotect west->east" "$r1"
 printf '%-44s %s\n' "reprotect east->west" "$r2"

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -92,6 +93,7 @@ type Replica struct {
 	idx    map[uint16]*diskIndex
 	points []Point
 	tail   *journal.Reader // indexes what Receive appended
+	peeked *peekedEntry    // read by tail past the last commit, indexed by the next
 	last   journal.Entry   // header of the last entry received (no data)
 
 	// gaps are ranges of sequence numbers at which the replica is not
@@ -133,7 +135,7 @@ func Open(cfg Config) (*Replica, error) {
 	if err := r.openData(); err != nil {
 		return nil, err
 	}
-	if err := r.indexNew(); err != nil {
+	if err := r.indexNew(math.MaxUint64); err != nil {
 		r.closeData()
 		return nil, err
 	}
@@ -181,6 +183,7 @@ func (r *Replica) closeData() {
 		r.tail.Close()
 		r.tail = nil
 	}
+	r.peeked = nil
 	for _, f := range r.images {
 		f.Close()
 	}
@@ -193,13 +196,31 @@ func (r *Replica) closeData() {
 
 // indexNew indexes every entry appended since the last call. Caller holds
 // mu (or has exclusive access).
-func (r *Replica) indexNew() error {
+func (r *Replica) indexNew(limit uint64) error {
 	for {
-		e, ok, err := r.tail.TryNext()
-		if err != nil {
-			return fmt.Errorf("index replica journal: %w", err)
+		var (
+			e   journal.Entry
+			loc journal.Loc
+		)
+		if r.peeked != nil {
+			e, loc, r.peeked = r.peeked.e, r.peeked.loc, nil
+		} else {
+			var ok bool
+			var err error
+			e, ok, err = r.tail.TryNext()
+			if err != nil {
+				return fmt.Errorf("index replica journal: %w", err)
+			}
+			if !ok {
+				return nil
+			}
+			loc = r.tail.Loc()
 		}
-		if !ok {
+		if e.Seq > limit {
+			// Appended while a commit ran, and not yet durable: not
+			// offered until the commit that covers it.
+			e.Data = append([]byte(nil), e.Data...)
+			r.peeked = &peekedEntry{e: e, loc: loc}
 			return nil
 		}
 		switch e.Kind {
@@ -224,12 +245,17 @@ func (r *Replica) indexNew() error {
 			if x == nil {
 				return fmt.Errorf("%w: entry %d names disk %d", ErrUnknownDisk, e.Seq, e.Disk)
 			}
-			x.add(&e, r.tail.Loc())
+			x.add(&e, loc)
 		}
 		hdr := e
 		hdr.Data = nil
 		r.last = hdr
 	}
+}
+
+type peekedEntry struct {
+	e   journal.Entry
+	loc journal.Loc
 }
 
 // Begin starts (or restarts) the initial copy of group with the given
@@ -436,9 +462,10 @@ func (r *Replica) Append(es []*journal.Entry) error {
 	return err
 }
 
-// Commit makes everything appended durable, indexes it and returns the last
-// durable sequence number: only then may the sender treat it as
-// acknowledged.
+// Commit makes everything appended before the call durable, indexes it
+// and returns the last sequence number it made durable: only then may the
+// sender treat it as acknowledged. Appends may run concurrently; what
+// they add is left to the next Commit.
 func (r *Replica) Commit(ctx context.Context) (uint64, error) {
 	r.mu.RLock()
 	j := r.j
@@ -446,7 +473,8 @@ func (r *Replica) Commit(ctx context.Context) (uint64, error) {
 	if j == nil {
 		return 0, ErrNotReady
 	}
-	if err := j.Sync(ctx); err != nil {
+	last := j.LastSeq()
+	if err := j.SyncTo(ctx, last); err != nil {
 		return 0, err
 	}
 	r.mu.Lock()
@@ -454,10 +482,10 @@ func (r *Replica) Commit(ctx context.Context) (uint64, error) {
 	if r.j != j {
 		return 0, fmt.Errorf("%w: replica was reset or closed during commit", ErrNotReady)
 	}
-	if err := r.indexNew(); err != nil {
+	if err := r.indexNew(last); err != nil {
 		return 0, err
 	}
-	return j.LastSeq(), nil
+	return last, nil
 }
 
 // Receive is Append then Commit.

@@ -7,6 +7,7 @@ package replication
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -78,16 +79,25 @@ func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser, admit fu
 		old.close()
 		<-old.done
 	}
-	return receive(ctx, c, hello, rc.ReplicaFor)
+	return receive(ctx, c, hello, rc.ReplicaFor, func() { conn.Close() })
 }
 
-// receive runs a stream after Hello. It acknowledges a batch only after
-// Replica.Commit made it durable, and commits once per burst of frames
-// that arrived together, so one fsync covers many batches under load.
-func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor ReplicaFor) error {
+// receive runs a stream after Hello. It acknowledges entries only after
+// Replica.Commit made them durable. Commits run on their own goroutine,
+// one at a time, each covering every entry appended before it started, so
+// frames keep being read and appended while an fsync runs: under load one
+// fsync covers many batches, and a slow one does not stall the link.
+// Every other frame waits for the commits in flight first.
+func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor ReplicaFor, closeConn func()) error {
+	var sendMu sync.Mutex
+	send := func(typ byte, parts ...[]byte) error {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		return c.Write(typ, parts...)
+	}
 	rep, err := replicaFor(hello)
 	if err != nil {
-		c.Write(link.TypeError, []byte(err.Error()))
+		send(link.TypeError, []byte(err.Error()))
 		return err
 	}
 	next := rep.NextSeq()
@@ -98,32 +108,37 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 	if next == 0 {
 		w.Delta = rep.HasImages(hello.Disks)
 	}
-	if err := c.WriteJSON(link.TypeWelcome, w); err != nil {
+	b, err := json.Marshal(w)
+	if err != nil {
 		return err
 	}
+	if err := send(link.TypeWelcome, b); err != nil {
+		return err
+	}
+	cm := &committer{rep: rep, send: send, closeConn: closeConn}
+	cm.cond = sync.NewCond(&cm.mu)
+	go cm.run(ctx)
+	defer cm.stop()
 	var es []journal.Entry
 	var ptrs []*journal.Entry
-	pending := false
 	for {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if pending && !c.Buffered() {
-			last, err := rep.Commit(ctx)
-			if err != nil {
-				return fmt.Errorf("commit: %w", err)
-			}
-			if err := c.Write(link.TypeAck, link.EncodeAck(last)); err != nil {
-				return err
-			}
-			pending = false
-		}
 		typ, body, err := c.Read()
 		if err != nil {
+			if cerr := cm.failed(); cerr != nil {
+				return cerr
+			}
 			if errors.Is(err, io.EOF) {
-				return nil
+				return cm.drain()
 			}
 			return err
+		}
+		if typ != link.TypeEntries {
+			if err := cm.drain(); err != nil {
+				return err
+			}
 		}
 		switch typ {
 		case link.TypeBaseStart:
@@ -147,7 +162,7 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 			if err != nil {
 				return err
 			}
-			if err := c.Write(link.TypeHashes, h); err != nil {
+			if err := send(link.TypeHashes, h); err != nil {
 				return err
 			}
 		case link.TypeBaseData:
@@ -168,7 +183,7 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 			}
 			// The base is durable: acknowledge everything before the
 			// journal's start.
-			if err := c.Write(link.TypeAck, link.EncodeAck(rep.NextSeq()-1)); err != nil {
+			if err := send(link.TypeAck, link.EncodeAck(rep.NextSeq()-1)); err != nil {
 				return err
 			}
 		case link.TypeEntries:
@@ -181,14 +196,106 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 				ptrs = append(ptrs, &es[i])
 			}
 			if err := rep.Append(ptrs); err != nil {
-				c.Write(link.TypeError, []byte(err.Error()))
+				send(link.TypeError, []byte(err.Error()))
 				return fmt.Errorf("append: %w", err)
 			}
-			pending = true
+			if err := cm.kick(); err != nil {
+				return err
+			}
 		default:
 			return fmt.Errorf("%w: unexpected frame type %d", link.ErrFrame, typ)
 		}
 	}
+}
+
+// committer makes appended entries durable and acknowledges them, one
+// Replica.Commit at a time, beside the loop that reads and appends.
+type committer struct {
+	rep       *replica.Replica
+	send      func(typ byte, parts ...[]byte) error
+	closeConn func()
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	want    uint64 // appends asked to be committed
+	done    uint64 // appends covered by a finished commit
+	err     error
+	stopped bool
+	exited  bool
+}
+
+func (cm *committer) run(ctx context.Context) {
+	defer func() {
+		cm.mu.Lock()
+		cm.exited = true
+		cm.cond.Broadcast()
+		cm.mu.Unlock()
+	}()
+	for {
+		cm.mu.Lock()
+		for cm.done == cm.want && !cm.stopped {
+			cm.cond.Wait()
+		}
+		if cm.stopped && cm.done == cm.want {
+			cm.mu.Unlock()
+			return
+		}
+		target := cm.want
+		cm.mu.Unlock()
+		last, err := cm.rep.Commit(ctx)
+		if err != nil {
+			err = fmt.Errorf("commit: %w", err)
+		} else if err = cm.send(link.TypeAck, link.EncodeAck(last)); err != nil {
+			err = fmt.Errorf("ack: %w", err)
+		}
+		cm.mu.Lock()
+		cm.done = target
+		if err != nil && cm.err == nil {
+			cm.err = err
+		}
+		cm.cond.Broadcast()
+		cm.mu.Unlock()
+		if err != nil {
+			cm.closeConn() // the reading loop is woken and returns the error
+			return
+		}
+	}
+}
+
+// kick asks for a commit of everything appended so far.
+func (cm *committer) kick() error {
+	cm.mu.Lock()
+	defer cm.mu.Unlock()
+	cm.want++
+	cm.cond.Broadcast()
+	return cm.err
+}
+
+// drain waits until every append asked for is committed.
+func (cm *committer) drain() error {
+	cm.mu.Lock()
+	defer cm.mu.Unlock()
+	for cm.done != cm.want && cm.err == nil && !cm.exited {
+		cm.cond.Wait()
+	}
+	return cm.err
+}
+
+func (cm *committer) failed() error {
+	cm.mu.Lock()
+	defer cm.mu.Unlock()
+	return cm.err
+}
+
+// stop ends the goroutine once what was asked is committed (or failed).
+func (cm *committer) stop() {
+	cm.mu.Lock()
+	cm.stopped = true
+	cm.cond.Broadcast()
+	for !cm.exited {
+		cm.cond.Wait()
+	}
+	cm.mu.Unlock()
 }
 
 func sameDisks(a, b []disk.Spec) bool {
