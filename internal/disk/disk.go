@@ -699,6 +699,18 @@ func (d *Disk) ReadAt(_ context.Context, p []byte, off int64) error {
 	return d.image().ReadAt(p, off)
 }
 
+// DataRanges calls fn, in order of offset, for the parts of the disk that
+// may hold data: the holes of a sparse image, which read as zero, are
+// left out (a layered disk reports all of it). A write that lands in a
+// hole after it was skipped is in the journal: an initial copy, which
+// holds the journal from its start, replays it.
+func (d *Disk) DataRanges(fn func(off, n int64) error) error {
+	if p, ok := d.image().(plainImage); ok {
+		return p.dataRanges(d.spec.Size, fn)
+	}
+	return fn(0, d.spec.Size)
+}
+
 // WriteAt journals and applies a write.
 func (d *Disk) WriteAt(_ context.Context, p []byte, off int64) error {
 	if err := d.check(off, int64(len(p))); err != nil {

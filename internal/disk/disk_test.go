@@ -188,3 +188,52 @@ func TestBadInput(t *testing.T) {
 		t.Fatal("second Open of a live group succeeded")
 	}
 }
+
+// TestDataRanges: the ranges cover every written byte and leave out the
+// big holes between them.
+func TestDataRanges(t *testing.T) {
+	ctx := context.Background()
+	g := openGroup(t, t.TempDir())
+	defer g.Close()
+	d, err := g.CreateDisk("vda", 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	offs := []int64{0, 10 << 20, 40<<20 + 4096, 64<<20 - 4096}
+	for _, off := range offs {
+		if err := d.WriteAt(ctx, bytes.Repeat([]byte{7}, 4096), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var covered int64
+	var last int64 = -1
+	err = d.DataRanges(func(off, n int64) error {
+		if off < last || n <= 0 || off+n > d.Size() {
+			t.Fatalf("range [%d,+%d) out of order or out of the disk", off, n)
+		}
+		last = off + n
+		covered += n
+		for _, w := range offs {
+			if w >= off && w < off+n && w+4096 > off+n {
+				t.Fatalf("range [%d,+%d) cuts the write at %d", off, n, w)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range offs {
+		found := false
+		d.DataRanges(func(off, n int64) error {
+			found = found || (w >= off && w+4096 <= off+n)
+			return nil
+		})
+		if !found {
+			t.Fatalf("the write at %d is in no range", w)
+		}
+	}
+	if covered >= d.Size()/2 {
+		t.Fatalf("the ranges cover %d of %d bytes: holes not skipped", covered, d.Size())
+	}
+}

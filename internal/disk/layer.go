@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/ferry-dr/ferry/internal/atomicfile"
+	"golang.org/x/sys/unix"
 )
 
 // BlockSize is the granularity of a layered disk's top layer.
@@ -195,6 +196,33 @@ func (p plainImage) WriteAt(b []byte, off int64) error {
 }
 
 func (p plainImage) Zero(off, n int64) error { return zeroRange(p.f, off, n) }
+
+// dataRanges reports the allocated parts of the file in [0, size), in
+// order (SEEK_DATA/SEEK_HOLE); without that support, the whole file.
+func (p plainImage) dataRanges(size int64, fn func(off, n int64) error) error {
+	fd := int(p.f.Fd())
+	for off := int64(0); off < size; {
+		start, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return nil // only a hole is left
+		}
+		if err != nil {
+			return fn(off, size-off)
+		}
+		if start >= size {
+			return nil
+		}
+		end, err := unix.Seek(fd, start, unix.SEEK_HOLE)
+		if err != nil || end > size {
+			end = size
+		}
+		if err := fn(start, end-start); err != nil {
+			return err
+		}
+		off = end
+	}
+	return nil
+}
 func (p plainImage) Sync() error             { return fdatasync(p.f) }
 func (p plainImage) Close() error            { return p.f.Close() }
 

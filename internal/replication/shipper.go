@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -562,7 +563,6 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 		}
 	}
 	buf := make([]byte, chunk)
-	zero := make([]byte, chunk)
 	for _, spec := range g.Disks() {
 		d, err := g.Disk(spec.Name)
 		if err != nil {
@@ -600,6 +600,12 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 			s.mu.Unlock()
 			continue
 		}
+		if !delta {
+			if err := s.copyDisk(ctx, c, d, spec); err != nil {
+				return 0, err
+			}
+			continue
+		}
 		var theirs []byte
 		if delta {
 			if err := c.Write(link.TypeHashReq, link.EncodeHashReq(spec.ID, uint32(chunk))); err != nil {
@@ -622,12 +628,10 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 			if err := d.ReadAt(ctx, buf[:n], off); err != nil {
 				return 0, err
 			}
-			send := !bytes.Equal(buf[:n], zero[:n]) // the replica image starts sparse
-			if delta {
-				i := int(off/chunk) * 16
-				h := sha256.Sum256(buf[:n])
-				send = i+16 > len(theirs) || !bytes.Equal(h[:16], theirs[i:i+16])
-			}
+			// Only the chunks whose hashes differ.
+			i := int(off/chunk) * 16
+			h := sha256.Sum256(buf[:n])
+			send := i+16 > len(theirs) || !bytes.Equal(h[:16], theirs[i:i+16])
 			if send {
 				if err := c.Write(link.TypeBaseData, link.EncodeBaseData(spec.ID, off), buf[:n]); err != nil {
 					return 0, err
@@ -651,6 +655,89 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 		s.cfg.Copied()
 	}
 	return start, nil
+}
+
+// copyDisk sends every non-zero MiB of a disk's allocated parts. A
+// reader goroutine stays a few chunks ahead of the sender, so reading the
+// disk and encrypting and sending overlap.
+func (s *Shipper) copyDisk(ctx context.Context, c *link.Conn, d *disk.Disk, spec disk.Spec) error {
+	const chunk, depth = 1 << 20, 4
+	type piece struct {
+		off int64
+		buf []byte
+	}
+	free := make(chan []byte, depth)
+	for range depth {
+		free <- make([]byte, chunk)
+	}
+	full := make(chan piece, depth)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(full)
+		readErr <- d.DataRanges(func(off, n int64) error {
+			for end := off + n; off < end; {
+				k := min(chunk, end-off)
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				if err := d.ReadAt(ctx, buf[:k], off); err != nil {
+					return err
+				}
+				select {
+				case full <- piece{off, buf[:k]}:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				off += k
+			}
+			return nil
+		})
+	}()
+	s.mu.Lock()
+	base := s.copyDone
+	s.mu.Unlock()
+	for p := range full {
+		if !allZero(p.buf) { // the replica image starts sparse
+			if err := c.Write(link.TypeBaseData, link.EncodeBaseData(spec.ID, p.off), p.buf); err != nil {
+				return err
+			}
+			s.mu.Lock()
+			s.sent += int64(len(p.buf))
+			s.rate.add(s.cfg.Now(), int64(len(p.buf)))
+			s.mu.Unlock()
+		}
+		s.mu.Lock()
+		s.copyDone = base + p.off + int64(len(p.buf)) // pieces come in order of offset
+		s.mu.Unlock()
+		free <- p.buf[:cap(p.buf)]
+	}
+	if err := <-readErr; err != nil {
+		return fmt.Errorf("read disk %s: %w", spec.Name, err)
+	}
+	s.mu.Lock()
+	s.copyDone = base + spec.Size
+	s.mu.Unlock()
+	return nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // Status reports the shipper's state, RPO and progress.
