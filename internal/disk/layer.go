@@ -223,8 +223,8 @@ func (p plainImage) dataRanges(size int64, fn func(off, n int64) error) error {
 	}
 	return nil
 }
-func (p plainImage) Sync() error             { return fdatasync(p.f) }
-func (p plainImage) Close() error            { return p.f.Close() }
+func (p plainImage) Sync() error  { return fdatasync(p.f) }
+func (p plainImage) Close() error { return p.f.Close() }
 
 // layered is a disk while its group folds: blocks in present are read
 // from top, the others from the base (through Base.ReadAt until the base
