@@ -73,14 +73,18 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 		if err := expectReplica(ctx, dc, p.VM, src.Name); err != nil {
 			return nil, err
 		}
+		started := v.now()
 		if err := sc.Replicate(ctx, p.VM, api.Replicate{PeerAddr: dst.Addr, PeerName: dst.Name}); err != nil {
 			return nil, err
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.State = StateInitialSync; return nil })
 		r.Step(ctx, "initial replication")
-		if _, _, err := v.waitInSync(ctx, r, sc, p.VM, "copied"); err != nil {
+		sent, total, err := v.waitInSync(ctx, r, sc, p.VM, "copied")
+		if err != nil {
 			return nil, err
 		}
+		r.Say(ctx, 100, "initial replication took %v: %d bytes of disks, %d sent (holes and zeros are not)",
+			v.now().Sub(started).Round(time.Millisecond), total, sent)
 		r.Step(ctx, "protected")
 		return func(p *Protection) { p.State = StateProtected; p.Health = "healthy" }, nil
 	})
