@@ -414,6 +414,18 @@ func (a *Agent) openGroup(name string, base disk.Base) error {
 			a.log.Error("changed-block tracking", "group", gr.name, "err", err)
 		}
 	})
+	// A group that failed for want of space resumes by itself once there
+	// is room again (the failure stays in status and metrics until then).
+	a.every(5*time.Second, gr.stop, func() {
+		if gr.g.Failed() == nil {
+			return
+		}
+		if err := gr.g.Resume(); err != nil {
+			a.log.Debug("failed group does not resume yet", "group", gr.name, "err", err)
+			return
+		}
+		a.log.Info("group resumed after its failure", "group", gr.name)
+	})
 	return nil
 }
 

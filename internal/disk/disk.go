@@ -98,7 +98,10 @@ type Group struct {
 	disks    map[uint16]*Disk
 	man      manifest
 	failed   error
-	closed   bool
+	// unapplied: the failure was applying this entry to its image, and
+	// the journal holds it and the rest; Resume can apply them in place.
+	unapplied uint64
+	closed    bool
 	appended int64 // journal bytes appended since the last checkpoint began
 
 	ckptMu sync.Mutex // one checkpoint at a time
@@ -193,6 +196,43 @@ func (g *Group) Failed() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.failed
+}
+
+// Resume brings a group that failed applying a write to its image (a
+// full file system) back into service in place, once there is room:
+// the entries the images lack are applied from the journal, in order, and
+// writes are taken again. It fails, changing nothing, while that still
+// fails, and for any other failure (a failed fsync: only a reopen, which
+// replays the journal, is safe). Resume of a group that did not fail does
+// nothing.
+func (g *Group) Resume() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.failed == nil {
+		return nil
+	}
+	if g.unapplied == 0 {
+		return fmt.Errorf("%w: only a reopen (restart the agent) recovers from this failure", g.failed)
+	}
+	last := g.j.LastSeq()
+	r, err := g.j.NewReader(g.unapplied)
+	if err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	defer r.Close()
+	for seq := g.unapplied; seq <= last; seq++ {
+		e, ok, err := r.TryNext()
+		if err != nil || !ok {
+			return fmt.Errorf("resume at %d: entry unreadable: %v", seq, err)
+		}
+		if err := g.applyImage(&e); err != nil {
+			g.unapplied = seq
+			return fmt.Errorf("resume at %d: %w", seq, err)
+		}
+	}
+	g.log.Info("group resumed: the images caught up with the journal", "from", g.unapplied, "to", last)
+	g.failed, g.unapplied = nil, 0
+	return nil
 }
 
 // ErrNoGroup: the directory holds no disk group.
@@ -387,9 +427,11 @@ func (g *Group) applyBatch(es []*journal.Entry) error {
 			g.observer(e)
 		}
 		if err := g.applyImage(e); err != nil {
-			// The journal holds an entry the image lacks; only a reopen
-			// (which replays it) makes them agree again.
-			g.failed = fmt.Errorf("%w: apply seq %d to image: %w; free space and reopen the group (restart the agent): it replays the journal", ErrFailed, e.Seq, err)
+			// The journal holds entries the image lacks, from this one
+			// on: Resume applies them (once space is freed), or a reopen
+			// replays them.
+			g.unapplied = e.Seq
+			g.failed = fmt.Errorf("%w: apply seq %d to image: %w; free space: the group resumes by itself (the agent retries every few seconds)", ErrFailed, e.Seq, err)
 			return g.failed
 		}
 	}

@@ -548,10 +548,16 @@ func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 			continue
 		}
 		if err := writeFullv(j.active, iov, off, end-off); err != nil {
-			// Leave no half entry behind for a reader; recovery would
-			// cut it anyway, but the journal cannot go on past an
-			// unknown state.
-			_ = j.active.Truncate(off)
+			// Leave no half entry behind for a reader. If the file is
+			// cut back cleanly and the cause is space (ENOSPC, EDQUOT,
+			// EFBIG), the journal is exactly as before the append: the
+			// error is returned (the guest sees ENOSPC) and a later
+			// append, once space is freed, goes on. Otherwise the
+			// journal cannot go on past an unknown state.
+			terr := j.active.Truncate(off)
+			if terr == nil && spaceError(err) {
+				return 0, fmt.Errorf("append seq %d: %w", j.next, err)
+			}
 			j.failed = fmt.Errorf("%w: append seq %d: %w", ErrFailed, j.next, err)
 			return 0, j.failed
 		}
@@ -565,6 +571,12 @@ func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 		j.waiters = false
 	}
 	return j.next - 1, nil
+}
+
+// spaceError reports whether err says the file system (or a limit) has no
+// room: nothing is wrong with what was written before.
+func spaceError(err error) bool {
+	return errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) || errors.Is(err, unix.EFBIG)
 }
 
 // writeFullv writes all of iov (want bytes) at off.

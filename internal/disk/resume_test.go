@@ -1,0 +1,84 @@
+package disk
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestResumeAfterFullDisk: the file system fills while images are being
+// written (the journal's segment is preallocated, the sparse image is
+// not): the failed write reports ENOSPC, the group refuses writes and says
+// why, Resume fails while there is still no room, and once space is freed
+// Resume brings the group back without a reopen, with every write that
+// reached the journal in the image. It needs a small tmpfs (root).
+func TestResumeAfterFullDisk(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=384k"); err != nil {
+		t.Fatalf("mount a small tmpfs (the test runs as root, as make test does): %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	d, err := g.CreateDisk("a", 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 4<<20)
+	var full error
+	n := 0
+	for i := 0; i < 200; i++ {
+		p := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+		err := d.WriteAt(ctx, p, int64(i)*8192)
+		if err != nil {
+			full = err
+			// In the journal (its segment had room), not in the image.
+			copy(want[i*8192:], p)
+			break
+		}
+		copy(want[i*8192:], p)
+		n++
+	}
+	if !errors.Is(full, syscall.ENOSPC) || !errors.Is(full, ErrFailed) {
+		t.Fatalf("write on a full file system: %v, want a failed group with ENOSPC", full)
+	}
+	if err := d.WriteAt(ctx, make([]byte, 512), 0); !errors.Is(err, ErrFailed) {
+		t.Fatalf("a write to the failed group: %v", err)
+	}
+	if err := g.Resume(); err == nil {
+		t.Fatal("Resume succeeded with the file system still full")
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_REMOUNT, "size=8m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Resume(); err != nil {
+		t.Fatalf("Resume once space is free: %v", err)
+	}
+	if err := g.Failed(); err != nil {
+		t.Fatalf("still failed after Resume: %v", err)
+	}
+	p := bytes.Repeat([]byte{0xEE}, 4096)
+	if err := d.WriteAt(ctx, p, 4<<20-4096); err != nil {
+		t.Fatalf("write after Resume: %v", err)
+	}
+	copy(want[4<<20-4096:], p)
+	if err := d.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4<<20)
+	if err := d.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("after %d writes, a full disk and Resume, the disk differs from what was written", n)
+	}
+	checkReplayEqualsImage(t, g, d)
+}
