@@ -184,6 +184,14 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, req, a.ExpectReplica(r.PathValue("name"), req.Source))
 	})
+	handle("POST /v1/replicas/{name}/resync", managers, func(w http.ResponseWriter, r *http.Request) {
+		rp, err := a.ResyncReplica(r.Context(), r.PathValue("name"))
+		reply(w, rp, err)
+	})
+	handle("POST /v1/groups/{name}/reseed", managers, func(w http.ResponseWriter, r *http.Request) {
+		rp, err := a.ReseedGroup(r.Context(), r.PathValue("name"))
+		reply(w, rp, err)
+	})
 	handle("DELETE /v1/replicas/{name}", managers, func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"deleted": r.PathValue("name")}, a.DeleteReplica(r.PathValue("name")))
 	})

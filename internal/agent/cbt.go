@@ -49,8 +49,10 @@ type divergence struct {
 // failover point, as it tells a reprotect.
 type PeerChanges = api.PeerChanges
 
+const divergenceFile = "divergence.json"
+
 func (a *Agent) divergencePath(name string) string {
-	return filepath.Join(a.groupDir(name), "divergence.json")
+	return filepath.Join(a.groupDir(name), divergenceFile)
 }
 
 func writeJSONFile(path string, v any) error { return atomicfile.WriteJSON(path, v, 0o600) }

@@ -140,6 +140,24 @@ func (c *Client) ExpectReplica(ctx context.Context, replica, source string) erro
 	return c.call(ctx, "PUT", "/v1/replicas/"+esc(replica)+"/source", api.ReplicaSource{Source: source}, nil)
 }
 
+// ResyncReplica sets a damaged replica's journal aside and has the
+// source's next stream copy again by checksum compare. ErrNotFound without
+// the replica, ErrConflict while a VM or view uses it.
+func (c *Client) ResyncReplica(ctx context.Context, name string) (api.Repair, error) {
+	var out api.Repair
+	err := c.call(ctx, "POST", "/v1/replicas/"+esc(name)+"/resync", nil, &out)
+	return out, err
+}
+
+// ReseedGroup takes a damaged group's images as they are, sets its journal
+// aside and starts a new one; its replica is copied again. ErrNotFound
+// unless the group is one that did not open, ErrConflict if it is open.
+func (c *Client) ReseedGroup(ctx context.Context, name string) (api.Repair, error) {
+	var out api.Repair
+	err := c.call(ctx, "POST", "/v1/groups/"+esc(name)+"/reseed", nil, &out)
+	return out, err
+}
+
 // DeleteReplica deletes a replica with its journal and recovery points.
 // ErrConflict while a VM or a view uses it; ErrNotFound without it.
 func (c *Client) DeleteReplica(ctx context.Context, name string) error {

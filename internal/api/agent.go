@@ -261,6 +261,14 @@ type FoldStatus struct {
 	BytesLeft   int64     `json:"bytes_left,omitempty"`
 }
 
+// Repair is what a repair of a damaged group or replica did: nothing is
+// deleted; what was set aside stays in Kept until the operator removes it.
+type Repair struct {
+	Name  string   `json:"name"`
+	Kept  string   `json:"kept"` // the damaged journal, moved aside
+	Steps []string `json:"steps"`
+}
+
 // Problem is a group or replica a site could not open (a damaged journal,
 // an unreadable manifest): the site serves the rest, and this one waits
 // for an operator. Nothing of it was deleted.

@@ -198,8 +198,34 @@ func agentCmd(e *env) *cobra.Command {
 	vmStop.Flags().BoolVar(&force, "force", false, "at once, without a graceful shutdown")
 	vmStop.Flags().DurationVar(&stopTimeout, "timeout", api.DefaultStopTimeout, "quit after this if the guest has not powered off")
 
+	repairText := func(r api.Repair) string {
+		var b strings.Builder
+		for _, s := range r.Steps {
+			fmt.Fprintf(&b, "%s\n", s)
+		}
+		return b.String()
+	}
+	resync := agentCommand(e, &cobra.Command{Use: "resync REPLICA", Short: "Copy a damaged replica again from its source by checksum compare (its journal is set aside, not deleted)", Args: cobra.ExactArgs(1),
+		Example: "  ferry agent replica resync --site west --pki /etc/ferry/pki web"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			r, err := ac.ResyncReplica(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return e.print(r, repairText(r))
+		})
+	reseed := agentCommand(e, &cobra.Command{Use: "reseed GROUP", Short: "Serve a group whose journal is damaged from its images as they are, and copy its replica again", Args: cobra.ExactArgs(1),
+		Example: "  ferry agent group reseed --site east --pki /etc/ferry/pki web"}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			r, err := ac.ReseedGroup(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return e.print(r, repairText(r))
+		})
 	c := group("agent", "Run a site agent, or drive one directly",
-		agentRunCmd(e), status, group("group", "Create or delete consistency groups", groupCreate, groupDelete), replicate, unreplicate, mark, points,
+		agentRunCmd(e), status, group("group", "Create, delete or repair consistency groups", groupCreate, groupDelete, reseed),
+		group("replica", "Repair replicas", resync), replicate, unreplicate, mark, points,
 		group("view", "Open or close views of replicas", viewOpen, viewClose), group("vm", "Start or stop VMs on a site", vmStart, vmStop))
 	// The flags of the client subcommands (not of 'agent run').
 	for _, sub := range c.Commands() {

@@ -159,8 +159,11 @@ func Open(cfg Config) (*Group, error) {
 	if err := g.loadManifest(); err != nil {
 		return nil, err
 	}
+	// An empty journal starts after what the images hold (a reseeded
+	// group's are ahead of 0).
 	j, rec, err := journal.Open(journal.Options{
 		Dir: filepath.Join(cfg.Dir, "journal"), SegmentSize: cfg.SegmentSize, Now: cfg.Now, Logger: cfg.Logger,
+		FirstSeq: g.man.AppliedSeq + 1,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open journal: %w", err)

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
+	"github.com/ferry-dr/ferry/internal/journal"
 )
 
 // FoldStatus is the progress of a layered group's background fold.
@@ -360,4 +362,64 @@ func (g *Group) Remove() error {
 		err = rerr
 	}
 	return err
+}
+
+// Reseed makes the group in dir, whose journal is damaged, usable again
+// with its images as they are: the images are synced, the journal is moved
+// aside (returned: nothing is deleted) and the manifest records that the
+// images hold everything up to a sequence number past any the old journal
+// can have held, so a new journal starts after it. A replica of the group
+// is then behind the new journal's start, and its next stream copies the
+// disks again by checksum compare. Writes that were only in the damaged
+// journal's entries past the last checkpoint and never reached the images
+// are lost: the caller reports lost, the number of entries past the last
+// checkpoint the old journal named. The group must not be open.
+func Reseed(dir string, now time.Time) (kept string, firstSeq uint64, lost string, err error) {
+	g := &Group{cfg: Config{Dir: dir}}
+	if err := g.loadManifest(); err != nil {
+		return "", 0, "", err
+	}
+	if g.man.Base != nil {
+		return "", 0, "", fmt.Errorf("group %s is still folding a commit: reseeding it is not supported", dir)
+	}
+	for _, s := range g.man.Disks {
+		f, err := os.OpenFile(g.imagePath(s.Name), os.O_RDWR, 0)
+		if err != nil {
+			return "", 0, "", fmt.Errorf("open image of %q: %w", s.Name, err)
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return "", 0, "", fmt.Errorf("sync image of %q: %w", s.Name, err)
+		}
+	}
+	// Past any sequence number the old journal can hold: its newest
+	// segment starts at its name, and holds at most one entry per header.
+	jdir := filepath.Join(dir, "journal")
+	last := g.man.AppliedSeq
+	ents, _ := os.ReadDir(jdir)
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), ".seg")
+		if !ok {
+			continue
+		}
+		first, perr := strconv.ParseUint(name, 10, 64)
+		info, ierr := e.Info()
+		if perr != nil || ierr != nil {
+			continue
+		}
+		last = max(last, first+uint64(info.Size()/journal.EntryHeaderSize))
+	}
+	firstSeq = last + 2
+	lost = fmt.Sprintf("entries after %d (the last checkpoint) that the damaged journal held", g.man.AppliedSeq)
+	kept = filepath.Join(dir, fmt.Sprintf("journal.damaged-%d", now.Unix()))
+	if err := os.Rename(jdir, kept); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", 0, "", fmt.Errorf("set the journal aside: %w", err)
+	}
+	m := g.man
+	m.AppliedSeq = firstSeq - 1
+	if err := g.saveManifest(m); err != nil {
+		return kept, 0, "", err
+	}
+	return kept, firstSeq, lost, nil
 }

@@ -2,8 +2,12 @@ package replica
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"time"
 
 	"github.com/ferry-dr/ferry/internal/disk"
 )
@@ -157,4 +161,31 @@ func (b *Base) closeViews() {
 		v.Close()
 		delete(b.views, id)
 	}
+}
+
+// ResetForResync prepares the replica in dir, whose journal is damaged
+// (or distrusted), to be copied again by checksum compare: the journal is
+// moved aside (returned: nothing is deleted), the images are kept, and the
+// manifest says "copy in progress", so the source's next stream compares
+// chunk hashes and sends what differs. The recovery points in the old
+// journal go with it. The replica must not be open.
+func ResetForResync(dir string, now time.Time) (kept string, err error) {
+	b, err := os.ReadFile(filepath.Join(dir, "replica.json"))
+	if err != nil {
+		return "", fmt.Errorf("read replica manifest: %w", err)
+	}
+	var m manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return "", fmt.Errorf("parse replica manifest: %w", err)
+	}
+	kept = filepath.Join(dir, fmt.Sprintf("journal.damaged-%d", now.Unix()))
+	if err := os.Rename(filepath.Join(dir, "journal"), kept); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("set the journal aside: %w", err)
+	}
+	m.ConsistentSeq, m.FoldedSeq, m.FoldingTo, m.CommittedSeq, m.CommittedTo = 0, 0, 0, 0, ""
+	r := &Replica{cfg: Config{Dir: dir}, man: m}
+	if err := r.saveManifest(); err != nil {
+		return kept, fmt.Errorf("save replica manifest: %w", err)
+	}
+	return kept, nil
 }
