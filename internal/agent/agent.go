@@ -225,10 +225,17 @@ func (a *Agent) Start(ctx context.Context) error {
 			os.RemoveAll(filepath.Join(a.cfg.Dir, "groups", e.Name()))
 			continue
 		}
-		if e.IsDir() {
-			if err := a.openGroup(e.Name(), nil); err != nil {
-				a.problem("group", e.Name(), err)
+		if !e.IsDir() {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(a.groupDir(e.Name()), toReplicaIntent)); err == nil {
+			if err := a.finishToReplica(e.Name()); err != nil {
+				a.problem("group", e.Name(), fmt.Errorf("turning it into a replica was interrupted and could not finish: %w", err))
 			}
+			continue
+		}
+		if err := a.openGroup(e.Name(), nil); err != nil {
+			a.problem("group", e.Name(), err)
 		}
 	}
 	entries, _ = os.ReadDir(filepath.Join(a.cfg.Dir, "replicas"))
@@ -742,12 +749,14 @@ func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64, s
 		}
 	}
 	a.mu.Unlock()
-	images := map[string]string{}
-	for _, d := range specs {
-		images[d.Name] = filepath.Join(a.groupDir(name), "images", d.Name+".img")
-	}
 	a.dropReplica(name)
-	rep, err := replica.Adopt(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log}, name, specs, images)
+	// The intent first: a restart that finds it finishes the move instead
+	// of opening a group whose images may be half gone.
+	if err := atomicfile.WriteFile(filepath.Join(a.groupDir(name), toReplicaIntent), []byte(source), 0o600); err != nil {
+		return nil, nil, err
+	}
+	crash("to-replica-intent")
+	rep, err := a.adoptGroup(name, specs)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -756,10 +765,44 @@ func (a *Agent) GroupToReplica(ctx context.Context, name string, since uint64, s
 			a.log.Warn("keep the old source's changes", "group", name, "err", err)
 		}
 	}
+	crash("to-replica-adopted")
+	if err := os.RemoveAll(a.groupDir(name)); err != nil {
+		rep.Close()
+		return nil, nil, err
+	}
 	a.mu.Lock()
 	a.replicas[name] = rep
 	a.mu.Unlock()
-	return specs, pc, os.RemoveAll(a.groupDir(name))
+	return specs, pc, nil
+}
+
+// toReplicaIntent, in a group's directory, says that GroupToReplica is
+// moving the group's images into a replica of the same name.
+const toReplicaIntent = "to-replica"
+
+// adoptGroup moves a closed group's images into a replica of its name.
+func (a *Agent) adoptGroup(name string, specs []disk.Spec) (*replica.Replica, error) {
+	images := map[string]string{}
+	for _, d := range specs {
+		images[d.Name] = filepath.Join(a.groupDir(name), "images", d.Name+".img")
+	}
+	return replica.Adopt(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log}, name, specs, images)
+}
+
+// finishToReplica completes a GroupToReplica that a crash interrupted:
+// the images left in the group move to the replica, the group goes.
+func (a *Agent) finishToReplica(name string) error {
+	specs, err := disk.ReadSpecs(a.groupDir(name))
+	if err != nil {
+		return err
+	}
+	rep, err := a.adoptGroup(name, specs)
+	if err != nil {
+		return err
+	}
+	rep.Close()
+	a.log.Warn("finished turning a group into a replica after a restart", "group", name)
+	return os.RemoveAll(a.groupDir(name))
 }
 
 // EnableReplication starts replicating group to the peer agent.

@@ -28,6 +28,10 @@ func TestMain(m *testing.M) {
 		commitChild(arg)
 		return
 	}
+	if arg := os.Getenv("FERRY_AGENT_TOREPLICA_CHILD"); arg != "" {
+		toReplicaChild(arg)
+		return
+	}
 	os.Exit(m.Run())
 }
 
@@ -353,4 +357,83 @@ func commitChild(arg string) {
 		fail(err)
 	}
 	fail(errors.New("commit finished without reaching the crash point"))
+}
+
+// TestToReplicaCrash kills the agent at each step of turning a group into
+// a replica (a reprotect reusing the old source's disks) and restarts it:
+// the move finishes, the group is gone, the replica holds the group's
+// images intact as a copy to redo, and nothing is reported damaged.
+func TestToReplicaCrash(t *testing.T) {
+	for _, point := range []string{"to-replica-intent", "adopt-manifest-saved", "adopt-image-moved", "to-replica-adopted"} {
+		t.Run(point, func(t *testing.T) {
+			ctx := context.Background()
+			pk := pkiDir(t, "siteA", "operator")
+			dir := t.TempDir()
+			a := startAgentWith(t, Config{Name: "siteA", PKIDir: pk, Dir: dir, PointInterval: -1})
+			if err := a.CreateGroup("vm1", []disk.Spec{{Name: "vda", Size: 1 << 20}, {Name: "vdb", Size: 1 << 20}}); err != nil {
+				t.Fatal(err)
+			}
+			want := map[string][]byte{}
+			for i, d := range []string{"vda", "vdb"} {
+				c, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/"+d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				p := bytes.Repeat([]byte{byte(0xA0 + i)}, 1<<20)
+				if err := c.WriteAt(ctx, p, 0, true); err != nil {
+					t.Fatal(err)
+				}
+				c.Close()
+				want[d] = p
+			}
+			a.Close()
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), fmt.Sprintf("FERRY_AGENT_TOREPLICA_CHILD=%s:%s:%s", point, dir, pk))
+			out, err := cmd.CombinedOutput()
+			if ee := (*exec.ExitError)(nil); !errors.As(err, &ee) || ee.ExitCode() != 3 {
+				t.Fatalf("child did not die at %s: %v\n%s", point, err, out)
+			}
+			a2 := startAgentWith(t, Config{Name: "siteA", PKIDir: pk, Dir: dir, PointInterval: -1})
+			st := a2.Status()
+			if len(st.Problems) != 0 || len(st.Groups) != 0 || len(st.Replicas) != 1 {
+				t.Fatalf("after a crash at %s: problems %+v, groups %+v, replicas %+v", point, st.Problems, st.Groups, st.Replicas)
+			}
+			if _, err := os.Stat(a2.groupDir("vm1")); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("the group's directory is still there: %v", err)
+			}
+			for d, p := range want {
+				got, err := os.ReadFile(filepath.Join(dir, "replicas", "vm1", "images", d+".img"))
+				if err != nil || !bytes.Equal(got, p) {
+					t.Fatalf("image %s of the replica: %v (equal: %v)", d, err, bytes.Equal(got, p))
+				}
+			}
+		})
+	}
+}
+
+// toReplicaChild is the child of TestToReplicaCrash.
+func toReplicaChild(arg string) {
+	parts := strings.SplitN(arg, ":", 3)
+	point, dir, pk := parts[0], parts[1], parts[2]
+	fail := func(err error) {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	a, err := New(Config{Name: "siteA", PKIDir: pk, Dir: dir, Listen: "127.0.0.1:0", PointInterval: -1})
+	if err != nil {
+		fail(err)
+	}
+	if err := a.Start(context.Background()); err != nil {
+		fail(err)
+	}
+	die := func(name string) {
+		if name == point {
+			os.Exit(3)
+		}
+	}
+	CrashPoint, replica.CrashPoint = die, die
+	if _, _, err := a.GroupToReplica(context.Background(), "vm1", 0, "siteB"); err != nil {
+		fail(err)
+	}
+	fail(errors.New("to-replica finished without reaching the crash point"))
 }

@@ -380,14 +380,15 @@ func HashChunks(r io.ReaderAt, size int64) ([]byte, error) {
 // Adopt turns existing disk images (an old source's disks after a
 // failover) into a replica that is not consistent yet but whose images a
 // delta copy can reuse. The image files are moved, not copied.
+//
+// Crash safety: the manifest ("copy in progress") is written before any
+// image moves, and moving an image is one rename; so after a crash the
+// replica opens as a copy to redo, reusing the images already moved, and
+// the caller (whose intent record names the move) moves the rest again.
+// Idempotent: images already in place are kept.
 func Adopt(cfg Config, group string, disks []disk.Spec, images map[string]string) (*Replica, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
 		return nil, err
-	}
-	for name, path := range images {
-		if err := os.Rename(path, filepath.Join(cfg.Dir, "images", name+".img")); err != nil {
-			return nil, fmt.Errorf("adopt image %s: %w", name, err)
-		}
 	}
 	r := &Replica{cfg: cfg, log: cfg.Logger}
 	if r.log == nil {
@@ -396,6 +397,19 @@ func Adopt(cfg Config, group string, disks []disk.Spec, images map[string]string
 	}
 	r.man = manifest{Version: 1, Group: group, Disks: disks, BaseSeq: 1}
 	if err := r.saveManifest(); err != nil {
+		return nil, err
+	}
+	crash("adopt-manifest-saved")
+	for name, path := range images {
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			continue // moved before a crash
+		}
+		if err := os.Rename(path, filepath.Join(cfg.Dir, "images", name+".img")); err != nil {
+			return nil, fmt.Errorf("adopt image %s: %w", name, err)
+		}
+		crash("adopt-image-moved")
+	}
+	if err := atomicfile.SyncDir(filepath.Join(cfg.Dir, "images")); err != nil {
 		return nil, err
 	}
 	if err := r.openData(); err != nil {
