@@ -94,15 +94,15 @@ type Group struct {
 	// mu orders journal appends with image writes: an entry is appended and
 	// applied while mu is held, so images always equal the journal replayed
 	// to LastSeq.
-	mu       sync.Mutex
-	disks    map[uint16]*Disk
-	man      manifest
-	failed   error
+	mu     sync.Mutex
+	disks  map[uint16]*Disk
+	man    manifest
+	failed error
 	// unapplied: the failure was applying this entry to its image, and
 	// the journal holds it and the rest; Resume can apply them in place.
 	unapplied uint64
 	closed    bool
-	appended int64 // journal bytes appended since the last checkpoint began
+	appended  int64 // journal bytes appended since the last checkpoint began
 
 	ckptMu sync.Mutex // one checkpoint at a time
 
