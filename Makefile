@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
 DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd
 
-.PHONY: screenshots all build man package deps demo demo-soak test vet fuzz bench guest clean
+.PHONY: screenshots all build man package deps demo demo-soak test torture vet fuzz bench guest clean
 
 all: build
 
@@ -45,6 +45,13 @@ vet:
 
 test: deps vet guest
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+# The torture suite at full length (make test runs it short): sites in
+# network namespaces, a delay proxy, tbf, kill -9, a full disk. Ends with
+# a RESULT torture line.
+torture: deps
+	FERRY_TORTURE=full $(GO) test -count=1 -timeout 30m -run '^TestTorture$$' -v ./e2e | tee build/torture.log | grep -E '^(RESULT|TORTURE|--- |    --- )'
+	@grep -q '^RESULT torture .* failed=0 lost_records=0' build/torture.log
 
 # Screenshots of the portal's main pages, from its browser test, into
 # docs/screenshots.

@@ -24,6 +24,10 @@ import (
 var ferryBin string
 
 func TestMain(m *testing.M) {
+	if arg := os.Getenv("FERRY_E2E_PROXY"); arg != "" {
+		proxyChild(arg) // the torture suite's delay proxy
+		return
+	}
 	dir, err := os.MkdirTemp("", "ferry-e2e-")
 	if err != nil {
 		panic(err)

@@ -62,6 +62,10 @@ type Config struct {
 	// NoFold keeps committed groups from folding in the background (tests
 	// drive the fold step by step).
 	NoFold bool
+	// MaxUnshipped bounds a source journal holding entries the recovery
+	// site has not acknowledged; past it the shipper keeps a dirty-block
+	// bitmap instead and resynchronizes from it (default 1 GiB).
+	MaxUnshipped int64
 	// Points thins the catalog that the API lists.
 	Points replica.Policy
 	// Now is the clock (default time.Now).
@@ -444,6 +448,7 @@ func (a *Agent) startShipper(gr *group) {
 func (a *Agent) newShipper(gr *group, rc *replConfig) *replication.Shipper {
 	cfg := replication.ShipperConfig{
 		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log,
+		MaxJournalBytes: a.cfg.MaxUnshipped,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
 			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName)
 		},

@@ -256,7 +256,7 @@ func addAgentFlags(c *cobra.Command, o *agentOpts) {
 func agentRunCmd(e *env) *cobra.Command {
 	var dir, name, listen, pkiDir, vaultAddr string
 	var points, retention, appEvery time.Duration
-	var foldMiB int64
+	var foldMiB, unshippedMiB int64
 	c := &cobra.Command{Use: "run", Short: "Run a site agent (the daemon)", Args: cobra.NoArgs,
 		Example: "  ferry agent run --dir /var/lib/ferry --name east --listen 0.0.0.0:7410 --pki /etc/ferry/pki --vault vault.example:7400\n" +
 			"  ferry agent run --config /etc/ferry/agent.toml",
@@ -264,7 +264,7 @@ func agentRunCmd(e *env) *cobra.Command {
 			if dir == "" || name == "" || pkiDir == "" {
 				return usagef("--dir, --name and --pki are required (flags or the config file)")
 			}
-			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20})
+			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20, MaxUnshipped: unshippedMiB << 20})
 			if err != nil {
 				return err
 			}
@@ -285,6 +285,7 @@ func agentRunCmd(e *env) *cobra.Command {
 	fs.DurationVar(&retention, "retention", 24*time.Hour, "how long replicas keep every instant recoverable")
 	fs.DurationVar(&appEvery, "app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
 	str(fs, &vaultAddr, "vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
+	fs.Int64Var(&unshippedMiB, "max-unshipped", 1024, "MiB of journal a group keeps for its recovery site while the link is down; past it, a dirty-block bitmap (resynchronized when the link is back)")
 	fs.Int64Var(&foldMiB, "fold-rate", 128, "MiB/s the background fold of a committed group may write (it makes the disks plain images; the VM runs throughout)")
 	return c
 }

@@ -75,7 +75,9 @@ func (w *Writer) Run(ctx context.Context, d Disk, from, to uint64) error {
 					errs <- fmt.Errorf("record %d: %w", k, err)
 					return
 				}
-				w.acked[l].Store(k)
+				if k > w.acked[l].Load() { // a resumed writer may write a record again
+					w.acked[l].Store(k)
+				}
 			}
 		}()
 	}

@@ -431,16 +431,22 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 		return err
 	}
 	defer r.Close()
+	// When the stream breaks, the recovery site's own reason (an error
+	// frame: a full disk, a refusal) is what the operator needs, not the
+	// broken pipe the sender saw: wait a moment for the reader's error.
+	fail := func(err error) error {
+		select {
+		case aerr := <-ackErr:
+			return fmt.Errorf("recovery site: %w", aerr)
+		case <-time.After(time.Second):
+			return err
+		}
+	}
 	var buf []byte
 	for {
 		e, err := r.Next(ctx)
 		if err != nil {
-			select {
-			case aerr := <-ackErr:
-				return fmt.Errorf("link: %w", aerr)
-			default:
-			}
-			return err
+			return fail(err)
 		}
 		buf = journal.AppendEntry(buf[:0], &e)
 		b := sentBatch{firstTime: e.Time, last: e.Seq}
@@ -460,7 +466,7 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 		s.queue = append(s.queue, b)
 		s.mu.Unlock()
 		if err := c.Write(link.TypeEntries, buf); err != nil {
-			return err
+			return fail(err)
 		}
 		s.mu.Lock()
 		s.sent += int64(len(buf))
