@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
 DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd
 
-.PHONY: screenshots all build man package deps demo demo-soak test torture vet fuzz bench guest clean
+.PHONY: screenshots all build man package deps demo demo-soak test torture vet fuzz bench bench-scale guest clean
 
 all: build
 
@@ -69,6 +69,10 @@ fuzz:
 	$(GO) test ./internal/vault -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/agent -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/api -run '^$$' -fuzz '^FuzzCheckName$$' -fuzztime $(FUZZTIME)
+
+# The DR lifecycle at 1, 4 and 16 GiB (about 10 minutes, 40 GiB of scratch).
+bench-scale: deps build guest
+	FERRY=$(CURDIR)/$(BIN) bench/scale.sh
 
 bench: deps build
 	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh
