@@ -65,8 +65,8 @@ func proxyChild(arg string) {
 }
 
 // pump copies src to dst, delivering each chunk delay after it was read,
-// in order; a chunk "lost" (loss percent of them) waits 200 ms more, as a
-// TCP retransmission would.
+// in order; a chunk "lost" (loss percent of them) waits one more round
+// trip, as a fast retransmission would, and holds up what follows it.
 func pump(dst, src net.Conn, delay time.Duration, loss float64) {
 	type chunk struct {
 		at time.Time
@@ -81,7 +81,7 @@ func pump(dst, src net.Conn, delay time.Duration, loss float64) {
 			if n > 0 {
 				at := time.Now().Add(delay)
 				if rand.Float64()*100 < loss {
-					at = at.Add(200 * time.Millisecond)
+					at = at.Add(2 * delay) // a retransmission: one more round trip
 				}
 				ch <- chunk{at, b[:n]}
 			}
@@ -121,6 +121,7 @@ type torture struct {
 	vethA    string
 	proxy    *exec.Cmd
 	proxyArg string
+	groups   []string // created by the running scenario
 }
 
 func (tn *torture) startAgent(s *tortureSite) {
@@ -218,11 +219,29 @@ func (tn *torture) drained(group string) bool {
 	return state == "streaming" && acked == last
 }
 
+// paced lets at most one write through per tick (shared by all lanes), so
+// that a long scenario's records fit its disk.
+type paced struct {
+	d    ordercheck.Disk
+	tick <-chan time.Time
+}
+
+func (p paced) WriteAt(ctx context.Context, b []byte, off int64, fua bool) error {
+	select {
+	case <-p.tick:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return p.d.WriteAt(ctx, b, off, fua)
+}
+
 // records starts writing records to group's disk at site A from lanes
-// lanes; stop returns how many each lane had acknowledged.
+// lanes, at most 4000 a second (16 MB/s); stop returns how many each lane
+// had acknowledged.
 func (tn *torture) records(group string, lanes int) (w *ordercheck.Writer, stop func() []uint64) {
 	ctx, cancel := context.WithCancel(context.Background())
 	w = ordercheck.NewWriter(lanes)
+	ticker := time.NewTicker(250 * time.Microsecond)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -240,13 +259,14 @@ func (tn *torture) records(group string, lanes int) (w *ordercheck.Writer, stop 
 			for _, k := range w.Acked() {
 				from = min(from, k+1)
 			}
-			w.Run(ctx, c, from, 1<<40)
+			w.Run(ctx, paced{c, ticker.C}, from, 1<<40)
 			c.Close()
 		}
 	}()
 	return w, func() []uint64 {
 		cancel()
 		<-done
+		ticker.Stop()
 		return w.Acked()
 	}
 }
@@ -256,7 +276,7 @@ func (tn *torture) records(group string, lanes int) (w *ordercheck.Writer, stop 
 func (tn *torture) verify(group string, lanes int, acked []uint64) int {
 	t := tn.t
 	t.Helper()
-	tn.until(120*time.Second, group+" drained", func() bool { return tn.drained(group) })
+	tn.until(240*time.Second, group+" drained", func() bool { return tn.drained(group) })
 	var m struct {
 		Seq uint64 `json:"seq"`
 	}
@@ -312,6 +332,7 @@ func (tn *torture) checkView(group string, seq uint64, lanes int, acked []uint64
 }
 
 func (tn *torture) group(name, size string) {
+	tn.groups = append(tn.groups, name)
 	tn.must(tn.a, "group", "create", "--disk", "vda="+size, name)
 	tn.must(tn.a, "replicate", "--to", tn.proxyAddr(), "--to-site", "siteB", name)
 	tn.until(60*time.Second, name+" streaming", func() bool { return tn.drained(name) })
@@ -366,7 +387,11 @@ func newTorture(t *testing.T) *torture {
 	bdir := filepath.Join(root, "b")
 	os.MkdirAll(bdir, 0o700)
 	// Site B's disk: a tmpfs the disk-full scenario fills.
-	mustRun(t, exec.Command("mount", "-t", "tmpfs", "-o", "size=1500m", "tmpfs", bdir))
+	size := "1500m"
+	if tn.full {
+		size = "6g" // 30 s scenarios at up to 50 MB/s
+	}
+	mustRun(t, exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", bdir))
 	t.Cleanup(func() { exec.Command("umount", "-l", bdir).Run() })
 	tn.a = &tortureSite{ns: nsA, name: "siteA", addr: "10.78.0.1:7410", dir: filepath.Join(root, "a"), extra: []string{"--max-unshipped", "16"}}
 	tn.b = &tortureSite{ns: nsB, name: "siteB", addr: "10.78.0.2:7410", dir: bdir}
@@ -410,6 +435,14 @@ func TestTorture(t *testing.T) {
 			tn.t = t
 			lost += fn(t)
 		})
+		// Each scenario's group goes at both sites, so that the next one
+		// starts with site B's disk as empty as it was.
+		for _, g := range tn.groups {
+			tn.cli(tn.a, "unreplicate", g)
+			tn.cli(tn.a, "group", "delete", g)
+			tn.cli(tn.b, "replica", "delete", g)
+		}
+		tn.groups = nil
 		if ok {
 			passed++
 		} else {
@@ -428,9 +461,9 @@ func TestTorture(t *testing.T) {
 		// dirty-block bitmap and lets its journal go.
 		time.Sleep(secs(8*time.Second, 30*time.Second))
 		acked := stop()
-		var written uint64
+		var written uint64 // records are numbered across lanes
 		for _, k := range acked {
-			written += k
+			written = max(written, k)
 		}
 		mustRun(t, exec.Command("ip", "-n", tn.a.ns, "link", "set", tn.vethA, "up"))
 		tn.until(120*time.Second, "the resync after the partition", func() bool { return tn.drained("part") })
@@ -462,9 +495,11 @@ func TestTorture(t *testing.T) {
 
 	scenario("wan-100ms-rtt-1pct-loss", func(t *testing.T) int {
 		tn.startProxy(50*time.Millisecond, 1)
+		defer tn.startProxy(0, 0)
 		tn.group("wan", "512M")
 		_, stop := tn.records("wan", lanes)
-		// Bulk churn beside the records: 1 MiB writes at 50 MB/s.
+		// Bulk churn beside the records (up to 16 MB/s): 1 MiB writes at
+		// 34 MB/s, 50 MB/s in all.
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
 		wg.Add(1)
@@ -476,7 +511,7 @@ func TestTorture(t *testing.T) {
 			}
 			defer c.Close()
 			p := bytes.Repeat([]byte{0x5A}, 1<<20)
-			tick := time.NewTicker(20 * time.Millisecond)
+			tick := time.NewTicker(30 * time.Millisecond)
 			defer tick.Stop()
 			for i := 0; ctx.Err() == nil; i++ {
 				<-tick.C
@@ -498,9 +533,7 @@ func TestTorture(t *testing.T) {
 		p99 := rpos[min(len(rpos)-1, len(rpos)*99/100)]
 		t.Logf("RPO over a 100 ms RTT link with 1%% loss-like stalls at 50 MB/s: p50 %.0f ms, p99 %.0f ms (%d samples)", rpos[len(rpos)/2], p99, len(rpos))
 		fmt.Printf("TORTURE wan rpo_p99_ms=%.0f samples=%d\n", p99, len(rpos))
-		n := tn.verify("wan", lanes, acked)
-		tn.startProxy(0, 0)
-		return n
+		return tn.verify("wan", lanes, acked)
 	})
 
 	scenario("kill-9-source-agent", func(t *testing.T) int {

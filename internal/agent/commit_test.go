@@ -81,19 +81,7 @@ func replicatedPair(t *testing.T, pk, dirB string, cfgB Config) (a, b *Agent, se
 		t.Fatal(err)
 	}
 	a.groups["vm1"].g.Flush(ctx)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		b.mu.Lock()
-		rep := b.replicas["vm1"]
-		b.mu.Unlock()
-		if rep != nil && rep.Status().LastSeq >= seq {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the point did not reach siteB")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitReplicaSeq(t, b, seq)
 	content = make([]byte, commitDiskSize)
 	if err := nc.ReadAt(ctx, content, 0); err != nil {
 		t.Fatal(err)
@@ -103,6 +91,24 @@ func replicatedPair(t *testing.T, pk, dirB string, cfgB Config) (a, b *Agent, se
 		t.Fatal(err)
 	}
 	return a, b, seq, content
+}
+
+// waitReplicaSeq waits until b's replica vm1 holds seq.
+func waitReplicaSeq(t *testing.T, b *Agent, seq uint64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		b.mu.Lock()
+		rep := b.replicas["vm1"]
+		b.mu.Unlock()
+		if rep != nil && rep.Status().LastSeq >= seq {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("seq %d did not reach %s", seq, b.cfg.Name)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // checkExport reads a whole export and compares it with want.

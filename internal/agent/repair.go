@@ -29,20 +29,7 @@ func (a *Agent) ResyncReplica(ctx context.Context, name string) (api.Repair, err
 	}
 	a.mu.Lock()
 	rep := a.replicas[name]
-	busy := ""
-	for _, v := range a.vms {
-		if v.group == name {
-			busy = "a VM runs on it"
-		}
-	}
-	for _, ov := range a.views {
-		if ov.replica == name {
-			busy = "view " + ov.id + " is open"
-		}
-	}
-	if a.groups[name] != nil {
-		busy = "it is a group at this site"
-	}
+	busy := a.replicaBusy(name)
 	a.mu.Unlock()
 	if busy != "" {
 		return api.Repair{}, fmt.Errorf("%w: replica %s: %s", ErrConflict, name, busy)

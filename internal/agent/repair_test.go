@@ -59,18 +59,7 @@ func inSync(t *testing.T, a, b *Agent) {
 		t.Fatal(err)
 	}
 	a.groups["vm1"].g.Flush(ctx)
-	for {
-		b.mu.Lock()
-		rep := b.replicas["vm1"]
-		b.mu.Unlock()
-		if rep != nil && rep.Status().LastSeq >= seq {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the check point did not reach siteB")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitReplicaSeq(t, b, seq)
 	src, _ := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
 	defer src.Close()
 	want := make([]byte, commitDiskSize)

@@ -457,17 +457,7 @@ func (a *Agent) DeleteReplica(name string) error {
 	}
 	a.mu.Lock()
 	rep := a.replicas[name]
-	busy := ""
-	for _, v := range a.vms {
-		if v.group == name {
-			busy = "a VM runs on it"
-		}
-	}
-	for _, ov := range a.views {
-		if ov.replica == name {
-			busy = "view " + ov.id + " is open"
-		}
-	}
+	busy := a.replicaBusy(name)
 	a.mu.Unlock()
 	if rep == nil {
 		if src, _ := a.ReplicaSource(name); src != "" {
@@ -480,6 +470,24 @@ func (a *Agent) DeleteReplica(name string) error {
 	}
 	a.log.Info("replica deleted", "replica", name)
 	return a.dropReplica(name)
+}
+
+// replicaBusy says what uses a replica ("" if nothing). Caller holds a.mu.
+func (a *Agent) replicaBusy(name string) string {
+	for _, v := range a.vms {
+		if v.group == name {
+			return "a VM runs on it"
+		}
+	}
+	for _, ov := range a.views {
+		if ov.replica == name {
+			return "view " + ov.id + " is open"
+		}
+	}
+	if a.groups[name] != nil {
+		return "it is a group at this site"
+	}
+	return ""
 }
 
 func (a *Agent) dropReplica(name string) error {

@@ -223,9 +223,16 @@ func agentCmd(e *env) *cobra.Command {
 			}
 			return e.print(r, repairText(r))
 		})
+	replicaDelete := agentCommand(e, &cobra.Command{Use: "delete REPLICA", Short: "Delete a replica with its journal and recovery points", Args: cobra.ExactArgs(1)}, &o,
+		func(ctx context.Context, ac *agentclient.Client, args []string) error {
+			if err := ac.DeleteReplica(ctx, args[0]); err != nil {
+				return err
+			}
+			return e.print(map[string]string{"deleted": args[0]}, fmt.Sprintf("deleted replica %s with its journal and recovery points\n", args[0]))
+		})
 	c := group("agent", "Run a site agent, or drive one directly",
 		agentRunCmd(e), status, group("group", "Create, delete or repair consistency groups", groupCreate, groupDelete, reseed),
-		group("replica", "Repair replicas", resync), replicate, unreplicate, mark, points,
+		group("replica", "Repair or delete replicas", resync, replicaDelete), replicate, unreplicate, mark, points,
 		group("view", "Open or close views of replicas", viewOpen, viewClose), group("vm", "Start or stop VMs on a site", vmStart, vmStop))
 	// The flags of the client subcommands (not of 'agent run').
 	for _, sub := range c.Commands() {
