@@ -233,9 +233,17 @@ func (r *Replica) indexNew(limit uint64) error {
 				break
 			}
 			if m.Type == TypeResyncDone {
-				if n := len(r.gaps); n > 0 && r.gaps[n-1].to == 0 {
-					r.gaps[n-1].to = e.Seq
-				} else if n == 0 {
+				// It ends every resync still open: a source that restarted
+				// in the middle of one sends a second skip, and the one
+				// resync-done that follows covers both.
+				open := false
+				for i := range r.gaps {
+					if r.gaps[i].to == 0 {
+						r.gaps[i].to = e.Seq
+						open = true
+					}
+				}
+				if !open {
 					// The skip was folded away: inconsistent up to here.
 					r.gaps = append(r.gaps, gap{from: r.man.FoldedSeq + 1, to: e.Seq})
 				}

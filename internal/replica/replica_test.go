@@ -3,12 +3,14 @@ package replica
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"github.com/ferry-dr/ferry/internal/nbd"
@@ -344,4 +346,48 @@ func emptyPair(t *testing.T, segment int64) (*disk.Group, *Replica, uint64) {
 		t.Fatal(err)
 	}
 	return g, rep, start
+}
+
+// TestResyncInterruptedAndRedone: the source restarted in the middle of a
+// resynchronization and began another (a second skip); the one
+// resync-done that ends it makes the replica consistent again, and the
+// points after it are offered while those inside are not.
+func TestResyncInterruptedAndRedone(t *testing.T) {
+	ctx := context.Background()
+	rep, err := Open(Config{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rep.Close()
+	if err := rep.Begin("g", []disk.Spec{{ID: 1, Name: "a", Size: diskSize}}, 1); err != nil {
+		t.Fatal(err)
+	}
+	rep.EndBase(1)
+	p := bytes.Repeat([]byte{1}, 512)
+	write := func(seq uint64) *journal.Entry {
+		return &journal.Entry{Seq: seq, Kind: journal.KindWrite, Disk: 1, Offset: 0, Length: 512, Data: p}
+	}
+	mark := func(seq uint64, typ api.PointType) *journal.Entry {
+		m := Marker{Type: typ, Label: fmt.Sprint(seq)}.Encode()
+		return &journal.Entry{Seq: seq, Kind: journal.KindMarker, Length: uint32(len(m)), Data: m}
+	}
+	batches := [][]*journal.Entry{
+		{write(1), mark(2, "crash")},
+		{{Seq: 3, Kind: journal.KindSkip, Offset: 10}}, // a resync starts: 3..9 lost
+		{write(10), mark(11, "crash")},
+		{{Seq: 12, Kind: journal.KindSkip, Offset: 20}}, // the source restarted: again
+		{write(20), mark(21, "crash"), mark(22, TypeResyncDone), write(23), mark(24, "crash")},
+	}
+	for _, b := range batches {
+		if _, err := rep.Receive(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []uint64
+	for _, pt := range rep.Points() {
+		got = append(got, pt.Seq)
+	}
+	if want := []uint64{2, 22, 24}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("points offered: %v, want %v (none inside either resync)", got, want)
+	}
 }
