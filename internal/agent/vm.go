@@ -392,6 +392,11 @@ func (a *Agent) commitViews(ctx context.Context, repName string, rep *replica.Re
 		rollback()
 		return steps, fmt.Errorf("put the committed group in place: %w", err)
 	}
+	// From here the overlays are the group's top layers: the views must
+	// never be written again. If the group does not open, the VM's I/O
+	// stays paused (it hangs rather than write past the group's journal);
+	// a restart of the agent opens the group.
+	resumed = true
 	if err := atomicfile.SyncDir(filepath.Join(a.cfg.Dir, "groups")); err != nil {
 		return steps, err
 	}
@@ -404,8 +409,7 @@ func (a *Agent) commitViews(ctx context.Context, repName string, rep *replica.Re
 	delete(a.replicas, repName)
 	a.mu.Unlock()
 	if err := a.openGroup(repName, base); err != nil {
-		// The group is in place and complete: a restart opens it. The VM
-		// stays paused rather than write past it into an overlay.
+		// The group is in place and complete: a restart opens it.
 		return steps, fmt.Errorf("open the committed group (restart the agent to open it): %w", err)
 	}
 	gr, err := a.group(repName)
@@ -415,6 +419,7 @@ func (a *Agent) commitViews(ctx context.Context, repName string, rep *replica.Re
 	if divErr == nil {
 		divErr = a.saveDivergence(gr, div)
 	}
+	resumed = false
 	resume(gr)
 	pause := time.Since(paused)
 	say("disks switched to the standalone group %s at point %d under the running VM (I/O paused %s); %d bytes the VM wrote since the failover kept as top layers",
