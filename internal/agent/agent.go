@@ -253,6 +253,10 @@ func (a *Agent) Start(ctx context.Context) error {
 		if gr != nil && gr.g.Layered() {
 			continue // the base of a committed group, opened by it
 		}
+		if gr != nil {
+			a.removeFoldedBase(e.Name())
+			continue
+		}
 		if _, err := a.openReplica(e.Name()); err != nil {
 			a.problem("replica", e.Name(), err)
 		}
@@ -894,6 +898,30 @@ func (a *Agent) openReplica(name string) (*replica.Replica, error) {
 	}
 	a.replicas[name] = r
 	return r, nil
+}
+
+// removeFoldedBase deletes what a finished fold left of the replica a
+// group was committed from (a crash between the group's plain manifest and
+// the base's removal). A replica of the same name that is not that base is
+// left alone and reported.
+func (a *Agent) removeFoldedBase(name string) {
+	dir := filepath.Join(a.cfg.Dir, "replicas", name)
+	r, err := replica.Open(replica.Config{Dir: dir, Logger: a.log})
+	if err != nil {
+		a.problem("replica", name, fmt.Errorf("a group of the same name exists, and the replica does not open: %w", err))
+		return
+	}
+	group, _ := r.Committed()
+	r.Close()
+	if group != name {
+		a.problem("replica", name, fmt.Errorf("%w: a group of the same name exists at this site", ErrConflict))
+		return
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		a.log.Warn("remove the folded base of a committed group", "group", name, "err", err)
+		return
+	}
+	a.log.Info("removed the base a finished fold left behind", "group", name)
 }
 
 // openBase opens the committed replica a layered group is folding.

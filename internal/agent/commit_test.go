@@ -255,6 +255,12 @@ func TestCommitUnderIO(t *testing.T) {
 		t.Fatalf("after a restart mid-fold: group %v, %d replicas", gr != nil, nrep)
 	}
 	checkExport(t, b2.NBDSocket(), "vm1/vda", model)
+	// A copy of the base, to play a crash between the fold's end and the
+	// base's removal below.
+	leftover := filepath.Join(t.TempDir(), "base")
+	if out, err := exec.Command("cp", "-a", filepath.Join(dirB, "replicas", "vm1"), leftover).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
 	if err := gr.g.FinishFold(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -268,6 +274,19 @@ func TestCommitUnderIO(t *testing.T) {
 	if f := b2.Status().Groups[0].Fold; f != nil {
 		t.Fatalf("fold status after the fold: %+v", f)
 	}
+	// The leftover base is removed at the next start, not reported.
+	b2.Close()
+	if out, err := exec.Command("cp", "-a", leftover, filepath.Join(dirB, "replicas", "vm1")).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	b3 := startAgentWith(t, Config{Name: "siteB", PKIDir: pk, Dir: dirB, PointInterval: -1, NoFold: true})
+	if st := b3.Status(); len(st.Problems) != 0 || len(st.Replicas) != 0 || len(st.Groups) != 1 {
+		t.Fatalf("after a restart with the fold's leftover base: %+v %+v %+v", st.Problems, st.Replicas, st.Groups)
+	}
+	if _, err := os.Stat(filepath.Join(dirB, "replicas", "vm1")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the leftover base is still there: %v", err)
+	}
+	checkExport(t, b3.NBDSocket(), "vm1/vda", model)
 }
 
 // TestCommitCrash kills the agent (the test binary as a child) at each
