@@ -604,4 +604,3 @@ func TestTorture(t *testing.T) {
 		t.Fatalf("torture: %d failed, %d records lost", failed, lost)
 	}
 }
-
