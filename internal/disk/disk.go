@@ -114,8 +114,8 @@ type Group struct {
 	// base of a layered group (nil when the images are plain); fold is
 	// the background fold's progress.
 	base     Base
-	foldMu   sync.Mutex
-	foldLeft FoldStatus
+	foldMu   sync.Mutex                 // one fold step at a time
+	foldLeft atomic.Pointer[FoldStatus] // read by status without waiting for a step
 
 	stop chan struct{}
 	kick chan struct{} // asks the loop for a checkpoint now

@@ -107,7 +107,7 @@ func (g *Group) openLayered(s Spec) error {
 		top.Close()
 		return err
 	}
-	l := &layered{id: s.ID, size: s.Size, mapPath: g.mapPath(s.Name), top: top, present: set, base: g.base}
+	l := &layered{id: s.ID, size: s.Size, top: top, present: set, base: g.base}
 	if g.base.Flat() {
 		if err := l.becomeFlat(); err != nil {
 			top.Close()
@@ -134,9 +134,10 @@ func (g *Group) Fold() FoldStatus {
 	if !layered {
 		return FoldStatus{Phase: api.FoldDone}
 	}
-	g.foldMu.Lock()
-	defer g.foldMu.Unlock()
-	return g.foldLeft
+	if f := g.foldLeft.Load(); f != nil {
+		return *f
+	}
+	return FoldStatus{Phase: api.FoldJournal} // before the first step
 }
 
 // Fold step sizes: one step holds a layer's lock for at most this much
@@ -166,12 +167,12 @@ func (g *Group) FoldStep(ctx context.Context) (wrote int64, done bool, err error
 	}
 	g.mu.Unlock()
 	if base == nil {
-		g.foldLeft = FoldStatus{Phase: api.FoldDone}
+		g.foldLeft.Store(&FoldStatus{Phase: api.FoldDone})
 		return 0, true, nil
 	}
 	if !base.Flat() {
 		left, n, err := base.FlattenStep(ctx, foldEntries)
-		g.foldLeft = FoldStatus{Phase: api.FoldJournal, EntriesLeft: left, BytesLeft: g.topBytes(ls)}
+		g.foldLeft.Store(&FoldStatus{Phase: api.FoldJournal, EntriesLeft: left, BytesLeft: g.topBytes(ls)})
 		if err != nil || left > 0 {
 			return n, false, err
 		}
@@ -191,22 +192,21 @@ func (g *Group) FoldStep(ctx context.Context) (wrote int64, done bool, err error
 			break // one disk per step
 		}
 	}
-	g.foldLeft = FoldStatus{Phase: api.FoldOverlay, BytesLeft: g.topBytes(ls)}
+	g.foldLeft.Store(&FoldStatus{Phase: api.FoldOverlay, BytesLeft: g.topBytes(ls)})
 	if moved > 0 || left > 0 {
 		return moved, false, nil
 	}
 	if err := g.finishFold(ctx); err != nil {
 		return 0, false, err
 	}
-	g.foldLeft = FoldStatus{Phase: api.FoldDone}
+	g.foldLeft.Store(&FoldStatus{Phase: api.FoldDone})
 	return 0, true, nil
 }
 
 func (g *Group) topBytes(ls []*layered) int64 {
 	var n int64
 	for _, l := range ls {
-		s := l.snapshot()
-		n += s.Len() * BlockSize
+		n += l.left() * BlockSize
 	}
 	return n
 }

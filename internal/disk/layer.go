@@ -240,9 +240,8 @@ func (p plainImage) Close() error { return p.f.Close() }
 // journal from the checkpoint (every write is an absolute overwrite)
 // restores the rest.
 type layered struct {
-	id      uint16
-	size    int64
-	mapPath string
+	id   uint16
+	size int64
 
 	mu      sync.RWMutex
 	top     *os.File
@@ -406,6 +405,13 @@ func (l *layered) Close() error {
 		l.flat.Close()
 	}
 	return err
+}
+
+// left is the number of blocks still in top.
+func (l *layered) left() int64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.present.Len()
 }
 
 // snapshot copies the set of blocks in top.
