@@ -99,9 +99,6 @@ func (r *Replica) Base() (*Base, error) {
 	return b, nil
 }
 
-// Seq is the commit point.
-func (b *Base) Seq() uint64 { return b.seq }
-
 // ReadAt implements disk.Base.
 func (b *Base) ReadAt(id uint16, p []byte, off int64) error {
 	v := b.views[id]

@@ -7,7 +7,6 @@ package replication
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -108,11 +107,7 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 	if next == 0 {
 		w.Delta = rep.HasImages(hello.Disks)
 	}
-	b, err := json.Marshal(w)
-	if err != nil {
-		return err
-	}
-	if err := send(link.TypeWelcome, b); err != nil {
+	if err := c.WriteJSON(link.TypeWelcome, w); err != nil { // the committer is not running yet
 		return err
 	}
 	cm := &committer{rep: rep, send: send, closeConn: closeConn}
