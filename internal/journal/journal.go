@@ -127,6 +127,7 @@ type Journal struct {
 	restartAt uint64
 	lock      *os.File            // flock held while open
 	free      []string            // recyclable segment files
+	rfMu      sync.Mutex          // guards readFiles (not mu: reads must not wait for appends)
 	readFiles map[uint64]*os.File // ReadData handles by segment
 
 	syncMu   sync.Mutex
@@ -277,6 +278,13 @@ func (j *Journal) recover() (Recovery, error) {
 			// Only the newest segment may end torn: a crash can tear what
 			// was being written, never what a later segment followed.
 			if i < len(segs)-1 {
+				if segs[i+1].firstSeq == expect {
+					// The next segment starts right after the last
+					// valid entry: this one was sealed there, and what
+					// follows is a recycled file's stale bytes, cut
+					// mid-entry.
+					continue
+				}
 				return damage(s, valid, segs[i+1].firstSeq, reason)
 			}
 			if after, ok := laterEntry(s.path, valid, expect); ok {
@@ -467,7 +475,18 @@ func (j *Journal) Append(e *Entry) (uint64, error) {
 // all are recorded or, on error, none is valid (ErrInvalid: nothing
 // written; ErrFailed: the journal refuses all further work).
 func (j *Journal) AppendBatch(es []*Entry) (uint64, error) {
-	return j.appendBatch(es, false)
+	return j.appendBatch(es, false, nil)
+}
+
+// AppendBatchLocs is AppendBatch that also sets locs[i] to where the
+// payload of es[i] lies, for ReadData (len(locs) must be len(es)). The
+// locations are valid once AppendBatchLocs returns without error, until
+// the entry is trimmed.
+func (j *Journal) AppendBatchLocs(es []*Entry, locs []Loc) (uint64, error) {
+	if len(locs) != len(es) {
+		return 0, fmt.Errorf("%w: %d locations for %d entries", ErrInvalid, len(locs), len(es))
+	}
+	return j.appendBatch(es, false, locs)
 }
 
 // AppendCopies appends entries taken from another journal (a replica
@@ -475,10 +494,10 @@ func (j *Journal) AppendBatch(es []*Entry) (uint64, error) {
 // must be LastSeq()+1 and the rest must follow densely, else ErrInvalid
 // and nothing is written.
 func (j *Journal) AppendCopies(es []*Entry) (uint64, error) {
-	return j.appendBatch(es, true)
+	return j.appendBatch(es, true, nil)
 }
 
-func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
+func (j *Journal) appendBatch(es []*Entry, keep bool, locs []Loc) (uint64, error) {
 	for _, e := range es {
 		if e.Kind == KindSkip && (!keep || e.Offset <= e.Seq || e.Length != 0) {
 			return 0, fmt.Errorf("%w: skip entries are only copied, with Offset > Seq", ErrInvalid)
@@ -530,6 +549,9 @@ func (j *Journal) appendBatch(es []*Entry, keep bool) (uint64, error) {
 			}
 			h := j.hdrs[i*EntryHeaderSize : (i+1)*EntryHeaderSize]
 			encodeHeader(h, e)
+			if locs != nil {
+				locs[i] = Loc{Seg: seg.firstSeq, Off: end + EntryHeaderSize}
+			}
 			iov = append(iov, h)
 			if len(e.Data) > 0 {
 				iov = append(iov, e.Data)
@@ -714,10 +736,12 @@ func (j *Journal) Trim(seq uint64) error {
 	var drop []*segment
 	for len(j.segs) > 1 && j.segs[1].firstSeq <= seq {
 		drop = append(drop, j.segs[0])
+		j.rfMu.Lock()
 		if f := j.readFiles[j.segs[0].firstSeq]; f != nil {
 			f.Close()
 			delete(j.readFiles, j.segs[0].firstSeq)
 		}
+		j.rfMu.Unlock()
 		j.segs = j.segs[1:]
 	}
 	j.mu.Unlock()
@@ -755,9 +779,12 @@ func (j *Journal) Close() error {
 	}
 	j.closed = true
 	close(j.notify)
+	j.rfMu.Lock()
 	for _, f := range j.readFiles {
 		f.Close()
 	}
+	j.readFiles = nil
+	j.rfMu.Unlock()
 	if j.opts.ReadOnly { // nothing written, nothing to sync or cut
 		if j.lock != nil {
 			j.lock.Close()

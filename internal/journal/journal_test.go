@@ -563,6 +563,55 @@ func TestRecycledSegments(t *testing.T) {
 	checkEntries(t, j2, int(first), 230)
 }
 
+// TestRecycledSealedSegments: a recycled file sealed as a segment keeps
+// its previous life's bytes after the new data, cut mid-entry where the
+// sizes differ. The next segment proves where it ended, so reopening finds
+// no damage; a gap after it still is damage.
+func TestRecycledSealedSegments(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Dir: dir, SegmentSize: 8 << 10, Recycle: 8}
+	j, _, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := func(n int) *Entry {
+		return &Entry{Kind: KindWrite, Offset: 0, Length: uint32(n), Data: bytes.Repeat([]byte{byte(n)}, n)}
+	}
+	for i := 0; i < 600; i++ { // small entries fill each file to its end
+		if _, err := j.Append(big(100)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := j.Trim(j.LastSeq()); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 60; i++ { // other sizes: boundaries do not line up
+		if _, err := j.Append(big(1700 + 37*i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := j.LastSeq()
+	if err := j.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	crashed := copyDir(t, dir)
+	j.Close()
+	j2, _, err := Open(Options{Dir: crashed, SegmentSize: 8 << 10, Recycle: 8})
+	if err != nil {
+		t.Fatalf("reopen with recycled sealed segments: %v", err)
+	}
+	if got := j2.LastSeq(); got != last {
+		t.Fatalf("LastSeq = %d, want %d", got, last)
+	}
+	segs := j2.Segments()
+	j2.Close()
+	// A lost segment in the middle is a gap, not a stale tail.
+	os.Remove(filepath.Join(crashed, segName(segs[len(segs)/2])))
+	if _, _, err := Open(Options{Dir: crashed, SegmentSize: 8 << 10}); !errors.Is(err, ErrDamaged) {
+		t.Fatalf("reopen with a segment missing: %v, want ErrDamaged", err)
+	}
+}
+
 func TestAppendBatchAcrossSegments(t *testing.T) {
 	j := openT(t, t.TempDir(), 6<<10)
 	i := 0

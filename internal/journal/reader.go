@@ -297,25 +297,43 @@ func (j *Journal) ReadData(loc Loc, p []byte, off int64) error {
 
 // segFile returns a cached read-only handle of a live segment.
 func (j *Journal) segFile(first uint64) (*os.File, error) {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if f := j.readFiles[first]; f != nil {
+	j.rfMu.Lock()
+	f := j.readFiles[first]
+	j.rfMu.Unlock()
+	if f != nil {
 		return f, nil
 	}
+	j.mu.Lock()
+	path := ""
 	for _, s := range j.segs {
 		if s.firstSeq == first {
-			f, err := os.Open(s.path)
-			if err != nil {
-				return nil, fmt.Errorf("open segment %d: %w", first, err)
-			}
-			if j.readFiles == nil {
-				j.readFiles = map[uint64]*os.File{}
-			}
-			j.readFiles[first] = f
-			return f, nil
+			path = s.path
+			break
 		}
 	}
-	return nil, fmt.Errorf("%w: segment %d", ErrTrimmed, first)
+	closed := j.closed
+	j.mu.Unlock()
+	if closed {
+		return nil, ErrClosed
+	}
+	if path == "" {
+		return nil, fmt.Errorf("%w: segment %d", ErrTrimmed, first)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open segment %d: %w", first, err)
+	}
+	j.rfMu.Lock()
+	defer j.rfMu.Unlock()
+	if g := j.readFiles[first]; g != nil { // opened meanwhile
+		f.Close()
+		return g, nil
+	}
+	if j.readFiles == nil {
+		j.readFiles = map[uint64]*os.File{}
+	}
+	j.readFiles[first] = f
+	return f, nil
 }
 
 // EntryTime returns the time entry seq was appended. It reads from the
