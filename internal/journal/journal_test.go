@@ -287,6 +287,10 @@ func TestRecoverTruncated(t *testing.T) {
 	last := segs[len(segs)-1]
 	bounds := entryBounds(t, last.path)
 	size := bounds[len(bounds)-1]
+	lastBytes, err := os.ReadFile(last.path)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cuts := map[int64]bool{0: true, 1: true, SegmentHeaderSize - 1: true, SegmentHeaderSize: true}
 	for _, b := range bounds {
 		for _, d := range []int64{-1, 0, 1, 4, EntryHeaderSize - 1, EntryHeaderSize, EntryHeaderSize + 1} {
@@ -320,6 +324,12 @@ func TestRecoverTruncated(t *testing.T) {
 		clean := c == SegmentHeaderSize
 		for _, b := range bounds {
 			clean = clean || b == c
+			// A cut that leaves only zero bytes of a header reads as
+			// the zeros after a preallocated segment's data: clean. (The
+			// CRC's first byte is 0 once in 256 runs.)
+			if b < c && c-b < EntryHeaderSize && bytes.Count(lastBytes[b:c], []byte{0}) == int(c-b) {
+				clean = true
+			}
 		}
 		if clean == (rec.Reason != "") {
 			t.Fatalf("cut %d of %d: recovery reason %q", c, size, rec.Reason)
