@@ -1136,7 +1136,7 @@ func (a *Agent) Status() Status {
 	defer a.mu.Unlock()
 	st := Status{Site: a.cfg.Name, NBDSocket: a.nbdSock, Groups: []GroupStatus{}, Replicas: []replica.Status{}, Views: []ViewInfo{}}
 	for _, gr := range a.groups {
-		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size(), Fenced: gr.fenced}
+		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size(), UnfoldedBytes: gr.g.Unfolded(), Fenced: gr.fenced}
 		if err := gr.g.Failed(); err != nil {
 			gs.Failed = err.Error()
 		}

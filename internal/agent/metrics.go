@@ -74,6 +74,8 @@ var (
 		"VMs this site runs, by state.", []string{"state"}, nil)
 	descProblem = prometheus.NewDesc("ferry_problems",
 		"Groups and replicas that did not open (damaged) or that failed and refuse writes, by kind; the agent's status says which and why.", []string{"kind"}, nil)
+	descUnfolded = prometheus.NewDesc("ferry_unfolded_bytes",
+		"Recent writes of a group held only in its journal, not yet folded into its images.", []string{"group"}, nil)
 	descFold = prometheus.NewDesc("ferry_fold_remaining",
 		"Work left in a committed group's background fold, by unit: journal entries of the old replica, bytes of the VM's writes since the failover (0 once the disks are plain images).", []string{"group", "unit"}, nil)
 )
@@ -81,7 +83,7 @@ var (
 type statusCollector struct{ a *Agent }
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold} {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
 		ch <- d
 	}
 }
@@ -107,6 +109,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, g := range st.Groups {
 		gauge(descJournal, float64(g.JournalBytes), g.Name, "source")
+		gauge(descUnfolded, float64(g.UnfoldedBytes), g.Name)
 		var f api.FoldStatus // zero for a group with plain images
 		if g.Fold != nil {
 			f = *g.Fold

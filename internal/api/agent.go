@@ -221,10 +221,13 @@ type GroupStatus struct {
 	Exports []string   `json:"exports"`
 	LastSeq uint64     `json:"last_seq"`
 	// JournalBytes is the journal's size on disk.
-	JournalBytes int64              `json:"journal_bytes"`
-	PeerName     string             `json:"peer,omitempty"`
-	Replication  *ReplicationStatus `json:"replication,omitempty"`
-	AppPoint     *AppPointStatus    `json:"last_app_point,omitempty"`
+	JournalBytes int64 `json:"journal_bytes"`
+	// UnfoldedBytes: recent writes held only in the journal, not yet
+	// folded into the images (the write path's backlog).
+	UnfoldedBytes int64              `json:"unfolded_bytes"`
+	PeerName      string             `json:"peer,omitempty"`
+	Replication   *ReplicationStatus `json:"replication,omitempty"`
+	AppPoint      *AppPointStatus    `json:"last_app_point,omitempty"`
 	// Fenced is the generation this group was fenced at (0: not fenced):
 	// the vault re-sends a fence until it reads its generation here.
 	Fenced int64 `json:"fenced,omitempty"`

@@ -30,12 +30,14 @@ func serveCmd(e *env) *cobra.Command {
 	fs.DurationVar(&o.ckpt, "checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only by --checkpoint-bytes)")
 	str(fs, &o.segSize, "segment-size", "64M", "journal segment size")
 	str(fs, &o.ckptBytes, "checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
+	str(fs, &o.maxUnfolded, "max-unfolded", "4G", "recent writes kept only in the journal, folded into the images at checkpoints; past this, writes go to the images at once (0: always)")
 	str(fs, &o.cpuProfile, "cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
 	return c
 }
 
 type serveOpts struct {
 	dir, socket, listen, create, segSize, ckptBytes, cpuProfile string
+	maxUnfolded                                                 string
 	ckpt                                                        time.Duration
 }
 
@@ -65,7 +67,13 @@ func runServe(ctx context.Context, e *env, o *serveOpts) error {
 	if err != nil {
 		return err
 	}
-	g, err := disk.Open(disk.Config{Dir: *dir, SegmentSize: seg, CheckpointInterval: *ckpt, CheckpointBytes: cb, Logger: e.log})
+	mu := int64(-1) // "0": every write goes to the images at once
+	if strings.TrimSpace(o.maxUnfolded) != "0" {
+		if mu, err = parseSize(o.maxUnfolded); err != nil {
+			return err
+		}
+	}
+	g, err := disk.Open(disk.Config{Dir: *dir, SegmentSize: seg, CheckpointInterval: *ckpt, CheckpointBytes: cb, MaxUnfolded: mu, Logger: e.log})
 	if err != nil {
 		return err
 	}

@@ -2,18 +2,20 @@
 // group of sparse raw disk images that share one write journal.
 //
 // Every write, zero and trim to any disk of a group is appended to the
-// group's journal and applied to the disk's image under one lock, so the
-// journal order is exactly the order in which the images changed. The
-// images are written through the page cache and are not fsynced on FLUSH:
-// the journal is the write-ahead log. FLUSH and FUA make the journal
-// durable (one group-committed fdatasync of a sequential file). A
-// checkpoint fsyncs the images, records the journal sequence they contain,
-// and lets the journal drop segments that are no longer needed. After a
-// crash, Open replays the journal from the last checkpoint into the
-// images, so every write acknowledged as durable is in the image again.
+// group's journal under one lock, so the journal order is exactly the
+// order in which the disks changed. Recent writes of whole blocks live
+// only in the journal, found through a block index (index.go); the rest
+// is applied to the disk's sparse image at once. The images are written
+// through the page cache and are not fsynced on FLUSH: the journal is the
+// write-ahead log. FLUSH and FUA make the journal durable (one
+// group-committed fdatasync of a sequential file). A checkpoint folds the
+// index into the images, fsyncs them, records the journal sequence they
+// contain, and lets the journal drop segments that are no longer needed.
+// After a crash, Open replays the journal from the last checkpoint into
+// the images, so every write acknowledged as durable is there again.
 //
-// See docs/architecture.md for why the image is written synchronously
-// rather than folded lazily from the journal.
+// docs/architecture.md ("Write path") says why recent writes are not
+// written to the image at once.
 package disk
 
 import (
@@ -71,8 +73,16 @@ type Config struct {
 	// NoFold keeps Start from running the background fold: tests drive
 	// it with FoldStep.
 	NoFold bool
-	Logger *slog.Logger
-	Now    func() time.Time
+	// MaxUnfolded bounds the bytes of recent writes kept only in the
+	// journal (index.go); past it, writes go to the images at once until
+	// a checkpoint folds the backlog. 0: 2 GiB; negative: every write goes
+	// to the image at once.
+	MaxUnfolded int64
+	// FoldIdle: the background loop folds the backlog once no write came
+	// for this long (default 1 s; negative: never, only by size).
+	FoldIdle time.Duration
+	Logger      *slog.Logger
+	Now         func() time.Time
 }
 
 type manifest struct {
@@ -91,9 +101,9 @@ type Group struct {
 	log *slog.Logger
 	j   *journal.Journal
 
-	// mu orders journal appends with image writes: an entry is appended and
-	// applied while mu is held, so images always equal the journal replayed
-	// to LastSeq.
+	// mu orders journal appends: an entry is appended and indexed or
+	// applied while mu is held, so the disks' reads always equal the
+	// journal replayed to LastSeq.
 	mu     sync.Mutex
 	disks  map[uint16]*Disk
 	man    manifest
@@ -103,6 +113,7 @@ type Group struct {
 	unapplied uint64
 	closed    bool
 	appended  int64 // journal bytes appended since the last checkpoint began
+	lastWrite atomic.Int64 // UnixNano of the last append, for the idle fold
 
 	ckptMu sync.Mutex // one checkpoint at a time
 
@@ -117,6 +128,13 @@ type Group struct {
 	foldMu   sync.Mutex                 // one fold step at a time
 	foldLeft atomic.Pointer[FoldStatus] // read by status without waiting for a step
 
+	// The block indices of journal-only writes (index.go).
+	idxMu    sync.RWMutex
+	imgMu    sync.Mutex   // image writes: inline applies and the fold
+	readMu   sync.RWMutex // reads of journal data (shared) vs. trims
+	unfolded atomic.Int64 // bytes indexed
+	locs     []journal.Loc
+
 	stop chan struct{}
 	kick chan struct{} // asks the loop for a checkpoint now
 	wg   sync.WaitGroup
@@ -128,12 +146,16 @@ type Disk struct {
 	spec Spec
 	// img is replaced once, when a fold ends, while reads may run.
 	img atomic.Pointer[imageBox]
+	// idx: block -> latest journal-only bytes (index.go), under g.idxMu;
+	// nidx is len(idx), read without the lock.
+	idx  map[int64]slot
+	nidx atomic.Int64
 }
 
 type imageBox struct{ image }
 
 func newDisk(g *Group, s Spec, img image) *Disk {
-	d := &Disk{g: g, spec: s}
+	d := &Disk{g: g, spec: s, idx: map[int64]slot{}}
 	d.img.Store(&imageBox{img})
 	return d
 }
@@ -209,6 +231,8 @@ func (g *Group) Failed() error {
 // replays the journal, is safe). Resume of a group that did not fail does
 // nothing.
 func (g *Group) Resume() error {
+	g.ckptMu.Lock() // a checkpoint's fold must not miss what Resume indexes
+	defer g.ckptMu.Unlock()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.failed == nil {
@@ -228,7 +252,7 @@ func (g *Group) Resume() error {
 		if err != nil || !ok {
 			return fmt.Errorf("resume at %d: entry unreadable: %v", seq, err)
 		}
-		if err := g.applyImage(&e); err != nil {
+		if err := g.applyEntry(&e, r.Loc()); err != nil {
 			g.unapplied = seq
 			return fmt.Errorf("resume at %d: %w", seq, err)
 		}
@@ -421,15 +445,19 @@ func (g *Group) applyBatch(es []*journal.Entry) error {
 	if g.failed != nil {
 		return g.failed
 	}
-	if _, err := g.j.AppendBatch(es); err != nil {
+	if cap(g.locs) < len(es) {
+		g.locs = make([]journal.Loc, len(es))
+	}
+	locs := g.locs[:len(es)]
+	if _, err := g.j.AppendBatchLocs(es, locs); err != nil {
 		return fmt.Errorf("journal %s: %w", es[0].Kind, err)
 	}
-	for _, e := range es {
+	for i, e := range es {
 		g.appended += journal.EntryHeaderSize + int64(len(e.Data))
 		if g.observer != nil && e.Kind != journal.KindMarker {
 			g.observer(e)
 		}
-		if err := g.applyImage(e); err != nil {
+		if err := g.applyEntry(e, locs[i]); err != nil {
 			// The journal holds entries the image lacks, from this one
 			// on: Resume applies them (once space is freed), or a reopen
 			// replays them.
@@ -438,7 +466,8 @@ func (g *Group) applyBatch(es []*journal.Entry) error {
 			return g.failed
 		}
 	}
-	if g.appended >= g.cfg.CheckpointBytes {
+	g.lastWrite.Store(g.cfg.Now().UnixNano())
+	if g.wantCheckpoint() {
 		select {
 		case g.kick <- struct{}{}:
 		default:
@@ -520,9 +549,9 @@ func (g *Group) Hold(holder string, seq uint64) {
 
 // HoldNext holds the journal from the next entry to be appended on behalf
 // of holder and returns that sequence number. Taken under the group lock,
-// it splits history exactly: every entry before it is already in the
-// images, every entry from it on is still in the journal. An initial copy
-// of the images starts with it.
+// it splits history exactly: every entry before it is already in what the
+// disks read (ReadAt, DataRanges), every entry from it on is still in the
+// journal. An initial copy of the disks starts with it.
 func (g *Group) HoldNext(holder string) uint64 {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -562,7 +591,7 @@ func (g *Group) AppendResync(id uint16, off, n int64) (uint64, error) {
 		return 0, err
 	}
 	p := make([]byte, n)
-	if err := d.image().ReadAt(p, off); err != nil {
+	if err := d.ReadAt(context.Background(), p, off); err != nil {
 		return 0, fmt.Errorf("resync read: %w", err)
 	}
 	e := journal.Entry{Kind: journal.KindWrite, Flags: journal.FlagResync, Disk: id, Offset: uint64(off), Length: uint32(n), Data: p}
@@ -583,12 +612,16 @@ func (g *Group) Checkpoint(ctx context.Context) error {
 func (g *Group) checkpoint(ctx context.Context) error {
 	g.ckptMu.Lock()
 	defer g.ckptMu.Unlock()
+	// every entry <= seq is in the images' page cache after the fold
+	seq, err := g.foldIndex(ctx)
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
 	g.mu.Lock()
 	if g.failed != nil {
 		g.mu.Unlock()
 		return g.failed
 	}
-	seq := g.j.LastSeq() // every entry <= seq is in the images' page cache
 	disks := make([]*Disk, 0, len(g.disks))
 	for _, d := range g.disks {
 		disks = append(disks, d)
@@ -629,7 +662,7 @@ func (g *Group) checkpoint(ctx context.Context) error {
 	g.mu.Lock()
 	m = g.man
 	m.AppliedSeq = seq
-	err := g.saveManifest(m)
+	err = g.saveManifest(m)
 	if err == nil {
 		g.man = m
 	}
@@ -643,6 +676,8 @@ func (g *Group) checkpoint(ctx context.Context) error {
 		keep = min(keep, h)
 	}
 	g.holdMu.Unlock()
+	g.readMu.Lock() // no read is between its index lookup and its journal read
+	defer g.readMu.Unlock()
 	return g.j.Trim(keep)
 }
 
@@ -671,11 +706,16 @@ func (g *Group) Start(ctx context.Context) {
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
-		var tick <-chan time.Time
+		var tick, idle <-chan time.Time
 		if g.cfg.CheckpointInterval > 0 {
 			t := time.NewTicker(g.cfg.CheckpointInterval)
 			defer t.Stop()
 			tick = t.C
+		}
+		if g.cfg.FoldIdle >= 0 && g.maxUnfolded() > 0 {
+			t := time.NewTicker(max(g.cfg.FoldIdle/2, 50*time.Millisecond))
+			defer t.Stop()
+			idle = t.C
 		}
 		for {
 			select {
@@ -685,8 +725,12 @@ func (g *Group) Start(ctx context.Context) {
 				return
 			case <-tick:
 			case <-g.kick:
+			case <-idle:
+				if g.unfolded.Load() == 0 || g.cfg.Now().UnixNano()-g.lastWrite.Load() < int64(g.foldIdle()) {
+					continue
+				}
 			}
-			if err := g.checkpoint(ctx); err != nil {
+			if err := g.checkpoint(ctx); err != nil && ctx.Err() == nil {
 				g.log.Error("checkpoint failed", "err", err)
 			}
 		}
@@ -741,7 +785,10 @@ func (d *Disk) ReadAt(_ context.Context, p []byte, off int64) error {
 	if err := d.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	return d.image().ReadAt(p, off)
+	if d.nidx.Load() == 0 || len(p) == 0 {
+		return d.image().ReadAt(p, off)
+	}
+	return d.readMerged(p, off)
 }
 
 // DataRanges calls fn, in order of offset, for the parts of the disk that
@@ -750,10 +797,27 @@ func (d *Disk) ReadAt(_ context.Context, p []byte, off int64) error {
 // hole after it was skipped is in the journal: an initial copy, which
 // holds the journal from its start, replays it.
 func (d *Disk) DataRanges(fn func(off, n int64) error) error {
-	if p, ok := d.image().(plainImage); ok {
+	p, ok := d.image().(plainImage)
+	if !ok {
+		return fn(0, d.spec.Size)
+	}
+	if d.nidx.Load() == 0 {
 		return p.dataRanges(d.spec.Size, fn)
 	}
-	return fn(0, d.spec.Size)
+	// Journal-only blocks are data too, whatever the image holds there.
+	var rs [][2]int64
+	if err := p.dataRanges(d.spec.Size, func(off, n int64) error {
+		rs = append(rs, [2]int64{off, off + n})
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, r := range unionRanges(rs, d.indexedRanges()) {
+		if err := fn(r[0], r[1]-r[0]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // WriteAt journals and applies a write.

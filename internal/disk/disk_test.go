@@ -75,7 +75,23 @@ func checkReplayEqualsImage(tb testing.TB, g *Group, d *Disk) {
 		tb.Fatal(err)
 	}
 	if !bytes.Equal(got, ref) {
-		tb.Fatal("image differs from the journal replayed")
+		tb.Fatal("the disk's reads differ from the journal replayed")
+	}
+	// Folded, the image itself holds the same bytes (the index is empty).
+	g.ckptMu.Lock()
+	_, err = g.foldIndex(context.Background())
+	g.ckptMu.Unlock()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if n := d.nidx.Load(); n != 0 {
+		tb.Fatalf("%d blocks still indexed after the fold", n)
+	}
+	if err := d.image().ReadAt(got, 0); err != nil {
+		tb.Fatal(err)
+	}
+	if !bytes.Equal(got, ref) {
+		tb.Fatal("the folded image differs from the journal replayed")
 	}
 }
 

@@ -256,6 +256,8 @@ func (g *Group) finishFold(ctx context.Context) error {
 	}
 	g.man = m
 	crash("finish-intent-saved")
+	g.imgMu.Lock() // the index's fold writes through d.image()
+	defer g.imgMu.Unlock()
 	for _, d := range g.disks {
 		l := d.image().(*layered)
 		l.mu.Lock()

@@ -1,0 +1,373 @@
+package disk
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/journal"
+)
+
+// Recent writes live only in the journal.
+//
+// A write of whole BlockSize blocks is appended to the journal and
+// recorded in its disk's block index (block -> where its latest bytes lie
+// in the journal); the image is not touched. Reads take indexed blocks
+// from the journal and the rest from the image. The checkpoint folds the
+// index into the images: every indexed block once, sorted by disk and
+// offset, so overwrites cost nothing and neighbouring blocks are written
+// together, off the guest's path. Everything else (zeroes, trims, writes
+// that do not cover whole blocks, and every write while the index holds
+// MaxUnfolded bytes) is applied to the image at once, as before, after the
+// indexed blocks it touches are written out.
+//
+// Invariants (docs/architecture.md, "Write path"):
+//   - A block is indexed iff its latest write is journal-only; its slot
+//     names that write. So reads = the journal replayed, always.
+//   - The image never goes back: a block is written to the image only by
+//     the latest write that touched it, or by an older one while a newer
+//     one is still indexed (and so overrides it for reads and is written
+//     later).
+//   - After foldIndex returns L, every entry <= L is in the images' page
+//     cache (or superseded), which is what a checkpoint needs to record
+//     AppliedSeq = L and trim the journal before L+1. Replaying entries
+//     after L over such images, in order, gives the same disks: per block,
+//     the last write wins.
+//
+// Locks, in order: Group.mu (appends) -> imgMu (image writes) -> idxMu
+// (the indices). Reads take readMu (shared) around journal reads, and the
+// checkpoint takes it exclusively to trim, so a read never meets a
+// recycled segment.
+
+// slot locates the latest bytes of one indexed block.
+type slot struct {
+	seq uint64
+	loc journal.Loc
+}
+
+// defaultMaxUnfolded bounds the journal-only bytes by default: about 50
+// MiB of index and, after a crash, a replay of at most this much journal
+// (docs/architecture.md, "Write path").
+const defaultMaxUnfolded = 4 << 30
+
+// inlineFrom: writes this large go to the image at once. Nothing
+// overwrites them soon enough for the fold to save work, and the journal
+// would only hold more new bytes in the page cache (docs/benchmarks.md).
+const inlineFrom = 256 << 10
+
+func (g *Group) foldIdle() time.Duration {
+	if g.cfg.FoldIdle == 0 {
+		return time.Second
+	}
+	return g.cfg.FoldIdle
+}
+
+// wantCheckpoint: the journal grew enough that a checkpoint pays, or
+// the backlog nears its bound. A checkpoint is cheap when the journal
+// grew mostly by overwrites and inline writes (the fold writes little);
+// one that would fold a large backlog waits for its bound or for the disks
+// to go idle. Caller holds mu.
+func (g *Group) wantCheckpoint() bool {
+	j, u, m := g.appended, g.unfolded.Load(), g.maxUnfolded()
+	return j >= g.cfg.CheckpointBytes && u <= j/2 || m > 0 && (u >= m/2 || j >= m)
+}
+
+func (g *Group) maxUnfolded() int64 {
+	switch {
+	case g.cfg.MaxUnfolded < 0:
+		return 0
+	case g.cfg.MaxUnfolded == 0:
+		return defaultMaxUnfolded
+	}
+	return g.cfg.MaxUnfolded
+}
+
+// Unfolded returns the bytes of recent writes held only in the journal
+// (the fold's backlog).
+func (g *Group) Unfolded() int64 { return g.unfolded.Load() }
+
+// applyEntry makes e, appended at loc, part of the disks: indexed, or
+// applied to the image. Caller holds mu.
+func (g *Group) applyEntry(e *journal.Entry, loc journal.Loc) error {
+	if e.Kind == journal.KindMarker {
+		return nil
+	}
+	d := g.disks[e.Disk]
+	if d == nil {
+		return fmt.Errorf("%w: id %d", ErrUnknownDisk, e.Disk)
+	}
+	off, n := int64(e.Offset), int64(e.Length)
+	if e.Kind == journal.KindWrite && off%BlockSize == 0 && n%BlockSize == 0 && n > 0 && n < inlineFrom &&
+		g.unfolded.Load() < g.maxUnfolded() {
+		g.idxMu.Lock()
+		added := 0
+		for k := int64(0); k < n/BlockSize; k++ {
+			b := off/BlockSize + k
+			if _, had := d.idx[b]; !had {
+				added++
+			}
+			d.idx[b] = slot{seq: e.Seq, loc: journal.Loc{Seg: loc.Seg, Off: loc.Off + k*BlockSize}}
+		}
+		d.nidx.Store(int64(len(d.idx)))
+		g.idxMu.Unlock()
+		g.unfolded.Add(int64(added) * BlockSize)
+		return nil
+	}
+	g.imgMu.Lock()
+	defer g.imgMu.Unlock()
+	covered, err := d.flushEdges(off, n)
+	if err != nil {
+		return err
+	}
+	if err := g.applyImage(e); err != nil {
+		return err
+	}
+	d.unindex(covered)
+	return nil
+}
+
+// flushEdges writes out the indexed blocks that [off, off+n) touches but
+// does not cover (the change to the image would otherwise mix with older
+// bytes than the latest) and returns the covered indexed blocks, which
+// the change supersedes: the caller unindexes them once it is applied.
+// Caller holds imgMu.
+func (d *Disk) flushEdges(off, n int64) (covered []int64, err error) {
+	if d.nidx.Load() == 0 || n == 0 {
+		return nil, nil
+	}
+	first, last := off/BlockSize, (off+n-1)/BlockSize
+	d.g.idxMu.RLock()
+	var hit []int64
+	if last-first+1 <= int64(len(d.idx)) {
+		for b := first; b <= last; b++ {
+			if _, ok := d.idx[b]; ok {
+				hit = append(hit, b)
+			}
+		}
+	} else {
+		for b := range d.idx {
+			if b >= first && b <= last {
+				hit = append(hit, b)
+			}
+		}
+	}
+	d.g.idxMu.RUnlock()
+	var edges []int64
+	for _, b := range hit {
+		if b*BlockSize >= off && (b+1)*BlockSize <= off+n {
+			covered = append(covered, b)
+		} else {
+			edges = append(edges, b)
+		}
+	}
+	if len(edges) > 0 {
+		if err := d.foldBlocks(edges); err != nil {
+			return nil, err
+		}
+	}
+	return covered, nil
+}
+
+// unindex drops blocks from the index, whatever their slot.
+func (d *Disk) unindex(bs []int64) {
+	if len(bs) == 0 {
+		return
+	}
+	d.g.idxMu.Lock()
+	gone := 0
+	for _, b := range bs {
+		if _, ok := d.idx[b]; ok {
+			delete(d.idx, b)
+			gone++
+		}
+	}
+	d.nidx.Store(int64(len(d.idx)))
+	d.g.idxMu.Unlock()
+	d.g.unfolded.Add(-int64(gone) * BlockSize)
+}
+
+// foldBlocks writes the latest bytes of the given indexed blocks (sorted)
+// to the image and unindexes those whose slot did not change meanwhile.
+// Blocks no longer indexed are skipped. Caller holds imgMu.
+func (d *Disk) foldBlocks(bs []int64) error {
+	g := d.g
+	slots := make([]slot, len(bs))
+	g.idxMu.RLock()
+	for i, b := range bs {
+		slots[i] = d.idx[b] // seq 0: gone
+	}
+	g.idxMu.RUnlock()
+	var buf []byte
+	img := d.image()
+	for i := 0; i < len(bs); {
+		if slots[i].seq == 0 {
+			i++
+			continue
+		}
+		// A run: neighbouring blocks whose bytes are neighbours in the
+		// journal too (one big write) are read and written at once.
+		j := i + 1
+		for j < len(bs) && j-i < 256 && slots[j].seq != 0 && bs[j] == bs[j-1]+1 &&
+			slots[j].loc.Seg == slots[i].loc.Seg && slots[j].loc.Off == slots[j-1].loc.Off+BlockSize {
+			j++
+		}
+		n := int64(j-i) * BlockSize
+		if int64(cap(buf)) < n {
+			buf = make([]byte, n)
+		}
+		p := buf[:n]
+		if err := g.j.ReadData(slots[i].loc, p, 0); err != nil {
+			return fmt.Errorf("fold blocks %d..%d of disk %q: %w", bs[i], bs[j-1], d.spec.Name, err)
+		}
+		if err := img.WriteAt(p, bs[i]*BlockSize); err != nil {
+			return fmt.Errorf("fold blocks %d..%d of disk %q: %w", bs[i], bs[j-1], d.spec.Name, err)
+		}
+		i = j
+	}
+	g.idxMu.Lock()
+	gone := 0
+	for i, b := range bs {
+		if s, ok := d.idx[b]; ok && slots[i].seq != 0 && s.seq == slots[i].seq {
+			delete(d.idx, b)
+			gone++
+		}
+	}
+	d.nidx.Store(int64(len(d.idx)))
+	g.idxMu.Unlock()
+	g.unfolded.Add(-int64(gone) * BlockSize)
+	return nil
+}
+
+// foldChunk is how many blocks the fold writes per hold of imgMu.
+const foldChunk = 1024
+
+// foldIndex writes every block indexed now to the images and returns L:
+// every entry <= L is then in the images' page cache, or superseded by a
+// later one. Writes go on meanwhile (they index blocks > L). Caller holds
+// ckptMu.
+func (g *Group) foldIndex(ctx context.Context) (uint64, error) {
+	g.mu.Lock()
+	if g.failed != nil {
+		g.mu.Unlock()
+		return 0, g.failed
+	}
+	last := g.j.LastSeq() // every slot indexed now has seq <= last
+	disks := make([]*Disk, 0, len(g.disks))
+	for _, d := range g.disks {
+		disks = append(disks, d)
+	}
+	g.mu.Unlock()
+	for _, d := range disks {
+		if d.nidx.Load() == 0 {
+			continue
+		}
+		g.idxMu.RLock()
+		bs := make([]int64, 0, len(d.idx))
+		for b, s := range d.idx {
+			if s.seq <= last {
+				bs = append(bs, b)
+			}
+		}
+		g.idxMu.RUnlock()
+		slices.Sort(bs)
+		for i := 0; i < len(bs); i += foldChunk {
+			if err := ctx.Err(); err != nil {
+				return 0, err
+			}
+			g.imgMu.Lock()
+			err := d.foldBlocks(bs[i:min(i+foldChunk, len(bs))])
+			g.imgMu.Unlock()
+			if err != nil {
+				return 0, err
+			}
+		}
+	}
+	return last, nil
+}
+
+// readMerged reads [off, off+len(p)) with indexed blocks from the journal.
+func (d *Disk) readMerged(p []byte, off int64) error {
+	g := d.g
+	g.readMu.RLock()
+	defer g.readMu.RUnlock()
+	n := int64(len(p))
+	first, last := off/BlockSize, (off+n-1)/BlockSize
+	type piece struct {
+		at  int64 // offset in the disk
+		n   int64
+		loc journal.Loc
+	}
+	var pieces []piece
+	g.idxMu.RLock()
+	for b := first; b <= last; b++ {
+		s, ok := d.idx[b]
+		if !ok {
+			continue
+		}
+		lo, hi := max(off, b*BlockSize), min(off+n, (b+1)*BlockSize)
+		loc := journal.Loc{Seg: s.loc.Seg, Off: s.loc.Off + lo - b*BlockSize}
+		if k := len(pieces) - 1; k >= 0 && pieces[k].at+pieces[k].n == lo &&
+			pieces[k].loc.Seg == loc.Seg && pieces[k].loc.Off+pieces[k].n == loc.Off {
+			pieces[k].n += hi - lo
+			continue
+		}
+		pieces = append(pieces, piece{at: lo, n: hi - lo, loc: loc})
+	}
+	g.idxMu.RUnlock()
+	img := d.image()
+	at := off // next byte not read yet
+	for _, pc := range pieces {
+		if pc.at > at {
+			if err := img.ReadAt(p[at-off:pc.at-off], at); err != nil {
+				return err
+			}
+		}
+		if err := g.j.ReadData(pc.loc, p[pc.at-off:pc.at-off+pc.n], 0); err != nil {
+			return fmt.Errorf("read disk %q at %d: %w", d.spec.Name, pc.at, err)
+		}
+		at = pc.at + pc.n
+	}
+	if at < off+n {
+		return img.ReadAt(p[at-off:], at)
+	}
+	return nil
+}
+
+// indexedRanges returns the byte ranges of the disk's indexed blocks, in
+// order, merged.
+func (d *Disk) indexedRanges() [][2]int64 {
+	d.g.idxMu.RLock()
+	bs := make([]int64, 0, len(d.idx))
+	for b := range d.idx {
+		bs = append(bs, b)
+	}
+	d.g.idxMu.RUnlock()
+	slices.Sort(bs)
+	var rs [][2]int64
+	for _, b := range bs {
+		lo, hi := b*BlockSize, min((b+1)*BlockSize, d.spec.Size)
+		if k := len(rs) - 1; k >= 0 && rs[k][1] == lo {
+			rs[k][1] = hi
+			continue
+		}
+		rs = append(rs, [2]int64{lo, hi})
+	}
+	return rs
+}
+
+// unionRanges merges two ordered lists of disjoint ranges.
+func unionRanges(a, b [][2]int64) [][2]int64 {
+	all := append(append([][2]int64(nil), a...), b...)
+	slices.SortFunc(all, func(x, y [2]int64) int { return cmp.Compare(x[0], y[0]) })
+	var out [][2]int64
+	for _, r := range all {
+		if k := len(out) - 1; k >= 0 && r[0] <= out[k][1] {
+			out[k][1] = max(out[k][1], r[1])
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}

@@ -1,0 +1,329 @@
+package disk
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// modelOp applies one random change to d and to the model m.
+func modelOp(tb testing.TB, rng *rand.Rand, d *Disk, m []byte, tag byte) {
+	tb.Helper()
+	ctx := context.Background()
+	size := int64(len(m))
+	var off, n int64
+	switch rng.IntN(10) {
+	case 0, 1, 2, 3, 4: // whole blocks: journal-only
+		n = int64(1+rng.IntN(8)) * BlockSize
+		off = rng.Int64N(size/BlockSize-n/BlockSize+1) * BlockSize
+	case 5, 6: // anywhere, any length: inline, edges flushed
+		n = 1 + rng.Int64N(3*BlockSize)
+		off = rng.Int64N(size - n + 1)
+	case 7: // zero
+		n = 1 + rng.Int64N(6*BlockSize)
+		off = rng.Int64N(size - n + 1)
+		if err := d.WriteZeroes(ctx, off, n); err != nil {
+			tb.Fatal(err)
+		}
+		clear(m[off : off+n])
+		return
+	case 8: // trim
+		n = 1 + rng.Int64N(6*BlockSize)
+		off = rng.Int64N(size - n + 1)
+		if err := d.Trim(ctx, off, n); err != nil {
+			tb.Fatal(err)
+		}
+		clear(m[off : off+n])
+		return
+	case 9: // a batch of whole blocks, overlapping each other
+		var ps [][]byte
+		var offs []int64
+		for k := 0; k < 1+rng.IntN(4); k++ {
+			o := rng.Int64N(size/BlockSize) * BlockSize
+			p := bytes.Repeat([]byte{tag + byte(k)}, BlockSize)
+			ps, offs = append(ps, p), append(offs, o)
+		}
+		if err := d.WriteAtBatch(ctx, ps, offs); err != nil {
+			tb.Fatal(err)
+		}
+		for k := range ps {
+			copy(m[offs[k]:], ps[k])
+		}
+		return
+	}
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = tag ^ byte(i>>9)
+	}
+	if err := d.WriteAt(ctx, p, off); err != nil {
+		tb.Fatal(err)
+	}
+	copy(m[off:], p)
+}
+
+func checkIndexModel(tb testing.TB, d *Disk, m []byte, when string) {
+	tb.Helper()
+	got := make([]byte, len(m))
+	if err := d.ReadAt(context.Background(), got, 0); err != nil {
+		tb.Fatal(err)
+	}
+	if !bytes.Equal(got, m) {
+		for i := range got {
+			if got[i] != m[i] {
+				tb.Fatalf("%s: disk differs from the model at byte %d (block %d): %d, want %d", when, i, i/BlockSize, got[i], m[i])
+			}
+		}
+	}
+	// Unaligned reads across indexed and plain blocks.
+	for _, r := range [][2]int64{{100, 3 * BlockSize}, {BlockSize - 1, 2}, {int64(len(m)) - 5000, 5000}} {
+		p := make([]byte, r[1])
+		if err := d.ReadAt(context.Background(), p, r[0]); err != nil {
+			tb.Fatal(err)
+		}
+		if !bytes.Equal(p, m[r[0]:r[0]+r[1]]) {
+			tb.Fatalf("%s: read [%d,+%d) differs from the model", when, r[0], r[1])
+		}
+	}
+}
+
+// TestIndexModel drives random writes of every shape, checkpoints and
+// crashes against a byte-array model: reads always equal the model, with
+// the backlog journal-only, partly folded, over the inline threshold, and
+// after a crash that loses every image write since the last checkpoint.
+func TestIndexModel(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		maxUnfolded int64
+	}{
+		{"journal-only", 0},
+		{"small-backlog", 16 * BlockSize},
+		{"inline", -1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			dir := t.TempDir()
+			cfg := Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: tc.maxUnfolded}
+			g, err := Open(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const size = 256 << 10
+			d, err := g.CreateDisk("a", size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := make([]byte, size)
+			rng := rand.New(rand.NewPCG(7, uint64(tc.maxUnfolded)))
+			for round := 0; round < 6; round++ {
+				for i := 0; i < 150; i++ {
+					modelOp(t, rng, d, m, byte(round*150+i))
+					if i%37 == 0 {
+						checkIndexModel(t, d, m, "mid-round")
+					}
+					if rng.IntN(50) == 0 {
+						if err := g.Checkpoint(ctx); err != nil {
+							t.Fatal(err)
+						}
+					}
+				}
+				checkIndexModel(t, d, m, "end of round")
+				if tc.maxUnfolded > 0 && g.Unfolded() > tc.maxUnfolded+8*BlockSize {
+					t.Fatalf("backlog %d bytes, bound %d", g.Unfolded(), tc.maxUnfolded)
+				}
+				if tc.maxUnfolded < 0 && g.Unfolded() != 0 {
+					t.Fatalf("inline mode indexed %d bytes", g.Unfolded())
+				}
+				if err := d.Flush(ctx); err != nil {
+					t.Fatal(err)
+				}
+				// Crash: the images lose what they got since the last
+				// checkpoint (they are restored from that moment).
+				img, err := os.ReadFile(g.imagePath("a"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if round%2 == 0 {
+					if err := g.Checkpoint(ctx); err != nil {
+						t.Fatal(err)
+					}
+					img, _ = os.ReadFile(g.imagePath("a"))
+					modelOp(t, rng, d, m, 0xF0)
+					modelOp(t, rng, d, m, 0xF1)
+					d.Flush(ctx)
+				}
+				g.closeFiles()
+				g.j.Close()
+				if round%2 == 0 {
+					os.WriteFile(g.imagePath("a"), img, 0o600)
+				}
+				g, err = Open(cfg)
+				if err != nil {
+					t.Fatalf("round %d: %v", round, err)
+				}
+				d, _ = g.Disk("a")
+				checkIndexModel(t, d, m, "after the crash")
+			}
+			checkFolded(t, g, d, m)
+			if err := g.Close(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestIndexConcurrent runs writers, readers and checkpoints at once (for
+// the race detector and the locks): each writer owns a region and checks
+// its own reads; in the end the disk equals the model.
+func TestIndexConcurrent(t *testing.T) {
+	ctx := context.Background()
+	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 256 << 10, MaxUnfolded: 64 * BlockSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	const size, writers = 1 << 20, 4
+	d, err := g.CreateDisk("a", size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := make([]byte, size)
+	stop := make(chan struct{})
+	var ckpts sync.WaitGroup
+	ckpts.Add(1)
+	go func() {
+		defer ckpts.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := g.Checkpoint(ctx); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			region := m[w*size/writers : (w+1)*size/writers]
+			base := int64(w * size / writers)
+			rng := rand.New(rand.NewPCG(uint64(w), 3))
+			for i := 0; i < 400; i++ {
+				n := int64(1+rng.IntN(4)) * BlockSize
+				if rng.IntN(4) == 0 {
+					n = 1 + rng.Int64N(2*BlockSize) // inline
+				}
+				off := rng.Int64N(int64(len(region)) - n + 1)
+				if n%BlockSize == 0 {
+					off &^= BlockSize - 1
+				}
+				p := bytes.Repeat([]byte{byte(i + 1)}, int(n))
+				if err := d.WriteAt(ctx, p, base+off); err != nil {
+					t.Error(err)
+					return
+				}
+				copy(region[off:], p)
+				got := make([]byte, len(region))
+				if err := d.ReadAt(ctx, got, base); err != nil {
+					t.Error(err)
+					return
+				}
+				if !bytes.Equal(got, region) {
+					t.Errorf("writer %d: its region differs after write %d", w, i)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	ckpts.Wait()
+	checkIndexModel(t, d, m, "after the writers")
+	checkFolded(t, g, d, m)
+}
+
+// TestFoldFailsOnFullDisk: with recent writes journal-only, a full file
+// system stops the fold, not the guest: the checkpoint fails with ENOSPC,
+// reads still see every write, and the next checkpoint once there is room
+// folds everything.
+func TestFoldFailsOnFullDisk(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatalf("mount a small tmpfs (the test runs as root, as make test does): %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	d, err := g.CreateDisk("a", 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := make([]byte, 4<<20)
+	var werr error
+	for i := 0; i < 1000 && werr == nil; i++ {
+		p := bytes.Repeat([]byte{byte(i + 1)}, BlockSize)
+		off := int64(i%1024) * BlockSize
+		if werr = d.WriteAt(ctx, p, off); werr == nil {
+			copy(m[off:], p)
+		}
+	}
+	if !errors.Is(werr, syscall.ENOSPC) || errors.Is(werr, ErrFailed) {
+		t.Fatalf("a write on a full file system: %v, want ENOSPC from the journal, the group not failed", werr)
+	}
+	checkIndexModel(t, d, m, "journal full")
+	if err := g.Checkpoint(ctx); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("checkpoint with no room for the images: %v, want ENOSPC", err)
+	}
+	if err := g.Failed(); err != nil {
+		t.Fatalf("a failed fold failed the group: %v", err)
+	}
+	checkIndexModel(t, d, m, "fold failed")
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_REMOUNT, "size=16m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Checkpoint(ctx); err != nil {
+		t.Fatalf("checkpoint once there is room: %v", err)
+	}
+	if g.Unfolded() != 0 {
+		t.Fatalf("%d bytes left unfolded", g.Unfolded())
+	}
+	p := bytes.Repeat([]byte{0xEE}, BlockSize)
+	if err := d.WriteAt(ctx, p, 0); err != nil {
+		t.Fatalf("write once there is room: %v", err)
+	}
+	copy(m, p)
+	checkIndexModel(t, d, m, "after room was made")
+}
+
+// checkFolded folds the index and compares the image itself with m.
+func checkFolded(tb testing.TB, g *Group, d *Disk, m []byte) {
+	tb.Helper()
+	if err := g.Checkpoint(context.Background()); err != nil {
+		tb.Fatal(err)
+	}
+	if n := d.nidx.Load(); n != 0 {
+		tb.Fatalf("%d blocks still indexed after a checkpoint", n)
+	}
+	got := make([]byte, len(m))
+	if err := d.image().ReadAt(got, 0); err != nil {
+		tb.Fatal(err)
+	}
+	if !bytes.Equal(got, m) {
+		tb.Fatal("the folded image differs from the model")
+	}
+}
