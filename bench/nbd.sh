@@ -5,6 +5,9 @@
 # same file system, and fio's nbd engine drives all three over unix sockets.
 #
 #   BENCH_SECONDS  seconds per workload and server (default 20)
+#   BENCH_ROUNDS   rounds, each running every server once in a rotating
+#                  order; each figure is the median over the rounds
+#                  (default 3: single runs here vary by up to 2x)
 #   BENCH_SIZE     size of the exported file (default 2G)
 #   BENCH_DIR      scratch directory (default /var/tmp/ferry-bench)
 #   FERRY          ferry binary (default: built into $BENCH_DIR)
@@ -15,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-20}
+ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-2G}
 DIR=${BENCH_DIR:-/var/tmp/ferry-bench}
 for t in fio qemu-nbd nbdkit jq; do
@@ -66,15 +70,22 @@ run_fio() { # workload -> "iops p99_us"
 	jq -r '.jobs[0].write | "\(.iops) \((.clat_ns.percentile["99.000000"] // 0) / 1000)"' "$DIR/$1.json"
 }
 
-declare -A IOPS P99
+declare -A IOPS P99 RUNS
 servers=(ferry qemu-nbd nbdkit)
 for w in randwrite4k flush4k write1m; do
-	for s in "${servers[@]}"; do
-		start "$s"
-		read -r i p < <(run_fio "$w")
-		stop
+	for ((round = 0; round < ROUNDS; round++)); do
+		for k in 0 1 2; do
+			s=${servers[$(((k + round) % 3))]}
+			start "$s"
+			read -r i p < <(run_fio "$w")
+			stop
+			RUNS[$w,$s]+="$i $p"$'\n'
+			printf '  %-12s %-9s round %d %10.0f IOPS  p99 %8.0f us\n' "$w" "$s" "$round" "$i" "$p" >&2
+		done
+	done
+	for s in "${servers[@]}"; do # the median run by IOPS
+		read -r i p < <(printf '%s' "${RUNS[$w,$s]}" | sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
 		IOPS[$w,$s]=$i; P99[$w,$s]=$p
-		printf '  %-12s %-9s %10.0f IOPS  p99 %8.0f us\n' "$w" "$s" "$i" "$p" >&2
 	done
 done
 
@@ -87,5 +98,5 @@ for w in randwrite4k flush4k write1m; do
 	echo
 	r+=("$w=$(jq -n "${IOPS[$w,ferry]} / ([${IOPS[$w,qemu-nbd]}, ${IOPS[$w,nbdkit]}] | max) * 100 | round / 100")")
 done
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), fs $(df -T "$DIR" | awk 'NR==2 {print $2}'), ${SECS}s per run"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), fs $(df -T "$DIR" | awk 'NR==2 {print $2}'), median of ${ROUNDS} runs of ${SECS}s"
 echo "RESULT nbd ${r[*]}"

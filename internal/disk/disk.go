@@ -81,8 +81,8 @@ type Config struct {
 	// FoldIdle: the background loop folds the backlog once no write came
 	// for this long (default 1 s; negative: never, only by size).
 	FoldIdle time.Duration
-	Logger      *slog.Logger
-	Now         func() time.Time
+	Logger   *slog.Logger
+	Now      func() time.Time
 }
 
 type manifest struct {
@@ -112,7 +112,7 @@ type Group struct {
 	// the journal holds it and the rest; Resume can apply them in place.
 	unapplied uint64
 	closed    bool
-	appended  int64 // journal bytes appended since the last checkpoint began
+	appended  int64        // journal bytes appended since the last checkpoint began
 	lastWrite atomic.Int64 // UnixNano of the last append, for the idle fold
 
 	ckptMu sync.Mutex // one checkpoint at a time
@@ -134,6 +134,7 @@ type Group struct {
 	readMu   sync.RWMutex // reads of journal data (shared) vs. trims
 	unfolded atomic.Int64 // bytes indexed
 	locs     []journal.Loc
+	foldBuf  []byte // under imgMu
 
 	stop chan struct{}
 	kick chan struct{} // asks the loop for a checkpoint now

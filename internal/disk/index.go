@@ -48,7 +48,8 @@ type slot struct {
 }
 
 // defaultMaxUnfolded bounds the journal-only bytes by default: about 50
-// MiB of index and, after a crash, a replay of at most this much journal
+// MiB of index; the journal grows by at most twice this between
+// checkpoints, which bounds the replay after a crash
 // (docs/architecture.md, "Write path").
 const defaultMaxUnfolded = 4 << 30
 
@@ -65,13 +66,13 @@ func (g *Group) foldIdle() time.Duration {
 }
 
 // wantCheckpoint: the journal grew enough that a checkpoint pays, or
-// the backlog nears its bound. A checkpoint is cheap when the journal
-// grew mostly by overwrites and inline writes (the fold writes little);
-// one that would fold a large backlog waits for its bound or for the disks
-// to go idle. Caller holds mu.
+// the backlog nears its bound. A checkpoint is cheap when the backlog is
+// small (the journal grew by overwrites or inline writes), so it runs
+// every CheckpointBytes; one that would fold a large backlog waits for
+// its bound or for the disks to go idle. Caller holds mu.
 func (g *Group) wantCheckpoint() bool {
 	j, u, m := g.appended, g.unfolded.Load(), g.maxUnfolded()
-	return j >= g.cfg.CheckpointBytes && u <= j/2 || m > 0 && (u >= m/2 || j >= m)
+	return j >= g.cfg.CheckpointBytes && u <= g.cfg.CheckpointBytes/4 || m > 0 && (u >= m/2 || j >= 2*m)
 }
 
 func (g *Group) maxUnfolded() int64 {
@@ -188,49 +189,69 @@ func (d *Disk) unindex(bs []int64) {
 	d.g.unfolded.Add(-int64(gone) * BlockSize)
 }
 
-// foldBlocks writes the latest bytes of the given indexed blocks (sorted)
-// to the image and unindexes those whose slot did not change meanwhile.
-// Blocks no longer indexed are skipped. Caller holds imgMu.
+// foldBlocks writes the latest bytes of the given indexed blocks to the
+// image and unindexes those whose slot did not change meanwhile. Blocks
+// no longer indexed are skipped. It works in journal order: the journal
+// is read in spans of up to foldSpan bytes (one pread for many blocks),
+// and blocks that are neighbours both on the disk and in the journal (one
+// large write) are written at once. Caller holds imgMu.
 func (d *Disk) foldBlocks(bs []int64) error {
 	g := d.g
-	slots := make([]slot, len(bs))
+	type item struct {
+		b int64
+		s slot
+	}
+	items := make([]item, 0, len(bs))
 	g.idxMu.RLock()
-	for i, b := range bs {
-		slots[i] = d.idx[b] // seq 0: gone
+	for _, b := range bs {
+		if s, ok := d.idx[b]; ok {
+			items = append(items, item{b, s})
+		}
 	}
 	g.idxMu.RUnlock()
-	var buf []byte
-	img := d.image()
-	for i := 0; i < len(bs); {
-		if slots[i].seq == 0 {
-			i++
-			continue
+	slices.SortFunc(items, func(x, y item) int {
+		if c := cmp.Compare(x.s.loc.Seg, y.s.loc.Seg); c != 0 {
+			return c
 		}
-		// A run: neighbouring blocks whose bytes are neighbours in the
-		// journal too (one big write) are read and written at once.
+		return cmp.Compare(x.s.loc.Off, y.s.loc.Off)
+	})
+	buf := g.foldBuf
+	img := d.image()
+	for i := 0; i < len(items); {
+		// A span of the journal: same segment, within foldSpan.
+		first := items[i].s.loc
 		j := i + 1
-		for j < len(bs) && j-i < 256 && slots[j].seq != 0 && bs[j] == bs[j-1]+1 &&
-			slots[j].loc.Seg == slots[i].loc.Seg && slots[j].loc.Off == slots[j-1].loc.Off+BlockSize {
+		for j < len(items) && items[j].s.loc.Seg == first.Seg && items[j].s.loc.Off+BlockSize-first.Off <= foldSpan {
 			j++
 		}
-		n := int64(j-i) * BlockSize
+		n := items[j-1].s.loc.Off + BlockSize - first.Off
 		if int64(cap(buf)) < n {
-			buf = make([]byte, n)
+			buf = make([]byte, max(n, foldSpan))
+			g.foldBuf = buf
 		}
-		p := buf[:n]
-		if err := g.j.ReadData(slots[i].loc, p, 0); err != nil {
-			return fmt.Errorf("fold blocks %d..%d of disk %q: %w", bs[i], bs[j-1], d.spec.Name, err)
+		span := buf[:n]
+		if err := g.j.ReadData(first, span, 0); err != nil {
+			return fmt.Errorf("fold disk %q: %w", d.spec.Name, err)
 		}
-		if err := img.WriteAt(p, bs[i]*BlockSize); err != nil {
-			return fmt.Errorf("fold blocks %d..%d of disk %q: %w", bs[i], bs[j-1], d.spec.Name, err)
+		for k := i; k < j; {
+			// Neighbours on the disk and in the journal: one write.
+			e := k + 1
+			for e < j && items[e].b == items[e-1].b+1 && items[e].s.loc.Off == items[e-1].s.loc.Off+BlockSize {
+				e++
+			}
+			at := items[k].s.loc.Off - first.Off
+			if err := img.WriteAt(span[at:at+int64(e-k)*BlockSize], items[k].b*BlockSize); err != nil {
+				return fmt.Errorf("fold blocks %d..%d of disk %q: %w", items[k].b, items[e-1].b, d.spec.Name, err)
+			}
+			k = e
 		}
 		i = j
 	}
 	g.idxMu.Lock()
 	gone := 0
-	for i, b := range bs {
-		if s, ok := d.idx[b]; ok && slots[i].seq != 0 && s.seq == slots[i].seq {
-			delete(d.idx, b)
+	for _, it := range items {
+		if s, ok := d.idx[it.b]; ok && s.seq == it.s.seq {
+			delete(d.idx, it.b)
 			gone++
 		}
 	}
@@ -240,8 +261,11 @@ func (d *Disk) foldBlocks(bs []int64) error {
 	return nil
 }
 
+// foldSpan is the most journal the fold reads at once.
+const foldSpan = 1 << 20
+
 // foldChunk is how many blocks the fold writes per hold of imgMu.
-const foldChunk = 1024
+const foldChunk = 4096
 
 // foldIndex writes every block indexed now to the images and returns L:
 // every entry <= L is then in the images' page cache, or superseded by a
@@ -263,15 +287,24 @@ func (g *Group) foldIndex(ctx context.Context) (uint64, error) {
 		if d.nidx.Load() == 0 {
 			continue
 		}
+		// In journal order, so each chunk reads a few spans of it.
 		g.idxMu.RLock()
-		bs := make([]int64, 0, len(d.idx))
+		type bl struct {
+			b   int64
+			seq uint64
+		}
+		all := make([]bl, 0, len(d.idx))
 		for b, s := range d.idx {
 			if s.seq <= last {
-				bs = append(bs, b)
+				all = append(all, bl{b, s.seq})
 			}
 		}
 		g.idxMu.RUnlock()
-		slices.Sort(bs)
+		slices.SortFunc(all, func(x, y bl) int { return cmp.Compare(x.seq, y.seq) })
+		bs := make([]int64, len(all))
+		for i, x := range all {
+			bs[i] = x.b
+		}
 		for i := 0; i < len(bs); i += foldChunk {
 			if err := ctx.Err(); err != nil {
 				return 0, err
