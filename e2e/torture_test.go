@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/clock"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/ordercheck"
 )
@@ -108,6 +109,7 @@ func pump(dst, src net.Conn, delay time.Duration, loss float64) {
 
 type tortureSite struct {
 	ns, name, addr, dir string
+	clock               string // the file FERRY_FAULT_CLOCK names: seconds the agent's wall clock is off
 	cmd                 *exec.Cmd
 	log                 *bytes.Buffer
 	extra               []string
@@ -131,6 +133,7 @@ func (tn *torture) startAgent(s *tortureSite) {
 		"--point-interval", "200ms"}, s.extra...)
 	s.log = &bytes.Buffer{}
 	s.cmd = netnsCmd(s.ns, args...)
+	s.cmd.Env = append(os.Environ(), clock.FaultEnv+"="+s.clock)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -393,8 +396,12 @@ func newTorture(t *testing.T) *torture {
 	}
 	mustRun(t, exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", bdir))
 	t.Cleanup(func() { exec.Command("umount", "-l", bdir).Run() })
-	tn.a = &tortureSite{ns: nsA, name: "siteA", addr: "10.78.0.1:7410", dir: filepath.Join(root, "a"), extra: []string{"--max-unshipped", "16"}}
-	tn.b = &tortureSite{ns: nsB, name: "siteB", addr: "10.78.0.2:7410", dir: bdir}
+	tn.a = &tortureSite{ns: nsA, name: "siteA", addr: "10.78.0.1:7410", dir: filepath.Join(root, "a"), extra: []string{"--max-unshipped", "16"},
+		clock: filepath.Join(root, "a.clock")}
+	// A retention shorter than the clock steps: a clock that followed a
+	// step forward would drop every point.
+	tn.b = &tortureSite{ns: nsB, name: "siteB", addr: "10.78.0.2:7410", dir: bdir, extra: []string{"--retention", "30m"},
+		clock: filepath.Join(root, "b.clock")}
 	tn.startAgent(tn.a)
 	tn.startAgent(tn.b)
 	t.Cleanup(func() {
@@ -597,6 +604,62 @@ func TestTorture(t *testing.T) {
 		os.Remove(filler)
 		acked := stop()
 		return tn.verify("full", lanes, acked)
+	})
+
+	scenario("clock-steps-1h", func(t *testing.T) int {
+		tn.group("clk", "256M")
+		_, stop := tn.records("clk", lanes)
+		type point struct {
+			Seq  uint64    `json:"seq"`
+			Time time.Time `json:"time"`
+		}
+		points := func() []point {
+			var ps []point
+			out, err := tn.cli(tn.b, "points", "clk")
+			if err == nil {
+				json.Unmarshal([]byte(out), &ps)
+			}
+			return ps
+		}
+		tn.until(30*time.Second, "points at B", func() bool { return len(points()) >= 5 })
+		// Each site's clock steps an hour forward, then back, while the
+		// VM writes and the points flow; RPO is sampled throughout.
+		var worstRPO float64
+		for _, step := range []struct {
+			s   *tortureSite
+			off string
+		}{{tn.a, "3600"}, {tn.a, "-3600"}, {tn.a, "0"}, {tn.b, "3600"}, {tn.b, "-3600"}, {tn.b, "0"}} {
+			if err := os.WriteFile(step.s.clock, []byte(step.off), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			end := time.Now().Add(secs(1500*time.Millisecond, 5*time.Second))
+			for time.Now().Before(end) {
+				if _, _, _, rpo, _, _ := tn.repl("clk"); rpo > worstRPO {
+					worstRPO = rpo
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		acked := stop()
+		lost := tn.verify("clk", lanes, acked)
+		ps := points()
+		t.Logf("RPO worst %.2f s through the steps; %d points at B", worstRPO, len(ps))
+		if worstRPO > 30 {
+			t.Errorf("RPO reached %.0f s while the clocks stepped", worstRPO)
+		}
+		if len(ps) < 10 {
+			t.Errorf("only %d points left at B: retention followed a clock step", len(ps))
+		}
+		real := time.Now()
+		for i, p := range ps {
+			if i > 0 && p.Time.Before(ps[i-1].Time) {
+				t.Errorf("point %d at %v is before point %d at %v", p.Seq, p.Time, ps[i-1].Seq, ps[i-1].Time)
+			}
+			if d := p.Time.Sub(real); d > time.Minute || d < -time.Hour/2 {
+				t.Errorf("point %d is stamped %v, %v from the real time", p.Seq, p.Time, d)
+			}
+		}
+		return lost
 	})
 
 	fmt.Printf("RESULT torture scenarios=%d passed=%d failed=%d lost_records=%d\n", passed+failed, passed, failed, lost)

@@ -27,6 +27,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
+	"github.com/ferry-dr/ferry/internal/clock"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/link"
@@ -68,7 +69,8 @@ type Config struct {
 	MaxUnshipped int64
 	// Points thins the catalog that the API lists.
 	Points replica.Policy
-	// Now is the clock (default time.Now).
+	// Now is the clock (default clock.Steady(clock.System()): steps of
+	// the system clock do not move it).
 	Now func() time.Time
 	// Vault, if set (host:port), receives a heartbeat from this agent every
 	// second over mutual TLS (the agent's certificate names its site).
@@ -175,7 +177,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg.FoldInterval = time.Minute
 	}
 	if cfg.Now == nil {
-		cfg.Now = time.Now
+		cfg.Now = clock.Steady(clock.System())
 	}
 	if cfg.AppInterval == 0 {
 		cfg.AppInterval = time.Hour
@@ -370,7 +372,7 @@ func (a *Agent) groupDir(name string) string { return filepath.Join(a.cfg.Dir, "
 // replica, still open); otherwise a layered group opens its base from the
 // replica directory its manifest names.
 func (a *Agent) openGroup(name string, base disk.Base) error {
-	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), CheckpointInterval: a.cfg.CheckpointInterval,
+	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), CheckpointInterval: a.cfg.CheckpointInterval, Now: a.cfg.Now,
 		FoldRate: a.cfg.FoldRate, NoFold: a.cfg.NoFold, Logger: a.log.With("group", name),
 		OpenBase: func(ref disk.BaseRef) (disk.Base, error) {
 			if base != nil {
@@ -452,7 +454,7 @@ func (a *Agent) startShipper(gr *group) {
 func (a *Agent) newShipper(gr *group, rc *replConfig) *replication.Shipper {
 	cfg := replication.ShipperConfig{
 		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log,
-		MaxJournalBytes: a.cfg.MaxUnshipped,
+		MaxJournalBytes: a.cfg.MaxUnshipped, Now: a.cfg.Now,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
 			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName)
 		},
@@ -594,7 +596,7 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 	if _, err := os.Stat(a.groupDir(name)); err == nil {
 		return fmt.Errorf("%w: group %q exists on disk", ErrConflict, name)
 	}
-	g, err := disk.Open(disk.Config{Dir: a.groupDir(name)})
+	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), Now: a.cfg.Now})
 	if err != nil {
 		return err
 	}

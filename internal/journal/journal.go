@@ -136,6 +136,8 @@ type Journal struct {
 	durable  uint64 // every entry with Seq <= durable is on stable storage
 	syncErr  error
 
+	lastTime int64 // the newest entry's time: no entry is stamped before it
+
 	// Reused by AppendBatch under mu.
 	hdrs []byte
 	iov  [][]byte
@@ -211,6 +213,13 @@ func Open(opts Options) (_ *Journal, _ Recovery, err error) {
 	}
 	// Everything that survived recovery is on disk (recover synced it).
 	j.durable = j.next - 1
+	if !opts.ReadOnly && j.next > 1 && j.segs[0].firstSeq < j.next {
+		// New entries are never stamped before the last one, even if the
+		// clock is behind after a restart (package clock).
+		if t, err := j.EntryTime(j.next - 1); err == nil {
+			j.lastTime = t
+		}
+	}
 	return j, rec, nil
 }
 
@@ -525,7 +534,10 @@ func (j *Journal) appendBatch(es []*Entry, keep bool, locs []Loc) (uint64, error
 			want = e.NextSeq()
 		}
 	}
-	now := j.opts.Now().UnixNano()
+	now := max(j.opts.Now().UnixNano(), j.lastTime)
+	if !keep {
+		j.lastTime = now
+	}
 	if need := EntryHeaderSize * len(es); cap(j.hdrs) < need {
 		j.hdrs = make([]byte, need)
 	}

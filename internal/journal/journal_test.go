@@ -759,3 +759,40 @@ func TestSkipEntries(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestTimesNeverGoBack: with the clock stepped back, before and after a
+// reopen, no entry is stamped before the one it follows.
+func TestTimesNeverGoBack(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Unix(1_000_000, 0)
+	clk := func() time.Time { return now }
+	j, _, err := Open(Options{Dir: dir, Now: clk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendN(t, j, 0, 3)
+	now = now.Add(-time.Hour)
+	appendN(t, j, 3, 3)
+	j.Close()
+	now = now.Add(-time.Hour)
+	j, _, err = Open(Options{Dir: dir, Now: clk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	appendN(t, j, 6, 3)
+	var prev int64
+	for seq := uint64(1); seq <= j.LastSeq(); seq++ {
+		tm, err := j.EntryTime(seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tm < prev {
+			t.Fatalf("entry %d stamped %v, before the entry it follows (%v)", seq, time.Unix(0, tm), time.Unix(0, prev))
+		}
+		prev = tm
+	}
+	if want := time.Unix(1_000_000, 0).UnixNano(); prev != want {
+		t.Fatalf("last entry stamped %v, want the newest time seen %v", time.Unix(0, prev), time.Unix(0, want))
+	}
+}
