@@ -126,6 +126,11 @@ type VM struct {
 	// failover, a reprotect, vm stop): the guest agent's guest-shutdown,
 	// then the ACPI button, then quit (0: 60 s).
 	ShutdownTimeout time.Duration `json:"shutdown_timeout,omitempty"`
+	// Running: started by an operator (ferry vm start) and not stopped
+	// since. The vault starts such a VM again where it runs on its group
+	// when it is missing there: its site's agent restarted, and a VM's
+	// QEMU does not outlive its agent. Set by the vault only.
+	Running bool `json:"running,omitempty"`
 }
 
 // Policy governs a protection.

@@ -43,8 +43,17 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 		return Job{}, err
 	}
 	ver := int64(0)
-	if cur, cver, err := get[Protection](ctx, v.st, kindProtection, vmName); err == nil && cur.State == StateDisabled && cur.Job == "" {
-		ver, p.History = cver, cur.History // protected again after a disable
+	if cur, cver, err := get[Protection](ctx, v.st, kindProtection, vmName); err == nil && cur.Job == "" {
+		switch {
+		case cur.State == StateDisabled:
+			ver, p.History = cver, cur.History // protected again after a disable
+		case cur.State == StateEnabling && cur.Target == target:
+			// A retry of an enable that failed (or whose vault stopped):
+			// its steps are idempotent, and replication may already run.
+			ver, p.History = cver, cur.History
+		case cur.State == StateEnabling:
+			return Job{}, fmt.Errorf("%w: %s is being enabled to %s; retry with that target, or disable it first", ErrForbidden, vmName, cur.Target)
+		}
 	}
 	if _, err := put(ctx, v.st, kindProtection, vmName, p, ver); err != nil {
 		if errors.Is(err, store.ErrConflict) {

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/clock"
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
@@ -26,7 +27,7 @@ import (
 type Config struct {
 	Store  store.Store
 	Logger *slog.Logger
-	Now    func() time.Time
+	Now    func() time.Time // default clock.Steady(clock.System())
 	// Site returns a client for the agent of site name at addr
 	// (agentclient.New fits).
 	Site func(addr, name string) Site
@@ -63,7 +64,7 @@ func New(cfg Config) *Vault {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Now == nil {
-		cfg.Now = time.Now
+		cfg.Now = clock.Steady(clock.System())
 	}
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
@@ -458,6 +459,7 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 			v.updateRPO(ctx, s.Name, st)
 			v.siteProblems(ctx, s.Name, st)
 			v.fence(ctx, s.Name, c, st)
+			v.restartVMs(ctx, s.Name, c, st)
 		case !reachable:
 			v.sourceDown(ctx, s.Name)
 		}
@@ -643,6 +645,7 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	if err := c.CreateGroup(ctx, vm.Name, disks); err != nil && !errors.Is(err, api.ErrConflict) {
 		return fmt.Errorf("create the disks of %s at %s: %w", vm.Name, vm.Site, err)
 	}
+	vm.Running = false // the vault's to say, once it started it
 	_, err = put(ctx, v.st, kindVM, vm.Name, vm, 0)
 	if errors.Is(err, store.ErrConflict) {
 		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
@@ -729,7 +732,68 @@ func (v *Vault) StartVM(ctx context.Context, name string) (api.VMStatus, error) 
 	if err != nil {
 		return api.VMStatus{}, err
 	}
-	return c.StartVM(ctx, vmRequest(vm, vm.Name, vm.Site, 0, n))
+	st, err := c.StartVM(ctx, vmRequest(vm, vm.Name, vm.Site, 0, n))
+	if err == nil {
+		v.setRunning(ctx, name, true)
+	}
+	return st, err
+}
+
+// setRunning records whether an operator wants the VM running.
+func (v *Vault) setRunning(ctx context.Context, name string, running bool) {
+	for {
+		vm, ver, err := get[VM](ctx, v.st, kindVM, name)
+		if err != nil || vm.Running == running {
+			return
+		}
+		vm.Running = running
+		if _, err := put(ctx, v.st, kindVM, name, vm, ver); !errors.Is(err, store.ErrConflict) {
+			return
+		}
+	}
+}
+
+// restartVMs starts again, at site, the VMs an operator started that
+// should run there on their group and are not there at all (not even
+// stopped): the site's agent restarted, and a VM's QEMU dies with its
+// agent. Not while a job runs on the VM's protection, not on a failover's
+// views (not committed: the views did not outlive the agent either), and
+// not on a fenced group (the VM runs at the other site).
+func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.AgentStatus) {
+	vms, err := v.VMs(ctx)
+	if err != nil {
+		return
+	}
+	present := map[string]bool{}
+	for _, x := range st.VMs {
+		present[x.Name] = true
+	}
+	groups := map[string]api.GroupStatus{}
+	for _, g := range st.Groups {
+		groups[g.Name] = g
+	}
+	for _, vm := range vms {
+		g, has := groups[vm.Name]
+		if vm.Site != site || !vm.Running || present[vm.Name] || !has || g.Fenced != 0 || g.Failed != "" {
+			continue
+		}
+		var pp *Protection
+		if p, err := v.Protection(ctx, vm.Name); err == nil {
+			if p.Job != "" || p.State == StateFailedOver || p.State == StateFailingOver {
+				continue
+			}
+			pp = &p
+		}
+		n, err := v.attach(ctx, pp, vm, site, false)
+		if err == nil {
+			_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, 0, n))
+		}
+		if err != nil {
+			v.log.Warn("start the VM again after its site's agent restarted: will retry", "vm", vm.Name, "site", site, "err", err)
+			continue
+		}
+		v.log.Info("VM started again: its site's agent had restarted", "vm", vm.Name, "site", site)
+	}
 }
 
 // VMs lists the VMs.
@@ -792,6 +856,7 @@ func (v *Vault) StopVM(ctx context.Context, name string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	v.setRunning(ctx, name, false) // first: a restart of its site must not bring it back
 	return c.StopVM(ctx, name, api.StopOptions{Timeout: vm.ShutdownTimeout})
 }
 

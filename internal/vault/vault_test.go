@@ -590,3 +590,68 @@ func TestSiteClientsReused(t *testing.T) {
 		t.Fatalf("%d site clients made for 2 sites", got)
 	}
 }
+
+// TestVMStartedAgainAfterAgentRestart: a VM an operator started that is
+// missing from its site's status (the agent restarted: its QEMU died with
+// it) is started again at the next heartbeat; one never started, one the
+// operator stopped, and one on a fenced group are not.
+func TestVMStartedAgainAfterAgentRestart(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	ctx := context.Background()
+	starts := func() int {
+		f.east.mu.Lock()
+		defer f.east.mu.Unlock()
+		n := 0
+		for _, c := range f.east.calls {
+			if c == "start VM vm1" {
+				n++
+			}
+		}
+		return n
+	}
+	restart := func() { // the agent restarts: its VMs are gone
+		f.east.mu.Lock()
+		delete(f.east.vms, "vm1")
+		f.east.mu.Unlock()
+	}
+	restart()
+	f.v.Heartbeat(ctx)
+	if got := starts(); got != 0 {
+		t.Fatalf("a VM never started was started %d times", got)
+	}
+	if _, err := f.v.StartVM(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	restart()
+	f.v.Heartbeat(ctx)
+	if got := starts(); got != 2 {
+		t.Fatalf("starts after the agent restarted: %d, want 2 (the operator's and the vault's)", got)
+	}
+	if _, ok := f.east.vm("vm1"); !ok {
+		t.Fatal("the VM is not running again")
+	}
+	f.v.Heartbeat(ctx)
+	if got := starts(); got != 2 {
+		t.Fatalf("a running VM was started again: %d starts", got)
+	}
+	if _, err := f.v.StopVM(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	restart()
+	f.v.Heartbeat(ctx)
+	if got := starts(); got != 2 {
+		t.Fatalf("a VM the operator stopped was started again: %d starts", got)
+	}
+	if _, err := f.v.StartVM(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	f.east.mu.Lock()
+	f.east.fenced = 1
+	f.east.mu.Unlock()
+	restart()
+	f.v.Heartbeat(ctx)
+	if got := starts(); got != 3 {
+		t.Fatalf("a VM on a fenced group was started again: %d starts", got)
+	}
+}
