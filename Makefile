@@ -50,7 +50,7 @@ test: deps vet guest
 # network namespaces, a delay proxy, tbf, kill -9, a full disk. Ends with
 # a RESULT torture line.
 torture: deps
-	mkdir -p build && FERRY_TORTURE=full $(GO) test -count=1 -timeout 30m -run '^TestTorture$$' -v ./e2e | tee build/torture.log | grep -E '^(RESULT|TORTURE|--- |    --- )'
+	mkdir -p build && FERRY_TORTURE=full $(GO) test -count=1 -timeout 30m -run '^(TestTorture|TestLifecycleKills)$$' -v ./e2e | tee build/torture.log | grep -E '^(RESULT|TORTURE|--- |    --- )'
 	@grep -q '^RESULT torture .* failed=0 lost_records=0' build/torture.log
 
 # Screenshots of the portal's main pages, from its browser test, into
