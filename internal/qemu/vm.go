@@ -226,6 +226,12 @@ func Start(ctx context.Context, spec Spec, dir string, log *slog.Logger) (*VM, e
 		select {
 		case <-v.done:
 			return nil, fmt.Errorf("qemu exited at start: %v: %s", v.exitErr, v.tail(filepath.Join(dir, "qemu.log"), 10))
+		case <-ctx.Done():
+			// The caller gave up (a vault that died mid-request): no
+			// QEMU is left behind holding the VM's ports and disks for
+			// the retry.
+			v.Kill()
+			return nil, fmt.Errorf("start qemu: %w", ctx.Err())
 		default:
 		}
 		if time.Now().After(deadline) {

@@ -354,3 +354,23 @@ func TestShutdownIgnoredACPI(t *testing.T) {
 		t.Fatalf("without an agent: %s in %v", j, time.Since(began))
 	}
 }
+
+// TestStartAbandoned: a caller that gives up while QEMU starts (a vault
+// that died mid-request) leaves no QEMU behind holding the VM's ports.
+func TestStartAbandoned(t *testing.T) {
+	kernel, initrd := guestFiles(t)
+	sock, _ := ext4Disk(t, 32<<20)
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := Start(ctx, Spec{
+		Name: "gone", MemoryMiB: 128, Disks: []Disk{{Socket: sock, Export: "vda"}},
+		Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0"}, Accel: "tcg",
+	}, dir, nil)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("start with the caller gone: %v, want context.Canceled", err)
+	}
+	if out, err := exec.Command("pgrep", "-f", dir).Output(); err == nil {
+		t.Fatalf("a QEMU for %s still runs: pid %s", dir, out)
+	}
+}
