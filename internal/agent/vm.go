@@ -151,7 +151,13 @@ func (a *Agent) vmStatuses(ctx context.Context) []qemu.Status {
 	a.mu.Unlock()
 	out := []qemu.Status{}
 	for _, v := range vms {
-		out = append(out, v.vm.Status(ctx))
+		st := v.vm.Status(ctx)
+		a.mu.Lock()
+		if len(v.views) > 0 {
+			st.Replica, st.Point = v.group, v.seq
+		}
+		a.mu.Unlock()
+		out = append(out, st)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out

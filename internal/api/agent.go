@@ -125,6 +125,10 @@ type VMStatus struct {
 	PID     int     `json:"pid"`
 	Reason  string  `json:"reason,omitempty"` // why it crashed
 	Console string  `json:"console"`
+	// Replica and Point: a VM on writable views of a replica (a drill, a
+	// failover not yet committed) runs from this recovery point.
+	Replica string `json:"replica,omitempty"`
+	Point   uint64 `json:"point,omitempty"`
 }
 
 // Boot says how a VM boots: from a kernel and initrd, or from its first

@@ -329,8 +329,14 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		if err != nil {
 			return nil, err
 		}
-		st, err := dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, n))
-		if err != nil {
+		st, running := runningOnReplica(ctx, dc, p.VM)
+		if running {
+			// An interrupted attempt (its vault stopped) started it: it
+			// is kept, with whatever it wrote since, rather than
+			// discarded for a new start.
+			pt = api.Point{Seq: st.Point}
+			r.Say(ctx, 100, "VM %s already runs at %s from point %d (started by an interrupted attempt): kept", p.VM, dst.Name, st.Point)
+		} else if st, err = dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, n)); err != nil {
 			return nil, err
 		}
 		// The failover's own time: the source's shutdown is the guest's
@@ -734,4 +740,19 @@ func (v *Vault) Disable(ctx context.Context, vmName string, keepReplica bool) (J
 			p.History = append(p.History, HistoryEntry{Action: ActDisable, Time: v.now()})
 		}, nil
 	})
+}
+
+// runningOnReplica reports the VM named name if it runs at a site on
+// writable views of its replica.
+func runningOnReplica(ctx context.Context, c Site, name string) (api.VMStatus, bool) {
+	st, err := c.Status(ctx)
+	if err != nil {
+		return api.VMStatus{}, false
+	}
+	for _, vm := range st.VMs {
+		if vm.Name == name && vm.Replica == name && vm.Point != 0 && (vm.State == api.VMRunning || vm.State == api.VMPaused || vm.State == api.VMStarting) {
+			return vm, true
+		}
+	}
+	return api.VMStatus{}, false
 }

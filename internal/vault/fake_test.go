@@ -93,8 +93,12 @@ func (f *fakeAgent) Status(ctx context.Context) (api.AgentStatus, error) {
 		st.Groups = append(st.Groups, api.GroupStatus{Name: "vm1", LastSeq: 10, Fenced: f.fenced,
 			Replication: &api.ReplicationStatus{State: api.ReplStreaming, AckedSeq: 10, LastSeq: 10}})
 	}
-	for name := range f.vms {
-		st.VMs = append(st.VMs, api.VMStatus{Name: name, State: api.VMRunning})
+	for name, req := range f.vms {
+		vs := api.VMStatus{Name: name, State: api.VMRunning}
+		if req.Replica != "" {
+			vs.Replica, vs.Point = req.Replica, req.Seq
+		}
+		st.VMs = append(st.VMs, vs)
 	}
 	return st, nil
 }

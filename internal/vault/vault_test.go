@@ -655,3 +655,36 @@ func TestVMStartedAgainAfterAgentRestart(t *testing.T) {
 		t.Fatalf("a VM on a fenced group was started again: %d starts", got)
 	}
 }
+
+// TestFailoverRetryKeepsStartedVM: a failover whose vault stopped after
+// the VM started at the recovery site is retried: the retry keeps that VM
+// (and what it wrote) instead of failing on it or starting another.
+func TestFailoverRetryKeepsStartedVM(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	if j := f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"}); j.State != JobSucceeded {
+		t.Fatalf("enable: %+v", j)
+	}
+	// What the interrupted attempt left: the VM runs at west on point 7.
+	f.west.mu.Lock()
+	f.west.vms["vm1"] = api.VMRequest{Name: "vm1", Replica: "vm1", Seq: 7}
+	f.west.mu.Unlock()
+	j := f.job(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest"})
+	if j.State != JobSucceeded {
+		t.Fatalf("failover retry: %+v", j)
+	}
+	f.west.mu.Lock()
+	for _, c := range f.west.calls {
+		if c == "start VM vm1" {
+			t.Errorf("the retry started the VM again")
+		}
+	}
+	f.west.mu.Unlock()
+	p, _ := f.v.Protection(context.Background(), "vm1")
+	if p.State != StateFailedOver || p.FailoverSeq != 7 {
+		t.Fatalf("after the retry: %+v, want failed over at point 7", p)
+	}
+	if msgs := strings.Join(j.Steps[4].Messages, " "); !strings.Contains(msgs, "kept") {
+		t.Fatalf("the step does not say the VM was kept: %s", msgs)
+	}
+}
