@@ -14,7 +14,7 @@ import (
 
 // TestLifecycleKills runs the whole DR lifecycle of a QEMU guest (protect,
 // drill, cleanup, planned failover, commit, reprotect, failback, commit,
-// reprotect back) and kills one process with SIGKILL at a random step of
+// reprotect back, disable) and kills one process with SIGKILL at a random step of
 // each job: the vault, the current source's agent or the current recovery
 // site's agent, in rotation. After each kill the process is restarted and
 // the job must end, succeeded or failed with a reason, never hang; the
@@ -72,12 +72,11 @@ func TestLifecycleKills(t *testing.T) {
 			}, func() { source = target() }},
 			{"commit-back", func() (api.Job, error) { return c.Commit(ctx, "web") }, nil},
 			{"reprotect-back", func() (api.Job, error) { return c.Reprotect(ctx, "web") }, nil},
-		}
-		if round > 0 {
-			// The VM is protected from siteA again: no new protect.
-			jobs = jobs[1:]
+			// So that the next round's protect starts afresh.
+			{"disable", func() (api.Job, error) { return c.Disable(ctx, "web", false) }, nil},
 		}
 		for i, jb := range jobs {
+			// Rotating: over three rounds every job meets every victim.
 			victim := []string{"vault", "source", "recovery"}[(i+round)%3]
 			siteReachable(t, c, "siteA", true)
 			siteReachable(t, c, "siteB", true)

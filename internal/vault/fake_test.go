@@ -93,6 +93,9 @@ func (f *fakeAgent) Status(ctx context.Context) (api.AgentStatus, error) {
 		st.Groups = append(st.Groups, api.GroupStatus{Name: "vm1", LastSeq: 10, Fenced: f.fenced,
 			Replication: &api.ReplicationStatus{State: api.ReplStreaming, AckedSeq: 10, LastSeq: 10}})
 	}
+	if f.points != nil { // the replica of vm1 is here
+		st.Replicas = append(st.Replicas, api.ReplicaStatus{Group: "vm1"})
+	}
 	for name, req := range f.vms {
 		vs := api.VMStatus{Name: name, State: api.VMRunning}
 		if req.Replica != "" {

@@ -754,11 +754,13 @@ func (v *Vault) setRunning(ctx context.Context, name string, running bool) {
 }
 
 // restartVMs starts again, at site, the VMs an operator started that
-// should run there on their group and are not there at all (not even
-// stopped): the site's agent restarted, and a VM's QEMU dies with its
-// agent. Not while a job runs on the VM's protection, not on a failover's
-// views (not committed: the views did not outlive the agent either), and
-// not on a fenced group (the VM runs at the other site).
+// should run there and are not there at all (not even stopped): the
+// site's agent restarted, and a VM's QEMU dies with its agent. A VM runs
+// again on its group (not a fenced one: the VM runs at the other site);
+// a failed-over VM not yet committed, on views of its replica at the
+// failover point (the old views' overlays did not outlive the agent:
+// what it wrote since the failover is lost, and the log says so). Not
+// while a job runs on the VM's protection.
 func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.AgentStatus) {
 	vms, err := v.VMs(ctx)
 	if err != nil {
@@ -772,21 +774,38 @@ func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.Agen
 	for _, g := range st.Groups {
 		groups[g.Name] = g
 	}
+	replicas := map[string]bool{}
+	for _, r := range st.Replicas {
+		replicas[r.Group] = true
+	}
 	for _, vm := range vms {
-		g, has := groups[vm.Name]
-		if vm.Site != site || !vm.Running || present[vm.Name] || !has || g.Fenced != 0 || g.Failed != "" {
+		if vm.Site != site || !vm.Running || present[vm.Name] {
 			continue
 		}
 		var pp *Protection
+		var seq uint64 // a failed-over VM runs on views of its replica at this point
 		if p, err := v.Protection(ctx, vm.Name); err == nil {
-			if p.Job != "" || p.State == StateFailedOver || p.State == StateFailingOver {
+			if p.Job != "" || p.State == StateFailingOver {
 				continue
+			}
+			if p.State == StateFailedOver {
+				if !replicas[vm.Name] {
+					continue
+				}
+				seq = p.FailoverSeq
 			}
 			pp = &p
 		}
+		if g, has := groups[vm.Name]; seq == 0 && (!has || g.Fenced != 0 || g.Failed != "") {
+			continue
+		}
 		n, err := v.attach(ctx, pp, vm, site, false)
 		if err == nil {
-			_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, 0, n))
+			_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, seq, n))
+		}
+		if err == nil && seq != 0 {
+			v.log.Warn("failed-over VM started again at its failover point: what it wrote since the failover did not outlive its agent", "vm", vm.Name, "site", site, "point", seq)
+			continue
 		}
 		if err != nil {
 			v.log.Warn("start the VM again after its site's agent restarted: will retry", "vm", vm.Name, "site", site, "err", err)

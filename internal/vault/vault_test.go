@@ -688,3 +688,31 @@ func TestFailoverRetryKeepsStartedVM(t *testing.T) {
 		t.Fatalf("the step does not say the VM was kept: %s", msgs)
 	}
 }
+
+// TestFailedOverVMStartedAgain: the recovery site's agent restarts while
+// the failed-over VM runs on views (not committed): the vault starts it
+// again on its replica at the failover point.
+func TestFailedOverVMStartedAgain(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	ctx := context.Background()
+	if _, err := f.v.StartVM(ctx, "vm1"); err == nil {
+		t.Fatal("vm1 already runs at east: a second start must fail")
+	}
+	f.v.setRunning(ctx, "vm1", true) // as if an operator started it
+	if j := f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"}); j.State != JobSucceeded {
+		t.Fatalf("enable: %+v", j)
+	}
+	if j := f.job(t, "/v1/protections/vm1/failover", map[string]string{"point": "latest"}); j.State != JobSucceeded {
+		t.Fatalf("failover: %+v", j)
+	}
+	p, _ := f.v.Protection(ctx, "vm1")
+	f.west.mu.Lock()
+	delete(f.west.vms, "vm1") // the recovery agent restarted
+	f.west.mu.Unlock()
+	f.v.Heartbeat(ctx)
+	req, ok := f.west.vm("vm1")
+	if !ok || req.Replica != "vm1" || req.Seq != p.FailoverSeq {
+		t.Fatalf("after the recovery agent's restart: %+v (running %v), want on replica vm1 at point %d", req, ok, p.FailoverSeq)
+	}
+}
