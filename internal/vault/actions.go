@@ -197,8 +197,12 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		if err != nil {
 			return nil, err
 		}
-		st, err := dc.StartVM(ctx, vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, n))
-		if err != nil {
+		st, running := runningOnReplica(ctx, dc, p.VM+"-drill", p.VM)
+		if running {
+			// An interrupted attempt (its vault stopped) started it.
+			pt = api.Point{Seq: st.Point}
+			r.Say(ctx, 100, "test VM %s-drill already runs at %s from point %d (started by an interrupted attempt): kept", p.VM, dst.Name, st.Point)
+		} else if st, err = dc.StartVM(ctx, vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, n)); err != nil {
 			return nil, err
 		}
 		r.Step(ctx, "start test VM")
@@ -329,7 +333,7 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		if err != nil {
 			return nil, err
 		}
-		st, running := runningOnReplica(ctx, dc, p.VM)
+		st, running := runningOnReplica(ctx, dc, p.VM, p.VM)
 		if running {
 			// An interrupted attempt (its vault stopped) started it: it
 			// is kept, with whatever it wrote since, rather than
@@ -743,14 +747,14 @@ func (v *Vault) Disable(ctx context.Context, vmName string, keepReplica bool) (J
 }
 
 // runningOnReplica reports the VM named name if it runs at a site on
-// writable views of its replica.
-func runningOnReplica(ctx context.Context, c Site, name string) (api.VMStatus, bool) {
+// writable views of the replica rep.
+func runningOnReplica(ctx context.Context, c Site, name, rep string) (api.VMStatus, bool) {
 	st, err := c.Status(ctx)
 	if err != nil {
 		return api.VMStatus{}, false
 	}
 	for _, vm := range st.VMs {
-		if vm.Name == name && vm.Replica == name && vm.Point != 0 && (vm.State == api.VMRunning || vm.State == api.VMPaused || vm.State == api.VMStarting) {
+		if vm.Name == name && vm.Replica == rep && vm.Point != 0 && (vm.State == api.VMRunning || vm.State == api.VMPaused || vm.State == api.VMStarting) {
 			return vm, true
 		}
 	}
