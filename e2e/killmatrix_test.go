@@ -155,9 +155,16 @@ func TestLifecycleKills(t *testing.T) {
 			}
 		}
 	}
-	st, err := guest.FetchState(web[source])
-	if err != nil || st.ChecksumErrors != 0 || st.Error != "" {
-		t.Fatalf("the workload at the end: %+v (%v)", st, err)
+	// A VM whose agent was killed in the last jobs is started again by
+	// the vault once no job runs.
+	var st guest.WorkloadState
+	until(t, 3*time.Minute, "the workload at the end", func() bool {
+		var err error
+		st, err = guest.FetchState(web[source])
+		return err == nil
+	})
+	if st.ChecksumErrors != 0 || st.Error != "" {
+		t.Fatalf("the workload at the end: %+v", st)
 	}
 	fmt.Printf("RESULT lifecycle-kills rounds=%d kills=%d records=%d\n", rounds, kills, st.LastDurable)
 }
