@@ -70,17 +70,7 @@ func modelOp(tb testing.TB, rng *rand.Rand, d *Disk, m []byte, tag byte) {
 
 func checkIndexModel(tb testing.TB, d *Disk, m []byte, when string) {
 	tb.Helper()
-	got := make([]byte, len(m))
-	if err := d.ReadAt(context.Background(), got, 0); err != nil {
-		tb.Fatal(err)
-	}
-	if !bytes.Equal(got, m) {
-		for i := range got {
-			if got[i] != m[i] {
-				tb.Fatalf("%s: disk differs from the model at byte %d (block %d): %d, want %d", when, i, i/BlockSize, got[i], m[i])
-			}
-		}
-	}
+	checkModel(tb, d, m)
 	// Unaligned reads across indexed and plain blocks.
 	for _, r := range [][2]int64{{100, 3 * BlockSize}, {BlockSize - 1, 2}, {int64(len(m)) - 5000, 5000}} {
 		p := make([]byte, r[1])
@@ -259,11 +249,7 @@ func TestIndexConcurrent(t *testing.T) {
 // folds everything.
 func TestFoldFailsOnFullDisk(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatalf("mount a small tmpfs (the test runs as root, as make test does): %v", err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	dir := smallTmpfs(t, "1m")
 	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10})
 	if err != nil {
 		t.Fatal(err)

@@ -18,11 +18,7 @@ import (
 // reached the journal in the image. It needs a small tmpfs (root).
 func TestResumeAfterFullDisk(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=384k"); err != nil {
-		t.Fatalf("mount a small tmpfs (the test runs as root, as make test does): %v", err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	dir := smallTmpfs(t, "384k")
 	// Inline writes: the image write is what fails (TestFoldFailsOnFullDisk
 	// covers journal-only writes).
 	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: -1})
@@ -83,4 +79,16 @@ func TestResumeAfterFullDisk(t *testing.T) {
 		t.Fatalf("after %d writes, a full disk and Resume, the disk differs from what was written", n)
 	}
 	checkReplayEqualsImage(t, g, d)
+}
+
+// smallTmpfs mounts a tmpfs of size on a temporary directory (the tests
+// run as root, as make test does) for tests that fill a file system.
+func smallTmpfs(tb testing.TB, size string) string {
+	tb.Helper()
+	dir := tb.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
+		tb.Fatalf("mount a small tmpfs (the test runs as root, as make test does): %v", err)
+	}
+	tb.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
 }
