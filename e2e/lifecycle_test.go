@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -216,11 +215,8 @@ func TestDRLifecycle(t *testing.T) {
 	checkSent(rp)
 
 	// Once drained, the replica equals the source.
-	replicaEqualsSource(t, s.cb, s.ca, s.b.dir)
-	if _, err := s.cb.StartVM(ctx, api.VMRequest{Name: "web", Group: "web", MemoryMiB: 256, QGA: true, Net: api.NetUser,
-		Forwards: []api.Forward{{Host: netip.MustParseAddrPort(webB), GuestPort: 80}},
-		Boot: api.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
-			Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100"}}); err != nil {
+	replicaEqualsSource(t, c, s.cb, s.ca, s.b.dir)
+	if _, err := c.StartVM(ctx, "web"); err != nil {
 		t.Fatal(err)
 	}
 	until(t, 90*time.Second, "the workload at site B again", func() bool {
@@ -265,14 +261,14 @@ func stepNames(j api.Job) []string {
 	return out
 }
 
-// replicaEqualsSource stops the VM at the source (no more writes), waits
-// until a point marked after that reached the recovery site, and compares
-// the source's disk with a view of the replica at that point, byte for
-// byte.
-func replicaEqualsSource(t *testing.T, src, dst *agentclient.Client, srcDir string) {
+// replicaEqualsSource stops the VM at the source (no more writes; through
+// the vault, which would otherwise start it again), waits until a point
+// marked after that reached the recovery site, and compares the source's
+// disk with a view of the replica at that point, byte for byte.
+func replicaEqualsSource(t *testing.T, c *vaultclient.Client, src, dst *agentclient.Client, srcDir string) {
 	t.Helper()
 	ctx := context.Background()
-	if _, err := src.StopVM(ctx, "web", api.StopOptions{}); err != nil {
+	if _, err := c.StopVM(ctx, "web"); err != nil {
 		t.Fatal(err)
 	}
 	seq, err := markAndWait(t, src, dst, "web", "compare")

@@ -93,7 +93,7 @@ func TestUnplannedFailoverAndFencing(t *testing.T) {
 		t.Fatalf("after reprotect: %+v", p)
 	}
 	// Site A's unshipped writes were overwritten with site B's data.
-	replicaEqualsSource(t, s.cb, s.ca, s.b.dir)
+	replicaEqualsSource(t, c, s.cb, s.ca, s.b.dir)
 }
 
 // vaultProc is a running 'ferry vault run' process.
