@@ -52,6 +52,8 @@ test: deps vet guest
 torture: deps
 	mkdir -p build && FERRY_TORTURE=full $(GO) test -count=1 -timeout 30m -run '^(TestTorture|TestLifecycleKills)$$' -v ./e2e | tee build/torture.log | grep -E '^(RESULT|TORTURE|--- |    --- )'
 	@grep -q '^RESULT torture .* failed=0 lost_records=0' build/torture.log
+	@grep -q '^RESULT lifecycle-kills ' build/torture.log
+	@! grep -q '^--- FAIL' build/torture.log
 
 # Screenshots of the portal's main pages, from its browser test, into
 # docs/screenshots.
