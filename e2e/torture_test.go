@@ -131,7 +131,10 @@ func (tn *torture) startAgent(s *tortureSite) {
 	t.Helper()
 	args := append([]string{ferryBin, "agent", "run", "--dir", s.dir, "--name", s.name, "--listen", s.addr, "--pki", tn.pk,
 		"--point-interval", "200ms"}, s.extra...)
-	s.log = &bytes.Buffer{}
+	if s.log == nil {
+		s.log = &bytes.Buffer{}
+	}
+	fmt.Fprintf(s.log, "--- agent %s (re)started at %s\n", s.name, time.Now().Format(time.RFC3339Nano))
 	s.cmd = netnsCmd(s.ns, args...)
 	s.cmd.Env = append(os.Environ(), clock.FaultEnv+"="+s.clock)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
@@ -442,6 +445,16 @@ func TestTorture(t *testing.T) {
 			tn.t = t
 			lost += fn(t)
 		})
+		if !ok {
+			// The whole logs, for the scenario that failed (the test's
+			// own output has only their tails).
+			for _, s := range []*tortureSite{tn.a, tn.b} {
+				path := filepath.Join(os.TempDir(), fmt.Sprintf("ferry-torture-%s-%s.log", name, s.name))
+				if err := os.WriteFile(path, s.log.Bytes(), 0o600); err == nil {
+					t.Logf("%s's whole log: %s", s.name, path)
+				}
+			}
+		}
 		// Each scenario's group goes at both sites, so that the next one
 		// starts with site B's disk as empty as it was.
 		for _, g := range tn.groups {
