@@ -75,7 +75,7 @@ type Config struct {
 	NoFold bool
 	// MaxUnfolded bounds the bytes of recent writes kept only in the
 	// journal (index.go); past it, writes go to the images at once until
-	// a checkpoint folds the backlog. 0: 2 GiB; negative: every write goes
+	// a checkpoint folds the backlog. 0: 4 GiB; negative: every write goes
 	// to the image at once.
 	MaxUnfolded int64
 	// FoldIdle: the background loop folds the backlog once no write came
