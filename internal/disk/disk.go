@@ -613,11 +613,17 @@ func (g *Group) Checkpoint(ctx context.Context) error {
 func (g *Group) checkpoint(ctx context.Context) error {
 	g.ckptMu.Lock()
 	defer g.ckptMu.Unlock()
+	t0, u0 := g.cfg.Now(), g.unfolded.Load()
 	// every entry <= seq is in the images' page cache after the fold
 	seq, err := g.foldIndex(ctx)
 	if err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
 	}
+	t1 := g.cfg.Now()
+	defer func() {
+		g.log.Debug("checkpoint", "seq", seq, "unfolded_before", u0, "unfolded_after", g.unfolded.Load(),
+			"fold", t1.Sub(t0), "total", g.cfg.Now().Sub(t0))
+	}()
 	g.mu.Lock()
 	if g.failed != nil {
 		g.mu.Unlock()

@@ -845,6 +845,21 @@ func (j *Journal) Size() int64 {
 	return n
 }
 
+// SizeAfter returns the bytes of the segments that hold entries after
+// seq: what a holder at seq+1 keeps on disk. It counts whole segments,
+// the unit Trim frees.
+func (j *Journal) SizeAfter(seq uint64) int64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var n int64
+	for _, s := range j.segs {
+		if s.lastSeq.Load() > seq {
+			n += s.size.Load()
+		}
+	}
+	return n
+}
+
 func truncateSync(path string, size int64) error {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {

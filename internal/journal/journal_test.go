@@ -235,6 +235,42 @@ func TestTrim(t *testing.T) {
 	}
 }
 
+func TestSizeAfter(t *testing.T) {
+	j := openT(t, t.TempDir(), 4<<10)
+	appendN(t, j, 0, 200)
+	segs := j.Segments()
+	if len(segs) < 4 {
+		t.Fatalf("want several segments, got %d", len(segs))
+	}
+	tests := []struct {
+		name string
+		seq  uint64
+		want int64
+	}{
+		{"before everything", 0, j.Size()},
+		{"at the end", j.LastSeq(), 0},
+		{"past the end", j.LastSeq() + 10, 0},
+	}
+	for _, tc := range tests {
+		if got := j.SizeAfter(tc.seq); got != tc.want {
+			t.Errorf("%s: SizeAfter(%d) = %d, want %d", tc.name, tc.seq, got, tc.want)
+		}
+	}
+	// Inside the third segment: it and every later one count, the first
+	// two do not; trimming them leaves the figure as it was.
+	in := segs[2] + 1
+	got := j.SizeAfter(in)
+	if got <= 0 || got >= j.Size() {
+		t.Fatalf("SizeAfter(%d) = %d, want within (0, %d)", in, got, j.Size())
+	}
+	if err := j.Trim(segs[2]); err != nil {
+		t.Fatal(err)
+	}
+	if after := j.SizeAfter(in); after != got || j.Size() != got {
+		t.Fatalf("after Trim(%d): SizeAfter = %d, Size = %d, want both %d", segs[2], after, j.Size(), got)
+	}
+}
+
 // entryBounds returns the byte offsets at which each entry of a segment file
 // starts, and the file size.
 func entryBounds(tb testing.TB, path string) []int64 {

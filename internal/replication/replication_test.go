@@ -385,6 +385,49 @@ func TestOutageBeyondJournalBound(t *testing.T) {
 	}
 }
 
+// A source journal over the bound for the group's own reasons (recent
+// writes not folded, no checkpoint yet) while the recovery site keeps up
+// is not lag: the shipper must stay in streaming mode, not give up the
+// journal and resynchronize (that cost RPO seconds in bench/replication.sh).
+func TestBigJournalIsNotLag(t *testing.T) {
+	const bound = 1 << 20
+	e := setupWith(t, func(c *ShipperConfig) { c.MaxJournalBytes = bound })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e.sh.Start(ctx)
+	defer e.sh.Close()
+	a, _ := e.g.Disk("a")
+	p := make([]byte, 4096)
+	i := 0
+	write := func() {
+		t.Helper()
+		p[0], p[1] = byte(i), byte(i>>8)
+		if err := a.WriteAt(ctx, p, int64(i%1024)*4096); err != nil {
+			t.Fatal(err)
+		}
+		i++
+	}
+	for e.g.Journal().Size() <= 2*bound {
+		write()
+	}
+	// The watcher looks every 200 ms; writes go on through several looks,
+	// so the old test (whole journal over the bound, an entry in flight)
+	// would have fired.
+	for end := time.Now().Add(time.Second); time.Now().Before(end); {
+		write()
+		time.Sleep(2 * time.Millisecond)
+		if e.sh.Status().BitmapMode {
+			t.Fatalf("switched to the bitmap with the recovery site keeping up; journal %d bytes, %d after the acknowledged entry",
+				e.g.Journal().Size(), e.g.Journal().SizeAfter(e.sh.Status().AckedSeq))
+		}
+	}
+	drain(t, e)
+	if st := e.sh.Status(); st.BitmapMode || st.Reconnects != 0 {
+		t.Fatalf("status %+v: want streaming throughout", st)
+	}
+	sameAsSource(t, e)
+}
+
 func readView(t *testing.T, rep *replica.Replica, name string, at uint64) []byte {
 	t.Helper()
 	v, err := rep.OpenView(name, at, "")

@@ -208,7 +208,10 @@ func (s *Shipper) watchJournal(ctx context.Context) {
 		bm, acked := s.bm, s.acked
 		s.mu.Unlock()
 		if bm == nil {
-			if s.cfg.MaxJournalBytes > 0 && j.Size() > s.cfg.MaxJournalBytes && acked < j.LastSeq() {
+			// Only the journal the shipper holds counts: the group may
+			// keep more for itself (recent writes not folded yet), and
+			// letting go would not free that.
+			if s.cfg.MaxJournalBytes > 0 && acked < j.LastSeq() && j.SizeAfter(acked) > s.cfg.MaxJournalBytes {
 				if err := s.enterBitmap(); err != nil {
 					s.log.Error("switch to dirty-block tracking", "err", err)
 				}
