@@ -60,6 +60,9 @@ type Config struct {
 	// replica's journal and the VM's writes since its failover moved
 	// into plain images), in bytes per second (default 128 MiB/s).
 	FoldRate int64
+	// MaxUnfolded bounds each group's recent writes kept only in its
+	// journal (disk.Config.MaxUnfolded: 0 is 4 GiB, negative: none).
+	MaxUnfolded int64
 	// NoFold keeps committed groups from folding in the background (tests
 	// drive the fold step by step).
 	NoFold bool
@@ -373,7 +376,7 @@ func (a *Agent) groupDir(name string) string { return filepath.Join(a.cfg.Dir, "
 // replica directory its manifest names.
 func (a *Agent) openGroup(name string, base disk.Base) error {
 	g, err := disk.Open(disk.Config{Dir: a.groupDir(name), CheckpointInterval: a.cfg.CheckpointInterval, Now: a.cfg.Now,
-		FoldRate: a.cfg.FoldRate, NoFold: a.cfg.NoFold, Logger: a.log.With("group", name),
+		FoldRate: a.cfg.FoldRate, MaxUnfolded: a.cfg.MaxUnfolded, NoFold: a.cfg.NoFold, Logger: a.log.With("group", name),
 		OpenBase: func(ref disk.BaseRef) (disk.Base, error) {
 			if base != nil {
 				return base, nil

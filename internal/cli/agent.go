@@ -261,7 +261,7 @@ func addAgentFlags(c *cobra.Command, o *agentOpts) {
 }
 
 func agentRunCmd(e *env) *cobra.Command {
-	var dir, name, listen, pkiDir, vaultAddr string
+	var dir, name, listen, pkiDir, vaultAddr, maxUnfolded string
 	var points, retention, appEvery time.Duration
 	var foldMiB, unshippedMiB int64
 	c := &cobra.Command{Use: "run", Short: "Run a site agent (the daemon)", Args: cobra.NoArgs,
@@ -271,7 +271,11 @@ func agentRunCmd(e *env) *cobra.Command {
 			if dir == "" || name == "" || pkiDir == "" {
 				return usagef("--dir, --name and --pki are required (flags or the config file)")
 			}
-			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20, MaxUnshipped: unshippedMiB << 20})
+			mu, err := parseUnfolded(maxUnfolded)
+			if err != nil {
+				return err
+			}
+			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20, MaxUnshipped: unshippedMiB << 20, MaxUnfolded: mu})
 			if err != nil {
 				return err
 			}
@@ -293,7 +297,8 @@ func agentRunCmd(e *env) *cobra.Command {
 	fs.DurationVar(&appEvery, "app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
 	str(fs, &vaultAddr, "vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
 	fs.Int64Var(&unshippedMiB, "max-unshipped", 1024, "MiB of journal a group keeps for its recovery site while the link is down; past it, a dirty-block bitmap (resynchronized when the link is back)")
-	fs.Int64Var(&foldMiB, "fold-rate", 128, "MiB/s the background fold of a committed group may write (it makes the disks plain images; the VM runs throughout)")
+	fs.Int64Var(&foldMiB, "fold-rate", 128, "MiB/s the background folds may write while VMs write: a committed group's into plain images, and recent writes' into the images at checkpoints")
+	str(fs, &maxUnfolded, "max-unfolded", "4G", maxUnfoldedHelp)
 	return c
 }
 

@@ -31,6 +31,23 @@ func TestParseSize(t *testing.T) {
 	}
 }
 
+func TestParseUnfolded(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"0", -1, true}, {" 0 ", -1, true}, {"4G", 4 << 30, true}, {"256M", 256 << 20, true},
+		{"", 0, false}, {"-1", 0, false}, {"lots", 0, false},
+	}
+	for _, tc := range tests {
+		got, err := parseUnfolded(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseUnfolded(%q) = %d, %v; want %d ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
 func run(t *testing.T, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errb bytes.Buffer

@@ -30,9 +30,24 @@ func serveCmd(e *env) *cobra.Command {
 	fs.DurationVar(&o.ckpt, "checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only by --checkpoint-bytes)")
 	str(fs, &o.segSize, "segment-size", "64M", "journal segment size")
 	str(fs, &o.ckptBytes, "checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
-	str(fs, &o.maxUnfolded, "max-unfolded", "4G", "recent writes kept only in the journal, folded into the images at checkpoints; past this, writes go to the images at once (0: always)")
+	str(fs, &o.maxUnfolded, "max-unfolded", "4G", maxUnfoldedHelp)
 	str(fs, &o.cpuProfile, "cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
 	return c
+}
+
+const maxUnfoldedHelp = "recent writes kept only in the journal, folded into the images at checkpoints; past this, writes go to the images at once (0: always)"
+
+// parseUnfolded reads --max-unfolded as disk.Config.MaxUnfolded wants it:
+// "0" (every write to the images at once) is negative there.
+func parseUnfolded(s string) (int64, error) {
+	if strings.TrimSpace(s) == "0" {
+		return -1, nil
+	}
+	n, err := parseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("--max-unfolded: %w", err)
+	}
+	return n, nil
 }
 
 type serveOpts struct {
@@ -67,11 +82,9 @@ func runServe(ctx context.Context, e *env, o *serveOpts) error {
 	if err != nil {
 		return err
 	}
-	mu := int64(-1) // "0": every write goes to the images at once
-	if strings.TrimSpace(o.maxUnfolded) != "0" {
-		if mu, err = parseSize(o.maxUnfolded); err != nil {
-			return err
-		}
+	mu, err := parseUnfolded(o.maxUnfolded)
+	if err != nil {
+		return err
 	}
 	g, err := disk.Open(disk.Config{Dir: *dir, SegmentSize: seg, CheckpointInterval: *ckpt, CheckpointBytes: cb, MaxUnfolded: mu, Logger: e.log})
 	if err != nil {

@@ -67,8 +67,10 @@ type Config struct {
 	// OpenBase opens the base of a layered group (one a commit created);
 	// nil if the caller has none.
 	OpenBase func(ref BaseRef) (Base, error)
-	// FoldRate bounds the background fold of a layered group, in bytes
-	// per second (default 128 MiB/s; negative: unbounded).
+	// FoldRate bounds the background folds, in bytes per second (default
+	// 128 MiB/s; negative: unbounded): a layered group's fold into a
+	// plain image, and the background checkpoint's fold of recent writes
+	// while the guest writes (an idle group's goes at full speed).
 	FoldRate int64
 	// NoFold keeps Start from running the background fold: tests drive
 	// it with FoldStep.
@@ -116,6 +118,10 @@ type Group struct {
 	lastWrite atomic.Int64 // UnixNano of the last append, for the idle fold
 
 	ckptMu sync.Mutex // one checkpoint at a time
+	// urgent counts unpaced checkpoints waiting: a paced fold then stops
+	// pacing, so an explicit Checkpoint never waits on the rate.
+	urgent atomic.Int32
+	hurry  chan struct{} // wakes a pacing fold when urgent rises
 
 	holdMu sync.Mutex
 	holds  map[string]uint64
@@ -178,7 +184,7 @@ func Open(cfg Config) (*Group, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
 		return nil, fmt.Errorf("create group dir: %w", err)
 	}
-	g := &Group{cfg: cfg, log: cfg.Logger, disks: map[uint16]*Disk{}, holds: map[string]uint64{}, stop: make(chan struct{}), kick: make(chan struct{}, 1)}
+	g := &Group{cfg: cfg, log: cfg.Logger, disks: map[uint16]*Disk{}, holds: map[string]uint64{}, stop: make(chan struct{}), kick: make(chan struct{}, 1), hurry: make(chan struct{}, 1)}
 	if err := g.loadManifest(); err != nil {
 		return nil, err
 	}
@@ -356,7 +362,7 @@ func (g *Group) replay() error {
 		n++
 	}
 	g.log.Info("journal replayed into images", "from", from, "to", last, "entries", n)
-	return g.checkpoint(context.Background())
+	return g.checkpoint(context.Background(), false)
 }
 
 // CreateDisk adds a disk of size bytes to the group and returns it. The
@@ -496,6 +502,11 @@ func (g *Group) applyImage(e *journal.Entry) error {
 
 func fdatasync(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
 
+// startSync starts the write-back of f's dirty pages (sync_file_range
+// with SYNC_FILE_RANGE_WRITE: no wait, no metadata). Advisory: a file
+// system without it just syncs later.
+func startSync(f *os.File) { _ = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE) }
+
 // zeroRange makes the range read as zero, deallocating it where the file
 // system can.
 func zeroRange(f *os.File, off, n int64) error {
@@ -606,16 +617,33 @@ func (g *Group) AppendResync(id uint16, off, n int64) (uint64, error) {
 
 // Checkpoint makes the images durable up to the journal's current end,
 // records that in the manifest and trims journal segments no holder needs.
+// It goes at full speed, and hurries a paced background checkpoint it
+// waits for.
 func (g *Group) Checkpoint(ctx context.Context) error {
-	return g.checkpoint(ctx)
+	return g.checkpoint(ctx, false)
 }
 
-func (g *Group) checkpoint(ctx context.Context) error {
+// checkpoint: paced, the fold goes at FoldRate while the guest writes.
+func (g *Group) checkpoint(ctx context.Context, paced bool) error {
+	if !paced {
+		g.urgent.Add(1)
+		defer g.urgent.Add(-1)
+		select {
+		case g.hurry <- struct{}{}:
+		default:
+		}
+	}
 	g.ckptMu.Lock()
 	defer g.ckptMu.Unlock()
+	if paced {
+		select { // a token left by an unpaced checkpoint already served
+		case <-g.hurry:
+		default:
+		}
+	}
 	t0, u0 := g.cfg.Now(), g.unfolded.Load()
 	// every entry <= seq is in the images' page cache after the fold
-	seq, err := g.foldIndex(ctx)
+	seq, err := g.foldIndex(ctx, paced)
 	if err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
 	}
@@ -737,7 +765,7 @@ func (g *Group) Start(ctx context.Context) {
 					continue
 				}
 			}
-			if err := g.checkpoint(ctx); err != nil && ctx.Err() == nil {
+			if err := g.checkpoint(ctx, true); err != nil && ctx.Err() == nil {
 				g.log.Error("checkpoint failed", "err", err)
 			}
 		}
@@ -754,7 +782,7 @@ func (g *Group) Close() error {
 	g.mu.Unlock()
 	close(g.stop)
 	g.wg.Wait()
-	err := g.checkpoint(context.Background())
+	err := g.checkpoint(context.Background(), false)
 	g.mu.Lock()
 	g.closed = true
 	g.mu.Unlock()

@@ -79,7 +79,7 @@ func checkReplayEqualsImage(tb testing.TB, g *Group, d *Disk) {
 	}
 	// Folded, the image itself holds the same bytes (the index is empty).
 	g.ckptMu.Lock()
-	_, err = g.foldIndex(context.Background())
+	_, err = g.foldIndex(context.Background(), false)
 	g.ckptMu.Unlock()
 	if err != nil {
 		tb.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -311,5 +312,84 @@ func checkFolded(tb testing.TB, g *Group, d *Disk, m []byte) {
 	}
 	if !bytes.Equal(got, m) {
 		tb.Fatal("the folded image differs from the model")
+	}
+}
+
+// TestPacedFoldHurried: the background checkpoint folds at FoldRate while
+// the guest writes; an explicit Checkpoint (a commit, a role switch) must
+// not wait on that rate, and neither must Close.
+func TestPacedFoldHurried(t *testing.T) {
+	ctx := context.Background()
+	now := time.Unix(1_800_000_000, 0) // the clock never moves: the group never looks idle
+	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 256 << 10, FoldRate: 1, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := g.CreateDisk("a", 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := make([]byte, 64<<20)
+	// Two chunks: the paced fold sleeps (for ages, at 1 B/s) after the first.
+	for b := int64(0); b < foldChunk+8; b++ {
+		p := bytes.Repeat([]byte{byte(b%250 + 1)}, BlockSize)
+		if err := d.WriteAt(ctx, p, b*BlockSize); err != nil {
+			t.Fatal(err)
+		}
+		copy(m[b*BlockSize:], p)
+	}
+	paced := make(chan error, 1)
+	go func() { paced <- g.checkpoint(ctx, true) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for g.Unfolded() != 8*BlockSize { // first chunk folded, pacing now
+		if time.Now().After(deadline) {
+			t.Fatalf("paced fold did not fold its first chunk: %d bytes unfolded", g.Unfolded())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	select {
+	case err := <-paced:
+		t.Fatalf("paced checkpoint finished at 1 B/s: %v", err)
+	default:
+	}
+	done := make(chan error, 1)
+	go func() { done <- g.Checkpoint(ctx) }()
+	for _, ch := range []chan error{paced, done} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("an explicit Checkpoint waited on the paced fold's rate")
+		}
+	}
+	checkFolded(t, g, d, m)
+	// Close while a paced fold sleeps: it finishes at full speed.
+	p := bytes.Repeat([]byte{0x5A}, BlockSize)
+	for b := int64(0); b < foldChunk+8; b++ {
+		if err := d.WriteAt(ctx, p, b*BlockSize); err != nil {
+			t.Fatal(err)
+		}
+		copy(m[b*BlockSize:], p)
+	}
+	go func() { paced <- g.checkpoint(ctx, true) }()
+	for g.Unfolded() != 8*BlockSize {
+		if time.Now().After(deadline) {
+			t.Fatalf("second paced fold did not start: %d bytes unfolded", g.Unfolded())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- g.Close() }()
+	for _, ch := range []chan error{paced, closed} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Close waited on the paced fold's rate")
+		}
 	}
 }

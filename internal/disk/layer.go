@@ -180,6 +180,10 @@ type image interface {
 	WriteAt(p []byte, off int64) error
 	Zero(off, n int64) error
 	Sync() error
+	// StartSync starts writing dirty pages back without waiting for
+	// them: a hint that spreads a later Sync's work; errors surface at
+	// Sync.
+	StartSync()
 	Close() error
 }
 
@@ -196,6 +200,8 @@ func (p plainImage) WriteAt(b []byte, off int64) error {
 }
 
 func (p plainImage) Zero(off, n int64) error { return zeroRange(p.f, off, n) }
+
+func (p plainImage) StartSync() { startSync(p.f) }
 
 // dataRanges reports the allocated parts of the file in [0, size), in
 // order (SEEK_DATA/SEEK_HOLE); without that support, the whole file.
@@ -395,6 +401,16 @@ func (l *layered) Sync() error {
 		return fdatasync(flat)
 	}
 	return nil
+}
+
+func (l *layered) StartSync() {
+	l.mu.RLock()
+	top, flat := l.top, l.flat
+	l.mu.RUnlock()
+	startSync(top)
+	if flat != nil {
+		startSync(flat)
+	}
 }
 
 func (l *layered) Close() error {
