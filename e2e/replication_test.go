@@ -25,6 +25,7 @@ import (
 // agentProc is a running 'ferry agent run' process.
 type agentProc struct {
 	name, dir, addr, pki string
+	extra                []string // more flags for ferry agent run
 	cmd                  *exec.Cmd
 	log                  *bytes.Buffer
 	done                 chan error
@@ -43,8 +44,8 @@ func (p *agentProc) start(tb testing.TB) {
 	tb.Helper()
 	p.log = &bytes.Buffer{}
 	p.done = make(chan error, 1)
-	p.cmd = exec.Command(ferryBin, "agent", "run", "--dir", p.dir, "--name", p.name, "--listen", p.addr,
-		"--pki", p.pki, "--point-interval", "100ms")
+	args := []string{"agent", "run", "--dir", p.dir, "--name", p.name, "--listen", p.addr, "--pki", p.pki, "--point-interval", "100ms"}
+	p.cmd = exec.Command(ferryBin, append(args, p.extra...)...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
 		tb.Fatal(err)
@@ -94,7 +95,11 @@ type sites struct {
 	root   string
 }
 
-func twoSites(t *testing.T) *sites {
+func twoSites(t *testing.T) *sites { t.Helper(); return twoSitesWith(t, nil, nil) }
+
+// twoSitesWith: extra flags for both agents; prep, if set, runs on the
+// sites' root directory before they start.
+func twoSitesWith(t *testing.T, extra []string, prep func(root string)) *sites {
 	t.Helper()
 	pk := t.TempDir()
 	run(t, ferryBin, "ca", "init", "--pki", pk)
@@ -106,6 +111,10 @@ func twoSites(t *testing.T) *sites {
 	s := &sites{root: root,
 		a: &agentProc{name: "siteA", dir: filepath.Join(root, "a"), addr: freePort(t), pki: pk},
 		b: &agentProc{name: "siteB", dir: filepath.Join(root, "b"), addr: freePort(t), pki: pk}}
+	s.a.extra, s.b.extra = extra, extra
+	if prep != nil {
+		prep(root)
+	}
 	s.a.start(t)
 	s.b.start(t)
 	t.Cleanup(func() {

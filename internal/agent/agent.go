@@ -60,6 +60,13 @@ type Config struct {
 	// replica's journal and the VM's writes since its failover moved
 	// into plain images), in bytes per second (default 128 MiB/s).
 	FoldRate int64
+	// Runtime runs the site's VMs (default: QEMU started directly).
+	Runtime Runtime
+	// NBDGroup, if set, is the group that may connect to the NBD socket
+	// (the hypervisor's, for libvirt: libvirt-qemu), with NBDMode (default
+	// 0660; bits for others are refused). Without it, the socket is 0600.
+	NBDGroup string
+	NBDMode  os.FileMode
 	// MaxUnfolded bounds each group's recent writes kept only in its
 	// journal (disk.Config.MaxUnfolded: 0 is 4 GiB, negative: none).
 	MaxUnfolded int64
@@ -102,6 +109,7 @@ type Agent struct {
 
 	nbd     *nbd.Server
 	nbdSock string
+	runtime Runtime
 	httpSrv *http.Server
 	ln      net.Listener
 	recv    *replication.Receiver
@@ -198,6 +206,14 @@ func New(cfg Config) (*Agent, error) {
 	if err := id.Require(pki.RoleSite, cfg.Name); err != nil {
 		return nil, err
 	}
+	if _, err := os.Stat(cfg.Dir); errors.Is(err, os.ErrNotExist) && cfg.NBDGroup != "" {
+		// The hypervisor's user must pass through to the NBD socket
+		// (search only: it cannot list the directory, and everything
+		// below is 0700).
+		if err := os.MkdirAll(cfg.Dir, 0o711); err != nil {
+			return nil, err
+		}
+	}
 	for _, sub := range []string{"groups", "replicas", "views"} {
 		if err := os.MkdirAll(filepath.Join(cfg.Dir, sub), 0o700); err != nil {
 			return nil, err
@@ -207,6 +223,10 @@ func New(cfg Config) (*Agent, error) {
 		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
 		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{}, problems: map[string]api.Problem{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
+	a.runtime = cfg.Runtime
+	if a.runtime == nil {
+		a.runtime = directRuntime{log: cfg.Logger}
+	}
 	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
 	a.metrics = newMetrics(a)
 	return a, nil
@@ -216,7 +236,11 @@ func New(cfg Config) (*Agent, error) {
 // serves NBD and the API. It returns once listening.
 func (a *Agent) Start(ctx context.Context) error {
 	a.ctx, a.cancel = context.WithCancel(ctx)
-	nln, err := nbd.ListenUnix(a.nbdSock)
+	acc, err := socketAccess(a.cfg.NBDGroup, a.cfg.NBDMode, a.nbdSock)
+	if err != nil {
+		return err
+	}
+	nln, err := nbd.ListenUnixShared(a.nbdSock, acc)
 	if err != nil {
 		return err
 	}
@@ -634,7 +658,7 @@ func (a *Agent) DeleteGroup(ctx context.Context, name string) error {
 		return fmt.Errorf("%w: group %q replicates to %s; stop that first (DELETE /v1/groups/%s/replication)", ErrConflict, name, gr.repl.PeerName, name)
 	}
 	if v := a.runningOn(ctx, name); v != nil {
-		return fmt.Errorf("%w: VM %s runs on group %q; stop it first", ErrConflict, v.vm.Spec.Name, name)
+		return fmt.Errorf("%w: VM %s runs on group %q; stop it first", ErrConflict, v.name, name)
 	}
 	a.mu.Lock()
 	delete(a.groups, name)

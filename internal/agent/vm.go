@@ -27,8 +27,9 @@ const MaxFreeze = 10 * time.Second
 type VMRequest = api.VMRequest
 
 type runningVM struct {
+	name  string
 	group string // or the replica it runs on
-	vm    *qemu.VM
+	vm    Machine
 	views []string // writable views it runs on (closed when it stops)
 	seq   uint64   // the point, for a VM on a replica
 	// exports are the exports of views a commit switched to the group:
@@ -72,7 +73,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	}
 	spec := qemu.Spec{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, Boot: req.Boot, Net: req.Net,
 		Subnet: req.Subnet, Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel}
-	rv := &runningVM{group: owner}
+	rv := &runningVM{name: req.Name, group: owner}
 	if gr != nil {
 		for _, d := range gr.g.Disks() {
 			spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
@@ -93,7 +94,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 		a.closeViews(rv.views)
 		return qemu.Status{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	vm, err := qemu.Start(ctx, spec, filepath.Join(a.cfg.Dir, "vms", req.Name), a.log)
+	vm, err := a.runtime.Start(ctx, spec, filepath.Join(a.cfg.Dir, "vms", req.Name))
 	if err != nil {
 		a.closeViews(rv.views)
 		return qemu.Status{}, err
@@ -188,18 +189,20 @@ func (a *Agent) AppPoint(ctx context.Context, group, label string) (AppPointStat
 	}
 	st := AppPointStatus{Time: a.cfg.Now()}
 	err := func() error {
-		if rv == nil || rv.vm.QGA == nil {
-			return fmt.Errorf("%w: group %q has no running VM with a guest agent channel", ErrNoQuiesce, group)
+		if rv == nil {
+			return fmt.Errorf("%w: group %q has no running VM", ErrNoQuiesce, group)
 		}
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
-		if err := rv.vm.QGA.Ping(qctx); err != nil {
+		if err := rv.vm.PingGuest(qctx); errors.Is(err, qemu.ErrNoGuestAgent) {
+			return fmt.Errorf("%w: group %q has no running VM with a guest agent channel", ErrNoQuiesce, group)
+		} else if err != nil {
 			return fmt.Errorf("%w: %v", ErrNoQuiesce, err)
 		}
 		fctx, fcancel := context.WithTimeout(ctx, MaxFreeze)
 		defer fcancel()
 		frozenAt := time.Now()
-		if _, err := rv.vm.QGA.Freeze(fctx); err != nil {
+		if _, err := rv.vm.Freeze(fctx); err != nil {
 			a.thaw(rv, group)
 			return fmt.Errorf("%w: freeze: %v", ErrNoQuiesce, err)
 		}
@@ -235,7 +238,7 @@ func (a *Agent) AppPoint(ctx context.Context, group, label string) (AppPointStat
 func (a *Agent) thaw(rv *runningVM, group string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := rv.vm.QGA.Thaw(ctx); err != nil {
+	if _, err := rv.vm.Thaw(ctx); err != nil {
 		a.log.Error("thaw failed; the guest agent thaws by itself after its own limit", "group", group, "err", err)
 	}
 }

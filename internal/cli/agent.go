@@ -261,7 +261,7 @@ func addAgentFlags(c *cobra.Command, o *agentOpts) {
 }
 
 func agentRunCmd(e *env) *cobra.Command {
-	var dir, name, listen, pkiDir, vaultAddr, maxUnfolded string
+	var dir, name, listen, pkiDir, vaultAddr, maxUnfolded, nbdGroup, nbdMode, runtimeName, libvirtURI string
 	var points, retention, appEvery time.Duration
 	var foldMiB, unshippedMiB int64
 	c := &cobra.Command{Use: "run", Short: "Run a site agent (the daemon)", Args: cobra.NoArgs,
@@ -275,7 +275,21 @@ func agentRunCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20, MaxUnshipped: unshippedMiB << 20, MaxUnfolded: mu})
+			var mode os.FileMode
+			if nbdMode != "" {
+				m, err := strconv.ParseUint(nbdMode, 8, 32)
+				if err != nil || m > 0o777 {
+					return usagef("--nbd-mode %q: want octal permission bits such as 0660", nbdMode)
+				}
+				mode = os.FileMode(m)
+			}
+			rt, closeRT, err := vmRuntime(ctx, e, runtimeName, libvirtURI)
+			if err != nil {
+				return err
+			}
+			defer closeRT()
+			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20, MaxUnshipped: unshippedMiB << 20, MaxUnfolded: mu,
+				NBDGroup: nbdGroup, NBDMode: mode, Runtime: rt})
 			if err != nil {
 				return err
 			}
@@ -299,6 +313,10 @@ func agentRunCmd(e *env) *cobra.Command {
 	fs.Int64Var(&unshippedMiB, "max-unshipped", 1024, "MiB of journal a group keeps for its recovery site while the link is down; past it, a dirty-block bitmap (resynchronized when the link is back)")
 	fs.Int64Var(&foldMiB, "fold-rate", 128, "MiB/s the background folds may write while VMs write: a committed group's into plain images, and recent writes' into the images at checkpoints")
 	str(fs, &maxUnfolded, "max-unfolded", "4G", maxUnfoldedHelp)
+	str(fs, &nbdGroup, "nbd-group", "", "group that may connect to the NBD socket: the hypervisor's (libvirt-qemu for libvirt); without it the socket is the agent's user's only (0600)")
+	str(fs, &nbdMode, "nbd-mode", "", "the NBD socket's mode with --nbd-group (default 0660; bits for others are refused)")
+	str(fs, &runtimeName, "runtime", "qemu", "how VMs run: qemu (ferry starts QEMU itself) or libvirt (domains of the libvirt daemon at --libvirt-uri)")
+	str(fs, &libvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection for --runtime libvirt: qemu:///system, or qemu+unix:///system?socket=PATH")
 	return c
 }
 

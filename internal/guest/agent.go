@@ -66,6 +66,9 @@ func (a *Agent) Serve(ctx context.Context, rw io.ReadWriter) error {
 			continue
 		}
 		resp, delimited := a.handle(req)
+		if resp == nil {
+			continue // a command with no reply (guest-shutdown): not even "null"
+		}
 		b, _ := json.Marshal(resp)
 		if delimited {
 			b = append([]byte{0xff}, b...)

@@ -90,6 +90,13 @@ func TestAgentProtocol(t *testing.T) {
 	if r := call(`{"execute":"guest-nope"}`); !strings.Contains(string(mustJSON(r)), "CommandNotFound") {
 		t.Fatalf("unknown: %v", r)
 	}
+	// guest-shutdown has no reply at all (libvirt refuses a "null" line):
+	// the next thing on the wire is the ping's answer.
+	host.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(host, `{"execute":"guest-shutdown"}`)
+	if r := call(`{"execute":"guest-ping"}`); r == nil || r["return"] == nil {
+		t.Fatalf("after guest-shutdown, the next reply is %v; want the ping's", r)
+	}
 }
 
 func mustJSON(v any) []byte { b, _ := json.Marshal(v); return bytes.TrimSpace(b) }

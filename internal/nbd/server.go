@@ -178,6 +178,33 @@ func (s *Server) lookup(name string) *Export {
 // umask is not changed: it is process-wide and would race with other
 // goroutines creating files.
 func ListenUnix(path string) (net.Listener, error) {
+	return ListenUnixShared(path, SocketAccess{})
+}
+
+// SocketAccess opens a socket to one more group (a hypervisor's user,
+// such as libvirt-qemu), never to everyone.
+type SocketAccess struct {
+	GID  int         // group to own the socket; 0: the process's, mode 0600
+	Mode os.FileMode // with GID: default 0660; bits for others are refused
+}
+
+// ErrWorldAccess: a socket mode that lets any user connect.
+var ErrWorldAccess = errors.New("nbd: a socket mode that gives others access")
+
+// ListenUnixShared is ListenUnix with the socket's group and mode from
+// acc. The group is set before the mode widens, so no other group ever
+// gets in.
+func ListenUnixShared(path string, acc SocketAccess) (net.Listener, error) {
+	mode := os.FileMode(0o600)
+	if acc.GID != 0 {
+		mode = acc.Mode
+		if mode == 0 {
+			mode = 0o660
+		}
+	}
+	if mode&0o007 != 0 || mode&^os.ModePerm != 0 {
+		return nil, fmt.Errorf("%w: %v for %s (give a group instead)", ErrWorldAccess, mode, path)
+	}
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 			c.Close()
@@ -190,6 +217,16 @@ func ListenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	if acc.GID != 0 {
+		if err := os.Lchown(path, -1, acc.GID); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("give socket %s to group %d: %w", path, acc.GID, err)
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("chmod %s: %w", path, err)
 	}

@@ -5,12 +5,18 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // memDevice is an in-memory Device for unit tests.
@@ -585,4 +591,96 @@ func TestListenUnixLiveAndStale(t *testing.T) {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}
 	ln2.Close()
+}
+
+// dialAs connects to a unix socket with the file-system identity of
+// uid:gid (no supplementary groups but root's, none of which the tests
+// use), on a thread of its own that dies afterwards: what a hypervisor
+// running as that user would get.
+func dialAs(tb testing.TB, path string, uid, gid int) error {
+	tb.Helper()
+	res := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread goes with the goroutine
+		unix.Setfsgid(gid)
+		unix.Setfsuid(uid) // from 0 to non-zero drops CAP_DAC_OVERRIDE on this thread
+		c, err := net.Dial("unix", path)
+		if err == nil {
+			c.Close()
+		}
+		res <- err
+	}()
+	return <-res
+}
+
+func TestListenUnixShared(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test gives a socket to another group and connects as another user: run it as root (make test does)")
+	}
+	const nobody, nogroup, other = 65534, 65534, 65533
+	dir := t.TempDir()
+	// The hypervisor's user must be able to reach the socket's directory.
+	for d := dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		name     string
+		acc      SocketAccess
+		wantMode os.FileMode
+		wantErr  error
+		// who may connect: the group's user, and a user of another group
+		groupIn, otherIn bool
+	}{
+		{"default: the agent's user only", SocketAccess{}, 0o600, nil, false, false},
+		{"a group, default mode", SocketAccess{GID: nogroup}, 0o660, nil, true, false},
+		{"a group, read-only bits kept", SocketAccess{GID: nogroup, Mode: 0o640}, 0o640, nil, false, false},
+		{"world access refused", SocketAccess{GID: nogroup, Mode: 0o666}, 0, ErrWorldAccess, false, false},
+		{"odd bits refused", SocketAccess{GID: nogroup, Mode: os.ModeSetuid | 0o660}, 0, ErrWorldAccess, false, false},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(dir, fmt.Sprintf("s%d.sock", i))
+			ln, err := ListenUnixShared(sock, tc.acc)
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("err = %v, want %v", err, tc.wantErr)
+				}
+				if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+					t.Fatalf("a refused socket was created: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					c.Close()
+				}
+			}()
+			fi, err := os.Lstat(sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := fi.Mode().Perm(); got != tc.wantMode {
+				t.Errorf("mode = %v, want %v", got, tc.wantMode)
+			}
+			if gid := int(fi.Sys().(*syscall.Stat_t).Gid); tc.acc.GID != 0 && gid != tc.acc.GID {
+				t.Errorf("group = %d, want %d", gid, tc.acc.GID)
+			}
+			if err := dialAs(t, sock, nobody, nogroup); (err == nil) != tc.groupIn {
+				t.Errorf("user %d of group %d: dial err = %v, want access %v", nobody, nogroup, err, tc.groupIn)
+			}
+			if err := dialAs(t, sock, nobody, other); (err == nil) != tc.otherIn {
+				t.Errorf("user %d of group %d: dial err = %v, want access %v", nobody, other, err, tc.otherIn)
+			}
+		})
+	}
 }

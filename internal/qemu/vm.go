@@ -461,6 +461,33 @@ func (v *VM) Quit(report func(string)) {
 	}
 }
 
+// ErrNoGuestAgent: the VM has no guest agent channel.
+var ErrNoGuestAgent = errors.New("no guest agent channel")
+
+// PingGuest asks the guest agent whether it answers.
+func (v *VM) PingGuest(ctx context.Context) error {
+	if v.QGA == nil {
+		return ErrNoGuestAgent
+	}
+	return v.QGA.Ping(ctx)
+}
+
+// Freeze freezes the guest's file systems through its agent.
+func (v *VM) Freeze(ctx context.Context) (int, error) {
+	if v.QGA == nil {
+		return 0, ErrNoGuestAgent
+	}
+	return v.QGA.Freeze(ctx)
+}
+
+// Thaw thaws the guest's file systems through its agent.
+func (v *VM) Thaw(ctx context.Context) (int, error) {
+	if v.QGA == nil {
+		return 0, ErrNoGuestAgent
+	}
+	return v.QGA.Thaw(ctx)
+}
+
 // Kill ends QEMU at once and waits for it.
 func (v *VM) Kill() {
 	v.mu.Lock()
