@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -178,4 +179,233 @@ func TestLibvirtRuntime(t *testing.T) {
 	if strings.Contains(domains(t, uri), "lvguest-drill") {
 		t.Fatal("drill domain still there after it was stopped")
 	}
+}
+
+// defineDomain defines a libvirt domain from XML and undefines it (and
+// stops it) at the end of the test.
+func defineDomain(t *testing.T, uri, name, xml string) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), name+".xml")
+	if err := os.WriteFile(f, []byte(xml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "virsh", "-c", uri, "define", f)
+	t.Cleanup(func() {
+		exec.Command("virsh", "-c", uri, "destroy", name).Run()
+		exec.Command("virsh", "-c", uri, "undefine", name).Run()
+	})
+}
+
+func virsh(t *testing.T, uri string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("virsh", append([]string{"-c", uri}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("virsh %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// TestLibvirtImportOffline imports a shut-off domain that an operator
+// defined with virsh: its system disk a qcow2 image over a qcow2 backing
+// file, its second disk a raw block device (a loop device, as an LVM
+// volume would be). ferry copies both into a group (only their data),
+// switches the domain's disks to its exports (autostart off), runs the
+// domain as defined, and its workload resumes after the last record the
+// original disk held; a release gives the domain its own disks back,
+// untouched.
+func TestLibvirtImportOffline(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "losetup", "debugfs")
+	uri := libvirtURI(t)
+	g := guestDir(t)
+	openToHypervisor(t, g)
+	st := twoSitesWith(t, []string{"--runtime", "libvirt", "--libvirt-uri", uri, "--nbd-group", "libvirt-qemu"},
+		func(root string) { openToHypervisor(t, root) })
+	a, ca, root := st.a, st.ca, st.root
+	ctx := context.Background()
+	const name = "lvimport"
+	imgs := filepath.Join(root, "images")
+	if err := os.Mkdir(imgs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The system disk: ext4 in a qcow2 over a qcow2 backing file.
+	raw := filepath.Join(root, "fs.raw")
+	f, _ := os.Create(raw)
+	f.Truncate(64 << 20)
+	f.Close()
+	run(t, "mkfs.ext4", "-q", "-F", raw)
+	base, top := filepath.Join(imgs, "base.qcow2"), filepath.Join(imgs, "top.qcow2")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, base)
+	run(t, "qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", base, top)
+	// The data disk: a raw block device with a pattern in its middle.
+	loopImg := filepath.Join(root, "loop.img")
+	f, _ = os.Create(loopImg)
+	f.Truncate(16 << 20)
+	f.WriteAt([]byte(strings.Repeat("ferry-block-device", 1000)), 5<<20)
+	f.Close()
+	loop := strings.TrimSpace(run(t, "losetup", "-f", "--show", loopImg))
+	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
+
+	web := freePort(t)
+	const mac = "52:54:00:fe:44:01"
+	xml := `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>` + name + `</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>` + filepath.Join(g, "vmlinuz") + `</kernel><initrd>` + filepath.Join(g, "initrd.img") + `</initrd>
+    <cmdline>console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1</cmdline></os>
+  <features><acpi/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + top + `'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='` + loop + `'/><target dev='vdb' bus='virtio'/></disk>
+    <interface type='user'><mac address='` + mac + `'/><model type='virtio'/></interface>
+    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='pty'/>
+  </devices>
+  <qemu:commandline><qemu:arg value='-netdev'/><qemu:arg value='user,id=t0,hostfwd=tcp:` + web + `-:80'/>
+    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=t0,bus=pcie.0,addr=0x11'/></qemu:commandline>
+</domain>`
+	defineDomain(t, uri, name, xml)
+	original := virsh(t, uri, "dumpxml", "--inactive", name)
+
+	// The operator's VM runs (under libvirt, not ferry) and writes.
+	virsh(t, uri, "start", name)
+	until(t, 120*time.Second, "the workload before the import", func() bool {
+		s, err := workload(web)
+		return err == nil && s.LastDurable > 30
+	})
+	if _, err := ca.Import(ctx, name); !errors.Is(err, api.ErrConflict) {
+		t.Fatalf("import of a running domain: %v, want ErrConflict", err)
+	}
+	virsh(t, uri, "shutdown", name)
+	until(t, 60*time.Second, "the domain to shut off", func() bool {
+		return strings.Contains(virsh(t, uri, "domstate", name), "shut off")
+	})
+	held := recordsInQcow2(t, top)
+
+	start := time.Now()
+	is, err := ca.Import(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	until(t, 120*time.Second, "the import", func() bool {
+		is, err = ca.ImportStatus(ctx, name)
+		if err != nil || is.State == api.ImportFailed {
+			t.Fatalf("import: %+v, %v", is, err)
+		}
+		return is.State == api.ImportDone
+	})
+	res := is.Result
+	t.Logf("imported in %v: %+v", time.Since(start).Round(time.Millisecond), res.Disks)
+	if len(res.Disks) != 2 || res.Disks[0].Name != "vda" || res.Disks[1].Name != "vdb" || res.Disks[0].Format != "qcow2" ||
+		res.Disks[1].Source != loop || res.VCPUs != 1 || res.MemoryMiB != 256 || !res.QGA {
+		t.Fatalf("import result %+v", res)
+	}
+	if c := res.Disks[1].Copied; c <= 0 || c > 1<<20 {
+		t.Errorf("block device: %d bytes of data copied; want only its one written extent, not its 16 MiB", c)
+	}
+	sock := filepath.Join(a.dir, "nbd.sock")
+	for _, d := range []struct{ fmt, src, disk string }{{"qcow2", top, "vda"}, {"raw", loop, "vdb"}} {
+		run(t, "qemu-img", "compare", "-f", d.fmt, "-F", "raw", d.src, "nbd+unix:///"+name+"/"+d.disk+"?socket="+sock)
+	}
+	now := virsh(t, uri, "dumpxml", "--inactive", name)
+	if !strings.Contains(now, "protocol='nbd' name='"+name+"/vda'") || strings.Contains(now, top) || !strings.Contains(now, mac) {
+		t.Fatalf("after the import the domain should run on ferry's exports with its MAC:\n%s", now)
+	}
+	if info := virsh(t, uri, "dominfo", name); !strings.Contains(info, "Autostart:      disable") {
+		t.Fatalf("autostart is not off after the import:\n%s", info)
+	}
+
+	// ferry runs it as defined (its MAC, its guest agent), disks on the group.
+	ferryWeb := freePort(t)
+	if _, err := ca.StartVM(ctx, api.VMRequest{Name: name, Group: name, MemoryMiB: res.MemoryMiB, VCPUs: res.VCPUs, QGA: res.QGA,
+		Net: api.NetUser, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(ferryWeb), GuestPort: 80}}, Domain: res.Original}); err != nil {
+		t.Fatal(err)
+	}
+	var after guest.WorkloadState
+	until(t, 120*time.Second, "the workload on ferry's disks", func() bool {
+		s, err := workload(ferryWeb)
+		after = s
+		return err == nil && s.LastDurable > s.ResumedAfter+10
+	})
+	if after.ResumedAfter != held || after.ChecksumErrors != 0 {
+		t.Fatalf("on ferry's disks the workload resumed after record %d (%d checksum errors); the original disk held %d",
+			after.ResumedAfter, after.ChecksumErrors, held)
+	}
+	if _, err := ca.AppPoint(ctx, name, "imported"); err != nil {
+		t.Fatalf("app point of the imported domain: %v", err)
+	}
+	// Protected: a drill at the recovery site runs the domain's own
+	// definition as a transient NAME-drill, disks on views, on an
+	// isolated network.
+	cb := st.cb
+	if err := cb.ExpectReplica(ctx, name, "siteA"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Replicate(ctx, name, api.Replicate{PeerAddr: st.b.addr, PeerName: "siteB"}); err != nil {
+		t.Fatal(err)
+	}
+	var durable, want uint64
+	until(t, 60*time.Second, "replication to stream", func() bool {
+		s, err := workload(ferryWeb)
+		if err != nil {
+			return false
+		}
+		durable = s.LastDurable
+		src, err := ca.Status(ctx)
+		if err != nil || len(src.Groups) != 1 || src.Groups[0].Replication == nil || src.Groups[0].Replication.State != api.ReplStreaming {
+			return false
+		}
+		want = src.Groups[0].LastSeq // holds every record durable above
+		return true
+	})
+	until(t, 60*time.Second, "a recovery point after the records", func() bool {
+		pts, err := cb.Points(ctx, name)
+		return err == nil && len(pts) > 0 && pts[len(pts)-1].Seq >= want
+	})
+	drillWeb := freePort(t)
+	if _, err := cb.StartVM(ctx, api.VMRequest{Name: name + "-drill", Replica: name, MemoryMiB: res.MemoryMiB, QGA: res.QGA,
+		Net: api.NetIsolated, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(drillWeb), GuestPort: 80}}, Domain: res.Original}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { exec.Command("virsh", "-c", uri, "destroy", name+"-drill").Run() })
+	var drill guest.WorkloadState
+	until(t, 120*time.Second, "the drill's workload", func() bool {
+		s, err := workload(drillWeb)
+		drill = s
+		return err == nil && s.ResumedAfter > 0
+	})
+	if drill.ResumedAfter < durable || drill.ChecksumErrors != 0 {
+		t.Fatalf("drill resumed after record %d (%d checksum errors); %d were durable before", drill.ResumedAfter, drill.ChecksumErrors, durable)
+	}
+	if _, err := cb.StopVM(ctx, name+"-drill", api.StopOptions{Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Unreplicate(ctx, name); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Release(ctx, name); !errors.Is(err, api.ErrConflict) {
+		t.Fatalf("release while it runs: %v, want ErrConflict", err)
+	}
+	if _, err := ca.StopVM(ctx, name, api.StopOptions{Timeout: 60 * time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Release(ctx, name); err != nil {
+		t.Fatal(err)
+	}
+	if back := virsh(t, uri, "dumpxml", "--inactive", name); !strings.Contains(back, top) || strings.Contains(back, "protocol='nbd'") {
+		t.Fatalf("after the release the domain should have its own disks again:\n%s\n(before the import:\n%s)", back, original)
+	}
+	if got := recordsInQcow2(t, top); got != held {
+		t.Fatalf("the original disk changed: %d records, had %d", got, held)
+	}
+}
+
+// recordsInQcow2 counts the workload's intact records in a qcow2 image.
+func recordsInQcow2(t *testing.T, img string) uint64 {
+	t.Helper()
+	raw := filepath.Join(t.TempDir(), "disk.raw")
+	run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, raw)
+	return recordsIn(t, raw)
 }

@@ -122,6 +122,7 @@ type Agent struct {
 	nextView  int
 	vms       map[string]*runningVM
 	appPoints map[string]AppPointStatus
+	imports   map[string]*importState
 	// problems are the groups and replicas that did not open: the agent
 	// serves the rest; these wait for an operator, untouched.
 	problems map[string]api.Problem // by kind/name
@@ -221,7 +222,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, id: id,
 		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
-		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{}, problems: map[string]api.Problem{},
+		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{}, imports: map[string]*importState{}, problems: map[string]api.Problem{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
 	a.runtime = cfg.Runtime
 	if a.runtime == nil {

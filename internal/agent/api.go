@@ -72,6 +72,21 @@ func (a *Agent) routes() http.Handler {
 		st, err := a.StartVM(r.Context(), req)
 		reply(w, st, err)
 	})
+	handle("POST /v1/imports", managers, func(w http.ResponseWriter, r *http.Request) {
+		var req api.ImportRequest
+		if !decode(w, r, &req) {
+			return
+		}
+		st, err := a.Import(r.Context(), req)
+		reply(w, st, err)
+	})
+	handle("GET /v1/imports/{domain}", managers, func(w http.ResponseWriter, r *http.Request) {
+		st, err := a.ImportStatus(r.PathValue("domain"))
+		reply(w, st, err)
+	})
+	handle("POST /v1/imports/{domain}/release", managers, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, a.Release(r.Context(), r.PathValue("domain")))
+	})
 	handle("GET /v1/vms/{name}/console", managers, func(w http.ResponseWriter, r *http.Request) {
 		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
 		b, next, err := a.Console(r.PathValue("name"), off)

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -51,6 +52,9 @@ var _ Runtime = directRuntime{}
 var _ Machine = (*qemu.VM)(nil)
 
 func (r directRuntime) Start(ctx context.Context, spec qemu.Spec, dir string) (Machine, error) {
+	if spec.Domain != "" {
+		return nil, fmt.Errorf("%w: VM %s was imported from libvirt and runs as its libvirt domain; this site runs QEMU directly: run its agent with --runtime libvirt", qemu.ErrSpec, spec.Name)
+	}
 	vm, err := qemu.Start(ctx, spec, dir, r.log)
 	if err != nil {
 		return nil, err

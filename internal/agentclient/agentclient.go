@@ -189,6 +189,26 @@ func (c *Client) StartVM(ctx context.Context, req api.VMRequest) (api.VMStatus, 
 	return out, c.call(ctx, "POST", "/v1/vms", req, &out)
 }
 
+// Import starts importing a shut-off libvirt domain (a libvirt site only):
+// ErrInvalid for a domain it cannot import, ErrConflict if it runs or its
+// group exists. Idempotent while the copy runs.
+func (c *Client) Import(ctx context.Context, domain string) (api.ImportStatus, error) {
+	var out api.ImportStatus
+	return out, c.call(ctx, "POST", "/v1/imports", api.ImportRequest{Domain: domain}, &out)
+}
+
+// ImportStatus reports an import's progress; ErrNotFound if none started
+// since the agent did.
+func (c *Client) ImportStatus(ctx context.Context, domain string) (api.ImportStatus, error) {
+	var out api.ImportStatus
+	return out, c.call(ctx, "GET", "/v1/imports/"+url.PathEscape(domain), nil, &out)
+}
+
+// Release gives an imported domain its own disks back (shut off first).
+func (c *Client) Release(ctx context.Context, domain string) error {
+	return c.call(ctx, "POST", "/v1/imports/"+url.PathEscape(domain)+"/release", struct{}{}, nil)
+}
+
 // StopVM shuts a VM down (gracefully within opts.Timeout, or at once with
 // opts.Force) and returns the steps taken. ErrNotFound if no such VM runs.
 func (c *Client) StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error) {

@@ -175,6 +175,63 @@ type VMRequest struct {
 	Forwards  []Forward `json:"forwards,omitempty"`
 	QGA       bool      `json:"qga"`
 	Accel     string    `json:"accel,omitempty"`
+	// Domain, for a VM imported from libvirt, is its libvirt domain
+	// definition (XML): a libvirt site runs it as defined, with its disks
+	// on the request's and, on an isolated network, its NICs replaced.
+	Domain string `json:"domain,omitempty"`
+}
+
+// ImportRequest asks a libvirt site's agent to import a domain offline
+// (POST /v1/imports): its disks are copied into a new group of the same
+// name, and the domain's disks switched to the group's exports.
+type ImportRequest struct {
+	Domain string `json:"domain"`
+}
+
+// ImportedDisk is one disk of an imported domain.
+type ImportedDisk struct {
+	Name   string `json:"name"`   // the group's disk: the domain's target (vda, sdb)
+	Source string `json:"source"` // the file or block device it was copied from
+	Format string `json:"format"` // raw, qcow2, ...
+	Size   int64  `json:"size"`   // virtual size in bytes
+	// Copied is the bytes of data the group holds after the copy: holes
+	// and zero blocks of the source are not written (Size - Copied).
+	Copied int64 `json:"copied"`
+}
+
+// ImportResult describes an imported domain.
+type ImportResult struct {
+	Domain    string         `json:"domain"`
+	VCPUs     int            `json:"vcpus"`
+	MemoryMiB int            `json:"memory_mib"`
+	Disks     []ImportedDisk `json:"disks"`
+	// QGA: the domain has a guest agent channel.
+	QGA bool `json:"qga"`
+	// Original is the domain's definition before the import, restored by
+	// a release; Definition is the one it runs with, disks on ferry.
+	Original   string  `json:"original"`
+	Definition string  `json:"definition"`
+	Seconds    float64 `json:"seconds"`
+}
+
+// ImportState is where an import is.
+type ImportState string
+
+// Import states.
+const (
+	ImportCopying ImportState = "copying"
+	ImportDone    ImportState = "done"
+	ImportFailed  ImportState = "failed"
+)
+
+// ImportStatus is an import's progress (GET /v1/imports/{domain}).
+type ImportStatus struct {
+	Domain     string        `json:"domain"`
+	State      ImportState   `json:"state"`
+	DoneBytes  int64         `json:"done_bytes"`
+	TotalBytes int64         `json:"total_bytes"`
+	Error      string        `json:"error,omitempty"`
+	Result     *ImportResult `json:"result,omitempty"`
 }
 
 // StopOptions says how a VM is stopped (DELETE /v1/vms/{name}?force=1&timeout=30s).

@@ -36,4 +36,5 @@ func (r libvirtRuntime) Start(ctx context.Context, spec qemu.Spec, dir string) (
 }
 
 var _ agent.Runtime = libvirtRuntime{}
+var _ agent.Importer = libvirtRuntime{}
 var _ agent.Machine = (*libvirt.Domain)(nil)

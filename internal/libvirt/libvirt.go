@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -114,9 +113,6 @@ type Domain struct {
 	spec  qemu.Spec
 	dir   string
 	accel string
-
-	mu      sync.Mutex
-	stopped bool // known to be gone
 }
 
 // Start creates a transient domain for spec and returns once libvirt runs
@@ -144,11 +140,27 @@ func (r *Runtime) Start(ctx context.Context, spec qemu.Spec, dir string) (*Domai
 	if err != nil {
 		return nil, err
 	}
-	if _, err := c.DomainLookupByName(spec.Name); err == nil {
-		return nil, fmt.Errorf("%w: libvirt already has a domain named %q", qemu.ErrSpec, spec.Name)
-	}
-	dom, err := c.DomainCreateXML(x, golibvirt.DomainNone)
-	if err != nil {
+	var dom golibvirt.Domain
+	if old, err := c.DomainLookupByName(spec.Name); err == nil {
+		// Only an imported domain's own definition may be there (shut
+		// off): it is redefined as ferry runs it and started.
+		state, _, err := c.DomainGetState(old, 0)
+		if err != nil {
+			return nil, fmt.Errorf("libvirt: state of %s: %w", spec.Name, err)
+		}
+		if spec.Domain == "" || golibvirt.DomainState(state) != golibvirt.DomainShutoff {
+			return nil, fmt.Errorf("%w: libvirt already has a domain named %q (%s)", qemu.ErrSpec, spec.Name, stateName(state))
+		}
+		if dom, err = c.DomainDefineXML(x); err != nil {
+			return nil, fmt.Errorf("libvirt: redefine domain %s: %w", spec.Name, err)
+		}
+		if err := c.DomainSetAutostart(dom, 0); err != nil {
+			return nil, fmt.Errorf("libvirt: autostart off for %s: %w", spec.Name, err)
+		}
+		if err := c.DomainCreate(dom); err != nil {
+			return nil, fmt.Errorf("libvirt: start domain %s: %w", spec.Name, err)
+		}
+	} else if dom, err = c.DomainCreateXML(x, golibvirt.DomainNone); err != nil {
 		return nil, fmt.Errorf("libvirt: create domain %s: %w", spec.Name, err)
 	}
 	if ctx.Err() != nil { // the caller gave up: leave nothing behind
@@ -166,6 +178,9 @@ func (r *Runtime) Start(ctx context.Context, spec qemu.Spec, dir string) (*Domai
 // type='user'> has no port forwards without passt, so the NIC goes on
 // QEMU's command line through libvirt's qemu namespace).
 func DomainXML(spec qemu.Spec, accel, console string) (string, error) {
+	if spec.Domain != "" {
+		return importedXML(spec, accel, console)
+	}
 	typ := "qemu"
 	if accel == "kvm" {
 		typ = "kvm"
@@ -209,24 +224,8 @@ func DomainXML(spec qemu.Spec, accel, console string) (string, error) {
 			Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: "org.qemu.guest_agent.0"}},
 		})
 	}
-	switch spec.Net {
-	case qemu.NetUser, qemu.NetIsolated:
-		// Only typed values go into the option list: a parsed prefix,
-		// parsed addresses, integers (as in the direct runtime).
-		nd := "user,id=fnet0"
-		if spec.Net == qemu.NetIsolated {
-			nd += ",restrict=on"
-		}
-		if p, err := netip.ParsePrefix(spec.Subnet); err == nil {
-			nd += ",net=" + p.String()
-		}
-		for _, f := range spec.Forwards {
-			nd += fmt.Sprintf(",hostfwd=tcp:%s:%d-:%d", f.Host.Addr(), f.Host.Port(), f.GuestPort)
-		}
-		// A fixed slot far above the ones libvirt hands out (from 1 up).
-		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{Args: []libvirtxml.DomainQEMUCommandlineArg{
-			{Value: "-netdev"}, {Value: nd}, {Value: "-device"}, {Value: "virtio-net-pci,netdev=fnet0,bus=pcie.0,addr=0x10"},
-		}}
+	if spec.Net == qemu.NetUser || spec.Net == qemu.NetIsolated {
+		d.QEMUCommandline = userNet(spec, "")
 	}
 	return d.Marshal()
 }
@@ -243,7 +242,8 @@ func diskTarget(i int) string {
 // ConsolePath is the file the serial console is written to.
 func (d *Domain) ConsolePath() string { return filepath.Join(d.dir, "console.log") }
 
-// lookup returns the domain, or ok=false once it is gone.
+// lookup returns the domain, or ok=false once it is gone or shut off
+// (transient domains go when they stop; an imported one stays defined).
 func (d *Domain) lookup(ctx context.Context) (*golibvirt.Libvirt, golibvirt.Domain, bool, error) {
 	c, err := d.r.client(ctx)
 	if err != nil {
@@ -251,15 +251,36 @@ func (d *Domain) lookup(ctx context.Context) (*golibvirt.Libvirt, golibvirt.Doma
 	}
 	dom, err := c.DomainLookupByName(d.spec.Name)
 	if golibvirt.IsNotFound(err) {
-		d.mu.Lock()
-		d.stopped = true
-		d.mu.Unlock()
 		return c, dom, false, nil
 	}
 	if err != nil {
 		return nil, dom, false, fmt.Errorf("libvirt: look up domain %s: %w", d.spec.Name, err)
 	}
+	state, _, err := c.DomainGetState(dom, 0)
+	if golibvirt.IsNotFound(err) {
+		return c, dom, false, nil
+	}
+	if err != nil {
+		return nil, dom, false, fmt.Errorf("libvirt: state of domain %s: %w", d.spec.Name, err)
+	}
+	if golibvirt.DomainState(state) == golibvirt.DomainShutoff {
+		return c, dom, false, nil
+	}
 	return c, dom, true, nil
+}
+
+func stateName(s int32) string {
+	switch golibvirt.DomainState(s) {
+	case golibvirt.DomainRunning:
+		return "running"
+	case golibvirt.DomainPaused:
+		return "paused"
+	case golibvirt.DomainShutoff:
+		return "shut off"
+	case golibvirt.DomainCrashed:
+		return "crashed"
+	}
+	return fmt.Sprintf("state %d", s)
 }
 
 // Status reports the domain's state; a domain libvirt no longer has is

@@ -64,6 +64,9 @@ type Spec struct {
 	// Accel is "auto" (KVM if a probe boot works, else TCG), "kvm" or
 	// "tcg" (default auto).
 	Accel string `json:"accel,omitempty"`
+	// Domain: a libvirt domain definition to run (api.VMRequest.Domain);
+	// only the libvirt runtime runs it.
+	Domain string `json:"domain,omitempty"`
 }
 
 // ErrSpec: a spec that cannot run.

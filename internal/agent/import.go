@@ -1,0 +1,302 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/atomicfile"
+	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/qemu"
+)
+
+// Importer adopts VMs defined outside ferry (libvirt domains). A runtime
+// that can implements it.
+type Importer interface {
+	// Describe reads a domain without changing it: its definition,
+	// vCPUs, memory, guest agent channel and disks (file or block device
+	// and format); running says whether it runs now. ErrNotFound for no
+	// such domain, ErrInvalid for one ferry cannot import.
+	Describe(ctx context.Context, name string) (res api.ImportResult, running bool, err error)
+	// Definition is the definition spec (Domain set) runs with.
+	Definition(ctx context.Context, spec qemu.Spec, console string) (string, error)
+	// Redefine replaces a shut-off domain's definition and turns its
+	// autostart off; ErrConflict if the domain runs.
+	Redefine(ctx context.Context, name, def string) error
+}
+
+// importState is an import in progress or done (kept in memory; the
+// group directory's marker survives a restart: see Import).
+type importState struct {
+	mu  sync.Mutex
+	st  api.ImportStatus
+	res api.ImportResult
+}
+
+// importMarker in a group directory: the group is an import not finished
+// (its copy may be partial); a new import of the domain replaces it.
+const importMarker = "import-pending"
+
+// originalFile keeps an imported domain's own definition for a release.
+const originalFile = "libvirt-original.xml"
+
+// Import starts copying a shut-off libvirt domain's disks into a new
+// group of its name and returns at once; Imports reports the progress.
+// Once the copy is complete, the domain is redefined with its disks on
+// the group's exports (autostart off) and its original definition is
+// kept for Release. The original disks are only read.
+func (a *Agent) Import(ctx context.Context, req api.ImportRequest) (api.ImportStatus, error) {
+	imp, ok := a.runtime.(Importer)
+	if !ok {
+		return api.ImportStatus{}, fmt.Errorf("%w: this site runs QEMU directly; run its agent with --runtime libvirt to import libvirt domains", ErrInvalid)
+	}
+	name := req.Domain
+	if err := api.CheckName(api.KindGroup, name); err != nil {
+		return api.ImportStatus{}, fmt.Errorf("%w: domain name %q cannot name a group: %v", ErrInvalid, name, err)
+	}
+	res, running, err := imp.Describe(ctx, name)
+	if err != nil {
+		return api.ImportStatus{}, err
+	}
+	if running {
+		return api.ImportStatus{}, fmt.Errorf("%w: domain %s is running: shut it down first (live import is not available yet)", ErrConflict, name)
+	}
+	a.mu.Lock()
+	if cur := a.imports[name]; cur != nil {
+		cur.mu.Lock()
+		st := cur.st
+		cur.mu.Unlock()
+		if st.State == api.ImportCopying {
+			a.mu.Unlock()
+			return st, nil // already under way: idempotent
+		}
+	}
+	a.mu.Unlock()
+	// A partial import (the agent died during the copy) is redone.
+	if _, err := os.Stat(filepath.Join(a.groupDir(name), importMarker)); err == nil {
+		a.log.Warn("an earlier import did not finish: starting over", "domain", name)
+		if err := a.DeleteGroup(ctx, name); err != nil {
+			return api.ImportStatus{}, fmt.Errorf("remove the partial import of %s: %w", name, err)
+		}
+	}
+	var specs []disk.Spec
+	for i := range res.Disks {
+		d := &res.Disks[i]
+		if d.Size, err = virtualSize(ctx, d.Source, d.Format); err != nil {
+			return api.ImportStatus{}, fmt.Errorf("%w: disk %s: %v", ErrInvalid, d.Name, err)
+		}
+		specs = append(specs, disk.Spec{Name: d.Name, Size: d.Size})
+	}
+	if err := a.CreateGroup(name, specs); err != nil {
+		return api.ImportStatus{}, err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(a.groupDir(name), importMarker), nil, 0o600); err != nil {
+		return api.ImportStatus{}, err
+	}
+	is := &importState{st: api.ImportStatus{Domain: name, State: api.ImportCopying}}
+	for _, d := range res.Disks {
+		is.st.TotalBytes += d.Size
+	}
+	a.mu.Lock()
+	a.imports[name] = is
+	a.mu.Unlock()
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		start := time.Now()
+		err := a.runImport(a.ctx, imp, is, res)
+		is.mu.Lock()
+		defer is.mu.Unlock()
+		if err != nil {
+			is.st.State, is.st.Error = api.ImportFailed, err.Error()
+			a.log.Error("import failed", "domain", name, "err", err)
+			return
+		}
+		is.res.Seconds = time.Since(start).Seconds()
+		is.st.State, is.st.DoneBytes = api.ImportDone, is.st.TotalBytes
+		r := is.res
+		is.st.Result = &r
+		a.log.Info("domain imported", "domain", name, "bytes", is.st.TotalBytes, "took", time.Since(start).Round(time.Millisecond))
+	}()
+	is.mu.Lock()
+	defer is.mu.Unlock()
+	return is.st, nil
+}
+
+func (a *Agent) runImport(ctx context.Context, imp Importer, is *importState, res api.ImportResult) error {
+	name := res.Domain
+	var base int64
+	for i := range res.Disks {
+		d := &res.Disks[i]
+		err := copyIn(ctx, d.Source, d.Format, "nbd+unix:///"+exportName(name, d.Name)+"?socket="+a.nbdSock, func(done int64) {
+			is.mu.Lock()
+			is.st.DoneBytes = base + min(done, d.Size)
+			is.mu.Unlock()
+		}, d.Size)
+		if err != nil {
+			return fmt.Errorf("copy disk %s from %s: %w", d.Name, d.Source, err)
+		}
+		base += d.Size
+	}
+	gr, err := a.group(name)
+	if err != nil {
+		return err
+	}
+	if err := gr.g.Flush(ctx); err != nil {
+		return err
+	}
+	for i := range res.Disks {
+		d := &res.Disks[i]
+		gd, err := gr.g.Disk(d.Name)
+		if err != nil {
+			return err
+		}
+		if err := gd.DataRanges(func(_, n int64) error { d.Copied += n; return nil }); err != nil {
+			return err
+		}
+	}
+	var disks []qemu.Disk
+	for _, d := range gr.g.Disks() {
+		disks = append(disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(name, d.Name)})
+	}
+	def, err := imp.Definition(ctx, qemu.Spec{Name: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, Disks: disks, QGA: res.QGA, Domain: res.Original},
+		filepath.Join(a.cfg.Dir, "vms", name, "console.log"))
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(a.groupDir(name), originalFile), []byte(res.Original), 0o600); err != nil {
+		return err
+	}
+	if err := imp.Redefine(ctx, name, def); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(a.groupDir(name), importMarker)); err != nil {
+		return err
+	}
+	if err := atomicfile.SyncDir(a.groupDir(name)); err != nil {
+		return err
+	}
+	res.Definition = def
+	is.mu.Lock()
+	is.res = res
+	is.mu.Unlock()
+	return nil
+}
+
+// ImportStatus reports an import started since the agent started.
+func (a *Agent) ImportStatus(name string) (api.ImportStatus, error) {
+	a.mu.Lock()
+	is := a.imports[name]
+	a.mu.Unlock()
+	if is == nil {
+		return api.ImportStatus{}, fmt.Errorf("%w: no import of %q since this agent started", ErrNotFound, name)
+	}
+	is.mu.Lock()
+	defer is.mu.Unlock()
+	return is.st, nil
+}
+
+// Release gives an imported domain its own definition back (its original
+// disks, as they were at the import): the domain must be shut off and no
+// VM may run on its group. The group and its data stay (delete them with
+// the VM once sure).
+func (a *Agent) Release(ctx context.Context, name string) error {
+	imp, ok := a.runtime.(Importer)
+	if !ok {
+		return fmt.Errorf("%w: this site runs QEMU directly", ErrInvalid)
+	}
+	if err := api.CheckName(api.KindGroup, name); err != nil {
+		return err
+	}
+	orig, err := os.ReadFile(filepath.Join(a.groupDir(name), originalFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%w: %s was not imported at this site", ErrNotFound, name)
+	}
+	if err != nil {
+		return err
+	}
+	if v := a.runningOn(ctx, name); v != nil {
+		return fmt.Errorf("%w: VM %s runs on group %s; stop it first", ErrConflict, v.name, name)
+	}
+	if err := imp.Redefine(ctx, name, string(orig)); err != nil {
+		return err
+	}
+	a.log.Info("imported domain released: its own disks again", "domain", name)
+	return nil
+}
+
+// virtualSize asks qemu-img for an image's virtual size.
+func virtualSize(ctx context.Context, src, format string) (int64, error) {
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--output=json", "-f", format, src).Output()
+	if err != nil {
+		return 0, fmt.Errorf("qemu-img info %s: %w%s", src, err, stderrOf(err))
+	}
+	var info struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil || info.VirtualSize <= 0 {
+		return 0, fmt.Errorf("qemu-img info %s: no virtual size (%v)", src, err)
+	}
+	return info.VirtualSize, nil
+}
+
+// copyIn copies an image (any format qemu-img reads, with its backing
+// chain) into an NBD export that reads as zeros, writing only its data:
+// unallocated ranges are not read and zero blocks not written
+// (--target-is-zero). progress gets the bytes done so far.
+func copyIn(ctx context.Context, src, format, dst string, progress func(int64), size int64) error {
+	cmd := exec.CommandContext(ctx, "qemu-img", "convert", "-p", "-n", "--target-is-zero", "-f", format, "-O", "raw", src, dst)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	// "    (12.34/100%)\r": one line per percent step, ended by \r.
+	sc := bufio.NewScanner(out)
+	sc.Split(func(b []byte, eof bool) (int, []byte, error) {
+		if i := bytes.IndexAny(b, "\r\n"); i >= 0 {
+			return i + 1, b[:i], nil
+		}
+		if eof && len(b) > 0 {
+			return len(b), b, nil
+		}
+		return 0, nil, nil
+	})
+	for sc.Scan() {
+		t := strings.TrimSpace(sc.Text())
+		if p, ok := strings.CutPrefix(t, "("); ok {
+			if pct, _, ok := strings.Cut(p, "/"); ok {
+				if f, err := strconv.ParseFloat(pct, 64); err == nil {
+					progress(int64(f / 100 * float64(size)))
+				}
+			}
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		return fmt.Errorf("qemu-img convert: %w: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
+
+func stderrOf(err error) string {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && len(ee.Stderr) > 0 {
+		return ": " + strings.TrimSpace(string(ee.Stderr))
+	}
+	return ""
+}

@@ -1,0 +1,274 @@
+package libvirt
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/qemu"
+)
+
+// ErrRunning: the domain runs, and what was asked needs it shut off (an
+// api.ErrConflict).
+var ErrRunning = fmt.Errorf("%w: the domain is running", api.ErrConflict)
+
+// ErrUnsupported: a domain ferry cannot import as it is (an
+// api.ErrInvalid).
+var ErrUnsupported = fmt.Errorf("%w: domain not supported", api.ErrInvalid)
+
+// Describe reads a defined domain: its persistent definition, vCPUs,
+// memory, guest agent channel and disks (file or block device, with
+// their format), and whether it runs now. It changes nothing.
+func (r *Runtime) Describe(ctx context.Context, name string) (api.ImportResult, bool, error) {
+	c, err := r.client(ctx)
+	if err != nil {
+		return api.ImportResult{}, false, err
+	}
+	dom, err := c.DomainLookupByName(name)
+	if golibvirt.IsNotFound(err) {
+		return api.ImportResult{}, false, fmt.Errorf("%w: libvirt has no domain %q", api.ErrNotFound, name)
+	}
+	if err != nil {
+		return api.ImportResult{}, false, fmt.Errorf("libvirt: domain %q: %w", name, err)
+	}
+	x, err := c.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive)
+	if err != nil {
+		return api.ImportResult{}, false, fmt.Errorf("libvirt: definition of %q: %w", name, err)
+	}
+	state, _, err := c.DomainGetState(dom, 0)
+	if err != nil {
+		return api.ImportResult{}, false, fmt.Errorf("libvirt: state of %q: %w", name, err)
+	}
+	res, err := describeXML(x)
+	if err != nil {
+		return api.ImportResult{}, false, err
+	}
+	return res, golibvirt.DomainState(state) != golibvirt.DomainShutoff, nil
+}
+
+// describeXML reads what an import needs from a domain definition.
+func describeXML(x string) (api.ImportResult, error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil {
+		return api.ImportResult{}, fmt.Errorf("%w: definition does not parse: %v", ErrUnsupported, err)
+	}
+	res := api.ImportResult{Domain: d.Name, Original: x}
+	if d.VCPU != nil {
+		res.VCPUs = int(d.VCPU.Value)
+	}
+	if d.Memory != nil {
+		res.MemoryMiB = int(memoryBytes(d.Memory.Value, d.Memory.Unit) >> 20)
+	}
+	if d.Devices == nil {
+		return res, fmt.Errorf("%w: %s has no devices", ErrUnsupported, d.Name)
+	}
+	for _, ch := range d.Devices.Channels {
+		if ch.Target != nil && ch.Target.VirtIO != nil && ch.Target.VirtIO.Name == "org.qemu.guest_agent.0" {
+			res.QGA = true
+		}
+	}
+	for _, k := range d.Devices.Disks {
+		if k.Device != "" && k.Device != "disk" {
+			continue // cdroms and floppies: their media are not the VM's data
+		}
+		if k.Target == nil || k.Source == nil {
+			return res, fmt.Errorf("%w: a disk of %s without a target or source", ErrUnsupported, d.Name)
+		}
+		disk := api.ImportedDisk{Name: k.Target.Dev, Format: "raw"}
+		if k.Driver != nil && k.Driver.Type != "" {
+			disk.Format = k.Driver.Type
+		}
+		switch {
+		case k.Source.File != nil:
+			disk.Source = k.Source.File.File
+		case k.Source.Block != nil:
+			disk.Source = k.Source.Block.Dev
+		default:
+			return res, fmt.Errorf("%w: disk %s of %s is neither a file nor a block device", ErrUnsupported, k.Target.Dev, d.Name)
+		}
+		if api.CheckName(api.KindDisk, disk.Name) != nil {
+			return res, fmt.Errorf("%w: disk target %q of %s is not a valid disk name", ErrUnsupported, disk.Name, d.Name)
+		}
+		res.Disks = append(res.Disks, disk)
+	}
+	if len(res.Disks) == 0 {
+		return res, fmt.Errorf("%w: %s has no disk", ErrUnsupported, d.Name)
+	}
+	return res, nil
+}
+
+func memoryBytes(v uint, unit string) int64 {
+	n := int64(v)
+	switch strings.ToLower(unit) {
+	case "b", "bytes":
+		return n
+	case "k", "kib", "":
+		return n << 10
+	case "kb":
+		return n * 1000
+	case "m", "mib":
+		return n << 20
+	case "mb":
+		return n * 1000 * 1000
+	case "g", "gib":
+		return n << 30
+	case "gb":
+		return n * 1000 * 1000 * 1000
+	}
+	return n << 10
+}
+
+// Redefine replaces a shut-off domain's definition with def and turns
+// its autostart off: ferry starts it from now on (and a fenced site must
+// never autostart it); a release gives the original back the same way.
+// ErrRunning if it runs.
+func (r *Runtime) Redefine(ctx context.Context, name, def string) error {
+	c, err := r.client(ctx)
+	if err != nil {
+		return err
+	}
+	dom, err := c.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("libvirt: domain %q: %w", name, err)
+	}
+	if state, _, err := c.DomainGetState(dom, 0); err != nil {
+		return err
+	} else if golibvirt.DomainState(state) != golibvirt.DomainShutoff {
+		return fmt.Errorf("%w: %s; shut it down first", ErrRunning, name)
+	}
+	dom, err = c.DomainDefineXML(def)
+	if err != nil {
+		return fmt.Errorf("libvirt: redefine %s: %w", name, err)
+	}
+	if err := c.DomainSetAutostart(dom, 0); err != nil {
+		return fmt.Errorf("libvirt: autostart off for %s: %w", name, err)
+	}
+	return nil
+}
+
+// Definition is the definition spec runs with on this host.
+func (r *Runtime) Definition(ctx context.Context, spec qemu.Spec, console string) (string, error) {
+	accel := spec.Accel
+	if accel == "" || accel == "auto" {
+		accel = qemu.DetectAccel(ctx, spec.Boot)
+	}
+	return DomainXML(spec, accel, console)
+}
+
+// importedXML is the definition an imported domain runs with: its own
+// (firmware, CPU, NICs with their MACs, devices), renamed to spec.Name
+// (a new identity for any other name: a drill runs beside production),
+// with its disks in order on spec's exports (cdroms and floppies go:
+// their media stay where the domain came from), the machine type kept
+// but the accelerator this host has, its first serial port also logged
+// to console, and on an isolated network (a drill) every NIC replaced by
+// ferry's isolated one. Forwards, when the spec has some, replace the
+// domain's user-mode NICs.
+func importedXML(spec qemu.Spec, accel, console string) (string, error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(spec.Domain); err != nil {
+		return "", fmt.Errorf("%w: the imported definition does not parse: %v", ErrUnsupported, err)
+	}
+	if d.Name != spec.Name {
+		d.UUID = ""
+	}
+	d.Name = spec.Name
+	d.Type = "qemu"
+	if accel == "kvm" {
+		d.Type = "kvm"
+	} else if d.CPU != nil && (d.CPU.Mode == "host-passthrough" || d.CPU.Mode == "host-model") {
+		d.CPU = nil // needs KVM
+	}
+	if d.Devices == nil {
+		d.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	var disks []libvirtxml.DomainDisk
+	i := 0
+	for _, k := range d.Devices.Disks {
+		if k.Device != "" && k.Device != "disk" {
+			continue
+		}
+		if i >= len(spec.Disks) {
+			return "", fmt.Errorf("%w: the domain has more disks than the VM's %d", qemu.ErrSpec, len(spec.Disks))
+		}
+		k.Source = &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
+			Protocol: "nbd", Name: spec.Disks[i].Export,
+			Hosts: []libvirtxml.DomainDiskSourceHost{{Transport: "unix", Socket: spec.Disks[i].Socket}},
+		}}
+		k.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none", IO: "threads"}
+		k.BackingStore = nil
+		disks = append(disks, k)
+		i++
+	}
+	if i != len(spec.Disks) {
+		return "", fmt.Errorf("%w: the domain has %d disks, the VM %d", qemu.ErrSpec, i, len(spec.Disks))
+	}
+	d.Devices.Disks = disks
+	if len(d.Devices.Serials) == 0 {
+		d.Devices.Serials = []libvirtxml.DomainSerial{{Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: console}}}}
+	} else {
+		d.Devices.Serials[0].Log = &libvirtxml.DomainChardevLog{File: console, Append: "off"}
+	}
+	var mac string
+	if len(d.Devices.Interfaces) > 0 && d.Devices.Interfaces[0].MAC != nil {
+		mac = d.Devices.Interfaces[0].MAC.Address
+	}
+	switch {
+	case spec.Net == qemu.NetIsolated:
+		d.Devices.Interfaces = nil
+		d.QEMUCommandline = userNet(spec, mac)
+	case spec.Net == qemu.NetUser && len(spec.Forwards) > 0:
+		var keep []libvirtxml.DomainInterface
+		for _, n := range d.Devices.Interfaces {
+			if n.Source == nil || n.Source.User == nil {
+				keep = append(keep, n)
+			}
+		}
+		d.Devices.Interfaces = keep
+		d.QEMUCommandline = userNet(spec, mac)
+	}
+	return d.Marshal()
+}
+
+// userNet is QEMU's user-mode NIC with the spec's forwards, through
+// libvirt's qemu namespace (libvirt's <interface type='user'> has no port
+// forwards without passt). Only typed values go into the option list.
+func userNet(spec qemu.Spec, mac string) *libvirtxml.DomainQEMUCommandline {
+	nd := "user,id=fnet0"
+	if spec.Net == qemu.NetIsolated {
+		nd += ",restrict=on"
+	}
+	if p, err := netip.ParsePrefix(spec.Subnet); err == nil {
+		nd += ",net=" + p.String()
+	}
+	for _, f := range spec.Forwards {
+		nd += fmt.Sprintf(",hostfwd=tcp:%s:%d-:%d", f.Host.Addr(), f.Host.Port(), f.GuestPort)
+	}
+	// A fixed slot far above the ones libvirt hands out (from 1 up).
+	dev := "virtio-net-pci,netdev=fnet0,bus=pcie.0,addr=0x10"
+	if m, err := parseMAC(mac); err == nil {
+		dev += ",mac=" + m
+	}
+	return &libvirtxml.DomainQEMUCommandline{Args: []libvirtxml.DomainQEMUCommandlineArg{
+		{Value: "-netdev"}, {Value: nd}, {Value: "-device"}, {Value: dev},
+	}}
+}
+
+// parseMAC accepts only a MAC address (it goes into a QEMU option list).
+func parseMAC(s string) (string, error) {
+	parts := strings.Split(s, ":")
+	if len(parts) != 6 {
+		return "", fmt.Errorf("MAC %q", s)
+	}
+	for _, p := range parts {
+		if len(p) != 2 || strings.Trim(strings.ToLower(p), "0123456789abcdef") != "" {
+			return "", fmt.Errorf("MAC %q", s)
+		}
+	}
+	return strings.ToLower(s), nil
+}
