@@ -71,6 +71,7 @@ fuzz:
 	$(GO) test ./internal/vault -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/agent -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/api -run '^$$' -fuzz '^FuzzCheckName$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/libvirt -run '^$$' -fuzz '^FuzzDescribeXML$$' -fuzztime $(FUZZTIME)
 
 # The DR lifecycle at 1, 4 and 16 GiB (about 10 minutes, 40 GiB of scratch).
 bench-scale: deps build guest

@@ -1,6 +1,7 @@
 package libvirt
 
 import (
+	"errors"
 	"net/netip"
 	"strings"
 	"testing"
@@ -95,4 +96,143 @@ func TestDomainXML(t *testing.T) {
 		t.Errorf("kernel boot, no net, no agent: disk boot %+v, command line %+v, channels %+v",
 			d.Devices.Disks[0].Boot, d.QEMUCommandline, d.Devices.Channels)
 	}
+}
+
+const operatorDomain = `<domain type='kvm'>
+  <name>db</name>
+  <uuid>6f1c2d3e-1111-4222-8333-944455566677</uuid>
+  <memory unit='GiB'>2</memory>
+  <vcpu>4</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader></os>
+  <cpu mode='host-passthrough'/>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/db.qcow2'/>
+      <backingStore type='file'><format type='qcow2'/><source file='/var/lib/libvirt/images/base.qcow2'/></backingStore>
+      <target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><source file='/isos/install.iso'/><target dev='sda' bus='sata'/></disk>
+    <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/vg0/db-data'/><target dev='vdb' bus='virtio'/></disk>
+    <interface type='network'><mac address='52:54:00:AA:BB:01'/><source network='prod'/><model type='virtio'/></interface>
+    <interface type='bridge'><mac address='52:54:00:aa:bb:02'/><source bridge='br-backup'/><model type='virtio'/></interface>
+    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='pty'/>
+  </devices>
+</domain>`
+
+func TestDescribeXML(t *testing.T) {
+	res, err := describeXML(operatorDomain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []api.ImportedDisk{
+		{Name: "vda", Source: "/var/lib/libvirt/images/db.qcow2", Format: "qcow2"},
+		{Name: "vdb", Source: "/dev/vg0/db-data", Format: "raw"},
+	}
+	if res.Domain != "db" || res.VCPUs != 4 || res.MemoryMiB != 2048 || !res.QGA || len(res.Disks) != 2 {
+		t.Fatalf("describe: %+v", res)
+	}
+	for i, d := range want {
+		if res.Disks[i] != d {
+			t.Errorf("disk %d: %+v, want %+v", i, res.Disks[i], d)
+		}
+	}
+	bad := []struct{ name, xml string }{
+		{"not XML", "<domain"},
+		{"no disk", "<domain type='kvm'><name>x</name><devices><serial type='pty'/></devices></domain>"},
+		{"network disk", "<domain type='kvm'><name>x</name><devices><disk type='network' device='disk'><source protocol='rbd' name='p/x'/><target dev='vda'/></disk></devices></domain>"},
+	}
+	for _, tc := range bad {
+		if _, err := describeXML(tc.xml); !errors.Is(err, ErrUnsupported) || !errors.Is(err, api.ErrInvalid) {
+			t.Errorf("%s: err = %v, want ErrUnsupported (ErrInvalid)", tc.name, err)
+		}
+	}
+}
+
+func TestImportedXML(t *testing.T) {
+	sock := "/run/ferry/nbd.sock"
+	spec := qemu.Spec{Name: "db", MemoryMiB: 2048, Domain: operatorDomain,
+		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
+	parse := func(spec qemu.Spec, accel string) libvirtxml.Domain {
+		t.Helper()
+		x, err := DomainXML(spec, accel, "/c.log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var d libvirtxml.Domain
+		if err := d.Unmarshal(x); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	// Production, on KVM: the operator's definition, disks on ferry.
+	d := parse(spec, "kvm")
+	if d.Name != "db" || d.UUID == "" || d.Type != "kvm" || d.CPU == nil || d.OS.Loader == nil {
+		t.Errorf("kept: name %q uuid %q type %q cpu %+v loader %+v", d.Name, d.UUID, d.Type, d.CPU, d.OS.Loader)
+	}
+	if len(d.Devices.Disks) != 2 {
+		t.Fatalf("%d disks, want 2 (the cdrom goes)", len(d.Devices.Disks))
+	}
+	for i, k := range d.Devices.Disks {
+		if n := k.Source.Network; n == nil || n.Name != spec.Disks[i].Export || n.Hosts[0].Socket != sock || k.BackingStore != nil || k.Driver.Type != "raw" {
+			t.Errorf("disk %d: source %+v backing %+v driver %+v", i, k.Source, k.BackingStore, k.Driver)
+		}
+		if k.Target.Dev != []string{"vda", "vdb"}[i] {
+			t.Errorf("disk %d target %s", i, k.Target.Dev)
+		}
+	}
+	if len(d.Devices.Interfaces) != 2 || d.QEMUCommandline != nil {
+		t.Errorf("production keeps its NICs: %d, command line %+v", len(d.Devices.Interfaces), d.QEMUCommandline)
+	}
+	if s := d.Devices.Serials; len(s) != 1 || s[0].Log == nil || s[0].Log.File != "/c.log" || s[0].Source.Pty == nil {
+		t.Errorf("serial: the operator's pty, logged to the console file: %+v", s)
+	}
+	// A drill without KVM: another identity, no host CPU, isolated NIC
+	// with the first MAC.
+	drill := spec
+	drill.Name, drill.Net = "db-drill", api.NetIsolated
+	drill.Forwards = []api.Forward{{Host: netip.MustParseAddrPort("127.0.0.1:9000"), GuestPort: 80}}
+	d = parse(drill, "tcg")
+	if d.Name != "db-drill" || d.UUID != "" || d.Type != "qemu" || d.CPU != nil || len(d.Devices.Interfaces) != 0 {
+		t.Errorf("drill: name %q uuid %q type %q cpu %+v NICs %d", d.Name, d.UUID, d.Type, d.CPU, len(d.Devices.Interfaces))
+	}
+	var line []string
+	for _, a := range d.QEMUCommandline.Args {
+		line = append(line, a.Value)
+	}
+	for _, want := range []string{"restrict=on", "hostfwd=tcp:127.0.0.1:9000-:80", "mac=52:54:00:aa:bb:01"} {
+		if !strings.Contains(strings.Join(line, " "), want) {
+			t.Errorf("drill NIC %q lacks %q", line, want)
+		}
+	}
+	// A VM with one disk less than its domain is refused.
+	short := spec
+	short.Disks = short.Disks[:1]
+	if _, err := DomainXML(short, "kvm", "/c.log"); !errors.Is(err, qemu.ErrSpec) {
+		t.Errorf("disk count mismatch: %v, want ErrSpec", err)
+	}
+}
+
+func TestParseMAC(t *testing.T) {
+	for in, ok := range map[string]bool{"52:54:00:AA:bb:01": true, "52:54:00:aa:bb": false, "52:54:00:aa:bb:0g": false, "52:54:00:aa:bb:01,x=1": false, "": false} {
+		if _, err := parseMAC(in); (err == nil) != ok {
+			t.Errorf("parseMAC(%q): %v, want ok %v", in, err, ok)
+		}
+	}
+}
+
+// FuzzDescribeXML: any definition gives a result or an error, never a
+// panic; a result names only valid disks.
+func FuzzDescribeXML(f *testing.F) {
+	f.Add(operatorDomain)
+	f.Add("<domain><devices><disk><target dev='../x'/><source file='/a'/></disk></devices></domain>")
+	f.Fuzz(func(t *testing.T, x string) {
+		res, err := describeXML(x)
+		if err != nil {
+			return
+		}
+		for _, d := range res.Disks {
+			if api.CheckName(api.KindDisk, d.Name) != nil || d.Source == "" {
+				t.Fatalf("invalid disk %+v accepted", d)
+			}
+		}
+	})
 }
