@@ -136,6 +136,13 @@ type VM struct {
 	Domain string `json:"domain,omitempty"`
 }
 
+// VaultImport asks the vault to import a libvirt domain at a site
+// (POST /v1/imports).
+type VaultImport struct {
+	Site   string `json:"site"`
+	Domain string `json:"domain"`
+}
+
 // Policy governs a protection.
 type Policy struct {
 	Name               string        `json:"name"`

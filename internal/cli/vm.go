@@ -126,5 +126,5 @@ func vmCmd(e *env) *cobra.Command {
 			}
 		})
 	console.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing the console as it grows")
-	return group("vm", "Define, start, stop, delete and list VMs", define, start, stop, del, list, console)
+	return group("vm", "Define, import, start, stop, delete and list VMs", define, vmImportCmd(e), start, stop, del, list, console, vmReleaseCmd(e))
 }

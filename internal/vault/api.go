@@ -93,6 +93,17 @@ func (v *Vault) Handler() http.Handler {
 	read("GET /v1/policies", func(r *http.Request) (any, error) { return v.Policies(r.Context()) })
 	read("GET /v1/policies/{name}", func(r *http.Request) (any, error) { return v.Policy(r.Context(), r.PathValue("name")) })
 	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })
+	act(v, mux, "POST /v1/imports", func(r *http.Request, req api.VaultImport) (any, error) {
+		return v.ImportVM(r.Context(), req.Site, req.Domain)
+	})
+	// Operators only: the look that sees the copy done defines the VM.
+	mux.HandleFunc("GET /v1/imports/{site}/{domain}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		st, err := v.ImportStatus(r.Context(), r.PathValue("site"), r.PathValue("domain"))
+		reply(w, st, err)
+	}))
+	act(v, mux, "POST /v1/vms/{name}/release", func(r *http.Request, _ struct{}) (any, error) {
+		return map[string]string{"released": r.PathValue("name")}, v.ReleaseVM(r.Context(), r.PathValue("name"))
+	})
 	act(v, mux, "PUT /v1/vms/{name}/forwards", func(r *http.Request, fw map[string]string) (any, error) {
 		return v.SetForwards(r.Context(), r.PathValue("name"), fw)
 	})

@@ -35,6 +35,9 @@ type fakeAgent struct {
 	fencedAt map[string]int64
 	// problems it reports in its status.
 	problems []api.Problem
+	// imports it ran (each finished at once) and releases asked.
+	imports  map[string]api.ImportStatus
+	released []string
 }
 
 var _ Site = (*fakeAgent)(nil)
@@ -332,4 +335,47 @@ func (f *fakeAgent) Divergence(ctx context.Context, group string) (api.Divergenc
 	}
 	defer f.mu.Unlock()
 	return api.Divergence{}, notFound("group %q has no divergence record", group)
+}
+
+func (f *fakeAgent) Import(ctx context.Context, domain string) (api.ImportStatus, error) {
+	if err := f.enter("import " + domain); err != nil {
+		return api.ImportStatus{}, err
+	}
+	defer f.mu.Unlock()
+	if f.imports == nil {
+		f.imports = map[string]api.ImportStatus{}
+	}
+	if f.groups[domain] {
+		return api.ImportStatus{}, fmt.Errorf("%w: group %q exists", api.ErrConflict, domain)
+	}
+	f.groups[domain] = true
+	res := api.ImportResult{Domain: domain, VCPUs: 2, MemoryMiB: 512, QGA: true, Original: "<domain type='kvm'><name>" + domain + "</name></domain>",
+		Disks: []api.ImportedDisk{{Name: "vda", Source: "/img/" + domain + ".qcow2", Format: "qcow2", Size: 1 << 30, Copied: 1 << 20}}}
+	st := api.ImportStatus{Domain: domain, State: api.ImportDone, DoneBytes: 1 << 30, TotalBytes: 1 << 30, Result: &res}
+	f.imports[domain] = st
+	return st, nil
+}
+
+func (f *fakeAgent) ImportStatus(ctx context.Context, domain string) (api.ImportStatus, error) {
+	if err := f.enter("import status " + domain); err != nil {
+		return api.ImportStatus{}, err
+	}
+	defer f.mu.Unlock()
+	st, ok := f.imports[domain]
+	if !ok {
+		return api.ImportStatus{}, notFound("import %q", domain)
+	}
+	return st, nil
+}
+
+func (f *fakeAgent) Release(ctx context.Context, domain string) error {
+	if err := f.enter("release " + domain); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	if _, ok := f.imports[domain]; !ok {
+		return notFound("import %q", domain)
+	}
+	f.released = append(f.released, domain)
+	return nil
 }

@@ -66,4 +66,16 @@ type Site interface {
 	// Divergence reports a committed group's divergence record.
 	// ErrNotFound if it has none.
 	Divergence(ctx context.Context, group string) (api.Divergence, error)
+	// Import starts importing a shut-off libvirt domain into a group of
+	// its name and returns at once. ErrInvalid at a site that does not
+	// run libvirt or for a domain it cannot import; ErrNotFound without
+	// the domain; ErrConflict if it runs or the group exists. Idempotent
+	// while the copy runs.
+	Import(ctx context.Context, domain string) (api.ImportStatus, error)
+	// ImportStatus reports an import's progress. ErrNotFound if none
+	// started since the site's agent did.
+	ImportStatus(ctx context.Context, domain string) (api.ImportStatus, error)
+	// Release gives an imported domain its own definition back.
+	// ErrNotFound if it was not imported there; ErrConflict while it runs.
+	Release(ctx context.Context, domain string) error
 }

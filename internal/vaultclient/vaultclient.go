@@ -181,6 +181,24 @@ func (c *Client) DeleteVM(ctx context.Context, name string) error {
 	return c.call(ctx, "DELETE", "/v1/vms/"+esc(name), nil, nil)
 }
 
+// ImportVM starts importing a shut-off libvirt domain at a site.
+func (c *Client) ImportVM(ctx context.Context, site, domain string) (api.ImportStatus, error) {
+	var out api.ImportStatus
+	return out, c.call(ctx, "POST", "/v1/imports", api.VaultImport{Site: site, Domain: domain}, &out)
+}
+
+// ImportStatus reports an import's progress; the VM is defined once done.
+func (c *Client) ImportStatus(ctx context.Context, site, domain string) (api.ImportStatus, error) {
+	var out api.ImportStatus
+	return out, c.call(ctx, "GET", "/v1/imports/"+esc(site)+"/"+esc(domain), nil, &out)
+}
+
+// ReleaseVM gives an imported VM back to libvirt with its own disks and
+// forgets it (its group stays at the site).
+func (c *Client) ReleaseVM(ctx context.Context, name string) error {
+	return c.call(ctx, "POST", "/v1/vms/"+esc(name)+"/release", struct{}{}, nil)
+}
+
 // SetForwards changes a VM's published addresses ("" removes one).
 func (c *Client) SetForwards(ctx context.Context, name string, fw map[string]string) (api.VM, error) {
 	var out api.VM

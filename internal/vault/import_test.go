@@ -1,0 +1,60 @@
+package vault
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/store"
+)
+
+// TestImportAndRelease: an import at a site defines the VM from what the
+// site read of the domain, once; a second import of the name is refused;
+// a release is refused while the VM is protected, then gives the domain
+// back at its site and forgets the VM.
+func TestImportAndRelease(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	var st api.ImportStatus
+	if code := f.call(t, f.reader, "POST", "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, nil); code != 403 {
+		t.Fatalf("import with a read-only token: %d, want 403", code)
+	}
+	if code := f.call(t, f.op, "POST", "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, &st); code != 200 || st.State != api.ImportDone {
+		t.Fatalf("import: %d %+v", code, st)
+	}
+	vm, _, err := get[VM](context.Background(), f.st, kindVM, "db")
+	if err != nil {
+		t.Fatalf("the imported VM is not defined: %v", err)
+	}
+	if vm.Site != "east" || vm.VCPUs != 2 || vm.MemoryMiB != 512 || !vm.QGA || vm.Domain == "" ||
+		len(vm.Disks) != 1 || vm.Disks[0] != (api.VMDisk{Name: "vda", Size: 1 << 30}) || len(vm.NICs) != 1 {
+		t.Fatalf("imported VM %+v", vm)
+	}
+	// Looking again is idempotent; importing again is refused.
+	if code := f.call(t, f.op, "GET", "/v1/imports/east/db", nil, &st); code != 200 || st.State != api.ImportDone {
+		t.Fatalf("status: %d %+v", code, st)
+	}
+	f.refused(t, "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, 409, "exists")
+	f.refused(t, "/v1/imports", api.VaultImport{Site: "nowhere", Domain: "web"}, 404, "nowhere")
+	f.refused(t, "/v1/imports", api.VaultImport{Site: "east", Domain: "../x"}, 400, "cannot name a VM")
+	f.refused(t, "/v1/vms/vm1/release", struct{}{}, 400, "not imported")
+
+	j := f.job(t, "/v1/protections", EnableRequest{VM: "db", Target: "west"})
+	if j.State != JobSucceeded {
+		t.Fatalf("protect the imported VM: %+v", j)
+	}
+	f.refused(t, "/v1/vms/db/release", struct{}{}, 409, "disable protection first")
+	if j := f.job(t, "/v1/protections/db/disable", api.DisableRequest{}); j.State != JobSucceeded {
+		t.Fatalf("disable: %+v", j)
+	}
+	if code := f.call(t, f.op, "POST", "/v1/vms/db/release", struct{}{}, nil); code != 200 {
+		t.Fatalf("release: %d", code)
+	}
+	if len(f.east.released) != 1 || f.east.released[0] != "db" {
+		t.Fatalf("the site was asked to release %v", f.east.released)
+	}
+	if _, _, err := get[VM](context.Background(), f.st, kindVM, "db"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("released VM still defined: %v", err)
+	}
+}
