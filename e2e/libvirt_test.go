@@ -409,3 +409,142 @@ func recordsInQcow2(t *testing.T, img string) uint64 {
 	run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, raw)
 	return recordsIn(t, raw)
 }
+
+// poller asks the guest's HTTP every 100 ms and keeps the longest time
+// between two answers.
+type poller struct {
+	stop    chan struct{}
+	done    chan struct{}
+	longest time.Duration
+	last    guest.WorkloadState
+}
+
+func pollGuest(addr string) *poller {
+	p := &poller{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		lastOK := time.Now()
+		for {
+			select {
+			case <-p.stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			if s, err := workload(addr); err == nil {
+				p.longest = max(p.longest, time.Since(lastOK))
+				p.last, lastOK = s, time.Now()
+			}
+		}
+	}()
+	return p
+}
+
+func (p *poller) end() (time.Duration, guest.WorkloadState) {
+	close(p.stop)
+	<-p.done
+	return p.longest, p.last
+}
+
+// TestLibvirtImportLive imports a running domain while its workload
+// writes: a block copy of each disk onto ferry's exports and a pivot. The
+// guest's HTTP, polled every 100 ms, never stops answering; afterwards the
+// domain runs on ferry's disks as ferry's VM, and the workload's records
+// are intact and go on from where they were.
+func TestLibvirtImportLive(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	uri := libvirtURI(t)
+	g := guestDir(t)
+	openToHypervisor(t, g)
+	st := twoSitesWith(t, []string{"--runtime", "libvirt", "--libvirt-uri", uri, "--nbd-group", "libvirt-qemu"},
+		func(root string) { openToHypervisor(t, root) })
+	ca, root := st.ca, st.root
+	ctx := context.Background()
+	const name = "lvlive"
+	imgs := filepath.Join(root, "images")
+	if err := os.Mkdir(imgs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	raw := filepath.Join(root, "fs.raw")
+	f, _ := os.Create(raw)
+	f.Truncate(64 << 20)
+	f.Close()
+	run(t, "mkfs.ext4", "-q", "-F", raw)
+	img := filepath.Join(imgs, "live.qcow2")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
+	web := freePort(t)
+	xml := `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>` + name + `</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>` + filepath.Join(g, "vmlinuz") + `</kernel><initrd>` + filepath.Join(g, "initrd.img") + `</initrd>
+    <cmdline>console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1</cmdline></os>
+  <features><acpi/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + img + `'/><target dev='vda' bus='virtio'/></disk>
+    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='pty'/>
+  </devices>
+  <qemu:commandline><qemu:arg value='-netdev'/><qemu:arg value='user,id=t0,hostfwd=tcp:` + web + `-:80'/>
+    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=t0,bus=pcie.0,addr=0x11'/></qemu:commandline>
+</domain>`
+	defineDomain(t, uri, name, xml)
+	virsh(t, uri, "start", name)
+	var before guest.WorkloadState
+	until(t, 120*time.Second, "the workload before the import", func() bool {
+		s, err := workload(web)
+		before = s
+		return err == nil && s.LastDurable > 30
+	})
+	p := pollGuest(web)
+	start := time.Now()
+	is, err := ca.Import(ctx, name)
+	if err != nil {
+		p.end()
+		t.Fatal(err)
+	}
+	until(t, 120*time.Second, "the live import", func() bool {
+		is, err = ca.ImportStatus(ctx, name)
+		if err != nil || is.State == api.ImportFailed {
+			p.end()
+			t.Fatalf("import: %+v, %v", is, err)
+		}
+		return is.State == api.ImportDone
+	})
+	took := time.Since(start)
+	// A while on ferry's disks, still polled.
+	until(t, 60*time.Second, "records written on ferry's disks", func() bool {
+		s, err := workload(web)
+		return err == nil && s.LastDurable > before.LastDurable+50
+	})
+	gap, last := p.end()
+	t.Logf("live import took %v; longest gap of the guest's HTTP %v; records %d -> %d", took.Round(time.Millisecond), gap.Round(time.Millisecond), before.LastDurable, last.LastDurable)
+	if !is.Result.Live {
+		t.Fatalf("result %+v: want a live import", is.Result)
+	}
+	if gap > time.Second {
+		t.Fatalf("the guest stopped answering for %v during the live import", gap)
+	}
+	if last.ChecksumErrors != 0 || last.Error != "" {
+		t.Fatalf("workload after the live import: %+v", last)
+	}
+	if live := virsh(t, uri, "dumpxml", name); !strings.Contains(live, "protocol='nbd' name='"+name+"/vda'") || strings.Contains(live, img) {
+		t.Fatalf("the running domain is not on ferry's export:\n%s", live)
+	}
+	if inactive := virsh(t, uri, "dumpxml", "--inactive", name); !strings.Contains(inactive, "protocol='nbd'") {
+		t.Fatalf("the domain's next boot is not on ferry's export:\n%s", inactive)
+	}
+	// It is ferry's VM now: an app point, a graceful stop.
+	if ap, err := ca.AppPoint(ctx, name, "after-live-import"); err != nil || !ap.Succeeded {
+		t.Fatalf("app point after the live import: %+v %v", ap, err)
+	}
+	if _, err := ca.StopVM(ctx, name, api.StopOptions{Timeout: 60 * time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	ferryImg := filepath.Join(root, "ferry.raw")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///"+name+"/vda?socket="+filepath.Join(st.a.dir, "nbd.sock"), ferryImg)
+	if n := recordsIn(t, ferryImg); n < last.LastDurable {
+		t.Fatalf("ferry's disk holds %d records; %d were durable", n, last.LastDurable)
+	}
+}

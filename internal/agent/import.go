@@ -34,6 +34,13 @@ type Importer interface {
 	// Redefine replaces a shut-off domain's definition and turns its
 	// autostart off; ErrConflict if the domain runs.
 	Redefine(ctx context.Context, name, def string) error
+	// LiveCopy moves a running domain's disks (by target) onto the
+	// exports while it runs, and pivots it onto them; on error the
+	// domain keeps its own disks.
+	LiveCopy(ctx context.Context, name string, targets []string, to []qemu.Disk, progress func(done int64)) error
+	// DefinePersistent sets the definition a domain (running or not)
+	// boots with next, autostart off.
+	DefinePersistent(ctx context.Context, def string) error
 }
 
 // importState is an import in progress or done (kept in memory; the
@@ -51,10 +58,12 @@ const importMarker = "import-pending"
 // originalFile keeps an imported domain's own definition for a release.
 const originalFile = "libvirt-original.xml"
 
-// Import starts copying a shut-off libvirt domain's disks into a new
-// group of its name and returns at once; Imports reports the progress.
-// Once the copy is complete, the domain is redefined with its disks on
-// the group's exports (autostart off) and its original definition is
+// Import starts copying a libvirt domain's disks into a new group of its
+// name and returns at once; ImportStatus reports the progress. A shut-off
+// domain is copied with qemu-img; a running one live, while it writes
+// (LiveCopy), and it never stops. Once the copy is complete, the domain
+// is redefined with its disks on the group's exports (autostart off; a
+// live one is then ferry's running VM) and its original definition is
 // kept for Release. The original disks are only read.
 func (a *Agent) Import(ctx context.Context, req api.ImportRequest) (api.ImportStatus, error) {
 	imp, ok := a.runtime.(Importer)
@@ -69,9 +78,7 @@ func (a *Agent) Import(ctx context.Context, req api.ImportRequest) (api.ImportSt
 	if err != nil {
 		return api.ImportStatus{}, err
 	}
-	if running {
-		return api.ImportStatus{}, fmt.Errorf("%w: domain %s is running: shut it down first (live import is not available yet)", ErrConflict, name)
-	}
+	res.Live = running
 	a.mu.Lock()
 	if cur := a.imports[name]; cur != nil {
 		cur.mu.Lock()
@@ -136,6 +143,9 @@ func (a *Agent) Import(ctx context.Context, req api.ImportRequest) (api.ImportSt
 
 func (a *Agent) runImport(ctx context.Context, imp Importer, is *importState, res api.ImportResult) error {
 	name := res.Domain
+	if res.Live {
+		return a.runLiveImport(ctx, imp, is, res)
+	}
 	var base int64
 	for i := range res.Disks {
 		d := &res.Disks[i]
@@ -149,6 +159,41 @@ func (a *Agent) runImport(ctx context.Context, imp Importer, is *importState, re
 		}
 		base += d.Size
 	}
+	return a.finishImport(ctx, imp, is, res)
+}
+
+// runLiveImport copies a running domain's disks while it writes, pivots
+// it onto the group's exports and takes it as the group's VM.
+func (a *Agent) runLiveImport(ctx context.Context, imp Importer, is *importState, res api.ImportResult) error {
+	name := res.Domain
+	var targets []string
+	var to []qemu.Disk
+	for _, d := range res.Disks {
+		targets = append(targets, d.Name)
+		to = append(to, qemu.Disk{Socket: a.nbdSock, Export: exportName(name, d.Name)})
+	}
+	if err := imp.LiveCopy(ctx, name, targets, to, func(done int64) {
+		is.mu.Lock()
+		is.st.DoneBytes = min(done, is.st.TotalBytes)
+		is.mu.Unlock()
+	}); err != nil {
+		return err
+	}
+	if err := a.finishImport(ctx, imp, is, res); err != nil {
+		return err
+	}
+	// The domain runs on the group now: it is the group's VM (the
+	// runtime takes a running imported domain as it is).
+	if _, err := a.StartVM(ctx, VMRequest{Name: name, Group: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original}); err != nil {
+		return fmt.Errorf("take the running domain as the group's VM: %w", err)
+	}
+	return nil
+}
+
+// finishImport measures what the group holds, keeps the original
+// definition and gives the domain its definition on ferry's disks.
+func (a *Agent) finishImport(ctx context.Context, imp Importer, is *importState, res api.ImportResult) error {
+	name := res.Domain
 	gr, err := a.group(name)
 	if err != nil {
 		return err
@@ -178,7 +223,12 @@ func (a *Agent) runImport(ctx context.Context, imp Importer, is *importState, re
 	if err := atomicfile.WriteFile(filepath.Join(a.groupDir(name), originalFile), []byte(res.Original), 0o600); err != nil {
 		return err
 	}
-	if err := imp.Redefine(ctx, name, def); err != nil {
+	if res.Live {
+		err = imp.DefinePersistent(ctx, def)
+	} else {
+		err = imp.Redefine(ctx, name, def)
+	}
+	if err != nil {
 		return err
 	}
 	if err := os.Remove(filepath.Join(a.groupDir(name), importMarker)); err != nil {
@@ -238,7 +288,9 @@ func (a *Agent) Release(ctx context.Context, name string) error {
 
 // virtualSize asks qemu-img for an image's virtual size.
 func virtualSize(ctx context.Context, src, format string) (int64, error) {
-	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--output=json", "-f", format, src).Output()
+	// -U: a running domain's QEMU holds the image's lock; info only reads
+	// its header.
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", "-f", format, src).Output()
 	if err != nil {
 		return 0, fmt.Errorf("qemu-img info %s: %w%s", src, err, stderrOf(err))
 	}

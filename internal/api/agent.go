@@ -207,6 +207,9 @@ type ImportResult struct {
 	Disks     []ImportedDisk `json:"disks"`
 	// QGA: the domain has a guest agent channel.
 	QGA bool `json:"qga"`
+	// Live: the domain ran through the import (a block copy and a
+	// pivot); it runs on ferry's disks now.
+	Live bool `json:"live,omitempty"`
 	// Original is the domain's definition before the import, restored by
 	// a release; Definition is the one it runs with, disks on ferry.
 	Original   string  `json:"original"`

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -271,4 +272,126 @@ func parseMAC(s string) (string, error) {
 		}
 	}
 	return strings.ToLower(s), nil
+}
+
+// LiveCopy moves a running domain's disks (by target: vda) onto NBD
+// exports (to[i] for targets[i]) without
+// stopping it: a libvirt block copy per disk in write-blocking mode (the
+// guest's writes go to both sides once copied, so the copy converges
+// however fast it writes), then, once every copy is in step, a pivot of
+// each: the guest carries on on the exports, and its own disks are no
+// longer written. progress gets the bytes copied so far. On error every
+// copy is cancelled and the domain keeps its own disks.
+func (r *Runtime) LiveCopy(ctx context.Context, name string, targets []string, to []qemu.Disk, progress func(done int64)) error {
+	if len(targets) != len(to) {
+		return fmt.Errorf("%w: %d disks to copy onto %d exports", qemu.ErrSpec, len(targets), len(to))
+	}
+	type liveDisk struct{ Target, Socket, Export string }
+	var disks []liveDisk
+	for i, t := range targets {
+		disks = append(disks, liveDisk{t, to[i].Socket, to[i].Export})
+	}
+	c, err := r.client(ctx)
+	if err != nil {
+		return err
+	}
+	dom, err := c.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("libvirt: domain %q: %w", name, err)
+	}
+	var started []string
+	cancel := func() {
+		for _, t := range started {
+			c.DomainBlockJobAbort(dom, t, 0)
+		}
+	}
+	for _, k := range disks {
+		dest := libvirtxml.DomainDisk{
+			Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
+			Source: &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
+				Protocol: "nbd", Name: k.Export, Hosts: []libvirtxml.DomainDiskSourceHost{{Transport: "unix", Socket: k.Socket}},
+			}},
+		}
+		x, err := dest.Marshal()
+		if err != nil {
+			cancel()
+			return err
+		}
+		if err := c.DomainBlockCopy(dom, k.Target, x, nil,
+			golibvirt.DomainBlockCopyReuseExt|golibvirt.DomainBlockCopyTransientJob|golibvirt.DomainBlockCopySynchronousWrites); err != nil {
+			cancel()
+			return fmt.Errorf("libvirt: block copy of %s %s: %w", name, k.Target, err)
+		}
+		started = append(started, k.Target)
+	}
+	// In step: every job has copied all it knows of, and stays there
+	// (write-blocking). Then pivot, retrying a job that is not ready yet.
+	for pivoted := 0; pivoted < len(disks); {
+		var done int64
+		ready := true
+		for _, k := range disks {
+			found, _, _, cur, end, err := c.DomainGetBlockJobInfo(dom, k.Target, 0)
+			if err != nil || found == 0 {
+				cancel()
+				return fmt.Errorf("libvirt: block copy of %s %s ended (%v): the domain keeps its own disks", name, k.Target, err)
+			}
+			done += int64(min(cur, end))
+			if end == 0 || cur != end {
+				ready = false
+			}
+		}
+		progress(done)
+		if ready {
+			for _, k := range disks[pivoted:] {
+				if err := c.DomainBlockJobAbort(dom, k.Target, golibvirt.DomainBlockJobAbortPivot); err != nil {
+					if pivoted == 0 {
+						break // not ready after all: poll again
+					}
+					return fmt.Errorf("libvirt: pivot %s %s (%d disks of %d already on ferry): %w", name, k.Target, pivoted, len(disks), err)
+				}
+				pivoted++
+			}
+			if pivoted == len(disks) {
+				break
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if pivoted == 0 {
+				cancel()
+			}
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	// The pivot's job ends asynchronously: wait until no job is left, so
+	// that the live definition names the exports.
+	deadline := time.Now().Add(30 * time.Second)
+	for _, k := range disks {
+		for {
+			found, _, _, _, _, err := c.DomainGetBlockJobInfo(dom, k.Target, 0)
+			if err == nil && found == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("libvirt: the pivot of %s %s did not finish", name, k.Target)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// DefinePersistent sets the definition a domain boots with next (it may
+// run now) and turns its autostart off.
+func (r *Runtime) DefinePersistent(ctx context.Context, def string) error {
+	c, err := r.client(ctx)
+	if err != nil {
+		return err
+	}
+	dom, err := c.DomainDefineXML(def)
+	if err != nil {
+		return fmt.Errorf("libvirt: define: %w", err)
+	}
+	return c.DomainSetAutostart(dom, 0)
 }

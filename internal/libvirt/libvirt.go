@@ -148,7 +148,14 @@ func (r *Runtime) Start(ctx context.Context, spec qemu.Spec, dir string) (*Domai
 		if err != nil {
 			return nil, fmt.Errorf("libvirt: state of %s: %w", spec.Name, err)
 		}
-		if spec.Domain == "" || golibvirt.DomainState(state) != golibvirt.DomainShutoff {
+		switch st := golibvirt.DomainState(state); {
+		case spec.Domain != "" && (st == golibvirt.DomainRunning || st == golibvirt.DomainPaused):
+			// An imported domain already runs (imported live, or it
+			// outlived an agent restart: libvirt's domains do): ferry
+			// takes it as it is.
+			r.log.Info("vm attached: its domain runs already", "vm", spec.Name)
+			return d, nil
+		case spec.Domain == "" || st != golibvirt.DomainShutoff:
 			return nil, fmt.Errorf("%w: libvirt already has a domain named %q (%s)", qemu.ErrSpec, spec.Name, stateName(state))
 		}
 		if dom, err = c.DomainDefineXML(x); err != nil {

@@ -65,7 +65,9 @@ func (v *Vault) importDone(ctx context.Context, site string, st api.ImportStatus
 	if err != nil {
 		return st, err
 	}
-	vm := VM{Name: res.Domain, Site: site, VCPUs: max(res.VCPUs, 1), MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original}
+	// A domain imported live runs on as the VM: the vault restarts it if
+	// it goes missing, as for a VM it started.
+	vm := VM{Name: res.Domain, Site: site, VCPUs: max(res.VCPUs, 1), MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original, Running: res.Live}
 	for _, d := range res.Disks {
 		vm.Disks = append(vm.Disks, api.VMDisk{Name: d.Name, Size: d.Size})
 	}
