@@ -141,6 +141,9 @@ type VM struct {
 type VaultImport struct {
 	Site   string `json:"site"`
 	Domain string `json:"domain"`
+	// Forwards and GuestPort, as for a VM ferry defines (VM.Forwards).
+	Forwards  map[string]string `json:"forwards,omitempty"`
+	GuestPort int               `json:"guest_port,omitempty"`
 }
 
 // Policy governs a protection.

@@ -18,7 +18,8 @@ import (
 // defined.
 func vmImportCmd(e *env) *cobra.Command {
 	var o vaultOpts
-	var site, domain string
+	var site, domain, fwd string
+	var port int
 	c := vaultCommand(e, &cobra.Command{Use: "import", Short: "Import a shut-off libvirt domain: copy its disks into ferry, run it on them", Args: cobra.NoArgs,
 		Example: "  virsh shutdown web   # an offline import: the domain must be shut off\n" +
 			"  ferry vm import --libvirt web --site east\n" +
@@ -27,7 +28,17 @@ func vmImportCmd(e *env) *cobra.Command {
 			if domain == "" || site == "" {
 				return usagef("--libvirt DOMAIN and --site SITE are required")
 			}
-			st, err := vc.ImportVM(ctx, site, domain)
+			req := api.VaultImport{Site: site, Domain: domain, Forwards: map[string]string{}, GuestPort: port}
+			if fwd != "" {
+				for _, f := range strings.Split(fwd, ",") {
+					s, addr, ok := strings.Cut(f, "=")
+					if !ok {
+						return usagef("--forward wants SITE=HOST:PORT, got %q", f)
+					}
+					req.Forwards[s] = addr
+				}
+			}
+			st, err := vc.ImportVM(ctx, req)
 			if err != nil {
 				return err
 			}
@@ -66,6 +77,8 @@ func vmImportCmd(e *env) *cobra.Command {
 		})
 	str(c.Flags(), &domain, "libvirt", "", "name of the libvirt domain to import (shut off)")
 	str(c.Flags(), &site, "site", "", "site whose libvirt runs the domain (its agent runs with --runtime libvirt)")
+	str(c.Flags(), &fwd, "forward", "", "SITE=HOST:PORT,... host address per site that reaches the guest port (ferry's user-mode NIC then replaces the domain's user-mode ones)")
+	c.Flags().IntVar(&port, "guest-port", 80, "guest port the forwards reach")
 	return c
 }
 

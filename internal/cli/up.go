@@ -22,21 +22,24 @@ import (
 // machine, each its own process and data directory, enrolled and ready.
 func upCmd(e *env) *cobra.Command {
 	var dir, vaultAddr, eastAddr, westAddr string
+	var agentArgs []string
 	c := &cobra.Command{Use: "up", Short: "All in one: a vault and two sites (east, west) on this machine", Args: cobra.NoArgs,
 		Long:    "Start a vault and two site agents, east and west, each its own process and data directory,\nenrolled and ready; prints the vault's URL, a token and the export line for the CLI.",
-		Example: "  ferry up &\n  ferry up --dir /tmp/ferry-demo --vault-listen 127.0.0.1:17400",
+		Example: "  ferry up &\n  ferry up --dir /tmp/ferry-demo --vault-listen 127.0.0.1:17400\n" +
+			"  ferry up --agent-flag=--runtime=libvirt --agent-flag=--nbd-group=libvirt-qemu   # both sites on libvirt",
 		RunE: runE(e, func(ctx context.Context, args []string) error {
-			return runUp(ctx, e, &dir, &vaultAddr, &eastAddr, &westAddr)
+			return runUp(ctx, e, &dir, &vaultAddr, &eastAddr, &westAddr, agentArgs)
 		})}
 	fs := c.Flags()
 	str(fs, &dir, "dir", "ferry-up", "data directory for the vault and both sites")
 	str(fs, &vaultAddr, "vault-listen", "127.0.0.1:7400", "vault API address")
 	str(fs, &eastAddr, "east-listen", "127.0.0.1:7411", "east agent address")
 	str(fs, &westAddr, "west-listen", "127.0.0.1:7412", "west agent address")
+	fs.StringArrayVar(&agentArgs, "agent-flag", nil, "a flag for both agents, such as --agent-flag=--runtime=libvirt (repeatable)")
 	return c
 }
 
-func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *string) error {
+func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *string, agentArgs []string) error {
 	abs, err := filepath.Abs(*dir)
 	if err != nil {
 		return err
@@ -70,8 +73,8 @@ func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *stri
 	}
 	procs := []*proc{
 		{name: "vault", args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}},
-		{name: "east", args: []string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
-		{name: "west", args: []string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", *vaultAddr}},
+		{name: "east", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", *vaultAddr}, agentArgs...)},
+		{name: "west", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", *vaultAddr}, agentArgs...)},
 	}
 	stopAll := func() {
 		for i := len(procs) - 1; i >= 0; i-- {

@@ -94,7 +94,7 @@ func (v *Vault) Handler() http.Handler {
 	read("GET /v1/policies/{name}", func(r *http.Request) (any, error) { return v.Policy(r.Context(), r.PathValue("name")) })
 	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })
 	act(v, mux, "POST /v1/imports", func(r *http.Request, req api.VaultImport) (any, error) {
-		return v.ImportVM(r.Context(), req.Site, req.Domain)
+		return v.ImportVM(r.Context(), req)
 	})
 	// Operators only: the look that sees the copy done defines the VM.
 	mux.HandleFunc("GET /v1/imports/{site}/{domain}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {

@@ -14,7 +14,14 @@ import (
 // The VM is defined in the vault once the copy is done, by the first
 // ImportStatus that sees it done. ErrForbidden if a VM of that name
 // exists already.
-func (v *Vault) ImportVM(ctx context.Context, site, domain string) (api.ImportStatus, error) {
+func (v *Vault) ImportVM(ctx context.Context, req api.VaultImport) (api.ImportStatus, error) {
+	site, domain := req.Site, req.Domain
+	if err := checkForwards(req.Forwards, false); err != nil {
+		return api.ImportStatus{}, err
+	}
+	if req.GuestPort < 0 || req.GuestPort > 65535 {
+		return api.ImportStatus{}, fmt.Errorf("%w: guest port %d", ErrInvalid, req.GuestPort)
+	}
 	if err := api.CheckName(api.KindVM, domain); err != nil {
 		return api.ImportStatus{}, fmt.Errorf("%w: domain %q cannot name a VM: %v", ErrInvalid, domain, err)
 	}
@@ -23,6 +30,11 @@ func (v *Vault) ImportVM(ctx context.Context, site, domain string) (api.ImportSt
 	}
 	_, c, err := v.site(ctx, site)
 	if err != nil {
+		return api.ImportStatus{}, err
+	}
+	// What the VM gets besides what the site reads, until it is defined.
+	_, ver, _ := get[api.VaultImport](ctx, v.st, kindImport, domain)
+	if _, err := put(ctx, v.st, kindImport, domain, req, ver); err != nil {
 		return api.ImportStatus{}, err
 	}
 	st, err := c.Import(ctx, domain)
@@ -68,6 +80,10 @@ func (v *Vault) importDone(ctx context.Context, site string, st api.ImportStatus
 	// A domain imported live runs on as the VM: the vault restarts it if
 	// it goes missing, as for a VM it started.
 	vm := VM{Name: res.Domain, Site: site, VCPUs: max(res.VCPUs, 1), MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original, Running: res.Live}
+	req, rver, rerr := get[api.VaultImport](ctx, v.st, kindImport, res.Domain)
+	if rerr == nil && req.Site == site {
+		vm.Forwards, vm.GuestPort = req.Forwards, req.GuestPort
+	}
 	for _, d := range res.Disks {
 		vm.Disks = append(vm.Disks, api.VMDisk{Name: d.Name, Size: d.Size})
 	}
@@ -79,6 +95,9 @@ func (v *Vault) importDone(ctx context.Context, site string, st api.ImportStatus
 	}
 	if _, err := put(ctx, v.st, kindVM, vm.Name, vm, 0); err != nil && !errors.Is(err, store.ErrConflict) {
 		return st, err
+	}
+	if rerr == nil {
+		v.st.Delete(ctx, kindImport, res.Domain, rver)
 	}
 	v.log.Info("VM imported from libvirt", "vm", vm.Name, "site", site, "disks", len(vm.Disks))
 	return st, nil

@@ -20,7 +20,9 @@ func TestImportAndRelease(t *testing.T) {
 	if code := f.call(t, f.reader, "POST", "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, nil); code != 403 {
 		t.Fatalf("import with a read-only token: %d, want 403", code)
 	}
-	if code := f.call(t, f.op, "POST", "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, &st); code != 200 || st.State != api.ImportDone {
+	f.refused(t, "/v1/imports", api.VaultImport{Site: "east", Domain: "db", Forwards: map[string]string{"east": "127.0.0.1:80,guestfwd=x"}}, 400, "forward")
+	imp := api.VaultImport{Site: "east", Domain: "db", Forwards: map[string]string{"east": "127.0.0.1:18090"}, GuestPort: 80}
+	if code := f.call(t, f.op, "POST", "/v1/imports", imp, &st); code != 200 || st.State != api.ImportDone {
 		t.Fatalf("import: %d %+v", code, st)
 	}
 	vm, _, err := get[VM](context.Background(), f.st, kindVM, "db")
@@ -28,8 +30,12 @@ func TestImportAndRelease(t *testing.T) {
 		t.Fatalf("the imported VM is not defined: %v", err)
 	}
 	if vm.Site != "east" || vm.VCPUs != 2 || vm.MemoryMiB != 512 || !vm.QGA || vm.Domain == "" ||
-		len(vm.Disks) != 1 || vm.Disks[0] != (api.VMDisk{Name: "vda", Size: 1 << 30}) || len(vm.NICs) != 1 {
+		len(vm.Disks) != 1 || vm.Disks[0] != (api.VMDisk{Name: "vda", Size: 1 << 30}) || len(vm.NICs) != 1 ||
+		vm.Forwards["east"] != "127.0.0.1:18090" || vm.GuestPort != 80 {
 		t.Fatalf("imported VM %+v", vm)
+	}
+	if _, _, err := get[api.VaultImport](context.Background(), f.st, kindImport, "db"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the import's record outlived the VM's definition: %v", err)
 	}
 	// Looking again is idempotent; importing again is refused.
 	if code := f.call(t, f.op, "GET", "/v1/imports/east/db", nil, &st); code != 200 || st.State != api.ImportDone {

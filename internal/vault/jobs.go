@@ -22,6 +22,7 @@ const (
 	kindJob        = "job"
 	kindToken      = "token"
 	kindMeta       = "meta"
+	kindImport     = "import" // an import in progress: how to define its VM
 )
 
 func get[T any](ctx context.Context, s store.Store, kind, id string) (T, int64, error) {

@@ -182,9 +182,9 @@ func (c *Client) DeleteVM(ctx context.Context, name string) error {
 }
 
 // ImportVM starts importing a shut-off libvirt domain at a site.
-func (c *Client) ImportVM(ctx context.Context, site, domain string) (api.ImportStatus, error) {
+func (c *Client) ImportVM(ctx context.Context, req api.VaultImport) (api.ImportStatus, error) {
 	var out api.ImportStatus
-	return out, c.call(ctx, "POST", "/v1/imports", api.VaultImport{Site: site, Domain: domain}, &out)
+	return out, c.call(ctx, "POST", "/v1/imports", req, &out)
 }
 
 // ImportStatus reports an import's progress; the VM is defined once done.
