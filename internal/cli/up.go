@@ -24,7 +24,7 @@ func upCmd(e *env) *cobra.Command {
 	var dir, vaultAddr, eastAddr, westAddr string
 	var agentArgs []string
 	c := &cobra.Command{Use: "up", Short: "All in one: a vault and two sites (east, west) on this machine", Args: cobra.NoArgs,
-		Long:    "Start a vault and two site agents, east and west, each its own process and data directory,\nenrolled and ready; prints the vault's URL, a token and the export line for the CLI.",
+		Long: "Start a vault and two site agents, east and west, each its own process and data directory,\nenrolled and ready; prints the vault's URL, a token and the export line for the CLI.",
 		Example: "  ferry up &\n  ferry up --dir /tmp/ferry-demo --vault-listen 127.0.0.1:17400\n" +
 			"  ferry up --agent-flag=--runtime=libvirt --agent-flag=--nbd-group=libvirt-qemu   # both sites on libvirt",
 		RunE: runE(e, func(ctx context.Context, args []string) error {
