@@ -65,7 +65,7 @@ if ! virsh -c $URI version >/dev/null 2>&1; then
 	pgrep -x libvirtd >/dev/null || libvirtd -d
 	until_true 20 "libvirtd" virsh -c $URI version >/dev/null
 fi
-virsh -c $URI version | head -3
+virsh -c $URI version | sed -n 1,3p
 virsh -c $URI destroy $DOM >/dev/null 2>&1 || true
 virsh -c $URI undefine $DOM >/dev/null 2>&1 || true
 rm -rf "$UP"; mkdir -p "$UP/images"; chmod 711 "$UP"; chmod 755 "$UP/images"
@@ -99,6 +99,7 @@ virsh -c $URI start $DOM
 wait_web $WEB_EAST 120 | jq -c .
 
 step "2. ferry up: a vault and two sites, both running VMs through libvirt"
+mkdir -p "$UP/up" && chmod 711 "$UP/up" # libvirt-qemu passes through to the sites' NBD sockets
 "$FERRY" up --dir "$UP/up" --vault-listen 127.0.0.1:17500 --east-listen 127.0.0.1:17511 --west-listen 127.0.0.1:17512 \
 	--agent-flag=--runtime=libvirt --agent-flag=--libvirt-uri=$URI --agent-flag=--nbd-group=libvirt-qemu >"$UP/up.out" 2>&1 &
 upid=$!
