@@ -89,7 +89,7 @@ func domains(t *testing.T, uri string) string {
 }
 
 // TestLibvirtRuntime runs both sites with --runtime libvirt: the guest
-// runs as a libvirt domain whose disk is the group's NBD export (reached
+// runs as a libvirt domain under UEFI whose disk is the group's NBD export (reached
 // by libvirt's QEMU user through the socket's group), an
 // application-consistent point goes through libvirt's fsfreeze, the
 // planned shutdown through libvirt's guest agent, and a drill at the
@@ -134,7 +134,7 @@ func TestLibvirtRuntime(t *testing.T) {
 	boot := api.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 		Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1"}
 	web := freePort(t)
-	vs, err := ca.StartVM(ctx, api.VMRequest{Name: "lvguest", Group: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetUser,
+	vs, err := ca.StartVM(ctx, api.VMRequest{Name: "lvguest", Group: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetUser, Firmware: "uefi",
 		Forwards: []api.Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}, Boot: boot})
 	if err != nil {
 		t.Fatal(err)
@@ -152,6 +152,12 @@ func TestLibvirtRuntime(t *testing.T) {
 		before = st
 		return err == nil && st.LastDurable > 30
 	})
+	if !strings.Contains(string(xml), "OVMF") {
+		t.Fatalf("a UEFI VM's domain runs without OVMF:\n%s", xml)
+	}
+	if con, _ := os.ReadFile(vs.Console); !strings.Contains(string(con), "efi: EFI v") {
+		t.Fatalf("the guest did not boot under UEFI: console %s", vs.Console)
+	}
 	ap, err := ca.AppPoint(ctx, "vm1", "libvirt")
 	if err != nil || !ap.Succeeded {
 		t.Fatalf("application-consistent point through libvirt: %+v, %v", ap, err)

@@ -179,6 +179,8 @@ type VMRequest struct {
 	// definition (XML): a libvirt site runs it as defined, with its disks
 	// on the request's and, on an isolated network, its NICs replaced.
 	Domain string `json:"domain,omitempty"`
+	// Firmware: "bios" (default) or "uefi".
+	Firmware string `json:"firmware,omitempty"`
 }
 
 // ImportRequest asks a libvirt site's agent to import a domain offline

@@ -131,6 +131,8 @@ type VM struct {
 	// when it is missing there: its site's agent restarted, and a VM's
 	// QEMU does not outlive its agent. Set by the vault only.
 	Running bool `json:"running,omitempty"`
+	// Firmware is "bios" (SeaBIOS, the default) or "uefi" (OVMF).
+	Firmware string `json:"firmware,omitempty"`
 	// Domain is the libvirt domain definition a VM imported from libvirt
 	// runs with (ferry vm import --libvirt); empty for VMs ferry defines.
 	Domain string `json:"domain,omitempty"`

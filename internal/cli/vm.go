@@ -14,7 +14,7 @@ import (
 
 func vmCmd(e *env) *cobra.Command {
 	var od, os_, ost, odel, ol, oc vaultOpts
-	var site, kernel, initrd, appendLine, fwd, network string
+	var site, kernel, initrd, appendLine, fwd, network, firmware string
 	var disks []string
 	var mem, vcpus, port int
 	var qga bool
@@ -25,7 +25,7 @@ func vmCmd(e *env) *cobra.Command {
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
 			name := args[0]
 			vm := api.VM{Name: name, Site: site, MemoryMiB: mem, VCPUs: vcpus, Kernel: kernel, Initrd: initrd, Append: appendLine,
-				GuestPort: port, QGA: qga, Forwards: map[string]string{}, ShutdownTimeout: shutdownTimeout}
+				GuestPort: port, QGA: qga, Forwards: map[string]string{}, ShutdownTimeout: shutdownTimeout, Firmware: firmware}
 			if network != "" {
 				vm.NICs = []api.NIC{{Name: "nic0", Network: network}}
 			}
@@ -60,6 +60,7 @@ func vmCmd(e *env) *cobra.Command {
 	str(fs, &kernel, "kernel", "", "kernel to boot (default: boot from the first disk)")
 	str(fs, &initrd, "initrd", "", "initrd")
 	str(fs, &appendLine, "append", "", "kernel command line")
+	str(fs, &firmware, "firmware", "bios", "firmware: bios (SeaBIOS) or uefi (OVMF, its variables kept per VM)")
 	str(fs, &network, "network", "", "network of the VM's NIC at its site (default: the site's first production network)")
 	str(fs, &fwd, "forward", "", "SITE=HOST:PORT,... host address per site that reaches the guest port on its production network; SITE/NETWORK=HOST:PORT for another network")
 	fs.IntVar(&port, "guest-port", 80, "guest port the forwards reach")

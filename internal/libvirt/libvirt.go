@@ -210,6 +210,9 @@ func DomainXML(spec qemu.Spec, accel, console string) (string, error) {
 	if spec.Boot.Kernel != "" {
 		d.OS.Kernel, d.OS.Initrd, d.OS.Cmdline = spec.Boot.Kernel, spec.Boot.Initrd, spec.Boot.Append
 	}
+	if spec.Firmware == "uefi" {
+		d.OS.Firmware = "efi" // libvirt picks OVMF from its firmware descriptors, NVRAM per domain
+	}
 	for i, k := range spec.Disks {
 		disk := libvirtxml.DomainDisk{
 			Device: "disk",

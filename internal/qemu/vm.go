@@ -67,7 +67,16 @@ type Spec struct {
 	// Domain: a libvirt domain definition to run (api.VMRequest.Domain);
 	// only the libvirt runtime runs it.
 	Domain string `json:"domain,omitempty"`
+	// Firmware is "bios" (SeaBIOS, the default) or "uefi" (OVMF, its
+	// variables kept per VM).
+	Firmware string `json:"firmware,omitempty"`
 }
+
+// OVMF's code and the template of its variables (Debian's ovmf package).
+var (
+	OVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	OVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+)
 
 // ErrSpec: a spec that cannot run.
 var ErrSpec = errors.New("qemu: invalid VM spec")
@@ -108,6 +117,15 @@ func (s *Spec) Validate() error {
 	case "", NetNone, NetUser, NetIsolated:
 	default:
 		return bad("unknown network mode %q", s.Net)
+	}
+	switch s.Firmware {
+	case "", "bios":
+	case "uefi":
+		if _, err := os.Stat(OVMFCode); err != nil {
+			return bad("UEFI firmware: %v (install the ovmf package: make deps)", err)
+		}
+	default:
+		return bad("unknown firmware %q: want bios or uefi", s.Firmware)
 	}
 	if s.Subnet != "" {
 		if err := CheckSubnet(s.Subnet); err != nil {
@@ -182,6 +200,19 @@ func Start(ctx context.Context, spec Spec, dir string, log *slog.Logger) (*VM, e
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
+	}
+	if spec.Firmware == "uefi" {
+		// The VM's own UEFI variables (boot order, ...), kept across its
+		// restarts at this site.
+		if _, err := os.Stat(filepath.Join(dir, "OVMF_VARS.fd")); err != nil {
+			b, err := os.ReadFile(OVMFVars)
+			if err != nil {
+				return nil, fmt.Errorf("UEFI variables template: %w", err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, "OVMF_VARS.fd"), b, 0o600); err != nil {
+				return nil, err
+			}
+		}
 	}
 	v := &VM{Spec: spec, dir: dir, log: log, done: make(chan struct{}), state: StateStarting}
 	v.accel = spec.Accel
@@ -263,6 +294,10 @@ func (v *VM) args() []string {
 		"-serial", "file:" + optValue(v.ConsolePath()), "-no-reboot"}
 	if v.accel == "kvm" {
 		a = append(a, "-cpu", "host")
+	}
+	if s.Firmware == "uefi" {
+		a = append(a, "-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+optValue(OVMFCode),
+			"-drive", "if=pflash,format=raw,unit=1,file="+optValue(filepath.Join(v.dir, "OVMF_VARS.fd")))
 	}
 	for i, d := range s.Disks {
 		drive := fmt.Sprintf("file=%s,format=raw,if=none,id=d%d,cache=none,aio=threads", optValue("nbd+unix:///"+d.Export+"?socket="+d.Socket), i)

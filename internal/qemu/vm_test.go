@@ -38,6 +38,7 @@ func TestSpecValidate(t *testing.T) {
 		{"subnet IPv6", func(s *Spec) { s.Subnet = "fd00::/64" }},
 		{"subnet too small", func(s *Spec) { s.Subnet = "10.1.2.0/30" }},
 		{"subnet host bits", func(s *Spec) { s.Subnet = "10.1.2.3/24" }},
+		{"unknown firmware", func(s *Spec) { s.Firmware = "coreboot" }},
 	}
 	if err := good.Validate(); err != nil {
 		t.Fatalf("good spec: %v", err)
@@ -266,6 +267,35 @@ func TestNetworkModes(t *testing.T) {
 				t.Fatalf("%s network: console does not say %q:\n%s", tc.mode, tc.want, vm.tail(vm.ConsolePath(), 5))
 			}
 		})
+	}
+}
+
+// TestUEFIBoot boots the test guest under OVMF (UEFI) instead of SeaBIOS:
+// the kernel reports EFI firmware, the workload runs, and the VM keeps its
+// own UEFI variables file.
+func TestUEFIBoot(t *testing.T) {
+	kernel, initrd := guestFiles(t)
+	sock, _ := ext4Disk(t, 32<<20)
+	web := freeAddr(t)
+	dir := t.TempDir()
+	vm, err := Start(context.Background(), Spec{
+		Name: "uefi", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}}, Firmware: "uefi",
+		Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.qga=0"},
+		Net:  NetUser, Forwards: []Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}, Accel: "auto",
+	}, dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Kill()
+	waitFor(t, 120*time.Second, "the workload under UEFI", func() bool {
+		st, err := workloadState(web)
+		return err == nil && st.LastDurable > 0
+	})
+	if b, _ := os.ReadFile(vm.ConsolePath()); !strings.Contains(string(b), "efi: EFI v") {
+		t.Fatalf("the kernel does not report EFI firmware:\n%s", vm.tail(vm.ConsolePath(), 20))
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "OVMF_VARS.fd")); err != nil || fi.Size() == 0 {
+		t.Fatalf("the VM's UEFI variables: %v", err)
 	}
 }
 

@@ -272,7 +272,7 @@ func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, d
 // point if seq is not zero, attached to network n.
 func vmRequest(vm VM, name, site string, seq uint64, n Network) api.VMRequest {
 	req := api.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Subnet: n.Subnet,
-		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}, Domain: vm.Domain}
+		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}, Domain: vm.Domain, Firmware: vm.Firmware}
 	if seq != 0 {
 		req.Replica, req.Seq = vm.Name, seq
 	} else {

@@ -690,6 +690,9 @@ func checkVM(vm VM) error {
 	if vm.GuestPort < 0 || vm.GuestPort > 65535 {
 		return fmt.Errorf("%w: guest port %d out of range", ErrInvalid, vm.GuestPort)
 	}
+	if vm.Firmware != "" && vm.Firmware != "bios" && vm.Firmware != "uefi" {
+		return fmt.Errorf("%w: firmware %q: want bios or uefi", ErrInvalid, vm.Firmware)
+	}
 	for _, f := range []struct{ what, s string }{{"kernel", vm.Kernel}, {"initrd", vm.Initrd}, {"append", vm.Append}} {
 		if strings.ContainsFunc(f.s, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
 			return fmt.Errorf("%w: %s holds control characters", ErrInvalid, f.what)
