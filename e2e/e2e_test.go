@@ -371,3 +371,15 @@ func TestQEMUGuestWrites(t *testing.T) {
 		t.Fatal("the 8 MiB pattern the guest wrote is not in the image")
 	}
 }
+
+// ext4Image writes an empty ext4 file system of size bytes at path (raw).
+func ext4Image(t *testing.T, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(size)
+	f.Close()
+	run(t, "mkfs.ext4", "-q", "-F", path)
+}

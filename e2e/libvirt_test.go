@@ -79,6 +79,38 @@ func hypervisorGuest(t *testing.T) string {
 	return dir
 }
 
+// libvirtSites is two sites whose agents run VMs through libvirt, their
+// NBD sockets open to libvirt's QEMU user.
+func libvirtSites(t *testing.T, uri string) *sites {
+	t.Helper()
+	return twoSitesWith(t, []string{"--runtime", "libvirt", "--libvirt-uri", uri, "--nbd-group", "libvirt-qemu"},
+		func(root string) { openToHypervisor(t, root) })
+}
+
+// operatorDomain is a domain definition as an operator would write it:
+// the test guest booted from g with its workload on vda, the given disk
+// and NIC elements, a guest agent channel, a pty console, and its own
+// QEMU user-mode NIC forwarding web to the workload's HTTP.
+func operatorDomain(name, g, devices, web string) string {
+	return `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>` + name + `</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>` + filepath.Join(g, "vmlinuz") + `</kernel><initrd>` + filepath.Join(g, "initrd.img") + `</initrd>
+    <cmdline>console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1</cmdline></os>
+  <features><acpi/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    ` + devices + `
+    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='pty'/>
+  </devices>
+  <qemu:commandline><qemu:arg value='-netdev'/><qemu:arg value='user,id=t0,hostfwd=tcp:` + web + `-:80'/>
+    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=t0,bus=pcie.0,addr=0x11'/></qemu:commandline>
+</domain>`
+}
+
 func domains(t *testing.T, uri string) string {
 	t.Helper()
 	out, err := exec.Command("virsh", "-c", uri, "list", "--name").CombinedOutput()
@@ -99,8 +131,7 @@ func TestLibvirtRuntime(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
 	uri := libvirtURI(t)
 	g := hypervisorGuest(t)
-	st2 := twoSitesWith(t, []string{"--runtime", "libvirt", "--libvirt-uri", uri, "--nbd-group", "libvirt-qemu"},
-		func(root string) { openToHypervisor(t, root) })
+	st2 := libvirtSites(t, uri)
 	a, ca, cb, root := st2.a, st2.ca, st2.cb, st2.root
 	ctx := context.Background()
 	t.Cleanup(func() { // a failed test leaves no domain behind
@@ -120,10 +151,7 @@ func TestLibvirtRuntime(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs := filepath.Join(root, "fs.img")
-	f, _ := os.Create(fs)
-	f.Truncate(size)
-	f.Close()
-	run(t, "mkfs.ext4", "-q", "-F", fs)
+	ext4Image(t, fs, size)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(a.dir, "nbd.sock"))
 	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
 		t.Fatal(err)
@@ -244,8 +272,7 @@ func TestLibvirtImportOffline(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "losetup", "debugfs")
 	uri := libvirtURI(t)
 	g := hypervisorGuest(t)
-	st := twoSitesWith(t, []string{"--runtime", "libvirt", "--libvirt-uri", uri, "--nbd-group", "libvirt-qemu"},
-		func(root string) { openToHypervisor(t, root) })
+	st := libvirtSites(t, uri)
 	a, ca, root := st.a, st.ca, st.root
 	ctx := context.Background()
 	const name = "lvimport"
@@ -255,16 +282,13 @@ func TestLibvirtImportOffline(t *testing.T) {
 	}
 	// The system disk: ext4 in a qcow2 over a qcow2 backing file.
 	raw := filepath.Join(root, "fs.raw")
-	f, _ := os.Create(raw)
-	f.Truncate(64 << 20)
-	f.Close()
-	run(t, "mkfs.ext4", "-q", "-F", raw)
+	ext4Image(t, raw, 64<<20)
 	base, top := filepath.Join(imgs, "base.qcow2"), filepath.Join(imgs, "top.qcow2")
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, base)
 	run(t, "qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", base, top)
 	// The data disk: a raw block device with a pattern in its middle.
 	loopImg := filepath.Join(root, "loop.img")
-	f, _ = os.Create(loopImg)
+	f, _ := os.Create(loopImg)
 	f.Truncate(16 << 20)
 	f.WriteAt([]byte(strings.Repeat("ferry-block-device", 1000)), 5<<20)
 	f.Close()
@@ -273,25 +297,9 @@ func TestLibvirtImportOffline(t *testing.T) {
 
 	web := freePort(t)
 	const mac = "52:54:00:fe:44:01"
-	xml := `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>` + name + `</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>` + filepath.Join(g, "vmlinuz") + `</kernel><initrd>` + filepath.Join(g, "initrd.img") + `</initrd>
-    <cmdline>console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1</cmdline></os>
-  <features><acpi/></features>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + top + `'/><target dev='vda' bus='virtio'/></disk>
-    <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='` + loop + `'/><target dev='vdb' bus='virtio'/></disk>
-    <interface type='user'><mac address='` + mac + `'/><model type='virtio'/></interface>
-    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <serial type='pty'/>
-  </devices>
-  <qemu:commandline><qemu:arg value='-netdev'/><qemu:arg value='user,id=t0,hostfwd=tcp:` + web + `-:80'/>
-    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=t0,bus=pcie.0,addr=0x11'/></qemu:commandline>
-</domain>`
+	xml := operatorDomain(name, g, `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='`+top+`'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='`+loop+`'/><target dev='vdb' bus='virtio'/></disk>
+    <interface type='user'><mac address='`+mac+`'/><model type='virtio'/></interface>`, web)
 	defineDomain(t, uri, name, xml)
 	original := virsh(t, uri, "dumpxml", "--inactive", name)
 
@@ -477,8 +485,7 @@ func TestLibvirtImportLive(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
 	uri := libvirtURI(t)
 	g := hypervisorGuest(t)
-	st := twoSitesWith(t, []string{"--runtime", "libvirt", "--libvirt-uri", uri, "--nbd-group", "libvirt-qemu"},
-		func(root string) { openToHypervisor(t, root) })
+	st := libvirtSites(t, uri)
 	ca, root := st.ca, st.root
 	ctx := context.Background()
 	const name = "lvlive"
@@ -487,30 +494,11 @@ func TestLibvirtImportLive(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw := filepath.Join(root, "fs.raw")
-	f, _ := os.Create(raw)
-	f.Truncate(64 << 20)
-	f.Close()
-	run(t, "mkfs.ext4", "-q", "-F", raw)
+	ext4Image(t, raw, 64<<20)
 	img := filepath.Join(imgs, "live.qcow2")
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
 	web := freePort(t)
-	xml := `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>` + name + `</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>` + filepath.Join(g, "vmlinuz") + `</kernel><initrd>` + filepath.Join(g, "initrd.img") + `</initrd>
-    <cmdline>console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1</cmdline></os>
-  <features><acpi/></features>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + img + `'/><target dev='vda' bus='virtio'/></disk>
-    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <serial type='pty'/>
-  </devices>
-  <qemu:commandline><qemu:arg value='-netdev'/><qemu:arg value='user,id=t0,hostfwd=tcp:` + web + `-:80'/>
-    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=t0,bus=pcie.0,addr=0x11'/></qemu:commandline>
-</domain>`
+	xml := operatorDomain(name, g, `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='`+img+`'/><target dev='vda' bus='virtio'/></disk>`, web)
 	defineDomain(t, uri, name, xml)
 	virsh(t, uri, "start", name)
 	var before guest.WorkloadState
@@ -568,5 +556,58 @@ func TestLibvirtImportLive(t *testing.T) {
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///"+name+"/vda?socket="+filepath.Join(st.a.dir, "nbd.sock"), ferryImg)
 	if n := recordsIn(t, ferryImg); n < last.LastDurable {
 		t.Fatalf("ferry's disk holds %d records; %d were durable", n, last.LastDurable)
+	}
+}
+
+// TestLibvirtNetworkAttach runs a VM attached to a site network that is
+// a libvirt network on the host (network:NAME): its NIC is on that
+// network's bridge, it gets its address from libvirt's DHCP there, and
+// its workload answers at that address.
+func TestLibvirtNetworkAttach(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	uri := libvirtURI(t)
+	g := hypervisorGuest(t)
+	const net, bridge = "ferry-e2e", "virbr-fe2e"
+	f := filepath.Join(t.TempDir(), "net.xml")
+	os.WriteFile(f, []byte(`<network><name>`+net+`</name><bridge name='`+bridge+`'/>
+  <ip address='10.77.0.1' netmask='255.255.255.0'><dhcp><range start='10.77.0.10' end='10.77.0.100'/></dhcp></ip></network>`), 0o644)
+	exec.Command("virsh", "-c", uri, "net-destroy", net).Run() // a leftover of a killed run
+	virsh(t, uri, "net-create", f)
+	t.Cleanup(func() { exec.Command("virsh", "-c", uri, "net-destroy", net).Run() })
+	st := libvirtSites(t, uri)
+	ca, root := st.ca, st.root
+	ctx := context.Background()
+	const size = 64 << 20
+	if err := ca.CreateGroup(ctx, "vm1", []api.DiskSpec{{Name: "vda", Size: size}}); err != nil {
+		t.Fatal(err)
+	}
+	fs := filepath.Join(root, "fs.img")
+	ext4Image(t, fs, size)
+	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(st.a.dir, "nbd.sock"))
+	t.Cleanup(func() { exec.Command("virsh", "-c", uri, "destroy", "lvnet").Run() })
+	if _, err := ca.StartVM(ctx, api.VMRequest{Name: "lvnet", Group: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetUser, Attach: "network:" + net,
+		Boot: api.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
+			Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=1"}}); err != nil {
+		t.Fatal(err)
+	}
+	if nics := virsh(t, uri, "domiflist", "lvnet"); !strings.Contains(nics, net) {
+		t.Fatalf("the VM's NIC is not on libvirt's network %s:\n%s", net, nics)
+	}
+	var addr string
+	until(t, 120*time.Second, "a DHCP lease on "+net, func() bool {
+		for _, l := range strings.Split(virsh(t, uri, "net-dhcp-leases", net), "\n") {
+			if i := strings.Index(l, "10.77.0."); i >= 0 {
+				addr, _, _ = strings.Cut(l[i:], "/")
+				return true
+			}
+		}
+		return false
+	})
+	until(t, 120*time.Second, "the workload at "+addr, func() bool {
+		s, err := workload(addr + ":80")
+		return err == nil && s.LastDurable > 0 && s.Addr == addr
+	})
+	if _, err := ca.StopVM(ctx, "lvnet", api.StopOptions{Force: true}); err != nil {
+		t.Fatal(err)
 	}
 }

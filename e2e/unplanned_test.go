@@ -202,10 +202,7 @@ func createWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, webA, we
 		t.Fatal(err)
 	}
 	fs := filepath.Join(s.root, "fs.img")
-	f, _ := os.Create(fs)
-	f.Truncate(64 << 20)
-	f.Close()
-	run(t, "mkfs.ext4", "-q", "-F", fs)
+	ext4Image(t, fs, 64<<20)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///web/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
 	if _, err := c.StartVM(ctx, "web"); err != nil {
 		t.Fatal(err)

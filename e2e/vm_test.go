@@ -73,10 +73,7 @@ func TestAppConsistentPoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs := filepath.Join(root, "fs.img")
-	f, _ := os.Create(fs)
-	f.Truncate(size)
-	f.Close()
-	run(t, "mkfs.ext4", "-q", "-F", fs)
+	ext4Image(t, fs, size)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(a.dir, "nbd.sock"))
 	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
 		t.Fatal(err)

@@ -27,37 +27,7 @@ cleanup() {
 	true
 }
 trap cleanup EXIT
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
-web() { curl -s -m 2 "http://$1/" 2>/dev/null; }
-until_true() { # timeout-seconds what command...
-	local secs=$1 deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
-	until "$@"; do
-		[ "$(date +%s)" -lt "$deadline" ] || { echo "timed out after ${secs}s waiting for $what" >&2; return 1; }
-		sleep 0.1
-	done
-}
-wait_web() { # addr timeout -> the workload's state once it answers
-	local s deadline=$(( $(date +%s) + $2 ))
-	while :; do
-		s=$(web "$1") && [ -n "$s" ] && echo "$s" | jq -e .last_durable >/dev/null 2>&1 && { echo "$s"; return 0; }
-		[ "$(date +%s)" -lt "$deadline" ] || { echo "no answer from $1 in $2 s" >&2; return 1; }
-		sleep 0.1
-	done
-}
-wait_records() { # addr min timeout
-	local s deadline=$(( $(date +%s) + $3 ))
-	while :; do
-		s=$(web "$1") && [ -n "$s" ] && [ "$(echo "$s" | jq -r '.last_durable // 0')" -gt "$2" ] && { echo "$s"; return 0; }
-		[ "$(date +%s)" -lt "$deadline" ] || { echo "the workload at $1 did not pass $2 records in $3 s" >&2; return 1; }
-		sleep 0.1
-	done
-}
-took() { "$FERRY" --output json job show "$1" | jq -r '.steps[-1].messages[] | select(test("failover took")) | capture("took (?<d>[0-9.]+)(?<u>m?s)") | if .u == "ms" then (.d|tonumber)/1000 else .d end'; }
-last_job() { "$FERRY" --output json jobs | jq -r '.[0].id'; }
-points_at_least() { [ "$("$FERRY" --output json points $DOM 2>/dev/null | jq 'length')" -ge "$1" ]; }
-shut_off() { virsh -c $URI domstate $DOM 2>/dev/null | grep -q "shut off"; }
+. scripts/lib.sh
 
 step "0. libvirt (started without systemd if none runs)"
 if ! virsh -c $URI version >/dev/null 2>&1; then
@@ -134,7 +104,7 @@ step "4. protect east -> west"
 "$FERRY" protect $DOM --to west --network nic0=prod-west --test-network drill-west --wait
 
 step "5. DR drill at west: $DOM-drill, a transient domain on an isolated network"
-until_true 60 "a few recovery points at west" points_at_least 3
+until_true 60 "a few recovery points at west" points_at_least $DOM 3
 "$FERRY" test-failover $DOM --point latest-processed --wait
 virsh -c $URI list --name | grep -x "$DOM-drill"
 "$FERRY" test-failover cleanup $DOM --notes "libvirt drill" --wait

@@ -21,42 +21,9 @@ cleanup() {
 	true
 }
 trap cleanup EXIT
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
-web() { curl -s -m 2 "http://$1/" 2>/dev/null; }
-# Every wait is a poll with a deadline on the exact condition the next step
-# needs; none is a fixed sleep or a single request.
-until_true() { # timeout-seconds what command... -> polls until the command succeeds
-	local secs=$1 deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
-	until "$@"; do
-		[ "$(date +%s)" -lt "$deadline" ] || { echo "timed out after ${secs}s waiting for $what" >&2; return 1; }
-		sleep 0.1
-	done
-}
-wait_web() { # addr timeout -> prints the state JSON once it answers
-	local s deadline=$(( $(date +%s) + $2 ))
-	while :; do
-		s=$(web "$1") && [ -n "$s" ] && echo "$s" | jq -e .last_durable >/dev/null 2>&1 && { echo "$s"; return 0; }
-		[ "$(date +%s)" -lt "$deadline" ] || { echo "no answer from $1 in $2 s" >&2; return 1; }
-		sleep 0.1
-	done
-}
-wait_records() { # addr min timeout -> prints the state JSON once more than min records are durable
-	local s deadline=$(( $(date +%s) + $3 ))
-	while :; do
-		s=$(web "$1") && [ -n "$s" ] && [ "$(echo "$s" | jq -r '.last_durable // 0')" -gt "$2" ] && { echo "$s"; return 0; }
-		[ "$(date +%s)" -lt "$deadline" ] || { echo "the workload at $1 did not pass $2 records in $3 s" >&2; return 1; }
-		sleep 0.1
-	done
-}
-points_at_least() { [ "$("$FERRY" --output json points web 2>/dev/null | jq 'length')" -ge "$1" ]; }
+. scripts/lib.sh
 site_reachable() { [ "$("$FERRY" --output json site list | jq -r ".[] | select(.name==\"$1\") | .reachable")" = "$2" ]; }
 fenced() { [ "$("$FERRY" --output json protections | jq -r '.[0].fenced')" = true ]; }
-took() { # failover job id -> seconds it took excluding guest boot (from its last step)
-	"$FERRY" --output json job show "$1" | jq -r '.steps[-1].messages[] | select(test("failover took")) | capture("took (?<d>[0-9.]+)(?<u>m?s)") | if .u == "ms" then (.d|tonumber)/1000 else .d end'
-}
-last_job() { "$FERRY" --output json jobs | jq -r '.[0].id'; }
 
 step "1. ferry up: a vault and two sites, east and west"
 "$FERRY" up --dir "$UP" >"$UP/up.out" 2>&1 &
@@ -88,7 +55,7 @@ step "3. west declares its networks; enable replication east -> west, the VM's N
 "$FERRY" protections
 
 step "4. DR drill: test failover at west (isolated network), then cleanup"
-until_true 60 "a few recovery points at west" points_at_least 3
+until_true 60 "a few recovery points at west" points_at_least web 3
 "$FERRY" test-failover web --point latest-processed --wait
 "$FERRY" protections
 "$FERRY" test-failover cleanup web --notes "drill: VM booted at west" --wait

@@ -181,6 +181,10 @@ type VMRequest struct {
 	Domain string `json:"domain,omitempty"`
 	// Firmware: "bios" (default) or "uefi".
 	Firmware string `json:"firmware,omitempty"`
+	// Attach, at a libvirt site, is where the VM's NICs go
+	// (Network.Libvirt: network:NAME or bridge:NAME) instead of ferry's
+	// user-mode networking.
+	Attach string `json:"attach,omitempty"`
 }
 
 // ImportRequest asks a libvirt site's agent to import a domain offline

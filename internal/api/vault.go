@@ -1,6 +1,10 @@
 package api
 
-import "time"
+import (
+	"fmt"
+	"strings"
+	"time"
+)
 
 // This file: what the vault's API takes and answers (docs/api.md).
 
@@ -61,6 +65,28 @@ type Network struct {
 	Kind NetworkKind `json:"kind"`
 	// Subnet is the IPv4 network (CIDR) the guests get addresses from.
 	Subnet string `json:"subnet"`
+	// Libvirt, at a libvirt site, is what this network is on the host:
+	// "network:NAME" (a libvirt network) or "bridge:NAME" (a host
+	// bridge). VMs attached to it get their NICs there (a domain
+	// imported from libvirt keeps its MACs) instead of ferry's user-mode
+	// NIC. Empty: ferry's user-mode networking.
+	Libvirt string `json:"libvirt,omitempty"`
+}
+
+// ErrAttachment: a libvirt attachment that is not network:NAME or
+// bridge:NAME.
+var ErrAttachment = fmt.Errorf("%w: libvirt attachment", ErrInvalid)
+
+// CheckAttachment validates a Network.Libvirt value.
+func CheckAttachment(s string) error {
+	kind, name, ok := strings.Cut(s, ":")
+	if !ok || (kind != "network" && kind != "bridge") || name == "" || len(name) > 64 ||
+		strings.ContainsFunc(name, func(r rune) bool {
+			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.')
+		}) {
+		return fmt.Errorf("%w %q: want network:NAME or bridge:NAME (letters, digits, - _ .)", ErrAttachment, s)
+	}
+	return nil
 }
 
 // NIC is a VM's network interface, attached at the VM's site to Network.

@@ -48,11 +48,11 @@ func siteCmd(e *env) *cobra.Command {
 			}
 			return e.print(map[string]string{"deleted": args[0]}, fmt.Sprintf("deleted site %s\n", args[0]))
 		})
-	var kind, subnet string
+	var kind, subnet, attach string
 	netAdd := vaultCommand(e, &cobra.Command{Use: "add SITE NETWORK", Short: "Declare (or change) a network of a site", Args: cobra.ExactArgs(2),
 		Example: "  ferry site network add west prod-west --kind production --subnet 10.20.0.0/24\n  ferry site network add west drill-west --kind isolated --subnet 10.99.0.0/24"}, &ona,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
-			s, err := vc.PutNetwork(ctx, args[0], api.Network{Name: args[1], Kind: api.NetworkKind(kind), Subnet: subnet})
+			s, err := vc.PutNetwork(ctx, args[0], api.Network{Name: args[1], Kind: api.NetworkKind(kind), Subnet: subnet, Libvirt: attach})
 			if err != nil {
 				return err
 			}
@@ -60,6 +60,7 @@ func siteCmd(e *env) *cobra.Command {
 		})
 	str(netAdd.Flags(), &kind, "kind", "production", "production (NAT, forwarded ports) or isolated (drills)")
 	str(netAdd.Flags(), &subnet, "subnet", "", "IPv4 subnet in CIDR notation the guests get addresses from (required)")
+	str(netAdd.Flags(), &attach, "libvirt", "", "at a libvirt site: the libvirt network (network:NAME) or host bridge (bridge:NAME) this network is; VMs attached to it get their NICs there")
 	netAdd.MarkFlagRequired("subnet")
 	netDel := vaultCommand(e, &cobra.Command{Use: "delete SITE NETWORK", Short: "Remove a network (refused while used)", Args: cobra.ExactArgs(2)}, &ond,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {

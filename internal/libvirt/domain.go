@@ -220,6 +220,20 @@ func importedXML(spec qemu.Spec, accel, console string) (string, error) {
 		mac = d.Devices.Interfaces[0].MAC.Address
 	}
 	switch {
+	case spec.Attach != "":
+		// The site's libvirt network or bridge for every NIC, MACs kept.
+		nics := d.Devices.Interfaces
+		if len(nics) == 0 {
+			nics = []libvirtxml.DomainInterface{{Model: &libvirtxml.DomainInterfaceModel{Type: "virtio"}}}
+		}
+		for i := range nics {
+			n, err := attachedNIC(spec.Attach, nics[i])
+			if err != nil {
+				return "", err
+			}
+			nics[i] = n
+		}
+		d.Devices.Interfaces = nics
 	case spec.Net == qemu.NetIsolated:
 		d.Devices.Interfaces = nil
 		d.QEMUCommandline = userNet(spec, mac)
@@ -234,6 +248,22 @@ func importedXML(spec qemu.Spec, accel, console string) (string, error) {
 		d.QEMUCommandline = userNet(spec, mac)
 	}
 	return d.Marshal()
+}
+
+// attachedNIC is nic (its MAC and model kept) on a libvirt network or
+// host bridge: "network:NAME" or "bridge:NAME" (api.CheckAttachment).
+func attachedNIC(attach string, nic libvirtxml.DomainInterface) (libvirtxml.DomainInterface, error) {
+	if err := api.CheckAttachment(attach); err != nil {
+		return nic, fmt.Errorf("%w: %v", qemu.ErrSpec, err)
+	}
+	kind, name, _ := strings.Cut(attach, ":")
+	out := libvirtxml.DomainInterface{MAC: nic.MAC, Model: nic.Model, Source: &libvirtxml.DomainInterfaceSource{}}
+	if kind == "network" {
+		out.Source.Network = &libvirtxml.DomainInterfaceSourceNetwork{Network: name}
+	} else {
+		out.Source.Bridge = &libvirtxml.DomainInterfaceSourceBridge{Bridge: name}
+	}
+	return out, nil
 }
 
 // userNet is QEMU's user-mode NIC with the spec's forwards, through

@@ -234,7 +234,14 @@ func DomainXML(spec qemu.Spec, accel, console string) (string, error) {
 			Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: "org.qemu.guest_agent.0"}},
 		})
 	}
-	if spec.Net == qemu.NetUser || spec.Net == qemu.NetIsolated {
+	switch {
+	case spec.Attach != "":
+		n, err := attachedNIC(spec.Attach, libvirtxml.DomainInterface{Model: &libvirtxml.DomainInterfaceModel{Type: "virtio"}})
+		if err != nil {
+			return "", err
+		}
+		d.Devices.Interfaces = []libvirtxml.DomainInterface{n}
+	case spec.Net == qemu.NetUser || spec.Net == qemu.NetIsolated:
 		d.QEMUCommandline = userNet(spec, "")
 	}
 	return d.Marshal()

@@ -236,3 +236,53 @@ func FuzzDescribeXML(f *testing.F) {
 		}
 	})
 }
+
+// TestAttach: a VM on a network with a libvirt attachment gets its NICs
+// on that libvirt network or bridge: an imported domain keeps its MACs
+// and models, a VM ferry defines gets one virtio NIC; a bad attachment
+// is refused.
+func TestAttach(t *testing.T) {
+	sock := "/run/ferry/nbd.sock"
+	spec := qemu.Spec{Name: "db", MemoryMiB: 2048, Domain: operatorDomain, Net: api.NetUser, Attach: "network:prod-west",
+		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
+	parse := func(spec qemu.Spec) libvirtxml.Domain {
+		t.Helper()
+		x, err := DomainXML(spec, "tcg", "/c.log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var d libvirtxml.Domain
+		if err := d.Unmarshal(x); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	d := parse(spec)
+	if len(d.Devices.Interfaces) != 2 || d.QEMUCommandline != nil {
+		t.Fatalf("imported: %d NICs, command line %+v; want both NICs on the network", len(d.Devices.Interfaces), d.QEMUCommandline)
+	}
+	for i, want := range []string{"52:54:00:AA:BB:01", "52:54:00:aa:bb:02"} {
+		n := d.Devices.Interfaces[i]
+		if n.Source.Network == nil || n.Source.Network.Network != "prod-west" || n.Source.Bridge != nil ||
+			!strings.EqualFold(n.MAC.Address, want) || n.Model == nil || n.Model.Type != "virtio" {
+			t.Errorf("NIC %d: %+v (source %+v), want on network prod-west with MAC %s", i, n, n.Source, want)
+		}
+	}
+	own := qemu.Spec{Name: "web", MemoryMiB: 256, Net: api.NetUser, Attach: "bridge:br-prod",
+		Forwards: []api.Forward{{Host: netip.MustParseAddrPort("127.0.0.1:9000"), GuestPort: 80}},
+		Disks:    []qemu.Disk{{Socket: sock, Export: "web/vda"}}}
+	d = parse(own)
+	if len(d.Devices.Interfaces) != 1 || d.Devices.Interfaces[0].Source.Bridge == nil ||
+		d.Devices.Interfaces[0].Source.Bridge.Bridge != "br-prod" || d.QEMUCommandline != nil {
+		t.Fatalf("ferry's VM on a bridge: NICs %+v, command line %+v", d.Devices.Interfaces, d.QEMUCommandline)
+	}
+	for _, bad := range []string{"prod", "network:", "vlan:7", "bridge:br0'/><x", "network:" + strings.Repeat("n", 65)} {
+		own.Attach = bad
+		if _, err := DomainXML(own, "tcg", "/c.log"); !errors.Is(err, qemu.ErrSpec) {
+			t.Errorf("attachment %q: %v, want ErrSpec", bad, err)
+		}
+		if err := own.Validate(); !errors.Is(err, qemu.ErrSpec) {
+			t.Errorf("Validate with attachment %q: %v, want ErrSpec", bad, err)
+		}
+	}
+}

@@ -70,6 +70,9 @@ type Spec struct {
 	// Firmware is "bios" (SeaBIOS, the default) or "uefi" (OVMF, its
 	// variables kept per VM).
 	Firmware string `json:"firmware,omitempty"`
+	// Attach: a libvirt network or bridge for the NICs
+	// (api.VMRequest.Attach); only the libvirt runtime has them.
+	Attach string `json:"attach,omitempty"`
 }
 
 // OVMF's code and the template of its variables (Debian's ovmf package).
@@ -117,6 +120,11 @@ func (s *Spec) Validate() error {
 	case "", NetNone, NetUser, NetIsolated:
 	default:
 		return bad("unknown network mode %q", s.Net)
+	}
+	if s.Attach != "" {
+		if err := api.CheckAttachment(s.Attach); err != nil {
+			return bad("%v", err)
+		}
 	}
 	switch s.Firmware {
 	case "", "bios":

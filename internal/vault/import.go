@@ -128,11 +128,5 @@ func (v *Vault) ReleaseVM(ctx context.Context, name string) error {
 		}
 		return err
 	}
-	if err := v.st.Delete(ctx, kindVM, name, ver); err != nil {
-		return err
-	}
-	if _, pver, err := get[Protection](ctx, v.st, kindProtection, name); err == nil {
-		v.st.Delete(ctx, kindProtection, name, pver)
-	}
-	return nil
+	return v.forgetVM(ctx, name, ver)
 }

@@ -3,6 +3,7 @@ package vault
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -62,5 +63,35 @@ func TestImportAndRelease(t *testing.T) {
 	}
 	if _, _, err := get[VM](context.Background(), f.st, kindVM, "db"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("released VM still defined: %v", err)
+	}
+}
+
+// TestLibvirtAttachment: a network declared with a libvirt attachment
+// sends it to the site with every VM attached there (a failover of an
+// imported VM); a malformed one is refused.
+func TestLibvirtAttachment(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	var e map[string]string
+	if code := f.call(t, f.op, "PUT", "/v1/sites/west/networks/bad", api.Network{Kind: KindProduction, Subnet: "10.20.0.0/24", Libvirt: "vlan:7"}, &e); code != 400 || !strings.Contains(e["error"], "network:NAME or bridge:NAME") {
+		t.Fatalf("a malformed attachment: %d %q, want 400", code, e["error"])
+	}
+	if code := f.call(t, f.op, "PUT", "/v1/sites/west/networks/prod-west", api.Network{Kind: KindProduction, Subnet: "10.20.0.0/24", Libvirt: "network:prod"}, nil); code != 200 {
+		t.Fatalf("declare a network with a libvirt attachment: %d", code)
+	}
+	if code := f.call(t, f.op, "POST", "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, nil); code != 200 {
+		t.Fatalf("import: %d", code)
+	}
+	if j := f.job(t, "/v1/protections", EnableRequest{VM: "db", Target: "west", Networks: map[string]string{"nic0": "prod-west"}}); j.State != JobSucceeded {
+		t.Fatalf("protect: %+v", j)
+	}
+	if j := f.job(t, "/v1/protections/db/failover", api.FailoverRequest{Point: "latest"}); j.State != JobSucceeded {
+		t.Fatalf("failover: %+v", j)
+	}
+	f.west.mu.Lock()
+	req := f.west.vms["db"]
+	f.west.mu.Unlock()
+	if req.Attach != "network:prod" || req.Domain == "" {
+		t.Fatalf("the recovery site was asked to start %+v; want it on libvirt's network prod, as its domain", req)
 	}
 }

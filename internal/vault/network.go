@@ -48,6 +48,11 @@ func (v *Vault) PutNetwork(ctx context.Context, site string, n Network) (api.Sit
 	if err := api.CheckSubnet(n.Subnet); err != nil {
 		return api.Site{}, err
 	}
+	if n.Libvirt != "" {
+		if err := api.CheckAttachment(n.Libvirt); err != nil {
+			return api.Site{}, err
+		}
+	}
 	for {
 		s, ver, err := get[api.Site](ctx, v.st, kindSite, site)
 		if err != nil {
@@ -272,7 +277,7 @@ func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, d
 // point if seq is not zero, attached to network n.
 func vmRequest(vm VM, name, site string, seq uint64, n Network) api.VMRequest {
 	req := api.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Subnet: n.Subnet,
-		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}, Domain: vm.Domain, Firmware: vm.Firmware}
+		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}, Domain: vm.Domain, Firmware: vm.Firmware, Attach: n.Libvirt}
 	if seq != 0 {
 		req.Replica, req.Seq = vm.Name, seq
 	} else {

@@ -902,6 +902,12 @@ func (v *Vault) DeleteVM(ctx context.Context, name string) error {
 		}
 		return err
 	}
+	return v.forgetVM(ctx, name, ver)
+}
+
+// forgetVM deletes a VM's record (at version ver) and its disabled
+// protection's.
+func (v *Vault) forgetVM(ctx context.Context, name string, ver int64) error {
 	if err := v.st.Delete(ctx, kindVM, name, ver); err != nil {
 		return err
 	}
