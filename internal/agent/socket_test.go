@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/disk"
 )
 
 func TestSocketAccess(t *testing.T) {
@@ -54,5 +58,33 @@ func TestSocketAccess(t *testing.T) {
 				t.Fatalf("GID = %d, want %d", acc.GID, tc.wantGID)
 			}
 		})
+	}
+}
+
+// TestLibvirtOnlyRequests: a site that runs QEMU directly refuses, as
+// invalid requests and before anything runs, what only libvirt can do:
+// a libvirt domain, a libvirt network attachment, an import.
+func TestLibvirtOnlyRequests(t *testing.T) {
+	a := startAgent(t, pkiDir(t, "s1"), "s1")
+	ctx := context.Background()
+	if err := a.CreateGroup("vm1", []disk.Spec{{Name: "vda", Size: 1 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []VMRequest{
+		{Name: "x", Group: "vm1", MemoryMiB: 64, Domain: "<domain type='kvm'><name>x</name></domain>"},
+		{Name: "x", Group: "vm1", MemoryMiB: 64, Attach: "network:prod"},
+	} {
+		if _, err := a.StartVM(ctx, req); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "--runtime libvirt") {
+			t.Errorf("StartVM(domain %t, attach %q): %v, want ErrInvalid naming --runtime libvirt", req.Domain != "", req.Attach, err)
+		}
+	}
+	if _, err := a.Import(ctx, api.ImportRequest{Domain: "web"}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Import at a QEMU site: %v, want ErrInvalid", err)
+	}
+	if err := a.Release(ctx, "vm1"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Release at a QEMU site: %v, want ErrInvalid", err)
+	}
+	if st := a.FullStatus(ctx); len(st.VMs) != 0 {
+		t.Errorf("a refused VM runs: %+v", st.VMs)
 	}
 }

@@ -97,6 +97,9 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	vm, err := a.runtime.Start(ctx, spec, filepath.Join(a.cfg.Dir, "vms", req.Name))
 	if err != nil {
 		a.closeViews(rv.views)
+		if errors.Is(err, qemu.ErrSpec) {
+			err = fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
 		return qemu.Status{}, err
 	}
 	rv.vm = vm
