@@ -209,12 +209,8 @@ func importedXML(spec qemu.Spec, accel, console string) (string, error) {
 	if i != len(spec.Disks) {
 		return "", fmt.Errorf("%w: the domain has %d disks, the VM %d", qemu.ErrSpec, i, len(spec.Disks))
 	}
+	sanitize(&d, console)
 	d.Devices.Disks = disks
-	if len(d.Devices.Serials) == 0 {
-		d.Devices.Serials = []libvirtxml.DomainSerial{{Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: console}}}}
-	} else {
-		d.Devices.Serials[0].Log = &libvirtxml.DomainChardevLog{File: console, Append: "off"}
-	}
 	var mac string
 	if len(d.Devices.Interfaces) > 0 && d.Devices.Interfaces[0].MAC != nil {
 		mac = d.Devices.Interfaces[0].MAC.Address
@@ -264,6 +260,62 @@ func attachedNIC(attach string, nic libvirtxml.DomainInterface) (libvirtxml.Doma
 		out.Source.Bridge = &libvirtxml.DomainInterfaceSourceBridge{Bridge: name}
 	}
 	return out, nil
+}
+
+// sanitize keeps of an imported definition only what cannot reach
+// beyond the VM on the host that runs it. The definition comes from
+// another site's libvirt and runs here with libvirt's privileges, so
+// whatever names a host resource or a program is dropped: the emulator
+// path, QEMU command line passthrough, host directories, devices and
+// sockets, file-backed character devices, NVRAM and loader paths (UEFI
+// is asked of libvirt by name, which keeps NVRAM in its own place),
+// security labels, and NICs other than on a network, bridge or user
+// mode (an "ethernet" NIC runs a script). Kept: CPU, memory, features,
+// clock, controllers, NICs (MAC and model), the guest agent channel
+// (its socket placed by libvirt), a memory balloon, watchdogs, panic
+// notifiers; the serial console is a pty logged to console.
+func sanitize(d *libvirtxml.Domain, console string) {
+	d.QEMUCommandline, d.QEMUCapabilities, d.QEMUOverride, d.QEMUDeprecation = nil, nil, nil, nil
+	d.SecLabel = nil
+	if d.OS != nil {
+		efi := d.OS.Firmware == "efi" || d.OS.Loader != nil
+		d.OS.Loader, d.OS.NVRam, d.OS.VarStore, d.OS.FirmwareInfo = nil, nil, nil, nil
+		d.OS.Firmware = ""
+		if efi {
+			d.OS.Firmware = "efi"
+		}
+		d.OS.DTB, d.OS.ACPI = "", nil
+	}
+	old := d.Devices
+	keep := &libvirtxml.DomainDeviceList{Controllers: old.Controllers, MemBalloon: old.MemBalloon, Watchdogs: old.Watchdogs, Panics: old.Panics}
+	for _, n := range old.Interfaces {
+		if n.Source == nil || (n.Source.Network == nil && n.Source.Bridge == nil && n.Source.User == nil) {
+			continue
+		}
+		src := &libvirtxml.DomainInterfaceSource{}
+		switch {
+		case n.Source.Network != nil:
+			src.Network = &libvirtxml.DomainInterfaceSourceNetwork{Network: n.Source.Network.Network, PortGroup: n.Source.Network.PortGroup}
+		case n.Source.Bridge != nil:
+			src.Bridge = &libvirtxml.DomainInterfaceSourceBridge{Bridge: n.Source.Bridge.Bridge}
+		default:
+			src.User = &libvirtxml.DomainInterfaceSourceUser{}
+		}
+		keep.Interfaces = append(keep.Interfaces, libvirtxml.DomainInterface{MAC: n.MAC, Model: n.Model, Source: src})
+	}
+	for _, ch := range old.Channels {
+		if ch.Target != nil && ch.Target.VirtIO != nil && ch.Target.VirtIO.Name == "org.qemu.guest_agent.0" {
+			keep.Channels = []libvirtxml.DomainChannel{{
+				Source: &libvirtxml.DomainChardevSource{UNIX: &libvirtxml.DomainChardevSourceUNIX{Mode: "bind"}},
+				Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: "org.qemu.guest_agent.0"}},
+			}}
+		}
+	}
+	keep.Serials = []libvirtxml.DomainSerial{{
+		Source: &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}},
+		Log:    &libvirtxml.DomainChardevLog{File: console, Append: "off"},
+	}}
+	d.Devices = keep
 }
 
 // userNet is QEMU's user-mode NIC with the spec's forwards, through

@@ -118,6 +118,49 @@ const operatorDomain = `<domain type='kvm'>
   </devices>
 </domain>`
 
+// hostileDomain names host resources and programs every way libvirt
+// offers: none of it may reach a recovery site.
+const hostileDomain = `<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>evil</name>
+  <memory unit='MiB'>256</memory>
+  <os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>/etc/shadow</loader><nvram>/etc/passwd</nvram></os>
+  <seclabel type='none'/>
+  <devices>
+    <emulator>/bin/sh</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/x.img'/><target dev='vda' bus='virtio'/></disk>
+    <filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>
+    <hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0' slot='2' function='0'/></source></hostdev>
+    <interface type='ethernet'><mac address='52:54:00:00:00:09'/><script path='/tmp/evil.sh'/></interface>
+    <interface type='bridge'><mac address='52:54:00:00:00:0a'/><source bridge='br0'/><script path='/tmp/evil.sh'/></interface>
+    <serial type='file'><source path='/etc/crontab'/></serial>
+    <channel type='unix'><source mode='connect' path='/run/docker.sock'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <channel type='unix'><source mode='connect' path='/run/libvirt/libvirt-sock'/><target type='virtio' name='x.y'/></channel>
+  </devices>
+  <qemu:commandline><qemu:arg value='-chardev'/><qemu:arg value='file,path=/etc/crontab,id=x'/></qemu:commandline>
+</domain>`
+
+func TestImportedDefinitionIsSanitized(t *testing.T) {
+	spec := qemu.Spec{Name: "evil", MemoryMiB: 256, Domain: hostileDomain, Disks: []qemu.Disk{{Socket: "/run/ferry/nbd.sock", Export: "evil/vda"}}}
+	x, err := DomainXML(spec, "tcg", "/var/lib/ferry/vms/evil/console.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"/etc/shadow", "/etc/passwd", "/bin/sh", "filesystem", "hostdev", "evil.sh", "ethernet", "/etc/crontab",
+		"docker.sock", "libvirt-sock", "x.y", "seclabel", "commandline", "/x.img"} {
+		if strings.Contains(x, bad) {
+			t.Errorf("the definition to run still holds %q:\n%s", bad, x)
+		}
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil {
+		t.Fatal(err)
+	}
+	if d.OS.Firmware != "efi" || len(d.Devices.Interfaces) != 1 || d.Devices.Interfaces[0].Source.Bridge.Bridge != "br0" ||
+		len(d.Devices.Channels) != 1 || d.Devices.Channels[0].Source.UNIX.Path != "" {
+		t.Errorf("kept: firmware %q, NICs %+v, channels %+v", d.OS.Firmware, d.Devices.Interfaces, d.Devices.Channels)
+	}
+}
+
 func TestDescribeXML(t *testing.T) {
 	res, err := describeXML(operatorDomain)
 	if err != nil {
@@ -165,8 +208,8 @@ func TestImportedXML(t *testing.T) {
 	}
 	// Production, on KVM: the operator's definition, disks on ferry.
 	d := parse(spec, "kvm")
-	if d.Name != "db" || d.UUID == "" || d.Type != "kvm" || d.CPU == nil || d.OS.Loader == nil {
-		t.Errorf("kept: name %q uuid %q type %q cpu %+v loader %+v", d.Name, d.UUID, d.Type, d.CPU, d.OS.Loader)
+	if d.Name != "db" || d.UUID == "" || d.Type != "kvm" || d.CPU == nil || d.OS.Firmware != "efi" || d.OS.Loader != nil {
+		t.Errorf("kept: name %q uuid %q type %q cpu %+v; UEFI asked by name: firmware %q loader %+v", d.Name, d.UUID, d.Type, d.CPU, d.OS.Firmware, d.OS.Loader)
 	}
 	if len(d.Devices.Disks) != 2 {
 		t.Fatalf("%d disks, want 2 (the cdrom goes)", len(d.Devices.Disks))
@@ -183,7 +226,7 @@ func TestImportedXML(t *testing.T) {
 		t.Errorf("production keeps its NICs: %d, command line %+v", len(d.Devices.Interfaces), d.QEMUCommandline)
 	}
 	if s := d.Devices.Serials; len(s) != 1 || s[0].Log == nil || s[0].Log.File != "/c.log" || s[0].Source.Pty == nil {
-		t.Errorf("serial: the operator's pty, logged to the console file: %+v", s)
+		t.Errorf("serial: a pty, logged to the console file: %+v", s)
 	}
 	// A drill without KVM: another identity, no host CPU, isolated NIC
 	// with the first MAC.

@@ -46,6 +46,7 @@ func TestImportAndRelease(t *testing.T) {
 	f.refused(t, "/v1/imports", api.VaultImport{Site: "nowhere", Domain: "web"}, 404, "nowhere")
 	f.refused(t, "/v1/imports", api.VaultImport{Site: "east", Domain: "../x"}, 400, "cannot name a VM")
 	f.refused(t, "/v1/vms/vm1/release", struct{}{}, 400, "not imported")
+	f.refused(t, "/v1/vms", VM{Name: "x", Site: "east", MemoryMiB: 256, Disks: []DiskSpec{{Name: "vda", Size: 1 << 20}}, Domain: "<domain/>"}, 400, "only from an import")
 
 	j := f.job(t, "/v1/protections", EnableRequest{VM: "db", Target: "west"})
 	if j.State != JobSucceeded {

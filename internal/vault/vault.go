@@ -628,6 +628,11 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	if err := checkVM(vm); err != nil {
 		return err
 	}
+	if vm.Domain != "" {
+		// A definition runs with libvirt's privileges at every site: it
+		// comes only from a site's own libvirt, through an import.
+		return fmt.Errorf("%w: a VM's libvirt definition comes only from an import (ferry vm import --libvirt)", ErrInvalid)
+	}
 	site, c, err := v.site(ctx, vm.Site)
 	if err != nil {
 		return err
