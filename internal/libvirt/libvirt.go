@@ -131,7 +131,6 @@ func (r *Runtime) Start(ctx context.Context, spec qemu.Spec, dir string) (*Domai
 	if d.accel == "" || d.accel == "auto" {
 		d.accel = qemu.DetectAccel(ctx, spec.Boot)
 	}
-	os.Remove(d.ConsolePath())
 	x, err := DomainXML(spec, d.accel, d.ConsolePath())
 	if err != nil {
 		return nil, err
@@ -158,6 +157,7 @@ func (r *Runtime) Start(ctx context.Context, spec qemu.Spec, dir string) (*Domai
 		case spec.Domain == "" || st != golibvirt.DomainShutoff:
 			return nil, fmt.Errorf("%w: libvirt already has a domain named %q (%s)", qemu.ErrSpec, spec.Name, stateName(state))
 		}
+		os.Remove(d.ConsolePath()) // a new boot, a new console log
 		if dom, err = c.DomainDefineXML(x); err != nil {
 			return nil, fmt.Errorf("libvirt: redefine domain %s: %w", spec.Name, err)
 		}
@@ -167,8 +167,11 @@ func (r *Runtime) Start(ctx context.Context, spec qemu.Spec, dir string) (*Domai
 		if err := c.DomainCreate(dom); err != nil {
 			return nil, fmt.Errorf("libvirt: start domain %s: %w", spec.Name, err)
 		}
-	} else if dom, err = c.DomainCreateXML(x, golibvirt.DomainNone); err != nil {
-		return nil, fmt.Errorf("libvirt: create domain %s: %w", spec.Name, err)
+	} else {
+		os.Remove(d.ConsolePath()) // a new boot, a new console log
+		if dom, err = c.DomainCreateXML(x, golibvirt.DomainNone); err != nil {
+			return nil, fmt.Errorf("libvirt: create domain %s: %w", spec.Name, err)
+		}
 	}
 	if ctx.Err() != nil { // the caller gave up: leave nothing behind
 		c.DomainDestroy(dom)
