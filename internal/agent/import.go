@@ -179,15 +179,21 @@ func (a *Agent) runLiveImport(ctx context.Context, imp Importer, is *importState
 	}); err != nil {
 		return err
 	}
-	if err := a.finishImport(ctx, imp, is, res); err != nil {
+	// From the pivot on, the group is the domain's only up-to-date copy:
+	// it must never again look like a partial import (one that a new
+	// import deletes), whatever fails next.
+	if err := os.Remove(filepath.Join(a.groupDir(name), importMarker)); err != nil {
 		return err
 	}
-	// The domain runs on the group now: it is the group's VM (the
-	// runtime takes a running imported domain as it is).
+	if err := atomicfile.SyncDir(a.groupDir(name)); err != nil {
+		return err
+	}
+	// It runs on the group: it is the group's VM (the runtime takes a
+	// running imported domain as it is).
 	if _, err := a.StartVM(ctx, VMRequest{Name: name, Group: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original}); err != nil {
 		return fmt.Errorf("take the running domain as the group's VM: %w", err)
 	}
-	return nil
+	return a.finishImport(ctx, imp, is, res)
 }
 
 // finishImport measures what the group holds, keeps the original
@@ -231,7 +237,7 @@ func (a *Agent) finishImport(ctx context.Context, imp Importer, is *importState,
 	if err != nil {
 		return err
 	}
-	if err := os.Remove(filepath.Join(a.groupDir(name), importMarker)); err != nil {
+	if err := os.Remove(filepath.Join(a.groupDir(name), importMarker)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	if err := atomicfile.SyncDir(a.groupDir(name)); err != nil {
