@@ -4,9 +4,12 @@
 // agent's NBD exports on its unix socket. It talks to libvirtd over its
 // RPC protocol (github.com/digitalocean/go-libvirt, pure Go).
 //
-// Domains ferry starts for a VM are transient (created, never defined):
-// they vanish when they stop, so a fenced or dead site never autostarts
-// one, and nothing is left to clean up on the host.
+// Domains ferry starts for its own VMs, and for imported ones at a
+// recovery site, are transient (created, never defined): they vanish when
+// they stop, so a fenced or dead site never autostarts one, and nothing is
+// left to clean up on the host. An imported domain at its own site stays
+// the operator's defined domain, redefined onto ferry's disks with
+// autostart off (domain.go).
 package libvirt
 
 import (
@@ -107,7 +110,8 @@ func (r *Runtime) Close() error {
 	return err
 }
 
-// Domain is a VM running as a transient libvirt domain.
+// Domain is a VM ferry runs as a libvirt domain (transient, or an
+// imported domain's own definition).
 type Domain struct {
 	r     *Runtime
 	spec  qemu.Spec
