@@ -80,6 +80,15 @@ func TestLifecycleKills(t *testing.T) {
 			victim := []string{"vault", "source", "recovery"}[(i+round)%3]
 			siteReachable(t, c, "siteA", true)
 			siteReachable(t, c, "siteB", true)
+			if jb.name == "drill" {
+				// A drill needs a recovery point, and points follow the
+				// guest's writes: a VM the vault just started again after
+				// its agent was killed may not have written yet.
+				until(t, 3*time.Minute, "a recovery point of web", func() bool {
+					pts, err := c.Points(ctx, "web")
+					return err == nil && len(pts) > 0
+				})
+			}
 			if jb.name == "failover" || jb.name == "failback" {
 				// A VM whose agent was killed is started again by the
 				// vault: wait for its workload.
@@ -141,6 +150,15 @@ func TestLifecycleKills(t *testing.T) {
 			}
 			if jb.after != nil {
 				jb.after()
+			}
+			if jb.name == "drill" {
+				// A drill needs a recovery point, and points follow the
+				// guest's writes: a VM the vault just started again after
+				// its agent was killed may not have written yet.
+				until(t, 3*time.Minute, "a recovery point of web", func() bool {
+					pts, err := c.Points(ctx, "web")
+					return err == nil && len(pts) > 0
+				})
 			}
 			if jb.name == "failover" || jb.name == "failback" {
 				var st guest.WorkloadState

@@ -867,16 +867,17 @@ func (a *Agent) EnableReplication(name string, rc replConfig) error {
 	return nil
 }
 
-// DisableReplication stops replicating group and releases its journal hold.
+// DisableReplication stops replicating group and releases its journal
+// hold. Idempotent: a group that does not replicate is left as it is (a
+// vault that died between this and recording it retries).
 func (a *Agent) DisableReplication(name string) error {
 	gr, err := a.group(name)
 	if err != nil {
 		return err
 	}
-	if gr.shipper == nil {
-		return fmt.Errorf("%w: group %q is not replicating", ErrConflict, name)
+	if gr.shipper != nil {
+		gr.shipper.Close()
 	}
-	gr.shipper.Close()
 	gr.shipper, gr.repl = nil, nil
 	gr.g.Observe(nil) // a dirty-block bitmap, if any, is no longer needed
 	gr.g.Hold("shipper", 0)

@@ -54,8 +54,8 @@ type Site interface {
 	// Changes reports what group changed after since. ErrNotFound if it
 	// cannot tell (no group, or the tracking is gone).
 	Changes(ctx context.Context, group string, since uint64) (api.PeerChanges, error)
-	// Unreplicate stops group's replication. ErrNotFound without the
-	// group.
+	// Unreplicate stops group's replication. Idempotent (a group that
+	// does not replicate is fine); ErrNotFound without the group.
 	Unreplicate(ctx context.Context, group string) error
 	// DeleteGroup deletes a group's disks. ErrConflict while a VM runs on
 	// it or it replicates; ErrNotFound without it.

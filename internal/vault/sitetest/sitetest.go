@@ -62,6 +62,8 @@ func Run(t *testing.T, newSite func(t *testing.T) vault.Site) {
 		}
 		is(t, "replicate unknown", s.Replicate(ctx, "nope", api.Replicate{PeerAddr: "127.0.0.1:1", PeerName: "peer"}), api.ErrNotFound)
 		is(t, "unreplicate unknown", s.Unreplicate(ctx, "nope"), api.ErrNotFound)
+		is(t, "unreplicate a group that does not replicate", s.Unreplicate(ctx, "st1"), nil)
+		is(t, "unreplicate it again", s.Unreplicate(ctx, "st1"), nil)
 		_, err = s.Divergence(ctx, "st1")
 		is(t, "divergence without a commit", err, api.ErrNotFound)
 		_, err = s.Changes(ctx, "nope", 1)
