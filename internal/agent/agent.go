@@ -255,7 +255,8 @@ func (a *Agent) Start(ctx context.Context) error {
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), ".") {
 			// A commit that died before its group was renamed into
-			// place: its replica is still a replica (rolled back below).
+			// place (its replica is still a replica: rolled back below),
+			// or a deletion a crash interrupted (atomicfile.RemoveDir).
 			os.RemoveAll(filepath.Join(a.cfg.Dir, "groups", e.Name()))
 			continue
 		}
@@ -274,6 +275,11 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	entries, _ = os.ReadDir(filepath.Join(a.cfg.Dir, "replicas"))
 	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), atomicfile.RemovedPrefix) {
+			// A removal a crash interrupted (atomicfile.RemoveDir).
+			os.RemoveAll(filepath.Join(a.cfg.Dir, "replicas", e.Name()))
+			continue
+		}
 		if !e.IsDir() {
 			continue
 		}
@@ -948,7 +954,7 @@ func (a *Agent) removeFoldedBase(name string) {
 		a.problem("replica", name, fmt.Errorf("%w: a group of the same name exists at this site", ErrConflict))
 		return
 	}
-	if err := os.RemoveAll(dir); err != nil {
+	if err := atomicfile.RemoveDir(dir); err != nil {
 		a.log.Warn("remove the folded base of a committed group", "group", name, "err", err)
 		return
 	}

@@ -516,7 +516,7 @@ func (a *Agent) dropReplica(name string) error {
 		return nil
 	}
 	rep.Close()
-	if err := os.RemoveAll(filepath.Join(a.cfg.Dir, "replicas", name)); err != nil {
+	if err := atomicfile.RemoveDir(filepath.Join(a.cfg.Dir, "replicas", name)); err != nil {
 		return err
 	}
 	if err := os.Remove(a.sourcePath(name)); err != nil && !errors.Is(err, os.ErrNotExist) {

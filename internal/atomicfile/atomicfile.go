@@ -7,6 +7,7 @@ package atomicfile
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -80,4 +81,32 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// RemovedPrefix starts the name of a directory RemoveDir is deleting:
+// whoever lists the parent skips (and may finish deleting) such entries.
+const RemovedPrefix = ".removing-"
+
+// RemoveDir deletes a directory tree so that a crash never leaves it half
+// there under its own name: it is renamed to a hidden sibling first
+// (RemovedPrefix), the rename made durable, then deleted. A crash after
+// the rename leaves only the hidden sibling, which the next RemoveDir of
+// the same name, or the owner's start-up, deletes. A missing dir is fine.
+func RemoveDir(dir string) error {
+	parent := filepath.Dir(dir)
+	gone := filepath.Join(parent, RemovedPrefix+filepath.Base(dir))
+	if err := os.RemoveAll(gone); err != nil {
+		return err
+	}
+	if err := os.Rename(dir, gone); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	if err := syncDir(parent); err != nil {
+		return err
+	}
+	crash("remove-renamed", dir)
+	return os.RemoveAll(gone)
 }

@@ -1,6 +1,7 @@
 package atomicfile
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -73,5 +74,49 @@ func assertNoTemp(t *testing.T, dir string) {
 		if e.Name() != "state.json" {
 			t.Errorf("left behind %s", e.Name())
 		}
+	}
+}
+
+// TestRemoveDir: a crash after the rename leaves no directory under its
+// own name, only the hidden sibling, which the next RemoveDir clears.
+func TestRemoveDir(t *testing.T) {
+	parent := t.TempDir()
+	dir := filepath.Join(parent, "web")
+	mk := func() {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Join(dir, "images"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "images", "vda.img"), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk()
+	type crashed struct{}
+	CrashPoint = func(name, _ string) {
+		if name == "remove-renamed" {
+			panic(crashed{})
+		}
+	}
+	func() {
+		defer func() { recover() }()
+		RemoveDir(dir)
+	}()
+	CrashPoint = nil
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("after a crash mid-removal the directory is still there under its name: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(parent, RemovedPrefix+"web")); err != nil {
+		t.Fatalf("no hidden sibling after the crash: %v", err)
+	}
+	mk() // a new one of the same name, then removed for good
+	if err := RemoveDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	if entries, _ := os.ReadDir(parent); len(entries) != 0 {
+		t.Fatalf("left behind: %v", entries)
+	}
+	if err := RemoveDir(dir); err != nil {
+		t.Fatalf("removing a missing directory: %v", err)
 	}
 }

@@ -360,7 +360,7 @@ func (g *Group) Remove() error {
 			err = rerr
 		}
 	}
-	if rerr := os.RemoveAll(g.cfg.Dir); rerr != nil && err == nil {
+	if rerr := atomicfile.RemoveDir(g.cfg.Dir); rerr != nil && err == nil {
 		err = rerr
 	}
 	return err

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/disk"
 )
 
@@ -144,7 +145,9 @@ func (b *Base) ImagePath(id uint16) string {
 // (journal, index, what is left of its images) deleted.
 func (b *Base) Release() error {
 	b.Close()
-	return os.RemoveAll(b.r.cfg.Dir)
+	// Never half there under its name: a replica without its images
+	// would not open, and its site would report it until an operator came.
+	return atomicfile.RemoveDir(b.r.cfg.Dir)
 }
 
 // Close implements disk.Base.

@@ -88,7 +88,7 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 		}
 		v.updateProtection(ctx, p.VM, func(p *Protection) error { p.State = StateInitialSync; return nil })
 		r.Step(ctx, "initial replication")
-		sent, total, err := v.waitInSync(ctx, r, sc, p.VM, "copied")
+		sent, total, err := v.waitInSync(ctx, r, sc, dc, p.VM, "copied")
 		if err != nil {
 			return nil, err
 		}
@@ -101,9 +101,19 @@ func (v *Vault) Enable(ctx context.Context, req EnableRequest) (Job, error) {
 
 // waitInSync follows a group's replication at its source until the initial
 // (or delta) copy is over and the recovery site has every entry, reporting
-// progress; it returns the bytes sent and the disks' size.
-func (v *Vault) waitInSync(ctx context.Context, r *run, c Site, vm, verb string) (sent, total int64, err error) {
+// progress; it returns the bytes sent and the disks' size. It fails, with
+// the recovery site's reason, once that site reports the replica as one it
+// could not open: the stream cannot resume before an operator repairs it,
+// and a job must not wait for that.
+func (v *Vault) waitInSync(ctx context.Context, r *run, c, dc Site, vm, verb string) (sent, total int64, err error) {
 	for {
+		if st, err := dc.Status(ctx); err == nil {
+			for _, pr := range st.Problems {
+				if pr.Kind == "replica" && pr.Name == vm {
+					return 0, 0, fmt.Errorf("the recovery site cannot open the replica of %s (%s); repair it there (ferry agent replica resync %s, or move the replica aside) and retry", vm, pr.Reason, vm)
+				}
+			}
+		}
 		if st, err := c.Status(ctx); err == nil {
 			for _, g := range st.Groups {
 				if g.Name != vm || g.Replication == nil {
@@ -692,7 +702,7 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 			return nil, err
 		}
 		r.Step(ctx, "synchronize differences")
-		sent, total, err := v.waitInSync(ctx, r, fc, vmName, "went through")
+		sent, total, err := v.waitInSync(ctx, r, fc, tc, vmName, "went through")
 		if err != nil {
 			return nil, err
 		}

@@ -96,3 +96,18 @@ func TestLibvirtAttachment(t *testing.T) {
 		t.Fatalf("the recovery site was asked to start %+v; want it on libvirt's network prod, as its domain", req)
 	}
 }
+
+// TestSyncFailsOnDamagedReplica: a protect (or reprotect) whose recovery
+// site reports the replica as one it cannot open fails with that reason
+// at once, instead of waiting for a stream that cannot resume.
+func TestSyncFailsOnDamagedReplica(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	f.west.mu.Lock()
+	f.west.problems = []api.Problem{{Kind: "replica", Name: "vm1", Reason: "open replica image \"vda\": no such file"}}
+	f.west.mu.Unlock()
+	j := f.job(t, "/v1/protections", EnableRequest{VM: "vm1", Target: "west"})
+	if j.State != JobFailed || !strings.Contains(j.Error, "cannot open the replica of vm1") || !strings.Contains(j.Error, "no such file") {
+		t.Fatalf("protect onto a damaged replica: %s %q; want failed with the recovery site's reason", j.State, j.Error)
+	}
+}
