@@ -845,15 +845,18 @@ func (j *Journal) Size() int64 {
 	return n
 }
 
-// SizeAfter returns the bytes of the segments that hold entries after
-// seq: what a holder at seq+1 keeps on disk. It counts whole segments,
-// the unit Trim frees.
+// SizeAfter returns the bytes of the segments that hold only entries
+// after seq: a lower bound of what a holder at seq+1 keeps on disk,
+// exact to within the one segment that holds both seq and later entries
+// (which may be mostly entries up to seq: counting it whole made a large
+// active segment look like lag). It counts whole segments, the unit Trim
+// frees.
 func (j *Journal) SizeAfter(seq uint64) int64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	var n int64
 	for _, s := range j.segs {
-		if s.lastSeq.Load() > seq {
+		if s.firstSeq > seq && s.lastSeq.Load() >= s.firstSeq {
 			n += s.size.Load()
 		}
 	}
