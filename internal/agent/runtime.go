@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -63,10 +62,4 @@ func (r directRuntime) Start(ctx context.Context, spec qemu.Spec, dir string) (M
 		return nil, err
 	}
 	return vm, nil
-}
-
-// hasGuestAgent: the machine has a guest agent channel (it may still not
-// answer).
-func hasGuestAgent(ctx context.Context, m Machine) bool {
-	return !errors.Is(m.PingGuest(ctx), qemu.ErrNoGuestAgent)
 }

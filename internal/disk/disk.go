@@ -636,7 +636,7 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 	g.ckptMu.Lock()
 	defer g.ckptMu.Unlock()
 	if paced {
-		select { // a token left by an unpaced checkpoint already served
+		select { // drop a token whose unpaced checkpoint ran already
 		case <-g.hurry:
 		default:
 		}
