@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,18 +16,27 @@ import (
 	"github.com/ferry-dr/ferry/internal/guest"
 )
 
+// libvirtd holds the daemons this test binary started; TestMain stops
+// them after the last test. Starting them once per binary rather than
+// per test matters: a daemon stopped at one test's end is still exiting
+// when the next test looks for it, and pgrep would find the dying one.
+var libvirtd struct {
+	sync.Mutex
+	started []string
+}
+
 // libvirtURI returns a URI of a running libvirt daemon, starting libvirtd
-// and virtlogd (no systemd needed) when none answers; what it started it
-// stops at the end of the test.
+// and virtlogd (no systemd needed) when none answers.
 func libvirtURI(t *testing.T) string {
 	t.Helper()
 	need(t, "libvirtd", "virtlogd", "virsh")
 	const uri = "qemu:///system"
 	up := func() bool { return exec.Command("virsh", "-c", uri, "version").Run() == nil }
+	libvirtd.Lock()
+	defer libvirtd.Unlock()
 	if up() {
 		return uri
 	}
-	var started []string
 	for _, d := range []string{"virtlogd", "libvirtd"} {
 		if exec.Command("pgrep", "-x", d).Run() == nil {
 			continue
@@ -34,15 +44,26 @@ func libvirtURI(t *testing.T) string {
 		if out, err := exec.Command(d, "-d").CombinedOutput(); err != nil {
 			t.Fatalf("start %s: %v\n%s", d, err, out)
 		}
-		started = append(started, d)
+		libvirtd.started = append(libvirtd.started, d)
 	}
-	t.Cleanup(func() {
-		for _, d := range started {
-			exec.Command("pkill", "-x", d).Run()
-		}
-	})
 	until(t, 20*time.Second, "libvirtd to answer", up)
 	return uri
+}
+
+// stopLibvirt stops the daemons libvirtURI started and waits (bounded)
+// until they are gone, so that the next test binary starts afresh.
+func stopLibvirt() {
+	libvirtd.Lock()
+	defer libvirtd.Unlock()
+	for i := len(libvirtd.started) - 1; i >= 0; i-- {
+		d := libvirtd.started[i]
+		exec.Command("pkill", "-x", d).Run()
+		deadline := time.Now().Add(10 * time.Second)
+		for exec.Command("pgrep", "-x", d).Run() == nil && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	libvirtd.started = nil
 }
 
 // openToHypervisor lets other users through dir and its parents up to
