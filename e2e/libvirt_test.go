@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -317,10 +318,11 @@ func TestLibvirtImportOffline(t *testing.T) {
 	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
 
 	web := freePort(t)
-	const mac = "52:54:00:fe:44:01"
+	const mac, mac2 = "52:54:00:fe:44:01", "52:54:00:fe:44:02"
 	xml := operatorDomain(name, g, `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='`+top+`'/><target dev='vda' bus='virtio'/></disk>
     <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='`+loop+`'/><target dev='vdb' bus='virtio'/></disk>
-    <interface type='user'><mac address='`+mac+`'/><model type='virtio'/></interface>`, web)
+    <interface type='user'><mac address='`+mac+`'/><model type='virtio'/></interface>
+    <interface type='user'><mac address='`+mac2+`'/><model type='virtio'/></interface>`, web)
 	defineDomain(t, uri, name, xml)
 	original := virsh(t, uri, "dumpxml", "--inactive", name)
 
@@ -354,6 +356,9 @@ func TestLibvirtImportOffline(t *testing.T) {
 		res.Disks[1].Source != loop || res.VCPUs != 1 || res.MemoryMiB != 256 || !res.QGA {
 		t.Fatalf("import result %+v", res)
 	}
+	if len(res.NICs) != 2 || res.NICs[0].MAC != mac || res.NICs[1].MAC != mac2 {
+		t.Fatalf("imported NICs %+v, want %s and %s in order", res.NICs, mac, mac2)
+	}
 	if c := res.Disks[1].Copied; c <= 0 || c > 1<<20 {
 		t.Errorf("block device: %d bytes of data copied; want only its one written extent, not its 16 MiB", c)
 	}
@@ -371,8 +376,9 @@ func TestLibvirtImportOffline(t *testing.T) {
 
 	// ferry runs it as defined (its MAC, its guest agent), disks on the group.
 	ferryWeb := freePort(t)
-	if _, err := ca.StartVM(ctx, api.VMRequest{Name: name, Group: name, MemoryMiB: res.MemoryMiB, VCPUs: res.VCPUs, QGA: res.QGA,
-		Net: api.NetUser, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(ferryWeb), GuestPort: 80}}, Domain: res.Original}); err != nil {
+	if _, err := ca.StartVM(ctx, api.VMRequest{Name: name, Group: name, MemoryMiB: res.MemoryMiB, VCPUs: res.VCPUs, QGA: res.QGA, Domain: res.Original,
+		NICs: []api.NICRequest{{Name: "nic0", Net: api.NetUser, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(ferryWeb), GuestPort: 80}}},
+			{Name: "nic1", Net: api.NetUser}}}); err != nil {
 		t.Fatal(err)
 	}
 	var after guest.WorkloadState
@@ -381,6 +387,11 @@ func TestLibvirtImportOffline(t *testing.T) {
 		after = s
 		return err == nil && s.LastDurable > s.ResumedAfter+10
 	})
+	// Both NICs, in the domain's order, with its MACs.
+	wantNICs := []string{"eth0 " + mac, "eth1 " + mac2}
+	if !slices.Equal(after.NICs, wantNICs) {
+		t.Errorf("the guest on ferry sees NICs %q, want %q", after.NICs, wantNICs)
+	}
 	if after.ResumedAfter != held || after.ChecksumErrors != 0 {
 		t.Fatalf("on ferry's disks the workload resumed after record %d (%d checksum errors); the original disk held %d",
 			after.ResumedAfter, after.ChecksumErrors, held)
@@ -417,8 +428,9 @@ func TestLibvirtImportOffline(t *testing.T) {
 		return err == nil && len(pts) > 0 && pts[len(pts)-1].Seq >= want
 	})
 	drillWeb := freePort(t)
-	if _, err := cb.StartVM(ctx, api.VMRequest{Name: name + "-drill", Replica: name, MemoryMiB: res.MemoryMiB, QGA: res.QGA,
-		Net: api.NetIsolated, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(drillWeb), GuestPort: 80}}, Domain: res.Original}); err != nil {
+	if _, err := cb.StartVM(ctx, api.VMRequest{Name: name + "-drill", Replica: name, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original,
+		NICs: []api.NICRequest{{Name: "nic0", Net: api.NetIsolated, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(drillWeb), GuestPort: 80}}},
+			{Name: "nic1", Net: api.NetIsolated}}}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { exec.Command("virsh", "-c", uri, "destroy", name+"-drill").Run() })
@@ -428,6 +440,9 @@ func TestLibvirtImportOffline(t *testing.T) {
 		drill = s
 		return err == nil && s.ResumedAfter > 0
 	})
+	if !slices.Equal(drill.NICs, wantNICs) {
+		t.Errorf("the drill at the recovery site sees NICs %q, want %q (both on the isolated network)", drill.NICs, wantNICs)
+	}
 	if drill.ResumedAfter < durable || drill.ChecksumErrors != 0 {
 		t.Fatalf("drill resumed after record %d (%d checksum errors); %d were durable before", drill.ResumedAfter, drill.ChecksumErrors, durable)
 	}

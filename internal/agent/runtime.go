@@ -51,8 +51,10 @@ var _ Runtime = directRuntime{}
 var _ Machine = (*qemu.VM)(nil)
 
 func (r directRuntime) Start(ctx context.Context, spec qemu.Spec, dir string) (Machine, error) {
-	if spec.Attach != "" {
-		return nil, fmt.Errorf("%w: VM %s is to attach to libvirt's %s; this site runs QEMU directly: run its agent with --runtime libvirt, or attach the VM to a network without a libvirt attachment", qemu.ErrSpec, spec.Name, spec.Attach)
+	for _, n := range spec.Interfaces() {
+		if n.Attach != "" {
+			return nil, fmt.Errorf("%w: NIC %s of VM %s is to attach to libvirt's %s; this site runs QEMU directly: run its agent with --runtime libvirt, or attach the NIC to a network without a libvirt attachment", qemu.ErrSpec, n.Name, spec.Name, n.Attach)
+		}
 	}
 	if spec.Domain != "" {
 		return nil, fmt.Errorf("%w: VM %s was imported from libvirt and runs as its libvirt domain; this site runs QEMU directly: run its agent with --runtime libvirt", qemu.ErrSpec, spec.Name)

@@ -72,7 +72,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or %q already runs a VM", ErrConflict, req.Name, owner)
 	}
 	spec := qemu.Spec{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, Boot: req.Boot, Net: req.Net,
-		Subnet: req.Subnet, Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel, Domain: req.Domain, Firmware: req.Firmware, Attach: req.Attach}
+		Subnet: req.Subnet, Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel, Domain: req.Domain, Firmware: req.Firmware, Attach: req.Attach, NICs: req.NICs}
 	rv := &runningVM{name: req.Name, group: owner}
 	if gr != nil {
 		for _, d := range gr.g.Disks() {

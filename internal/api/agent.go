@@ -185,6 +185,34 @@ type VMRequest struct {
 	// (Network.Libvirt: network:NAME or bridge:NAME) instead of ferry's
 	// user-mode networking.
 	Attach string `json:"attach,omitempty"`
+	// NICs are the VM's NICs in the order the guest sees them, each on
+	// its own network. Empty: one NIC, as Net, Subnet, Forwards and
+	// Attach say (a request from a vault before several NICs; the vault
+	// still fills those from the first NIC for an agent before them).
+	NICs []NICRequest `json:"nics,omitempty"`
+}
+
+// NICRequest is one NIC of a VM a site starts (VMRequest.NICs).
+type NICRequest struct {
+	Name   string  `json:"name"`
+	Net    NetMode `json:"net"`
+	Subnet string  `json:"subnet,omitempty"` // the network's IPv4 CIDR
+	// Attach: a libvirt network or bridge (Network.Libvirt), at a
+	// libvirt site, instead of ferry's user-mode networking.
+	Attach   string    `json:"attach,omitempty"`
+	Forwards []Forward `json:"forwards,omitempty"`
+}
+
+// Interfaces returns the request's NICs: NICs, or the one NIC its
+// single-NIC fields describe (none if Net is none and nothing attaches).
+func (r VMRequest) Interfaces() []NICRequest {
+	if len(r.NICs) > 0 {
+		return r.NICs
+	}
+	if r.Attach == "" && (r.Net == "" || r.Net == NetNone) {
+		return nil
+	}
+	return []NICRequest{{Name: "nic0", Net: r.Net, Subnet: r.Subnet, Attach: r.Attach, Forwards: r.Forwards}}
 }
 
 // ImportRequest asks a libvirt site's agent to import a domain offline
@@ -213,6 +241,9 @@ type ImportResult struct {
 	Disks     []ImportedDisk `json:"disks"`
 	// QGA: the domain has a guest agent channel.
 	QGA bool `json:"qga"`
+	// NICs: the domain's NICs that ferry keeps, in order (on a libvirt
+	// network, a bridge or user-mode networking).
+	NICs []ImportedNIC `json:"nics,omitempty"`
 	// Live: the domain ran through the import (a block copy and a
 	// pivot); it runs on ferry's disks now.
 	Live bool `json:"live,omitempty"`
@@ -221,6 +252,14 @@ type ImportResult struct {
 	Original   string  `json:"original"`
 	Definition string  `json:"definition"`
 	Seconds    float64 `json:"seconds"`
+}
+
+// ImportedNIC is one NIC of an imported domain.
+type ImportedNIC struct {
+	MAC string `json:"mac,omitempty"`
+	// Attach is where it is on the host: "network:NAME", "bridge:NAME"
+	// (as Network.Libvirt), or empty for user-mode networking.
+	Attach string `json:"attach,omitempty"`
 }
 
 // ImportState is where an import is.

@@ -15,19 +15,30 @@ import (
 func vmCmd(e *env) *cobra.Command {
 	var od, os_, ost, odel, ol, oc vaultOpts
 	var site, kernel, initrd, appendLine, fwd, network, firmware string
-	var disks []string
+	var disks, nics []string
 	var mem, vcpus, port int
 	var qga bool
 	var shutdownTimeout time.Duration
 	define := vaultCommand(e, &cobra.Command{Use: "define NAME", Short: "Define a VM at a site and create its disks there", Args: cobra.ExactArgs(1),
 		Example: "  ferry vm define web --site east --disk vda=10G --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0'\n" +
-			"  ferry vm define web --site east --disk vda=10G --forward east=127.0.0.1:8081,west=127.0.0.1:8082"}, &od,
+			"  ferry vm define web --site east --disk vda=10G --forward east=127.0.0.1:8081,west=127.0.0.1:8082\n" +
+			"  ferry vm define db --site east --disk vda=10G --disk vdb=50G --nic nic0=prod-east --nic nic1=backend-east"}, &od,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
 			name := args[0]
 			vm := api.VM{Name: name, Site: site, MemoryMiB: mem, VCPUs: vcpus, Kernel: kernel, Initrd: initrd, Append: appendLine,
 				GuestPort: port, QGA: qga, Forwards: map[string]string{}, ShutdownTimeout: shutdownTimeout, Firmware: firmware}
+			if network != "" && len(nics) > 0 {
+				return usagef("--network names the one NIC's network; with --nic, name every NIC's (--nic nic0=%s)", network)
+			}
 			if network != "" {
 				vm.NICs = []api.NIC{{Name: "nic0", Network: network}}
+			}
+			for _, n := range nics {
+				name, net, ok := strings.Cut(n, "=")
+				if !ok || name == "" || net == "" {
+					return usagef("--nic wants NAME=NETWORK (like nic1=backend), got %q", n)
+				}
+				vm.NICs = append(vm.NICs, api.NIC{Name: name, Network: net})
 			}
 			for _, d := range disks {
 				n, sz, ok := strings.Cut(d, "=")
@@ -62,6 +73,7 @@ func vmCmd(e *env) *cobra.Command {
 	str(fs, &appendLine, "append", "", "kernel command line")
 	str(fs, &firmware, "firmware", "bios", "firmware: bios (SeaBIOS) or uefi (OVMF, its variables kept per VM)")
 	str(fs, &network, "network", "", "network of the VM's NIC at its site (default: the site's first production network)")
+	fs.StringArrayVar(&nics, "nic", nil, "NAME=NETWORK: a NIC on a network of its site, in the order the guest sees them (repeatable; the forwards reach the first)")
 	str(fs, &fwd, "forward", "", "SITE=HOST:PORT,... host address per site that reaches the guest port on its production network; SITE/NETWORK=HOST:PORT for another network")
 	fs.IntVar(&port, "guest-port", 80, "guest port the forwards reach")
 	fs.BoolVar(&qga, "qga", true, "guest agent channel (application-consistent points, guest-shutdown)")

@@ -81,6 +81,10 @@ type WorkloadState struct {
 	// Addr is the guest's IPv4 address: it shows which network the NIC
 	// was attached to.
 	Addr string `json:"addr,omitempty"`
+	// NICs are the guest's network interfaces in the kernel's order
+	// (eth0 first), each "NAME MAC": which NICs a VM kept through a
+	// failover, and in which order the guest found them.
+	NICs []string `json:"nics,omitempty"`
 }
 
 // FetchState asks a workload for its state over HTTP (host side; addr is
@@ -136,7 +140,7 @@ func RunWorkload(ctx context.Context, args []string) error {
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		defer mu.Unlock()
-		st.Addr = guestAddr()
+		st.Addr, st.NICs = guestAddr(), guestNICs()
 		json.NewEncoder(w).Encode(st)
 	}))
 	fmt.Printf("ferry-guest: workload up, resuming after record %d\n", last)
@@ -198,6 +202,18 @@ func writeFile(path string, data []byte) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// guestNICs lists the non-loopback interfaces, "NAME MAC", by index.
+func guestNICs() []string {
+	ifs, _ := net.Interfaces()
+	var out []string
+	for _, i := range ifs {
+		if i.Flags&net.FlagLoopback == 0 && len(i.HardwareAddr) > 0 {
+			out = append(out, i.Name+" "+i.HardwareAddr.String())
+		}
+	}
+	return out
 }
 
 // guestAddr is the first non-loopback IPv4 address, or "".

@@ -2,6 +2,7 @@ package libvirt
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -99,6 +100,26 @@ func describeXML(x string) (api.ImportResult, error) {
 	}
 	if len(res.Disks) == 0 {
 		return res, fmt.Errorf("%w: %s has no disk", ErrUnsupported, d.Name)
+	}
+	// The NICs sanitize keeps, in its order.
+	for _, n := range d.Devices.Interfaces {
+		if n.Source == nil {
+			continue
+		}
+		var nic api.ImportedNIC
+		switch {
+		case n.Source.Network != nil:
+			nic.Attach = "network:" + n.Source.Network.Network
+		case n.Source.Bridge != nil:
+			nic.Attach = "bridge:" + n.Source.Bridge.Bridge
+		case n.Source.User != nil:
+		default:
+			continue
+		}
+		if n.MAC != nil {
+			nic.MAC = n.MAC.Address
+		}
+		res.NICs = append(res.NICs, nic)
 	}
 	return res, nil
 }
@@ -211,37 +232,43 @@ func importedXML(spec qemu.Spec, accel, console string) (string, error) {
 	}
 	sanitize(&d, console)
 	d.Devices.Disks = disks
-	var mac string
-	if len(d.Devices.Interfaces) > 0 && d.Devices.Interfaces[0].MAC != nil {
-		mac = d.Devices.Interfaces[0].MAC.Address
+	// NIC i of the VM is the domain's i-th kept NIC (describeXML lists
+	// them in this order); domain NICs beyond the VM's are left out.
+	// A spec that says nothing of NICs keeps the domain's as they are.
+	nics := spec.Interfaces()
+	if len(nics) == 0 {
+		return d.Marshal()
 	}
-	switch {
-	case spec.Attach != "":
-		// The site's libvirt network or bridge for every NIC, MACs kept.
-		nics := d.Devices.Interfaces
-		if len(nics) == 0 {
-			nics = []libvirtxml.DomainInterface{{Model: &libvirtxml.DomainInterfaceModel{Type: "virtio"}}}
+	dom := d.Devices.Interfaces
+	d.Devices.Interfaces = nil
+	var cmd []libvirtxml.DomainQEMUCommandlineArg
+	for i, n := range nics {
+		orig, has := libvirtxml.DomainInterface{Model: &libvirtxml.DomainInterfaceModel{Type: "virtio"}}, i < len(dom)
+		if has {
+			orig = dom[i]
 		}
-		for i := range nics {
-			n, err := attachedNIC(spec.Attach, nics[i])
+		var mac string
+		if orig.MAC != nil {
+			mac = orig.MAC.Address
+		}
+		switch {
+		case n.Attach != "":
+			// The site's libvirt network or bridge, MAC and slot kept.
+			x, err := attachedNIC(n.Attach, orig)
 			if err != nil {
 				return "", err
 			}
-			nics[i] = n
+			d.Devices.Interfaces = append(d.Devices.Interfaces, x)
+		case n.Net == qemu.NetIsolated, n.Net == qemu.NetUser && (len(n.Forwards) > 0 || !has):
+			// A drill's isolated network, or the forwards reaching it:
+			// ferry's user-mode NIC with the domain's MAC.
+			cmd = append(cmd, userNet(n, i, mac, orig.Address)...)
+		case n.Net == qemu.NetUser:
+			d.Devices.Interfaces = append(d.Devices.Interfaces, orig) // as the domain has it
 		}
-		d.Devices.Interfaces = nics
-	case spec.Net == qemu.NetIsolated:
-		d.Devices.Interfaces = nil
-		d.QEMUCommandline = userNet(spec, mac)
-	case spec.Net == qemu.NetUser && len(spec.Forwards) > 0:
-		var keep []libvirtxml.DomainInterface
-		for _, n := range d.Devices.Interfaces {
-			if n.Source == nil || n.Source.User == nil {
-				keep = append(keep, n)
-			}
-		}
-		d.Devices.Interfaces = keep
-		d.QEMUCommandline = userNet(spec, mac)
+	}
+	if len(cmd) > 0 {
+		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{Args: cmd}
 	}
 	return d.Marshal()
 }
@@ -253,7 +280,7 @@ func attachedNIC(attach string, nic libvirtxml.DomainInterface) (libvirtxml.Doma
 		return nic, fmt.Errorf("%w: %v", qemu.ErrSpec, err)
 	}
 	kind, name, _ := strings.Cut(attach, ":")
-	out := libvirtxml.DomainInterface{MAC: nic.MAC, Model: nic.Model, Source: &libvirtxml.DomainInterfaceSource{}}
+	out := libvirtxml.DomainInterface{MAC: nic.MAC, Model: nic.Model, Address: nic.Address, Source: &libvirtxml.DomainInterfaceSource{}}
 	if kind == "network" {
 		out.Source.Network = &libvirtxml.DomainInterfaceSourceNetwork{Network: name}
 	} else {
@@ -301,7 +328,7 @@ func sanitize(d *libvirtxml.Domain, console string) {
 		default:
 			src.User = &libvirtxml.DomainInterfaceSourceUser{}
 		}
-		keep.Interfaces = append(keep.Interfaces, libvirtxml.DomainInterface{MAC: n.MAC, Model: n.Model, Source: src})
+		keep.Interfaces = append(keep.Interfaces, libvirtxml.DomainInterface{MAC: n.MAC, Model: n.Model, Address: n.Address, Source: src})
 	}
 	for _, ch := range old.Channels {
 		if ch.Target != nil && ch.Target.VirtIO != nil && ch.Target.VirtIO.Name == "org.qemu.guest_agent.0" {
@@ -318,28 +345,59 @@ func sanitize(d *libvirtxml.Domain, console string) {
 	d.Devices = keep
 }
 
-// userNet is QEMU's user-mode NIC with the spec's forwards, through
-// libvirt's qemu namespace (libvirt's <interface type='user'> has no port
-// forwards without passt). Only typed values go into the option list.
-func userNet(spec qemu.Spec, mac string) *libvirtxml.DomainQEMUCommandline {
-	nd := "user,id=fnet0"
-	if spec.Net == qemu.NetIsolated {
+// userNet is the i-th NIC as QEMU's user-mode NIC with its forwards,
+// through libvirt's qemu namespace (libvirt's <interface type='user'> has
+// no port forwards without passt). Only typed values go into the option
+// list.
+func userNet(n qemu.NIC, i int, mac string, at *libvirtxml.DomainAddress) []libvirtxml.DomainQEMUCommandlineArg {
+	nd := fmt.Sprintf("user,id=fnet%d", i)
+	if n.Net == qemu.NetIsolated {
 		nd += ",restrict=on"
 	}
-	if p, err := netip.ParsePrefix(spec.Subnet); err == nil {
+	if p, err := netip.ParsePrefix(n.Subnet); err == nil {
 		nd += ",net=" + p.String()
 	}
-	for _, f := range spec.Forwards {
+	for _, f := range n.Forwards {
 		nd += fmt.Sprintf(",hostfwd=tcp:%s:%d-:%d", f.Host.Addr(), f.Host.Port(), f.GuestPort)
 	}
-	// A fixed slot far above the ones libvirt hands out (from 1 up).
-	dev := "virtio-net-pci,netdev=fnet0,bus=pcie.0,addr=0x10"
-	if m, err := parseMAC(mac); err == nil {
-		dev += ",mac=" + m
+	// The slot of the NIC it replaces, so that the guest finds its NICs
+	// in the same order and under the same names (its controller, a root
+	// port, stays, and libvirt names its bus pci.N); else a fixed slot far
+	// above the ones libvirt hands out (from 1 up).
+	dev := struct {
+		Driver string `json:"driver"`
+		Netdev string `json:"netdev"`
+		Bus    string `json:"bus"`
+		Addr   string `json:"addr"`
+		MAC    string `json:"mac,omitempty"`
+	}{Driver: "virtio-net-pci", Netdev: fmt.Sprintf("fnet%d", i), Bus: "pcie.0", Addr: fmt.Sprintf("%#x", 0x10+i)}
+	if p := pciAddress(at); p != nil {
+		if *p.Bus != 0 {
+			dev.Bus = fmt.Sprintf("pci.%d", *p.Bus)
+		}
+		dev.Addr = fmt.Sprintf("%#x", *p.Slot)
 	}
-	return &libvirtxml.DomainQEMUCommandline{Args: []libvirtxml.DomainQEMUCommandlineArg{
-		{Value: "-netdev"}, {Value: nd}, {Value: "-device"}, {Value: dev},
-	}}
+	if m, err := parseMAC(mac); err == nil {
+		dev.MAC = m
+	}
+	// JSON, as libvirt gives its own devices: QEMU creates the devices
+	// given as key=value options before all JSON ones, when the root
+	// port's bus does not exist yet.
+	js, _ := json.Marshal(dev)
+	return []libvirtxml.DomainQEMUCommandlineArg{{Value: "-netdev"}, {Value: nd}, {Value: "-device"}, {Value: string(js)}}
+}
+
+// pciAddress is at's PCI address if it has a complete one on PCI
+// domain 0, function 0 (what a NIC of libvirt's gets), else nil.
+func pciAddress(at *libvirtxml.DomainAddress) *libvirtxml.DomainAddressPCI {
+	if at == nil || at.PCI == nil {
+		return nil
+	}
+	p := at.PCI
+	if p.Bus == nil || p.Slot == nil || *p.Bus > 0xff || *p.Slot > 0x1f || (p.Domain != nil && *p.Domain != 0) || (p.Function != nil && *p.Function != 0) {
+		return nil
+	}
+	return p
 }
 
 // parseMAC accepts only a MAC address (it goes into a QEMU option list).

@@ -241,15 +241,21 @@ func DomainXML(spec qemu.Spec, accel, console string) (string, error) {
 			Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: "org.qemu.guest_agent.0"}},
 		})
 	}
-	switch {
-	case spec.Attach != "":
-		n, err := attachedNIC(spec.Attach, libvirtxml.DomainInterface{Model: &libvirtxml.DomainInterfaceModel{Type: "virtio"}})
-		if err != nil {
-			return "", err
+	var cmd []libvirtxml.DomainQEMUCommandlineArg
+	for i, n := range spec.Interfaces() {
+		switch {
+		case n.Attach != "":
+			x, err := attachedNIC(n.Attach, libvirtxml.DomainInterface{Model: &libvirtxml.DomainInterfaceModel{Type: "virtio"}})
+			if err != nil {
+				return "", err
+			}
+			d.Devices.Interfaces = append(d.Devices.Interfaces, x)
+		case n.Net == qemu.NetUser || n.Net == qemu.NetIsolated:
+			cmd = append(cmd, userNet(n, i, "", nil)...)
 		}
-		d.Devices.Interfaces = []libvirtxml.DomainInterface{n}
-	case spec.Net == qemu.NetUser || spec.Net == qemu.NetIsolated:
-		d.QEMUCommandline = userNet(spec, "")
+	}
+	if len(cmd) > 0 {
+		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{Args: cmd}
 	}
 	return d.Marshal()
 }

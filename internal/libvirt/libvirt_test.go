@@ -3,6 +3,7 @@ package libvirt
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -69,7 +70,7 @@ func TestDomainXML(t *testing.T) {
 		args = append(args, a.Value)
 	}
 	line := strings.Join(args, " ")
-	for _, want := range []string{"restrict=on", "net=10.9.0.0/24", "hostfwd=tcp:127.0.0.1:8080-:80", "virtio-net-pci,netdev=fnet0"} {
+	for _, want := range []string{"restrict=on", "net=10.9.0.0/24", "hostfwd=tcp:127.0.0.1:8080-:80", `"driver":"virtio-net-pci","netdev":"fnet0"`} {
 		if !strings.Contains(line, want) {
 			t.Errorf("QEMU command line %q lacks %q", line, want)
 		}
@@ -241,7 +242,7 @@ func TestImportedXML(t *testing.T) {
 	for _, a := range d.QEMUCommandline.Args {
 		line = append(line, a.Value)
 	}
-	for _, want := range []string{"restrict=on", "hostfwd=tcp:127.0.0.1:9000-:80", "mac=52:54:00:aa:bb:01"} {
+	for _, want := range []string{"restrict=on", "hostfwd=tcp:127.0.0.1:9000-:80", `"mac":"52:54:00:aa:bb:01"`} {
 		if !strings.Contains(strings.Join(line, " "), want) {
 			t.Errorf("drill NIC %q lacks %q", line, want)
 		}
@@ -286,7 +287,8 @@ func FuzzDescribeXML(f *testing.F) {
 // is refused.
 func TestAttach(t *testing.T) {
 	sock := "/run/ferry/nbd.sock"
-	spec := qemu.Spec{Name: "db", MemoryMiB: 2048, Domain: operatorDomain, Net: api.NetUser, Attach: "network:prod-west",
+	spec := qemu.Spec{Name: "db", MemoryMiB: 2048, Domain: operatorDomain,
+		NICs:  []qemu.NIC{{Name: "nic0", Net: api.NetUser, Attach: "network:prod-west"}, {Name: "nic1", Net: api.NetUser, Attach: "network:prod-west"}},
 		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
 	parse := func(spec qemu.Spec) libvirtxml.Domain {
 		t.Helper()
@@ -327,5 +329,100 @@ func TestAttach(t *testing.T) {
 		if err := own.Validate(); !errors.Is(err, qemu.ErrSpec) {
 			t.Errorf("Validate with attachment %q: %v, want ErrSpec", bad, err)
 		}
+	}
+}
+
+// TestPerNICNetworks: an imported domain's i-th NIC is the VM's i-th,
+// each on its own network, MAC and model kept; a drill puts every NIC on
+// the isolated network with its own MAC and slot; and describeXML lists
+// the NICs in the order importedXML maps them.
+func TestPerNICNetworks(t *testing.T) {
+	res, err := describeXML(operatorDomain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantNICs := []api.ImportedNIC{{MAC: "52:54:00:AA:BB:01", Attach: "network:prod"}, {MAC: "52:54:00:aa:bb:02", Attach: "bridge:br-backup"}}
+	if !slices.Equal(res.NICs, wantNICs) {
+		t.Errorf("described NICs %+v, want %+v", res.NICs, wantNICs)
+	}
+	sock := "/run/ferry/nbd.sock"
+	base := qemu.Spec{Name: "db", MemoryMiB: 2048, Domain: operatorDomain,
+		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
+	parse := func(spec qemu.Spec) (libvirtxml.Domain, string) {
+		t.Helper()
+		x, err := DomainXML(spec, "tcg", "/c.log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var d libvirtxml.Domain
+		if err := d.Unmarshal(x); err != nil {
+			t.Fatal(err)
+		}
+		var line []string
+		if d.QEMUCommandline != nil {
+			for _, a := range d.QEMUCommandline.Args {
+				line = append(line, a.Value)
+			}
+		}
+		return d, strings.Join(line, " ")
+	}
+
+	failover := base
+	failover.NICs = []qemu.NIC{{Name: "nic0", Net: api.NetUser, Attach: "network:prod-west"}, {Name: "nic1", Net: api.NetUser, Attach: "bridge:br-backup-west"}}
+	d, line := parse(failover)
+	if len(d.Devices.Interfaces) != 2 || line != "" {
+		t.Fatalf("failover: %d NICs, command line %q", len(d.Devices.Interfaces), line)
+	}
+	if n := d.Devices.Interfaces[0]; n.Source.Network == nil || n.Source.Network.Network != "prod-west" || !strings.EqualFold(n.MAC.Address, "52:54:00:aa:bb:01") {
+		t.Errorf("nic0: source %+v MAC %+v", n.Source, n.MAC)
+	}
+	if n := d.Devices.Interfaces[1]; n.Source.Bridge == nil || n.Source.Bridge.Bridge != "br-backup-west" || n.MAC.Address != "52:54:00:aa:bb:02" {
+		t.Errorf("nic1: source %+v MAC %+v", n.Source, n.MAC)
+	}
+
+	drill := base
+	drill.Name = "db-drill"
+	drill.NICs = []qemu.NIC{
+		{Name: "nic0", Net: api.NetIsolated, Subnet: "10.9.0.0/24", Forwards: []api.Forward{{Host: netip.MustParseAddrPort("127.0.0.1:9000"), GuestPort: 80}}},
+		{Name: "nic1", Net: api.NetIsolated, Subnet: "10.9.0.0/24"}}
+	d, line = parse(drill)
+	if len(d.Devices.Interfaces) != 0 {
+		t.Errorf("drill keeps %d libvirt NICs, want none", len(d.Devices.Interfaces))
+	}
+	for _, want := range []string{
+		`user,id=fnet0,restrict=on,net=10.9.0.0/24,hostfwd=tcp:127.0.0.1:9000-:80 -device {"driver":"virtio-net-pci","netdev":"fnet0","bus":"pcie.0","addr":"0x10","mac":"52:54:00:aa:bb:01"}`,
+		`user,id=fnet1,restrict=on,net=10.9.0.0/24 -device {"driver":"virtio-net-pci","netdev":"fnet1","bus":"pcie.0","addr":"0x11","mac":"52:54:00:aa:bb:02"}`,
+	} {
+		if !strings.Contains(line, want) {
+			t.Errorf("drill command line %q lacks %q", line, want)
+		}
+	}
+
+	// A NIC with a PCI address (libvirt gives every NIC one) is replaced
+	// in its slot: the guest sees its NICs in the same order.
+	addressed := drill
+	addressed.Domain = strings.Replace(operatorDomain, "<model type='virtio'/></interface>",
+		"<model type='virtio'/><address type='pci' domain='0x0000' bus='0x03' slot='0x00' function='0x0'/></interface>", 1)
+	if _, line = parse(addressed); !strings.Contains(line, `"netdev":"fnet0","bus":"pci.3","addr":"0x0","mac":"52:54:00:aa:bb:01"`) || !strings.Contains(line, `"netdev":"fnet1","bus":"pcie.0","addr":"0x11"`) {
+		t.Errorf("drill of an addressed domain: %q, want nic0 in its slot (bus pci.3)", line)
+	}
+
+	// Forwards on the first NIC, the second as the domain has it.
+	mixed := base
+	mixed.NICs = []qemu.NIC{
+		{Name: "nic0", Net: api.NetUser, Forwards: []api.Forward{{Host: netip.MustParseAddrPort("127.0.0.1:9000"), GuestPort: 80}}},
+		{Name: "nic1", Net: api.NetUser}}
+	d, line = parse(mixed)
+	if len(d.Devices.Interfaces) != 1 || d.Devices.Interfaces[0].Source.Bridge == nil || d.Devices.Interfaces[0].Source.Bridge.Bridge != "br-backup" ||
+		!strings.Contains(line, "fnet0") || strings.Contains(line, "fnet1") {
+		t.Errorf("mixed: NICs %+v, command line %q", d.Devices.Interfaces, line)
+	}
+
+	// A VM ferry defines: NICs in order, a libvirt one and a user one.
+	own := qemu.Spec{Name: "web", MemoryMiB: 256, Disks: []qemu.Disk{{Socket: sock, Export: "web/vda"}},
+		NICs: []qemu.NIC{{Name: "nic0", Net: api.NetUser, Attach: "network:prod"}, {Name: "nic1", Net: api.NetIsolated}}}
+	d, line = parse(own)
+	if len(d.Devices.Interfaces) != 1 || d.Devices.Interfaces[0].Source.Network.Network != "prod" || !strings.Contains(line, "user,id=fnet1,restrict=on") {
+		t.Errorf("own VM: NICs %+v, command line %q", d.Devices.Interfaces, line)
 	}
 }

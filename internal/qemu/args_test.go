@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"encoding/json"
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -63,6 +64,55 @@ func TestArgsOnlyTypedValues(t *testing.T) {
 	} {
 		if err := bad.Validate(); err == nil {
 			t.Errorf("spec accepted: %+v", bad)
+		}
+	}
+}
+
+// TestSeveralNICs: each NIC is its own user-mode network in order, the
+// forwards on the NIC that has them, a NIC on no network left out, and a
+// bad NIC (name, subnet, forward, duplicate) refused before anything runs.
+func TestSeveralNICs(t *testing.T) {
+	disks := []Disk{{Socket: "/run/ferry/nbd.sock", Export: "db/vda"}}
+	s := Spec{Name: "db", MemoryMiB: 64, Disks: disks, NICs: []NIC{
+		{Name: "nic0", Net: NetUser, Subnet: "10.5.0.0/24", Forwards: []Forward{{Host: netip.MustParseAddrPort("127.0.0.1:8080"), GuestPort: 80}}},
+		{Name: "nic1", Net: NetNone},
+		{Name: "nic2", Net: NetIsolated, Subnet: "10.6.0.0/24"},
+	}}
+	if err := s.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	args := (&VM{Spec: s, dir: "/d", accel: "tcg"}).args()
+	var netdevs, devices []string
+	for i, a := range args {
+		switch {
+		case a == "-netdev":
+			netdevs = append(netdevs, args[i+1])
+		case strings.HasPrefix(a, "virtio-net-pci"):
+			devices = append(devices, a)
+		}
+	}
+	wantNet := []string{"user,id=n0,net=10.5.0.0/24,hostfwd=tcp:127.0.0.1:8080-:80", "user,id=n2,restrict=on,net=10.6.0.0/24"}
+	wantDev := []string{"virtio-net-pci,netdev=n0", "virtio-net-pci,netdev=n2"}
+	if !slices.Equal(netdevs, wantNet) || !slices.Equal(devices, wantDev) {
+		t.Errorf("netdevs %q devices %q, want %q %q", netdevs, devices, wantNet, wantDev)
+	}
+	for name, nics := range map[string][]NIC{
+		"bad name":     {{Name: "nic,0", Net: NetUser}},
+		"duplicate":    {{Name: "nic0", Net: NetUser}, {Name: "nic0", Net: NetIsolated}},
+		"bad subnet":   {{Name: "nic0", Net: NetUser}, {Name: "nic1", Net: NetUser, Subnet: "10.0.0.0/24,restrict=off"}},
+		"bad forward":  {{Name: "nic0", Net: NetUser, Forwards: []Forward{{Host: netip.MustParseAddrPort("127.0.0.1:80"), GuestPort: 0}}}},
+		"unknown mode": {{Name: "nic0", Net: "tap"}},
+		"bad attach":   {{Name: "nic0", Net: NetUser, Attach: "direct:eth0"}},
+		"more than 8":  slices.Repeat([]NIC{{Net: NetUser}}, 9),
+	} {
+		if name == "more than 8" {
+			for i := range nics {
+				nics[i].Name = "nic" + string(rune('0'+i))
+			}
+		}
+		bad := Spec{Name: "db", MemoryMiB: 64, Disks: disks, NICs: nics}
+		if err := bad.Validate(); !errors.Is(err, ErrSpec) {
+			t.Errorf("%s: %v, want ErrSpec", name, err)
 		}
 	}
 }

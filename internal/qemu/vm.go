@@ -73,6 +73,18 @@ type Spec struct {
 	// Attach: a libvirt network or bridge for the NICs
 	// (api.VMRequest.Attach); only the libvirt runtime has them.
 	Attach string `json:"attach,omitempty"`
+	// NICs, when set, are the VM's NICs in order, and Net, Subnet,
+	// Forwards and Attach are not used (api.VMRequest.NICs).
+	NICs []NIC `json:"nics,omitempty"`
+}
+
+// NIC is one NIC of a VM (api.NICRequest).
+type NIC = api.NICRequest
+
+// Interfaces returns the VM's NICs: NICs, or the one that Net, Subnet,
+// Forwards and Attach describe (none for NetNone without Attach).
+func (s *Spec) Interfaces() []NIC {
+	return api.VMRequest{Net: s.Net, Subnet: s.Subnet, Forwards: s.Forwards, Attach: s.Attach, NICs: s.NICs}.Interfaces()
 }
 
 // OVMF's code and the template of its variables (Debian's ovmf package).
@@ -116,15 +128,24 @@ func (s *Spec) Validate() error {
 	} else if s.Boot.Initrd != "" || s.Boot.Append != "" {
 		return bad("initrd or append without a kernel (unknown boot mode)")
 	}
-	switch s.Net {
-	case "", NetNone, NetUser, NetIsolated:
-	default:
-		return bad("unknown network mode %q", s.Net)
+	// The single-NIC fields are checked even when NICs replace them or
+	// Net is none: nothing invalid is accepted, used or not.
+	if err := checkNIC(NIC{Name: "nic0", Net: s.Net, Subnet: s.Subnet, Attach: s.Attach, Forwards: s.Forwards}); err != nil {
+		return bad("%v", err)
 	}
-	if s.Attach != "" {
-		if err := api.CheckAttachment(s.Attach); err != nil {
-			return bad("%v", err)
+	nics := s.Interfaces()
+	if len(nics) > 8 {
+		return bad("%d NICs: at most 8", len(nics))
+	}
+	names := map[string]bool{}
+	for _, n := range nics {
+		if err := checkNIC(n); err != nil {
+			return bad("NIC %s: %v", n.Name, err)
 		}
+		if names[n.Name] {
+			return bad("two NICs named %s", n.Name)
+		}
+		names[n.Name] = true
 	}
 	switch s.Firmware {
 	case "", "bios":
@@ -135,19 +156,6 @@ func (s *Spec) Validate() error {
 	default:
 		return bad("unknown firmware %q: want bios or uefi", s.Firmware)
 	}
-	if s.Subnet != "" {
-		if err := CheckSubnet(s.Subnet); err != nil {
-			return bad("%v", err)
-		}
-	}
-	for _, f := range s.Forwards {
-		if !f.Host.IsValid() || !f.Host.Addr().Is4() || f.Host.Port() == 0 {
-			return bad("forward host %v: want an IPv4 address and a port", f.Host)
-		}
-		if f.GuestPort <= 0 || f.GuestPort > 65535 {
-			return bad("forward guest port %d", f.GuestPort)
-		}
-	}
 	for _, f := range []string{s.Boot.Kernel, s.Boot.Initrd, s.Boot.Append} {
 		if strings.ContainsFunc(f, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
 			return bad("boot option %q holds control characters", f)
@@ -157,6 +165,38 @@ func (s *Spec) Validate() error {
 	case "", "auto", "kvm", "tcg":
 	default:
 		return bad("unknown accelerator %q", s.Accel)
+	}
+	return nil
+}
+
+// checkNIC validates one NIC: its name, mode, subnet, attachment and
+// forwards (what goes into QEMU's option list must parse).
+func checkNIC(n NIC) error {
+	if err := api.CheckName("NIC", n.Name); err != nil {
+		return err
+	}
+	switch n.Net {
+	case "", NetNone, NetUser, NetIsolated:
+	default:
+		return fmt.Errorf("unknown network mode %q", n.Net)
+	}
+	if n.Attach != "" {
+		if err := api.CheckAttachment(n.Attach); err != nil {
+			return err
+		}
+	}
+	if n.Subnet != "" {
+		if err := CheckSubnet(n.Subnet); err != nil {
+			return err
+		}
+	}
+	for _, f := range n.Forwards {
+		if !f.Host.IsValid() || !f.Host.Addr().Is4() || f.Host.Port() == 0 {
+			return fmt.Errorf("forward host %v: want an IPv4 address and a port", f.Host)
+		}
+		if f.GuestPort <= 0 || f.GuestPort > 65535 {
+			return fmt.Errorf("forward guest port %d", f.GuestPort)
+		}
 	}
 	return nil
 }
@@ -324,21 +364,25 @@ func (v *VM) args() []string {
 			a = append(a, "-append", s.Boot.Append)
 		}
 	}
-	switch s.Net {
-	case NetUser, NetIsolated:
-		nd := "user,id=n0"
-		if s.Net == NetIsolated {
+	for i, n := range s.Interfaces() {
+		if n.Net != NetUser && n.Net != NetIsolated {
+			continue
+		}
+		// Each NIC its own user-mode network; QEMU gives the i-th NIC
+		// the i-th MAC from 52:54:00:12:34:56 up, the same at every site.
+		nd := fmt.Sprintf("user,id=n%d", i)
+		if n.Net == NetIsolated {
 			nd += ",restrict=on"
 		}
 		// Only typed values go into the option list: a parsed prefix,
 		// parsed addresses, integers.
-		if p, err := netip.ParsePrefix(s.Subnet); err == nil {
+		if p, err := netip.ParsePrefix(n.Subnet); err == nil {
 			nd += ",net=" + p.String()
 		}
-		for _, f := range s.Forwards {
+		for _, f := range n.Forwards {
 			nd += fmt.Sprintf(",hostfwd=tcp:%s:%d-:%d", f.Host.Addr(), f.Host.Port(), f.GuestPort)
 		}
-		a = append(a, "-netdev", nd, "-device", "virtio-net-pci,netdev=n0")
+		a = append(a, "-netdev", nd, "-device", fmt.Sprintf("virtio-net-pci,netdev=n%d", i))
 	}
 	if s.QGA {
 		a = append(a, "-chardev", "socket,path="+optValue(v.qgaPath())+",server=on,wait=off,id=qga0",

@@ -203,7 +203,7 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		r.Say(ctx, 100, "recovery point %d (%s, %s)", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "create test VM")
 		start := v.now()
-		n, err := v.attach(ctx, &p, vm, dst.Name, true)
+		nets, err := v.attach(ctx, &p, vm, dst.Name, true)
 		if err != nil {
 			return nil, err
 		}
@@ -212,12 +212,12 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 			// An interrupted attempt (its vault stopped) started it.
 			pt = api.Point{Seq: st.Point}
 			r.Say(ctx, 100, "test VM %s-drill already runs at %s from point %d (started by an interrupted attempt): kept", p.VM, dst.Name, st.Point)
-		} else if st, err = dc.StartVM(ctx, vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, n)); err != nil {
+		} else if st, err = dc.StartVM(ctx, vmRequest(vm, p.VM+"-drill", dst.Name, pt.Seq, nets)); err != nil {
 			return nil, err
 		}
 		r.Step(ctx, "start test VM")
-		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, network %s (%s, %s); console %s", p.VM, st.State, dst.Name, pt.Seq, n.Name, n.Kind, n.Subnet, st.Console)
-		if addr := forwardAddr(vm, dst.Name, n); addr != "" {
+		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, %s; console %s", p.VM, st.State, dst.Name, pt.Seq, describeNets(vm, nets), st.Console)
+		if addr := forwardAddr(vm, dst.Name, nets[0]); addr != "" {
 			r.Say(ctx, -1, "test VM service address: %s", addr)
 		}
 		return func(p *Protection) {
@@ -339,7 +339,7 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		}
 		r.Say(ctx, 100, "recovery point %d (%s) from %s", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "start VM at recovery site")
-		n, err := v.attach(ctx, &p, vm, dst.Name, false)
+		nets, err := v.attach(ctx, &p, vm, dst.Name, false)
 		if err != nil {
 			return nil, err
 		}
@@ -350,14 +350,14 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 			// discarded for a new start.
 			pt = api.Point{Seq: st.Point}
 			r.Say(ctx, 100, "VM %s already runs at %s from point %d (started by an interrupted attempt): kept", p.VM, dst.Name, st.Point)
-		} else if st, err = dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, n)); err != nil {
+		} else if st, err = dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, nets)); err != nil {
 			return nil, err
 		}
 		// The failover's own time: the source's shutdown is the guest's
 		// (reported on its own), as is the boot at the recovery site.
-		r.Say(ctx, 100, "VM %s %s at %s (%s) on network %s (%s); failover took %v excluding guest boot and the source's shutdown (%v); console %s", p.VM, st.State, dst.Name, st.Accel,
-			n.Name, n.Subnet, (v.now().Sub(started) - shutdown).Round(time.Millisecond), shutdown.Round(time.Millisecond), st.Console)
-		if addr := forwardAddr(vm, dst.Name, n); addr != "" {
+		r.Say(ctx, 100, "VM %s %s at %s (%s), %s; failover took %v excluding guest boot and the source's shutdown (%v); console %s", p.VM, st.State, dst.Name, st.Accel,
+			describeNets(vm, nets), (v.now().Sub(started) - shutdown).Round(time.Millisecond), shutdown.Round(time.Millisecond), st.Console)
+		if addr := forwardAddr(vm, dst.Name, nets[0]); addr != "" {
 			r.Say(ctx, -1, "service address: %s", addr)
 		}
 		if lines := v.firstConsoleLines(ctx, dc, p.VM, 3, 15*time.Second); len(lines) > 0 {
@@ -484,11 +484,11 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "start VM on the new point")
-		n, err := v.attach(ctx, &p, vm, dst.Name, false)
+		nets, err := v.attach(ctx, &p, vm, dst.Name, false)
 		if err != nil {
 			return nil, err
 		}
-		if _, err := dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, n)); err != nil {
+		if _, err := dc.StartVM(ctx, vmRequest(vm, p.VM, dst.Name, pt.Seq, nets)); err != nil {
 			return nil, err
 		}
 		r.Say(ctx, 100, "VM %s runs on point %d", p.VM, pt.Seq)

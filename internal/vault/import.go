@@ -87,6 +87,7 @@ func (v *Vault) importDone(ctx context.Context, site string, st api.ImportStatus
 	for _, d := range res.Disks {
 		vm.Disks = append(vm.Disks, api.VMDisk{Name: d.Name, Size: d.Size})
 	}
+	vm.NICs = importedNICs(res.NICs, s)
 	if err := checkVM(vm); err != nil {
 		return st, err
 	}
@@ -129,4 +130,29 @@ func (v *Vault) ReleaseVM(ctx context.Context, name string) error {
 		return err
 	}
 	return v.forgetVM(ctx, name, ver)
+}
+
+// importedNICs names the domain's NICs nic0, nic1, ... in its order, each
+// on the site's network with the same libvirt attachment (a domain on
+// libvirt's "default" network goes to the site network declared
+// --libvirt network:default), or else on the site's first production
+// network. None (a domain without NICs, a site without a production
+// network) leaves the default, or the error, to checkNICs.
+func importedNICs(nics []api.ImportedNIC, s api.Site) []NIC {
+	var out []NIC
+	prod, ok := firstOfKind(s, KindProduction)
+	if !ok {
+		return nil // checkNICs says what to declare
+	}
+	for i, n := range nics {
+		nic := NIC{Name: fmt.Sprintf("nic%d", i), Network: prod.Name}
+		for _, sn := range s.Networks {
+			if n.Attach != "" && sn.Libvirt == n.Attach && sn.Kind == KindProduction {
+				nic.Network = sn.Name
+				break
+			}
+		}
+		out = append(out, nic)
+	}
+	return out
 }

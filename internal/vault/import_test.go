@@ -3,6 +3,7 @@ package vault
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -109,5 +110,24 @@ func TestSyncFailsOnDamagedReplica(t *testing.T) {
 	j := f.job(t, "/v1/protections", EnableRequest{VM: "vm1", Target: "west"})
 	if j.State != JobFailed || !strings.Contains(j.Error, "cannot open the replica of vm1") || !strings.Contains(j.Error, "no such file") {
 		t.Fatalf("protect onto a damaged replica: %s %q; want failed with the recovery site's reason", j.State, j.Error)
+	}
+}
+
+// TestImportedNICs: each NIC of an imported domain goes to the site's
+// production network with the same libvirt attachment, else to its first
+// production network.
+func TestImportedNICs(t *testing.T) {
+	s := api.Site{Name: "east", Networks: []Network{
+		{Name: "drill", Kind: KindIsolated, Libvirt: "network:default"},
+		{Name: "prod", Kind: KindProduction, Libvirt: "network:default"},
+		{Name: "backend", Kind: KindProduction, Libvirt: "bridge:br1"},
+	}}
+	got := importedNICs([]api.ImportedNIC{{Attach: "bridge:br1"}, {Attach: "network:default"}, {}, {Attach: "network:other"}}, s)
+	want := []NIC{{Name: "nic0", Network: "backend"}, {Name: "nic1", Network: "prod"}, {Name: "nic2", Network: "prod"}, {Name: "nic3", Network: "prod"}}
+	if !slices.Equal(got, want) {
+		t.Errorf("got %+v, want %+v", got, want)
+	}
+	if got := importedNICs([]api.ImportedNIC{{}}, api.Site{Name: "x"}); got != nil {
+		t.Errorf("a site without a production network: %+v, want none (checkNICs says what to declare)", got)
 	}
 }

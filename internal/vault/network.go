@@ -150,6 +150,9 @@ func vmNICs(vm VM) []NIC {
 	return vm.NICs
 }
 
+// maxNICs bounds a VM's NICs (as the agent does).
+const maxNICs = 8
+
 // checkNICs validates a VM's NICs against its site's networks and fills in
 // the default network.
 func checkNICs(vm *VM, site api.Site) error {
@@ -160,13 +163,18 @@ func checkNICs(vm *VM, site api.Site) error {
 		}
 		vm.NICs = []NIC{{Name: "nic0", Network: n.Name}}
 	}
-	if len(vm.NICs) > 1 {
-		return fmt.Errorf("%w: %s has %d NICs; ferry attaches one NIC per VM today", ErrInvalid, vm.Name, len(vm.NICs))
+	if len(vm.NICs) > maxNICs {
+		return fmt.Errorf("%w: %s has %d NICs; ferry attaches at most %d", ErrInvalid, vm.Name, len(vm.NICs), maxNICs)
 	}
+	seen := map[string]bool{}
 	for _, nic := range vm.NICs {
 		if err := api.CheckName("NIC", nic.Name); err != nil {
 			return err
 		}
+		if seen[nic.Name] {
+			return fmt.Errorf("%w: %s has two NICs named %s", ErrInvalid, vm.Name, nic.Name)
+		}
+		seen[nic.Name] = true
 		if _, ok := siteNetwork(site, nic.Network); !ok {
 			return fmt.Errorf("%w: NIC %s of %s: site %s has no network %q (it has %s)", ErrInvalid, nic.Name, vm.Name, site.Name, nic.Network, networkNames(site))
 		}
@@ -240,59 +248,88 @@ func mapNetworks(p *Protection, vm VM, src, dst api.Site, want map[string]string
 	return nil
 }
 
-// attach returns the network the VM's first NIC uses at site: for a
-// drill, the site's drill network; otherwise the protection's mapping (or,
-// unprotected, the VM's own).
-func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, drill bool) (Network, error) {
+// attach returns the networks the VM's NICs use at site, in the VM's
+// order: for a drill, the site's drill network for every NIC; otherwise
+// the protection's mapping (or, unprotected, the VM's own).
+func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, drill bool) ([]Network, error) {
 	s, _, err := get[api.Site](ctx, v.st, kindSite, site)
 	if err != nil {
-		return Network{}, err
+		return nil, err
 	}
-	nic := vmNICs(vm)[0]
-	name := nic.Network
-	if p != nil && drill {
-		name = p.TestNetworks[site]
-	} else if p != nil && p.Networks[site+"/"+nic.Name] != "" {
-		name = p.Networks[site+"/"+nic.Name]
-	}
-	if name == "" { // a VM or protection from before networks were declared
-		kind := KindProduction
-		if drill {
-			kind = KindIsolated
+	var nets []Network
+	for _, nic := range vmNICs(vm) {
+		name := nic.Network
+		if p != nil && drill {
+			name = p.TestNetworks[site]
+		} else if p != nil && p.Networks[site+"/"+nic.Name] != "" {
+			name = p.Networks[site+"/"+nic.Name]
 		}
-		n, ok := firstOfKind(s, kind)
+		if name == "" { // a VM or protection from before networks were declared
+			kind := KindProduction
+			if drill {
+				kind = KindIsolated
+			}
+			n, ok := firstOfKind(s, kind)
+			if !ok {
+				return nil, fmt.Errorf("%w: %s has no %s network for %s", ErrInvalid, site, kind, vm.Name)
+			}
+			nets = append(nets, n)
+			continue
+		}
+		n, ok := siteNetwork(s, name)
 		if !ok {
-			return Network{}, fmt.Errorf("%w: %s has no %s network for %s", ErrInvalid, site, kind, vm.Name)
+			return nil, fmt.Errorf("%w: %s no longer has network %q that %s's %s maps to; declare it again", ErrInvalid, site, name, vm.Name, nic.Name)
 		}
-		return n, nil
+		nets = append(nets, n)
 	}
-	n, ok := siteNetwork(s, name)
-	if !ok {
-		return Network{}, fmt.Errorf("%w: %s no longer has network %q that %s's %s maps to; declare it again", ErrInvalid, site, name, vm.Name, nic.Name)
+	return nets, nil
+}
+
+// describeNets says where the VM's NICs attach, for a job's messages:
+// "network prod (production, 10.0.5.0/24)" for one NIC, "NICs nic0 on
+// prod (production, 10.0.5.0/24), nic1 on ..." for several.
+func describeNets(vm VM, nets []Network) string {
+	if len(nets) == 1 {
+		n := nets[0]
+		return fmt.Sprintf("network %s (%s, %s)", n.Name, n.Kind, n.Subnet)
 	}
-	return n, nil
+	nics := vmNICs(vm)
+	var parts []string
+	for i, n := range nets {
+		parts = append(parts, fmt.Sprintf("%s on %s (%s, %s)", nics[i].Name, n.Name, n.Kind, n.Subnet))
+	}
+	return "NICs " + strings.Join(parts, ", ")
 }
 
 // vmRequest is the request that starts vm (as name) at site, on a replica
-// point if seq is not zero, attached to network n.
-func vmRequest(vm VM, name, site string, seq uint64, n Network) api.VMRequest {
-	req := api.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA, Subnet: n.Subnet,
-		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}, Domain: vm.Domain, Firmware: vm.Firmware, Attach: n.Libvirt}
+// point if seq is not zero, its NICs attached to nets (one each, in
+// order). The forwards reach the guest port through the first NIC.
+func vmRequest(vm VM, name, site string, seq uint64, nets []Network) api.VMRequest {
+	req := api.VMRequest{Name: name, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, QGA: vm.QGA,
+		Boot: api.Boot{Kernel: vm.Kernel, Initrd: vm.Initrd, Append: vm.Append}, Domain: vm.Domain, Firmware: vm.Firmware}
 	if seq != 0 {
 		req.Replica, req.Seq = vm.Name, seq
 	} else {
 		req.Group = vm.Name
 	}
-	req.Net = api.NetUser
-	if n.Kind == KindIsolated {
-		req.Net = api.NetIsolated
-	}
-	if addr := forwardAddr(vm, site, n); addr != "" && vm.GuestPort > 0 {
-		// Stored forwards were validated; one that no longer parses (an
-		// older vault stored it) is left out rather than passed on.
-		if ap, err := parseForward(addr); err == nil {
-			req.Forwards = []api.Forward{{Host: ap, GuestPort: vm.GuestPort}}
+	nics := vmNICs(vm)
+	for i, n := range nets {
+		nic := api.NICRequest{Name: nics[i].Name, Net: api.NetUser, Subnet: n.Subnet, Attach: n.Libvirt}
+		if n.Kind == KindIsolated {
+			nic.Net = api.NetIsolated
 		}
+		if addr := forwardAddr(vm, site, n); i == 0 && addr != "" && vm.GuestPort > 0 {
+			// Stored forwards were validated; one that no longer parses (an
+			// older vault stored it) is left out rather than passed on.
+			if ap, err := parseForward(addr); err == nil {
+				nic.Forwards = []api.Forward{{Host: ap, GuestPort: vm.GuestPort}}
+			}
+		}
+		req.NICs = append(req.NICs, nic)
+	}
+	if len(req.NICs) > 0 { // for an agent from before several NICs
+		first := req.NICs[0]
+		req.Net, req.Subnet, req.Attach, req.Forwards = first.Net, first.Subnet, first.Attach, first.Forwards
 	}
 	return req
 }

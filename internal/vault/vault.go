@@ -736,11 +736,11 @@ func (v *Vault) StartVM(ctx context.Context, name string) (api.VMStatus, error) 
 	if p, err := v.Protection(ctx, name); err == nil {
 		pp = &p
 	}
-	n, err := v.attach(ctx, pp, vm, vm.Site, false)
+	nets, err := v.attach(ctx, pp, vm, vm.Site, false)
 	if err != nil {
 		return api.VMStatus{}, err
 	}
-	st, err := c.StartVM(ctx, vmRequest(vm, vm.Name, vm.Site, 0, n))
+	st, err := c.StartVM(ctx, vmRequest(vm, vm.Name, vm.Site, 0, nets))
 	if err == nil {
 		v.setRunning(ctx, name, true)
 	}
@@ -807,9 +807,9 @@ func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.Agen
 		if g, has := groups[vm.Name]; seq == 0 && (!has || g.Fenced != 0 || g.Failed != "") {
 			continue
 		}
-		n, err := v.attach(ctx, pp, vm, site, false)
+		nets, err := v.attach(ctx, pp, vm, site, false)
 		if err == nil {
-			_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, seq, n))
+			_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, seq, nets))
 		}
 		if err == nil && seq != 0 {
 			v.log.Warn("failed-over VM started again at its failover point: what it wrote since the failover did not outlive its agent", "vm", vm.Name, "site", site, "point", seq)

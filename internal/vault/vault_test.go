@@ -5,8 +5,10 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -714,5 +716,72 @@ func TestFailedOverVMStartedAgain(t *testing.T) {
 	req, ok := f.west.vm("vm1")
 	if !ok || req.Replica != "vm1" || req.Seq != p.FailoverSeq {
 		t.Fatalf("after the recovery agent's restart: %+v (running %v), want on replica vm1 at point %d", req, ok, p.FailoverSeq)
+	}
+}
+
+// TestSeveralNICs: a VM with two NICs keeps both through a drill (both on
+// the drill network) and a failover (each on the network it maps to),
+// the forwards on the first; bad NIC lists are refused at define.
+func TestSeveralNICs(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	for _, n := range []struct {
+		site, name string
+		n          Network
+	}{
+		{"east", "backend", Network{Kind: KindProduction, Subnet: "10.30.0.0/24"}},
+		{"west", "prod-west", Network{Kind: KindProduction, Subnet: "10.20.0.0/24"}},
+		{"west", "backend-west", Network{Kind: KindProduction, Subnet: "10.31.0.0/24"}},
+		{"west", "drill", Network{Kind: KindIsolated, Subnet: "10.99.0.0/24"}},
+	} {
+		if code := f.call(t, f.op, "PUT", "/v1/sites/"+n.site+"/networks/"+n.name, n.n, nil); code != 200 {
+			t.Fatalf("declare %s/%s: %d", n.site, n.name, code)
+		}
+	}
+	vm := VM{Name: "db", Site: "east", MemoryMiB: 256, Disks: []DiskSpec{{Name: "vda", Size: 1 << 20}}, GuestPort: 80,
+		Forwards: map[string]string{"west": "127.0.0.1:9000"},
+		NICs:     []NIC{{Name: "nic0", Network: "production"}, {Name: "nic1", Network: "backend"}}}
+	for name, nics := range map[string][]NIC{
+		"duplicate": {{Name: "nic0", Network: "production"}, {Name: "nic0", Network: "backend"}},
+		"unknown":   {{Name: "nic0", Network: "production"}, {Name: "nic1", Network: "nope"}},
+		"nine NICs": slices.Repeat([]NIC{{Network: "production"}}, 9),
+		"bad name":  {{Name: "nic/0", Network: "production"}},
+	} {
+		bad := vm
+		bad.Name, bad.NICs = "bad", slices.Clone(nics)
+		if name == "nine NICs" {
+			for i := range bad.NICs {
+				bad.NICs[i].Name = fmt.Sprintf("nic%d", i)
+			}
+		}
+		if code := f.call(t, f.op, "POST", "/v1/vms", bad, nil); code != 400 {
+			t.Errorf("define with %s NICs: %d, want 400", name, code)
+		}
+	}
+	if code := f.call(t, f.op, "POST", "/v1/vms", vm, nil); code != 200 {
+		t.Fatalf("define db: %d", code)
+	}
+	if j := f.job(t, "/v1/protections", map[string]any{"vm": "db", "target": "west",
+		"networks": map[string]string{"nic0": "prod-west", "nic1": "backend-west"}, "test_network": "drill"}); j.State != JobSucceeded {
+		t.Fatalf("enable: %+v", j)
+	}
+	f.job(t, "/v1/protections/db/test-failover", map[string]string{"point": "latest-processed"})
+	req, _ := f.west.vm("db-drill")
+	if len(req.NICs) != 2 || req.NICs[0].Net != qemu.NetIsolated || req.NICs[1].Net != qemu.NetIsolated ||
+		req.NICs[0].Subnet != "10.99.0.0/24" || req.NICs[1].Subnet != "10.99.0.0/24" || req.NICs[1].Name != "nic1" {
+		t.Fatalf("drill NICs %+v, want both isolated on 10.99.0.0/24", req.NICs)
+	}
+	f.job(t, "/v1/protections/db/test-failover/cleanup", map[string]string{"notes": "ok"})
+	f.job(t, "/v1/protections/db/failover", map[string]string{"point": "latest"})
+	req, _ = f.west.vm("db")
+	if len(req.NICs) != 2 || req.NICs[0].Subnet != "10.20.0.0/24" || req.NICs[1].Subnet != "10.31.0.0/24" ||
+		req.NICs[0].Net != qemu.NetUser || req.NICs[1].Net != qemu.NetUser {
+		t.Fatalf("failed-over NICs %+v, want nic0 on 10.20.0.0/24 and nic1 on 10.31.0.0/24", req.NICs)
+	}
+	if len(req.NICs[0].Forwards) != 1 || req.NICs[0].Forwards[0].Host.String() != "127.0.0.1:9000" || len(req.NICs[1].Forwards) != 0 {
+		t.Errorf("forwards: nic0 %+v nic1 %+v, want 127.0.0.1:9000 on nic0 only", req.NICs[0].Forwards, req.NICs[1].Forwards)
+	}
+	if req.Net != req.NICs[0].Net || req.Subnet != req.NICs[0].Subnet || len(req.Forwards) != 1 {
+		t.Errorf("the single-NIC fields (for older agents) %s %s %+v do not mirror nic0", req.Net, req.Subnet, req.Forwards)
 	}
 }
