@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -84,8 +85,11 @@ func TestAppConsistentPoints(t *testing.T) {
 	web := freePort(t)
 	startVM := func(qga string) {
 		t.Helper()
-		req := api.VMRequest{Name: "guest1", Group: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetUser,
-			Forwards: []api.Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}},
+		// Two NICs: the service on the first, the second on an
+		// isolated network of its own.
+		req := api.VMRequest{Name: "guest1", Group: "vm1", MemoryMiB: 256, QGA: true, NICs: []api.NICRequest{
+			{Name: "nic0", Net: api.NetUser, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}},
+			{Name: "nic1", Net: api.NetIsolated, Subnet: "10.66.0.0/24"}},
 			Boot: api.Boot{Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 				Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100 ferry.qga=" + qga}}
 		if _, err := ca.StartVM(ctx, req); err != nil {
@@ -99,6 +103,9 @@ func TestAppConsistentPoints(t *testing.T) {
 		before = st
 		return err == nil && st.LastDurable > 30
 	})
+	if want := []string{"eth0 52:54:00:12:34:56", "eth1 52:54:00:12:34:57"}; !slices.Equal(before.NICs, want) {
+		t.Errorf("the guest sees NICs %q, want %q", before.NICs, want)
+	}
 	ap, err := ca.AppPoint(ctx, "vm1", "app1")
 	if err != nil {
 		t.Fatal(err)
