@@ -403,3 +403,83 @@ func TestPortal(t *testing.T) {
 	shot(t, bctx, "jobs")
 	t.Logf("portal: test failover, cleanup, failover to point %s, commit and reprotect done from the browser", chosen)
 }
+
+// TestPortalVMs drives the portal's VM page in headless Chromium against
+// a real vault and two real sites: an operator defines a VM with two
+// disks and two NICs (a bad size is refused in the dialog, nothing
+// defined), protects it with each NIC mapped to its own network at the
+// recovery site, and is told plainly why a site that runs QEMU directly
+// cannot import a libvirt domain.
+func TestPortalVMs(t *testing.T) {
+	s := twoSites(t)
+	c, vp := startVaultProc(t, s)
+	ctx := context.Background()
+	for _, n := range []struct {
+		site string
+		net  api.Network
+	}{
+		{"siteA", api.Network{Name: "backend", Kind: api.NetworkProduction, Subnet: "10.30.0.0/24"}},
+		{"siteB", api.Network{Name: "backend-b", Kind: api.NetworkProduction, Subnet: "10.31.0.0/24"}},
+	} {
+		if _, err := c.PutNetwork(ctx, n.site, n.net); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bctx := browser(t)
+	runB(t, bctx, "operator signs in", 20*time.Second,
+		chromedp.Navigate("https://"+vp.addr+"/"), chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(b))), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS("#nav-vms")), goHash("#/vms"), chromedp.WaitVisible(chromedp.CSS("#act-define")))
+
+	fill := []chromedp.Action[chromedp.Void]{
+		chromedp.Click(chromedp.CSS("#act-define")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.SetValue(chromedp.CSS("#vm-name"), "db"), chromedp.SetValue(chromedp.CSS("#vm-site"), "siteA"),
+		chromedp.SetValue(chromedp.CSS("#vm-vcpus"), "2"), chromedp.SetValue(chromedp.CSS("#vm-memory"), "128"),
+		chromedp.SetValue(chromedp.CSS("#vm-disks"), "vda=64M\nvdb=lots"),
+		chromedp.SetValue(chromedp.CSS("#vm-nics"), "nic0=production\nnic1=backend"),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#dialog-error")),
+	}
+	runB(t, bctx, "define with a bad size", 20*time.Second, fill...)
+	if msg := eval[string](t, bctx, `document.querySelector("#dialog-error").textContent`); !strings.Contains(msg, `size "lots"`) {
+		t.Fatalf("bad size: the dialog says %q", msg)
+	}
+	if vms, _ := c.VMs(ctx); len(vms) != 0 {
+		t.Fatalf("a refused dialog defined %+v", vms)
+	}
+	runB(t, bctx, "define", 20*time.Second,
+		chromedp.SetValue(chromedp.CSS("#vm-disks"), "vda=64M\nvdb=32M"), chromedp.Click(chromedp.CSS("#dialog-ok")),
+		chromedp.WaitNotVisible(chromedp.CSS("#dialog")), chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="db"] .act-protect`)))
+	vms, err := c.VMs(ctx)
+	if err != nil || len(vms) != 1 {
+		t.Fatalf("VMs after define: %+v, %v", vms, err)
+	}
+	vm := vms[0]
+	if vm.Site != "siteA" || vm.VCPUs != 2 || vm.MemoryMiB != 128 || len(vm.Disks) != 2 || vm.Disks[0].Size != 64<<20 || vm.Disks[1].Size != 32<<20 ||
+		len(vm.NICs) != 2 || vm.NICs[1] != (api.NIC{Name: "nic1", Network: "backend"}) {
+		t.Fatalf("defined from the portal: %+v", vm)
+	}
+	shot(t, bctx, "vms")
+
+	runB(t, bctx, "protect", 20*time.Second,
+		chromedp.Click(chromedp.CSS(`#vms tr[data-vm="db"] .act-protect`)), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #pr-nic-nic1")),
+		chromedp.SetValue(chromedp.CSS("#pr-nic-nic1"), "backend-b"), chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 120*time.Second); st != string(api.JobSucceeded) {
+		t.Fatalf("protect from the portal: %s", st)
+	}
+	p, err := c.Protection(ctx, "db")
+	if err != nil || p.State != api.StateProtected || p.Target != "siteB" || p.Networks["siteB/nic0"] != "production" || p.Networks["siteB/nic1"] != "backend-b" {
+		t.Fatalf("protection from the portal: %+v, %v", p, err)
+	}
+
+	runB(t, bctx, "import at a QEMU site", 20*time.Second, goHash("#/vms"), chromedp.WaitVisible(chromedp.CSS("#act-import")),
+		chromedp.Click(chromedp.CSS("#act-import")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.SetValue(chromedp.CSS("#imp-domain"), "legacy"), chromedp.Click(chromedp.CSS("#dialog-ok")),
+		chromedp.WaitVisible(chromedp.CSS("#dialog-error")))
+	if msg := eval[string](t, bctx, `document.querySelector("#dialog-error").textContent`); !strings.Contains(msg, "--runtime libvirt") {
+		t.Fatalf("import at a QEMU site: the dialog says %q", msg)
+	}
+}

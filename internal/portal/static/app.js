@@ -128,6 +128,8 @@ async function route() {
     else if (parts[0] === "jobs" && parts[1]) page = await jobPage(view, decodeURIComponent(parts[1]));
     else if (parts[0] === "jobs") page = await jobsPage(view);
     else if (parts[0] === "sites") page = await sitesPage(view);
+    else if (parts[0] === "vms") page = await vmsPage(view);
+    else if (parts[0] === "imports" && parts[2]) page = await importPage(view, decodeURIComponent(parts[1]), decodeURIComponent(parts[2]));
     else page = await itemsPage(view);
   } catch (e) {
     if (gen === state.gen) showError(e);
@@ -289,9 +291,11 @@ function openDialog(title, body, okLabel, act, okClass) {
     ev.preventDefault();
     ok.disabled = true;
     try {
-      const job = await act($("#dialog-form"));
+      // act returns a job to follow, or { href } of the page to show.
+      const res = await act($("#dialog-form"));
       d.close();
-      location.hash = "#/jobs/" + job.id;
+      const to = res && res.href ? res.href : "#/jobs/" + res.id;
+      if (location.hash === to) route(); else location.hash = to;
     } catch (e) {
       $("#dialog-error").textContent = e.message;
       $("#dialog-error").hidden = false;
@@ -414,6 +418,166 @@ async function jobPage(view, id) {
     return j.state === "running" || j.state === "pending";
   };
   return (await render()) ? { refresh: render, every: 1000 } : null;
+}
+
+// --- virtual machines --------------------------------------------------
+
+const enc = encodeURIComponent;
+
+async function vmsPage(view) {
+  const card = el("section", { class: "card", id: "vms" });
+  view.replaceChildren(card);
+  const sites = (await api("GET", "/v1/sites")) || [];
+  const render = async () => {
+    const vms = (await api("GET", "/v1/vms")) || [];
+    const ps = (await api("GET", "/v1/protections")) || [];
+    const prot = Object.fromEntries(ps.map((p) => [p.vm, p]));
+    const rows = vms.map((v) => {
+      const p = prot[v.name];
+      const protectable = !p || p.state === "disabled";
+      return el("tr", { "data-vm": v.name },
+        el("td", {}, v.name, v.domain ? el("small", { class: "muted" }, " (libvirt)") : ""),
+        el("td", {}, v.site),
+        el("td", {}, `${v.vcpus || 1} vCPU · ${v.memory_mib} MiB · ${v.firmware === "uefi" ? "UEFI" : "BIOS"}`),
+        el("td", {}, (v.disks || []).map((d) => `${d.name} ${fmtBytes(d.size)}`).join(", ")),
+        el("td", { class: "nics" }, (v.nics || []).map((n) => `${n.name} → ${n.network}`).join(", ")),
+        el("td", {}, v.running ? "running" : "—"),
+        el("td", {}, p && !protectable ? el("a", { href: "#/items/" + enc(v.name) }, p.state)
+          : canAct() ? el("button", { type: "button", class: "act-protect", onclick: () => protectDialog(v, sites) }, "Protect") : "not protected"));
+    });
+    const table = el("table", {}, el("thead", {}, el("tr", {}, ["VM", "Site", "Machine", "Disks", "NICs", "Running", "Protection"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No VMs yet: define one, or import a libvirt domain."))));
+    const old = $("table", card);
+    if (old) old.replaceWith(table); else card.append(table);
+  };
+  const tools = el("div", { class: "toolbar" });
+  if (canAct()) {
+    tools.append(el("button", { type: "button", id: "act-define", class: "primary", onclick: () => defineDialog(sites) }, "Define VM"),
+      el("button", { type: "button", id: "act-import", onclick: () => importDialog(sites) }, "Import from libvirt"));
+  }
+  tools.append(el("span", { class: "muted" }, "refreshes every 5 s"));
+  card.append(el("h1", {}, "Virtual machines"), tools);
+  await render();
+  return { refresh: render, every: 5000 };
+}
+
+const siteSelect = (sites, id) => el("select", { id, name: "site", required: true }, sites.map((s) => el("option", { value: s.name }, s.name)));
+const field = (label, input, hint) => [el("label", { for: input.id }, label), input, hint ? el("p", { class: "explain" }, hint) : ""];
+const lines = (text) => text.split(/[\n,]+/).map((x) => x.trim()).filter(Boolean);
+
+// parseSize reads 10G, 512M, 64MiB or bytes, as the CLI does.
+function parseSize(str) {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(str.trim());
+  if (!m) throw new Error(`size "${str}": want a number with K, M, G or T (like 10G)`);
+  const mult = { "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 }[m[2].toUpperCase()];
+  return Math.round(parseFloat(m[1]) * mult);
+}
+
+// pairs reads "a=b" items (one per line or comma-separated).
+function pairs(text, what, example) {
+  return lines(text).map((x) => {
+    const i = x.indexOf("=");
+    if (i <= 0 || i === x.length - 1) throw new Error(`${what} "${x}": want NAME=VALUE, like ${example}`);
+    return [x.slice(0, i).trim(), x.slice(i + 1).trim()];
+  });
+}
+
+function defineDialog(sites) {
+  const nets = (site) => ((sites.find((s) => s.name === site) || {}).networks || []).filter((n) => n.kind === "production").map((n) => n.name).join(", ");
+  const siteSel = siteSelect(sites, "vm-site");
+  const netHint = el("p", { class: "explain", id: "vm-nets-hint" });
+  const showNets = () => { netHint.textContent = "Production networks at this site: " + (nets(siteSel.value) || "none declared"); };
+  siteSel.addEventListener("change", showNets);
+  showNets();
+  openDialog("Define a VM", [
+    ...field("Name", el("input", { id: "vm-name", name: "name", required: true, pattern: "[a-z0-9][a-z0-9-]*", placeholder: "web" })),
+    ...field("Site", siteSel),
+    el("div", { class: "row" },
+      el("div", {}, ...field("vCPUs", el("input", { id: "vm-vcpus", name: "vcpus", type: "number", min: 1, max: 64, value: 1 }))),
+      el("div", {}, ...field("Memory (MiB)", el("input", { id: "vm-memory", name: "memory", type: "number", min: 16, value: 256 }))),
+      el("div", {}, ...field("Firmware", el("select", { id: "vm-firmware", name: "firmware" }, el("option", { value: "bios" }, "BIOS (SeaBIOS)"), el("option", { value: "uefi" }, "UEFI (OVMF)"))))),
+    ...field("Disks", el("textarea", { id: "vm-disks", name: "disks", required: true, rows: 2, placeholder: "vda=10G\nvdb=50G" }), "NAME=SIZE, one per line: empty disks, created at the site."),
+    ...field("NICs", el("textarea", { id: "vm-nics", name: "nics", rows: 2, placeholder: "nic0=production\nnic1=backend" }), "NAME=NETWORK, one per line, in the order the guest sees them (empty: one NIC on the site's first production network)."),
+    netHint,
+    ...field("Published service", el("input", { id: "vm-forwards", name: "forwards", placeholder: "east=127.0.0.1:8081, west=127.0.0.1:8082" }), "SITE=HOST:PORT per site, reaching the guest port through the first NIC (optional)."),
+    ...field("Guest port", el("input", { id: "vm-port", name: "port", type: "number", min: 1, max: 65535, value: 80 })),
+    ...field("Kernel (optional: boot from the first disk without)", el("input", { id: "vm-kernel", name: "kernel", placeholder: "/var/lib/ferry/vmlinuz" })),
+    ...field("Initrd", el("input", { id: "vm-initrd", name: "initrd" })),
+    ...field("Kernel command line", el("input", { id: "vm-append", name: "append", placeholder: "console=ttyS0" })),
+  ], "Define", async (f) => {
+    const e = f.elements;
+    const vm = { name: e.name.value.trim(), site: e.site.value, vcpus: +e.vcpus.value, memory_mib: +e.memory.value, firmware: e.firmware.value,
+      guest_port: +e.port.value, qga: true, kernel: e.kernel.value.trim(), initrd: e.initrd.value.trim(), append: e.append.value.trim(),
+      disks: pairs(e.disks.value, "disk", "vda=10G").map(([name, size]) => ({ name, size: parseSize(size) })),
+      nics: pairs(e.nics.value, "NIC", "nic0=production").map(([name, network]) => ({ name, network })),
+      forwards: Object.fromEntries(pairs(e.forwards.value, "published address", "east=127.0.0.1:8081")) };
+    await api("POST", "/v1/vms", vm);
+    return { href: "#/vms" };
+  });
+}
+
+function importDialog(sites) {
+  openDialog("Import a libvirt domain", [
+    el("p", {}, "Copies the domain's disks into ferry at its site (a running domain is imported live, with a block copy and a pivot: it keeps running) and switches the domain onto ferry's disks. Its own disks stay untouched; releasing the VM gives them back."),
+    ...field("Site (runs libvirt)", siteSelect(sites, "imp-site")),
+    ...field("Domain", el("input", { id: "imp-domain", name: "domain", required: true, placeholder: "web" }), "The libvirt domain's name at that site (virsh list --all)."),
+    ...field("Published service", el("input", { id: "imp-forwards", name: "forwards", placeholder: "east=127.0.0.1:8081, west=127.0.0.1:8082" }), "SITE=HOST:PORT per site (optional)."),
+    ...field("Guest port", el("input", { id: "imp-port", name: "port", type: "number", min: 0, max: 65535, value: 80 })),
+  ], "Import", async (f) => {
+    const e = f.elements;
+    const req = { site: e.site.value, domain: e.domain.value.trim(), guest_port: +e.port.value,
+      forwards: Object.fromEntries(pairs(e.forwards.value, "published address", "east=127.0.0.1:8081")) };
+    await api("POST", "/v1/imports", req);
+    return { href: "#/imports/" + enc(req.site) + "/" + enc(req.domain) };
+  });
+}
+
+async function importPage(view, site, domain) {
+  const card = el("section", { class: "card", id: "import" });
+  view.replaceChildren(card);
+  const render = async () => {
+    const st = await api("GET", "/v1/imports/" + enc(site) + "/" + enc(domain));
+    const pct = st.total_bytes ? Math.floor((100 * st.done_bytes) / st.total_bytes) : st.state === "done" ? 100 : 0;
+    const res = st.result;
+    card.replaceChildren(
+      el("h1", {}, `Import of ${domain} at ${site} `, badge(st.state, st.state === "done" ? "succeeded" : st.state)),
+      el("progress", { id: "import-progress", max: 100, value: pct, "aria-label": "import progress" }),
+      el("p", { class: "muted" }, `${fmtBytes(st.done_bytes || 0)} of ${fmtBytes(st.total_bytes || 0)} copied`),
+      st.error ? el("p", { class: "error", role: "alert" }, st.error) : "",
+      res ? el("div", { id: "import-result" },
+        el("p", {}, `${res.live ? "Imported live" : "Imported"} in ${res.seconds.toFixed(2)} s: ${res.disks.length} disk(s), ${(res.nics || []).length} NIC(s). `,
+          el("a", { href: "#/vms" }, "The VM is defined"), ": protect it from the VM list."),
+        el("table", {}, el("thead", {}, el("tr", {}, ["Disk", "From", "Format", "Size", "Data copied"].map((h) => el("th", {}, h)))),
+          el("tbody", {}, res.disks.map((d) => el("tr", {}, el("td", {}, d.name), el("td", {}, d.source), el("td", {}, d.format), el("td", {}, fmtBytes(d.size)), el("td", {}, fmtBytes(d.copied))))))) : "");
+    return st.state === "copying";
+  };
+  return (await render()) ? { refresh: render, every: 1000 } : null;
+}
+
+function protectDialog(vm, sites) {
+  const others = sites.filter((s) => s.name !== vm.site);
+  const target = siteSelect(others, "pr-target");
+  const maps = el("div", { id: "pr-maps" });
+  const draw = () => {
+    const s = others.find((x) => x.name === target.value) || { networks: [] };
+    const prod = (s.networks || []).filter((n) => n.kind === "production");
+    const iso = (s.networks || []).filter((n) => n.kind === "isolated");
+    maps.replaceChildren(
+      ...(vm.nics && vm.nics.length ? vm.nics : [{ name: "nic0", network: "" }]).flatMap((n) => field(`${n.name} (on ${n.network || "its site's network"}) fails over to`,
+        el("select", { id: "pr-nic-" + n.name, name: "nic", "data-nic": n.name }, prod.map((x) => el("option", { value: x.name }, `${x.name} (${x.subnet})`))))),
+      ...field("Drills run on", el("select", { id: "pr-test", name: "test" }, iso.map((x) => el("option", { value: x.name }, `${x.name} (${x.subnet}, isolated)`)))));
+  };
+  target.addEventListener("change", draw);
+  draw();
+  openDialog("Protect " + vm.name, [
+    el("p", {}, `Replicate ${vm.name} continuously from ${vm.site} to the recovery site, with recovery points there.`),
+    ...field("Recovery site", target), maps,
+    ...field("Policy", el("input", { id: "pr-policy", name: "policy", value: "default" })),
+  ], "Protect", (f) => {
+    const networks = {};
+    for (const s of f.querySelectorAll("select[data-nic]")) networks[s.dataset.nic] = s.value;
+    return api("POST", "/v1/protections", { vm: vm.name, target: f.elements.site.value, policy: f.elements.policy.value, networks, test_network: f.elements.test ? f.elements.test.value : "" });
+  });
 }
 
 // --- sites -------------------------------------------------------------
