@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/guest"
+	"github.com/ferry-dr/ferry/internal/qemu"
 )
 
 // libvirtd holds the daemons this test binary started; TestMain stops
@@ -169,9 +171,13 @@ func TestLibvirtRuntime(t *testing.T) {
 		t.Fatalf("NBD socket mode %v, want 0660 (group libvirt-qemu)", m)
 	}
 	const size = 64 << 20
-	if err := ca.CreateGroup(ctx, "vm1", []api.DiskSpec{{Name: "vda", Size: size}}); err != nil {
+	// A UEFI VM's variable store is a disk of its group, replicated with
+	// it; a new one holds OVMF's template.
+	if err := ca.CreateGroup(ctx, "vm1", []api.DiskSpec{{Name: "vda", Size: size}, {Name: api.EFIVarsDisk, Size: api.EFIVarsSize}}); err != nil {
 		t.Fatal(err)
 	}
+	varsURL := "nbd+unix:///vm1/" + api.EFIVarsDisk + "?socket=" + filepath.Join(a.dir, "nbd.sock")
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", qemu.OVMFVars, varsURL)
 	fs := filepath.Join(root, "fs.img")
 	ext4Image(t, fs, size)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///vm1/vda?socket="+filepath.Join(a.dir, "nbd.sock"))
@@ -195,6 +201,9 @@ func TestLibvirtRuntime(t *testing.T) {
 	xml, err := exec.Command("virsh", "-c", uri, "dumpxml", "lvguest").CombinedOutput()
 	if err != nil || !strings.Contains(string(xml), "protocol='nbd' name='vm1/vda'") {
 		t.Fatalf("domain XML (%v) has no NBD disk vm1/vda:\n%s", err, xml)
+	}
+	if !regexp.MustCompile(`<nvram[^>]*type='network'`).Match(xml) || !strings.Contains(string(xml), "name='vm1/efivars'") {
+		t.Fatalf("the domain's NVRAM is not the group's disk %s:\n%s", api.EFIVarsDisk, xml)
 	}
 	var before guest.WorkloadState
 	until(t, 120*time.Second, "the workload in the libvirt domain", func() bool {
@@ -225,6 +234,12 @@ func TestLibvirtRuntime(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The firmware wrote its variables at boot: into the group.
+	srcVars := filepath.Join(root, "vars.fd")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", varsURL, srcVars)
+	if exec.Command("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", qemu.OVMFVars, srcVars).Run() == nil {
+		t.Fatal("the UEFI variables are still OVMF's template after a boot: the firmware did not write to the group's store")
+	}
 	if strings.Contains(domains(t, uri), "lvguest") {
 		t.Fatalf("domain lvguest still there after the shutdown:\n%s", domains(t, uri))
 	}
@@ -235,10 +250,20 @@ func TestLibvirtRuntime(t *testing.T) {
 		s, err := cb.Status(ctx)
 		return err == nil && len(s.Replicas) == 1 && s.Replicas[0].LastSeq >= last
 	})
+	// The recovery site holds the variables as the source left them.
+	vi, err := cb.OpenView(ctx, "vm1", api.OpenView{Disk: api.EFIVarsDisk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", srcVars, "nbd+unix:///"+vi.Export+"?socket="+vi.Socket)
+	cb.CloseView(ctx, vi.ID)
 	drillWeb := freePort(t)
-	if _, err := cb.StartVM(ctx, api.VMRequest{Name: "lvguest-drill", Replica: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetIsolated,
+	if _, err := cb.StartVM(ctx, api.VMRequest{Name: "lvguest-drill", Replica: "vm1", MemoryMiB: 256, QGA: true, Net: api.NetIsolated, Firmware: "uefi",
 		Forwards: []api.Forward{{Host: netip.MustParseAddrPort(drillWeb), GuestPort: 80}}, Boot: boot}); err != nil {
 		t.Fatal(err)
+	}
+	if x := virsh(t, uri, "dumpxml", "lvguest-drill"); !regexp.MustCompile(`<nvram[^>]*type='network'`).MatchString(x) {
+		t.Fatalf("the drill does not boot with the replicated UEFI variables:\n%s", x)
 	}
 	var drill guest.WorkloadState
 	until(t, 120*time.Second, "the drill's workload", func() bool {
@@ -269,7 +294,7 @@ func defineDomain(t *testing.T, uri, name, xml string) {
 	run(t, "virsh", "-c", uri, "define", f)
 	t.Cleanup(func() {
 		exec.Command("virsh", "-c", uri, "destroy", name).Run()
-		exec.Command("virsh", "-c", uri, "undefine", name).Run()
+		exec.Command("virsh", "-c", uri, "undefine", "--nvram", name).Run()
 	})
 }
 
@@ -323,6 +348,8 @@ func TestLibvirtImportOffline(t *testing.T) {
     <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='`+loop+`'/><target dev='vdb' bus='virtio'/></disk>
     <interface type='user'><mac address='`+mac+`'/><model type='virtio'/></interface>
     <interface type='user'><mac address='`+mac2+`'/><model type='virtio'/></interface>`, web)
+	// UEFI: libvirt makes the domain's NVRAM at its first start.
+	xml = strings.Replace(xml, "<os>", "<os firmware='efi'>", 1)
 	defineDomain(t, uri, name, xml)
 	original := virsh(t, uri, "dumpxml", "--inactive", name)
 
@@ -352,8 +379,8 @@ func TestLibvirtImportOffline(t *testing.T) {
 	})
 	res := is.Result
 	t.Logf("imported in %v: %+v", time.Since(start).Round(time.Millisecond), res.Disks)
-	if len(res.Disks) != 2 || res.Disks[0].Name != "vda" || res.Disks[1].Name != "vdb" || res.Disks[0].Format != "qcow2" ||
-		res.Disks[1].Source != loop || res.VCPUs != 1 || res.MemoryMiB != 256 || !res.QGA {
+	if len(res.Disks) != 3 || res.Disks[0].Name != "vda" || res.Disks[1].Name != "vdb" || res.Disks[0].Format != "qcow2" ||
+		res.Disks[1].Source != loop || res.Disks[2].Name != api.EFIVarsDisk || res.Firmware != "uefi" || res.VCPUs != 1 || res.MemoryMiB != 256 || !res.QGA {
 		t.Fatalf("import result %+v", res)
 	}
 	if len(res.NICs) != 2 || res.NICs[0].MAC != mac || res.NICs[1].MAC != mac2 {
@@ -363,7 +390,7 @@ func TestLibvirtImportOffline(t *testing.T) {
 		t.Errorf("block device: %d bytes of data copied; want only its one written extent, not its 16 MiB", c)
 	}
 	sock := filepath.Join(a.dir, "nbd.sock")
-	for _, d := range []struct{ fmt, src, disk string }{{"qcow2", top, "vda"}, {"raw", loop, "vdb"}} {
+	for _, d := range []struct{ fmt, src, disk string }{{"qcow2", top, "vda"}, {"raw", loop, "vdb"}, {"raw", res.Disks[2].Source, api.EFIVarsDisk}} {
 		run(t, "qemu-img", "compare", "-f", d.fmt, "-F", "raw", d.src, "nbd+unix:///"+name+"/"+d.disk+"?socket="+sock)
 	}
 	now := virsh(t, uri, "dumpxml", "--inactive", name)
@@ -376,7 +403,7 @@ func TestLibvirtImportOffline(t *testing.T) {
 
 	// ferry runs it as defined (its MAC, its guest agent), disks on the group.
 	ferryWeb := freePort(t)
-	if _, err := ca.StartVM(ctx, api.VMRequest{Name: name, Group: name, MemoryMiB: res.MemoryMiB, VCPUs: res.VCPUs, QGA: res.QGA, Domain: res.Original,
+	if _, err := ca.StartVM(ctx, api.VMRequest{Name: name, Group: name, MemoryMiB: res.MemoryMiB, VCPUs: res.VCPUs, QGA: res.QGA, Domain: res.Original, Firmware: res.Firmware,
 		NICs: []api.NICRequest{{Name: "nic0", Net: api.NetUser, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(ferryWeb), GuestPort: 80}}},
 			{Name: "nic1", Net: api.NetUser}}}); err != nil {
 		t.Fatal(err)
@@ -428,7 +455,7 @@ func TestLibvirtImportOffline(t *testing.T) {
 		return err == nil && len(pts) > 0 && pts[len(pts)-1].Seq >= want
 	})
 	drillWeb := freePort(t)
-	if _, err := cb.StartVM(ctx, api.VMRequest{Name: name + "-drill", Replica: name, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original,
+	if _, err := cb.StartVM(ctx, api.VMRequest{Name: name + "-drill", Replica: name, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original, Firmware: res.Firmware,
 		NICs: []api.NICRequest{{Name: "nic0", Net: api.NetIsolated, Forwards: []api.Forward{{Host: netip.MustParseAddrPort(drillWeb), GuestPort: 80}}},
 			{Name: "nic1", Net: api.NetIsolated}}}); err != nil {
 		t.Fatal(err)

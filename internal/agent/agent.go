@@ -33,6 +33,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
+	"github.com/ferry-dr/ferry/internal/qemu"
 	"github.com/ferry-dr/ferry/internal/replica"
 	"github.com/ferry-dr/ferry/internal/replication"
 	"github.com/ferry-dr/ferry/internal/vaultclient"
@@ -640,7 +641,11 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 			os.RemoveAll(a.groupDir(name))
 			return fmt.Errorf("%w: disk %q of size %d", ErrInvalid, d.Name, d.Size)
 		}
-		if _, err := g.CreateDisk(d.Name, d.Size); err != nil {
+		dk, err := g.CreateDisk(d.Name, d.Size)
+		if err == nil && d.Name == api.EFIVarsDisk {
+			err = initEFIVars(dk)
+		}
+		if err != nil {
 			g.Close()
 			os.RemoveAll(a.groupDir(name))
 			return fmt.Errorf("%w: %v", ErrInvalid, err)
@@ -650,6 +655,22 @@ func (a *Agent) CreateGroup(name string, disks []disk.Spec) error {
 		return err
 	}
 	return a.openGroup(name, nil)
+}
+
+// initEFIVars fills a new UEFI variable store with OVMF's template: an
+// empty store the firmware would have to format itself. An import then
+// copies the domain's own NVRAM over it.
+func initEFIVars(d *disk.Disk) error {
+	b, err := os.ReadFile(qemu.OVMFVars)
+	if err != nil {
+		return fmt.Errorf("UEFI variables template: %v (install the ovmf package: make deps)", err)
+	}
+	if int64(len(b)) != d.Size() {
+		// Another firmware build's store, as an import copies it: QEMU
+		// refuses to start with the wrong size, saying so.
+		return nil
+	}
+	return d.WriteAt(context.Background(), b, 0)
 }
 
 // DeleteGroup removes a group that does not replicate: its exports are

@@ -169,6 +169,15 @@ func (a *Agent) runLiveImport(ctx context.Context, imp Importer, is *importState
 	var targets []string
 	var to []qemu.Disk
 	for _, d := range res.Disks {
+		if d.Name == api.EFIVarsDisk {
+			// The firmware's NVRAM is a file libvirt keeps, not a disk
+			// of the domain: copied as it is now (the firmware writes it
+			// only at boot and when the guest changes a variable).
+			if err := copyIn(ctx, d.Source, d.Format, "nbd+unix:///"+exportName(name, d.Name)+"?socket="+a.nbdSock, func(int64) {}, d.Size); err != nil {
+				return fmt.Errorf("copy the UEFI variables from %s: %w", d.Source, err)
+			}
+			continue
+		}
 		targets = append(targets, d.Name)
 		to = append(to, qemu.Disk{Socket: a.nbdSock, Export: exportName(name, d.Name)})
 	}
@@ -190,7 +199,7 @@ func (a *Agent) runLiveImport(ctx context.Context, imp Importer, is *importState
 	}
 	// It runs on the group: it is the group's VM (the runtime takes a
 	// running imported domain as it is).
-	if _, err := a.StartVM(ctx, VMRequest{Name: name, Group: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original}); err != nil {
+	if _, err := a.StartVM(ctx, VMRequest{Name: name, Group: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original, Firmware: res.Firmware}); err != nil {
 		return fmt.Errorf("take the running domain as the group's VM: %w", err)
 	}
 	return a.finishImport(ctx, imp, is, res)
@@ -217,12 +226,11 @@ func (a *Agent) finishImport(ctx context.Context, imp Importer, is *importState,
 			return err
 		}
 	}
-	var disks []qemu.Disk
+	spec := qemu.Spec{Name: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original, Firmware: res.Firmware}
 	for _, d := range gr.g.Disks() {
-		disks = append(disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(name, d.Name)})
+		spec.AddDisk(d.Name, qemu.Disk{Socket: a.nbdSock, Export: exportName(name, d.Name)})
 	}
-	def, err := imp.Definition(ctx, qemu.Spec{Name: name, VCPUs: res.VCPUs, MemoryMiB: res.MemoryMiB, Disks: disks, QGA: res.QGA, Domain: res.Original},
-		filepath.Join(a.cfg.Dir, "vms", name, "console.log"))
+	def, err := imp.Definition(ctx, spec, filepath.Join(a.cfg.Dir, "vms", name, "console.log"))
 	if err != nil {
 		return err
 	}

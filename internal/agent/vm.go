@@ -76,7 +76,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	rv := &runningVM{name: req.Name, group: owner}
 	if gr != nil {
 		for _, d := range gr.g.Disks() {
-			spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
+			spec.AddDisk(d.Name, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
 		}
 	} else {
 		for _, d := range rep.Disks() {
@@ -87,7 +87,7 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 			}
 			rv.views = append(rv.views, ov.id)
 			rv.seq = ov.seq
-			spec.Disks = append(spec.Disks, qemu.Disk{Socket: a.nbdSock, Export: ov.export})
+			spec.AddDisk(d.Name, qemu.Disk{Socket: a.nbdSock, Export: ov.export})
 		}
 	}
 	if err := spec.Validate(); err != nil {

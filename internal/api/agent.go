@@ -241,6 +241,9 @@ type ImportResult struct {
 	Disks     []ImportedDisk `json:"disks"`
 	// QGA: the domain has a guest agent channel.
 	QGA bool `json:"qga"`
+	// Firmware is "uefi" for a domain that boots with UEFI (its NVRAM,
+	// if it has one yet, is copied as the disk EFIVarsDisk), else "bios".
+	Firmware string `json:"firmware,omitempty"`
 	// NICs: the domain's NICs that ferry keeps, in order (on a libvirt
 	// network, a bridge or user-mode networking).
 	NICs []ImportedNIC `json:"nics,omitempty"`
@@ -253,6 +256,16 @@ type ImportResult struct {
 	Definition string  `json:"definition"`
 	Seconds    float64 `json:"seconds"`
 }
+
+// EFIVarsDisk names the disk of a UEFI VM that holds its UEFI variable
+// store (boot entries, Secure Boot keys) instead of a block device of the
+// guest: the firmware's NVRAM, replicated with the VM's disks, so that a
+// failed-over VM boots as it did. EFIVarsSize is its size for the OVMF
+// that ferry runs (Debian's 4 MiB build).
+const (
+	EFIVarsDisk = "efivars"
+	EFIVarsSize = 540672
+)
 
 // ImportedNIC is one NIC of an imported domain.
 type ImportedNIC struct {

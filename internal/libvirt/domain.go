@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -50,7 +52,39 @@ func (r *Runtime) Describe(ctx context.Context, name string) (api.ImportResult, 
 	if err != nil {
 		return api.ImportResult{}, false, err
 	}
+	// A UEFI domain's NVRAM, once libvirt made it (at its first start),
+	// is imported as the group's disk api.EFIVarsDisk.
+	if p := nvramPath(x); p != "" {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+			res.Disks = append(res.Disks, api.ImportedDisk{Name: api.EFIVarsDisk, Source: p, Format: "raw"})
+		}
+	}
 	return res, golibvirt.DomainState(state) != golibvirt.DomainShutoff, nil
+}
+
+// NVRAMDir is where libvirt keeps the variable stores of UEFI domains
+// whose definition names none (firmware='efi' chosen at start).
+var NVRAMDir = "/var/lib/libvirt/qemu/nvram"
+
+// nvramPath is the file of a UEFI domain's variable store, or "".
+func nvramPath(x string) string {
+	var d libvirtxml.Domain
+	if d.Unmarshal(x) != nil || d.OS == nil {
+		return ""
+	}
+	if d.OS.NVRam == nil {
+		if d.OS.Firmware == "efi" {
+			return filepath.Join(NVRAMDir, d.Name+"_VARS.fd")
+		}
+		return ""
+	}
+	if s := d.OS.NVRam.Source; s != nil {
+		if s.File != nil {
+			return s.File.File
+		}
+		return ""
+	}
+	return d.OS.NVRam.NVRam
 }
 
 // describeXML reads what an import needs from a domain definition.
@@ -59,7 +93,10 @@ func describeXML(x string) (api.ImportResult, error) {
 	if err := d.Unmarshal(x); err != nil {
 		return api.ImportResult{}, fmt.Errorf("%w: definition does not parse: %v", ErrUnsupported, err)
 	}
-	res := api.ImportResult{Domain: d.Name, Original: x}
+	res := api.ImportResult{Domain: d.Name, Original: x, Firmware: "bios"}
+	if d.OS != nil && (d.OS.Firmware == "efi" || d.OS.Loader != nil) {
+		res.Firmware = "uefi"
+	}
 	if d.VCPU != nil {
 		res.VCPUs = int(d.VCPU.Value)
 	}
@@ -232,6 +269,13 @@ func importedXML(spec qemu.Spec, accel, console string) (string, error) {
 	}
 	sanitize(&d, console)
 	d.Devices.Disks = disks
+	if spec.EFIVars != nil {
+		if d.OS == nil {
+			d.OS = &libvirtxml.DomainOS{}
+		}
+		d.OS.Firmware = "efi"
+		d.OS.NVRam = efiVars(*spec.EFIVars)
+	}
 	// NIC i of the VM is the domain's i-th kept NIC (describeXML lists
 	// them in this order); domain NICs beyond the VM's are left out.
 	// A spec that says nothing of NICs keeps the domain's as they are.
@@ -271,6 +315,14 @@ func importedXML(spec qemu.Spec, accel, console string) (string, error) {
 		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{Args: cmd}
 	}
 	return d.Marshal()
+}
+
+// efiVars is the firmware's variable store on an NBD export.
+func efiVars(k qemu.Disk) *libvirtxml.DomainNVRam {
+	return &libvirtxml.DomainNVRam{Source: &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
+		Protocol: "nbd", Name: k.Export,
+		Hosts: []libvirtxml.DomainDiskSourceHost{{Transport: "unix", Socket: k.Socket}},
+	}}}
 }
 
 // attachedNIC is nic (its MAC and model kept) on a libvirt network or

@@ -218,7 +218,10 @@ func DomainXML(spec qemu.Spec, accel, console string) (string, error) {
 		d.OS.Kernel, d.OS.Initrd, d.OS.Cmdline = spec.Boot.Kernel, spec.Boot.Initrd, spec.Boot.Append
 	}
 	if spec.Firmware == "uefi" {
-		d.OS.Firmware = "efi" // libvirt picks OVMF from its firmware descriptors, NVRAM per domain
+		d.OS.Firmware = "efi" // libvirt picks OVMF from its firmware descriptors
+		if spec.EFIVars != nil {
+			d.OS.NVRam = efiVars(*spec.EFIVars) // replicated; else libvirt keeps one per domain
+		}
 	}
 	for i, k := range spec.Disks {
 		disk := libvirtxml.DomainDisk{

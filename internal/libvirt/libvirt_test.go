@@ -426,3 +426,28 @@ func TestPerNICNetworks(t *testing.T) {
 		t.Errorf("own VM: NICs %+v, command line %q", d.Devices.Interfaces, line)
 	}
 }
+
+// TestNVRAMPath: a UEFI domain's variable store is the file its
+// definition names, or libvirt's default for firmware='efi'; a BIOS
+// domain has none.
+func TestNVRAMPath(t *testing.T) {
+	for _, tc := range []struct{ name, os, want string }{
+		{"bios", `<os><type>hvm</type></os>`, ""},
+		{"auto", `<os firmware='efi'><type>hvm</type></os>`, NVRAMDir + "/auto_VARS.fd"},
+		{"named", `<os><type>hvm</type><loader type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>/srv/vars/named.fd</nvram></os>`, "/srv/vars/named.fd"},
+		{"file", `<os><type>hvm</type><loader type='pflash'>/x.fd</loader><nvram type='file'><source file='/srv/f.fd'/></nvram></os>`, "/srv/f.fd"},
+		{"network", `<os><type>hvm</type><loader type='pflash'>/x.fd</loader><nvram type='network'><source protocol='nbd' name='x'/></nvram></os>`, ""},
+	} {
+		x := "<domain type='kvm'><name>" + tc.name + "</name>" + tc.os + "<devices><disk type='file' device='disk'><source file='/a.img'/><target dev='vda'/></disk></devices></domain>"
+		if got := nvramPath(x); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+		res, err := describeXML(x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := map[bool]string{true: "bios", false: "uefi"}[tc.name == "bios"]; res.Firmware != want {
+			t.Errorf("%s: firmware %q, want %q", tc.name, res.Firmware, want)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -114,5 +115,32 @@ func TestSeveralNICs(t *testing.T) {
 		if err := bad.Validate(); !errors.Is(err, ErrSpec) {
 			t.Errorf("%s: %v, want ErrSpec", name, err)
 		}
+	}
+}
+
+// TestEFIVarsExport: a UEFI VM's variables come from their export when it
+// has one (replicated), else from a file of its own; a BIOS VM with a
+// variable store is refused.
+func TestEFIVarsExport(t *testing.T) {
+	if _, err := os.Stat(OVMFCode); err != nil {
+		t.Skipf("no OVMF: %v", err) // validation needs the firmware file
+	}
+	disks := []Disk{{Socket: "/run/ferry/nbd.sock", Export: "db/vda"}}
+	s := Spec{Name: "db", MemoryMiB: 64, Disks: disks, Firmware: "uefi"}
+	s.AddDisk("efivars", Disk{Socket: "/run/ferry/nbd.sock", Export: "db/efivars"})
+	if err := s.Validate(); err != nil || len(s.Disks) != 1 {
+		t.Fatalf("validate: %v, disks %+v", err, s.Disks)
+	}
+	args := strings.Join((&VM{Spec: s, dir: "/d", accel: "tcg"}).args(), " ")
+	if !strings.Contains(args, "if=pflash,format=raw,unit=1,file=nbd+unix:///db/efivars?socket=/run/ferry/nbd.sock") {
+		t.Errorf("args %q: the variables are not the export", args)
+	}
+	s.EFIVars = nil
+	if args := strings.Join((&VM{Spec: s, dir: "/d", accel: "tcg"}).args(), " "); !strings.Contains(args, "unit=1,file=/d/OVMF_VARS.fd") {
+		t.Errorf("args %q: without an export the variables are the VM's file", args)
+	}
+	bios := Spec{Name: "db", MemoryMiB: 64, Disks: disks, EFIVars: &Disk{Socket: "/s", Export: "db/efivars"}}
+	if err := bios.Validate(); !errors.Is(err, ErrSpec) {
+		t.Errorf("BIOS VM with a variable store: %v, want ErrSpec", err)
 	}
 }

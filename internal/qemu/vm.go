@@ -73,9 +73,24 @@ type Spec struct {
 	// Attach: a libvirt network or bridge for the NICs
 	// (api.VMRequest.Attach); only the libvirt runtime has them.
 	Attach string `json:"attach,omitempty"`
+	// EFIVars, for a UEFI VM, is the export that holds its UEFI variable
+	// store (api.EFIVarsDisk), replicated with its disks; without it the
+	// variables are a file of the VM's runtime directory, kept at this
+	// site only.
+	EFIVars *Disk `json:"efivars,omitempty"`
 	// NICs, when set, are the VM's NICs in order, and Net, Subnet,
 	// Forwards and Attach are not used (api.VMRequest.NICs).
 	NICs []NIC `json:"nics,omitempty"`
+}
+
+// AddDisk adds a group's disk to the VM: as its UEFI variable store if
+// it is the group's api.EFIVarsDisk, else as its next block device.
+func (s *Spec) AddDisk(name string, d Disk) {
+	if name == api.EFIVarsDisk {
+		s.EFIVars = &d
+		return
+	}
+	s.Disks = append(s.Disks, d)
 }
 
 // NIC is one NIC of a VM (api.NICRequest).
@@ -147,8 +162,14 @@ func (s *Spec) Validate() error {
 		}
 		names[n.Name] = true
 	}
+	if s.EFIVars != nil && (s.EFIVars.Socket == "" || s.EFIVars.Export == "") {
+		return bad("the UEFI variable store needs an NBD socket and export")
+	}
 	switch s.Firmware {
 	case "", "bios":
+		if s.EFIVars != nil {
+			return bad("a UEFI variable store (disk %s) for a VM that boots with BIOS: define it with firmware uefi", api.EFIVarsDisk)
+		}
 	case "uefi":
 		if _, err := os.Stat(OVMFCode); err != nil {
 			return bad("UEFI firmware: %v (install the ovmf package: make deps)", err)
@@ -249,7 +270,7 @@ func Start(ctx context.Context, spec Spec, dir string, log *slog.Logger) (*VM, e
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	if spec.Firmware == "uefi" {
+	if spec.Firmware == "uefi" && spec.EFIVars == nil {
 		// The VM's own UEFI variables (boot order, ...), kept across its
 		// restarts at this site.
 		if _, err := os.Stat(filepath.Join(dir, "OVMF_VARS.fd")); err != nil {
@@ -344,8 +365,12 @@ func (v *VM) args() []string {
 		a = append(a, "-cpu", "host")
 	}
 	if s.Firmware == "uefi" {
+		vars := filepath.Join(v.dir, "OVMF_VARS.fd")
+		if s.EFIVars != nil {
+			vars = "nbd+unix:///" + s.EFIVars.Export + "?socket=" + s.EFIVars.Socket
+		}
 		a = append(a, "-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+optValue(OVMFCode),
-			"-drive", "if=pflash,format=raw,unit=1,file="+optValue(filepath.Join(v.dir, "OVMF_VARS.fd")))
+			"-drive", "if=pflash,format=raw,unit=1,file="+optValue(vars))
 	}
 	for i, d := range s.Disks {
 		drive := fmt.Sprintf("file=%s,format=raw,if=none,id=d%d,cache=none,aio=threads", optValue("nbd+unix:///"+d.Export+"?socket="+d.Socket), i)

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -275,11 +276,33 @@ func TestNetworkModes(t *testing.T) {
 // own UEFI variables file.
 func TestUEFIBoot(t *testing.T) {
 	kernel, initrd := guestFiles(t)
-	sock, _ := ext4Disk(t, 32<<20)
+	sock, g := ext4Disk(t, 32<<20)
+	// The variables on an export of the group (as the agent gives a UEFI
+	// VM its disk api.EFIVarsDisk), starting from OVMF's template.
+	tmpl, err := os.ReadFile(OVMFVars)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := g.CreateDisk(api.EFIVarsDisk, int64(len(tmpl)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ev.WriteAt(context.Background(), tmpl, 0); err != nil {
+		t.Fatal(err)
+	}
+	srv := nbd.New(nbd.Config{})
+	srv.AddExport(nbd.Export{Name: "efivars", Size: ev.Size(), Device: ev})
+	varsSock := filepath.Join(t.TempDir(), "vars.sock")
+	ln, err := nbd.ListenUnix(varsSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(context.Background(), ln)
+	t.Cleanup(func() { srv.Close() })
 	web := freeAddr(t)
 	dir := t.TempDir()
 	vm, err := Start(context.Background(), Spec{
-		Name: "uefi", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}}, Firmware: "uefi",
+		Name: "uefi", MemoryMiB: 256, Disks: []Disk{{Socket: sock, Export: "vda"}}, Firmware: "uefi", EFIVars: &Disk{Socket: varsSock, Export: "efivars"},
 		Boot: Boot{Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.qga=0"},
 		Net:  NetUser, Forwards: []Forward{{Host: netip.MustParseAddrPort(web), GuestPort: 80}}, Accel: "auto",
 	}, dir, nil)
@@ -294,8 +317,15 @@ func TestUEFIBoot(t *testing.T) {
 	if b, _ := os.ReadFile(vm.ConsolePath()); !strings.Contains(string(b), "efi: EFI v") {
 		t.Fatalf("the kernel does not report EFI firmware:\n%s", vm.tail(vm.ConsolePath(), 20))
 	}
-	if fi, err := os.Stat(filepath.Join(dir, "OVMF_VARS.fd")); err != nil || fi.Size() == 0 {
-		t.Fatalf("the VM's UEFI variables: %v", err)
+	got := make([]byte, len(tmpl))
+	if err := ev.ReadAt(context.Background(), got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(got, tmpl) {
+		t.Fatal("the firmware did not write its variables to their export")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "OVMF_VARS.fd")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a VM with a variable store export has a variables file too: %v", err)
 	}
 }
 

@@ -80,6 +80,9 @@ func (v *Vault) importDone(ctx context.Context, site string, st api.ImportStatus
 	// A domain imported live runs on as the VM: the vault restarts it if
 	// it goes missing, as for a VM it started.
 	vm := VM{Name: res.Domain, Site: site, VCPUs: max(res.VCPUs, 1), MemoryMiB: res.MemoryMiB, QGA: res.QGA, Domain: res.Original, Running: res.Live}
+	if res.Firmware == "uefi" {
+		vm.Firmware = "uefi"
+	}
 	req, rver, rerr := get[api.VaultImport](ctx, v.st, kindImport, res.Domain)
 	if rerr == nil && req.Site == site {
 		vm.Forwards, vm.GuestPort = req.Forwards, req.GuestPort

@@ -625,6 +625,11 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 // DefineVM records a VM (its spec and the site it runs at) and creates its
 // disks there (a group named after the VM; an existing one is kept).
 func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
+	if vm.Firmware == "uefi" && !slices.ContainsFunc(vm.Disks, func(d DiskSpec) bool { return d.Name == api.EFIVarsDisk }) {
+		// Its UEFI variables, replicated with its disks: a failed-over
+		// VM boots from the entries it had.
+		vm.Disks = append(vm.Disks, DiskSpec{Name: api.EFIVarsDisk, Size: api.EFIVarsSize})
+	}
 	if err := checkVM(vm); err != nil {
 		return err
 	}
@@ -667,13 +672,20 @@ func checkVM(vm VM) error {
 	if err := api.CheckName(api.KindSite, vm.Site); err != nil {
 		return err
 	}
-	if len(vm.Disks) == 0 || len(vm.Disks) > 16 {
-		return fmt.Errorf("%w: a VM needs 1 to 16 disks, got %d", ErrInvalid, len(vm.Disks))
+	n := len(vm.Disks)
+	if slices.ContainsFunc(vm.Disks, func(d DiskSpec) bool { return d.Name == api.EFIVarsDisk }) {
+		n-- // the UEFI variables are not one of the guest's disks
+	}
+	if n <= 0 || n > 16 {
+		return fmt.Errorf("%w: a VM needs 1 to 16 disks, got %d", ErrInvalid, n)
 	}
 	seen := map[string]bool{}
 	for _, d := range vm.Disks {
 		if err := api.CheckName(api.KindDisk, d.Name); err != nil {
 			return err
+		}
+		if d.Name == api.EFIVarsDisk && vm.Firmware != "uefi" {
+			return fmt.Errorf("%w: disk %s holds a UEFI VM's variables; name the disk otherwise, or define the VM with firmware uefi", ErrInvalid, d.Name)
 		}
 		if seen[d.Name] {
 			return fmt.Errorf("%w: disk %q given twice", ErrInvalid, d.Name)

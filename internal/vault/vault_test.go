@@ -785,3 +785,25 @@ func TestSeveralNICs(t *testing.T) {
 		t.Errorf("the single-NIC fields (for older agents) %s %s %+v do not mirror nic0", req.Net, req.Subnet, req.Forwards)
 	}
 }
+
+// TestUEFIVarsDisk: a UEFI VM gets a disk for its UEFI variables,
+// replicated with its disks; a BIOS VM may not name a disk so.
+func TestUEFIVarsDisk(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	vm := VM{Name: "efi", Site: "east", MemoryMiB: 256, Firmware: "uefi", Disks: []DiskSpec{{Name: "vda", Size: 1 << 20}}}
+	if code := f.call(t, f.op, "POST", "/v1/vms", vm, nil); code != 200 {
+		t.Fatalf("define a UEFI VM: %d", code)
+	}
+	var vms []VM
+	f.call(t, f.reader, "GET", "/v1/vms", nil, &vms)
+	i := slices.IndexFunc(vms, func(v VM) bool { return v.Name == "efi" })
+	if i < 0 || len(vms[i].Disks) != 2 || vms[i].Disks[1] != (DiskSpec{Name: api.EFIVarsDisk, Size: api.EFIVarsSize}) {
+		t.Fatalf("UEFI VM defined as %+v, want its disks and %s of %d bytes", vms, api.EFIVarsDisk, api.EFIVarsSize)
+	}
+	bios := VM{Name: "bios", Site: "east", MemoryMiB: 256, Disks: []DiskSpec{{Name: "vda", Size: 1 << 20}, {Name: api.EFIVarsDisk, Size: 1 << 20}}}
+	var e map[string]string
+	if code := f.call(t, f.op, "POST", "/v1/vms", bios, &e); code != 400 || !strings.Contains(e["error"], "UEFI") {
+		t.Fatalf("a BIOS VM with a disk %s: %d %v, want 400", api.EFIVarsDisk, code, e)
+	}
+}
