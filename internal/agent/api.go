@@ -92,6 +92,9 @@ func (a *Agent) routes() http.Handler {
 		b, next, err := a.Console(r.PathValue("name"), off)
 		reply(w, api.Console{Data: string(b), Next: next}, err)
 	})
+	handle("POST /v1/vms/{name}/ping", managers, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, a.PingGuest(r.Context(), r.PathValue("name")))
+	})
 	handle("POST /v1/vms/{name}/commit", managers, func(w http.ResponseWriter, r *http.Request) {
 		steps, err := a.CommitVM(r.Context(), r.PathValue("name"))
 		reply(w, api.Steps{Steps: steps}, err)

@@ -109,6 +109,25 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 	return vm.Status(ctx), nil
 }
 
+// PingGuest asks a running VM's guest agent whether it answers (a
+// recovery plan waits for it before booting the next group).
+// ErrNotFound if the VM does not run; ErrNoQuiesce, wrapping why, if its
+// guest agent does not answer (none, or not up yet).
+func (a *Agent) PingGuest(ctx context.Context, name string) error {
+	a.mu.Lock()
+	rv := a.vms[name]
+	a.mu.Unlock()
+	if rv == nil {
+		return fmt.Errorf("%w: VM %q", ErrNotFound, name)
+	}
+	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if err := rv.vm.PingGuest(qctx); err != nil {
+		return fmt.Errorf("%w: VM %s: %v", ErrNoQuiesce, name, err)
+	}
+	return nil
+}
+
 // StopVM shuts a VM down gracefully (or at once with force, for a VM whose
 // writes are discarded anyway) and returns the steps taken.
 func (a *Agent) StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error) {

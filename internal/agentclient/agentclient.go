@@ -209,6 +209,12 @@ func (c *Client) Release(ctx context.Context, domain string) error {
 	return c.call(ctx, "POST", "/v1/imports/"+url.PathEscape(domain)+"/release", struct{}{}, nil)
 }
 
+// PingGuest asks a VM's guest agent whether it answers: nil if it does,
+// ErrNotFound if no such VM runs, another error while it does not answer.
+func (c *Client) PingGuest(ctx context.Context, name string) error {
+	return c.call(ctx, "POST", "/v1/vms/"+esc(name)+"/ping", nil, nil)
+}
+
 // StopVM shuts a VM down (gracefully within opts.Timeout, or at once with
 // opts.Force) and returns the steps taken. ErrNotFound if no such VM runs.
 func (c *Client) StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error) {

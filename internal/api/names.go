@@ -13,6 +13,7 @@ const (
 	KindGroup    = "group"
 	KindNetwork  = "network"
 	KindPolicy   = "policy"
+	KindPlan     = "plan"
 	KindIdentity = "identity" // the name in a certificate (operator, vault)
 )
 

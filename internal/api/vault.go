@@ -44,6 +44,9 @@ const (
 	JobSucceeded JobState = "succeeded"
 	JobFailed    JobState = "failed"
 	JobSkipped   JobState = "skipped" // steps only
+	// JobWaiting: a plan job (and its step) waits for an operator to
+	// confirm a manual action (POST /v1/jobs/{id}/resume).
+	JobWaiting JobState = "waiting"
 )
 
 // NetworkKind is what a site's network is for.
@@ -249,6 +252,8 @@ type Job struct {
 	// PrevState is the protection's state when the job began; a job that
 	// cannot finish restores it, so no protection is left stuck.
 	PrevState ProtectionState `json:"prev_state"`
+	// Plan names the recovery plan of a plan job (Protection is empty).
+	Plan string `json:"plan,omitempty"`
 }
 
 // EnableRequest asks to protect a VM (POST /v1/protections).

@@ -149,6 +149,29 @@ func (v *Vault) Handler() http.Handler {
 	act(v, mux, "POST /v1/protections/{vm}/reprotect", func(r *http.Request, _ struct{}) (any, error) {
 		return v.Reprotect(r.Context(), r.PathValue("vm"))
 	})
+	read("GET /v1/plans", func(r *http.Request) (any, error) { return v.Plans(r.Context()) })
+	read("GET /v1/plans/{name}", func(r *http.Request) (any, error) { return v.Plan(r.Context(), r.PathValue("name")) })
+	act(v, mux, "PUT /v1/plans/{name}", func(r *http.Request, p Plan) (any, error) {
+		if p.Name == "" {
+			p.Name = r.PathValue("name")
+		}
+		if p.Name != r.PathValue("name") {
+			return nil, fmt.Errorf("%w: plan %q in the body, %q in the path", ErrInvalid, p.Name, r.PathValue("name"))
+		}
+		return v.PutPlan(r.Context(), p)
+	})
+	mux.HandleFunc("DELETE /v1/plans/{name}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, v.DeletePlan(r.Context(), r.PathValue("name")))
+	}))
+	act(v, mux, "POST /v1/plans/{name}/run", func(r *http.Request, b api.PlanRun) (any, error) {
+		return v.RunPlan(r.Context(), r.PathValue("name"), b)
+	})
+	act(v, mux, "POST /v1/jobs/{id}/resume", func(r *http.Request, _ struct{}) (any, error) {
+		return v.ResumeJob(r.Context(), r.PathValue("id"))
+	})
+	act(v, mux, "POST /v1/jobs/{id}/retry", func(r *http.Request, _ struct{}) (any, error) {
+		return v.RetryJob(r.Context(), r.PathValue("id"))
+	})
 	return mux
 }
 

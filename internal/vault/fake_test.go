@@ -38,6 +38,10 @@ type fakeAgent struct {
 	// imports it ran (each finished at once) and releases asked.
 	imports  map[string]api.ImportStatus
 	released []string
+	// silent lists VMs whose guest agent does not answer.
+	silent map[string]bool
+	// started records the order VMs were started in.
+	started []string
 }
 
 var _ Site = (*fakeAgent)(nil)
@@ -248,6 +252,7 @@ func (f *fakeAgent) StartVM(ctx context.Context, req api.VMRequest) (api.VMStatu
 		return api.VMStatus{}, &api.StatusError{Code: 409, Message: "VM exists"}
 	}
 	f.vms[req.Name] = req
+	f.started = append(f.started, req.Name)
 	return api.VMStatus{Name: req.Name, State: api.VMRunning}, nil
 }
 
@@ -261,6 +266,20 @@ func (f *fakeAgent) StopVM(ctx context.Context, name string, opts api.StopOption
 	}
 	delete(f.vms, name)
 	return []string{"guest powered off"}, nil
+}
+
+func (f *fakeAgent) PingGuest(ctx context.Context, name string) error {
+	if err := f.enter("ping guest " + name); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	if _, ok := f.vms[name]; !ok {
+		return notFound("no VM %s", name)
+	}
+	if f.silent[name] {
+		return fmt.Errorf("guest agent of %s does not answer", name)
+	}
+	return nil
 }
 
 func (f *fakeAgent) CommitVM(ctx context.Context, name string) ([]string, error) {

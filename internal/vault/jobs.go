@@ -274,6 +274,10 @@ func (v *Vault) recoverJobs(ctx context.Context) error {
 		if json.Unmarshal(d.Data, &j) != nil || j.State != JobRunning {
 			continue
 		}
+		if j.Plan != "" {
+			v.recoverPlanJob(ctx, j, d.Version)
+			continue
+		}
 		step := "?"
 		for _, s := range j.Steps {
 			if s.State == JobRunning {

@@ -136,6 +136,8 @@ func pending(p *Protection) string {
 // Job states and step states.
 const (
 	JobRunning   = api.JobRunning
+	JobWaiting   = api.JobWaiting
+	JobSkipped   = api.JobSkipped
 	JobSucceeded = api.JobSucceeded
 	JobFailed    = api.JobFailed
 	StepPending  = api.JobPending

@@ -38,6 +38,10 @@ type Site interface {
 	// agent, then ACPI, then quit; or at once with opts.Force) and returns
 	// the steps. ErrNotFound if it does not run.
 	StopVM(ctx context.Context, name string, opts api.StopOptions) ([]string, error)
+	// PingGuest asks a running VM's guest agent whether it answers: nil
+	// if it does; ErrNotFound if the VM does not run; another error
+	// while it does not answer (no guest agent, or not up yet).
+	PingGuest(ctx context.Context, name string) error
 	// CommitVM makes a VM on views standalone. ErrNotFound if it does not
 	// run on views.
 	CommitVM(ctx context.Context, name string) ([]string, error)

@@ -36,6 +36,9 @@ type Config struct {
 	HeartbeatInterval time.Duration
 	// Heartbeats can be switched off for tests that drive them.
 	NoHeartbeats bool
+	// ScriptDir holds the scripts recovery plans may run (by file name);
+	// empty: plans have no scripts.
+	ScriptDir string
 }
 
 // Vault is the control plane.

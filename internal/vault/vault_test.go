@@ -33,20 +33,24 @@ type fixture struct {
 	op, reader  string
 }
 
-func newFixture(t testing.TB, st store.Store) *fixture {
+func newFixture(t testing.TB, st store.Store, opts ...func(*Config)) *fixture {
 	t.Helper()
 	f := &fixture{st: st,
 		east: newFakeAgent("east", "vm1"),
 		west: newFakeAgent("west")}
 	f.west.points = []api.Point{{Seq: 5, Type: "crash", Time: time.Now()}, {Seq: 7, Type: "app", Time: time.Now()}, {Seq: 9, Type: "crash", Time: time.Now()}}
 	f.east.peer = f.west
-	f.v = New(Config{Store: st, NoHeartbeats: true, Now: func() time.Time { return time.Now().Add(time.Duration(f.skew.Load())) }, Site: func(addr, site string) Site {
+	cfg := Config{Store: st, NoHeartbeats: true, Now: func() time.Time { return time.Now().Add(time.Duration(f.skew.Load())) }, Site: func(addr, site string) Site {
 		f.clientsMade.Add(1)
 		if site == "east" {
 			return f.east
 		}
 		return f.west
-	}})
+	}}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	f.v = New(cfg)
 	if err := f.v.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
