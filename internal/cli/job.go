@@ -49,7 +49,7 @@ func vaultCommand(e *env, c *cobra.Command, o *vaultOpts, f func(ctx context.Con
 // startedJob reports a job the vault started, or follows it with --wait.
 func startedJob(ctx context.Context, e *env, vc *vaultclient.Client, j api.Job, wait bool) error {
 	if !wait {
-		return e.print(j, fmt.Sprintf("job %s started (%s of %s); follow it with 'ferry job show %s' or use --wait\n", j.ID, j.Action, j.Protection, j.ID))
+		return e.print(j, fmt.Sprintf("job %s started (%s of %s); follow it with 'ferry job show %s' or use --wait\n", j.ID, j.Action, jobSubject(j), j.ID))
 	}
 	return waitJob(ctx, e, vc, j.ID)
 }
@@ -66,7 +66,7 @@ func jobsCmd(e *env) *cobra.Command {
 			}
 			return e.print(js, table("ID\tACTION\tVM\tSTATE\tCREATED\tERROR", func(tw io.Writer) {
 				for _, j := range js {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.Action, j.Protection, j.State, j.Created.Format(time.RFC3339), j.Error)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.Action, jobSubject(j), j.State, j.Created.Format(time.RFC3339), j.Error)
 				}
 			}))
 		})
@@ -90,12 +90,45 @@ func jobCmd(e *env) *cobra.Command {
 			return e.print(j, jobText(j))
 		})
 	show.Flags().BoolVar(&wait, "wait", false, "follow the job until it ends; exit non-zero if it fails")
-	return group("job", "Show a job", show)
+	var or, ot vaultOpts
+	var waitR, waitT bool
+	resume := vaultCommand(e, &cobra.Command{Use: "resume JOB", Short: "Confirm the manual action a plan job waits for; the plan goes on", Args: cobra.ExactArgs(1),
+		Example: "  ferry job resume j1764620000-1a2b3c4d --wait"}, &or,
+		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
+			j, err := vc.ResumeJob(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return startedJob(ctx, e, vc, j, waitR)
+		})
+	resume.Flags().BoolVar(&waitR, "wait", false, "follow the job; exit non-zero if it fails")
+	retry := vaultCommand(e, &cobra.Command{Use: "retry JOB", Short: "Run a failed plan job again from the step that failed", Args: cobra.ExactArgs(1),
+		Example: "  ferry job retry j1764620000-1a2b3c4d --wait"}, &ot,
+		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
+			j, err := vc.RetryJob(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return startedJob(ctx, e, vc, j, waitT)
+		})
+	retry.Flags().BoolVar(&waitT, "wait", false, "follow the job; exit non-zero if it fails")
+	return group("job", "Show a job; resume or retry a plan job", show, resume, retry)
+}
+
+// jobSubject is what a job acts on: a VM, or a plan.
+func jobSubject(j api.Job) string {
+	if j.Plan != "" {
+		return "plan " + j.Plan
+	}
+	return j.Protection
 }
 
 func jobText(j api.Job) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "job %s: %s of %s: %s %s\n", j.ID, j.Action, j.Protection, j.State, j.Error)
+	fmt.Fprintf(&b, "job %s: %s of %s: %s %s\n", j.ID, j.Action, jobSubject(j), j.State, j.Error)
+	if j.State == api.JobWaiting {
+		fmt.Fprintf(&b, "  waits for an operator: do what the waiting step says, then 'ferry job resume %s'\n", j.ID)
+	}
 	for _, s := range j.Steps {
 		fmt.Fprintf(&b, "  %-28s %-9s %3d%%\n", s.Name, s.State, s.Percent)
 		for _, m := range s.Messages {

@@ -21,26 +21,33 @@ import (
 )
 
 func vaultCmd(e *env) *cobra.Command {
-	var dir, pkiDir, name, listen string
+	var dir, pkiDir, name, listen, scripts string
 	run := &cobra.Command{Use: "run", Short: "Run the vault: the control plane's API, jobs and web portal", Args: cobra.NoArgs,
 		Example: "  ferry vault run --dir /var/lib/ferry-vault --pki /etc/ferry/pki --listen 0.0.0.0:7400\n  ferry vault run --config /etc/ferry/vault.toml",
 		RunE: runE(e, func(ctx context.Context, args []string) error {
 			if dir == "" || pkiDir == "" {
 				return usagef("--dir and --pki are required (flags or the config file)")
 			}
-			return runVault(ctx, e, dir, pkiDir, name, listen)
+			if scripts == "" {
+				scripts = filepath.Join(dir, "scripts")
+			}
+			return runVault(ctx, e, dir, pkiDir, name, listen, scripts)
 		})}
 	fs := run.Flags()
 	str(fs, &dir, "dir", "", "data directory: the SQLite store and the first operator token (required)")
 	str(fs, &pkiDir, "pki", "", "PKI directory with the vault's certificate (NAME.crt) and the CA (required)")
 	str(fs, &name, "name", "vault", "name of the vault's certificate in --pki")
 	str(fs, &listen, "listen", "127.0.0.1:7400", "HTTPS address of the API and the portal")
+	str(fs, &scripts, "script-dir", "", "directory of the scripts recovery plans may run, by file name (default: DIR/scripts)")
 	return group("vault", "Run the control plane", run)
 }
 
 // runVault serves the vault until ctx ends.
-func runVault(ctx context.Context, e *env, dir, pkiDir, name, listen string) error {
+func runVault(ctx context.Context, e *env, dir, pkiDir, name, listen, scripts string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(scripts, 0o700); err != nil {
 		return err
 	}
 	id, err := pki.Load(pkiDir, name)
@@ -55,7 +62,7 @@ func runVault(ctx context.Context, e *env, dir, pkiDir, name, listen string) err
 		return err
 	}
 	defer st.Close()
-	v := vault.New(vault.Config{Store: st, Logger: e.log, Site: func(addr, site string) vault.Site {
+	v := vault.New(vault.Config{Store: st, Logger: e.log, ScriptDir: scripts, Site: func(addr, site string) vault.Site {
 		return agentclient.New(id, addr, site)
 	}})
 	if err := v.Start(ctx); err != nil {

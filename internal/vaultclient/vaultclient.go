@@ -307,6 +307,44 @@ func (c *Client) Reprotect(ctx context.Context, vm string) (api.Job, error) {
 	return c.job(ctx, "/v1/protections/"+esc(vm)+"/reprotect", struct{}{})
 }
 
+// Plans lists the recovery plans.
+func (c *Client) Plans(ctx context.Context) ([]api.Plan, error) {
+	var out []api.Plan
+	return out, c.call(ctx, "GET", "/v1/plans", nil, &out)
+}
+
+// Plan returns a recovery plan. ErrNotFound without it.
+func (c *Client) Plan(ctx context.Context, name string) (api.Plan, error) {
+	var out api.Plan
+	return out, c.call(ctx, "GET", "/v1/plans/"+esc(name), nil, &out)
+}
+
+// PutPlan creates or replaces a recovery plan.
+func (c *Client) PutPlan(ctx context.Context, p api.Plan) (api.Plan, error) {
+	var out api.Plan
+	return out, c.call(ctx, "PUT", "/v1/plans/"+esc(p.Name), p, &out)
+}
+
+// DeletePlan removes a recovery plan (not its VMs).
+func (c *Client) DeletePlan(ctx context.Context, name string) error {
+	return c.call(ctx, "DELETE", "/v1/plans/"+esc(name), nil, nil)
+}
+
+// RunPlan starts a plan job.
+func (c *Client) RunPlan(ctx context.Context, name string, req api.PlanRun) (api.Job, error) {
+	return c.job(ctx, "/v1/plans/"+esc(name)+"/run", req)
+}
+
+// ResumeJob confirms the manual action a plan job waits for.
+func (c *Client) ResumeJob(ctx context.Context, id string) (api.Job, error) {
+	return c.job(ctx, "/v1/jobs/"+esc(id)+"/resume", struct{}{})
+}
+
+// RetryJob runs a failed plan job again from its failed step.
+func (c *Client) RetryJob(ctx context.Context, id string) (api.Job, error) {
+	return c.job(ctx, "/v1/jobs/"+esc(id)+"/retry", struct{}{})
+}
+
 // Jobs lists jobs, of one protection if not empty.
 func (c *Client) Jobs(ctx context.Context, protection string) ([]api.Job, error) {
 	q := ""
