@@ -193,21 +193,28 @@ func TestVaultKilledMidFailover(t *testing.T) {
 // with an ext4 data disk and starts it.
 func createWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, webA, webB string) {
 	t.Helper()
+	defineWorkloadVM(t, c, s, g, "web", webA, webB)
+}
+
+// defineWorkloadVM defines the test guest as VM name at site A, with an
+// ext4 data disk and its HTTP published at webA and webB, and starts it.
+func defineWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, name, webA, webB string) {
+	t.Helper()
 	ctx := context.Background()
-	vm := api.VM{Name: "web", Site: "siteA", MemoryMiB: 256, Disks: []api.VMDisk{{Name: "vda", Size: 64 << 20}},
+	vm := api.VM{Name: name, Site: "siteA", MemoryMiB: 256, Disks: []api.VMDisk{{Name: "vda", Size: 64 << 20}},
 		Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 		Append:   "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100",
 		Forwards: map[string]string{"siteA": webA, "siteB": webB}, GuestPort: 80, QGA: true}
 	if _, err := c.DefineVM(ctx, vm); err != nil {
 		t.Fatal(err)
 	}
-	fs := filepath.Join(s.root, "fs.img")
+	fs := filepath.Join(s.root, name+"-fs.img")
 	ext4Image(t, fs, 64<<20)
-	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///web/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
-	if _, err := c.StartVM(ctx, "web"); err != nil {
+	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///"+name+"/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
+	if _, err := c.StartVM(ctx, name); err != nil {
 		t.Fatal(err)
 	}
-	until(t, 90*time.Second, "the workload at site A", func() bool {
+	until(t, 90*time.Second, "the workload of "+name+" at site A", func() bool {
 		st, err := guest.FetchState(webA)
 		return err == nil && st.LastDurable > 20
 	})

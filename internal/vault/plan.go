@@ -640,6 +640,11 @@ func (pr *planRun) upCheck(ctx context.Context, vm, kind string) (func(context.C
 			return nil, "", err
 		}
 		addr := forwardAddr(spec, site, nets[0])
+		if (addr == "" || spec.GuestPort == 0) && drill {
+			// A drill's network publishes nothing unless asked
+			// (--forward SITE/NETWORK=...): its guest agent tells.
+			return pr.upCheck(ctx, vm, api.WaitGuestAgent)
+		}
 		if addr == "" || spec.GuestPort == 0 {
 			return nil, "", fmt.Errorf("%w: no published service at %s to wait for (ferry vm forward); wait for its guest agent instead", ErrInvalid, site)
 		}
