@@ -148,14 +148,21 @@ func TestPlan(t *testing.T) {
 	}
 	t.Logf("plan failover took %v (with the manual action's wait)", time.Since(start).Round(time.Millisecond))
 	bootOrder(api.PlanFailover)
+	started := map[string]int64{}
 	for _, vm := range vms {
 		st, err := guest.FetchState(webs[vm][1])
 		if err != nil {
 			t.Fatalf("%s at site B: %v", vm, err)
 		}
+		started[vm] = st.Started
 		if st.ResumedAfter < durable[vm] || st.ChecksumErrors != 0 {
 			t.Errorf("%s at site B resumed after record %d (%d checksum errors); %d were durable before the failover", vm, st.ResumedAfter, st.ChecksumErrors, durable[vm])
 		}
+	}
+	// As the guests saw it: the front's workloads started after the
+	// database's (the plan waited for its guest agent in between).
+	if started["app"] <= started["db"] || started["web"] <= started["db"] {
+		t.Errorf("workload start times at site B: db %d, app %d, web %d: the front started first", started["db"], started["app"], started["web"])
 	}
 	for _, act := range []string{api.PlanCommit, api.PlanReprotect} {
 		if j = waitPlanJob(t, c)(c.RunPlan(ctx, "shop", api.PlanRun{Action: act})); j.State != api.JobSucceeded {

@@ -475,6 +475,45 @@ func TestPortalVMs(t *testing.T) {
 		t.Fatalf("protection from the portal: %+v, %v", p, err)
 	}
 
+	// A plan of it: its page runs a drill that waits for a manual action,
+	// which the job page's button confirms.
+	if _, err := c.PutPlan(ctx, api.Plan{Name: "shop", Groups: []api.BootGroup{{VMs: []string{"db"}, Wait: api.Wait{For: api.WaitNone},
+		Pre: []api.PlanAction{{Name: "announce", Manual: "Tell the team the drill starts"}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	// A write makes a recovery point (the VM does not run).
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "nbd+unix:///db/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
+	until(t, 60*time.Second, "a recovery point of db", func() bool {
+		pts, err := c.Points(ctx, "db")
+		return err == nil && len(pts) > 0
+	})
+	runB(t, bctx, "plan in the items list", 20*time.Second, goHash("#/items"), chromedp.WaitVisible(chromedp.CSS(`#plans tr[data-plan="shop"] a`)),
+		chromedp.Click(chromedp.CSS(`#plans tr[data-plan="shop"] a`)), chromedp.WaitVisible(chromedp.CSS("#plan-test-failover:not([disabled])")))
+	if txt := eval[string](t, bctx, `document.querySelector("#plan").textContent`); !strings.Contains(txt, "before: manual: Tell the team") || !strings.Contains(txt, "siteA → siteB") {
+		t.Fatalf("plan page: %q", txt)
+	}
+	shot(t, bctx, "plan")
+	runB(t, bctx, "plan drill", 30*time.Second, chromedp.Click(chromedp.CSS("#plan-test-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job-resume")))
+	if txt := eval[string](t, bctx, `document.querySelector("#job").textContent`); !strings.Contains(txt, "Tell the team the drill starts") {
+		t.Fatalf("the waiting job page does not show the instruction: %q", txt)
+	}
+	runB(t, bctx, "resume", 30*time.Second, chromedp.Click(chromedp.CSS("#job-resume")), chromedp.WaitNotPresent(chromedp.CSS("#job-resume")))
+	if st := waitJobPage(t, bctx, 90*time.Second); st != string(api.JobSucceeded) {
+		t.Fatalf("plan drill from the portal: %s", st)
+	}
+	if p, _ := c.Protection(ctx, "db"); !p.TestPending {
+		t.Fatalf("after the portal's plan drill: %+v", p)
+	}
+	// A plan action the VM cannot take fails with the reason, and the job
+	// page offers the retry.
+	runB(t, bctx, "plan commit before a failover", 30*time.Second, goHash("#/plans/shop"), chromedp.WaitVisible(chromedp.CSS("#plan-commit:not([disabled])")),
+		chromedp.Click(chromedp.CSS("#plan-commit")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job-retry")))
+	if txt := eval[string](t, bctx, `document.querySelector("#job .error").textContent`); !strings.Contains(txt, "fail over first") || !strings.Contains(txt, "ferry job retry") {
+		t.Fatalf("failed plan job page: %q", txt)
+	}
+
 	runB(t, bctx, "import at a QEMU site", 20*time.Second, goHash("#/vms"), chromedp.WaitVisible(chromedp.CSS("#act-import")),
 		chromedp.Click(chromedp.CSS("#act-import")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
 		chromedp.SetValue(chromedp.CSS("#imp-domain"), "legacy"), chromedp.Click(chromedp.CSS("#dialog-ok")),

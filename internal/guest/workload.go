@@ -85,6 +85,9 @@ type WorkloadState struct {
 	// (eth0 first), each "NAME MAC": which NICs a VM kept through a
 	// failover, and in which order the guest found them.
 	NICs []string `json:"nics,omitempty"`
+	// Started is when the workload started (the guest's clock, Unix
+	// nanoseconds): the boot order of several VMs, as they saw it.
+	Started int64 `json:"started,omitempty"`
 }
 
 // FetchState asks a workload for its state over HTTP (host side; addr is
@@ -119,7 +122,7 @@ func RunWorkload(ctx context.Context, args []string) error {
 	logPath := filepath.Join(*dir, "records.log")
 	old, _ := os.ReadFile(logPath)
 	last, err := VerifyRecords(old)
-	st := WorkloadState{LastDurable: last, ResumedAfter: last}
+	st := WorkloadState{LastDurable: last, ResumedAfter: last, Started: time.Now().UnixNano()}
 	if last > 0 {
 		st.ResumedTime = int64(binary.LittleEndian.Uint64(old[(last-1)*RecordSize+16:]))
 	}

@@ -129,6 +129,7 @@ async function route() {
     else if (parts[0] === "jobs") page = await jobsPage(view);
     else if (parts[0] === "sites") page = await sitesPage(view);
     else if (parts[0] === "vms") page = await vmsPage(view);
+    else if (parts[0] === "plans" && parts[1]) page = await planPage(view, decodeURIComponent(parts[1]));
     else if (parts[0] === "imports" && parts[2]) page = await importPage(view, decodeURIComponent(parts[1]), decodeURIComponent(parts[2]));
     else page = await itemsPage(view);
   } catch (e) {
@@ -181,8 +182,21 @@ async function itemsPage(view) {
   const filter = el("input", { type: "search", id: "filter", placeholder: "Filter by VM, site, state, health", "aria-label": "Filter replicated items", value: itemsView.filter,
     oninput: (e) => { itemsView.filter = e.target.value; render(); } });
   card.append(el("h1", {}, "Replicated items"), el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, "refreshes every 2 s")));
-  await render();
-  return { refresh: render, every: 2000 };
+  const plansCard = el("section", { class: "card", id: "plans" });
+  view.append(plansCard);
+  const renderPlans = async () => {
+    const plans = (await api("GET", "/v1/plans")) || [];
+    plansCard.replaceChildren(el("h2", {}, "Recovery plans"), plans.length ? el("table", {},
+      el("thead", {}, el("tr", {}, ["Plan", "Boot order", "Job"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, plans.map((p) => el("tr", { "data-plan": p.name },
+        el("td", {}, el("a", { href: "#/plans/" + enc(p.name) }, p.name)),
+        el("td", {}, p.groups.map((g) => g.vms.join(", ")).join(" → ")),
+        el("td", {}, p.job ? el("a", { href: "#/jobs/" + p.job }, p.job) : "—")))))
+      : el("p", { class: "muted" }, "No recovery plans: ferry plan create NAME --group VM --group VM,VM"));
+  };
+  const both = async () => { await render(); await renderPlans(); };
+  await both();
+  return { refresh: both, every: 2000 };
 }
 
 // --- one item ----------------------------------------------------------
@@ -394,7 +408,7 @@ async function jobsPage(view) {
   const render = async () => {
     const js = (await api("GET", "/v1/jobs")) || [];
     const table = el("table", {}, el("thead", {}, el("tr", {}, ["Job", "Action", "VM", "State", "Started", "Duration", "Error"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, js.map((j) => el("tr", { "data-job": j.id }, el("td", {}, el("a", { href: "#/jobs/" + j.id }, j.id)), el("td", {}, j.action), el("td", {}, el("a", { href: "#/items/" + encodeURIComponent(j.protection) }, j.protection)),
+      el("tbody", {}, js.map((j) => el("tr", { "data-job": j.id }, el("td", {}, el("a", { href: "#/jobs/" + j.id }, j.id)), el("td", {}, j.action), el("td", {}, j.plan ? el("a", { href: "#/plans/" + enc(j.plan) }, "plan " + j.plan) : el("a", { href: "#/items/" + encodeURIComponent(j.protection) }, j.protection)),
         el("td", {}, badge(j.state)), el("td", {}, fmtTime(j.created)), el("td", {}, fmtDur(j.created, j.ended)), el("td", { class: "error" }, j.error || "")))));
     const old = $("table", card);
     if (old) old.replaceWith(table); else card.append(table);
@@ -408,16 +422,71 @@ async function jobPage(view, id) {
   view.replaceChildren(card);
   const render = async () => {
     const j = await api("GET", "/v1/jobs/" + encodeURIComponent(id));
+    const subject = j.plan ? el("a", { href: "#/plans/" + enc(j.plan) }, "plan " + j.plan) : el("a", { href: "#/items/" + encodeURIComponent(j.protection) }, j.protection);
+    const controls = el("div", { class: "actions" });
+    if (canAct() && j.plan && j.state === "waiting") {
+      controls.append(el("button", { type: "button", id: "job-resume", class: "primary", onclick: async () => {
+        try { await api("POST", "/v1/jobs/" + enc(j.id) + "/resume", {}); route(); } catch (e) { showError(e); }
+      } }, "Done: continue the plan"));
+    }
+    if (canAct() && j.plan && j.state === "failed") {
+      controls.append(el("button", { type: "button", id: "job-retry", onclick: async () => {
+        try { await api("POST", "/v1/jobs/" + enc(j.id) + "/retry", {}); route(); } catch (e) { showError(e); }
+      } }, "Retry from the failed step"));
+    }
     card.replaceChildren(
-      el("h1", {}, `${j.action} of `, el("a", { href: "#/items/" + encodeURIComponent(j.protection) }, j.protection), " ", badge(j.state)),
+      el("h1", {}, `${j.action} of `, subject, " ", badge(j.state)),
       el("p", { class: "muted" }, `job ${j.id} · started ${fmtTime(j.created)} · ${fmtDur(j.created, j.ended)}`),
       j.error ? el("p", { class: "error", role: "alert" }, j.error) : "",
+      j.state === "waiting" ? el("p", { role: "status", id: "job-waiting" }, "The plan waits for an operator: do what the waiting step says, then continue.") : "",
+      controls,
       ...j.steps.map((s) => el("div", { class: "step " + s.state, "data-step": s.name },
         el("header", {}, el("strong", {}, s.name), badge(s.state), el("progress", { max: 100, value: s.percent, "aria-label": s.name + " progress" }), el("span", { class: "muted" }, fmtDur(s.start, s.end))),
         s.messages && s.messages.length ? el("ul", {}, s.messages.map((m) => el("li", {}, m))) : "")));
-    return j.state === "running" || j.state === "pending";
+    return j.state === "running" || j.state === "pending" || j.state === "waiting";
   };
   return (await render()) ? { refresh: render, every: 1000 } : null;
+}
+
+// --- recovery plans ----------------------------------------------------
+
+async function planPage(view, name) {
+  const plan = await api("GET", "/v1/plans/" + enc(name));
+  const ps = (await api("GET", "/v1/protections")) || [];
+  const prot = Object.fromEntries(ps.map((p) => [p.vm, p]));
+  const actionText = (a) => (a.script ? "script " + a.script : "manual: " + a.manual) + (a.name ? " (" + a.name + ")" : "");
+  const groups = plan.groups.map((g, i) => el("li", { class: "bootgroup", "data-group": String(i + 1) },
+    (g.pre || []).map((a) => el("div", { class: "muted" }, "before: " + actionText(a))),
+    el("strong", {}, `${i + 1}. ${g.name || "group " + (i + 1)}`), " — wait for " + ((g.wait && g.wait.for) || "guest-agent"),
+    el("ul", {}, g.vms.map((vm) => {
+      const p = prot[vm];
+      return el("li", { "data-vm": vm }, el("a", { href: "#/items/" + enc(vm) }, vm), " ",
+        p ? [p.source + " → " + p.target + " · " + p.state + (p.test_failover_pending ? " (drill pending cleanup)" : "") + " ", badge(p.health || "—", p.health)] : el("span", { class: "muted" }, "not protected"));
+    })),
+    (g.post || []).map((a) => el("div", { class: "muted" }, "after: " + actionText(a)))));
+  const actions = el("div", { class: "actions", id: "plan-actions" });
+  if (canAct()) {
+    const run = (label, id, action, explain, cls, extra) => actions.append(el("button", { type: "button", id, class: cls, disabled: !!plan.job, onclick: () =>
+      openDialog(label + " of plan " + name, [el("p", {}, explain), ...(extra ? extra() : [])], label, (f) =>
+        api("POST", "/v1/plans/" + enc(name) + "/run", { action, notes: f.elements.notes ? f.elements.notes.value : "" }), cls) }, label));
+    run("Test failover", "plan-test-failover", "test-failover", "Every VM of the plan boots at its recovery site in the isolated network, group after group, from its newest processed point.");
+    run("Cleanup test failover", "plan-cleanup", "cleanup-test-failover", "Deletes the plan's test VMs.", "", () => [el("label", { for: "plan-notes" }, "Notes"), el("textarea", { id: "plan-notes", name: "notes" })]);
+    run("Failover", "plan-failover", "failover", "Each VM's source shuts down and the VM starts at its recovery site from its latest point, group after group in boot order.", "danger");
+    run("Commit", "plan-commit", "commit", "Commits every VM's failover: their recovery points are deleted.");
+    run("Re-protect", "plan-reprotect", "reprotect", "Replicates every VM back to the site it came from.");
+    if (plan.job) actions.append(el("span", { class: "muted" }, "A job of the plan runs or waits: ", el("a", { href: "#/jobs/" + plan.job }, plan.job)));
+  }
+  const hist = (plan.history || []).slice().reverse().map((h) => el("tr", {}, el("td", {}, h.action), el("td", {}, fmtTime(h.time)), el("td", {}, h.duration || ""), el("td", {}, h.notes || "")));
+  view.replaceChildren(
+    el("section", { class: "card", id: "plan" }, el("h1", {}, "Recovery plan " + name), el("h2", {}, "Boot order"), el("ol", { class: "bootorder" }, groups),
+      el("h2", {}, "Actions"), canAct() ? actions : el("p", { class: "muted" }, "Sign in with an operator token to run the plan.")),
+    el("section", { class: "card" }, el("h2", {}, "History"), el("table", {},
+      el("thead", {}, el("tr", {}, ["Action", "Time", "Duration", "Outcome"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, hist.length ? hist : el("tr", {}, el("td", { colspan: 4, class: "muted" }, "The plan has not run yet."))))));
+  return { every: 3000, refresh: async () => {
+    const q = await api("GET", "/v1/plans/" + enc(name));
+    if (q.job !== plan.job) { route(); return false; }
+  } };
 }
 
 // --- virtual machines --------------------------------------------------
