@@ -54,8 +54,10 @@ func vmJob(t *testing.T, c *vaultclient.Client, vm, action string) api.Job {
 // a drill, its cleanup, a failover, commit, reprotect and failback. The
 // script fails once, which stops the plan before the second group, and
 // a retry goes on from it; the manual action holds the plan until it is
-// resumed; the second group starts only after the first answered; and
-// no record durable before the planned failover is lost.
+// resumed; the second group starts only after the first answered; no
+// record durable before the planned failover is lost; and a vault killed
+// in the middle of the failback fails the plan job cleanly, which a retry
+// then finishes.
 func TestPlan(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
 	g := guestDir(t)
@@ -174,13 +176,33 @@ func TestPlan(t *testing.T) {
 			t.Fatalf("%s after the plan's reprotect: %s from %s", vm, p.State, p.Source)
 		}
 	}
-	// Failback.
-	j = waitPlanJob(t, c)(c.RunPlan(ctx, "shop", api.PlanRun{Action: api.PlanFailover}))
+	// Failback, with the vault killed (SIGKILL) while the first group
+	// fails over: at restart the plan job is failed at that step, the
+	// plan released; the retry finishes it.
+	j, err := c.RunPlan(ctx, "shop", api.PlanRun{Action: api.PlanFailover})
+	if err != nil {
+		t.Fatal(err)
+	}
+	until(t, time.Minute, "the failback's first group to start", func() bool {
+		cur, err := c.Job(ctx, j.ID)
+		return err == nil && len(cur.Steps[0].Messages) > 0
+	})
+	vp.cmd.Process.Kill()
+	vp.cmd.Wait()
+	vp.start(t)
+	until(t, 30*time.Second, "the vault API after the restart", func() bool { return sitesOK(c) })
+	if cur, err := c.Job(ctx, j.ID); err != nil || cur.State != api.JobFailed || !strings.Contains(cur.Error, "vault stopped") || cur.Steps[0].State != api.JobFailed {
+		t.Fatalf("plan job after the vault's restart: %+v, %v", cur, err)
+	}
+	if p, err := c.Plan(ctx, "shop"); err != nil || p.Job != "" {
+		t.Fatalf("the plan is held after the vault's restart: %+v, %v", p, err)
+	}
+	j = waitPlanJob(t, c)(c.RetryJob(ctx, j.ID))
 	if j.State == api.JobWaiting {
 		j = waitPlanJob(t, c)(c.ResumeJob(ctx, j.ID))
 	}
 	if j.State != api.JobSucceeded {
-		t.Fatalf("plan failback: %s %s", j.State, j.Error)
+		t.Fatalf("plan failback retried after the vault's restart: %s %s\n%+v", j.State, j.Error, j.Steps)
 	}
 	for _, vm := range vms {
 		if _, err := guest.FetchState(webs[vm][0]); err != nil {
@@ -188,8 +210,9 @@ func TestPlan(t *testing.T) {
 		}
 	}
 	p, err := c.Plan(ctx, "shop")
-	// Seven runs: the drill's failed first run and its retry, then five.
-	if err != nil || p.Job != "" || len(p.History) != 7 || !strings.Contains(p.History[0].Notes, "failed") {
+	// Eight runs: the drill and the failback each failed once and were
+	// retried.
+	if err != nil || p.Job != "" || len(p.History) != 8 || !strings.Contains(p.History[0].Notes, "failed") {
 		t.Fatalf("plan after its runs: %+v, %v", p, err)
 	}
 }
