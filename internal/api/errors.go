@@ -22,6 +22,9 @@ var (
 	ErrConflict     = errors.New("conflict")          // 409: not in this state
 	ErrTooMany      = errors.New("too many requests") // 429
 	ErrUnavailable  = errors.New("unavailable")       // 503
+	// ErrNotLeader: a vault that does not lead refused a change (421);
+	// the message names the leader, and a client tries the next vault.
+	ErrNotLeader = errors.New("not the leading vault")
 	// ErrSite: a site agent failed a call the vault made on the caller's
 	// behalf (502); the message says which site and what it answered.
 	ErrSite = errors.New("site error")
@@ -38,6 +41,7 @@ var codes = []struct {
 	{ErrConflict, http.StatusConflict},
 	{ErrTooMany, http.StatusTooManyRequests},
 	{ErrUnavailable, http.StatusServiceUnavailable},
+	{ErrNotLeader, http.StatusMisdirectedRequest},
 	{ErrSite, http.StatusBadGateway},
 }
 

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -9,10 +10,13 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
+	"time"
 
 	"github.com/ferry-dr/ferry/internal/agentclient"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/httpserver"
+	"github.com/ferry-dr/ferry/internal/leader"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/portal"
 	"github.com/ferry-dr/ferry/internal/store"
@@ -21,7 +25,7 @@ import (
 )
 
 func vaultCmd(e *env) *cobra.Command {
-	var dir, pkiDir, name, listen, scripts string
+	var dir, pkiDir, name, listen, scripts, storeURL, advertise string
 	run := &cobra.Command{Use: "run", Short: "Run the vault: the control plane's API, jobs and web portal", Args: cobra.NoArgs,
 		Example: "  ferry vault run --dir /var/lib/ferry-vault --pki /etc/ferry/pki --listen 0.0.0.0:7400\n  ferry vault run --config /etc/ferry/vault.toml",
 		RunE: runE(e, func(ctx context.Context, args []string) error {
@@ -31,7 +35,7 @@ func vaultCmd(e *env) *cobra.Command {
 			if scripts == "" {
 				scripts = filepath.Join(dir, "scripts")
 			}
-			return runVault(ctx, e, dir, pkiDir, name, listen, scripts)
+			return runVault(ctx, e, vaultRun{dir: dir, pki: pkiDir, name: name, listen: listen, scripts: scripts, store: storeURL, advertise: advertise})
 		})}
 	fs := run.Flags()
 	str(fs, &dir, "dir", "", "data directory: the SQLite store and the first operator token (required)")
@@ -39,15 +43,24 @@ func vaultCmd(e *env) *cobra.Command {
 	str(fs, &name, "name", "vault", "name of the vault's certificate in --pki")
 	str(fs, &listen, "listen", "127.0.0.1:7400", "HTTPS address of the API and the portal")
 	str(fs, &scripts, "script-dir", "", "directory of the scripts recovery plans may run, by file name (default: DIR/scripts)")
+	str(fs, &storeURL, "store", "", "where the state lives: empty for DIR/vault.db (SQLite, one vault), or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] shared by a vault at each site, of which one, elected, acts")
+	str(fs, &advertise, "advertise", "", "with an etcd store: this vault's address as other vaults name it to clients (default: --listen)")
 	return group("vault", "Run the control plane", run)
 }
 
-// runVault serves the vault until ctx ends.
-func runVault(ctx context.Context, e *env, dir, pkiDir, name, listen, scripts string) error {
+// vaultRun is what `ferry vault run` serves.
+type vaultRun struct {
+	dir, pki, name, listen, scripts, store, advertise string
+}
+
+// runVault serves the vault until ctx ends (or, sharing an etcd store
+// with other vaults, until it loses the leadership it had).
+func runVault(ctx context.Context, e *env, o vaultRun) error {
+	dir, pkiDir, name, listen := o.dir, o.pki, o.name, o.listen
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(scripts, 0o700); err != nil {
+	if err := os.MkdirAll(o.scripts, 0o700); err != nil {
 		return err
 	}
 	id, err := pki.Load(pkiDir, name)
@@ -57,18 +70,50 @@ func runVault(ctx context.Context, e *env, dir, pkiDir, name, listen, scripts st
 	if err := id.Require(pki.RoleVault, ""); err != nil {
 		return err
 	}
-	st, err := store.OpenSQLite(filepath.Join(dir, "vault.db"))
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	v := vault.New(vault.Config{Store: st, Logger: e.log, ScriptDir: scripts, Site: func(addr, site string) vault.Site {
+	cfg := vault.Config{Logger: e.log, ScriptDir: o.scripts, Site: func(addr, site string) vault.Site {
 		return agentclient.New(id, addr, site)
-	}})
+	}}
+	switch {
+	case o.store == "":
+		st, err := store.OpenSQLite(filepath.Join(dir, "vault.db"))
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		cfg.Store = st
+	case strings.HasPrefix(o.store, "etcd://"):
+		hosts, prefix, _ := strings.Cut(strings.TrimPrefix(o.store, "etcd://"), "/")
+		var eps []string
+		for _, h := range strings.Split(hosts, ",") {
+			eps = append(eps, "http://"+h)
+		}
+		st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: eps, Prefix: "/" + cmp.Or(prefix, "ferry")})
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		cfg.Store = st
+		adv := cmp.Or(o.advertise, listen)
+		cfg.Leadership = leader.New(st.Client(), "/"+cmp.Or(prefix, "ferry")+"/leader", adv, 5*time.Second)
+		fmt.Fprintf(e.stderr, "vault %s: state in etcd %v; campaigning to lead (the others serve reads and name the leader)\n", adv, eps)
+	default:
+		return usagef("--store %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX], or nothing for SQLite in --dir", o.store)
+	}
+	v := vault.New(cfg)
 	if err := v.Start(ctx); err != nil {
 		return err
 	}
 	defer v.Close()
+	lostCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() {
+		select {
+		case <-v.Lost():
+			stop()
+		case <-lostCtx.Done():
+		}
+	}()
+	ctx = lostCtx
 	tokFile := filepath.Join(dir, "operator.token")
 	if _, err := os.Stat(tokFile); errors.Is(err, os.ErrNotExist) {
 		t, err := v.CreateToken(ctx, vault.RoleOperator, "initial")
@@ -102,6 +147,11 @@ func runVault(ctx context.Context, e *env, dir, pkiDir, name, listen, scripts st
 	fmt.Fprintf(e.stderr, "vault: https://%s (API and portal; token in %s; CA %s)\n", ln.Addr(), tokFile, filepath.Join(pkiDir, pki.CACert))
 	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
+	}
+	select {
+	case <-v.Lost():
+		return fmt.Errorf("this vault lost the leadership (etcd unreachable for longer than its lease?): it stopped so that the new leader acts alone; start it again to follow")
+	default:
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 )
 
 // Etcd keeps the documents in etcd, so that vaults at several sites share
@@ -53,7 +54,9 @@ func OpenEtcd(ctx context.Context, cfg EtcdConfig) (*Etcd, error) {
 	if cfg.DialTimeout == 0 {
 		cfg.DialTimeout = 5 * time.Second
 	}
-	c, err := clientv3.New(clientv3.Config{Endpoints: cfg.Endpoints, TLS: cfg.TLS, DialTimeout: cfg.DialTimeout})
+	// The client's own retry warnings would flood the vault's log; its
+	// errors reach the caller.
+	c, err := clientv3.New(clientv3.Config{Endpoints: cfg.Endpoints, TLS: cfg.TLS, DialTimeout: cfg.DialTimeout, Logger: zap.NewNop()})
 	if err != nil {
 		return nil, fmt.Errorf("etcd store %v: %w", cfg.Endpoints, err)
 	}
@@ -147,6 +150,10 @@ func (s *Etcd) Delete(ctx context.Context, kind, id string, version int64) error
 	}
 	return fmt.Errorf("%w: %s %s changed since version %d", ErrConflict, kind, id, version)
 }
+
+// Client is the etcd client, for an election on the same cluster
+// (package leader).
+func (s *Etcd) Client() *clientv3.Client { return s.c }
 
 // Close implements Store.
 func (s *Etcd) Close() error { return s.c.Close() }

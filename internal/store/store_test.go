@@ -1,18 +1,16 @@
 package store_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"os/exec"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/store"
+	"github.com/ferry-dr/ferry/internal/store/etcdtest"
 	"github.com/ferry-dr/ferry/internal/store/storetest"
 )
 
@@ -42,44 +40,10 @@ func TestSQLiteConformance(t *testing.T) {
 	})
 }
 
-// startEtcd runs a one-member etcd (Debian's etcd-server: make deps) on
-// loopback in a temporary directory and returns its client URL.
-func startEtcd(t *testing.T) string {
-	t.Helper()
-	bin, err := exec.LookPath("etcd")
-	if err != nil {
-		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
-	}
-	port := func() int {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().(*net.TCPAddr).Port
-	}
-	client, peer := fmt.Sprintf("http://127.0.0.1:%d", port()), fmt.Sprintf("http://127.0.0.1:%d", port())
-	cmd := exec.Command(bin, "--name", "t", "--data-dir", t.TempDir(), "--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t="+peer, "--log-level", "error")
-	var log bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("etcd log:\n%s", log.String())
-		}
-	})
-	return client
-}
-
 // TestEtcdConformance runs the store contract against a real etcd; each
 // store has its own key prefix, and a reopen is a new client.
 func TestEtcdConformance(t *testing.T) {
-	url := startEtcd(t)
+	url := etcdtest.Start(t)
 	ctx := context.Background()
 	var n atomic.Int64
 	open := func(t *testing.T, prefix string) store.Store {

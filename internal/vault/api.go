@@ -172,7 +172,23 @@ func (v *Vault) Handler() http.Handler {
 	act(v, mux, "POST /v1/jobs/{id}/retry", func(r *http.Request, _ struct{}) (any, error) {
 		return v.RetryJob(r.Context(), r.PathValue("id"))
 	})
-	return mux
+	return v.leaderOnly(mux)
+}
+
+// leaderOnly refuses changes at a vault that does not lead, naming the
+// one that does; reads are served by every vault from the shared store.
+func (v *Vault) leaderOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if v.cfg.Leadership == nil || r.Method == http.MethodGet || r.Method == http.MethodHead || v.Leading() || !strings.HasPrefix(r.URL.Path, "/v1/") {
+			h.ServeHTTP(w, r)
+			return
+		}
+		leader, _ := v.cfg.Leadership.Leader(r.Context())
+		if leader == "" {
+			leader = "none yet (an election is under way: retry in a few seconds)"
+		}
+		reply(w, nil, fmt.Errorf("%w: this vault does not lead; the leader is %s", api.ErrNotLeader, leader))
+	})
 }
 
 // act registers an operator action whose JSON body decodes into a T.

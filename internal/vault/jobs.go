@@ -93,7 +93,14 @@ type run struct {
 	cur int
 }
 
+// errStopped: the vault stopped (or no longer leads); a job's runner
+// writes nothing more, so that the vault that acts now owns the record.
+var errStopped = errors.New("the vault stopped acting")
+
 func (r *run) save(ctx context.Context) error {
+	if r.v.ctx.Err() != nil {
+		return errStopped
+	}
 	ver, err := put(ctx, r.v.st, kindJob, r.job.ID, r.job, r.ver)
 	if err != nil {
 		return fmt.Errorf("persist job %s: %w", r.job.ID, err)
@@ -224,13 +231,29 @@ func (v *Vault) finish(ctx context.Context, r *run, newState func(*Protection), 
 	})
 	r.mu.Lock()
 	r.end(err)
-	r.save(ctx)
+	r.saveFinal(ctx)
 	v.metrics.jobEnded(r.job)
 	r.mu.Unlock()
 	if err != nil {
 		v.log.Warn("job failed", "job", r.job.ID, "action", r.job.Action, "err", err)
 	} else {
 		v.log.Info("job succeeded", "job", r.job.ID, "action", r.job.Action)
+	}
+}
+
+// saveFinal records an ended job even if a stopped vault's runner wrote
+// it after this one read it: the vault that ends the job owns it.
+func (r *run) saveFinal(ctx context.Context) {
+	for range 5 {
+		err := r.save(ctx)
+		if err == nil || !isConflict(err) {
+			return
+		}
+		_, ver, gerr := get[Job](ctx, r.v.st, kindJob, r.job.ID)
+		if gerr != nil {
+			return
+		}
+		r.ver = ver
 	}
 }
 

@@ -349,6 +349,9 @@ func (pr *planRun) current() int {
 }
 
 func (pr *planRun) save(ctx context.Context) error {
+	if pr.v.ctx.Err() != nil {
+		return errStopped
+	}
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	ver, err := put(ctx, pr.v.st, kindJob, pr.job.ID, pr.job, pr.ver)

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -39,6 +40,20 @@ type Config struct {
 	// ScriptDir holds the scripts recovery plans may run (by file name);
 	// empty: plans have no scripts.
 	ScriptDir string
+	// Leadership elects the one vault that acts among several sharing
+	// the store (leader.Etcd fits); nil: this vault is the only one.
+	Leadership Leadership
+}
+
+// Leadership elects one vault among several (package leader).
+type Leadership interface {
+	// Campaign blocks until this vault leads or ctx ends, and returns a
+	// channel closed when it no longer leads.
+	Campaign(ctx context.Context) (lost <-chan struct{}, err error)
+	// Leader names the leading vault ("" if none).
+	Leader(ctx context.Context) (string, error)
+	// Resign gives the leadership up.
+	Resign(ctx context.Context) error
 }
 
 // Vault is the control plane.
@@ -50,6 +65,9 @@ type Vault struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// leading: this vault acts (runs jobs, polls sites, takes changes).
+	leading atomic.Bool
+	lost    chan struct{}
 
 	metrics *metrics
 	rpo     *rpoHistory
@@ -83,6 +101,57 @@ func (v *Vault) now() time.Time { return v.cfg.Now() }
 // starts the heartbeat loop.
 func (v *Vault) Start(ctx context.Context) error {
 	v.ctx, v.cancel = context.WithCancel(ctx)
+	v.lost = make(chan struct{})
+	if v.cfg.Leadership != nil {
+		// One of several vaults: it acts only once elected.
+		v.wg.Add(1)
+		go func() {
+			defer v.wg.Done()
+			v.lead()
+		}()
+		return nil
+	}
+	v.leading.Store(true)
+	return v.act(ctx)
+}
+
+// lead campaigns for the leadership, acts while it leads, and stops the
+// vault as soon as it no longer does, so that two vaults never act at
+// once: the new leader fails or finishes what this one left.
+func (v *Vault) lead() {
+	lost, err := v.cfg.Leadership.Campaign(v.ctx)
+	if err != nil {
+		return // stopping before it ever led
+	}
+	v.log.Info("this vault leads")
+	if err := v.act(v.ctx); err != nil {
+		v.log.Error("cannot act as the leader", "err", err)
+	}
+	v.leading.Store(true)
+	select {
+	case <-lost:
+		v.leading.Store(false)
+		v.log.Error("lost the leadership: this vault stops acting so that the new leader acts alone")
+		close(v.lost)
+		v.cancel()
+	case <-v.ctx.Done():
+		v.leading.Store(false)
+		rctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		v.cfg.Leadership.Resign(rctx)
+		cancel()
+	}
+}
+
+// Lost is closed when this vault lost the leadership and stopped: its
+// process should exit (a supervisor restarts it as a follower).
+func (v *Vault) Lost() <-chan struct{} { return v.lost }
+
+// Leading reports whether this vault acts (always, without Leadership).
+func (v *Vault) Leading() bool { return v.leading.Load() }
+
+// act takes over: jobs a previous leader (or this vault's last run) left
+// running are failed or resumed, and sites are polled.
+func (v *Vault) act(ctx context.Context) error {
 	if err := v.recoverJobs(ctx); err != nil {
 		return err
 	}

@@ -11,11 +11,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -24,12 +26,19 @@ import (
 )
 
 // Client calls the vault with a token. It is safe for concurrent use.
+// Given several vaults (one per site, one of them leading), it sends
+// each call to the one that answered last, and moves to the next when a
+// vault is down (the connection is refused) or does not lead.
 type Client struct {
-	base, token string
-	hc          *http.Client
+	bases []string
+	cur   atomic.Int32
+	token string
+	hc    *http.Client
+	base  string // the first, for messages
 }
 
-// New returns a client for the vault at rawURL (https://host:port),
+// New returns a client for the vault at rawURL (https://host:port; or
+// several, comma-separated, for vaults sharing an etcd store),
 // verifying its certificate against the CA in caFile (empty: the system's
 // roots), sending token on every call.
 func New(rawURL, token, caFile string) (*Client, error) {
@@ -49,37 +58,63 @@ func New(rawURL, token, caFile string) (*Client, error) {
 }
 
 // NewSite returns a client with which a site agent reaches the vault at
-// addr (host:port) with its certificate; the server must hold a vault
+// addr (host:port, or several comma-separated) with its certificate; the server must hold a vault
 // certificate. It needs no token (Heartbeat).
 func NewSite(id *pki.Identity, addr string) (*Client, error) {
-	return newClient("https://"+addr, "", id.ClientConfig(pki.Peer{Role: pki.RoleVault}))
+	var urls []string
+	for _, a := range strings.Split(addr, ",") {
+		urls = append(urls, "https://"+strings.TrimSpace(a))
+	}
+	return newClient(strings.Join(urls, ","), "", id.ClientConfig(pki.Peer{Role: pki.RoleVault}))
 }
 
 func newClient(rawURL, token string, tc *tls.Config) (*Client, error) {
-	u, err := url.Parse(rawURL)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return nil, fmt.Errorf("vault URL %q: want https://HOST:PORT", rawURL)
+	c := &Client{token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{TLSClientConfig: tc}}}
+	for _, one := range strings.Split(rawURL, ",") {
+		u, err := url.Parse(strings.TrimSpace(one))
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return nil, fmt.Errorf("vault URL %q: want https://HOST:PORT (several: comma-separated)", one)
+		}
+		c.bases = append(c.bases, strings.TrimSuffix(strings.TrimSpace(one), "/"))
 	}
-	return &Client{base: strings.TrimSuffix(rawURL, "/"), token: token,
-		hc: &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{TLSClientConfig: tc}}}, nil
+	c.base = c.bases[0]
+	return c, nil
 }
 
 // SetTimeout bounds every call (default 2 min).
 func (c *Client) SetTimeout(d time.Duration) { c.hc.Timeout = d }
 
-// URL is the vault's base URL.
-func (c *Client) URL() string { return c.base }
+// URL is the base URL of the vault the client calls now.
+func (c *Client) URL() string { return c.bases[int(c.cur.Load())%len(c.bases)] }
 
 func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
-	err := httpjson.Call(ctx, c.hc, method, c.base+path, c.token, in, out)
+	var err error
+	start := int(c.cur.Load())
+	for i := range c.bases {
+		k := (start + i) % len(c.bases)
+		base := c.bases[k]
+		err = httpjson.Call(ctx, c.hc, method, base+path, c.token, in, out)
+		// Another vault is tried only where the call surely did nothing:
+		// this one refused it (not the leader) or could not be reached.
+		var oe *net.OpError
+		if errors.Is(err, api.ErrNotLeader) || (errors.As(err, &oe) && oe.Op == "dial") {
+			continue
+		}
+		c.cur.Store(int32(k))
+		var se *api.StatusError
+		if errors.As(err, &se) {
+			return se
+		}
+		if err != nil {
+			return fmt.Errorf("vault at %s: %w (is it running? set --vault or FERRY_VAULT)", base, err)
+		}
+		return nil
+	}
 	var se *api.StatusError
 	if errors.As(err, &se) {
 		return se
 	}
-	if err != nil {
-		return fmt.Errorf("vault at %s: %w (is it running? set --vault or FERRY_VAULT)", c.base, err)
-	}
-	return nil
+	return fmt.Errorf("vaults at %s: %w (is one running and leading? set --vault or FERRY_VAULT)", strings.Join(c.bases, ", "), err)
 }
 
 func esc(s string) string { return url.PathEscape(s) }
@@ -112,8 +147,8 @@ func (c *Client) RevokeToken(ctx context.Context, id string) error {
 // Enroll registers a site with a one-time enroll token (the client's own
 // token is not sent).
 func (c *Client) Enroll(ctx context.Context, req api.Enroll) error {
-	anon := *c
-	anon.token = ""
+	anon := &Client{bases: c.bases, hc: c.hc, base: c.base}
+	anon.cur.Store(c.cur.Load())
 	return anon.call(ctx, "POST", "/v1/enroll", req, nil)
 }
 

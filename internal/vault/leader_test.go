@@ -1,0 +1,145 @@
+package vault
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ferry-dr/ferry/internal/store"
+)
+
+// fakeLeadership is an election the test decides: Campaign returns once
+// elect is closed; closing lost ends the leadership.
+type fakeLeadership struct {
+	elect, lost chan struct{}
+	leader      func() string
+}
+
+func (f *fakeLeadership) Campaign(ctx context.Context) (<-chan struct{}, error) {
+	select {
+	case <-f.elect:
+		return f.lost, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+func (f *fakeLeadership) Leader(context.Context) (string, error) { return f.leader(), nil }
+func (f *fakeLeadership) Resign(context.Context) error           { return nil }
+
+// TestLeadership: two vaults on one store. The follower serves reads and
+// refuses changes naming the leader; when the leader loses the
+// leadership in the middle of a failover it stops at once, and the new
+// leader fails that job with its step and releases the protection, then
+// takes changes.
+func TestLeadership(t *testing.T) {
+	st := store.NewMem()
+	var leaderName atomic.Value
+	leaderName.Store("east-vault:7400")
+	name := func() string { return leaderName.Load().(string) }
+	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: name}
+	lb := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: name}
+	close(la.elect)
+	f := newFixture(t, st, func(c *Config) { c.Leadership = la })
+	deadline := time.Now().Add(5 * time.Second)
+	for !f.v.Leading() {
+		if time.Now().After(deadline) {
+			t.Fatal("the elected vault does not lead")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+
+	b := New(Config{Store: st, NoHeartbeats: true, Leadership: lb, Site: func(addr, site string) Site {
+		if site == "east" {
+			return f.east
+		}
+		return f.west
+	}})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	bs := httptest.NewServer(b.Handler())
+	t.Cleanup(bs.Close)
+	call := func(method, path, body string) (int, string) {
+		req, _ := http.NewRequest(method, bs.URL+path, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+f.op)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := call("GET", "/v1/protections/vm1", ""); code != 200 || !strings.Contains(body, `"protected"`) {
+		t.Fatalf("a read at the follower: %d %s", code, body)
+	}
+	if code, body := call("POST", "/v1/protections/vm1/test-failover", `{"point":"latest-processed"}`); code != http.StatusMisdirectedRequest || !strings.Contains(body, "east-vault:7400") {
+		t.Fatalf("a change at the follower: %d %s, want 421 naming the leader", code, body)
+	}
+
+	// A failover hangs in its start step; the leader loses the lead.
+	f.west.block = make(chan struct{})
+	var j Job
+	if code := f.call(t, f.op, "POST", "/v1/protections/vm1/failover", map[string]any{"point": "latest", "shutdown_source": false}, &j); code != 200 {
+		t.Fatalf("failover: %d", code)
+	}
+	waitStep := time.Now().Add(5 * time.Second)
+	for {
+		cur, _ := f.v.Job(context.Background(), j.ID)
+		if strings.Contains(func() string {
+			for _, s := range cur.Steps {
+				if s.State == JobRunning {
+					return s.Name
+				}
+			}
+			return ""
+		}(), "start VM") {
+			break
+		}
+		if time.Now().After(waitStep) {
+			t.Fatalf("the failover did not reach its start step: %+v", cur)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(la.lost)
+	select {
+	case <-f.v.Lost():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the vault that lost the leadership did not stop")
+	}
+	close(f.west.block) // the old leader's start returns; nothing acts on it
+	if f.v.Leading() {
+		t.Fatal("a vault that lost the leadership still leads")
+	}
+	leaderName.Store("west-vault:7400")
+	close(lb.elect)
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		cur, _ := b.Job(context.Background(), j.ID)
+		p, _ := b.Protection(context.Background(), "vm1")
+		if cur.State == JobFailed && p.Job == "" {
+			if !strings.Contains(cur.Error, "vault stopped during step") || p.State != StateProtected {
+				t.Fatalf("the new leader ended the job as %q with the protection %s", cur.Error, p.State)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new leader did not take over the job: %+v, protection %+v", cur, p)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if code, body := call("POST", "/v1/protections/vm1/test-failover", `{"point":"latest-processed"}`); code != 200 {
+		t.Fatalf("a change at the new leader: %d %s", code, body)
+	}
+	if !b.Leading() {
+		t.Fatal("the new leader does not say it leads")
+	}
+}
