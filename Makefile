@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
 DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd libvirt-daemon-system libvirt-clients dnsmasq-base ovmf etcd-server
 
-.PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-soak test torture vet fuzz bench bench-scale guest clean
+.PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-ha demo-soak test torture vet fuzz bench bench-scale guest clean
 
 all: build
 
@@ -92,6 +92,10 @@ demo-libvirt: deps build guest
 # A recovery plan of three VMs: drill, failover, commit, reprotect, failback.
 demo-plan: deps build guest
 	FERRY=$(CURDIR)/$(BIN) scripts/demo-plan.sh
+
+# The control plane survives its site: ferry up --ha, east killed whole.
+demo-ha: deps build guest
+	FERRY=$(CURDIR)/$(BIN) scripts/demo-ha.sh
 
 # The demo RUNS times in a row (default 10), optionally beside a CPU hog
 # (STRESS=1: stress-ng --cpu 2); stops at the first failure.

@@ -84,10 +84,12 @@ func TestVaultTakeover(t *testing.T) {
 	if took > 15*time.Second {
 		t.Errorf("takeover took %v: want the lease (5 s) and a little", took)
 	}
-	// The new leader polls the sites: a site found down is seen down.
-	s.b.cmd.Process.Kill()
-	s.b.cmd.Wait()
+	// The new leader polls the sites: a site that goes down, and comes
+	// back, is seen so.
+	s.b.kill()
 	siteReachable(t, c, "siteB", false)
+	s.b.start(t)
+	siteReachable(t, c, "siteB", true)
 	// Started again, the killed vault follows: the leader stays, and
 	// changes still go through.
 	leader.log.Reset()

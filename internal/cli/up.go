@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -21,14 +22,17 @@ import (
 // runUp is "ferry up": a vault and two site agents (east and west) on this
 // machine, each its own process and data directory, enrolled and ready.
 func upCmd(e *env) *cobra.Command {
-	var dir, vaultAddr, eastAddr, westAddr string
+	var dir, vaultAddr, eastAddr, westAddr, westVaultAddr string
 	var agentArgs []string
+	var ha bool
+	var etcdPort int
 	c := &cobra.Command{Use: "up", Short: "All in one: a vault and two sites (east, west) on this machine", Args: cobra.NoArgs,
 		Long: "Start a vault and two site agents, east and west, each its own process and data directory,\nenrolled and ready; prints the vault's URL, a token and the export line for the CLI.",
 		Example: "  ferry up &\n  ferry up --dir /tmp/ferry-demo --vault-listen 127.0.0.1:17400\n" +
 			"  ferry up --agent-flag=--runtime=libvirt --agent-flag=--nbd-group=libvirt-qemu   # both sites on libvirt",
 		RunE: runE(e, func(ctx context.Context, args []string) error {
-			return runUp(ctx, e, &dir, &vaultAddr, &eastAddr, &westAddr, agentArgs)
+			o := upOpts{dir: dir, vault: vaultAddr, westVault: westVaultAddr, east: eastAddr, west: westAddr, agentArgs: agentArgs, ha: ha, etcdPort: etcdPort}
+			return runUp(ctx, e, o)
 		})}
 	fs := c.Flags()
 	str(fs, &dir, "dir", "ferry-up", "data directory for the vault and both sites")
@@ -36,10 +40,22 @@ func upCmd(e *env) *cobra.Command {
 	str(fs, &eastAddr, "east-listen", "127.0.0.1:7411", "east agent address")
 	str(fs, &westAddr, "west-listen", "127.0.0.1:7412", "west agent address")
 	fs.StringArrayVar(&agentArgs, "agent-flag", nil, "a flag for both agents, such as --agent-flag=--runtime=libvirt (repeatable)")
+	fs.BoolVar(&ha, "ha", false, "a vault at each site over one etcd cluster of three members (east, west, a witness), as the sites would run them (docs/ha.md)")
+	str(fs, &westVaultAddr, "west-vault-listen", "127.0.0.1:7401", "with --ha: west's vault API address")
+	fs.IntVar(&etcdPort, "etcd-port", 12379, "with --ha: the first of the six ports of the etcd members (client and peer for each)")
 	return c
 }
 
-func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *string, agentArgs []string) error {
+// upOpts is what ferry up starts.
+type upOpts struct {
+	dir, vault, westVault, east, west string
+	agentArgs                         []string
+	ha                                bool
+	etcdPort                          int
+}
+
+func runUp(ctx context.Context, e *env, o upOpts) error {
+	dir, vaultAddr, eastAddr, westAddr, agentArgs := &o.dir, &o.vault, &o.east, &o.west, o.agentArgs
 	abs, err := filepath.Abs(*dir)
 	if err != nil {
 		return err
@@ -68,14 +84,43 @@ func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *stri
 	}
 	type proc struct {
 		name string
+		bin  string // default: ferry itself
 		args []string
 		cmd  *exec.Cmd
 	}
-	procs := []*proc{
-		{name: "vault", args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}},
-		{name: "east", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", *vaultAddr}, agentArgs...)},
-		{name: "west", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", *vaultAddr}, agentArgs...)},
+	vaults := *vaultAddr
+	var procs []*proc
+	if !o.ha {
+		procs = append(procs, &proc{name: "vault", args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}})
+	} else {
+		// Three etcd members, one per site and a witness, so that losing
+		// any one site keeps a quorum; a vault at east and at west.
+		etcdBin, err := exec.LookPath("etcd")
+		if err != nil {
+			return fmt.Errorf("--ha needs etcd: install etcd-server (make deps)")
+		}
+		members := []string{"east", "west", "witness"}
+		var cluster, clients []string
+		for i, m := range members {
+			cluster = append(cluster, fmt.Sprintf("%s=http://127.0.0.1:%d", m, o.etcdPort+2*i+1))
+			clients = append(clients, fmt.Sprintf("127.0.0.1:%d", o.etcdPort+2*i))
+		}
+		for i, m := range members {
+			client, peer := fmt.Sprintf("http://127.0.0.1:%d", o.etcdPort+2*i), fmt.Sprintf("http://127.0.0.1:%d", o.etcdPort+2*i+1)
+			procs = append(procs, &proc{name: "etcd-" + m, bin: etcdBin, args: []string{"--name", m, "--data-dir", filepath.Join(abs, "etcd-"+m),
+				"--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+				"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-state", "new", "--log-level", "warn"}})
+		}
+		store := "etcd://" + strings.Join(clients, ",")
+		for _, v := range []struct{ name, addr string }{{"vault", *vaultAddr}, {"vault-west", o.westVault}} {
+			procs = append(procs, &proc{name: v.name, args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, v.name), "--pki", pkiDir,
+				"--listen", v.addr, "--store", store, "--advertise", v.addr}})
+		}
+		vaults = *vaultAddr + "," + o.westVault
 	}
+	procs = append(procs,
+		&proc{name: "east", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", vaults}, agentArgs...)},
+		&proc{name: "west", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", vaults}, agentArgs...)})
 	stopAll := func() {
 		for i := len(procs) - 1; i >= 0; i-- {
 			if p := procs[i]; p.cmd != nil && p.cmd.Process != nil {
@@ -95,17 +140,18 @@ func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *stri
 			return err
 		}
 		defer logf.Close()
-		p.cmd = exec.Command(self, p.args...)
+		bin := cmp.Or(p.bin, self)
+		p.cmd = exec.Command(bin, p.args...)
 		p.cmd.Stdout, p.cmd.Stderr = logf, logf
 		if err := p.cmd.Start(); err != nil {
 			return fmt.Errorf("start %s: %w", p.name, err)
 		}
 		os.WriteFile(filepath.Join(abs, p.name+".pid"), []byte(fmt.Sprint(p.cmd.Process.Pid)), 0o600)
-		os.WriteFile(filepath.Join(abs, p.name+".cmd"), []byte(strings.Join(append([]string{self}, p.args...), " ")), 0o600)
+		os.WriteFile(filepath.Join(abs, p.name+".cmd"), []byte(strings.Join(append([]string{bin}, p.args...), " ")), 0o600)
 	}
 	tokFile := filepath.Join(abs, "vault", "operator.token")
 	var token string
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if b, err := os.ReadFile(tokFile); err == nil && len(strings.TrimSpace(string(b))) > 0 {
 			token = strings.TrimSpace(string(b))
@@ -116,7 +162,7 @@ func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *stri
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	url := "https://" + *vaultAddr
+	url := "https://" + strings.ReplaceAll(vaults, ",", ",https://")
 	ca := filepath.Join(pkiDir, pki.CACert)
 	c, err := vaultclient.New(url, token, ca)
 	if err != nil {
@@ -147,6 +193,10 @@ func runUp(ctx context.Context, e *env, dir, vaultAddr, eastAddr, westAddr *stri
 			req.Reenroll = s.name
 		}
 		tok, err := c.CreateToken(ctx, req)
+		for errors.Is(err, api.ErrNotLeader) && time.Now().Before(deadline) { // --ha: the vaults still elect
+			time.Sleep(200 * time.Millisecond)
+			tok, err = c.CreateToken(ctx, req)
+		}
 		if err != nil {
 			return err
 		}
