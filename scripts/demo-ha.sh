@@ -25,16 +25,8 @@ site_reachable() { [ "$("$FERRY" --output json site list | jq -r ".[] | select(.
 takes_changes() { "$FERRY" --output json token create --role reader --name "probe-$RANDOM" >/dev/null 2>&1; }
 
 step "1. ferry up --ha: etcd at east, west and a witness; a vault at east and at west"
-"$FERRY" up --ha --dir "$UP" --vault-listen 127.0.0.1:17600 --west-vault-listen 127.0.0.1:17601 \
-	--east-listen 127.0.0.1:17611 --west-listen 127.0.0.1:17612 --etcd-port 22479 >"$UP/up.out" 2>&1 &
-upid=$!
-has_token() { grep -q '^token:' "$UP/up.out" 2>/dev/null; }
-until_true 90 "ferry up --ha to print its token" has_token || { cat "$UP/up.out"; exit 1; }
-cat "$UP/up.out"
-export FERRY_VAULT FERRY_TOKEN FERRY_CA
-FERRY_VAULT=$(sed -n 's/^vault: //p' "$UP/up.out")
-FERRY_TOKEN=$(sed -n 's/^token: //p' "$UP/up.out")
-FERRY_CA=$UP/pki/ca.crt
+up_start 90 --ha --vault-listen 127.0.0.1:17600 --west-vault-listen 127.0.0.1:17601 \
+	--east-listen 127.0.0.1:17611 --west-listen 127.0.0.1:17612 --etcd-port 22479
 "$FERRY" site list
 
 step "2. the test guest's VM at east, protected to west"

@@ -51,14 +51,7 @@ plan_seconds() {
 started() { web "$1" | jq -r .started; }
 
 step "1. ferry up: a vault and two sites, east and west"
-"$FERRY" up --dir "$UP" >"$UP/up.out" 2>&1 &
-upid=$!
-has_token() { grep -q '^token:' "$UP/up.out" 2>/dev/null; }
-until_true 60 "ferry up to print its token" has_token || { cat "$UP/up.out"; exit 1; }
-export FERRY_VAULT FERRY_TOKEN FERRY_CA
-FERRY_VAULT=$(sed -n 's/^vault: //p' "$UP/up.out")
-FERRY_TOKEN=$(sed -n 's/^token: //p' "$UP/up.out")
-FERRY_CA=$UP/pki/ca.crt
+up_start 60
 "$FERRY" site list
 
 step "2. three VMs at east, each with an ext4 data disk and a workload writing records"

@@ -26,15 +26,7 @@ site_reachable() { [ "$("$FERRY" --output json site list | jq -r ".[] | select(.
 fenced() { [ "$("$FERRY" --output json protections | jq -r '.[0].fenced')" = true ]; }
 
 step "1. ferry up: a vault and two sites, east and west"
-"$FERRY" up --dir "$UP" >"$UP/up.out" 2>&1 &
-upid=$!
-has_token() { grep -q '^token:' "$UP/up.out" 2>/dev/null; }
-until_true 60 "ferry up to print its token" has_token || { cat "$UP/up.out"; exit 1; }
-cat "$UP/up.out"
-export FERRY_VAULT FERRY_TOKEN FERRY_CA
-FERRY_VAULT=$(sed -n 's/^vault: //p' "$UP/up.out")
-FERRY_TOKEN=$(sed -n 's/^token: //p' "$UP/up.out")
-FERRY_CA=$UP/pki/ca.crt
+up_start 60
 "$FERRY" site list
 reader=$("$FERRY" token create --role reader --name demo-portal | head -1)
 echo "web portal: $FERRY_VAULT (sign in with the operator token above, or with the reader token $reader)"

@@ -35,3 +35,19 @@ last_job() { "$FERRY" --output json jobs | jq -r '.[0].id'; }
 points_at_least() { # vm n
 	[ "$("$FERRY" --output json points "$1" 2>/dev/null | jq 'length')" -ge "$2" ]
 }
+# up_start SECS FLAGS...: starts `ferry up --dir $UP FLAGS...` in the
+# background (its pid in $upid, for the caller's cleanup), waits up to
+# SECS for its token, prints what it printed, and exports the CLI's
+# environment from it.
+up_start() {
+	local secs=$1; shift
+	"$FERRY" up --dir "$UP" "$@" >"$UP/up.out" 2>&1 &
+	upid=$!
+	has_token() { grep -q '^token:' "$UP/up.out" 2>/dev/null; }
+	until_true "$secs" "ferry up to print its token" has_token || { cat "$UP/up.out"; exit 1; }
+	cat "$UP/up.out"
+	export FERRY_VAULT FERRY_TOKEN FERRY_CA
+	FERRY_VAULT=$(sed -n 's/^vault: //p' "$UP/up.out")
+	FERRY_TOKEN=$(sed -n 's/^token: //p' "$UP/up.out")
+	FERRY_CA=$UP/pki/ca.crt
+}

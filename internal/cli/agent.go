@@ -309,7 +309,7 @@ func agentRunCmd(e *env) *cobra.Command {
 	fs.DurationVar(&points, "point-interval", time.Second, "crash-consistent recovery point interval")
 	fs.DurationVar(&retention, "retention", 24*time.Hour, "how long replicas keep every instant recoverable")
 	fs.DurationVar(&appEvery, "app-interval", time.Hour, "application-consistent point interval for running VMs (min 1m)")
-	str(fs, &vaultAddr, "vault", "", "vault address (host:port) to send heartbeats to over mutual TLS")
+	str(fs, &vaultAddr, "vault", "", "vault address (host:port; several comma-separated, for a vault per site over etcd) to send heartbeats to over mutual TLS")
 	fs.Int64Var(&unshippedMiB, "max-unshipped", 1024, "MiB of journal a group keeps for its recovery site while the link is down; past it, a dirty-block bitmap (resynchronized when the link is back)")
 	fs.Int64Var(&foldMiB, "fold-rate", 128, "MiB/s the background folds may write while VMs write: a committed group's into plain images, and recent writes' into the images at checkpoints")
 	str(fs, &maxUnfolded, "max-unfolded", "4G", maxUnfoldedHelp)
