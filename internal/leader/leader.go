@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -18,10 +19,12 @@ import (
 
 // Etcd is a candidate in one election.
 type Etcd struct {
-	c    *clientv3.Client
-	key  string
-	id   string
-	ttl  time.Duration
+	c   *clientv3.Client
+	key string
+	id  string
+	ttl time.Duration
+
+	mu   sync.Mutex // guards sess and el, set once Campaign wins
 	sess *concurrency.Session
 	el   *concurrency.Election
 }
@@ -51,13 +54,17 @@ func (e *Etcd) Campaign(ctx context.Context) (<-chan struct{}, error) {
 		sess.Close()
 		return nil, fmt.Errorf("leader: campaign: %w", err)
 	}
+	e.mu.Lock()
 	e.sess, e.el = sess, el
+	e.mu.Unlock()
 	return sess.Done(), nil
 }
 
 // Leader returns the current leader's id, or "" if there is none.
 func (e *Etcd) Leader(ctx context.Context) (string, error) {
-	sess := e.sess
+	e.mu.Lock()
+	sess, el := e.sess, e.el
+	e.mu.Unlock()
 	if sess == nil {
 		// A follower reads the election without a session of its own.
 		resp, err := e.c.Get(ctx, e.key+"/", clientv3.WithFirstCreate()...)
@@ -69,7 +76,7 @@ func (e *Etcd) Leader(ctx context.Context) (string, error) {
 		}
 		return string(resp.Kvs[0].Value), nil
 	}
-	resp, err := e.el.Leader(ctx)
+	resp, err := el.Leader(ctx)
 	if errors.Is(err, concurrency.ErrElectionNoLeader) {
 		return "", nil
 	}
@@ -82,10 +89,13 @@ func (e *Etcd) Leader(ctx context.Context) (string, error) {
 // Resign gives the leadership up (on a clean shutdown, so that another
 // vault takes over at once rather than after the lease).
 func (e *Etcd) Resign(ctx context.Context) error {
-	if e.sess == nil {
+	e.mu.Lock()
+	sess, el := e.sess, e.el
+	e.mu.Unlock()
+	if sess == nil {
 		return nil
 	}
-	err := e.el.Resign(ctx)
-	e.sess.Close()
+	err := el.Resign(ctx)
+	sess.Close()
 	return err
 }

@@ -119,9 +119,21 @@ func (v *Vault) Start(ctx context.Context) error {
 // vault as soon as it no longer does, so that two vaults never act at
 // once: the new leader fails or finishes what this one left.
 func (v *Vault) lead() {
-	lost, err := v.cfg.Leadership.Campaign(v.ctx)
-	if err != nil {
-		return // stopping before it ever led
+	var lost <-chan struct{}
+	for {
+		var err error
+		if lost, err = v.cfg.Leadership.Campaign(v.ctx); err == nil {
+			break
+		}
+		if v.ctx.Err() != nil {
+			return // stopping before it ever led
+		}
+		v.log.Warn("cannot campaign for the leadership: trying again", "err", err)
+		select {
+		case <-v.ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
 	}
 	v.log.Info("this vault leads")
 	if err := v.act(v.ctx); err != nil {
