@@ -9,8 +9,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferry-dr/ferry/internal/journal"
+	"github.com/ferry-dr/ferry/internal/store"
+	"github.com/ferry-dr/ferry/internal/store/etcdtest"
 )
 
 func TestParseSize(t *testing.T) {
@@ -230,5 +233,35 @@ func TestInspectorsReadOnly(t *testing.T) {
 	after, _ := os.ReadFile(segs[0])
 	if !bytes.Equal(after, b) {
 		t.Fatal("verify changed a segment")
+	}
+}
+
+// TestVaultMigrate copies a vault's SQLite state into a real etcd with
+// `ferry vault migrate`; a second run into the same store is refused.
+func TestVaultMigrate(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	st, err := store.OpenSQLite(filepath.Join(dir, "vault.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []store.Doc{{Kind: "site", ID: "east", Data: []byte(`{"name":"east"}`)}, {Kind: "vm", ID: "web", Data: []byte(`{"name":"web"}`)}} {
+		if _, err := st.Put(ctx, d.Kind, d.ID, d.Data, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.Close()
+	url := "etcd://" + strings.TrimPrefix(etcdtest.Start(t), "http://") + "/migrated"
+	var code int
+	var stdout, stderr string
+	deadline := time.Now().Add(20 * time.Second)
+	for code, stdout, stderr = run(t, "--output", "json", "vault", "migrate", "--dir", dir, "--to", url); code != 0 && time.Now().Before(deadline); code, stdout, stderr = run(t, "--output", "json", "vault", "migrate", "--dir", dir, "--to", url) {
+		time.Sleep(200 * time.Millisecond) // etcd starting
+	}
+	if code != 0 || !strings.Contains(stdout, `"documents": 2`) {
+		t.Fatalf("migrate: exit %d, %s %s", code, stdout, stderr)
+	}
+	if code, _, stderr := run(t, "vault", "migrate", "--dir", dir, "--to", url); code == 0 || !strings.Contains(stderr, "already holds") {
+		t.Fatalf("a second migrate into the same store: exit %d, %s", code, stderr)
 	}
 }

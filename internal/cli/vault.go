@@ -45,7 +45,45 @@ func vaultCmd(e *env) *cobra.Command {
 	str(fs, &scripts, "script-dir", "", "directory of the scripts recovery plans may run, by file name (default: DIR/scripts)")
 	str(fs, &storeURL, "store", "", "where the state lives: empty for DIR/vault.db (SQLite, one vault), or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] shared by a vault at each site, of which one, elected, acts")
 	str(fs, &advertise, "advertise", "", "with an etcd store: this vault's address as other vaults name it to clients (default: --listen)")
-	return group("vault", "Run the control plane", run)
+	var mdir, mto string
+	migrate := &cobra.Command{Use: "migrate", Short: "Copy a stopped vault's state from its SQLite file into an empty etcd store", Args: cobra.NoArgs,
+		Example: "  ferry vault migrate --dir /var/lib/ferry-vault --to etcd://east:2379,west:2379,witness:2379",
+		RunE: runE(e, func(ctx context.Context, args []string) error {
+			if mdir == "" || !strings.HasPrefix(mto, "etcd://") {
+				return usagef("--dir (the vault's data directory) and --to etcd://HOST:PORT[,...][/PREFIX] are required")
+			}
+			from, err := store.OpenSQLite(filepath.Join(mdir, "vault.db"))
+			if err != nil {
+				return err
+			}
+			defer from.Close()
+			to, _, err := openEtcdURL(ctx, mto)
+			if err != nil {
+				return err
+			}
+			defer to.Close()
+			n, err := vault.Migrate(ctx, from, to)
+			if err != nil {
+				return err
+			}
+			return e.print(map[string]int{"documents": n}, fmt.Sprintf("copied %d documents into %s; run the vaults with --store %s\n", n, mto, mto))
+		})}
+	str(migrate.Flags(), &mdir, "dir", "", "the stopped vault's data directory (its vault.db)")
+	str(migrate.Flags(), &mto, "to", "", "the etcd store: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")
+	return group("vault", "Run the control plane", run, migrate)
+}
+
+// openEtcdURL opens etcd://HOST:PORT[,...][/PREFIX] and returns the
+// store and the prefix of its keys.
+func openEtcdURL(ctx context.Context, u string) (*store.Etcd, string, error) {
+	hosts, prefix, _ := strings.Cut(strings.TrimPrefix(u, "etcd://"), "/")
+	var eps []string
+	for _, h := range strings.Split(hosts, ",") {
+		eps = append(eps, "http://"+h)
+	}
+	prefix = "/" + cmp.Or(prefix, "ferry")
+	st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: eps, Prefix: prefix})
+	return st, prefix, err
 }
 
 // vaultRun is what `ferry vault run` serves.
@@ -82,20 +120,15 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 		defer st.Close()
 		cfg.Store = st
 	case strings.HasPrefix(o.store, "etcd://"):
-		hosts, prefix, _ := strings.Cut(strings.TrimPrefix(o.store, "etcd://"), "/")
-		var eps []string
-		for _, h := range strings.Split(hosts, ",") {
-			eps = append(eps, "http://"+h)
-		}
-		st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: eps, Prefix: "/" + cmp.Or(prefix, "ferry")})
+		st, prefix, err := openEtcdURL(ctx, o.store)
 		if err != nil {
 			return err
 		}
 		defer st.Close()
 		cfg.Store = st
 		adv := cmp.Or(o.advertise, listen)
-		cfg.Leadership = leader.New(st.Client(), "/"+cmp.Or(prefix, "ferry")+"/leader", adv, 5*time.Second)
-		fmt.Fprintf(e.stderr, "vault %s: state in etcd %v; campaigning to lead (the others serve reads and name the leader)\n", adv, eps)
+		cfg.Leadership = leader.New(st.Client(), prefix+"/leader", adv, 5*time.Second)
+		fmt.Fprintf(e.stderr, "vault %s: state in etcd %s; campaigning to lead (the others serve reads and name the leader)\n", adv, o.store)
 	default:
 		return usagef("--store %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX], or nothing for SQLite in --dir", o.store)
 	}

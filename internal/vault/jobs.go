@@ -25,6 +25,42 @@ const (
 	kindImport     = "import" // an import in progress: how to define its VM
 )
 
+// Kinds lists every kind of document the vault stores, for a copy of
+// its whole state to another store (Migrate).
+func Kinds() []string {
+	return []string{kindSite, kindVM, kindPolicy, kindProtection, kindJob, kindToken, kindMeta, kindImport, kindPlan}
+}
+
+// Migrate copies the vault's whole state from one store to another that
+// holds none of it (ferry vault migrate: SQLite to etcd), and returns
+// the number of documents copied. The vault must not run on from. A
+// target that already holds a document fails with store.ErrConflict
+// before anything is written.
+func Migrate(ctx context.Context, from, to store.Store) (int, error) {
+	var docs []store.Doc
+	for _, k := range Kinds() {
+		ds, err := from.List(ctx, k)
+		if err != nil {
+			return 0, fmt.Errorf("read %s: %w", k, err)
+		}
+		docs = append(docs, ds...)
+		existing, err := to.List(ctx, k)
+		if err != nil {
+			return 0, fmt.Errorf("read the target's %s: %w", k, err)
+		}
+		if len(existing) > 0 {
+			return 0, fmt.Errorf("%w: the target already holds %d %s documents: migrate only into an empty store", store.ErrConflict, len(existing), k)
+		}
+	}
+	for i, d := range docs {
+		// Versions start again at 1: they only order writes to one store.
+		if _, err := to.Put(ctx, d.Kind, d.ID, d.Data, 0); err != nil {
+			return i, fmt.Errorf("write %s %s: %w", d.Kind, d.ID, err)
+		}
+	}
+	return len(docs), nil
+}
+
 func get[T any](ctx context.Context, s store.Store, kind, id string) (T, int64, error) {
 	var v T
 	d, err := s.Get(ctx, kind, id)

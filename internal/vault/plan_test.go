@@ -3,6 +3,7 @@ package vault
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -292,5 +293,44 @@ func TestPlanJobVaultRestart(t *testing.T) {
 	raw, _ := json.Marshal(out)
 	if !strings.Contains(string(raw), "retried") {
 		t.Errorf("the retried step does not say so: %s", raw)
+	}
+}
+
+// TestMigrate: a vault's whole state copied to another store serves the
+// same vault; a target that holds anything is refused untouched.
+func TestMigrate(t *testing.T) {
+	from := store.NewMem()
+	f, _ := planFixture(t, from)
+	if code := f.call(t, f.op, "PUT", "/v1/plans/app", appPlan(), nil); code != 200 {
+		t.Fatalf("put plan: %d", code)
+	}
+	ctx := context.Background()
+	to := store.NewMem()
+	n, err := Migrate(ctx, from, to)
+	if err != nil || n == 0 {
+		t.Fatalf("migrate: %d, %v", n, err)
+	}
+	for _, k := range Kinds() {
+		a, _ := from.List(ctx, k)
+		b, _ := to.List(ctx, k)
+		if len(a) != len(b) {
+			t.Errorf("%s: %d documents, %d copied", k, len(a), len(b))
+		}
+	}
+	g := newFixture(t, to)
+	g.east, g.west = f.east, f.west
+	for _, vm := range []string{"vm1", "vm2", "vm3"} {
+		if p, err := g.v.Protection(ctx, vm); err != nil || p.State != StateProtected {
+			t.Errorf("%s on the migrated store: %+v, %v", vm, p, err)
+		}
+	}
+	if p, err := g.v.Plan(ctx, "app"); err != nil || len(p.Groups) != 2 {
+		t.Errorf("plan on the migrated store: %+v, %v", p, err)
+	}
+	if code := g.call(t, f.op, "GET", "/v1/protections", nil, nil); code != 200 {
+		t.Errorf("the old operator token on the migrated store: %d", code)
+	}
+	if _, err := Migrate(ctx, from, to); !errors.Is(err, store.ErrConflict) {
+		t.Errorf("migrate into a store that holds a vault: %v, want ErrConflict", err)
 	}
 }
