@@ -2,9 +2,15 @@ package e2e
 
 import (
 	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -102,4 +108,114 @@ func TestVaultTakeover(t *testing.T) {
 		RPOWarning: 30 * time.Second, RPOCritical: time.Minute}); err != nil {
 		t.Fatalf("a change with the old leader back as a follower: %v", err)
 	}
+}
+
+// TestUpHA starts `ferry up --ha` (three etcd members, a vault at east
+// and at west, both agents) and kills everything of the site whose vault
+// leads, with SIGKILL: its agent, its vault and its etcd member. The
+// other site's vault takes over on the two remaining members' quorum and
+// sees the killed site down.
+func TestUpHA(t *testing.T) {
+	need(t, "etcd")
+	dir := t.TempDir()
+	ports := []string{freePort(t), freePort(t), freePort(t), freePort(t)}
+	etcdBase := strconv.Itoa(freeRun(t, 6))
+	logf, err := os.Create(filepath.Join(t.TempDir(), "up.out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(ferryBin, "up", "--ha", "--dir", dir, "--vault-listen", ports[0], "--west-vault-listen", ports[1],
+		"--east-listen", ports[2], "--west-listen", ports[3], "--etcd-port", etcdBase)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("ferry up --ha:\n%s", b)
+			for _, f := range []string{"vault", "vault-west", "east", "west"} {
+				b, _ := os.ReadFile(filepath.Join(dir, f+".log"))
+				t.Logf("%s.log:\n%s", f, b)
+			}
+		}
+	})
+	var token string
+	until(t, 90*time.Second, "ferry up --ha to print its token", func() bool {
+		b, _ := os.ReadFile(logf.Name())
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "token: "); ok {
+				token = v
+			}
+		}
+		return token != ""
+	})
+	c, err := vaultclient.New("https://"+ports[0]+",https://"+ports[1], token, filepath.Join(dir, "pki", "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	policy := func(name string) error {
+		_, err := c.PutPolicy(ctx, api.Policy{Name: name, Retention: time.Hour, CheckpointInterval: time.Second, AppInterval: time.Hour,
+			RPOWarning: 30 * time.Second, RPOCritical: time.Minute})
+		return err
+	}
+	siteReachable(t, c, "east", true)
+	siteReachable(t, c, "west", true)
+	if err := policy("before"); err != nil {
+		t.Fatal(err)
+	}
+	// The change went to the leader: kill its whole site.
+	lead, other, otherURL, vaultProc := "east", "west", "https://"+ports[1], "vault"
+	if c.URL() == "https://"+ports[1] {
+		lead, other, otherURL, vaultProc = "west", "east", "https://"+ports[0], "vault-west"
+	}
+	for _, p := range []string{lead, vaultProc, "etcd-" + lead} {
+		b, err := os.ReadFile(filepath.Join(dir, p+".pid"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Fatalf("kill %s: %v", p, err)
+		}
+	}
+	killed := time.Now()
+	until(t, 60*time.Second, other+"'s vault to take changes", func() bool { return policy("after") == nil })
+	took := time.Since(killed)
+	t.Logf("%s's vault took changes %v after everything of %s was killed", other, took.Round(10*time.Millisecond), lead)
+	if c.URL() != otherURL {
+		t.Fatalf("the change went to %s, not %s's vault", c.URL(), other)
+	}
+	if took > 20*time.Second {
+		t.Errorf("takeover took %v: want the lease (5 s) and a little", took)
+	}
+	siteReachable(t, c, lead, false)
+	siteReachable(t, c, other, true)
+}
+
+// freeRun returns the first of n consecutive free loopback ports (the
+// etcd members of ferry up --ha take six from --etcd-port on).
+func freeRun(t *testing.T, n int) int {
+	t.Helper()
+	for base := 20000 + rand.IntN(20000); base < 60000; base += n {
+		var ls []net.Listener
+		for i := range n {
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", base+i))
+			if err != nil {
+				break
+			}
+			ls = append(ls, l)
+		}
+		for _, l := range ls {
+			l.Close()
+		}
+		if len(ls) == n {
+			return base
+		}
+	}
+	t.Fatalf("no %d consecutive free ports", n)
+	return 0
 }
