@@ -55,8 +55,7 @@ type upOpts struct {
 }
 
 func runUp(ctx context.Context, e *env, o upOpts) error {
-	dir, vaultAddr, eastAddr, westAddr, agentArgs := &o.dir, &o.vault, &o.east, &o.west, o.agentArgs
-	abs, err := filepath.Abs(*dir)
+	abs, err := filepath.Abs(o.dir)
 	if err != nil {
 		return err
 	}
@@ -88,10 +87,10 @@ func runUp(ctx context.Context, e *env, o upOpts) error {
 		args []string
 		cmd  *exec.Cmd
 	}
-	vaults := *vaultAddr
+	vaults := o.vault
 	var procs []*proc
 	if !o.ha {
-		procs = append(procs, &proc{name: "vault", args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", *vaultAddr}})
+		procs = append(procs, &proc{name: "vault", args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, "vault"), "--pki", pkiDir, "--listen", o.vault}})
 	} else {
 		// Three etcd members, one per site and a witness, so that losing
 		// any one site keeps a quorum; a vault at east and at west.
@@ -112,15 +111,15 @@ func runUp(ctx context.Context, e *env, o upOpts) error {
 				"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-state", "new", "--log-level", "warn"}})
 		}
 		store := "etcd://" + strings.Join(clients, ",")
-		for _, v := range []struct{ name, addr string }{{"vault", *vaultAddr}, {"vault-west", o.westVault}} {
+		for _, v := range []struct{ name, addr string }{{"vault", o.vault}, {"vault-west", o.westVault}} {
 			procs = append(procs, &proc{name: v.name, args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, v.name), "--pki", pkiDir,
 				"--listen", v.addr, "--store", store, "--advertise", v.addr}})
 		}
-		vaults = *vaultAddr + "," + o.westVault
+		vaults = o.vault + "," + o.westVault
 	}
 	procs = append(procs,
-		&proc{name: "east", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", *eastAddr, "--pki", pkiDir, "--vault", vaults}, agentArgs...)},
-		&proc{name: "west", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", *westAddr, "--pki", pkiDir, "--vault", vaults}, agentArgs...)})
+		&proc{name: "east", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "east"), "--name", "east", "--listen", o.east, "--pki", pkiDir, "--vault", vaults}, o.agentArgs...)},
+		&proc{name: "west", args: append([]string{"--config", os.DevNull, "agent", "run", "--dir", filepath.Join(abs, "west"), "--name", "west", "--listen", o.west, "--pki", pkiDir, "--vault", vaults}, o.agentArgs...)})
 	stopAll := func() {
 		for i := len(procs) - 1; i >= 0; i-- {
 			if p := procs[i]; p.cmd != nil && p.cmd.Process != nil {
@@ -184,7 +183,7 @@ func runUp(ctx context.Context, e *env, o upOpts) error {
 	if err != nil {
 		return err
 	}
-	for _, s := range []struct{ name, addr string }{{"east", *eastAddr}, {"west", *westAddr}} {
+	for _, s := range []struct{ name, addr string }{{"east", o.east}, {"west", o.west}} {
 		req := api.TokenRequest{Role: "enroll", Name: s.name, TTL: "1m"}
 		if i := slices.IndexFunc(known, func(k api.Site) bool { return k.Name == s.name }); i >= 0 {
 			if known[i].Addr == s.addr {
@@ -216,7 +215,7 @@ func runUp(ctx context.Context, e *env, o upOpts) error {
 	}
 	fmt.Fprintf(e.stdout, "vault: %s\ntoken: %s\n", url, token)
 	fmt.Fprintf(e.stdout, "sites: east (%s, NBD %s) and west (%s, NBD %s), enrolled and reachable\n",
-		*eastAddr, filepath.Join(abs, "east", "nbd.sock"), *westAddr, filepath.Join(abs, "west", "nbd.sock"))
+		o.east, filepath.Join(abs, "east", "nbd.sock"), o.west, filepath.Join(abs, "west", "nbd.sock"))
 	fmt.Fprintf(e.stdout, "point the CLI at it:\n  export FERRY_VAULT=%s FERRY_TOKEN=%s FERRY_CA=%s\n", url, token, ca)
 	fmt.Fprintf(e.stdout, "logs in %s/*.log; Ctrl-C stops everything\n", abs)
 	<-ctx.Done()

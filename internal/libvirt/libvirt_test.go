@@ -197,14 +197,7 @@ func TestImportedXML(t *testing.T) {
 		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
 	parse := func(spec qemu.Spec, accel string) libvirtxml.Domain {
 		t.Helper()
-		x, err := DomainXML(spec, accel, "/c.log")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var d libvirtxml.Domain
-		if err := d.Unmarshal(x); err != nil {
-			t.Fatal(err)
-		}
+		d, _ := parseDomain(t, spec, accel)
 		return d
 	}
 	// Production, on KVM: the operator's definition, disks on ferry.
@@ -292,14 +285,7 @@ func TestAttach(t *testing.T) {
 		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
 	parse := func(spec qemu.Spec) libvirtxml.Domain {
 		t.Helper()
-		x, err := DomainXML(spec, "tcg", "/c.log")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var d libvirtxml.Domain
-		if err := d.Unmarshal(x); err != nil {
-			t.Fatal(err)
-		}
+		d, _ := parseDomain(t, spec, "tcg")
 		return d
 	}
 	d := parse(spec)
@@ -350,21 +336,7 @@ func TestPerNICNetworks(t *testing.T) {
 		Disks: []qemu.Disk{{Socket: sock, Export: "db/vda"}, {Socket: sock, Export: "db/vdb"}}}
 	parse := func(spec qemu.Spec) (libvirtxml.Domain, string) {
 		t.Helper()
-		x, err := DomainXML(spec, "tcg", "/c.log")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var d libvirtxml.Domain
-		if err := d.Unmarshal(x); err != nil {
-			t.Fatal(err)
-		}
-		var line []string
-		if d.QEMUCommandline != nil {
-			for _, a := range d.QEMUCommandline.Args {
-				line = append(line, a.Value)
-			}
-		}
-		return d, strings.Join(line, " ")
+		return parseDomain(t, spec, "tcg")
 	}
 
 	failover := base
@@ -450,4 +422,25 @@ func TestNVRAMPath(t *testing.T) {
 			t.Errorf("%s: firmware %q, want %q", tc.name, res.Firmware, want)
 		}
 	}
+}
+
+// parseDomain is the definition spec runs with (DomainXML), parsed, and
+// the QEMU command line it passes through, joined by spaces.
+func parseDomain(t *testing.T, spec qemu.Spec, accel string) (libvirtxml.Domain, string) {
+	t.Helper()
+	x, err := DomainXML(spec, accel, "/c.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil {
+		t.Fatal(err)
+	}
+	var line []string
+	if d.QEMUCommandline != nil {
+		for _, a := range d.QEMUCommandline.Args {
+			line = append(line, a.Value)
+		}
+	}
+	return d, strings.Join(line, " ")
 }

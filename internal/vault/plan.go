@@ -2,6 +2,7 @@ package vault
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -138,19 +140,9 @@ func planSteps(p Plan, action string) []planStep {
 	var steps []planStep
 	for i, g := range p.Groups {
 		gn := groupName(g, i)
-		label := func(a api.PlanAction) string {
-			what := "script " + a.Script
-			if a.Manual != "" {
-				what = "manual action"
-			}
-			if a.Name != "" {
-				what += " " + strconv.Quote(a.Name)
-			}
-			return what
-		}
 		for _, a := range g.Pre {
 			if a.RunsOn(action) {
-				steps = append(steps, planStep{Name: fmt.Sprintf("%s: before: %s", gn, label(a)), Group: i, Kind: stepPre, Act: a})
+				steps = append(steps, planStep{Name: fmt.Sprintf("%s: before: %s", gn, actionLabel(a)), Group: i, Kind: stepPre, Act: a})
 			}
 		}
 		steps = append(steps, planStep{Name: fmt.Sprintf("%s: %s %s", gn, action, strings.Join(g.VMs, ", ")), Group: i, Kind: stepVMs})
@@ -159,11 +151,23 @@ func planSteps(p Plan, action string) []planStep {
 		}
 		for _, a := range g.Post {
 			if a.RunsOn(action) {
-				steps = append(steps, planStep{Name: fmt.Sprintf("%s: after: %s", gn, label(a)), Group: i, Kind: stepPost, Act: a})
+				steps = append(steps, planStep{Name: fmt.Sprintf("%s: after: %s", gn, actionLabel(a)), Group: i, Kind: stepPost, Act: a})
 			}
 		}
 	}
 	return steps
+}
+
+// actionLabel names a plan action in its step's name.
+func actionLabel(a api.PlanAction) string {
+	what := "script " + a.Script
+	if a.Manual != "" {
+		what = "manual action"
+	}
+	if a.Name != "" {
+		what += " " + strconv.Quote(a.Name)
+	}
+	return what
 }
 
 func waitKind(w api.Wait) string {
@@ -191,7 +195,7 @@ var errWaiting = errors.New("waiting for an operator")
 // after group in boot order. ErrBusy while another job of the plan runs
 // or waits.
 func (v *Vault) RunPlan(ctx context.Context, name string, req api.PlanRun) (Job, error) {
-	if !containsStr(api.PlanActions, req.Action) {
+	if !slices.Contains(api.PlanActions, req.Action) {
 		return Job{}, fmt.Errorf("%w: plan action %q: want one of %s", ErrInvalid, req.Action, strings.Join(api.PlanActions, ", "))
 	}
 	rb := make([]byte, 4)
@@ -229,15 +233,6 @@ func (v *Vault) RunPlan(ctx context.Context, name string, req api.PlanRun) (Job,
 	out := pr.snapshot()
 	pr.start(0)
 	return out, nil
-}
-
-func containsStr(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // loadPlanRun rebuilds a plan job's runner from its record.
@@ -544,7 +539,7 @@ func (pr *planRun) startVMJob(ctx context.Context, vm string) (Job, string, erro
 		if p.TestPending {
 			return Job{}, "its test failover runs already", nil
 		}
-		j, err := v.TestFailover(ctx, vm, cmpOr(req.Point, "latest-processed"))
+		j, err := v.TestFailover(ctx, vm, cmp.Or(req.Point, "latest-processed"))
 		return j, "", err
 	case api.PlanCleanupTest:
 		if !p.TestPending {
@@ -556,7 +551,7 @@ func (pr *planRun) startVMJob(ctx context.Context, vm string) (Job, string, erro
 		if p.State == StateFailedOver || p.State == StateCommitted {
 			return Job{}, "failed over already (" + string(p.State) + ")", nil
 		}
-		j, err := v.Failover(ctx, vm, api.FailoverRequest{Point: cmpOr(req.Point, "latest"), ShutdownSource: req.ShutdownSource})
+		j, err := v.Failover(ctx, vm, api.FailoverRequest{Point: cmp.Or(req.Point, "latest"), ShutdownSource: req.ShutdownSource})
 		return j, "", err
 	case api.PlanCommit:
 		if p.State == StateCommitted {
@@ -572,13 +567,6 @@ func (pr *planRun) startVMJob(ctx context.Context, vm string) (Job, string, erro
 		return j, "", err
 	}
 	return Job{}, "", fmt.Errorf("%w: plan action %q", ErrInvalid, req.Action)
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // waitUp waits until every VM of group g answers (its guest agent, or
