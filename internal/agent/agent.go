@@ -27,6 +27,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/atomicfile"
+	"github.com/ferry-dr/ferry/internal/bandwidth"
 	"github.com/ferry-dr/ferry/internal/clock"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/httpserver"
@@ -78,6 +79,9 @@ type Config struct {
 	// site has not acknowledged; past it the shipper keeps a dirty-block
 	// bitmap instead and resynchronizes from it (default 1 GiB).
 	MaxUnshipped int64
+	// NoCompress: replication streams from this site are not compressed
+	// (by default they are compressed with zstd wherever it pays).
+	NoCompress bool
 	// Points thins the catalog that the API lists.
 	Points replica.Policy
 	// Now is the clock (default clock.Steady(clock.System()): steps of
@@ -127,6 +131,13 @@ type Agent struct {
 	// problems are the groups and replicas that did not open: the agent
 	// serves the rest; these wait for an operator, untouched.
 	problems map[string]api.Problem // by kind/name
+
+	// Replication caps (PUT /v1/bandwidth), by peer site and by group;
+	// bwMu guards the maps and the saved config.
+	bwMu     sync.Mutex
+	bw       api.Bandwidth
+	bwPeers  map[string]*bandwidth.Limiter
+	bwGroups map[string]*bandwidth.Limiter
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -224,6 +235,7 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: cfg.Logger, id: id,
 		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
 		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{}, imports: map[string]*importState{}, problems: map[string]api.Problem{},
+		bwPeers: map[string]*bandwidth.Limiter{}, bwGroups: map[string]*bandwidth.Limiter{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
 	a.runtime = cfg.Runtime
 	if a.runtime == nil {
@@ -231,6 +243,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
 	a.metrics = newMetrics(a)
+	if err := a.loadBandwidth(); err != nil {
+		return nil, err
+	}
 	return a, nil
 }
 
@@ -487,11 +502,21 @@ func (a *Agent) startShipper(gr *group) {
 }
 
 func (a *Agent) newShipper(gr *group, rc *replConfig) *replication.Shipper {
+	var sh *replication.Shipper
+	// An initial copy yields the link to streams of new writes.
+	class := func() bandwidth.Class {
+		if sh != nil && sh.State() == replication.StateInitialSync {
+			return bandwidth.Bulk
+		}
+		return bandwidth.Stream
+	}
+	peerLim, groupLim := a.limiter(a.bwPeers, rc.PeerName), a.limiter(a.bwGroups, gr.name)
 	cfg := replication.ShipperConfig{
 		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log,
-		MaxJournalBytes: a.cfg.MaxUnshipped, Now: a.cfg.Now,
+		MaxJournalBytes: a.cfg.MaxUnshipped, Now: a.cfg.Now, NoCompress: a.cfg.NoCompress,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
-			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName)
+			pace := func(c net.Conn) net.Conn { return bandwidth.NewConn(ctx, c, class, groupLim, peerLim) }
+			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName, pace)
 		},
 	}
 	if rc.Delta != nil {
@@ -507,7 +532,8 @@ func (a *Agent) newShipper(gr *group, rc *replConfig) *replication.Shipper {
 			}
 		}
 	}
-	return replication.NewShipper(cfg)
+	sh = replication.NewShipper(cfg)
+	return sh
 }
 
 // startPoints records a crash-consistent point every PointInterval in a
@@ -1207,6 +1233,7 @@ func (a *Agent) Status() Status {
 		}
 		if gr.shipper != nil {
 			s := gr.shipper.Status()
+			s.CapBitsPerSecond = a.capOf(gr.name, gr.repl.PeerName)
 			gs.Replication = &s
 			gs.PeerName = gr.repl.PeerName
 		}

@@ -112,6 +112,14 @@ func (a *Agent) routes() http.Handler {
 		steps, err := a.StopVM(r.Context(), r.PathValue("name"), opts)
 		reply(w, api.Steps{Steps: steps}, err)
 	})
+	handle("GET /v1/bandwidth", readers, func(w http.ResponseWriter, r *http.Request) { reply(w, a.Bandwidth(), nil) })
+	handle("PUT /v1/bandwidth", managers, func(w http.ResponseWriter, r *http.Request) {
+		var req api.Bandwidth
+		if !decode(w, r, &req) {
+			return
+		}
+		reply(w, a.Bandwidth(), a.SetBandwidth(req))
+	})
 	handle("POST /v1/groups", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req api.CreateGroup
 		if !decode(w, r, &req) {
@@ -263,11 +271,24 @@ func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 // dialLink opens a replication stream to the agent at addr, whose
 // certificate must name peerName.
-func dialLink(ctx context.Context, id *pki.Identity, addr, peerName string) (io.ReadWriteCloser, error) {
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second},
-		Config: id.ClientConfig(pki.Peer{Role: pki.RoleSite, Name: peerName})}
-	c, err := d.DialContext(ctx, "tcp", addr)
+//
+// pace, if set, wraps the TCP connection under TLS (the bandwidth caps),
+// so that what it counts is what goes on the wire.
+func dialLink(ctx context.Context, id *pki.Identity, addr, peerName string, pace func(net.Conn) net.Conn) (io.ReadWriteCloser, error) {
+	nd := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
+	raw, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
+		return nil, err
+	}
+	if pace != nil {
+		raw = pace(raw)
+	}
+	c := tls.Client(raw, id.ClientConfig(pki.Peer{Role: pki.RoleSite, Name: peerName}))
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err = c.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		raw.Close()
 		return nil, err
 	}
 	c.SetDeadline(time.Now().Add(10 * time.Second))

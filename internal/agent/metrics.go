@@ -62,6 +62,14 @@ var (
 		"Replication throughput over the last seconds.", []string{"group", "peer"}, nil)
 	descSent = prometheus.NewDesc("ferry_replication_sent_bytes_total",
 		"Bytes sent to the recovery site since the agent started.", []string{"group", "peer"}, nil)
+	descWire = prometheus.NewDesc("ferry_replication_link_bytes_total",
+		"Bytes of replication frames sent, before (form=payload) and after (form=wire) compression.", []string{"group", "peer", "form"}, nil)
+	descBacklog = prometheus.NewDesc("ferry_replication_backlog_bytes",
+		"What the recovery site does not hold yet: journal not acknowledged, initial copy and resync left.", []string{"group", "peer"}, nil)
+	descClears = prometheus.NewDesc("ferry_replication_backlog_clears_in_seconds",
+		"Estimated seconds until the backlog is gone at the current pace (-1: it does not shrink).", []string{"group", "peer"}, nil)
+	descCap = prometheus.NewDesc("ferry_replication_cap_bits_per_second",
+		"Bandwidth cap in force for the stream (0: none).", []string{"group", "peer"}, nil)
 	descConnected = prometheus.NewDesc("ferry_replication_link_up",
 		"1 when the group streams or copies to its recovery site, 0 while it connects or retries.", []string{"group", "peer", "state"}, nil)
 	descJournal = prometheus.NewDesc("ferry_journal_bytes",
@@ -83,7 +91,7 @@ var (
 type statusCollector struct{ a *Agent }
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descWire, descBacklog, descClears, descCap, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
 		ch <- d
 	}
 }
@@ -124,6 +132,11 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descPending, float64(r.PendingBytes), g.Name, g.PeerName)
 		gauge(descThroughput, r.ThroughputBps, g.Name, g.PeerName)
 		ch <- prometheus.MustNewConstMetric(descSent, prometheus.CounterValue, float64(r.SentBytes), g.Name, g.PeerName)
+		ch <- prometheus.MustNewConstMetric(descWire, prometheus.CounterValue, float64(r.PayloadBytes), g.Name, g.PeerName, "payload")
+		ch <- prometheus.MustNewConstMetric(descWire, prometheus.CounterValue, float64(r.WireBytes), g.Name, g.PeerName, "wire")
+		gauge(descBacklog, float64(r.BacklogBytes), g.Name, g.PeerName)
+		gauge(descClears, r.ClearsInSeconds, g.Name, g.PeerName)
+		gauge(descCap, float64(r.CapBitsPerSecond), g.Name, g.PeerName)
 		up := 0.0
 		switch r.State {
 		case replication.StateStreaming, replication.StateInitialSync, replication.StateResync:

@@ -113,7 +113,7 @@ func forge(t *testing.T, e *trustEnv, who, source string) (byte, string) {
 	id := pkitest.Load(t, e.pk, who)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := dialLink(ctx, id, e.b.Addr(), "siteB")
+	conn, err := dialLink(ctx, id, e.b.Addr(), "siteB", nil)
 	if err != nil {
 		// Refused at the HTTP layer (a non-site identity).
 		return 0, err.Error()

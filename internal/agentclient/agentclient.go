@@ -84,6 +84,18 @@ func (c *Client) Replicate(ctx context.Context, group string, r api.Replicate) e
 	return c.call(ctx, "POST", "/v1/groups/"+esc(group)+"/replication", r, nil)
 }
 
+// SetBandwidth replaces the site's replication caps. ErrInvalid for a
+// malformed cap (nothing changes then).
+func (c *Client) SetBandwidth(ctx context.Context, bw api.Bandwidth) error {
+	return c.call(ctx, "PUT", "/v1/bandwidth", bw, nil)
+}
+
+// Bandwidth returns the site's replication caps as set.
+func (c *Client) Bandwidth(ctx context.Context) (api.Bandwidth, error) {
+	var bw api.Bandwidth
+	return bw, c.call(ctx, "GET", "/v1/bandwidth", nil, &bw)
+}
+
 // Unreplicate stops a group's replication and releases its journal hold.
 func (c *Client) Unreplicate(ctx context.Context, group string) error {
 	return c.call(ctx, "DELETE", "/v1/groups/"+esc(group)+"/replication", nil, nil)

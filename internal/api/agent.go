@@ -93,6 +93,19 @@ type ReplicationStatus struct {
 	RPO           float64          `json:"rpo_seconds"`
 	SentBytes     int64            `json:"sent_bytes"`
 	ThroughputBps float64          `json:"throughput_bytes_per_second"`
+	// PayloadBytes and WireBytes count what the link carried, framed:
+	// before and after compression.
+	PayloadBytes int64 `json:"payload_bytes"`
+	WireBytes    int64 `json:"wire_bytes"`
+	// BacklogBytes is what the recovery site does not hold yet (journal
+	// not acknowledged, initial copy and resync left); ClearsInSeconds
+	// estimates when it is gone at the current pace: 0 none, -1 it does
+	// not shrink (churn above what the link carries).
+	BacklogBytes    int64   `json:"backlog_bytes"`
+	ClearsInSeconds float64 `json:"clears_in_seconds"`
+	// CapBitsPerSecond is the bandwidth cap in force for this stream now
+	// (the lower of its site pair's and its own; 0: none).
+	CapBitsPerSecond int64 `json:"cap_bits_per_second,omitempty"`
 	// Initial copy progress.
 	CopyDone   int64  `json:"copy_done_bytes,omitempty"`
 	CopyTotal  int64  `json:"copy_total_bytes,omitempty"`
@@ -498,4 +511,30 @@ type Divergence struct {
 	// Chunks is what diverged here from the replica at Base, so far: the
 	// VM's writes since the failover and what the replica had after Base.
 	Chunks Chunks `json:"chunks"`
+}
+
+// BandwidthLimit caps what replication sends from a site: to a peer site
+// (every protection streaming there) or for one protection.
+type BandwidthLimit struct {
+	// BitsPerSecond is the cap outside the schedule's windows; 0: none.
+	BitsPerSecond int64 `json:"bits_per_second"`
+	// Schedule: the first window that covers the time sets the cap.
+	Schedule []BandwidthWindow `json:"schedule,omitempty"`
+	// TimeZone of the windows (an IANA name; default UTC).
+	TimeZone string `json:"time_zone,omitempty"`
+}
+
+// BandwidthWindow is a cap for some hours of some days.
+type BandwidthWindow struct {
+	Days          string `json:"days,omitempty"` // "mon-fri", "sat,sun"; empty: every day
+	From          string `json:"from"`           // "08:00"
+	To            string `json:"to"`             // "18:00"; before From: across midnight
+	BitsPerSecond int64  `json:"bits_per_second"`
+}
+
+// Bandwidth is a site's replication caps (PUT /v1/bandwidth), set by the
+// vault: per peer site and per group. Both apply to a group's stream.
+type Bandwidth struct {
+	Peers  map[string]BandwidthLimit `json:"peers,omitempty"`
+	Groups map[string]BandwidthLimit `json:"groups,omitempty"`
 }

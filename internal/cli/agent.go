@@ -13,6 +13,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/agent"
 	"github.com/ferry-dr/ferry/internal/agentclient"
 	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/bandwidth"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/spf13/cobra"
 )
@@ -264,6 +265,7 @@ func agentRunCmd(e *env) *cobra.Command {
 	var dir, name, listen, pkiDir, vaultAddr, maxUnfolded, nbdGroup, nbdMode, runtimeName, libvirtURI string
 	var points, retention, appEvery time.Duration
 	var foldMiB, unshippedMiB int64
+	var noCompress bool
 	c := &cobra.Command{Use: "run", Short: "Run a site agent (the daemon)", Args: cobra.NoArgs,
 		Example: "  ferry agent run --dir /var/lib/ferry --name east --listen 0.0.0.0:7410 --pki /etc/ferry/pki --vault vault.example:7400\n" +
 			"  ferry agent run --config /etc/ferry/agent.toml",
@@ -289,7 +291,7 @@ func agentRunCmd(e *env) *cobra.Command {
 			}
 			defer closeRT()
 			a, err := agent.New(agent.Config{Dir: dir, Name: name, Listen: listen, PKIDir: pkiDir, Logger: e.log, PointInterval: points, Retention: retention, AppInterval: appEvery, Vault: vaultAddr, FoldRate: foldMiB << 20, MaxUnshipped: unshippedMiB << 20, MaxUnfolded: mu,
-				NBDGroup: nbdGroup, NBDMode: mode, Runtime: rt})
+				NBDGroup: nbdGroup, NBDMode: mode, Runtime: rt, NoCompress: noCompress})
 			if err != nil {
 				return err
 			}
@@ -316,6 +318,7 @@ func agentRunCmd(e *env) *cobra.Command {
 	str(fs, &nbdGroup, "nbd-group", "", "group that may connect to the NBD socket: the hypervisor's (libvirt-qemu for libvirt); without it the socket is the agent's user's only (0600)")
 	str(fs, &nbdMode, "nbd-mode", "", "the NBD socket's mode with --nbd-group (default 0660; bits for others are refused)")
 	str(fs, &runtimeName, "runtime", "qemu", "how VMs run: qemu (ferry starts QEMU itself) or libvirt (domains of the libvirt daemon at --libvirt-uri)")
+	fs.BoolVar(&noCompress, "no-compress", false, "do not compress replication streams (by default zstd, wherever it pays)")
 	str(fs, &libvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection for --runtime libvirt: qemu:///system, or qemu+unix:///system?socket=PATH")
 	return c
 }
@@ -344,6 +347,20 @@ func statusText(st api.AgentStatus) string {
 			}
 			if r.BitmapMode && r.State != api.ReplResync {
 				b.WriteString(", tracking dirty blocks (journal bound reached)")
+			}
+			if r.WireBytes > 0 && r.WireBytes < r.PayloadBytes {
+				fmt.Fprintf(&b, ", compressed %.2fx", float64(r.PayloadBytes)/float64(r.WireBytes))
+			}
+			if r.CapBitsPerSecond > 0 {
+				fmt.Fprintf(&b, ", cap %s", bandwidth.FormatRate(r.CapBitsPerSecond))
+			}
+			if r.BacklogBytes > 1<<20 {
+				switch {
+				case r.ClearsInSeconds < 0:
+					fmt.Fprintf(&b, ", backlog %d MiB and not shrinking (churn above the link or cap)", r.BacklogBytes>>20)
+				case r.ClearsInSeconds > 0:
+					fmt.Fprintf(&b, ", backlog %d MiB, clears in ~%s", r.BacklogBytes>>20, time.Duration(r.ClearsInSeconds*float64(time.Second)).Round(time.Second))
+				}
 			}
 			if r.LastError != "" {
 				fmt.Fprintf(&b, ", last error: %s", r.LastError)

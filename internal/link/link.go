@@ -16,6 +16,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/journal"
@@ -35,6 +39,15 @@ const (
 	TypeHashes    = 10 // recovery -> source: 16 bytes per chunk of that disk
 )
 
+// Compressed, or'ed into a frame's type, says that its body is the zstd
+// frame of the body of the type without this bit. Only Entries and
+// BaseData frames are sent compressed, and only on a stream whose Hello
+// and Welcome agreed on CompressZstd.
+const Compressed = 0x80
+
+// CompressZstd names zstd stream compression in Hello and Welcome.
+const CompressZstd = "zstd"
+
 // MaxFrame bounds a frame's body.
 const MaxFrame = journal.MaxPayload + 1<<20
 
@@ -46,6 +59,9 @@ type Hello struct {
 	Group  string      `json:"group"`
 	Source string      `json:"source"` // the source site's name
 	Disks  []disk.Spec `json:"disks"`
+	// Compress lists the compressions the source can send; the recovery
+	// site picks one it can read (Welcome.Compress).
+	Compress []string `json:"compress,omitempty"`
 }
 
 // Welcome answers Hello.
@@ -54,6 +70,9 @@ type Welcome struct {
 	// Delta: the recovery site holds older images of these disks (an old
 	// source after a failover); the copy may send only chunks that differ.
 	Delta bool `json:"delta,omitempty"`
+	// Compress is the compression the source may use on this stream
+	// (empty: none).
+	Compress string `json:"compress,omitempty"`
 }
 
 // BaseStart begins an initial copy; the journal continues at StartSeq.
@@ -90,12 +109,35 @@ type Conn struct {
 	r    *bufio.Reader
 	w    *bufio.Writer
 	rbuf []byte
+
+	// Compression of written frames (SetCompression) and decompression of
+	// read ones (always accepted).
+	comp    *compressor
+	dec     *zstd.Decoder
+	dbuf    []byte
+	payload atomic.Int64 // bytes of frames written, uncompressed
+	wire    atomic.Int64 // bytes of frames written, as sent
 }
 
 // New wraps rw.
 func New(rw io.ReadWriter) *Conn {
 	return &Conn{r: bufio.NewReaderSize(rw, 256<<10), w: bufio.NewWriterSize(rw, 256<<10)}
 }
+
+// SetCompression makes Write compress Entries and BaseData frames with
+// zstd wherever that pays (see compressor). Call it before the first
+// Write of such a frame, once the peer agreed (Welcome.Compress).
+func (c *Conn) SetCompression(on bool) {
+	if on {
+		c.comp = &compressor{}
+	} else {
+		c.comp = nil
+	}
+}
+
+// Counts returns the bytes of frames written so far: as they were
+// (payload) and as sent after compression (wire), headers included.
+func (c *Conn) Counts() (payload, wire int64) { return c.payload.Load(), c.wire.Load() }
 
 // Write sends one frame made of the given parts and flushes.
 func (c *Conn) Write(typ byte, parts ...[]byte) error {
@@ -106,6 +148,15 @@ func (c *Conn) Write(typ byte, parts ...[]byte) error {
 	if n-1 > MaxFrame {
 		return fmt.Errorf("%w: body of %d bytes", ErrFrame, n-1)
 	}
+	c.payload.Add(int64(4 + n))
+	if c.comp != nil && (typ == TypeEntries || typ == TypeBaseData) {
+		if z, ok := c.comp.compress(parts, n-1); ok {
+			parts = [][]byte{z}
+			typ |= Compressed
+			n = 1 + len(z)
+		}
+	}
+	c.wire.Add(int64(4 + n))
 	var h [5]byte
 	binary.BigEndian.PutUint32(h[:], uint32(n))
 	h[4] = typ
@@ -146,10 +197,20 @@ func (c *Conn) Read() (typ byte, body []byte, err error) {
 	if _, err := io.ReadFull(c.r, body); err != nil {
 		return 0, nil, err
 	}
-	if h[4] == TypeError {
+	typ = h[4]
+	if typ&Compressed != 0 {
+		typ &^= Compressed
+		if typ != TypeEntries && typ != TypeBaseData {
+			return 0, nil, fmt.Errorf("%w: compressed frame of type %d", ErrFrame, typ)
+		}
+		if body, err = c.decompress(body); err != nil {
+			return 0, nil, err
+		}
+	}
+	if typ == TypeError {
 		return 0, nil, fmt.Errorf("link: peer: %s", body)
 	}
-	return h[4], body, nil
+	return typ, body, nil
 }
 
 // ReadJSON reads a frame that must be of type want and decodes it into v.
@@ -209,4 +270,89 @@ func DecodeAck(b []byte) (uint64, error) {
 		return 0, fmt.Errorf("%w: ack of %d bytes", ErrFrame, len(b))
 	}
 	return binary.BigEndian.Uint64(b), nil
+}
+
+// decompress returns the body a compressed frame holds, refusing one
+// that would grow past MaxFrame.
+func (c *Conn) decompress(z []byte) ([]byte, error) {
+	if c.dec == nil {
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxFrame+1<<20),
+			zstd.WithDecoderMaxWindow(MaxFrame+1<<20))
+		if err != nil {
+			return nil, fmt.Errorf("link: zstd decoder: %w", err)
+		}
+		c.dec = d
+	}
+	out, err := c.dec.DecodeAll(z, c.dbuf[:0])
+	if err != nil {
+		return nil, fmt.Errorf("%w: compressed body: %v", ErrFrame, err)
+	}
+	if len(out) > MaxFrame {
+		return nil, fmt.Errorf("%w: compressed body of %d bytes", ErrFrame, len(out))
+	}
+	c.dbuf = out
+	return out, nil
+}
+
+// Close releases the decoder; the Conn must not be read after.
+func (c *Conn) Close() {
+	if c.dec != nil {
+		c.dec.Close()
+		c.dec = nil
+	}
+}
+
+// compressor compresses frame bodies with zstd at its fastest level, on
+// the writer's goroutine (one core per stream at most). Where it does not
+// pay (encrypted or already compressed data) it backs off: after
+// missLimit frames in a row that shrank by less than an eighth, it tries
+// only one frame in probeEvery until one pays again.
+type compressor struct {
+	plain  []byte
+	out    []byte
+	misses int
+	skip   int
+}
+
+const (
+	missLimit  = 4
+	probeEvery = 16
+)
+
+// encoders are shared: an encoder holds a few MiB, and most agents run
+// many streams that compress one frame at a time.
+var encoders = sync.Pool{New: func() any {
+	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
+		zstd.WithLowerEncoderMem(true))
+	if err != nil {
+		panic(err) // only for invalid options
+	}
+	return e
+}}
+
+// compress returns the compressed body of parts (n bytes in all), or
+// false to send it as it is.
+func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
+	if n < 512 {
+		return nil, false
+	}
+	if z.skip > 0 {
+		z.skip--
+		return nil, false
+	}
+	z.plain = z.plain[:0]
+	for _, p := range parts {
+		z.plain = append(z.plain, p...)
+	}
+	enc := encoders.Get().(*zstd.Encoder)
+	z.out = enc.EncodeAll(z.plain, z.out[:0])
+	encoders.Put(enc)
+	if len(z.out) > n-n/8 {
+		if z.misses++; z.misses >= missLimit {
+			z.skip = probeEvery - 1
+		}
+		return nil, false
+	}
+	z.misses = 0
+	return z.out, true
 }

@@ -2,11 +2,15 @@ package link
 
 import (
 	"bytes"
+	"crypto/rand"
+	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"testing"
 
 	"github.com/ferry-dr/ferry/internal/journal"
+	"github.com/klauspost/compress/zstd"
 )
 
 func TestFrames(t *testing.T) {
@@ -64,6 +68,149 @@ func FuzzDecode(f *testing.F) {
 			}
 		case 2:
 			DecodeAck(b)
+		}
+	})
+}
+
+// TestCompression: compressible frames travel compressed and arrive
+// intact; random ones go as they are; the counts say which.
+func TestCompression(t *testing.T) {
+	text := bytes.Repeat([]byte("the quick brown fox jumps over the lazy dog\n"), 2000)
+	noise := make([]byte, 64<<10)
+	rand.Read(noise)
+	tests := []struct {
+		name      string
+		data      []byte
+		compress  bool
+		wantSmall bool // wire well under payload
+		wantPlain bool // wire == payload
+	}{
+		{"text compressed", text, true, true, false},
+		{"random sent as is", noise, true, false, true},
+		{"text, compression off", text, false, false, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			w := New(&buf)
+			w.SetCompression(tt.compress)
+			e := journal.Entry{Seq: 7, Kind: journal.KindWrite, Length: uint32(len(tt.data)), Data: tt.data}
+			if err := w.Write(TypeEntries, journal.AppendEntry(nil, &e)); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.Write(TypeBaseData, EncodeBaseData(1, 8192), tt.data); err != nil {
+				t.Fatal(err)
+			}
+			payload, wire := w.Counts()
+			if got := int64(buf.Len()); got != wire {
+				t.Fatalf("wire count %d, %d bytes written", wire, got)
+			}
+			if tt.wantSmall && wire*4 > payload {
+				t.Errorf("wire %d of payload %d: want under a quarter", wire, payload)
+			}
+			if tt.wantPlain && wire != payload {
+				t.Errorf("wire %d != payload %d", wire, payload)
+			}
+			r := New(&buf)
+			typ, body, err := r.Read()
+			if err != nil || typ != TypeEntries {
+				t.Fatal(typ, err)
+			}
+			es, err := DecodeEntries(body, nil)
+			if err != nil || len(es) != 1 || !bytes.Equal(es[0].Data, tt.data) {
+				t.Fatalf("entries after the trip: %v", err)
+			}
+			typ, body, err = r.Read()
+			if err != nil || typ != TypeBaseData {
+				t.Fatal(typ, err)
+			}
+			if _, off, data, err := DecodeBaseData(body); err != nil || off != 8192 || !bytes.Equal(data, tt.data) {
+				t.Fatalf("base data after the trip: off %d, %v", off, err)
+			}
+		})
+	}
+}
+
+// TestCompressionBacksOff: after a run of frames that do not shrink, only
+// one frame in probeEvery is tried, and a compressible one is compressed
+// again once a probe finds it.
+func TestCompressionBacksOff(t *testing.T) {
+	noise := make([]byte, 4096)
+	z := &compressor{}
+	tries := 0
+	for range 100 {
+		rand.Read(noise)
+		before := z.skip
+		if _, ok := z.compress([][]byte{noise}, len(noise)); ok {
+			t.Fatal("random bytes compressed")
+		}
+		if before == 0 {
+			tries++
+		}
+	}
+	if want := missLimit + (100-missLimit)/probeEvery + 1; tries > want {
+		t.Errorf("%d of 100 incompressible frames tried, want at most %d", tries, want)
+	}
+	text := bytes.Repeat([]byte("abcd"), 1024)
+	for i := range probeEvery {
+		if _, ok := z.compress([][]byte{text}, len(text)); ok {
+			return
+		} else if i == probeEvery-1 {
+			t.Fatal("a compressible frame was never compressed again")
+		}
+	}
+}
+
+// TestCompressedFrameChecks: a compressed frame of a type that is never
+// compressed, a corrupt one and one that inflates past MaxFrame are
+// refused with ErrFrame.
+func TestCompressedFrameChecks(t *testing.T) {
+	enc, _ := zstd.NewWriter(nil)
+	big := enc.EncodeAll(make([]byte, MaxFrame+1), nil)
+	tests := []struct {
+		name string
+		typ  byte
+		body []byte
+	}{
+		{"ack compressed", TypeAck | Compressed, enc.EncodeAll(EncodeAck(1), nil)},
+		{"corrupt", TypeEntries | Compressed, []byte("not zstd at all")},
+		{"bomb", TypeBaseData | Compressed, big},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			h := binary.BigEndian.AppendUint32(nil, uint32(1+len(tt.body)))
+			buf.Write(append(append(h, tt.typ), tt.body...))
+			if _, _, err := New(&buf).Read(); !errors.Is(err, ErrFrame) {
+				t.Fatalf("got %v, want ErrFrame", err)
+			}
+		})
+	}
+}
+
+// FuzzRead: any bytes on the wire, compressed frames included, give
+// frames or an error, never a panic or a body past MaxFrame.
+func FuzzRead(f *testing.F) {
+	var buf bytes.Buffer
+	w := New(&buf)
+	w.SetCompression(true)
+	w.Write(TypeBaseData, EncodeBaseData(1, 0), bytes.Repeat([]byte("abc"), 400))
+	w.Write(TypeAck, EncodeAck(3))
+	f.Add(buf.Bytes())
+	f.Add([]byte{0, 0, 0, 5, TypeEntries | Compressed, 0x28, 0xb5, 0x2f, 0xfd})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r := New(struct {
+			io.Reader
+			io.Writer
+		}{bytes.NewReader(b), io.Discard})
+		for range 8 {
+			typ, body, err := r.Read()
+			if err != nil {
+				return
+			}
+			if typ&Compressed != 0 || len(body) > MaxFrame {
+				t.Fatalf("frame type %d of %d bytes", typ, len(body))
+			}
 		}
 	})
 }

@@ -48,6 +48,7 @@ func (rc *Receiver) Serve(ctx context.Context, conn io.ReadWriteCloser, admit fu
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	c := link.New(conn)
+	defer c.Close()
 	var hello link.Hello
 	if err := c.ReadJSON(link.TypeHello, &hello); err != nil {
 		return fmt.Errorf("read hello: %w", err)
@@ -104,6 +105,9 @@ func receive(ctx context.Context, c *link.Conn, hello link.Hello, replicaFor Rep
 		next = 0 // the source's disks changed: copy again
 	}
 	w := link.Welcome{NextSeq: next}
+	if slices.Contains(hello.Compress, link.CompressZstd) {
+		w.Compress = link.CompressZstd
+	}
 	if next == 0 {
 		w.Delta = rep.HasImages(hello.Disks)
 	}

@@ -63,6 +63,9 @@ type ShipperConfig struct {
 	DeltaChunks func(upTo uint64) (Chunks, error)
 	// Copied, if set, is called after an initial copy was sent in full.
 	Copied func()
+	// NoCompress: do not offer zstd compression to the recovery site
+	// (by default the stream compresses where it pays).
+	NoCompress bool
 }
 
 // Status is what a shipper reports.
@@ -90,6 +93,9 @@ type Shipper struct {
 	lastErr             string
 	reconnects          int
 	rate                rateMeter
+	conn                *link.Conn // the session's, for its byte counts
+	payload, wire       int64      // bytes sent by ended sessions: as framed, and as compressed
+	backlog             [4]backlogSample
 	savedAck            uint64
 	savedAt             time.Time
 
@@ -376,15 +382,30 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	c := link.New(conn)
+	s.mu.Lock()
+	s.conn = c
+	s.mu.Unlock()
+	defer func() {
+		p, w := c.Counts()
+		s.mu.Lock()
+		s.payload, s.wire, s.conn = s.payload+p, s.wire+w, nil
+		s.mu.Unlock()
+		c.Close()
+	}()
 	g := s.cfg.Group
 	j := g.Journal()
-	if err := c.WriteJSON(link.TypeHello, link.Hello{Group: s.cfg.Name, Source: s.cfg.Source, Disks: g.Disks()}); err != nil {
+	hello := link.Hello{Group: s.cfg.Name, Source: s.cfg.Source, Disks: g.Disks()}
+	if !s.cfg.NoCompress {
+		hello.Compress = []string{link.CompressZstd}
+	}
+	if err := c.WriteJSON(link.TypeHello, hello); err != nil {
 		return err
 	}
 	var w link.Welcome
 	if err := c.ReadJSON(link.TypeWelcome, &w); err != nil {
 		return fmt.Errorf("welcome: %w", err)
 	}
+	c.SetCompression(w.Compress == link.CompressZstd && !s.cfg.NoCompress)
 	next := w.NextSeq
 	s.mu.Lock()
 	bm := s.bm
@@ -758,6 +779,12 @@ func (s *Shipper) Status() Status {
 	st := Status{State: s.state, LastSeq: last, AckedSeq: s.acked, SentBytes: s.sent,
 		CopyDone: s.copyDone, CopyTotal: s.copyTotal, LastError: s.lastErr, Reconnects: s.reconnects,
 		ThroughputBps: s.rate.rate(now), BitmapMode: s.bm != nil, ResyncDone: s.resyncDone, ResyncTotal: s.resyncTotal}
+	st.PayloadBytes, st.WireBytes = s.payload, s.wire
+	if s.conn != nil {
+		p, w := s.conn.Counts()
+		st.PayloadBytes += p
+		st.WireBytes += w
+	}
 	var oldest int64
 	if s.acked < last && len(s.queue) > 0 {
 		oldest = s.queue[0].firstTime
@@ -777,7 +804,54 @@ func (s *Shipper) Status() Status {
 	if st.AckedSeq < last && oldest > 0 {
 		st.RPO = max(0, now.Sub(time.Unix(0, oldest)).Seconds())
 	}
+	// The backlog: what the recovery site does not hold yet.
+	if st.AckedSeq < last {
+		st.BacklogBytes = j.SizeAfter(st.AckedSeq)
+	}
+	st.BacklogBytes += max(0, st.CopyTotal-st.CopyDone) + max(0, st.ResyncTotal-st.ResyncDone)
+	st.ClearsInSeconds = s.clearsIn(now, st.BacklogBytes)
 	return st
+}
+
+// State returns the stream's state.
+func (s *Shipper) State() api.ReplicationState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state
+}
+
+// backlogSample is the backlog at one moment, for its trend.
+type backlogSample struct {
+	at    time.Time
+	bytes int64
+}
+
+// clearsIn estimates the seconds until the backlog is gone from how fast
+// it shrank over the last samples (taken at most one a second): 0 with
+// no backlog, -1 while it does not shrink (churn above what the link
+// carries: RPO grows until the churn drops).
+func (s *Shipper) clearsIn(now time.Time, backlog int64) float64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if newest := s.backlog[len(s.backlog)-1]; newest.at.IsZero() || now.Sub(newest.at) >= time.Second {
+		copy(s.backlog[:], s.backlog[1:])
+		s.backlog[len(s.backlog)-1] = backlogSample{at: now, bytes: backlog}
+	}
+	if backlog <= 1<<20 {
+		return 0
+	}
+	oldest := s.backlog[0]
+	for _, b := range s.backlog {
+		if !b.at.IsZero() {
+			oldest = b
+			break
+		}
+	}
+	dt := now.Sub(oldest.at).Seconds()
+	if dt < 1 || oldest.bytes <= backlog {
+		return -1
+	}
+	return float64(backlog) / (float64(oldest.bytes-backlog) / dt)
 }
 
 // rateMeter is a throughput estimate over the last few seconds.
