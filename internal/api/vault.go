@@ -217,6 +217,23 @@ type Protection struct {
 	Fenced bool `json:"fenced,omitempty"`
 	// History of drills and failovers.
 	History []HistoryEntry `json:"history,omitempty"`
+	// Link is the replication stream as its source last reported it.
+	Link *LinkStats `json:"link,omitempty"`
+}
+
+// LinkStats is a protection's replication stream at its last poll.
+type LinkStats struct {
+	ThroughputBps float64 `json:"throughput_bytes_per_second"`
+	// PayloadBytes and WireBytes: sent before and after compression.
+	PayloadBytes int64 `json:"payload_bytes"`
+	WireBytes    int64 `json:"wire_bytes"`
+	// BacklogBytes is what the recovery site does not hold yet;
+	// ClearsInSeconds when it is gone at the current pace (0 none, -1
+	// not shrinking).
+	BacklogBytes    int64   `json:"backlog_bytes"`
+	ClearsInSeconds float64 `json:"clears_in_seconds"`
+	// CapBitsPerSecond: the bandwidth cap in force (0 none).
+	CapBitsPerSecond int64 `json:"cap_bits_per_second,omitempty"`
 }
 
 // HistoryEntry records a finished drill or failover.
@@ -367,4 +384,20 @@ type DisableRequest struct {
 	// KeepReplica keeps the replica and its points at the recovery site
 	// (default: deleted).
 	KeepReplica bool `json:"keep_replica"`
+}
+
+// BandwidthCaps are the installation's replication caps (GET
+// /v1/bandwidth): per site pair (everything From streams to To) and per
+// protected VM. A stream honours both. The vault hands each source site
+// its part (PUT /v1/bandwidth on the agent).
+type BandwidthCaps struct {
+	Pairs []BandwidthPair           `json:"pairs,omitempty"`
+	VMs   map[string]BandwidthLimit `json:"vms,omitempty"`
+}
+
+// BandwidthPair is the cap of one direction between two sites.
+type BandwidthPair struct {
+	From  string         `json:"from"`
+	To    string         `json:"to"`
+	Limit BandwidthLimit `json:"limit"`
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/journal"
 	"github.com/ferry-dr/ferry/internal/store"
 	"github.com/ferry-dr/ferry/internal/store/etcdtest"
@@ -263,5 +264,25 @@ func TestVaultMigrate(t *testing.T) {
 	}
 	if code, _, stderr := run(t, "vault", "migrate", "--dir", dir, "--to", url); code == 0 || !strings.Contains(stderr, "already holds") {
 		t.Fatalf("a second migrate into the same store: exit %d, %s", code, stderr)
+	}
+}
+
+func TestParseWindowFlag(t *testing.T) {
+	tests := []struct {
+		in   string
+		want api.BandwidthWindow
+		err  bool
+	}{
+		{"mon-fri 08:00-18:00 20Mbit", api.BandwidthWindow{Days: "mon-fri", From: "08:00", To: "18:00", BitsPerSecond: 20e6}, false},
+		{"* 22:00-06:00 off", api.BandwidthWindow{Days: "*", From: "22:00", To: "06:00"}, false},
+		{"mon-fri 08:00 20Mbit", api.BandwidthWindow{}, true},
+		{"someday 08:00-09:00 1Mbit", api.BandwidthWindow{}, true},
+		{"mon 08:00-09:00 fast", api.BandwidthWindow{}, true},
+	}
+	for _, tt := range tests {
+		got, err := parseWindowFlag(tt.in)
+		if (err != nil) != tt.err || got != tt.want {
+			t.Errorf("parseWindowFlag(%q) = %+v, %v; want %+v, error %v", tt.in, got, err, tt.want, tt.err)
+		}
 	}
 }

@@ -90,6 +90,13 @@ func (v *Vault) Handler() http.Handler {
 		p.Name = r.PathValue("name")
 		return p, v.PutPolicy(r.Context(), p)
 	})
+	read("GET /v1/bandwidth", func(r *http.Request) (any, error) { return v.BandwidthCaps(r.Context()) })
+	act(v, mux, "PUT /v1/bandwidth/pairs/{from}/{to}", func(r *http.Request, lim api.BandwidthLimit) (any, error) {
+		return lim, v.SetPairCap(r.Context(), r.PathValue("from"), r.PathValue("to"), lim)
+	})
+	act(v, mux, "PUT /v1/bandwidth/vms/{vm}", func(r *http.Request, lim api.BandwidthLimit) (any, error) {
+		return lim, v.SetVMCap(r.Context(), r.PathValue("vm"), lim)
+	})
 	read("GET /v1/policies", func(r *http.Request) (any, error) { return v.Policies(r.Context()) })
 	read("GET /v1/policies/{name}", func(r *http.Request) (any, error) { return v.Policy(r.Context(), r.PathValue("name")) })
 	act(v, mux, "POST /v1/vms", func(r *http.Request, vm VM) (any, error) { return vm, v.DefineVM(r.Context(), vm) })

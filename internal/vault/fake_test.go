@@ -42,6 +42,8 @@ type fakeAgent struct {
 	silent map[string]bool
 	// started records the order VMs were started in.
 	started []string
+	// bw is the caps the vault handed it.
+	bw api.Bandwidth
 }
 
 var _ Site = (*fakeAgent)(nil)
@@ -338,6 +340,22 @@ func (f *fakeAgent) ToReplica(ctx context.Context, group string, req api.ToRepli
 	delete(f.groups, group)
 	f.sources[group] = req.Source
 	return api.ToReplicaResult{Replica: group}, nil
+}
+
+func (f *fakeAgent) SetBandwidth(ctx context.Context, bw api.Bandwidth) error {
+	if err := f.enter("bandwidth"); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	for _, m := range []map[string]api.BandwidthLimit{bw.Peers, bw.Groups} {
+		for _, l := range m {
+			if l.BitsPerSecond < 0 {
+				return &api.StatusError{Code: 400, Message: "negative rate"}
+			}
+		}
+	}
+	f.bw = bw
+	return nil
 }
 
 func (f *fakeAgent) Changes(ctx context.Context, group string, since uint64) (api.PeerChanges, error) {

@@ -55,6 +55,9 @@ type Site interface {
 	// Idempotent. ErrNotFound with neither the group nor the replica;
 	// ErrConflict while a VM runs on it.
 	ToReplica(ctx context.Context, group string, req api.ToReplica) (api.ToReplicaResult, error)
+	// SetBandwidth replaces the site's replication caps. Idempotent;
+	// ErrInvalid for a malformed cap.
+	SetBandwidth(ctx context.Context, bw api.Bandwidth) error
 	// Changes reports what group changed after since. ErrNotFound if it
 	// cannot tell (no group, or the tracking is gone).
 	Changes(ctx context.Context, group string, since uint64) (api.PeerChanges, error)

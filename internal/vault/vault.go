@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/bandwidth"
 	"github.com/ferry-dr/ferry/internal/clock"
 	"github.com/ferry-dr/ferry/internal/store"
 )
@@ -77,6 +78,8 @@ type Vault struct {
 	clients map[string]Site // by "name@addr"
 	// problems each site reported at its last poll.
 	problems map[string][]api.Problem
+	// pushed: the bandwidth caps each site took last.
+	pushed map[string]api.Bandwidth
 }
 
 // New returns a vault over cfg.Store.
@@ -90,7 +93,7 @@ func New(cfg Config) *Vault {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
 	}
-	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), clients: map[string]Site{}, problems: map[string][]api.Problem{}}
+	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), clients: map[string]Site{}, problems: map[string][]api.Problem{}, pushed: map[string]api.Bandwidth{}}
 	v.metrics = newMetrics(v)
 	return v
 }
@@ -544,6 +547,7 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 			v.siteProblems(ctx, s.Name, st)
 			v.fence(ctx, s.Name, c, st)
 			v.restartVMs(ctx, s.Name, c, st)
+			v.pushCaps(ctx, s.Name, c)
 		case !reachable:
 			v.sourceDown(ctx, s.Name)
 		}
@@ -673,12 +677,16 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 			continue
 		}
 		rpo := g.Replication.RPO
+		r := g.Replication
+		link := &api.LinkStats{ThroughputBps: r.ThroughputBps, PayloadBytes: r.PayloadBytes, WireBytes: r.WireBytes,
+			BacklogBytes: r.BacklogBytes, ClearsInSeconds: r.ClearsInSeconds, CapBitsPerSecond: r.CapBitsPerSecond}
 		v.updateProtection(ctx, g.Name, func(p *Protection) error {
 			if p.Source != site {
 				return errors.New("not the source")
 			}
 			pol := v.policy(ctx, p.Policy)
 			p.RPOSeconds = rpo
+			p.Link = link
 			v.rpo.add(p.VM, v.now(), rpo)
 			lag := time.Duration(rpo * float64(time.Second))
 			switch {
@@ -690,9 +698,9 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 					p.HealthReason += ": " + g.Replication.LastError
 				}
 			case lag >= pol.RPOCritical:
-				p.Health, p.HealthReason = api.Critical, fmt.Sprintf("RPO %v is over the critical threshold %v", lag.Round(time.Millisecond), pol.RPOCritical)
+				p.Health, p.HealthReason = api.Critical, fmt.Sprintf("RPO %v is over the critical threshold %v", lag.Round(time.Millisecond), pol.RPOCritical)+backlogText(link)
 			case lag >= pol.RPOWarning:
-				p.Health, p.HealthReason = api.Warning, fmt.Sprintf("RPO %v is over the warning threshold %v", lag.Round(time.Millisecond), pol.RPOWarning)
+				p.Health, p.HealthReason = api.Warning, fmt.Sprintf("RPO %v is over the warning threshold %v", lag.Round(time.Millisecond), pol.RPOWarning)+backlogText(link)
 			default:
 				p.Health, p.HealthReason = api.Healthy, ""
 				if r := v.replicaProblem(p.Target, p.VM); r != "" {
@@ -702,6 +710,22 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 			return nil
 		})
 	}
+}
+
+// backlogText says, for an RPO over a threshold, how the backlog goes.
+func backlogText(l *api.LinkStats) string {
+	if l.BacklogBytes < 1<<20 {
+		return ""
+	}
+	capped := ""
+	if l.CapBitsPerSecond > 0 {
+		capped = fmt.Sprintf(" (cap %s)", bandwidth.FormatRate(l.CapBitsPerSecond))
+	}
+	if l.ClearsInSeconds < 0 {
+		return fmt.Sprintf("; backlog %d MiB is not shrinking: writes come faster than the link%s carries", l.BacklogBytes>>20, capped)
+	}
+	return fmt.Sprintf("; backlog %d MiB clears in about %v at the current pace%s", l.BacklogBytes>>20,
+		time.Duration(l.ClearsInSeconds*float64(time.Second)).Round(time.Second), capped)
 }
 
 // --- VMs, policies, protections ---

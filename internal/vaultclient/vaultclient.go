@@ -264,6 +264,25 @@ func (c *Client) PutPolicy(ctx context.Context, p api.Policy) (api.Policy, error
 	return out, c.call(ctx, "PUT", "/v1/policies/"+esc(p.Name), p, &out)
 }
 
+// BandwidthCaps returns the replication caps.
+func (c *Client) BandwidthCaps(ctx context.Context) (api.BandwidthCaps, error) {
+	var out api.BandwidthCaps
+	return out, c.call(ctx, "GET", "/v1/bandwidth", nil, &out)
+}
+
+// SetPairCap sets the cap of what site from streams to site to; a zero
+// limit without a schedule removes it. ErrNotFound for an unknown site,
+// ErrInvalid for a malformed limit.
+func (c *Client) SetPairCap(ctx context.Context, from, to string, lim api.BandwidthLimit) error {
+	return c.call(ctx, "PUT", "/v1/bandwidth/pairs/"+esc(from)+"/"+esc(to), lim, nil)
+}
+
+// SetVMCap sets the cap of one VM's replication stream; a zero limit
+// without a schedule removes it. ErrNotFound for an unknown VM.
+func (c *Client) SetVMCap(ctx context.Context, vm string, lim api.BandwidthLimit) error {
+	return c.call(ctx, "PUT", "/v1/bandwidth/vms/"+esc(vm), lim, nil)
+}
+
 // --- protections and the DR lifecycle (each action is a job) ---
 
 // Protections lists the protections.

@@ -223,7 +223,8 @@ async function itemPage(view, vm) {
     el("div", {}, el("span", {}, "Generation"), String(p.generation)),
     el("div", {}, el("span", {}, "Last point"), fmtTime(p.last_point)),
     el("div", {}, el("span", {}, "Last app-consistent point"), fmtTime(p.last_app_point)),
-    el("div", {}, el("span", {}, "Running job"), p.job ? el("a", { href: "#/jobs/" + p.job }, p.job) : "none"));
+    el("div", {}, el("span", {}, "Running job"), p.job ? el("a", { href: "#/jobs/" + p.job }, p.job) : "none"),
+    el("div", {}, el("span", {}, "Link"), el("span", { id: "link" }, linkText(p.link))));
 
   const actions = el("div", { class: "actions", id: "actions" });
   if (canAct()) {
@@ -264,8 +265,35 @@ async function itemPage(view, vm) {
         return false;
       }
       $("#rpo", view).textContent = fmtRPO(q.rpo_seconds);
+      $("#link", view).textContent = linkText(q.link);
     },
   };
+}
+
+// fmtRate prints bits per second.
+function fmtRate(bps) {
+  if (!bps) return "unlimited";
+  return bps >= 1e9 ? (bps / 1e9).toFixed(bps % 1e9 ? 1 : 0) + " Gbit/s" : bps >= 1e6 ? (bps / 1e6).toFixed(bps % 1e6 ? 1 : 0) + " Mbit/s" : (bps / 1e3).toFixed(0) + " kbit/s";
+}
+
+// parseRate reads "50Mbit", "1.5Gbit", "800kbit", "20MB" (bytes) or "off"
+// into bits per second (NaN if it cannot).
+function parseRate(s) {
+  const m = /^\s*(off|unlimited|0|([0-9.]+)\s*([kmg]?)(bit|bits|bps|b)?)\s*$/i.exec(s);
+  if (!m) return NaN;
+  if (!m[2]) return 0;
+  const unit = { "": 1, k: 1e3, m: 1e6, g: 1e9 }[m[3].toLowerCase()];
+  return Math.round(parseFloat(m[2]) * unit * (m[4] && m[4].toLowerCase() === "b" ? 8 : 1));
+}
+
+// linkText sums up a protection's replication stream.
+function linkText(l) {
+  if (!l) return "—";
+  const parts = [fmtBytes(l.throughput_bytes_per_second) + "/s"];
+  if (l.wire_bytes > 0 && l.wire_bytes < l.payload_bytes) parts.push(`compressed ${(l.payload_bytes / l.wire_bytes).toFixed(2)}× (${fmtBytes(l.payload_bytes)} sent as ${fmtBytes(l.wire_bytes)})`);
+  if (l.cap_bits_per_second) parts.push("cap " + fmtRate(l.cap_bits_per_second));
+  if (l.backlog_bytes > 1 << 20) parts.push("backlog " + fmtBytes(l.backlog_bytes) + (l.clears_in_seconds < 0 ? ", not shrinking" : l.clears_in_seconds > 0 ? `, clears in ~${Math.round(l.clears_in_seconds)} s` : ""));
+  return parts.join(" · ");
 }
 
 function rpoChart(hist, p) {
@@ -653,10 +681,48 @@ function protectDialog(vm, sites) {
 
 async function sitesPage(view) {
   const sites = (await api("GET", "/v1/sites")) || [];
+  const caps = (await api("GET", "/v1/bandwidth")) || {};
+  const limText = (l) => [fmtRate(l.bits_per_second), ...(l.schedule || []).map((w) => `${w.days || "every day"} ${w.from}-${w.to}: ${fmtRate(w.bits_per_second)}`)].join("; ") + (l.time_zone && (l.schedule || []).length ? ` (${l.time_zone})` : "");
+  const rows = [...(caps.pairs || []).map((p) => el("tr", { "data-cap": p.from + ">" + p.to }, el("td", {}, `${p.from} → ${p.to}`), el("td", {}, limText(p.limit)))),
+    ...Object.entries(caps.vms || {}).map(([vm, l]) => el("tr", { "data-cap": "vm:" + vm }, el("td", {}, "VM " + vm), el("td", {}, limText(l))))];
+  const bw = el("section", { class: "card", id: "bandwidth" }, el("h2", {}, "Bandwidth caps"),
+    el("p", { class: "muted" }, "What replication may send on the wire, per site pair and per VM; a stream honours both. New writes go before initial copies."),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Capped"), el("th", {}, "Cap"))),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 2, class: "muted" }, "No caps: replication sends as fast as the link allows.")))),
+    canAct() ? el("div", { class: "actions" }, el("button", { type: "button", id: "set-cap", onclick: () => capDialog(sites) }, "Set a cap")) : "");
   view.replaceChildren(el("section", { class: "card", id: "sites" }, el("h1", {}, "Sites"),
     el("table", {}, el("thead", {}, el("tr", {}, ["Site", "Address", "Reachable", "Last seen", "Networks"].map((h) => el("th", {}, h)))),
       el("tbody", {}, sites.map((s) => el("tr", {}, el("td", {}, s.name), el("td", {}, s.addr), el("td", {}, badge(s.reachable ? "reachable" : "unreachable", s.reachable ? "healthy" : "critical")),
-        el("td", {}, fmtTime(s.last_seen)), el("td", {}, (s.networks || []).map((n) => `${n.name} (${n.kind}, ${n.subnet})`).join(", "))))))));
+        el("td", {}, fmtTime(s.last_seen)), el("td", {}, (s.networks || []).map((n) => `${n.name} (${n.kind}, ${n.subnet})`).join(", "))))))), bw);
+}
+
+// capDialog sets a site pair's or a VM's cap, with optional windows.
+function capDialog(sites) {
+  const siteSel = (id, name, label) => el("select", { id, name, "aria-label": label }, sites.map((s) => el("option", { value: s.name }, s.name)));
+  const from = siteSel("cap-from", "from", "sending site"), to = siteSel("cap-to", "to", "receiving site");
+  if (sites.length > 1) to.selectedIndex = 1;
+  openDialog("Set a bandwidth cap", [
+    el("p", {}, "Cap what one site replicates to another, or one VM's stream. A rate of off lifts the cap."),
+    ...field("From site", from), ...field("To site", to),
+    ...field("Or one VM (leave empty for the site pair)", el("input", { id: "cap-vm", name: "vm", placeholder: "db" })),
+    ...field("Rate", el("input", { id: "cap-rate", name: "rate", required: true, placeholder: "50Mbit" })),
+    ...field("Windows, one per line: DAYS HH:MM-HH:MM RATE", el("textarea", { id: "cap-windows", name: "windows", rows: 3, placeholder: "mon-fri 08:00-18:00 20Mbit" })),
+    ...field("Time zone of the windows", el("input", { id: "cap-tz", name: "tz", value: "UTC" })),
+  ], "Set cap", async (f) => {
+    const rate = parseRate(f.elements.rate.value);
+    if (isNaN(rate)) throw new Error(`rate "${f.elements.rate.value}": write it like 50Mbit, 1Gbit or off`);
+    const lim = { bits_per_second: rate, time_zone: f.elements.tz.value.trim(), schedule: [] };
+    for (const line of f.elements.windows.value.split("\n").map((x) => x.trim()).filter(Boolean)) {
+      const m = /^(\S+)\s+(\d\d:\d\d)-(\d\d:\d\d)\s+(\S+)$/.exec(line);
+      const r = m ? parseRate(m[4]) : NaN;
+      if (!m || isNaN(r)) throw new Error(`window "${line}": write it like mon-fri 08:00-18:00 20Mbit`);
+      lim.schedule.push({ days: m[1], from: m[2], to: m[3], bits_per_second: r });
+    }
+    const vm = f.elements.vm.value.trim();
+    if (vm) await api("PUT", "/v1/bandwidth/vms/" + enc(vm), lim);
+    else await api("PUT", "/v1/bandwidth/pairs/" + enc(f.elements.from.value) + "/" + enc(f.elements.to.value), lim);
+    return { href: "#/sites" };
+  });
 }
 
 // --- start -------------------------------------------------------------

@@ -84,6 +84,13 @@ func Run(t *testing.T, newSite func(t *testing.T) vault.Site) {
 		is(t, "delete unknown", s.DeleteReplica(ctx, "nope"), api.ErrNotFound)
 		is(t, "delete an expected replica", s.DeleteReplica(ctx, "st-r1"), nil)
 	})
+	t.Run("bandwidth", func(t *testing.T) {
+		bw := api.Bandwidth{Peers: map[string]api.BandwidthLimit{"peer": {BitsPerSecond: 50e6}}}
+		is(t, "set caps", s.SetBandwidth(ctx, bw), nil)
+		is(t, "set again", s.SetBandwidth(ctx, bw), nil)
+		is(t, "negative rate", s.SetBandwidth(ctx, api.Bandwidth{Groups: map[string]api.BandwidthLimit{"g": {BitsPerSecond: -1}}}), api.ErrInvalid)
+		is(t, "lift caps", s.SetBandwidth(ctx, api.Bandwidth{}), nil)
+	})
 	t.Run("vms", func(t *testing.T) {
 		_, err := s.StartVM(ctx, api.VMRequest{Name: "st-vm", Group: "nope", MemoryMiB: 64})
 		is(t, "start on an unknown group", err, api.ErrNotFound)
