@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
 DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq pv cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd libvirt-daemon-system libvirt-clients dnsmasq-base ovmf etcd-server
 
-.PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-ha demo-soak test torture vet fuzz bench bench-scale guest clean
+.PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-ha demo-soak test torture vet fuzz bench bench-scale bench-wan guest clean
 
 all: build
 
@@ -68,6 +68,7 @@ fuzz:
 	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzServerOptions$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/journal -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/link -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/link -run '^$$' -fuzz '^FuzzRead$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/vault -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/agent -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/api -run '^$$' -fuzz '^FuzzCheckName$$' -fuzztime $(FUZZTIME)
@@ -76,6 +77,11 @@ fuzz:
 # The DR lifecycle at 1, 4 and 16 GiB (about 10 minutes, 40 GiB of scratch).
 bench-scale: deps build guest
 	FERRY=$(CURDIR)/$(BIN) bench/scale.sh
+
+# Replication over an emulated WAN: 100 Mbit/s at 40 ms RTT, with 1 %
+# loss, and a 50 Mbit/s cap (root: namespaces and TUN devices; ~6 min).
+bench-wan: deps build
+	FERRY=$(CURDIR)/$(BIN) bench/wan.sh
 
 bench: deps build
 	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh

@@ -18,7 +18,7 @@ import (
 func TestBandwidthCap(t *testing.T) {
 	e := newTrustEnv(t)
 	ctx := context.Background()
-	e.write(t, 0, 1) // streaming
+	e.write(t, 0, 1)      // streaming
 	const bps = 8_000_000 // 1 MB/s
 	if err := e.ca.SetBandwidth(ctx, api.Bandwidth{Peers: map[string]api.BandwidthLimit{"siteB": {BitsPerSecond: bps}}}); err != nil {
 		t.Fatal(err)
