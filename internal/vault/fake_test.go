@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -44,6 +45,9 @@ type fakeAgent struct {
 	started []string
 	// bw is the caps the vault handed it.
 	bw api.Bandwidth
+	// blockCall: a call whose name starts with it waits on blockC.
+	blockCall string
+	blockC    chan struct{}
 }
 
 var _ Site = (*fakeAgent)(nil)
@@ -75,6 +79,12 @@ func (f *fakeAgent) enter(call string) error {
 		return errors.New("dial tcp: connection refused")
 	}
 	f.calls = append(f.calls, call)
+	if f.blockCall != "" && strings.HasPrefix(call, f.blockCall) {
+		c := f.blockC
+		f.mu.Unlock()
+		<-c
+		f.mu.Lock()
+	}
 	return nil
 }
 
@@ -89,7 +99,8 @@ func (f *fakeAgent) Status(ctx context.Context) (api.AgentStatus, error) {
 	defer f.mu.Unlock()
 	st := api.AgentStatus{Site: f.site, MemAvailable: f.mem, Problems: f.problems}
 	for g := range f.groups {
-		gs := api.GroupStatus{Name: g, LastSeq: 10, Replication: &api.ReplicationStatus{State: api.ReplStreaming, AckedSeq: 10, LastSeq: 10}}
+		gs := api.GroupStatus{Name: g, LastSeq: 10, Replication: &api.ReplicationStatus{State: api.ReplStreaming, AckedSeq: 10, LastSeq: 10},
+			Disks: []api.DiskSpec{{Name: "vda", Size: 1 << 20}}}
 		gs.Fenced = f.fencedAt[g]
 		if g == "vm1" {
 			gs.Fenced = f.fenced

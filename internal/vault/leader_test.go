@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -136,10 +137,110 @@ func TestLeadership(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if code, body := call("POST", "/v1/protections/vm1/test-failover", `{"point":"latest-processed"}`); code != 200 {
-		t.Fatalf("a change at the new leader: %d %s", code, body)
-	}
 	if !b.Leading() {
 		t.Fatal("the new leader does not say it leads")
+	}
+	// The retry at the new leader succeeds: the VM the interrupted
+	// attempt started is kept.
+	g := &fixture{v: b, srv: bs, op: f.op, east: f.east, west: f.west}
+	j = g.job(t, "/v1/protections/vm1/failover", map[string]any{"point": "latest", "shutdown_source": false})
+	var said []string
+	for _, s := range j.Steps {
+		said = append(said, s.Messages...)
+	}
+	if j.State != JobSucceeded || !strings.Contains(strings.Join(said, " "), "started by an interrupted attempt): kept") {
+		t.Fatalf("failover retried at the new leader: %s %s %q", j.State, j.Error, said)
+	}
+	if j := g.job(t, "/v1/protections/vm1/commit", map[string]any{}); j.State != JobSucceeded {
+		t.Fatalf("commit: %s %s", j.State, j.Error)
+	}
+}
+
+// TestLeaderLostInReprotect: the leader stops in the middle of a
+// reprotect (turning the old source's disks into a replica); the next
+// leader fails the job at its step, the protection is not stuck, and the
+// reprotect run again at the new leader completes.
+func TestLeaderLostInReprotect(t *testing.T) {
+	st := store.NewMem()
+	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
+	lb := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "b" }}
+	close(la.elect)
+	f := newFixture(t, st, func(c *Config) { c.Leadership = la })
+	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the elected vault does not lead")
+		}
+	}
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	if j := f.job(t, "/v1/protections/vm1/failover", map[string]any{"point": "latest", "shutdown_source": false}); j.State != JobSucceeded {
+		t.Fatalf("failover: %s %s", j.State, j.Error)
+	}
+	if j := f.job(t, "/v1/protections/vm1/commit", map[string]any{}); j.State != JobSucceeded {
+		t.Fatalf("commit: %s %s", j.State, j.Error)
+	}
+	f.east.mu.Lock()
+	f.east.blockCall, f.east.blockC = "to-replica", make(chan struct{})
+	f.east.mu.Unlock()
+	var j Job
+	if code := f.call(t, f.op, "POST", "/v1/protections/vm1/reprotect", map[string]any{}, &j); code != 200 {
+		t.Fatalf("reprotect: %d", code)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		f.east.mu.Lock()
+		blocked := slices.ContainsFunc(f.east.calls, func(c string) bool { return strings.HasPrefix(c, "to-replica") })
+		f.east.mu.Unlock()
+		if blocked {
+			break
+		}
+		if time.Now().After(deadline) {
+			cur, _ := f.v.Job(context.Background(), j.ID)
+			t.Fatalf("the reprotect did not reach east's disks: %+v", cur)
+		}
+	}
+	close(la.lost)
+	select {
+	case <-f.v.Lost():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the vault that lost the leadership did not stop")
+	}
+	f.east.mu.Lock()
+	f.east.blockCall = ""
+	close(f.east.blockC)
+	f.east.mu.Unlock()
+	b := New(Config{Store: st, NoHeartbeats: true, Leadership: lb, Site: func(addr, site string) Site {
+		if site == "east" {
+			return f.east
+		}
+		return f.west
+	}})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	bs := httptest.NewServer(b.Handler())
+	t.Cleanup(bs.Close)
+	close(lb.elect)
+	start := time.Now()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		cur, _ := b.Job(context.Background(), j.ID)
+		p, _ := b.Protection(context.Background(), "vm1")
+		if cur.State == JobFailed && p.Job == "" {
+			if p.State != StateCommitted {
+				t.Fatalf("after the interrupted reprotect the protection is %s, want %s", p.State, StateCommitted)
+			}
+			t.Logf("the new leader ended the interrupted job in %v: %s", time.Since(start).Round(time.Millisecond), cur.Error)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new leader did not take over the job: %+v, protection %+v", cur, p)
+		}
+	}
+	g := &fixture{v: b, srv: bs, op: f.op, east: f.east, west: f.west}
+	if j := g.job(t, "/v1/protections/vm1/reprotect", map[string]any{}); j.State != JobSucceeded {
+		t.Fatalf("reprotect retried at the new leader: %s %s", j.State, j.Error)
+	}
+	if p, _ := b.Protection(context.Background(), "vm1"); p.State != StateProtected || p.Source != "west" || p.Target != "east" {
+		t.Fatalf("after the retried reprotect: %+v", p)
 	}
 }
