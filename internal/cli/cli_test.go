@@ -286,3 +286,86 @@ func TestParseWindowFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestForceNewCluster: a two-member etcd (two sites, no witness) loses
+// one member and with it the quorum; `ferry vault force-new-cluster`
+// refuses while the other member or this one answers, then makes the
+// survivor a one-member cluster that serves every document again.
+func TestForceNewCluster(t *testing.T) {
+	ms := etcdtest.StartCluster(t, 2)
+	a, b := ms[0], ms[1]
+	ctx := context.Background()
+	open := func(ep string) *store.Etcd {
+		t.Helper()
+		st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: []string{ep}, Prefix: "/fnc"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	}
+	st := open(a.Client)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := st.Put(cctx, "site", "east", []byte(`{"name":"east"}`), 0)
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the two-member cluster never took a write: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	args := []string{"vault", "force-new-cluster", "--name", a.Name, "--data-dir", a.Dir, "--client-url", a.Client, "--peer-url", a.Peer, "--others", b.Client}
+	if code, _, stderr := run(t, args...); code == 0 || !strings.Contains(stderr, "answers") {
+		t.Fatalf("with both members up: exit %d, %s", code, stderr)
+	}
+	b.Kill() // the other site burns
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	_, err := st.Put(cctx, "site", "west", []byte(`{}`), 0)
+	cancel()
+	if err == nil {
+		t.Fatal("one member of two took a write: etcd needs a majority")
+	}
+	if code, _, stderr := run(t, args...); code == 0 || !strings.Contains(stderr, "stop it first") {
+		t.Fatalf("with this site's member running: exit %d, %s", code, stderr)
+	}
+	a.Kill()
+	rctx, stop := context.WithCancel(ctx)
+	var out, errb bytes.Buffer
+	exited := make(chan int, 1)
+	go func() { exited <- Run(rctx, args, &out, &errb) }()
+	defer func() {
+		stop()
+		select {
+		case <-exited:
+		case <-time.After(20 * time.Second):
+			t.Error("force-new-cluster did not stop its etcd")
+		}
+	}()
+	st2 := open(a.Client)
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := st2.Put(cctx, "site", "west", []byte(`{"name":"west"}`), 0)
+		cancel()
+		if err == nil {
+			break
+		}
+		select {
+		case code := <-exited:
+			t.Fatalf("force-new-cluster exited %d: %s", code, errb.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the forced cluster never took a write: %v; %s", err, errb.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	d, err := st2.Get(ctx, "site", "east")
+	if err != nil || string(d.Data) != `{"name":"east"}` {
+		t.Fatalf("the document written before the loss: %+v, %v", d, err)
+	}
+}

@@ -70,7 +70,7 @@ func vaultCmd(e *env) *cobra.Command {
 		})}
 	str(migrate.Flags(), &mdir, "dir", "", "the stopped vault's data directory (its vault.db)")
 	str(migrate.Flags(), &mto, "to", "", "the etcd store: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")
-	return group("vault", "Run the control plane", run, migrate)
+	return group("vault", "Run the control plane", run, migrate, forceNewClusterCmd(e))
 }
 
 // openEtcdURL opens etcd://HOST:PORT[,...][/PREFIX] and returns the

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os/exec"
+	"strings"
 	"testing"
 )
 
@@ -43,4 +44,62 @@ func Start(t testing.TB) string {
 		}
 	})
 	return client
+}
+
+// Member is one etcd member of a cluster StartCluster runs.
+type Member struct {
+	Name, Client, Peer, Dir string
+	cmd                     *exec.Cmd
+	log                     *bytes.Buffer
+}
+
+// Kill stops the member at once (SIGKILL) and waits for it.
+func (m *Member) Kill() {
+	if m.cmd != nil && m.cmd.Process != nil {
+		m.cmd.Process.Kill()
+		m.cmd.Wait()
+		m.cmd = nil
+	}
+}
+
+// StartCluster runs an n-member cluster on loopback (members m0, m1, ...),
+// each with its data in a temporary directory, killed at the end of the
+// test. Like Start, it does not wait for the members to answer.
+func StartCluster(t testing.TB, n int) []*Member {
+	t.Helper()
+	bin, err := exec.LookPath("etcd")
+	if err != nil {
+		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
+	}
+	port := func() int {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().(*net.TCPAddr).Port
+	}
+	ms := make([]*Member, n)
+	var cluster []string
+	for i := range ms {
+		ms[i] = &Member{Name: fmt.Sprintf("m%d", i), Client: fmt.Sprintf("http://127.0.0.1:%d", port()),
+			Peer: fmt.Sprintf("http://127.0.0.1:%d", port()), Dir: t.TempDir(), log: &bytes.Buffer{}}
+		cluster = append(cluster, ms[i].Name+"="+ms[i].Peer)
+	}
+	for _, m := range ms {
+		m.cmd = exec.Command(bin, "--name", m.Name, "--data-dir", m.Dir, "--listen-client-urls", m.Client, "--advertise-client-urls", m.Client,
+			"--listen-peer-urls", m.Peer, "--initial-advertise-peer-urls", m.Peer, "--initial-cluster", strings.Join(cluster, ","),
+			"--initial-cluster-state", "new", "--log-level", "error")
+		m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
+		if err := m.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			m.Kill()
+			if t.Failed() {
+				t.Logf("etcd %s log:\n%s", m.Name, m.log.String())
+			}
+		})
+	}
+	return ms
 }
