@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"time"
 
@@ -28,7 +29,8 @@ type VMRequest = api.VMRequest
 
 type runningVM struct {
 	name  string
-	group string // or the replica it runs on
+	group string   // or the replica it runs on
+	disks []string // the disks of the group it attaches
 	vm    Machine
 	views []string // writable views it runs on (closed when it stops)
 	seq   uint64   // the point, for a VM on a replica
@@ -61,7 +63,6 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 		fenced = gr.fenced // written under a.mu by Fence
 	}
 	a.mu.Unlock()
-	exists = exists || a.runningOn(ctx, owner) != nil
 	if gr == nil && rep == nil {
 		return qemu.Status{}, fmt.Errorf("%w: group or replica %q", ErrNotFound, owner)
 	}
@@ -69,25 +70,38 @@ func (a *Agent) StartVM(ctx context.Context, req VMRequest) (qemu.Status, error)
 		return qemu.Status{}, fmt.Errorf("%w: group %q is fenced: generation %d runs at another site since a failover; reprotect it", ErrConflict, owner, fenced)
 	}
 	if exists {
-		return qemu.Status{}, fmt.Errorf("%w: VM %q exists or %q already runs a VM", ErrConflict, req.Name, owner)
+		return qemu.Status{}, fmt.Errorf("%w: VM %q exists", ErrConflict, req.Name)
+	}
+	var all []disk.Spec
+	if gr != nil {
+		all = gr.g.Disks()
+	} else {
+		all = rep.Disks()
+	}
+	disks, err := pickDisks(all, req.Disks)
+	if err != nil {
+		return qemu.Status{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if v, d := a.diskInUse(ctx, owner, disks); v != nil {
+		return qemu.Status{}, fmt.Errorf("%w: VM %q already runs on disk %s of %q", ErrConflict, v.name, d, owner)
 	}
 	spec := qemu.Spec{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, Boot: req.Boot, Net: req.Net,
 		Subnet: req.Subnet, Forwards: req.Forwards, QGA: req.QGA, Accel: req.Accel, Domain: req.Domain, Firmware: req.Firmware, Attach: req.Attach, NICs: req.NICs}
-	rv := &runningVM{name: req.Name, group: owner}
+	rv := &runningVM{name: req.Name, group: owner, disks: disks}
 	if gr != nil {
-		for _, d := range gr.g.Disks() {
-			spec.AddDisk(d.Name, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d.Name)})
+		for _, d := range disks {
+			spec.AddDisk(d, qemu.Disk{Socket: a.nbdSock, Export: exportName(req.Group, d)})
 		}
 	} else {
-		for _, d := range rep.Disks() {
-			ov, err := a.OpenView(req.Replica, d.Name, req.Seq, true)
+		for _, d := range disks {
+			ov, err := a.OpenView(req.Replica, d, req.Seq, true)
 			if err != nil {
 				a.closeViews(rv.views)
 				return qemu.Status{}, err
 			}
 			rv.views = append(rv.views, ov.id)
 			rv.seq = ov.seq
-			spec.AddDisk(d.Name, qemu.Disk{Socket: a.nbdSock, Export: ov.export})
+			spec.AddDisk(d, qemu.Disk{Socket: a.nbdSock, Export: ov.export})
 		}
 	}
 	if err := spec.Validate(); err != nil {
@@ -199,39 +213,46 @@ var ErrNoQuiesce = errors.New("cannot quiesce the guest")
 func (a *Agent) AppPoint(ctx context.Context, group, label string) (AppPointStatus, error) {
 	a.mu.Lock()
 	gr := a.groups[group]
-	var rv *runningVM
-	for _, v := range a.vms {
-		if v.group == group {
-			rv = v
-		}
-	}
 	a.mu.Unlock()
 	if gr == nil {
 		return AppPointStatus{}, fmt.Errorf("%w: group %q", ErrNotFound, group)
 	}
+	vms := a.runningAll(ctx, group)
 	st := AppPointStatus{Time: a.cfg.Now()}
 	err := func() error {
-		if rv == nil {
+		if len(vms) == 0 {
 			return fmt.Errorf("%w: group %q has no running VM", ErrNoQuiesce, group)
 		}
-		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		if err := rv.vm.PingGuest(qctx); errors.Is(err, qemu.ErrNoGuestAgent) {
-			return fmt.Errorf("%w: group %q has no running VM with a guest agent channel", ErrNoQuiesce, group)
-		} else if err != nil {
-			return fmt.Errorf("%w: %v", ErrNoQuiesce, err)
+		// Every VM of the group answers before any is frozen: a freeze
+		// that cannot complete would hold the others for nothing.
+		for _, rv := range vms {
+			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := rv.vm.PingGuest(qctx)
+			cancel()
+			if errors.Is(err, qemu.ErrNoGuestAgent) {
+				return fmt.Errorf("%w: VM %s of group %q has no guest agent channel", ErrNoQuiesce, rv.name, group)
+			} else if err != nil {
+				return fmt.Errorf("%w: VM %s: %v", ErrNoQuiesce, rv.name, err)
+			}
 		}
+		// One bound for the whole freeze of all of them; every VM frozen
+		// (or whose freeze was asked) is thawed, whatever happens.
 		fctx, fcancel := context.WithTimeout(ctx, MaxFreeze)
 		defer fcancel()
 		frozenAt := time.Now()
-		if _, err := rv.vm.Freeze(fctx); err != nil {
-			a.thaw(rv, group)
-			return fmt.Errorf("%w: freeze: %v", ErrNoQuiesce, err)
-		}
+		var asked []*runningVM
 		defer func() {
-			a.thaw(rv, group)
+			for _, rv := range asked {
+				a.thaw(rv, group)
+			}
 			st.FreezeMS = float64(time.Since(frozenAt).Microseconds()) / 1000
 		}()
+		for _, rv := range vms {
+			asked = append(asked, rv)
+			if _, err := rv.vm.Freeze(fctx); err != nil {
+				return fmt.Errorf("%w: freeze VM %s: %v", ErrNoQuiesce, rv.name, err)
+			}
+		}
 		seq, err := gr.g.Mark(replica.Marker{Type: "app", Label: label}.Encode())
 		if err != nil {
 			return err
@@ -275,7 +296,9 @@ func (a *Agent) startAppPoints() {
 		a.mu.Lock()
 		var groups []string
 		for _, v := range a.vms {
-			groups = append(groups, v.group)
+			if !slices.Contains(groups, v.group) {
+				groups = append(groups, v.group)
+			}
 		}
 		a.mu.Unlock()
 		for _, g := range groups {
@@ -314,28 +337,43 @@ func (a *Agent) CommitVM(ctx context.Context, name string) ([]string, error) {
 	a.mu.Lock()
 	rv := a.vms[name]
 	var rep *replica.Replica
+	var members []*runningVM // every VM on the replica's views: one group, one commit
 	var views []*openView
-	if rv != nil {
+	exports := map[*runningVM][]string{}
+	if rv != nil && len(rv.views) > 0 {
 		rep = a.replicas[rv.group]
-		for _, id := range rv.views {
-			views = append(views, a.views[id])
+		for _, v := range a.vms {
+			if v.group == rv.group && len(v.views) > 0 {
+				members = append(members, v)
+				for _, id := range v.views {
+					views = append(views, a.views[id])
+					exports[v] = append(exports[v], a.views[id].export)
+				}
+			}
 		}
 	}
 	a.mu.Unlock()
 	if rv == nil || len(rv.views) == 0 || rep == nil {
 		return nil, fmt.Errorf("%w: no VM %q running on a replica", ErrNotFound, name)
 	}
+	for _, v := range members {
+		if v.seq != rv.seq {
+			return nil, fmt.Errorf("%w: VMs %s and %s run on %q at different points (%d, %d): stop one", ErrConflict, rv.name, v.name, rv.group, rv.seq, v.seq)
+		}
+	}
 	steps, err := a.commitViews(ctx, rv.group, rep, views)
 	if err != nil {
 		return steps, err
 	}
 	a.mu.Lock()
-	for _, ov := range views {
-		rv.exports = append(rv.exports, ov.export)
+	for _, v := range members {
+		v.exports = append(v.exports, exports[v]...)
+		v.views, v.seq = nil, 0
 	}
-	rv.views, rv.seq = nil, 0
 	a.mu.Unlock()
-	steps = append(steps, fmt.Sprintf("VM %s kept running", name))
+	for _, v := range members {
+		steps = append(steps, fmt.Sprintf("VM %s kept running", v.name))
+	}
 	return steps, nil
 }
 
@@ -565,6 +603,62 @@ func (a *Agent) Console(name string, off int64) ([]byte, int64, error) {
 
 // runningOn returns a VM that is not stopped on the group or replica
 // owner, or nil. Its status is asked of QEMU outside the agent's lock.
+// pickDisks returns the names of the disks of all that want names, in
+// want's order (all of them if want is empty).
+func pickDisks(all []disk.Spec, want []string) ([]string, error) {
+	if len(want) == 0 {
+		names := make([]string, len(all))
+		for i, d := range all {
+			names[i] = d.Name
+		}
+		return names, nil
+	}
+	seen := map[string]bool{}
+	for _, w := range want {
+		if seen[w] {
+			return nil, fmt.Errorf("disk %q named twice", w)
+		}
+		seen[w] = true
+		if !slices.ContainsFunc(all, func(d disk.Spec) bool { return d.Name == w }) {
+			return nil, fmt.Errorf("no disk %q in the group", w)
+		}
+	}
+	return want, nil
+}
+
+// diskInUse returns a running VM on owner that attaches one of disks,
+// and that disk.
+func (a *Agent) diskInUse(ctx context.Context, owner string, disks []string) (*runningVM, string) {
+	for _, v := range a.runningAll(ctx, owner) {
+		for _, d := range disks {
+			if len(v.disks) == 0 || slices.Contains(v.disks, d) {
+				return v, d
+			}
+		}
+	}
+	return nil, ""
+}
+
+// runningAll returns every VM that runs on owner (a group or replica).
+func (a *Agent) runningAll(ctx context.Context, owner string) []*runningVM {
+	a.mu.Lock()
+	var same []*runningVM
+	for _, v := range a.vms {
+		if v.group == owner {
+			same = append(same, v)
+		}
+	}
+	a.mu.Unlock()
+	var up []*runningVM
+	for _, v := range same {
+		if v.vm.Status(ctx).State != qemu.StateStopped {
+			up = append(up, v)
+		}
+	}
+	sort.Slice(up, func(i, j int) bool { return up[i].name < up[j].name })
+	return up
+}
+
 func (a *Agent) runningOn(ctx context.Context, owner string) *runningVM {
 	a.mu.Lock()
 	var same []*runningVM

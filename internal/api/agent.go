@@ -180,6 +180,10 @@ type VMRequest struct {
 	// views' overlays until committed.
 	Replica   string    `json:"replica,omitempty"`
 	Seq       uint64    `json:"seq,omitempty"`
+	// Disks are the group's (or replica's) disks this VM attaches, in
+	// order; empty: all of them. Several VMs share one consistency group
+	// by each attaching its own disks; they all run at one point.
+	Disks     []string  `json:"disks,omitempty"`
 	VCPUs     int       `json:"vcpus"`
 	MemoryMiB int       `json:"memory_mib"`
 	Boot      Boot      `json:"boot"`

@@ -100,3 +100,26 @@ func TestAgentProtocol(t *testing.T) {
 }
 
 func mustJSON(v any) []byte { b, _ := json.Marshal(v); return bytes.TrimSpace(b) }
+
+// TestRecordPeers: a follower's records name the peer records they were
+// told of, and stay valid records.
+func TestRecordPeers(t *testing.T) {
+	var log []byte
+	peers := []uint64{0, 7, 8, 0, 1 << 40}
+	for i, p := range peers {
+		log = append(log, encodeRecord(uint64(i+1), time.Now().UnixNano(), p)...)
+	}
+	n, err := VerifyRecords(log)
+	if err != nil || n != uint64(len(peers)) {
+		t.Fatalf("VerifyRecords = %d, %v", n, err)
+	}
+	got := RecordPeers(log, n)
+	if len(got) != len(peers) {
+		t.Fatalf("RecordPeers = %v, want %v", got, peers)
+	}
+	for i := range peers {
+		if got[i] != peers[i] {
+			t.Fatalf("RecordPeers = %v, want %v", got, peers)
+		}
+	}
+}

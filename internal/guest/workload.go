@@ -24,7 +24,11 @@ const RecordSize = 512
 var recMagic = []byte("FRYWL001")
 
 // EncodeRecord returns record seq, written at time t.
-func EncodeRecord(seq uint64, t int64) []byte {
+func EncodeRecord(seq uint64, t int64) []byte { return encodeRecord(seq, t, 0) }
+
+// encodeRecord: a follower's record names the peer record it was told of
+// in bytes 28..35 (RecordPeer).
+func encodeRecord(seq uint64, t int64, peer uint64) []byte {
 	b := make([]byte, RecordSize)
 	copy(b, recMagic)
 	binary.LittleEndian.PutUint64(b[8:], seq)
@@ -32,8 +36,35 @@ func EncodeRecord(seq uint64, t int64) []byte {
 	for i := 28; i < RecordSize; i++ {
 		b[i] = byte(seq) ^ byte(i)
 	}
+	if peer != 0 {
+		binary.LittleEndian.PutUint64(b[28:], peer)
+	}
 	binary.LittleEndian.PutUint32(b[24:], crc32.ChecksumIEEE(append(b[:24:24], b[28:]...)))
 	return b
+}
+
+// RecordPeers returns, for a follower's record log, the peer record each
+// of its first n records names (0: none).
+func RecordPeers(log []byte, n uint64) []uint64 {
+	out := make([]uint64, 0, n)
+	for i := uint64(0); i < n && int((i+1)*RecordSize) <= len(log); i++ {
+		b := log[i*RecordSize : (i+1)*RecordSize]
+		peer := binary.LittleEndian.Uint64(b[28:])
+		if peer == patternWord(i+1) {
+			peer = 0 // the plain pattern
+		}
+		out = append(out, peer)
+	}
+	return out
+}
+
+// patternWord is bytes 28..35 of a record without a peer.
+func patternWord(seq uint64) uint64 {
+	var w [8]byte
+	for i := range w {
+		w[i] = byte(seq) ^ byte(28+i)
+	}
+	return binary.LittleEndian.Uint64(w[:])
 }
 
 // ErrRecords: a record log that is not a clean prefix.
@@ -111,6 +142,8 @@ func RunWorkload(ctx context.Context, args []string) error {
 	rate := fs.Int("rate", 200, "records per second (0: as fast as fsync allows)")
 	addr := fs.String("http", ":80", "HTTP address for the state")
 	fileEvery := fs.Uint64("file-every", 16, "also create one file per this many records")
+	tell := fs.String("tell", "", "HOST:PORT of a peer workload to tell each durable record's number")
+	follow := fs.String("follow", "", "1: write a record only when a peer tells one of its own (POST /tell?seq=N), naming it")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -140,34 +173,63 @@ func RunWorkload(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	told := make(chan tellReq)
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/tell" && *follow == "1" {
+			var peer uint64
+			fmt.Sscan(r.URL.Query().Get("seq"), &peer)
+			done := make(chan error, 1)
+			select {
+			case told <- tellReq{peer, done}:
+			case <-r.Context().Done():
+				return
+			}
+			if err := <-done; err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+			}
+			return
+		}
 		mu.Lock()
 		defer mu.Unlock()
 		st.Addr, st.NICs = guestAddr(), guestNICs()
 		json.NewEncoder(w).Encode(st)
 	}))
+	teller := &http.Client{Timeout: 2 * time.Second}
 	fmt.Printf("ferry-guest: workload up, resuming after record %d\n", last)
 	var tick <-chan time.Time
-	if *rate > 0 {
+	if *rate > 0 && *follow != "1" {
 		t := time.NewTicker(time.Second / time.Duration(*rate))
 		defer t.Stop()
 		tick = t.C
 	}
 	for seq := last + 1; ctx.Err() == nil; seq++ {
-		if tick != nil {
+		var peer uint64
+		var answer chan error
+		switch {
+		case *follow == "1":
+			select {
+			case <-ctx.Done():
+				return nil
+			case t := <-told:
+				peer, answer = t.peer, t.done
+			}
+		case tick != nil:
 			select {
 			case <-ctx.Done():
 				return nil
 			case <-tick:
 			}
 		}
-		rec := EncodeRecord(seq, time.Now().UnixNano())
+		rec := encodeRecord(seq, time.Now().UnixNano(), peer)
 		_, err := f.WriteAt(rec, int64(seq-1)*RecordSize)
 		if err == nil {
 			err = unix.Fdatasync(int(f.Fd()))
 		}
 		if err == nil && seq%*fileEvery == 0 {
 			err = writeFile(filepath.Join(*dir, "files", fmt.Sprint(seq)), rec)
+		}
+		if answer != nil {
+			answer <- err
 		}
 		mu.Lock()
 		if err != nil {
@@ -181,8 +243,20 @@ func RunWorkload(ctx context.Context, args []string) error {
 			st.Files++
 		}
 		mu.Unlock()
+		if *tell != "" {
+			// Only after the record is durable: whatever the peer writes
+			// because of it comes after it.
+			if resp, err := teller.Post("http://"+*tell+"/tell?seq="+fmt.Sprint(seq), "text/plain", nil); err == nil {
+				resp.Body.Close()
+			}
+		}
 	}
 	return nil
+}
+
+type tellReq struct {
+	peer uint64
+	done chan error
 }
 
 func writeFile(path string, data []byte) error {
