@@ -178,8 +178,8 @@ type VMRequest struct {
 	// views of every disk of the replica at sequence Seq (0: the newest
 	// point): a test failover or a failover. The VM's writes stay in the
 	// views' overlays until committed.
-	Replica   string    `json:"replica,omitempty"`
-	Seq       uint64    `json:"seq,omitempty"`
+	Replica string `json:"replica,omitempty"`
+	Seq     uint64 `json:"seq,omitempty"`
 	// Disks are the group's (or replica's) disks this VM attaches, in
 	// order; empty: all of them. Several VMs share one consistency group
 	// by each attaching its own disks; they all run at one point.
