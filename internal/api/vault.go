@@ -165,6 +165,16 @@ type VM struct {
 	// Domain is the libvirt domain definition a VM imported from libvirt
 	// runs with (ferry vm import --libvirt); empty for VMs ferry defines.
 	Domain string `json:"domain,omitempty"`
+	// Members makes this a multi-VM consistency group (ferry group
+	// create): up to 16 VMs whose disks are one group at the site, named
+	// MEMBER-DISK, with one journal and one sequence of points, so every
+	// recovery point is crash-consistent across all of them and an
+	// application-consistent point freezes them all. The group is
+	// protected, drilled, failed over, committed and reprotected as one,
+	// at one point; each member runs as its own VM (its name, its NICs
+	// on its networks). Disks then lists the group's disks (set by the
+	// vault).
+	Members []VM `json:"members,omitempty"`
 }
 
 // VaultImport asks the vault to import a libvirt domain at a site

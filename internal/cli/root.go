@@ -198,7 +198,7 @@ recovery point, commit, reprotect with delta sync, failback.`,
 		c.GroupID = "dr"
 		root.AddCommand(c)
 	}
-	for _, c := range []*cobra.Command{siteCmd(e), vmCmd(e), policyCmd(e), bandwidthCmd(e), tokenCmd(e)} {
+	for _, c := range []*cobra.Command{siteCmd(e), vmCmd(e), groupCmd(e), policyCmd(e), bandwidthCmd(e), tokenCmd(e)} {
 		c.GroupID = "inv"
 		root.AddCommand(c)
 	}

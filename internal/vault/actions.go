@@ -171,9 +171,9 @@ func (v *Vault) checkCapacity(ctx context.Context, r *run, c Site, site string, 
 	if err != nil {
 		return fmt.Errorf("the recovery site %s does not answer: %w", site, err)
 	}
-	need := int64(vm.MemoryMiB) << 20
+	need := int64(memoryMiB(vm)) << 20
 	if st.MemAvailable > 0 && st.MemAvailable < need {
-		return fmt.Errorf("%s has %d MiB of memory available; %s needs %d MiB", site, st.MemAvailable>>20, vm.Name, vm.MemoryMiB)
+		return fmt.Errorf("%s has %d MiB of memory available; %s needs %d MiB", site, st.MemAvailable>>20, vm.Name, memoryMiB(vm))
 	}
 	var disks int64
 	for _, d := range vm.Disks {
@@ -182,7 +182,7 @@ func (v *Vault) checkCapacity(ctx context.Context, r *run, c Site, site string, 
 	if st.DiskFree > 0 && st.DiskFree < disks {
 		return fmt.Errorf("%s has %d MiB of disk free; %s's writes may need up to %d MiB", site, st.DiskFree>>20, vm.Name, disks>>20)
 	}
-	r.Say(ctx, -1, "%s: %d MiB memory available (needs %d), %d MiB disk free", site, st.MemAvailable>>20, vm.MemoryMiB, st.DiskFree>>20)
+	r.Say(ctx, -1, "%s: %d MiB memory available (needs %d), %d MiB disk free", site, st.MemAvailable>>20, memoryMiB(vm), st.DiskFree>>20)
 	return nil
 }
 
@@ -203,6 +203,19 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		r.Say(ctx, 100, "recovery point %d (%s, %s)", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "create test VM")
 		start := v.now()
+		if len(vm.Members) > 0 {
+			say := func(f string, a ...any) { r.Say(ctx, -1, f, a...) }
+			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "-drill", pt.Seq, true, say); err != nil {
+				return nil, err
+			}
+			r.Step(ctx, "start test VM")
+			r.Say(ctx, 100, "the %d VMs of group %s run at %s on point %d", len(vm.Members), p.VM, dst.Name, pt.Seq)
+			return func(p *Protection) {
+				p.TestPending = true
+				p.History = append(p.History, HistoryEntry{Action: "test-failover", Time: start, Point: pt.Seq,
+					Duration: v.now().Sub(start).Round(time.Millisecond).String()})
+			}, nil
+		}
 		nets, err := v.attach(ctx, &p, vm, dst.Name, true)
 		if err != nil {
 			return nil, err
@@ -241,12 +254,12 @@ func (v *Vault) CleanupTestFailover(ctx context.Context, vmName, notes string) (
 		if !dst.Reachable {
 			return nil, fmt.Errorf("the recovery site %s is unreachable: retry the cleanup when it is back (its test VM and overlays do not survive its restart)", dst.Name)
 		}
-		steps, err := dc.StopVM(ctx, p.VM+"-drill", api.StopOptions{Force: true})
-		if err != nil && !isNotFound(err) {
+		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		if err != nil {
 			return nil, err
 		}
-		for _, s := range steps {
-			r.Say(ctx, -1, "%s", s)
+		if err := stopGroup(ctx, dc, vm, "-drill", api.StopOptions{Force: true}, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
+			return nil, err
 		}
 		r.Step(ctx, "record drill")
 		return func(p *Protection) {
@@ -296,12 +309,8 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		if shutdownSource && src.Reachable {
 			timeout := cmp.Or(req.ShutdownTimeout, vm.ShutdownTimeout, api.DefaultStopTimeout)
 			r.Say(ctx, -1, "shutting %s down: the guest agent, then the ACPI button, then quit after %v", p.VM, timeout)
-			steps, err := sc.StopVM(ctx, p.VM, api.StopOptions{Timeout: timeout})
-			if err != nil {
+			if err := stopGroup(ctx, sc, vm, "", api.StopOptions{Timeout: timeout}, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
 				r.Say(ctx, -1, "shutdown failed, going on: %v", err)
-			}
-			for _, s := range steps {
-				r.Say(ctx, -1, "%s", s)
 			}
 		} else if !src.Reachable {
 			r.Say(ctx, -1, "the source site is down: no shutdown; writes it had not sent are lost (unplanned failover)")
@@ -339,6 +348,20 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		}
 		r.Say(ctx, 100, "recovery point %d (%s) from %s", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "start VM at recovery site")
+		if len(vm.Members) > 0 {
+			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
+				return nil, err
+			}
+			r.Say(ctx, 100, "the %d VMs of group %s run at %s on point %d; failover took %v excluding guest boot and the sources' shutdown (%v)", len(vm.Members), p.VM, dst.Name, pt.Seq,
+				(v.now().Sub(started) - shutdown).Round(time.Millisecond), shutdown.Round(time.Millisecond))
+			v.moveVM(ctx, p.VM, dst.Name)
+			return func(p *Protection) {
+				p.State, p.FailoverSeq, p.Fenced = StateFailedOver, pt.Seq, false
+				p.Generation++
+				p.History = append(p.History, HistoryEntry{Action: "failover", Time: started, Point: pt.Seq,
+					Duration: v.now().Sub(started).Round(time.Millisecond).String()})
+			}, nil
+		}
 		nets, err := v.attach(ctx, &p, vm, dst.Name, false)
 		if err != nil {
 			return nil, err
@@ -476,14 +499,17 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 		r.Step(ctx, "stop VM at recovery site")
 		// Its writes since the failover are discarded: no need to wait
 		// for a clean shutdown.
-		steps, err := dc.StopVM(ctx, p.VM, api.StopOptions{Force: true})
-		if err != nil && !isNotFound(err) {
+		if err := stopGroup(ctx, dc, vm, "", api.StopOptions{Force: true}, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
 			return nil, err
 		}
-		for _, s := range steps {
-			r.Say(ctx, -1, "%s", s)
-		}
 		r.Step(ctx, "start VM on the new point")
+		if len(vm.Members) > 0 {
+			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
+				return nil, err
+			}
+			r.Say(ctx, 100, "the VMs of group %s run on point %d", p.VM, pt.Seq)
+			return func(p *Protection) { p.FailoverSeq = pt.Seq }, nil
+		}
 		nets, err := v.attach(ctx, &p, vm, dst.Name, false)
 		if err != nil {
 			return nil, err
@@ -507,7 +533,13 @@ func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
 			return nil, err
 		}
 		r.Step(ctx, "make disks standalone")
-		steps, err := dc.CommitVM(ctx, p.VM)
+		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		// A group's members all run on the replica's views: committing one
+		// commits the group, and every member keeps running.
+		steps, err := dc.CommitVM(ctx, members(vm)[0].Name)
 		if err != nil {
 			return nil, err
 		}
@@ -656,12 +688,14 @@ func (v *Vault) Reprotect(ctx context.Context, vmName string) (Job, error) {
 		if err != nil {
 			return nil, err
 		}
-		steps, err := tc.StopVM(ctx, vmName, api.StopOptions{Timeout: vm.ShutdownTimeout})
-		if err != nil && !isNotFound(err) {
-			return nil, err
-		}
-		for _, s := range steps {
-			r.Say(ctx, -1, "%s", s)
+		for _, m := range members(vm) {
+			steps, err := tc.StopVM(ctx, m.Name, api.StopOptions{Timeout: m.ShutdownTimeout})
+			if err != nil && !isNotFound(err) {
+				return nil, err
+			}
+			for _, s := range steps {
+				r.Say(ctx, -1, "%s", s)
+			}
 		}
 		r.Step(ctx, "reuse disks at "+to.Name)
 		var delta *api.PeerChanges

@@ -304,9 +304,16 @@ func (f *fakeAgent) CommitVM(ctx context.Context, name string) ([]string, error)
 	if !ok || v.Replica == "" {
 		return nil, notFound("no VM %s on views", name)
 	}
-	f.groups[name] = true
-	v.Group, v.Replica = name, ""
-	f.vms[name] = v
+	// Every VM on the replica's views (a consistency group's members)
+	// now runs on the group.
+	rep := v.Replica
+	f.groups[rep] = true
+	for n, x := range f.vms {
+		if x.Replica == rep {
+			x.Group, x.Replica = rep, ""
+			f.vms[n] = x
+		}
+	}
 	return []string{"committed"}, nil
 }
 
@@ -426,4 +433,17 @@ func (f *fakeAgent) Release(ctx context.Context, domain string) error {
 	}
 	f.released = append(f.released, domain)
 	return nil
+}
+
+// callsNamed returns the calls that start with prefix.
+func (f *fakeAgent) callsNamed(prefix string) []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for _, c := range f.calls {
+		if strings.HasPrefix(c, prefix) {
+			out = append(out, c)
+		}
+	}
+	return out
 }

@@ -277,6 +277,12 @@ func (v *Vault) attach(ctx context.Context, p *Protection, vm VM, site string, d
 			continue
 		}
 		n, ok := siteNetwork(s, name)
+		if !ok && p != nil && p.Networks[site+"/"+nic.Name] == "" {
+			// A member of a consistency group: the protection maps the
+			// group's NICs, not its members'; a network of the same name,
+			// else the site's first production network.
+			n, ok = firstOfKind(s, KindProduction)
+		}
 		if !ok {
 			return nil, fmt.Errorf("%w: %s no longer has network %q that %s's %s maps to; declare it again", ErrInvalid, site, name, vm.Name, nic.Name)
 		}

@@ -624,6 +624,23 @@ func (pr *planRun) upCheck(ctx context.Context, vm, kind string) (func(context.C
 	if pr.req.Action == api.PlanTestFailover {
 		site, name, drill = p.Target, vm+"-drill", true
 	}
+	if len(spec.Members) > 0 {
+		// A consistency group is up when every member's guest agent
+		// answers.
+		_, c, err := v.site(ctx, site)
+		if err != nil {
+			return nil, "", err
+		}
+		suffix := strings.TrimPrefix(name, vm)
+		return func(ctx context.Context) error {
+			for _, m := range members(spec) {
+				if err := c.PingGuest(ctx, m.Name+suffix); err != nil {
+					return fmt.Errorf("%s: %w", m.Name+suffix, err)
+				}
+			}
+			return nil
+		}, "the guest agents of its VMs at " + site, nil
+	}
 	switch kind {
 	case api.WaitService:
 		nets, err := v.attach(ctx, &p, spec, site, drill)

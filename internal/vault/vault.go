@@ -733,6 +733,9 @@ func backlogText(l *api.LinkStats) string {
 // DefineVM records a VM (its spec and the site it runs at) and creates its
 // disks there (a group named after the VM; an existing one is kept).
 func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
+	if len(vm.Members) > 0 {
+		return v.defineGroup(ctx, vm)
+	}
 	if vm.Firmware == "uefi" && !slices.ContainsFunc(vm.Disks, func(d DiskSpec) bool { return d.Name == api.EFIVarsDisk }) {
 		// Its UEFI variables, replicated with its disks: a failed-over
 		// VM boots from the entries it had.
@@ -756,6 +759,50 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 	if _, _, err := get[VM](ctx, v.st, kindVM, vm.Name); err == nil {
 		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
 	}
+	if err := v.nameFree(ctx, vm.Name); err != nil {
+		return err
+	}
+	return v.createVM(ctx, c, vm)
+}
+
+// defineGroup records a multi-VM consistency group and creates its
+// disks (every member's) as one group at its site.
+func (v *Vault) defineGroup(ctx context.Context, g VM) error {
+	if err := api.CheckName(api.KindVM, g.Name); err != nil {
+		return err
+	}
+	site, c, err := v.site(ctx, g.Site)
+	if err != nil {
+		return err
+	}
+	if _, _, err := get[VM](ctx, v.st, kindVM, g.Name); err == nil {
+		return fmt.Errorf("%w: VM or group %q exists", ErrForbidden, g.Name)
+	}
+	if err := v.nameFree(ctx, g.Name); err != nil {
+		return err
+	}
+	if err := v.checkGroup(ctx, &g, site); err != nil {
+		return err
+	}
+	return v.createVM(ctx, c, g)
+}
+
+// nameFree: no group has a member of that name.
+func (v *Vault) nameFree(ctx context.Context, name string) error {
+	vms, err := v.VMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, e := range vms {
+		if slices.ContainsFunc(e.Members, func(m VM) bool { return m.Name == name }) {
+			return fmt.Errorf("%w: %s is a member of group %s", ErrForbidden, name, e.Name)
+		}
+	}
+	return nil
+}
+
+// createVM creates vm's disks at its site and records it.
+func (v *Vault) createVM(ctx context.Context, c Site, vm VM) error {
 	var disks []api.DiskSpec
 	for _, d := range vm.Disks {
 		disks = append(disks, api.DiskSpec{Name: d.Name, Size: d.Size})
@@ -764,7 +811,7 @@ func (v *Vault) DefineVM(ctx context.Context, vm VM) error {
 		return fmt.Errorf("create the disks of %s at %s: %w", vm.Name, vm.Site, err)
 	}
 	vm.Running = false // the vault's to say, once it started it
-	_, err = put(ctx, v.st, kindVM, vm.Name, vm, 0)
+	_, err := put(ctx, v.st, kindVM, vm.Name, vm, 0)
 	if errors.Is(err, store.ErrConflict) {
 		return fmt.Errorf("%w: VM %q exists", ErrForbidden, vm.Name)
 	}
@@ -836,7 +883,8 @@ func (v *Vault) Console(ctx context.Context, name string, off int64) (api.Consol
 	if err != nil {
 		return api.Console{}, err
 	}
-	out, err := c.Console(ctx, name, off)
+	// A group's console is its first member's.
+	out, err := c.Console(ctx, members(vm)[0].Name, off)
 	out.Site = vm.Site
 	return out, err
 }
@@ -855,6 +903,14 @@ func (v *Vault) StartVM(ctx context.Context, name string) (api.VMStatus, error) 
 	var pp *Protection
 	if p, err := v.Protection(ctx, name); err == nil {
 		pp = &p
+	}
+	if len(vm.Members) > 0 {
+		var said []string
+		err := v.startGroup(ctx, pp, vm, c, vm.Site, "", 0, false, func(f string, a ...any) { said = append(said, fmt.Sprintf(f, a...)) })
+		if err == nil {
+			v.setRunning(ctx, name, true)
+		}
+		return api.VMStatus{Name: name, State: api.VMRunning, Reason: strings.Join(said, "; ")}, err
 	}
 	nets, err := v.attach(ctx, pp, vm, vm.Site, false)
 	if err != nil {
@@ -907,7 +963,7 @@ func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.Agen
 		replicas[r.Group] = true
 	}
 	for _, vm := range vms {
-		if vm.Site != site || !vm.Running || present[vm.Name] {
+		if vm.Site != site || !vm.Running || present[members(vm)[0].Name] {
 			continue
 		}
 		var pp *Protection
@@ -927,9 +983,15 @@ func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.Agen
 		if g, has := groups[vm.Name]; seq == 0 && (!has || g.Fenced != 0 || g.Failed != "") {
 			continue
 		}
-		nets, err := v.attach(ctx, pp, vm, site, false)
-		if err == nil {
-			_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, seq, nets))
+		var err error
+		if len(vm.Members) > 0 {
+			err = v.startGroup(ctx, pp, vm, c, site, "", seq, false, func(string, ...any) {})
+		} else {
+			var nets []Network
+			nets, err = v.attach(ctx, pp, vm, site, false)
+			if err == nil {
+				_, err = c.StartVM(ctx, vmRequest(vm, vm.Name, site, seq, nets))
+			}
 		}
 		if err == nil && seq != 0 {
 			v.log.Warn("failed-over VM started again at its failover point: what it wrote since the failover did not outlive its agent", "vm", vm.Name, "site", site, "point", seq)
@@ -1004,6 +1066,11 @@ func (v *Vault) StopVM(ctx context.Context, name string) ([]string, error) {
 		return nil, err
 	}
 	v.setRunning(ctx, name, false) // first: a restart of its site must not bring it back
+	if len(vm.Members) > 0 {
+		var said []string
+		err := stopGroup(ctx, c, vm, "", api.StopOptions{Timeout: vm.ShutdownTimeout}, func(f string, a ...any) { said = append(said, fmt.Sprintf(f, a...)) })
+		return said, err
+	}
 	return c.StopVM(ctx, name, api.StopOptions{Timeout: vm.ShutdownTimeout})
 }
 
