@@ -533,7 +533,8 @@ async function vmsPage(view) {
       const p = prot[v.name];
       const protectable = !p || p.state === "disabled";
       return el("tr", { "data-vm": v.name },
-        el("td", {}, v.name, v.domain ? el("small", { class: "muted" }, " (libvirt)") : ""),
+        el("td", {}, v.name, v.domain ? el("small", { class: "muted" }, " (libvirt)") : "",
+          v.members && v.members.length ? el("small", { class: "muted" }, ` (consistency group: ${v.members.map((m) => m.name).join(", ")})`) : ""),
         el("td", {}, v.site),
         el("td", {}, `${v.vcpus || 1} vCPU · ${v.memory_mib} MiB · ${v.firmware === "uefi" ? "UEFI" : "BIOS"}`),
         el("td", {}, (v.disks || []).map((d) => `${d.name} ${fmtBytes(d.size)}`).join(", ")),
