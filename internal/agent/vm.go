@@ -659,19 +659,10 @@ func (a *Agent) runningAll(ctx context.Context, owner string) []*runningVM {
 	return up
 }
 
+// runningOn returns a VM that runs on owner (the first by name), or nil.
 func (a *Agent) runningOn(ctx context.Context, owner string) *runningVM {
-	a.mu.Lock()
-	var same []*runningVM
-	for _, v := range a.vms {
-		if v.group == owner {
-			same = append(same, v)
-		}
-	}
-	a.mu.Unlock()
-	for _, v := range same {
-		if v.vm.Status(ctx).State != qemu.StateStopped {
-			return v
-		}
+	if up := a.runningAll(ctx, owner); len(up) > 0 {
+		return up[0]
 	}
 	return nil
 }

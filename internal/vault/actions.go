@@ -203,6 +203,13 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		r.Say(ctx, 100, "recovery point %d (%s, %s)", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "create test VM")
 		start := v.now()
+		drilled := func(seq uint64) func(*Protection) {
+			return func(p *Protection) {
+				p.TestPending = true
+				p.History = append(p.History, HistoryEntry{Action: "test-failover", Time: start, Point: seq,
+					Duration: v.now().Sub(start).Round(time.Millisecond).String()})
+			}
+		}
 		if len(vm.Members) > 0 {
 			say := func(f string, a ...any) { r.Say(ctx, -1, f, a...) }
 			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "-drill", pt.Seq, true, say); err != nil {
@@ -210,11 +217,7 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 			}
 			r.Step(ctx, "start test VM")
 			r.Say(ctx, 100, "the %d VMs of group %s run at %s on point %d", len(vm.Members), p.VM, dst.Name, pt.Seq)
-			return func(p *Protection) {
-				p.TestPending = true
-				p.History = append(p.History, HistoryEntry{Action: "test-failover", Time: start, Point: pt.Seq,
-					Duration: v.now().Sub(start).Round(time.Millisecond).String()})
-			}, nil
+			return drilled(pt.Seq), nil
 		}
 		nets, err := v.attach(ctx, &p, vm, dst.Name, true)
 		if err != nil {
@@ -233,11 +236,7 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		if addr := forwardAddr(vm, dst.Name, nets[0]); addr != "" {
 			r.Say(ctx, -1, "test VM service address: %s", addr)
 		}
-		return func(p *Protection) {
-			p.TestPending = true
-			p.History = append(p.History, HistoryEntry{Action: "test-failover", Time: start, Point: pt.Seq,
-				Duration: v.now().Sub(start).Round(time.Millisecond).String()})
-		}, nil
+		return drilled(pt.Seq), nil
 	})
 }
 
@@ -348,6 +347,14 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		}
 		r.Say(ctx, 100, "recovery point %d (%s) from %s", pt.Seq, pt.Type, pt.Time.Format(time.RFC3339Nano))
 		r.Step(ctx, "start VM at recovery site")
+		failedOver := func(seq uint64) func(*Protection) {
+			return func(p *Protection) {
+				p.State, p.FailoverSeq, p.Fenced = StateFailedOver, seq, false
+				p.Generation++
+				p.History = append(p.History, HistoryEntry{Action: "failover", Time: started, Point: seq,
+					Duration: v.now().Sub(started).Round(time.Millisecond).String()})
+			}
+		}
 		if len(vm.Members) > 0 {
 			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
 				return nil, err
@@ -355,12 +362,7 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 			r.Say(ctx, 100, "the %d VMs of group %s run at %s on point %d; failover took %v excluding guest boot and the sources' shutdown (%v)", len(vm.Members), p.VM, dst.Name, pt.Seq,
 				(v.now().Sub(started) - shutdown).Round(time.Millisecond), shutdown.Round(time.Millisecond))
 			v.moveVM(ctx, p.VM, dst.Name)
-			return func(p *Protection) {
-				p.State, p.FailoverSeq, p.Fenced = StateFailedOver, pt.Seq, false
-				p.Generation++
-				p.History = append(p.History, HistoryEntry{Action: "failover", Time: started, Point: pt.Seq,
-					Duration: v.now().Sub(started).Round(time.Millisecond).String()})
-			}, nil
+			return failedOver(pt.Seq), nil
 		}
 		nets, err := v.attach(ctx, &p, vm, dst.Name, false)
 		if err != nil {
@@ -387,12 +389,7 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 			r.Say(ctx, -1, "console: %s", strings.Join(lines, " | "))
 		}
 		v.moveVM(ctx, p.VM, dst.Name)
-		return func(p *Protection) {
-			p.State, p.FailoverSeq, p.Fenced = StateFailedOver, pt.Seq, false
-			p.Generation++
-			p.History = append(p.History, HistoryEntry{Action: "failover", Time: started, Point: pt.Seq,
-				Duration: v.now().Sub(started).Round(time.Millisecond).String()})
-		}, nil
+		return failedOver(pt.Seq), nil
 	})
 }
 

@@ -56,18 +56,7 @@ func TestLeadership(t *testing.T) {
 	f.setup(t)
 	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
 
-	b := New(Config{Store: st, NoHeartbeats: true, Leadership: lb, Site: func(addr, site string) Site {
-		if site == "east" {
-			return f.east
-		}
-		return f.west
-	}})
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	bs := httptest.NewServer(b.Handler())
-	t.Cleanup(bs.Close)
+	b, bs := second(t, st, lb, f)
 	call := func(method, path, body string) (int, string) {
 		req, _ := http.NewRequest(method, bs.URL+path, strings.NewReader(body))
 		req.Header.Set("Authorization", "Bearer "+f.op)
@@ -208,18 +197,7 @@ func TestLeaderLostInReprotect(t *testing.T) {
 	f.east.blockCall = ""
 	close(f.east.blockC)
 	f.east.mu.Unlock()
-	b := New(Config{Store: st, NoHeartbeats: true, Leadership: lb, Site: func(addr, site string) Site {
-		if site == "east" {
-			return f.east
-		}
-		return f.west
-	}})
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	bs := httptest.NewServer(b.Handler())
-	t.Cleanup(bs.Close)
+	b, bs := second(t, st, lb, f)
 	close(lb.elect)
 	start := time.Now()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -243,4 +221,23 @@ func TestLeaderLostInReprotect(t *testing.T) {
 	if p, _ := b.Protection(context.Background(), "vm1"); p.State != StateProtected || p.Source != "west" || p.Target != "east" {
 		t.Fatalf("after the retried reprotect: %+v", p)
 	}
+}
+
+// second starts another vault over st, with leadership l, on f's sites,
+// serving its API.
+func second(t *testing.T, st store.Store, l Leadership, f *fixture) (*Vault, *httptest.Server) {
+	t.Helper()
+	b := New(Config{Store: st, NoHeartbeats: true, Leadership: l, Site: func(addr, site string) Site {
+		if site == "east" {
+			return f.east
+		}
+		return f.west
+	}})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	bs := httptest.NewServer(b.Handler())
+	t.Cleanup(bs.Close)
+	return b, bs
 }

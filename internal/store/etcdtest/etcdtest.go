@@ -20,14 +20,7 @@ func Start(t testing.TB) string {
 	if err != nil {
 		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
 	}
-	port := func() int {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().(*net.TCPAddr).Port
-	}
+	port := func() int { return freePort(t) }
 	client, peer := fmt.Sprintf("http://127.0.0.1:%d", port()), fmt.Sprintf("http://127.0.0.1:%d", port())
 	cmd := exec.Command(bin, "--name", "t", "--data-dir", t.TempDir(), "--listen-client-urls", client, "--advertise-client-urls", client,
 		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t="+peer, "--log-level", "error")
@@ -71,14 +64,7 @@ func StartCluster(t testing.TB, n int) []*Member {
 	if err != nil {
 		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
 	}
-	port := func() int {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().(*net.TCPAddr).Port
-	}
+	port := func() int { return freePort(t) }
 	ms := make([]*Member, n)
 	var cluster []string
 	for i := range ms {
@@ -102,4 +88,14 @@ func StartCluster(t testing.TB, n int) []*Member {
 		})
 	}
 	return ms
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
