@@ -495,6 +495,12 @@ func TestPortalVMs(t *testing.T) {
 		return err == nil && p.Link != nil && (p.Link.CapBitsPerSecond == 50e6 || p.Link.CapBitsPerSecond == 0 && isWeekendNight())
 	})
 	shot(t, bctx, "sites")
+	// Times name their zone; the header switches them to UTC.
+	runB(t, bctx, "times in UTC", 20*time.Second, chromedp.SetValue(chromedp.CSS("#tz"), "UTC"))
+	eval[bool](t, bctx, `document.querySelector("#tz").dispatchEvent(new Event("change"))`)
+	until(t, 10*time.Second, "the sites page in UTC", func() bool {
+		return strings.HasSuffix(eval[string](t, bctx, `document.querySelector("#sites tbody tr td:nth-child(4)").textContent`), "UTC")
+	})
 
 	// A plan of it: its page runs a drill that waits for a manual action,
 	// which the job page's button confirms.

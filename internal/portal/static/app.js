@@ -46,7 +46,13 @@ function el(tag, attrs = {}, ...children) {
 
 const badge = (text, cls) => el("span", { class: "badge " + (cls || text) }, text);
 const isZeroTime = (t) => !t || t.startsWith("0001-");
-const fmtTime = (t) => (isZeroTime(t) ? "—" : new Date(t).toLocaleString());
+// Times are shown in the browser's time zone or in UTC (the switch in the
+// header, remembered), always with the zone named.
+const zone = () => (localStorage.getItem("ferry.tz") === "UTC" ? "UTC" : undefined);
+function fmtTime(t) {
+  if (isZeroTime(t)) return "—";
+  return new Date(t).toLocaleString(undefined, { timeZone: zone(), timeZoneName: "short", year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
 const fmtRPO = (s) => (s === undefined || s === null ? "—" : s < 1 ? Math.round(s * 1000) + " ms" : s.toFixed(1) + " s");
 function fmtDur(a, b) {
   if (isZeroTime(a)) return "";
@@ -737,5 +743,13 @@ $("#login-form").addEventListener("submit", async (ev) => {
   } catch (e) { showError(e); }
 });
 $("#logout").addEventListener("click", signOut);
+{
+  const tz = $("#tz");
+  tz.value = zone() === "UTC" ? "UTC" : "local";
+  tz.addEventListener("change", () => {
+    localStorage.setItem("ferry.tz", tz.value === "UTC" ? "UTC" : "local");
+    route(); // redraw every time shown
+  });
+}
 window.addEventListener("hashchange", route);
 if (state.token) signIn(state.token).then(route).catch(() => signOut());
