@@ -189,7 +189,7 @@ func (v *Vault) checkCapacity(ctx context.Context, r *run, c Site, site string, 
 // TestFailover boots a copy of the VM at the recovery site, in the
 // isolated network, on a writable view of a point; replication goes on.
 func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, error) {
-	steps := []string{"prerequisites check", "create test VM", "start test VM"}
+	steps := v.groupSteps(ctx, vmName, []string{"prerequisites check", "create test VM", "start test VM"}, "start test VM", "start test VM %s-drill")
 	return v.startJob(ctx, vmName, ActTestFailover, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		r.Step(ctx, "prerequisites check")
 		vm, dst, dc, err := v.recoverySite(ctx, r, p)
@@ -212,10 +212,10 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 		}
 		if len(vm.Members) > 0 {
 			say := func(f string, a ...any) { r.Say(ctx, -1, f, a...) }
-			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "-drill", pt.Seq, true, say); err != nil {
+			step := func(m string) { r.Step(ctx, "start test VM "+m+"-drill") }
+			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "-drill", pt.Seq, true, say, step); err != nil {
 				return nil, err
 			}
-			r.Step(ctx, "start test VM")
 			r.Say(ctx, 100, "the %d VMs of group %s run at %s on point %d", len(vm.Members), p.VM, dst.Name, pt.Seq)
 			return drilled(pt.Seq), nil
 		}
@@ -289,7 +289,8 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 	if req.ShutdownTimeout < 0 || req.ShutdownTimeout > time.Hour {
 		return Job{}, fmt.Errorf("%w: shutdown timeout %v: want up to 1h", ErrInvalid, req.ShutdownTimeout)
 	}
-	steps := []string{"prerequisites check", "shut down source VM", "synchronize latest data", "create recovery point", "start VM at recovery site"}
+	steps := v.groupSteps(ctx, vmName, []string{"prerequisites check", "shut down source VM", "synchronize latest data", "create recovery point", "start VM at recovery site"},
+		"start VM at recovery site", "start %s at recovery site")
 	params := map[string]string{"point": point, "shutdown_source": fmt.Sprint(shutdownSource)}
 	return v.startJob(ctx, vmName, ActFailover, steps, params, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		started := v.now()
@@ -356,7 +357,8 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 			}
 		}
 		if len(vm.Members) > 0 {
-			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
+			step := func(m string) { r.Step(ctx, "start "+m+" at recovery site") }
+			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }, step); err != nil {
 				return nil, err
 			}
 			r.Say(ctx, 100, "the %d VMs of group %s run at %s on point %d; failover took %v excluding guest boot and the sources' shutdown (%v)", len(vm.Members), p.VM, dst.Name, pt.Seq,
@@ -479,7 +481,7 @@ func (v *Vault) moveVM(ctx context.Context, name, site string) {
 // ChangePoint restarts the failed-over VM on another point; its writes
 // since the failover are discarded.
 func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, error) {
-	steps := []string{"stop VM at recovery site", "start VM on the new point"}
+	steps := v.groupSteps(ctx, vmName, []string{"stop VM at recovery site", "start VM on the new point"}, "start VM on the new point", "start %s on the new point")
 	return v.startJob(ctx, vmName, ActChangePoint, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)
 		if err != nil {
@@ -501,7 +503,8 @@ func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, err
 		}
 		r.Step(ctx, "start VM on the new point")
 		if len(vm.Members) > 0 {
-			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }); err != nil {
+			step := func(m string) { r.Step(ctx, "start "+m+" on the new point") }
+			if err := v.startGroup(ctx, &p, vm, dc, dst.Name, "", pt.Seq, false, func(f string, a ...any) { r.Say(ctx, -1, f, a...) }, step); err != nil {
 				return nil, err
 			}
 			r.Say(ctx, 100, "the VMs of group %s run on point %d", p.VM, pt.Seq)

@@ -111,9 +111,13 @@ func memberRequest(g, m VM, suffix, site string, seq uint64, nets []Network) api
 // on the group's disks or on its replica at seq (one point for all), its
 // NICs as attach maps them (drill: the drill network). A member that
 // already runs there (an interrupted attempt started it) is kept. It
-// says what it did through say.
-func (v *Vault) startGroup(ctx context.Context, p *Protection, g VM, c Site, site, suffix string, seq uint64, drill bool, say func(string, ...any)) error {
+// says what it did through say; step, if set, is called with each
+// member's name before it starts (a job's step per VM).
+func (v *Vault) startGroup(ctx context.Context, p *Protection, g VM, c Site, site, suffix string, seq uint64, drill bool, say func(string, ...any), step func(member string)) error {
 	for _, m := range members(g) {
+		if step != nil {
+			step(m.Name)
+		}
 		nets, err := v.attach(ctx, p, m, site, drill)
 		if err != nil {
 			return fmt.Errorf("member %s: %w", m.Name, err)
@@ -158,4 +162,25 @@ func memoryMiB(vm VM) int {
 		n += m.MemoryMiB
 	}
 	return n
+}
+
+// groupSteps is a job's step list for vm: for a consistency group, the
+// step named one is replaced by a step per member, named by perMember
+// (a format with the member's name).
+func (v *Vault) groupSteps(ctx context.Context, vmName string, steps []string, one, perMember string) []string {
+	vm, _, err := get[VM](ctx, v.st, kindVM, vmName)
+	if err != nil || len(vm.Members) == 0 {
+		return steps
+	}
+	var out []string
+	for _, s := range steps {
+		if s != one {
+			out = append(out, s)
+			continue
+		}
+		for _, m := range vm.Members {
+			out = append(out, fmt.Sprintf(perMember, m.Name))
+		}
+	}
+	return out
 }

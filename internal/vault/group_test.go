@@ -76,8 +76,19 @@ func TestConsistencyGroup(t *testing.T) {
 		}
 		return db.Seq
 	}
-	if j := f.job(t, "/v1/protections/shop/test-failover", map[string]string{"point": "latest-processed"}); j.State != JobSucceeded {
+	stepsOf := func(j Job) string {
+		var names []string
+		for _, s := range j.Steps {
+			names = append(names, s.Name+"="+string(s.State))
+		}
+		return strings.Join(names, ", ")
+	}
+	j := f.job(t, "/v1/protections/shop/test-failover", map[string]string{"point": "latest-processed"})
+	if j.State != JobSucceeded {
 		t.Fatalf("drill: %s %s", j.State, j.Error)
+	}
+	if got, want := stepsOf(j), "prerequisites check=succeeded, create test VM=succeeded, start test VM db-drill=succeeded, start test VM web-drill=succeeded"; got != want {
+		t.Errorf("drill steps: %s, want %s", got, want)
 	}
 	onePoint("-drill")
 	if j := f.job(t, "/v1/protections/shop/test-failover/cleanup", map[string]string{"notes": "ok"}); j.State != JobSucceeded {
@@ -86,9 +97,12 @@ func TestConsistencyGroup(t *testing.T) {
 	if _, ok := f.west.vm("db-drill"); ok {
 		t.Fatal("cleanup left db-drill running")
 	}
-	j := f.job(t, "/v1/protections/shop/failover", map[string]any{"point": "latest", "shutdown_source": true})
+	j = f.job(t, "/v1/protections/shop/failover", map[string]any{"point": "latest", "shutdown_source": true})
 	if j.State != JobSucceeded {
 		t.Fatalf("failover: %s %s", j.State, j.Error)
+	}
+	if got := stepsOf(j); !strings.HasSuffix(got, "start db at recovery site=succeeded, start web at recovery site=succeeded") {
+		t.Errorf("failover steps: %s, want a start step per VM", got)
 	}
 	seq := onePoint("")
 	if _, ok := f.east.vm("db"); ok {

@@ -906,7 +906,7 @@ func (v *Vault) StartVM(ctx context.Context, name string) (api.VMStatus, error) 
 	}
 	if len(vm.Members) > 0 {
 		var said []string
-		err := v.startGroup(ctx, pp, vm, c, vm.Site, "", 0, false, func(f string, a ...any) { said = append(said, fmt.Sprintf(f, a...)) })
+		err := v.startGroup(ctx, pp, vm, c, vm.Site, "", 0, false, func(f string, a ...any) { said = append(said, fmt.Sprintf(f, a...)) }, nil)
 		if err == nil {
 			v.setRunning(ctx, name, true)
 		}
@@ -985,7 +985,7 @@ func (v *Vault) restartVMs(ctx context.Context, site string, c Site, st api.Agen
 		}
 		var err error
 		if len(vm.Members) > 0 {
-			err = v.startGroup(ctx, pp, vm, c, site, "", seq, false, func(string, ...any) {})
+			err = v.startGroup(ctx, pp, vm, c, site, "", seq, false, func(string, ...any) {}, nil)
 		} else {
 			var nets []Network
 			nets, err = v.attach(ctx, pp, vm, site, false)
