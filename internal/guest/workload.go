@@ -119,6 +119,10 @@ type WorkloadState struct {
 	// Started is when the workload started (the guest's clock, Unix
 	// nanoseconds): the boot order of several VMs, as they saw it.
 	Started int64 `json:"started,omitempty"`
+	// ResumedPeer, for a follower, is the highest record of its peer
+	// that the records found at start name: after a failover it must not
+	// exceed the peer's ResumedAfter (cross-VM consistency).
+	ResumedPeer uint64 `json:"resumed_peer,omitempty"`
 }
 
 // FetchState asks a workload for its state over HTTP (host side; addr is
@@ -158,6 +162,11 @@ func RunWorkload(ctx context.Context, args []string) error {
 	st := WorkloadState{LastDurable: last, ResumedAfter: last, Started: time.Now().UnixNano()}
 	if last > 0 {
 		st.ResumedTime = int64(binary.LittleEndian.Uint64(old[(last-1)*RecordSize+16:]))
+		if *follow == "1" {
+			for _, p := range RecordPeers(old, last) {
+				st.ResumedPeer = max(st.ResumedPeer, p)
+			}
+		}
 	}
 	if err != nil {
 		st.ChecksumErrors++
