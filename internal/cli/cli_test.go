@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/journal"
+	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/store"
 	"github.com/ferry-dr/ferry/internal/store/etcdtest"
 )
@@ -367,5 +368,60 @@ func TestForceNewCluster(t *testing.T) {
 	d, err := st2.Get(ctx, "site", "east")
 	if err != nil || string(d.Data) != `{"name":"east"}` {
 		t.Fatalf("the document written before the loss: %+v, %v", d, err)
+	}
+}
+
+// TestEtcdTLS: an etcds:// store talks to an etcd that serves TLS with a
+// certificate of the installation's CA and requires client certificates:
+// the vault's certificate gets in; a plain connection does not.
+func TestEtcdTLS(t *testing.T) {
+	pk := t.TempDir()
+	for _, args := range [][]string{{"ca", "init", "--pki", pk}, {"ca", "issue", "--pki", pk, "--role", "vault", "vault"},
+		{"ca", "issue", "--pki", pk, "--role", "site", "--host", "127.0.0.1", "etcd1"}} {
+		if code, _, stderr := run(t, args...); code != 0 {
+			t.Fatalf("ferry %v: %s", args, stderr)
+		}
+	}
+	client := etcdtest.StartTLS(t, filepath.Join(pk, "etcd1.crt"), filepath.Join(pk, "etcd1.key"), filepath.Join(pk, "ca.crt"))
+	id, err := pki.Load(pk, "vault")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	url := "etcds://" + strings.TrimPrefix(client, "https://") + "/tls"
+	var st *store.Etcd
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, _, err = openEtcdURL(ctx, url, id)
+		if err == nil {
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			_, err = st.Put(cctx, "site", "east", []byte(`{}`), 0)
+			cancel()
+			if err == nil {
+				break
+			}
+			st.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("etcds:// store: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	defer st.Close()
+	if d, err := st.Get(ctx, "site", "east"); err != nil || string(d.Data) != `{}` {
+		t.Fatalf("read back over TLS: %+v, %v", d, err)
+	}
+	if _, _, err := openEtcdURL(ctx, url, nil); err == nil {
+		t.Fatal("an etcds:// store opened without a certificate")
+	}
+	plain, _, err := openEtcdURL(ctx, "etcd://"+strings.TrimPrefix(client, "https://")+"/tls", nil)
+	if err == nil {
+		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		_, err = plain.Get(cctx, "site", "east")
+		cancel()
+		plain.Close()
+	}
+	if err == nil {
+		t.Fatal("a plain connection read from the TLS etcd")
 	}
 }

@@ -62,6 +62,14 @@ func runUp(ctx context.Context, e *env, o upOpts) error {
 	pkiDir := filepath.Join(abs, "pki")
 	ids := []pki.Peer{{Role: pki.RoleSite, Name: "east"}, {Role: pki.RoleSite, Name: "west"},
 		{Role: pki.RoleVault, Name: "vault"}, {Role: pki.RoleOperator, Name: "operator"}}
+	if o.ha {
+		// The etcd members serve their clients and peers over TLS with
+		// certificates of the installation's CA, and take only clients
+		// that present one (the vaults).
+		for _, m := range []string{"etcd-east", "etcd-west", "etcd-witness"} {
+			ids = append(ids, pki.Peer{Role: pki.RoleSite, Name: m})
+		}
+	}
 	fresh := false
 	if _, err := os.Stat(filepath.Join(pkiDir, pki.CACert)); err != nil {
 		if err := pki.InitCA(pkiDir, "ferry up", time.Now()); err != nil {
@@ -101,16 +109,20 @@ func runUp(ctx context.Context, e *env, o upOpts) error {
 		members := []string{"east", "west", "witness"}
 		var cluster, clients []string
 		for i, m := range members {
-			cluster = append(cluster, fmt.Sprintf("%s=http://127.0.0.1:%d", m, o.etcdPort+2*i+1))
+			cluster = append(cluster, fmt.Sprintf("%s=https://127.0.0.1:%d", m, o.etcdPort+2*i+1))
 			clients = append(clients, fmt.Sprintf("127.0.0.1:%d", o.etcdPort+2*i))
 		}
+		ca := filepath.Join(pkiDir, pki.CACert)
 		for i, m := range members {
-			client, peer := fmt.Sprintf("http://127.0.0.1:%d", o.etcdPort+2*i), fmt.Sprintf("http://127.0.0.1:%d", o.etcdPort+2*i+1)
+			client, peer := fmt.Sprintf("https://127.0.0.1:%d", o.etcdPort+2*i), fmt.Sprintf("https://127.0.0.1:%d", o.etcdPort+2*i+1)
+			crt, key := filepath.Join(pkiDir, "etcd-"+m+".crt"), filepath.Join(pkiDir, "etcd-"+m+".key")
 			procs = append(procs, &proc{name: "etcd-" + m, bin: etcdBin, args: []string{"--name", m, "--data-dir", filepath.Join(abs, "etcd-"+m),
 				"--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-				"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-state", "new", "--log-level", "warn"}})
+				"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-state", "new", "--log-level", "warn",
+				"--cert-file", crt, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
+				"--peer-cert-file", crt, "--peer-key-file", key, "--peer-trusted-ca-file", ca, "--peer-client-cert-auth"}})
 		}
-		store := "etcd://" + strings.Join(clients, ",")
+		store := "etcds://" + strings.Join(clients, ",")
 		for _, v := range []struct{ name, addr string }{{"vault", o.vault}, {"vault-west", o.westVault}} {
 			procs = append(procs, &proc{name: v.name, args: []string{"--config", os.DevNull, "vault", "run", "--dir", filepath.Join(abs, v.name), "--pki", pkiDir,
 				"--listen", v.addr, "--store", store, "--advertise", v.addr}})

@@ -43,21 +43,28 @@ func vaultCmd(e *env) *cobra.Command {
 	str(fs, &name, "name", "vault", "name of the vault's certificate in --pki")
 	str(fs, &listen, "listen", "127.0.0.1:7400", "HTTPS address of the API and the portal")
 	str(fs, &scripts, "script-dir", "", "directory of the scripts recovery plans may run, by file name (default: DIR/scripts)")
-	str(fs, &storeURL, "store", "", "where the state lives: empty for DIR/vault.db (SQLite, one vault), or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] shared by a vault at each site, of which one, elected, acts")
+	str(fs, &storeURL, "store", "", "where the state lives: empty for DIR/vault.db (SQLite, one vault), or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] shared by a vault at each site, of which one, elected, acts; etcds:// for TLS with the vault's certificate and the installation's CA")
 	str(fs, &advertise, "advertise", "", "with an etcd store: this vault's address as other vaults name it to clients (default: --listen)")
-	var mdir, mto string
+	var mdir, mto, mpki, mname string
 	migrate := &cobra.Command{Use: "migrate", Short: "Copy a stopped vault's state from its SQLite file into an empty etcd store", Args: cobra.NoArgs,
 		Example: "  ferry vault migrate --dir /var/lib/ferry-vault --to etcd://east:2379,west:2379,witness:2379",
 		RunE: runE(e, func(ctx context.Context, args []string) error {
-			if mdir == "" || !strings.HasPrefix(mto, "etcd://") {
-				return usagef("--dir (the vault's data directory) and --to etcd://HOST:PORT[,...][/PREFIX] are required")
+			if mdir == "" || !isEtcdURL(mto) {
+				return usagef("--dir (the vault's data directory) and --to etcd://HOST:PORT[,...][/PREFIX] (or etcds://, with --pki) are required")
+			}
+			var id *pki.Identity
+			if mpki != "" {
+				var err error
+				if id, err = pki.Load(mpki, mname); err != nil {
+					return err
+				}
 			}
 			from, err := store.OpenSQLite(filepath.Join(mdir, "vault.db"))
 			if err != nil {
 				return err
 			}
 			defer from.Close()
-			to, _, err := openEtcdURL(ctx, mto)
+			to, _, err := openEtcdURL(ctx, mto, id)
 			if err != nil {
 				return err
 			}
@@ -69,21 +76,41 @@ func vaultCmd(e *env) *cobra.Command {
 			return e.print(map[string]int{"documents": n}, fmt.Sprintf("copied %d documents into %s; run the vaults with --store %s\n", n, mto, mto))
 		})}
 	str(migrate.Flags(), &mdir, "dir", "", "the stopped vault's data directory (its vault.db)")
-	str(migrate.Flags(), &mto, "to", "", "the etcd store: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")
+	str(migrate.Flags(), &mto, "to", "", "the etcd store: etcd://HOST:PORT[,HOST:PORT...][/PREFIX], or etcds:// over TLS")
+	str(migrate.Flags(), &mpki, "pki", "", "with etcds://: the PKI directory holding the vault's certificate and the CA")
+	str(migrate.Flags(), &mname, "name", "vault", "with etcds://: the vault's certificate name in --pki")
 	return group("vault", "Run the control plane", run, migrate, forceNewClusterCmd(e))
 }
 
-// openEtcdURL opens etcd://HOST:PORT[,...][/PREFIX] and returns the
+// openEtcdURL opens etcd://HOST:PORT[,...][/PREFIX] (or etcds://, over
+// TLS with id's certificate, trusting only the installation's CA: the
+// etcd members' certificates come from `ferry ca issue`) and returns the
 // store and the prefix of its keys.
-func openEtcdURL(ctx context.Context, u string) (*store.Etcd, string, error) {
-	hosts, prefix, _ := strings.Cut(strings.TrimPrefix(u, "etcd://"), "/")
-	var eps []string
-	for _, h := range strings.Split(hosts, ",") {
-		eps = append(eps, "http://"+h)
+func openEtcdURL(ctx context.Context, u string, id *pki.Identity) (*store.Etcd, string, error) {
+	rest, secure := strings.CutPrefix(u, "etcds://")
+	if !secure {
+		rest = strings.TrimPrefix(u, "etcd://")
 	}
-	prefix = "/" + cmp.Or(prefix, "ferry")
-	st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: eps, Prefix: prefix})
-	return st, prefix, err
+	hosts, prefix, _ := strings.Cut(rest, "/")
+	cfg := store.EtcdConfig{Prefix: "/" + cmp.Or(prefix, "ferry")}
+	scheme := "http://"
+	if secure {
+		if id == nil {
+			return nil, "", usagef("%s: an etcds:// store needs the vault's certificate: give --pki", u)
+		}
+		scheme = "https://"
+		cfg.TLS = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{id.Cert}, RootCAs: id.Pool}
+	}
+	for _, h := range strings.Split(hosts, ",") {
+		cfg.Endpoints = append(cfg.Endpoints, scheme+h)
+	}
+	st, err := store.OpenEtcd(ctx, cfg)
+	return st, cfg.Prefix, err
+}
+
+// isEtcdURL: the store is etcd, plain or over TLS.
+func isEtcdURL(u string) bool {
+	return strings.HasPrefix(u, "etcd://") || strings.HasPrefix(u, "etcds://")
 }
 
 // vaultRun is what `ferry vault run` serves.
@@ -119,8 +146,8 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 		}
 		defer st.Close()
 		cfg.Store = st
-	case strings.HasPrefix(o.store, "etcd://"):
-		st, prefix, err := openEtcdURL(ctx, o.store)
+	case isEtcdURL(o.store):
+		st, prefix, err := openEtcdURL(ctx, o.store, id)
 		if err != nil {
 			return err
 		}
@@ -130,7 +157,7 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 		cfg.Leadership = leader.New(st.Client(), prefix+"/leader", adv, 5*time.Second)
 		fmt.Fprintf(e.stderr, "vault %s: state in etcd %s; campaigning to lead (the others serve reads and name the leader)\n", adv, o.store)
 	default:
-		return usagef("--store %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX], or nothing for SQLite in --dir", o.store)
+		return usagef("--store %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// over TLS with the vault's certificate), or nothing for SQLite in --dir", o.store)
 	}
 	v := vault.New(cfg)
 	if err := v.Start(ctx); err != nil {
