@@ -87,6 +87,9 @@ func vmCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if st.Console == "" && st.Reason != "" { // a consistency group: what each VM did
+				return e.print(st, fmt.Sprintf("group %s %s: %s\n", args[0], st.State, st.Reason))
+			}
 			return e.print(st, fmt.Sprintf("VM %s %s (%s); console %s\n", args[0], st.State, st.Accel, st.Console))
 		})
 	stop := vaultCommand(e, &cobra.Command{Use: "stop NAME", Short: "Shut a VM down gracefully where it runs", Args: cobra.ExactArgs(1)}, &ost,
