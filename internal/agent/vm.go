@@ -346,8 +346,10 @@ func (a *Agent) CommitVM(ctx context.Context, name string) ([]string, error) {
 			if v.group == rv.group && len(v.views) > 0 {
 				members = append(members, v)
 				for _, id := range v.views {
-					views = append(views, a.views[id])
-					exports[v] = append(exports[v], a.views[id].export)
+					if ov := a.views[id]; ov != nil {
+						views = append(views, ov)
+						exports[v] = append(exports[v], ov.export)
+					}
 				}
 			}
 		}
