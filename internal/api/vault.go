@@ -227,23 +227,9 @@ type Protection struct {
 	Fenced bool `json:"fenced,omitempty"`
 	// History of drills and failovers.
 	History []HistoryEntry `json:"history,omitempty"`
-	// Link is the replication stream as its source last reported it.
-	Link *LinkStats `json:"link,omitempty"`
-}
-
-// LinkStats is a protection's replication stream at its last poll.
-type LinkStats struct {
-	ThroughputBps float64 `json:"throughput_bytes_per_second"`
-	// PayloadBytes and WireBytes: sent before and after compression.
-	PayloadBytes int64 `json:"payload_bytes"`
-	WireBytes    int64 `json:"wire_bytes"`
-	// BacklogBytes is what the recovery site does not hold yet;
-	// ClearsInSeconds when it is gone at the current pace (0 none, -1
-	// not shrinking).
-	BacklogBytes    int64   `json:"backlog_bytes"`
-	ClearsInSeconds float64 `json:"clears_in_seconds"`
-	// CapBitsPerSecond: the bandwidth cap in force (0 none).
-	CapBitsPerSecond int64 `json:"cap_bits_per_second,omitempty"`
+	// Link is the replication stream as its source last reported it
+	// (throughput, bytes before and after compression, backlog, cap).
+	Link *ReplicationStatus `json:"link,omitempty"`
 }
 
 // HistoryEntry records a finished drill or failover.

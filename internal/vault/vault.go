@@ -677,9 +677,7 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 			continue
 		}
 		rpo := g.Replication.RPO
-		r := g.Replication
-		link := &api.LinkStats{ThroughputBps: r.ThroughputBps, PayloadBytes: r.PayloadBytes, WireBytes: r.WireBytes,
-			BacklogBytes: r.BacklogBytes, ClearsInSeconds: r.ClearsInSeconds, CapBitsPerSecond: r.CapBitsPerSecond}
+		link := g.Replication
 		v.updateProtection(ctx, g.Name, func(p *Protection) error {
 			if p.Source != site {
 				return errors.New("not the source")
@@ -713,7 +711,7 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 }
 
 // backlogText says, for an RPO over a threshold, how the backlog goes.
-func backlogText(l *api.LinkStats) string {
+func backlogText(l *api.ReplicationStatus) string {
 	if l.BacklogBytes < 1<<20 {
 		return ""
 	}

@@ -16,14 +16,20 @@ import (
 // not wait for etcd to answer: clients retry with a deadline.
 func Start(t testing.TB) string {
 	t.Helper()
+	return start(t, "http")
+}
+
+// start runs a one-member etcd serving its clients over scheme, with
+// extra flags, and returns its client URL.
+func start(t testing.TB, scheme string, extra ...string) string {
+	t.Helper()
 	bin, err := exec.LookPath("etcd")
 	if err != nil {
 		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
 	}
-	port := func() int { return freePort(t) }
-	client, peer := fmt.Sprintf("http://127.0.0.1:%d", port()), fmt.Sprintf("http://127.0.0.1:%d", port())
-	cmd := exec.Command(bin, "--name", "t", "--data-dir", t.TempDir(), "--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t="+peer, "--log-level", "error")
+	client, peer := fmt.Sprintf("%s://127.0.0.1:%d", scheme, freePort(t)), fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cmd := exec.Command(bin, append([]string{"--name", "t", "--data-dir", t.TempDir(), "--listen-client-urls", client, "--advertise-client-urls", client,
+		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t=" + peer, "--log-level", "error"}, extra...)...)
 	var log bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
@@ -64,12 +70,11 @@ func StartCluster(t testing.TB, n int) []*Member {
 	if err != nil {
 		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
 	}
-	port := func() int { return freePort(t) }
 	ms := make([]*Member, n)
 	var cluster []string
 	for i := range ms {
-		ms[i] = &Member{Name: fmt.Sprintf("m%d", i), Client: fmt.Sprintf("http://127.0.0.1:%d", port()),
-			Peer: fmt.Sprintf("http://127.0.0.1:%d", port()), Dir: t.TempDir(), log: &bytes.Buffer{}}
+		ms[i] = &Member{Name: fmt.Sprintf("m%d", i), Client: fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+			Peer: fmt.Sprintf("http://127.0.0.1:%d", freePort(t)), Dir: t.TempDir(), log: &bytes.Buffer{}}
 		cluster = append(cluster, ms[i].Name+"="+ms[i].Peer)
 	}
 	for _, m := range ms {
@@ -105,25 +110,5 @@ func freePort(t testing.TB) int {
 // and returns its https client URL.
 func StartTLS(t testing.TB, certFile, keyFile, caFile string) string {
 	t.Helper()
-	bin, err := exec.LookPath("etcd")
-	if err != nil {
-		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
-	}
-	client, peer := fmt.Sprintf("https://127.0.0.1:%d", freePort(t)), fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
-	cmd := exec.Command(bin, "--name", "t", "--data-dir", t.TempDir(), "--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t="+peer, "--log-level", "error",
-		"--cert-file", certFile, "--key-file", keyFile, "--trusted-ca-file", caFile, "--client-cert-auth")
-	var log bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("etcd log:\n%s", log.String())
-		}
-	})
-	return client
+	return start(t, "https", "--cert-file", certFile, "--key-file", keyFile, "--trusted-ca-file", caFile, "--client-cert-auth")
 }
