@@ -515,8 +515,20 @@ func (a *Agent) newShipper(gr *group, rc *replConfig) *replication.Shipper {
 		Group: gr.g, Name: gr.name, Source: a.cfg.Name, StateDir: a.groupDir(gr.name), Logger: a.log,
 		MaxJournalBytes: a.cfg.MaxUnshipped, Now: a.cfg.Now, NoCompress: a.cfg.NoCompress,
 		Dial: func(ctx context.Context) (io.ReadWriteCloser, error) {
-			pace := func(c net.Conn) net.Conn { return bandwidth.NewConn(ctx, c, class, groupLim, peerLim) }
-			return dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName, pace)
+			var paced *bandwidth.Conn
+			pace := func(c net.Conn) net.Conn {
+				paced = bandwidth.NewConn(ctx, c, class, groupLim, peerLim)
+				return paced
+			}
+			conn, err := dialLink(ctx, a.id, rc.PeerAddr, rc.PeerName, pace)
+			if err != nil {
+				return nil, err
+			}
+			// The shipper learns the link's speed from under TLS.
+			return struct {
+				io.ReadWriteCloser
+				link.LinkRater
+			}{conn, paced}, nil
 		},
 	}
 	if rc.Delta != nil {

@@ -13,8 +13,9 @@ import (
 )
 
 // TestBandwidthCap: a cap on the site pair slows the stream to it, is
-// reported in the status, and lifting it lets the stream run free again;
-// compressible writes travel compressed.
+// reported in the status, and lifting it lets the stream run free again.
+// Compressible writes travel compressed under the cap, where the link is
+// slower than the compressor, and plain on loopback, where it is not.
 func TestBandwidthCap(t *testing.T) {
 	e := newTrustEnv(t)
 	ctx := context.Background()
@@ -28,38 +29,51 @@ func TestBandwidthCap(t *testing.T) {
 	}
 	random := make([]byte, 3<<20)
 	rand.Read(random)
-	timed := func() time.Duration {
+	timed := func(b []byte) time.Duration {
 		start := time.Now()
-		if err := e.disk.WriteAt(ctx, random, 0, false); err != nil {
+		if err := e.disk.WriteAt(ctx, b, 0, false); err != nil {
 			t.Fatal(err)
 		}
 		e.drain(t)
 		return time.Since(start)
 	}
 	// 3 MiB of random bytes at 1 MB/s: over 3 s (minus the 20 ms burst).
-	if d := timed(); d < 3*time.Second {
+	if d := timed(random); d < 3*time.Second {
 		t.Errorf("3 MiB through a 1 MB/s cap in %v", d)
 	}
+	text := bytes.Repeat([]byte("ferry replicates text like this compressibly. "), (3<<20)/10)[:3<<20]
+	sendText := func() (payload, wire int64, st api.ReplicationStatus) {
+		t.Helper()
+		text[0]++ // a change, whatever was there
+		before := *e.a.Status().Groups[0].Replication
+		timed(text)
+		after := *e.a.Status().Groups[0].Replication
+		if !bytes.Equal(e.replicaBytes(t)[:3<<20], text) {
+			t.Fatal("the replica differs from the source")
+		}
+		return after.PayloadBytes - before.PayloadBytes, after.WireBytes - before.WireBytes, after
+	}
+	payload, wire, st := sendText()
+	if payload < 3<<20 || wire*10 > payload {
+		t.Errorf("3 MiB of text under a 1 MB/s cap: %d bytes framed, %d on the wire; want under a tenth", payload, wire)
+	}
+	if !st.Compressing || st.LinkBitsPerSecond > bps {
+		t.Errorf("under the cap: compressing %v, link %d bit/s; want compressing, link at most the cap", st.Compressing, st.LinkBitsPerSecond)
+	}
+
 	if err := e.ca.SetBandwidth(ctx, api.Bandwidth{}); err != nil {
 		t.Fatal(err)
 	}
 	rand.Read(random)
-	if d := timed(); d > 2*time.Second {
+	if d := timed(random); d > 2*time.Second {
 		t.Errorf("3 MiB without a cap took %v", d)
 	}
-	before := *e.a.Status().Groups[0].Replication
-	text := bytes.Repeat([]byte("ferry replicates text like this compressibly. "), (3<<20)/10)
-	if err := e.disk.WriteAt(ctx, text[:3<<20], 0, false); err != nil {
-		t.Fatal(err)
+	payload, wire, st = sendText()
+	if wire*2 < payload {
+		t.Errorf("3 MiB of text on loopback: %d bytes framed, %d on the wire; want mostly plain (the link outruns the compressor)", payload, wire)
 	}
-	e.drain(t)
-	after := *e.a.Status().Groups[0].Replication
-	payload, wire := after.PayloadBytes-before.PayloadBytes, after.WireBytes-before.WireBytes
-	if payload < 3<<20 || wire*10 > payload {
-		t.Errorf("3 MiB of text: %d bytes framed, %d on the wire; want under a tenth", payload, wire)
-	}
-	if !bytes.Equal(e.replicaBytes(t)[:3<<20], text[:3<<20]) {
-		t.Error("the replica differs from the source after compressed frames")
+	if st.Compressing || st.LinkBitsPerSecond < 1e9 {
+		t.Errorf("on loopback: compressing %v, link %d bit/s; want plain, link over 1 Gbit/s", st.Compressing, st.LinkBitsPerSecond)
 	}
 }
 

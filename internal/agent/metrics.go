@@ -70,6 +70,10 @@ var (
 		"Estimated seconds until the backlog is gone at the current pace (-1: it does not shrink).", []string{"group", "peer"}, nil)
 	descCap = prometheus.NewDesc("ferry_replication_cap_bits_per_second",
 		"Bandwidth cap in force for the stream (0: none).", []string{"group", "peer"}, nil)
+	descLinkRate = prometheus.NewDesc("ferry_replication_link_estimate_bits_per_second",
+		"Estimated rate of the link (TCP's delivery rate, bounded by the cap; 0: unknown).", []string{"group", "peer"}, nil)
+	descCompressing = prometheus.NewDesc("ferry_replication_compressing",
+		"1 while the stream compresses (the link is slower than the compressor gains), 0 while it sends plain.", []string{"group", "peer"}, nil)
 	descConnected = prometheus.NewDesc("ferry_replication_link_up",
 		"1 when the group streams or copies to its recovery site, 0 while it connects or retries.", []string{"group", "peer", "state"}, nil)
 	descJournal = prometheus.NewDesc("ferry_journal_bytes",
@@ -91,7 +95,7 @@ var (
 type statusCollector struct{ a *Agent }
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descWire, descBacklog, descClears, descCap, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descWire, descBacklog, descClears, descCap, descLinkRate, descCompressing, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
 		ch <- d
 	}
 }
@@ -137,6 +141,12 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descBacklog, float64(r.BacklogBytes), g.Name, g.PeerName)
 		gauge(descClears, r.ClearsInSeconds, g.Name, g.PeerName)
 		gauge(descCap, float64(r.CapBitsPerSecond), g.Name, g.PeerName)
+		gauge(descLinkRate, float64(r.LinkBitsPerSecond), g.Name, g.PeerName)
+		compressing := 0.0
+		if r.Compressing {
+			compressing = 1
+		}
+		gauge(descCompressing, compressing, g.Name, g.PeerName)
 		up := 0.0
 		switch r.State {
 		case replication.StateStreaming, replication.StateInitialSync, replication.StateResync:

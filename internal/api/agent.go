@@ -106,6 +106,12 @@ type ReplicationStatus struct {
 	// CapBitsPerSecond is the bandwidth cap in force for this stream now
 	// (the lower of its site pair's and its own; 0: none).
 	CapBitsPerSecond int64 `json:"cap_bits_per_second,omitempty"`
+	// LinkBitsPerSecond is the estimated rate of the link (TCP's delivery
+	// rate, bounded by the cap; 0: unknown), and Compressing whether the
+	// stream now compresses: it does while the link is slower than the
+	// compressor gains (docs/architecture.md, "Compression").
+	LinkBitsPerSecond int64 `json:"link_bits_per_second,omitempty"`
+	Compressing       bool  `json:"compressing,omitempty"`
 	// Initial copy progress.
 	CopyDone   int64  `json:"copy_done_bytes,omitempty"`
 	CopyTotal  int64  `json:"copy_total_bytes,omitempty"`

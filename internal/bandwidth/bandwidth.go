@@ -206,6 +206,7 @@ type Conn struct {
 	ctx      context.Context
 	limiters []*Limiter
 	class    func() Class
+	est      estimator
 }
 
 // chunk is the most one Write sends per wait: small enough that a

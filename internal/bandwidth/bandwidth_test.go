@@ -189,3 +189,62 @@ func TestNoCap(t *testing.T) {
 		t.Errorf("8 MiB through a 1 MB/s cap in 300 ms: %v, want the deadline", err)
 	}
 }
+
+// TestLinkRate: over loopback TCP the estimate is the kernel's delivery
+// rate (far above any WAN's); a cap bounds it; a connection that is not
+// TCP has none until a cap gives one.
+func TestLinkRate(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(io.Discard, c)
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	c := NewConn(context.Background(), raw, nil)
+	buf := make([]byte, 1<<20)
+	deadline := time.Now().Add(10 * time.Second)
+	var rate float64
+	for ok := false; !ok; rate, ok = c.LinkRate() {
+		if time.Now().After(deadline) {
+			t.Fatal("no delivery rate after 10 s of writes")
+		}
+		if _, err := c.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if rate < 50e6 {
+		t.Errorf("loopback estimated at %.0f B/s, want well over a WAN's", rate)
+	}
+
+	l := NewLimiter(nil)
+	if err := l.Set(api.BandwidthLimit{BitsPerSecond: 8_000_000}); err != nil {
+		t.Fatal(err)
+	}
+	capped := NewConn(context.Background(), raw, nil, l)
+	capped.Write(buf[:4096])
+	if got, ok := capped.LinkRate(); !ok || got > 1e6 || got < 0.9e6 {
+		t.Errorf("capped at 8 Mbit/s: estimate %.0f B/s %v, want the cap's payload share of 1 MB/s", got, ok)
+	}
+
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	if _, ok := NewConn(context.Background(), a, nil).LinkRate(); ok {
+		t.Error("a pipe has a link rate")
+	}
+	if got, ok := NewConn(context.Background(), a, nil, l).LinkRate(); !ok || got > 1e6 {
+		t.Errorf("a capped pipe: %.0f %v, want the cap", got, ok)
+	}
+}

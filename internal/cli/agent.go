@@ -351,6 +351,13 @@ func statusText(st api.AgentStatus) string {
 			if r.WireBytes > 0 && r.WireBytes < r.PayloadBytes {
 				fmt.Fprintf(&b, ", compressed %.2fx", float64(r.PayloadBytes)/float64(r.WireBytes))
 			}
+			if r.LinkBitsPerSecond > 0 {
+				how := "sent plain: faster than compressing"
+				if r.Compressing {
+					how = "compressing"
+				}
+				fmt.Fprintf(&b, ", link ~%s (%s)", bandwidth.FormatRate(r.LinkBitsPerSecond), how)
+			}
 			if r.CapBitsPerSecond > 0 {
 				fmt.Fprintf(&b, ", cap %s", bandwidth.FormatRate(r.CapBitsPerSecond))
 			}

@@ -18,6 +18,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -124,15 +125,41 @@ func New(rw io.ReadWriter) *Conn {
 	return &Conn{r: bufio.NewReaderSize(rw, 256<<10), w: bufio.NewWriterSize(rw, 256<<10)}
 }
 
+// LinkRater estimates how fast the connection under a Conn carries
+// bytes (bandwidth.Conn: the caps in force and TCP's delivery rate).
+type LinkRater interface {
+	// LinkRate returns the payload bytes per second the link is estimated
+	// to carry now, or false while it has no estimate. It is called from
+	// the writing goroutine, once per frame.
+	LinkRate() (bytesPerSecond float64, ok bool)
+}
+
 // SetCompression makes Write compress Entries and BaseData frames with
-// zstd wherever that pays (see compressor). Call it before the first
-// Write of such a frame, once the peer agreed (Welcome.Compress).
-func (c *Conn) SetCompression(on bool) {
+// zstd wherever that pays (see compressor). link, if not nil, tells how
+// fast the link is: compression then pays only where the link, not the
+// compressor, is the slower of the two. Without it a frame is compressed
+// wherever that saves enough bytes. Call it before the first Write of
+// such a frame, once the peer agreed (Welcome.Compress).
+func (c *Conn) SetCompression(on bool, link LinkRater) {
 	if on {
-		c.comp = &compressor{}
+		c.comp = &compressor{link: link}
 	} else {
 		c.comp = nil
 	}
+}
+
+// Compressing reports whether the last frame that could have been
+// compressed was, and the link and compressor rates (bytes per second,
+// 0 if unknown) that decided it.
+func (c *Conn) Compressing() (on bool, linkRate, compressRate float64) {
+	if c.comp == nil {
+		return false, 0, 0
+	}
+	st := c.comp.state.Load()
+	if st == nil {
+		return false, 0, 0
+	}
+	return st.on, st.link, st.speed
 }
 
 // Counts returns the bytes of frames written so far: as they were
@@ -303,20 +330,44 @@ func (c *Conn) Close() {
 }
 
 // compressor compresses frame bodies with zstd at its fastest level, on
-// the writer's goroutine (one core per stream at most). Where it does not
-// pay (encrypted or already compressed data) it backs off: after
-// missLimit frames in a row that shrank by less than an eighth, it tries
-// only one frame in probeEvery until one pays again.
+// the writer's goroutine (one core per stream at most).
+//
+// Compression pays where it gets a frame across sooner. n bytes take n/L
+// to send plain over a link carrying L bytes per second, and n/S +
+// n/(r·L) compressed, by an encoder that turns S bytes per second into
+// 1/r of their size; so it pays while L < S·(1 − 1/r). On a WAN link
+// (12 MB/s against an encoder's few hundred) it nearly always does; on a
+// LAN or loopback (GB/s) it costs throughput and latency, so frames go
+// plain there, and one in trialEvery is still compressed to keep S and r
+// current in case the link slows down.
+//
+// Where the data itself does not compress (encrypted, already
+// compressed) it backs off too, whatever the link: after missLimit frames in a row that
+// shrank by less than an eighth, it tries only one frame in probeEvery
+// until one pays again.
 type compressor struct {
+	link   LinkRater
+	now    func() time.Time
 	plain  []byte
 	out    []byte
 	misses int
 	skip   int
+	trial  int     // frames sent plain by the rate test since the last trial
+	speed  float64 // bytes per second the encoder compresses (moving average)
+	ratio  float64 // bytes in per byte out (moving average)
+	state  atomic.Pointer[compressState]
+}
+
+// compressState is the last decision, for status.
+type compressState struct {
+	on          bool
+	link, speed float64
 }
 
 const (
 	missLimit  = 4
 	probeEvery = 16
+	trialEvery = 32
 )
 
 // encoders are shared: an encoder holds a few MiB, and most agents run
@@ -330,12 +381,34 @@ var encoders = sync.Pool{New: func() any {
 	return e
 }}
 
+// pays reports whether the link is slow enough for compression to pay,
+// given what the compressor has measured; with no measure yet it does
+// (the first frames are the measure).
+func (z *compressor) pays() (bool, float64) {
+	if z.link == nil {
+		return true, 0
+	}
+	l, ok := z.link.LinkRate()
+	if !ok || z.speed == 0 || z.ratio == 0 {
+		return true, l
+	}
+	return l < z.speed*(1-1/z.ratio), l
+}
+
 // compress returns the compressed body of parts (n bytes in all), or
 // false to send it as it is.
 func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
 	if n < 512 {
 		return nil, false
 	}
+	pays, l := z.pays()
+	if !pays {
+		if z.trial++; z.trial < trialEvery {
+			z.state.Store(&compressState{on: false, link: l, speed: z.speed})
+			return nil, false
+		}
+	}
+	z.trial = 0
 	if z.skip > 0 {
 		z.skip--
 		return nil, false
@@ -344,15 +417,38 @@ func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
 	for _, p := range parts {
 		z.plain = append(z.plain, p...)
 	}
+	if z.now == nil {
+		z.now = time.Now
+	}
 	enc := encoders.Get().(*zstd.Encoder)
+	start := z.now()
 	z.out = enc.EncodeAll(z.plain, z.out[:0])
+	took := z.now().Sub(start)
 	encoders.Put(enc)
 	if len(z.out) > n-n/8 {
 		if z.misses++; z.misses >= missLimit {
 			z.skip = probeEvery - 1
 		}
+		z.state.Store(&compressState{on: false, link: l, speed: z.speed})
 		return nil, false
 	}
 	z.misses = 0
+	z.measure(n, len(z.out), took)
+	z.state.Store(&compressState{on: true, link: l, speed: z.speed})
 	return z.out, true
+}
+
+// measure folds one compression that paid into the moving averages
+// (weight 1/8: a few frames follow a change in the data). Frames that did
+// not shrink are left out: the back-off deals with them, and the link
+// test is about the data that does compress.
+func (z *compressor) measure(in, out int, took time.Duration) {
+	r := float64(in) / float64(max(out, 1))
+	s := float64(in) / max(took.Seconds(), 1e-6)
+	if z.speed == 0 {
+		z.speed, z.ratio = s, r
+		return
+	}
+	z.speed += (s - z.speed) / 8
+	z.ratio += (r - z.ratio) / 8
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/ferry-dr/ferry/internal/journal"
 	"github.com/klauspost/compress/zstd"
@@ -93,7 +94,7 @@ func TestCompression(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var buf bytes.Buffer
 			w := New(&buf)
-			w.SetCompression(tt.compress)
+			w.SetCompression(tt.compress, nil)
 			e := journal.Entry{Seq: 7, Kind: journal.KindWrite, Length: uint32(len(tt.data)), Data: tt.data}
 			if err := w.Write(TypeEntries, journal.AppendEntry(nil, &e)); err != nil {
 				t.Fatal(err)
@@ -161,6 +162,51 @@ func TestCompressionBacksOff(t *testing.T) {
 	}
 }
 
+// fixedRate is a link of a known speed.
+type fixedRate float64
+
+func (r fixedRate) LinkRate() (float64, bool) { return float64(r), r > 0 }
+
+// TestCompressionPaysByLinkRate: compression is used where the link is
+// slower than what compressing saves, and only tried now and then on a
+// faster link. Each compression takes 1 ms on the test's clock, so the
+// encoder runs at 64 MiB/s on 64 KiB frames, and text shrinks far more
+// than 2×: the break-even link rate is a little under 64 MiB/s.
+func TestCompressionPaysByLinkRate(t *testing.T) {
+	text := bytes.Repeat([]byte("the quick brown fox jumps over the lazy dog\n"), 1500)[:64<<10]
+	tests := []struct {
+		name string
+		link LinkRater
+		want int // frames of 100 compressed
+	}{
+		{"no link rate: wherever it shrinks", nil, 100},
+		{"link rate unknown yet", fixedRate(0), 100},
+		{"WAN, 12 MB/s", fixedRate(12e6), 100},
+		{"just under break-even", fixedRate(60 << 20), 100},
+		// The first frame measures the encoder; then one in trialEvery.
+		{"just over break-even", fixedRate(70 << 20), 1 + 99/trialEvery},
+		{"loopback, 8 GB/s", fixedRate(8e9), 1 + 99/trialEvery},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var clock time.Time
+			z := &compressor{link: tt.link, now: func() time.Time {
+				clock = clock.Add(time.Millisecond)
+				return clock
+			}}
+			got := 0
+			for range 100 {
+				if _, ok := z.compress([][]byte{text}, len(text)); ok {
+					got++
+				}
+			}
+			if got != tt.want {
+				t.Errorf("%d of 100 frames compressed, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
 // TestCompressedFrameChecks: a compressed frame of a type that is never
 // compressed, a corrupt one and one that inflates past MaxFrame are
 // refused with ErrFrame.
@@ -193,7 +239,7 @@ func TestCompressedFrameChecks(t *testing.T) {
 func FuzzRead(f *testing.F) {
 	var buf bytes.Buffer
 	w := New(&buf)
-	w.SetCompression(true)
+	w.SetCompression(true, nil)
 	w.Write(TypeBaseData, EncodeBaseData(1, 0), bytes.Repeat([]byte("abc"), 400))
 	w.Write(TypeAck, EncodeAck(3))
 	f.Add(buf.Bytes())

@@ -382,9 +382,6 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	c := link.New(conn)
-	s.mu.Lock()
-	s.conn = c
-	s.mu.Unlock()
 	defer func() {
 		p, w := c.Counts()
 		s.mu.Lock()
@@ -405,7 +402,13 @@ func (s *Shipper) RunOnce(ctx context.Context) error {
 	if err := c.ReadJSON(link.TypeWelcome, &w); err != nil {
 		return fmt.Errorf("welcome: %w", err)
 	}
-	c.SetCompression(w.Compress == link.CompressZstd && !s.cfg.NoCompress)
+	// The link's speed decides where compression pays; a connection that
+	// cannot tell it (not TCP) is taken for a slow one.
+	rater, _ := conn.(link.LinkRater)
+	c.SetCompression(w.Compress == link.CompressZstd && !s.cfg.NoCompress, rater)
+	s.mu.Lock()
+	s.conn = c // for status, now that its compression is set
+	s.mu.Unlock()
 	next := w.NextSeq
 	s.mu.Lock()
 	bm := s.bm
@@ -784,6 +787,9 @@ func (s *Shipper) Status() Status {
 		p, w := s.conn.Counts()
 		st.PayloadBytes += p
 		st.WireBytes += w
+		var l float64
+		st.Compressing, l, _ = s.conn.Compressing()
+		st.LinkBitsPerSecond = int64(l * 8)
 	}
 	var oldest int64
 	if s.acked < last && len(s.queue) > 0 {

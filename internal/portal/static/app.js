@@ -298,6 +298,7 @@ function linkText(l) {
   const parts = [fmtBytes(l.throughput_bytes_per_second) + "/s"];
   if (l.wire_bytes > 0 && l.wire_bytes < l.payload_bytes) parts.push(`compressed ${(l.payload_bytes / l.wire_bytes).toFixed(2)}× (${fmtBytes(l.payload_bytes)} sent as ${fmtBytes(l.wire_bytes)})`);
   if (l.cap_bits_per_second) parts.push("cap " + fmtRate(l.cap_bits_per_second));
+  if (l.link_bits_per_second) parts.push(`link ~${fmtRate(l.link_bits_per_second)}, ${l.compressing ? "compressing" : "sent plain (faster than compressing)"}`);
   if (l.backlog_bytes > 1 << 20) parts.push("backlog " + fmtBytes(l.backlog_bytes) + (l.clears_in_seconds < 0 ? ", not shrinking" : l.clears_in_seconds > 0 ? `, clears in ~${Math.round(l.clears_in_seconds)} s` : ""));
   return parts.join(" · ");
 }
