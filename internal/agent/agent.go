@@ -132,6 +132,12 @@ type Agent struct {
 	// serves the rest; these wait for an operator, untouched.
 	problems map[string]api.Problem // by kind/name
 
+	// The highest leader epoch obeyed, and calls refused for an older one
+	// (epoch.go).
+	epochMu      sync.Mutex
+	epoch        int64
+	staleRefused int64
+
 	// Replication caps (PUT /v1/bandwidth), by peer site and by group;
 	// bwMu guards the maps and the saved config.
 	bwMu     sync.Mutex
@@ -244,6 +250,9 @@ func New(cfg Config) (*Agent, error) {
 	a.recv = &replication.Receiver{ReplicaFor: a.replicaFor}
 	a.metrics = newMetrics(a)
 	if err := a.loadBandwidth(); err != nil {
+		return nil, err
+	}
+	if err := a.loadEpoch(); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -1231,6 +1240,7 @@ func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	st := Status{Site: a.cfg.Name, NBDSocket: a.nbdSock, Groups: []GroupStatus{}, Replicas: []replica.Status{}, Views: []ViewInfo{}}
+	st.LeaderEpoch, st.StaleLeaderRefused = a.Epoch()
 	for _, gr := range a.groups {
 		gs := GroupStatus{Name: gr.name, Disks: gr.g.Disks(), LastSeq: gr.g.Journal().LastSeq(), JournalBytes: gr.g.Journal().Size(), UnfoldedBytes: gr.g.Unfolded(), Fenced: gr.fenced}
 		if err := gr.g.Failed(); err != nil {

@@ -57,6 +57,14 @@ func (a *Agent) routes() http.Handler {
 				reply(w, nil, fmt.Errorf("%w: %s may not call %s (allowed: %s)", api.ErrForbidden, peer, pattern, strings.Join(allowed, ", ")))
 				return
 			}
+			if r.Method != http.MethodGet {
+				// A change from an older leader is refused (epoch.go).
+				if err := a.admitEpoch(r.Header.Get(api.LeaderEpochHeader)); err != nil {
+					a.log.Warn("refused a call", "route", pattern, "caller", peer.String(), "err", err)
+					reply(w, nil, err)
+					return
+				}
+			}
 			h(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, peer)))
 		})
 	}

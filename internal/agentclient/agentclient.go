@@ -41,6 +41,28 @@ func NewFor(id *pki.Identity, addr string, server pki.Peer) *Client {
 	return &Client{base: "https://" + addr, hc: &http.Client{Transport: tr, Timeout: 3 * time.Minute}}
 }
 
+// SetLeaderEpoch makes every call carry epoch() as the caller's
+// leadership epoch (api.LeaderEpochHeader), when it is above 0: a site
+// then refuses the calls of a leader older than one it obeyed, with
+// api.ErrStaleLeader. Call it before the first call.
+func (c *Client) SetLeaderEpoch(epoch func() int64) {
+	c.hc.Transport = epochTransport{next: c.hc.Transport, epoch: epoch}
+}
+
+// epochTransport adds the leadership epoch to each request.
+type epochTransport struct {
+	next  http.RoundTripper
+	epoch func() int64
+}
+
+func (t epochTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if e := t.epoch(); e > 0 {
+		r = r.Clone(r.Context())
+		r.Header.Set(api.LeaderEpochHeader, strconv.FormatInt(e, 10))
+	}
+	return t.next.RoundTrip(r)
+}
+
 // SetTimeout bounds every call (default 3 min).
 func (c *Client) SetTimeout(d time.Duration) { c.hc.Timeout = d }
 

@@ -452,6 +452,11 @@ type AgentStatus struct {
 	DiskFree     int64 `json:"disk_free_bytes"`
 	// Problems are the groups and replicas the site could not open.
 	Problems []Problem `json:"problems,omitempty"`
+	// LeaderEpoch is the highest vault leadership epoch the site obeyed
+	// (0: no vault sent one), and StaleLeaderRefused the calls it refused
+	// since it started because they came from an older leader.
+	LeaderEpoch        int64 `json:"leader_epoch,omitempty"`
+	StaleLeaderRefused int64 `json:"stale_leader_refused,omitempty"`
 }
 
 // CreateGroup creates a consistency group (POST /v1/groups).

@@ -28,7 +28,20 @@ var (
 	// ErrSite: a site agent failed a call the vault made on the caller's
 	// behalf (502); the message says which site and what it answered.
 	ErrSite = errors.New("site error")
+	// ErrStaleLeader: an agent refused a call from a vault whose
+	// leadership epoch (LeaderEpochHeader) is older than one it already
+	// obeyed (412): a newer vault leads, and the caller must stop acting.
+	ErrStaleLeader = errors.New("a newer vault leads")
 )
+
+// LeaderEpochHeader carries, on a vault's calls to agents, the fencing
+// token of the vault's leadership: etcd's revision of its election key,
+// greater for every later leader. An agent refuses a call with an epoch
+// below the highest it has obeyed (ErrStaleLeader), so a vault that lost
+// the leadership but does not know it yet (cut off from etcd, paused)
+// cannot act on a site after its successor did. Calls without it (a lone
+// vault, an operator) are not fenced.
+const LeaderEpochHeader = "Ferry-Leader-Epoch"
 
 var codes = []struct {
 	err  error
@@ -43,6 +56,7 @@ var codes = []struct {
 	{ErrUnavailable, http.StatusServiceUnavailable},
 	{ErrNotLeader, http.StatusMisdirectedRequest},
 	{ErrSite, http.StatusBadGateway},
+	{ErrStaleLeader, http.StatusPreconditionFailed},
 }
 
 // Status is the HTTP status for err: the code of the sentinel it wraps,

@@ -267,6 +267,11 @@ type Job struct {
 	PrevState ProtectionState `json:"prev_state"`
 	// Plan names the recovery plan of a plan job (Protection is empty).
 	Plan string `json:"plan,omitempty"`
+	// Vault is the address of the vault that ran the job, and Epoch the
+	// fencing token of its leadership then (0: a lone vault): where
+	// vaults share etcd, the job history shows which leader acted.
+	Vault string `json:"vault,omitempty"`
+	Epoch int64  `json:"epoch,omitempty"`
 }
 
 // EnableRequest asks to protect a VM (POST /v1/protections).

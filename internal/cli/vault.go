@@ -135,8 +135,14 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 	if err := id.Require(pki.RoleVault, ""); err != nil {
 		return err
 	}
-	cfg := vault.Config{Logger: e.log, ScriptDir: o.scripts, Site: func(addr, site string) vault.Site {
-		return agentclient.New(id, addr, site)
+	var lead *leader.Etcd
+	cfg := vault.Config{Logger: e.log, ScriptDir: o.scripts, Advertise: cmp.Or(o.advertise, listen), Site: func(addr, site string) vault.Site {
+		c := agentclient.New(id, addr, site)
+		if lead != nil {
+			// Sites refuse the calls of an older leader.
+			c.SetLeaderEpoch(lead.Epoch)
+		}
+		return c
 	}}
 	switch {
 	case o.store == "":
@@ -154,7 +160,8 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 		defer st.Close()
 		cfg.Store = st
 		adv := cmp.Or(o.advertise, listen)
-		cfg.Leadership = leader.New(st.Client(), prefix+"/leader", adv, 5*time.Second)
+		lead = leader.New(st.Client(), prefix+"/leader", adv, 5*time.Second)
+		cfg.Leadership = lead
 		fmt.Fprintf(e.stderr, "vault %s: state in etcd %s; campaigning to lead (the others serve reads and name the leader)\n", adv, o.store)
 	default:
 		return usagef("--store %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// over TLS with the vault's certificate), or nothing for SQLite in --dir", o.store)

@@ -86,6 +86,20 @@ func (e *Etcd) Leader(ctx context.Context) (string, error) {
 	return string(resp.Kvs[0].Value), nil
 }
 
+// Epoch returns the fencing token of this candidate's leadership: the
+// etcd revision at which its election key was created, greater for every
+// later leader; 0 before it won. It stays the same after the leadership
+// is lost, so calls the old leader still makes are refused by sites that
+// obeyed its successor (api.LeaderEpochHeader).
+func (e *Etcd) Epoch() int64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.el == nil {
+		return 0
+	}
+	return e.el.Rev()
+}
+
 // Resign gives the leadership up (on a clean shutdown, so that another
 // vault takes over at once rather than after the lease).
 func (e *Etcd) Resign(ctx context.Context) error {

@@ -83,6 +83,9 @@ func TestElection(t *testing.T) {
 	if got, _ := a.Leader(ctx); got != "west:7400" {
 		t.Fatalf("leader after the resignation: %q", got)
 	}
+	if a.Epoch() <= 0 || b.Epoch() <= a.Epoch() {
+		t.Fatalf("epochs: first leader %d, second %d; want a positive token that grows", a.Epoch(), b.Epoch())
+	}
 	// The leader is cut off: its lease goes (revoked here, as the TTL
 	// would). Its lost channel closes; a new candidate leads.
 	start := time.Now()
@@ -99,6 +102,9 @@ func TestElection(t *testing.T) {
 	defer cancel()
 	if _, err := c.Campaign(cctx); err != nil {
 		t.Fatalf("a new candidate after the leader's lease went: %v", err)
+	}
+	if c.Epoch() <= b.Epoch() {
+		t.Errorf("epoch of the leader after a lost lease %d, the lost one's %d: want greater", c.Epoch(), b.Epoch())
 	}
 	t.Logf("a new leader %v after the old one's lease went", time.Since(start).Round(time.Millisecond))
 }

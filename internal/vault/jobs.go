@@ -199,7 +199,8 @@ func (v *Vault) startJob(ctx context.Context, protection, action string, steps [
 	rb := make([]byte, 4)
 	rand.Read(rb)
 	id := fmt.Sprintf("j%d-%x", v.now().Unix(), rb)
-	job := Job{ID: id, Action: action, Protection: protection, State: JobRunning, Params: params, Created: v.now()}
+	job := Job{ID: id, Action: action, Protection: protection, State: JobRunning, Params: params, Created: v.now(),
+		Vault: v.cfg.Advertise, Epoch: v.epoch()}
 	for _, s := range steps {
 		job.Steps = append(job.Steps, Step{Name: s, State: StepPending})
 	}

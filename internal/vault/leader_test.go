@@ -31,6 +31,7 @@ func (f *fakeLeadership) Campaign(ctx context.Context) (<-chan struct{}, error) 
 }
 func (f *fakeLeadership) Leader(context.Context) (string, error) { return f.leader(), nil }
 func (f *fakeLeadership) Resign(context.Context) error           { return nil }
+func (f *fakeLeadership) Epoch() int64                           { return 1 }
 
 // TestLeadership: two vaults on one store. The follower serves reads and
 // refuses changes naming the leader; when the leader loses the

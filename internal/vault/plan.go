@@ -220,7 +220,7 @@ func (v *Vault) RunPlan(ctx context.Context, name string, req api.PlanRun) (Job,
 	}
 	snap, _ := json.Marshal(api.Plan{Name: plan.Name, Groups: plan.Groups})
 	rj, _ := json.Marshal(req)
-	job := Job{ID: id, Action: "plan-" + req.Action, Plan: name, State: JobRunning, Created: v.now(),
+	job := Job{ID: id, Action: "plan-" + req.Action, Plan: name, State: JobRunning, Created: v.now(), Vault: v.cfg.Advertise, Epoch: v.epoch(),
 		Params: map[string]string{"plan": string(snap), "request": string(rj)}}
 	pr := &planRun{v: v, job: job, plan: plan, req: req, steps: planSteps(plan, req.Action)}
 	for _, s := range pr.steps {

@@ -44,6 +44,8 @@ type Config struct {
 	// Leadership elects the one vault that acts among several sharing
 	// the store (leader.Etcd fits); nil: this vault is the only one.
 	Leadership Leadership
+	// Advertise is this vault's API address, recorded in the jobs it runs.
+	Advertise string
 }
 
 // Leadership elects one vault among several (package leader).
@@ -55,6 +57,11 @@ type Leadership interface {
 	Leader(ctx context.Context) (string, error)
 	// Resign gives the leadership up.
 	Resign(ctx context.Context) error
+	// Epoch is the fencing token of this vault's leadership, greater for
+	// every later leader (0 before it led). Jobs record it; the vault's
+	// calls to sites carry it, so a site refuses an older leader's calls
+	// (api.LeaderEpochHeader).
+	Epoch() int64
 }
 
 // Vault is the control plane.
@@ -160,6 +167,15 @@ func (v *Vault) lead() {
 // Lost is closed when this vault lost the leadership and stopped: its
 // process should exit (a supervisor restarts it as a follower).
 func (v *Vault) Lost() <-chan struct{} { return v.lost }
+
+// epoch is the fencing token of this vault's leadership (0 for a lone
+// vault).
+func (v *Vault) epoch() int64 {
+	if v.cfg.Leadership == nil {
+		return 0
+	}
+	return v.cfg.Leadership.Epoch()
+}
 
 // Leading reports whether this vault acts (always, without Leadership).
 func (v *Vault) Leading() bool { return v.leading.Load() }
