@@ -16,18 +16,26 @@ import (
 // not wait for etcd to answer: clients retry with a deadline.
 func Start(t testing.TB) string {
 	t.Helper()
-	return start(t, "http")
+	return start(t, "http", "127.0.0.1")
 }
 
-// start runs a one-member etcd serving its clients over scheme, with
-// extra flags, and returns its client URL.
-func start(t testing.TB, scheme string, extra ...string) string {
+// StartOn runs etcd like Start, serving its clients at host (an address
+// of this machine other than 127.0.0.1, which other network namespaces
+// can reach).
+func StartOn(t testing.TB, host string) string {
+	t.Helper()
+	return start(t, "http", host)
+}
+
+// start runs a one-member etcd serving its clients over scheme at host,
+// with extra flags, and returns its client URL.
+func start(t testing.TB, scheme, host string, extra ...string) string {
 	t.Helper()
 	bin, err := exec.LookPath("etcd")
 	if err != nil {
 		t.Fatalf("etcd not found: run 'make deps' (installs etcd-server)")
 	}
-	client, peer := fmt.Sprintf("%s://127.0.0.1:%d", scheme, freePort(t)), fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	client, peer := fmt.Sprintf("%s://%s:%d", scheme, host, freePort(t)), fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	cmd := exec.Command(bin, append([]string{"--name", "t", "--data-dir", t.TempDir(), "--listen-client-urls", client, "--advertise-client-urls", client,
 		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t=" + peer, "--log-level", "error"}, extra...)...)
 	var log bytes.Buffer
@@ -110,5 +118,5 @@ func freePort(t testing.TB) int {
 // and returns its https client URL.
 func StartTLS(t testing.TB, certFile, keyFile, caFile string) string {
 	t.Helper()
-	return start(t, "https", "--cert-file", certFile, "--key-file", keyFile, "--trusted-ca-file", caFile, "--client-cert-auth")
+	return start(t, "https", "127.0.0.1", "--cert-file", certFile, "--key-file", keyFile, "--trusted-ca-file", caFile, "--client-cert-auth")
 }
