@@ -14,7 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/agentclient"
 	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/guest"
+	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/store/etcdtest"
 	"github.com/ferry-dr/ferry/internal/vaultclient"
 )
@@ -111,12 +114,15 @@ func TestVaultTakeover(t *testing.T) {
 }
 
 // TestUpHA starts `ferry up --ha` (three etcd members, a vault at east
-// and at west, both agents) and kills everything of the site whose vault
-// leads, with SIGKILL: its agent, its vault and its etcd member. The
-// other site's vault takes over on the two remaining members' quorum and
-// sees the killed site down.
+// and at west, both agents), runs the test guest's VM at the site whose
+// vault leads, protected to the other, and kills everything of that
+// site with SIGKILL: its agent, its vault and its etcd member. The other
+// site's vault takes over on the two remaining members' quorum, sees the
+// killed site down, and runs an unplanned failover: the VM resumes at
+// the other site with every record replicated before the kill.
 func TestUpHA(t *testing.T) {
-	need(t, "etcd")
+	need(t, "etcd", "qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+	g := guestDir(t)
 	dir := t.TempDir()
 	ports := []string{freePort(t), freePort(t), freePort(t), freePort(t)}
 	etcdBase := strconv.Itoa(freeRun(t, 6))
@@ -167,10 +173,56 @@ func TestUpHA(t *testing.T) {
 	if err := policy("before"); err != nil {
 		t.Fatal(err)
 	}
-	// The change went to the leader: kill its whole site.
+	// The change went to the leader: its site is the one to burn. The
+	// test guest's VM runs there, protected to the other site.
 	lead, other, otherURL, vaultProc := "east", "west", "https://"+ports[1], "vault"
 	if c.URL() == "https://"+ports[1] {
 		lead, other, otherURL, vaultProc = "west", "east", "https://"+ports[0], "vault-west"
+	}
+	webLead, webOther := freePort(t), freePort(t)
+	vm := api.VM{Name: "web", Site: lead, MemoryMiB: 256, Disks: []api.VMDisk{{Name: "vda", Size: 64 << 20}},
+		Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
+		Append:   "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100",
+		Forwards: map[string]string{lead: webLead, other: webOther}, GuestPort: 80, QGA: true}
+	if _, err := c.DefineVM(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	fs := filepath.Join(t.TempDir(), "fs.img")
+	ext4Image(t, fs, 64<<20)
+	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///web/vda?socket="+filepath.Join(dir, lead, "nbd.sock"))
+	if _, err := c.StartVM(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	until(t, 90*time.Second, "the workload at "+lead, func() bool {
+		st, err := guest.FetchState(webLead)
+		return err == nil && st.LastDurable > 20
+	})
+	runJob(t, c, api.JobSucceeded)(c.Enable(ctx, api.EnableRequest{VM: "web", Target: other}))
+	// What the recovery site holds at the kill: every record durable at
+	// the sample, once the source's stream acknowledges the journal as
+	// it was then.
+	before, err := guest.FetchState(webLead)
+	if err != nil {
+		t.Fatal(err)
+	}
+	op, err := pki.Load(filepath.Join(dir, "pki"), "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := agentclient.New(op, map[string]string{"east": ports[2], "west": ports[3]}[lead], lead)
+	var sampled uint64
+	until(t, 30*time.Second, "the records at the sample to reach "+other, func() bool {
+		st, err := src.Status(ctx)
+		if err != nil || len(st.Groups) == 0 || st.Groups[0].Replication == nil {
+			return false
+		}
+		if sampled == 0 {
+			sampled = st.Groups[0].LastSeq
+		}
+		return st.Groups[0].Replication.AckedSeq >= sampled
+	})
+	if p, err := c.Protection(ctx, "web"); err == nil {
+		t.Logf("before the kill: %d records durable, RPO %.3f s", before.LastDurable, p.RPOSeconds)
 	}
 	for _, p := range []string{lead, vaultProc, "etcd-" + lead} {
 		b, err := os.ReadFile(filepath.Join(dir, p+".pid"))
@@ -194,6 +246,33 @@ func TestUpHA(t *testing.T) {
 	}
 	siteReachable(t, c, lead, false)
 	siteReachable(t, c, other, true)
+
+	// Unplanned failover through the new leader.
+	fo := runJob(t, c, api.JobSucceeded)(c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"}))
+	if fo.Vault != strings.TrimPrefix(otherURL, "https://") {
+		t.Errorf("the failover ran at %s, want %s's vault", fo.Vault, other)
+	}
+	for _, st := range fo.Steps {
+		t.Logf("failover %s: %v", st.Name, st.Messages)
+	}
+	var after guest.WorkloadState
+	until(t, 120*time.Second, "the workload at "+other, func() bool {
+		st, err := guest.FetchState(webOther)
+		after = st
+		return err == nil && st.LastDurable > 0
+	})
+	if after.ChecksumErrors != 0 {
+		t.Errorf("damaged records after the failover: %+v", after)
+	}
+	if after.ResumedAfter < before.LastDurable {
+		t.Errorf("the VM at %s resumed after record %d; %d were durable and replicated before the kill: %d lost beyond the RPO",
+			other, after.ResumedAfter, before.LastDurable, before.LastDurable-after.ResumedAfter)
+	}
+	p, err := c.Protection(ctx, "web")
+	if err != nil || p.State != api.StateFailedOver || p.Target != other {
+		t.Errorf("after the failover: %+v %v", p, err)
+	}
+	t.Logf("unplanned failover through %s's vault: resumed after record %d (%d durable at the sample)", other, after.ResumedAfter, before.LastDurable)
 }
 
 // freeRun returns the first of n consecutive free loopback ports (the
