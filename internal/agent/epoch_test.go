@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"sync/atomic"
 	"testing"
 
 	"github.com/ferry-dr/ferry/internal/agentclient"
@@ -21,9 +22,10 @@ func TestLeaderEpochFence(t *testing.T) {
 	a := startAgentWith(t, Config{Name: "siteA", PKIDir: pk, Dir: dir})
 	id := pkitest.Load(t, pk, "vault")
 	ctx := context.Background()
+	var deposed atomic.Int64
 	asLeader := func(a *Agent, epoch int64) *agentclient.Client {
 		c := agentclient.New(id, a.Addr(), "siteA")
-		c.SetLeaderEpoch(func() int64 { return epoch })
+		c.SetLeaderEpoch(func() int64 { return epoch }, func() { deposed.Add(1) })
 		return c
 	}
 	bw := api.Bandwidth{Peers: map[string]api.BandwidthLimit{"siteB": {BitsPerSecond: 10e6}}}
@@ -50,6 +52,9 @@ func TestLeaderEpochFence(t *testing.T) {
 	st := a.Status()
 	if st.LeaderEpoch != 7 || st.StaleLeaderRefused != 2 {
 		t.Errorf("status: epoch %d, refused %d; want 7 and 2", st.LeaderEpoch, st.StaleLeaderRefused)
+	}
+	if got := deposed.Load(); got != 2 {
+		t.Errorf("the client was told it was deposed %d times, want once per refused call (2)", got)
 	}
 
 	a.Close()

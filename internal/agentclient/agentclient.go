@@ -44,23 +44,31 @@ func NewFor(id *pki.Identity, addr string, server pki.Peer) *Client {
 // SetLeaderEpoch makes every call carry epoch() as the caller's
 // leadership epoch (api.LeaderEpochHeader), when it is above 0: a site
 // then refuses the calls of a leader older than one it obeyed, with
-// api.ErrStaleLeader. Call it before the first call.
-func (c *Client) SetLeaderEpoch(epoch func() int64) {
-	c.hc.Transport = epochTransport{next: c.hc.Transport, epoch: epoch}
+// api.ErrStaleLeader, and deposed (if not nil) is called at once, so
+// that the caller stops acting before its own lease tells it. Call it
+// before the first call.
+func (c *Client) SetLeaderEpoch(epoch func() int64, deposed func()) {
+	c.hc.Transport = epochTransport{next: c.hc.Transport, epoch: epoch, deposed: deposed}
 }
 
 // epochTransport adds the leadership epoch to each request.
 type epochTransport struct {
-	next  http.RoundTripper
-	epoch func() int64
+	next    http.RoundTripper
+	epoch   func() int64
+	deposed func()
 }
 
 func (t epochTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	if e := t.epoch(); e > 0 {
+	e := t.epoch()
+	if e > 0 {
 		r = r.Clone(r.Context())
 		r.Header.Set(api.LeaderEpochHeader, strconv.FormatInt(e, 10))
 	}
-	return t.next.RoundTrip(r)
+	resp, err := t.next.RoundTrip(r)
+	if err == nil && e > 0 && t.deposed != nil && errors.Is(api.Sentinel(resp.StatusCode), api.ErrStaleLeader) {
+		t.deposed()
+	}
+	return resp, err
 }
 
 // SetTimeout bounds every call (default 3 min).

@@ -136,11 +136,12 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 		return err
 	}
 	var lead *leader.Etcd
+	var v *vault.Vault
 	cfg := vault.Config{Logger: e.log, ScriptDir: o.scripts, Advertise: cmp.Or(o.advertise, listen), Site: func(addr, site string) vault.Site {
 		c := agentclient.New(id, addr, site)
 		if lead != nil {
 			// Sites refuse the calls of an older leader.
-			c.SetLeaderEpoch(lead.Epoch)
+			c.SetLeaderEpoch(lead.Epoch, func() { v.Deposed() })
 		}
 		return c
 	}}
@@ -166,7 +167,7 @@ func runVault(ctx context.Context, e *env, o vaultRun) error {
 	default:
 		return usagef("--store %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// over TLS with the vault's certificate), or nothing for SQLite in --dir", o.store)
 	}
-	v := vault.New(cfg)
+	v = vault.New(cfg)
 	if err := v.Start(ctx); err != nil {
 		return err
 	}

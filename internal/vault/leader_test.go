@@ -242,3 +242,37 @@ func second(t *testing.T, st store.Store, l Leadership, f *fixture) (*Vault, *ht
 	t.Cleanup(bs.Close)
 	return b, bs
 }
+
+// TestDeposed: a leading vault told by a site that a newer leader exists
+// stops at once, as if its lease were gone; a lone vault ignores it.
+func TestDeposed(t *testing.T) {
+	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
+	close(la.elect)
+	f := newFixture(t, store.NewMem(), func(c *Config) { c.Leadership = la })
+	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the elected vault does not lead")
+		}
+	}
+	f.v.Deposed()
+	f.v.Deposed() // idempotent
+	select {
+	case <-f.v.Lost():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the deposed vault did not stop")
+	}
+	if f.v.Leading() {
+		t.Error("the deposed vault still leads")
+	}
+
+	lone := newFixture(t, store.NewMem())
+	lone.v.Deposed()
+	select {
+	case <-lone.v.Lost():
+		t.Fatal("a lone vault stopped on Deposed")
+	default:
+	}
+	if !lone.v.Leading() {
+		t.Error("a lone vault stopped leading on Deposed")
+	}
+}

@@ -76,6 +76,10 @@ type Vault struct {
 	// leading: this vault acts (runs jobs, polls sites, takes changes).
 	leading atomic.Bool
 	lost    chan struct{}
+	// deposed is closed when a site refused a call for a newer leader's
+	// sake (Deposed).
+	deposed     chan struct{}
+	deposedOnce sync.Once
 
 	metrics *metrics
 	rpo     *rpoHistory
@@ -100,7 +104,7 @@ func New(cfg Config) *Vault {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
 	}
-	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), clients: map[string]Site{}, problems: map[string][]api.Problem{}, pushed: map[string]api.Bandwidth{}}
+	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), deposed: make(chan struct{}), clients: map[string]Site{}, problems: map[string][]api.Problem{}, pushed: map[string]api.Bandwidth{}}
 	v.metrics = newMetrics(v)
 	return v
 }
@@ -156,12 +160,31 @@ func (v *Vault) lead() {
 		v.log.Error("lost the leadership: this vault stops acting so that the new leader acts alone")
 		close(v.lost)
 		v.cancel()
+	case <-v.deposed:
+		// A site obeys a newer leader: this vault's lease is gone or
+		// about to be, and waiting for it to say so would only let this
+		// vault's jobs fail call after call.
+		v.leading.Store(false)
+		v.log.Error("lost the leadership: a site obeys a newer leader; this vault stops acting so that the new leader acts alone")
+		close(v.lost)
+		v.cancel()
 	case <-v.ctx.Done():
 		v.leading.Store(false)
 		rctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		v.cfg.Leadership.Resign(rctx)
 		cancel()
 	}
+}
+
+// Deposed tells the vault that a site refused one of its calls because
+// it obeys a newer leader (api.ErrStaleLeader): the vault stops acting
+// at once, as when its lease is lost. Without Leadership it does
+// nothing. Safe for concurrent use; idempotent.
+func (v *Vault) Deposed() {
+	if v.cfg.Leadership == nil {
+		return
+	}
+	v.deposedOnce.Do(func() { close(v.deposed) })
 }
 
 // Lost is closed when this vault lost the leadership and stopped: its
