@@ -342,9 +342,12 @@ func (c *Conn) Close() {
 // current in case the link slows down.
 //
 // Where the data itself does not compress (encrypted, already
-// compressed) it backs off too, whatever the link: after missLimit frames in a row that
+// compressed) it backs off too: after missLimit frames in a row that
 // shrank by less than an eighth, it tries only one frame in probeEvery
-// until one pays again.
+// until one pays again; except on a link more than probeEvery times
+// slower than the compressor, where trying every frame costs little
+// against sending it, and compressible data after incompressible data is
+// compressed from its first frame.
 type compressor struct {
 	link   LinkRater
 	now    func() time.Time
@@ -353,9 +356,12 @@ type compressor struct {
 	misses int
 	skip   int
 	trial  int     // frames sent plain by the rate test since the last trial
-	speed  float64 // bytes per second the encoder compresses (moving average)
-	ratio  float64 // bytes in per byte out (moving average)
-	state  atomic.Pointer[compressState]
+	speed  float64 // bytes per second the encoder compresses (measureSpeed)
+	warm   bool    // an encoder compressed once
+	// inBytes and inSecs: the decaying sums speed is their ratio of.
+	inBytes, inSecs float64
+	ratio           float64 // bytes in per byte out (moving average)
+	state           atomic.Pointer[compressState]
 }
 
 // compressState is the last decision, for status.
@@ -368,6 +374,7 @@ const (
 	missLimit  = 4
 	probeEvery = 16
 	trialEvery = 32
+	minMeasure = 16 << 10
 )
 
 // encoders are shared: an encoder holds a few MiB, and most agents run
@@ -409,7 +416,11 @@ func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
 		}
 	}
 	z.trial = 0
-	if z.skip > 0 {
+	// On a link far slower than the compressor, trying costs next to
+	// nothing against sending: every frame is tried, so compressible data
+	// that follows incompressible data is compressed at once.
+	cheap := z.link != nil && l > 0 && z.speed > 0 && l*probeEvery < z.speed
+	if z.skip > 0 && !cheap {
 		z.skip--
 		return nil, false
 	}
@@ -425,30 +436,46 @@ func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
 	z.out = enc.EncodeAll(z.plain, z.out[:0])
 	took := z.now().Sub(start)
 	encoders.Put(enc)
+	z.measureSpeed(n, took)
 	if len(z.out) > n-n/8 {
-		if z.misses++; z.misses >= missLimit {
+		if z.misses++; z.misses >= missLimit && !cheap {
 			z.skip = probeEvery - 1
 		}
 		z.state.Store(&compressState{on: false, link: l, speed: z.speed})
 		return nil, false
 	}
 	z.misses = 0
-	z.measure(n, len(z.out), took)
+	z.measureRatio(n, len(z.out))
 	z.state.Store(&compressState{on: true, link: l, speed: z.speed})
 	return z.out, true
 }
 
-// measure folds one compression that paid into the moving averages
-// (weight 1/8: a few frames follow a change in the data). Frames that did
-// not shrink are left out: the back-off deals with them, and the link
-// test is about the data that does compress.
-func (z *compressor) measure(in, out int, took time.Duration) {
-	r := float64(in) / float64(max(out, 1))
-	s := float64(in) / max(took.Seconds(), 1e-6)
-	if z.speed == 0 {
-		z.speed, z.ratio = s, r
+// measureSpeed folds one compression into the encoder's rate: bytes
+// over time, both decaying by 7/8 a frame, so that a large frame counts
+// for more than a small one. The first compression is left out (the
+// encoder may be new and allocate its tables then), and so are frames
+// under minMeasure, whose fixed costs would make the encoder look slow.
+func (z *compressor) measureSpeed(in int, took time.Duration) {
+	if !z.warm {
+		z.warm = true
 		return
 	}
-	z.speed += (s - z.speed) / 8
+	if in < minMeasure {
+		return
+	}
+	z.inBytes = z.inBytes*7/8 + float64(in)
+	z.inSecs = z.inSecs*7/8 + max(took.Seconds(), 1e-6)
+	z.speed = z.inBytes / z.inSecs
+}
+
+// measureRatio folds the ratio of a frame that paid into the moving
+// average. Frames that did not shrink are left out: the back-off deals
+// with them, and the link test is about the data that does compress.
+func (z *compressor) measureRatio(in, out int) {
+	r := float64(in) / float64(max(out, 1))
+	if z.ratio == 0 {
+		z.ratio = r
+		return
+	}
 	z.ratio += (r - z.ratio) / 8
 }

@@ -183,9 +183,10 @@ func TestCompressionPaysByLinkRate(t *testing.T) {
 		{"link rate unknown yet", fixedRate(0), 100},
 		{"WAN, 12 MB/s", fixedRate(12e6), 100},
 		{"just under break-even", fixedRate(60 << 20), 100},
-		// The first frame measures the encoder; then one in trialEvery.
-		{"just over break-even", fixedRate(70 << 20), 1 + 99/trialEvery},
-		{"loopback, 8 GB/s", fixedRate(8e9), 1 + 99/trialEvery},
+		// The first frame warms the encoder up and the second measures
+		// it; then one in trialEvery.
+		{"just over break-even", fixedRate(70 << 20), 2 + 98/trialEvery},
+		{"loopback, 8 GB/s", fixedRate(8e9), 2 + 98/trialEvery},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -204,6 +205,23 @@ func TestCompressionPaysByLinkRate(t *testing.T) {
 				t.Errorf("%d of 100 frames compressed, want %d", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestCompressionResumesAtOnceOnSlowLink: on a link far slower than the
+// compressor, frames after a run of incompressible ones are still each
+// tried, so text that follows random data is compressed from its first
+// frame; without a link rate the back-off applies (TestCompressionBacksOff).
+func TestCompressionResumesAtOnceOnSlowLink(t *testing.T) {
+	noise := make([]byte, 64<<10)
+	text := bytes.Repeat([]byte("abcd"), 16<<10)
+	z := &compressor{link: fixedRate(1e6)}
+	for range 20 {
+		rand.Read(noise)
+		z.compress([][]byte{noise}, len(noise))
+	}
+	if _, ok := z.compress([][]byte{text}, len(text)); !ok {
+		t.Fatal("text after random data on a 1 MB/s link was not compressed at once")
 	}
 }
 
