@@ -29,39 +29,7 @@ import (
 // go through it. Started again, the killed vault follows.
 func TestVaultTakeover(t *testing.T) {
 	s := twoSites(t)
-	etcdURL := etcdtest.Start(t)
-	pk := s.a.pki
-	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "vault", "vault")
-	store := "etcd://" + strings.TrimPrefix(etcdURL, "http://") + "/ferry-e2e"
-	vaults := map[string]*vaultProc{}
-	for _, n := range []string{"east", "west"} {
-		vp := &vaultProc{dir: filepath.Join(s.root, "vault-"+n), addr: freePort(t)}
-		vp.args = []string{"vault", "run", "--dir", vp.dir, "--pki", pk, "--listen", vp.addr, "--store", store, "--advertise", vp.addr}
-		vp.start(t)
-		vaults["https://"+vp.addr] = vp
-		t.Cleanup(func() {
-			vp.cmd.Process.Kill()
-			vp.cmd.Wait()
-			if t.Failed() {
-				t.Logf("vault %s log:\n%s", n, vp.log.String())
-			}
-		})
-	}
-	var urls []string
-	for u := range vaults {
-		urls = append(urls, u)
-	}
-	east := vaults[urls[0]]
-	var token string
-	until(t, 30*time.Second, "a vault's first token", func() bool {
-		b, err := os.ReadFile(filepath.Join(east.dir, "operator.token"))
-		token = strings.TrimSpace(string(b))
-		return err == nil && token != ""
-	})
-	c, err := vaultclient.New(strings.Join(urls, ","), token, filepath.Join(pk, "ca.crt"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, vaults := haVaults(t, s)
 	ctx := context.Background()
 	until(t, 30*time.Second, "a leader to take changes", func() bool {
 		_, err := c.PutPolicy(ctx, api.Policy{Name: "gold", Retention: time.Hour, CheckpointInterval: time.Second, AppInterval: time.Hour,
@@ -273,6 +241,139 @@ func TestUpHA(t *testing.T) {
 		t.Errorf("after the failover: %+v %v", p, err)
 	}
 	t.Logf("unplanned failover through %s's vault: resumed after record %d (%d durable at the sample)", other, after.ResumedAfter, before.LastDurable)
+}
+
+// haVaults runs two vault processes over one real etcd, as a vault at
+// each site would, and returns a client given both, and the vaults by URL.
+func haVaults(t *testing.T, s *sites) (*vaultclient.Client, map[string]*vaultProc) {
+	t.Helper()
+	etcdURL := etcdtest.Start(t)
+	pk := s.a.pki
+	run(t, ferryBin, "ca", "issue", "--pki", pk, "--role", "vault", "vault")
+	store := "etcd://" + strings.TrimPrefix(etcdURL, "http://") + "/ferry-e2e"
+	vaults := map[string]*vaultProc{}
+	var urls []string
+	for _, n := range []string{"east", "west"} {
+		vp := &vaultProc{dir: filepath.Join(s.root, "vault-"+n), addr: freePort(t)}
+		vp.args = []string{"vault", "run", "--dir", vp.dir, "--pki", pk, "--listen", vp.addr, "--store", store, "--advertise", vp.addr}
+		vp.start(t)
+		vaults["https://"+vp.addr] = vp
+		urls = append(urls, "https://"+vp.addr)
+		t.Cleanup(func() {
+			vp.cmd.Process.Kill()
+			vp.cmd.Wait()
+			if t.Failed() {
+				t.Logf("vault %s log:\n%s", n, vp.log.String())
+			}
+		})
+	}
+	var token string
+	until(t, 30*time.Second, "a vault's first token", func() bool {
+		b, err := os.ReadFile(filepath.Join(vaults[urls[0]].dir, "operator.token"))
+		token = strings.TrimSpace(string(b))
+		return err == nil && token != ""
+	})
+	c, err := vaultclient.New(strings.Join(urls, ","), token, filepath.Join(pk, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, vaults
+}
+
+// TestLeaderKilledMidJobs: two vaults over etcd and a protected VM. The
+// leader is SIGKILLed in the middle of a failover (while it shuts the
+// source down), then, started again as a follower, the new leader is
+// killed in the middle of a reprotect. Each time the other vault fails
+// the job at its step within the lease, the protection is released (not
+// stuck), and the same action, run again through it, succeeds.
+func TestLeaderKilledMidJobs(t *testing.T) {
+	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "etcd")
+	g := guestDir(t)
+	s := twoSites(t)
+	c, vaults := haVaults(t, s)
+	ctx := context.Background()
+	until(t, 30*time.Second, "a leader to take changes", func() bool {
+		return c.AddSite(ctx, api.AddSite{Name: "siteA", Addr: s.a.addr}) == nil
+	})
+	if err := c.AddSite(ctx, api.AddSite{Name: "siteB", Addr: s.b.addr}); err != nil {
+		t.Fatal(err)
+	}
+	siteReachable(t, c, "siteA", true)
+	siteReachable(t, c, "siteB", true)
+	webA, webB := freePort(t), freePort(t)
+	createWorkloadVM(t, c, s, g, webA, webB)
+	runJob(t, c, api.JobSucceeded)(c.Enable(ctx, api.EnableRequest{VM: "web", Target: "siteB"}))
+
+	// killLeaderIn kills the vault running job j once its step i runs,
+	// and returns the job as the next leader ended it.
+	killLeaderIn := func(j api.Job, i int) (api.Job, *vaultProc) {
+		t.Helper()
+		until(t, 60*time.Second, "step "+j.Steps[i].Name, func() bool {
+			cur, err := c.Job(ctx, j.ID)
+			return err == nil && cur.Steps[i].State != api.JobPending
+		})
+		vp := vaults["https://"+j.Vault]
+		if vp == nil {
+			t.Fatalf("job %s ran at %q, not one of the vaults", j.ID, j.Vault)
+		}
+		vp.cmd.Process.Kill()
+		vp.cmd.Wait()
+		killed := time.Now()
+		var after api.Job
+		until(t, 30*time.Second, "the other vault to end the job", func() bool {
+			cur, err := c.Job(ctx, j.ID)
+			after = cur
+			return err == nil && cur.State != api.JobRunning
+		})
+		t.Logf("%s: ended %s by the next leader %v after the kill: %s", j.Action, after.State, time.Since(killed).Round(10*time.Millisecond), after.Error)
+		if time.Since(killed) > 20*time.Second {
+			t.Errorf("the next leader took %v to end the job: want the lease (5 s) and a little", time.Since(killed))
+		}
+		return after, vp
+	}
+
+	fo, err := c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, killed := killLeaderIn(fo, 1)
+	p, _ := c.Protection(ctx, "web")
+	if after.State == api.JobFailed && (p.State != api.StateProtected || p.Job != "") {
+		t.Fatalf("a failed failover left %+v", p)
+	}
+	killed.log.Reset()
+	killed.start(t) // a follower now
+	if after.State == api.JobFailed {
+		retry := runJob(t, c, api.JobSucceeded)(c.Failover(ctx, "web", api.FailoverRequest{Point: "latest"}))
+		t.Logf("retried failover at %s: %v", retry.Vault, stepNames(retry))
+	}
+	until(t, 90*time.Second, "the workload at site B", func() bool {
+		st, err := guest.FetchState(webB)
+		return err == nil && st.LastDurable > 0
+	})
+	runJob(t, c, api.JobSucceeded)(c.Commit(ctx, "web"))
+
+	rp, err := c.Reprotect(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, _ = killLeaderIn(rp, 3)
+	p, _ = c.Protection(ctx, "web")
+	if after.State == api.JobRunning || p.Job != "" {
+		t.Fatalf("after the kill: job %s, protection %+v", after.State, p)
+	}
+	if after.State == api.JobFailed {
+		if p.State != api.StateCommitted {
+			t.Fatalf("a failed reprotect left %+v", p)
+		}
+		siteReachable(t, c, "siteA", true)
+		retry := runJob(t, c, api.JobSucceeded)(c.Reprotect(ctx, "web"))
+		t.Logf("retried reprotect at %s: %v", retry.Vault, stepNames(retry))
+	}
+	p, _ = c.Protection(ctx, "web")
+	if p.State != api.StateProtected || p.Source != "siteB" {
+		t.Fatalf("after the retried reprotect: %+v", p)
+	}
 }
 
 // freeRun returns the first of n consecutive free loopback ports (the

@@ -339,10 +339,43 @@ type PlanItem struct {
 	Action string `json:"action"` // "reuse" or "create (new)"
 }
 
-// RPOSample is the worst RPO in one 10 s slot.
+// Alert is a condition that needs an operator now (GET /v1/alerts): a
+// site that does not answer, a protection that is not healthy (RPO over
+// its policy's thresholds, replication stopped, damaged disks).
+type Alert struct {
+	// Object is what it is about: "site/NAME" or "protection/VM".
+	Object   string `json:"object"`
+	Severity string `json:"severity"` // "warning" or "critical"
+	// Since is when it was raised (as the vault's event log has it).
+	Since   time.Time `json:"since"`
+	Message string    `json:"message"`
+	// Action says what to do about it.
+	Action string `json:"action"`
+}
+
+// Event is something that happened (GET /v1/events): an alert raised or
+// cleared, a job that ended.
+type Event struct {
+	ID       string    `json:"id"` // time-ordered
+	Time     time.Time `json:"time"`
+	Severity string    `json:"severity"` // "info", "warning" or "critical"
+	Object   string    `json:"object"`   // "site/NAME", "protection/VM", "job/ID"
+	// Kind: "raised" and "cleared" (an alert), "job-failed",
+	// "job-succeeded".
+	Kind    string `json:"kind"`
+	Message string `json:"message"`
+	Action  string `json:"action,omitempty"`
+}
+
+// RPOSample is one 10 s slot of a protection's replication: the worst
+// RPO in it, and the last throughput, bytes pending and source journal
+// size the vault saw.
 type RPOSample struct {
-	T   time.Time `json:"t"`
-	RPO float64   `json:"rpo"`
+	T          time.Time `json:"t"`
+	RPO        float64   `json:"rpo"`
+	Throughput float64   `json:"throughput_bytes_per_second,omitempty"`
+	Pending    int64     `json:"pending_bytes,omitempty"`
+	Journal    int64     `json:"journal_bytes,omitempty"`
 }
 
 // Whoami answers GET /v1/whoami.

@@ -36,7 +36,19 @@ func (v *Vault) Handler() http.Handler {
 		if _, err := v.Protection(r.Context(), r.PathValue("vm")); err != nil {
 			return nil, err
 		}
-		return v.rpo.get(r.PathValue("vm")), nil
+		return v.RPOHistory(r.Context(), r.PathValue("vm"))
+	})
+	read("GET /v1/alerts", func(r *http.Request) (any, error) { return v.Alerts(r.Context()) })
+	read("GET /v1/events", func(r *http.Request) (any, error) {
+		limit := 0
+		if l := r.URL.Query().Get("limit"); l != "" {
+			n, err := strconv.Atoi(l)
+			if err != nil || n < 0 {
+				return nil, fmt.Errorf("%w: limit %q: want a count", ErrInvalid, l)
+			}
+			limit = n
+		}
+		return v.Events(r.Context(), limit)
 	})
 	read("GET /v1/whoami", func(r *http.Request) (any, error) {
 		role, err := v.Authenticate(r.Context(), bearer(r))

@@ -270,7 +270,9 @@ func (v *Vault) finish(ctx context.Context, r *run, newState func(*Protection), 
 	r.end(err)
 	r.saveFinal(ctx)
 	v.metrics.jobEnded(r.job)
+	ended := r.job
 	r.mu.Unlock()
+	v.jobEvent(ctx, ended)
 	if err != nil {
 		v.log.Warn("job failed", "job", r.job.ID, "action", r.job.Action, "err", err)
 	} else {

@@ -3,7 +3,6 @@ package vault
 import (
 	"context"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -16,8 +15,9 @@ import (
 // read from the store at scrape time, and job durations observed when a
 // job ends.
 type metrics struct {
-	reg  *prometheus.Registry
-	jobs *prometheus.HistogramVec
+	reg    *prometheus.Registry
+	jobs   *prometheus.HistogramVec
+	events *prometheus.CounterVec
 }
 
 func newMetrics(v *Vault) *metrics {
@@ -27,7 +27,11 @@ func newMetrics(v *Vault) *metrics {
 		Help:    "How long DR jobs took, by action and outcome (succeeded, failed).",
 		Buckets: prometheus.ExponentialBuckets(0.05, 2.5, 12), // 50 ms .. 3 h
 	}, []string{"action", "outcome"})
-	m.reg.MustRegister(m.jobs, &vaultCollector{v: v},
+	m.events = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "ferry_events_total",
+		Help: "Events logged by this vault (GET /v1/events), by kind (raised, cleared, job-failed, job-succeeded) and severity.",
+	}, []string{"kind", "severity"})
+	m.reg.MustRegister(m.jobs, m.events, &vaultCollector{v: v},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -35,6 +39,8 @@ func newMetrics(v *Vault) *metrics {
 func (m *metrics) jobEnded(j Job) {
 	m.jobs.WithLabelValues(j.Action, string(j.State)).Observe(j.Ended.Sub(j.Created).Seconds())
 }
+
+func (m *metrics) eventLogged(e Event) { m.events.WithLabelValues(e.Kind, e.Severity).Inc() }
 
 func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
@@ -107,40 +113,3 @@ func (c *vaultCollector) Collect(ch chan<- prometheus.Metric) {
 
 // RPOSample is one point of a protection's RPO history (api.RPOSample).
 type RPOSample = api.RPOSample
-
-// rpoHistory keeps, per protection, the worst RPO of every interval over
-// the last window, in memory: it feeds the portal's chart. It starts empty
-// when the vault restarts (Prometheus keeps the long history).
-type rpoHistory struct {
-	mu       sync.Mutex
-	interval time.Duration
-	window   time.Duration
-	samples  map[string][]RPOSample
-}
-
-func newRPOHistory() *rpoHistory {
-	return &rpoHistory{interval: 10 * time.Second, window: 6 * time.Hour, samples: map[string][]RPOSample{}}
-}
-
-func (h *rpoHistory) add(vm string, now time.Time, rpo float64) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	t := now.Truncate(h.interval)
-	s := h.samples[vm]
-	if n := len(s); n > 0 && s[n-1].T.Equal(t) {
-		s[n-1].RPO = max(s[n-1].RPO, rpo)
-	} else {
-		s = append(s, RPOSample{T: t, RPO: rpo})
-	}
-	i := 0
-	for i < len(s) && now.Sub(s[i].T) > h.window {
-		i++
-	}
-	h.samples[vm] = s[i:]
-}
-
-func (h *rpoHistory) get(vm string) []RPOSample {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return append([]RPOSample{}, h.samples[vm]...)
-}

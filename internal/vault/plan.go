@@ -437,6 +437,7 @@ func (pr *planRun) end(ctx context.Context, i int, err error) {
 	v.releasePlan(ctx, pr.plan.Name, pr.job.ID, &entry)
 	pr.save(ctx)
 	v.metrics.jobEnded(pr.snapshot())
+	v.jobEvent(ctx, pr.snapshot())
 	if err != nil {
 		v.log.Warn("plan job failed", "job", pr.job.ID, "plan", pr.plan.Name, "err", err)
 	} else {

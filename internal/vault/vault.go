@@ -81,8 +81,9 @@ type Vault struct {
 	deposed     chan struct{}
 	deposedOnce sync.Once
 
-	metrics *metrics
-	rpo     *rpoHistory
+	metrics  *metrics
+	hist     *history
+	alerting alerting
 
 	// sitesMu guards what the vault keeps per site in memory.
 	sitesMu sync.Mutex
@@ -104,7 +105,7 @@ func New(cfg Config) *Vault {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
 	}
-	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, rpo: newRPOHistory(), deposed: make(chan struct{}), clients: map[string]Site{}, problems: map[string][]api.Problem{}, pushed: map[string]api.Bandwidth{}}
+	v := &Vault{cfg: cfg, st: cfg.Store, log: cfg.Logger, hist: newHistory(), deposed: make(chan struct{}), clients: map[string]Site{}, problems: map[string][]api.Problem{}, pushed: map[string]api.Bandwidth{}}
 	v.metrics = newMetrics(v)
 	return v
 }
@@ -209,6 +210,9 @@ func (v *Vault) act(ctx context.Context) error {
 	if err := v.recoverJobs(ctx); err != nil {
 		return err
 	}
+	if err := v.loadHistory(ctx); err != nil {
+		v.log.Warn("the charts start empty", "err", err)
+	}
 	if !v.cfg.NoHeartbeats {
 		v.wg.Add(1)
 		go func() {
@@ -231,10 +235,18 @@ func (v *Vault) act(ctx context.Context) error {
 // Close stops the vault; running jobs stop where they are and are failed
 // at the next Start.
 func (v *Vault) Close() error {
+	leading := v.Leading()
 	if v.cancel != nil {
 		v.cancel()
 	}
 	v.wg.Wait()
+	if leading {
+		// The samples since the last save, so that a restart keeps the
+		// charts whole (a crash loses at most a minute of them).
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		v.flushHistory(ctx)
+	}
 	return nil
 }
 
@@ -591,6 +603,7 @@ func (v *Vault) Heartbeat(ctx context.Context) {
 			v.sourceDown(ctx, s.Name)
 		}
 	}
+	v.checkAlerts(ctx)
 }
 
 // siteProblems turns critical, with the reason, the protections whose
@@ -717,6 +730,7 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 		}
 		rpo := g.Replication.RPO
 		link := g.Replication
+		now, due := v.now(), false
 		v.updateProtection(ctx, g.Name, func(p *Protection) error {
 			if p.Source != site {
 				return errors.New("not the source")
@@ -724,7 +738,7 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 			pol := v.policy(ctx, p.Policy)
 			p.RPOSeconds = rpo
 			p.Link = link
-			v.rpo.add(p.VM, v.now(), rpo)
+			due = v.hist.add(p.VM, now, RPOSample{RPO: rpo, Throughput: link.ThroughputBps, Pending: link.PendingBytes, Journal: g.JournalBytes})
 			lag := time.Duration(rpo * float64(time.Second))
 			switch {
 			case g.Failed != "":
@@ -746,6 +760,9 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 			}
 			return nil
 		})
+		if due {
+			v.saveHistory(ctx, g.Name, now)
+		}
 	}
 }
 

@@ -399,6 +399,24 @@ func (c *Client) RetryJob(ctx context.Context, id string) (api.Job, error) {
 	return c.job(ctx, "/v1/jobs/"+esc(id)+"/retry", struct{}{})
 }
 
+// Alerts returns the alerts in force: sites that do not answer,
+// protections that are not healthy, each with what to do.
+func (c *Client) Alerts(ctx context.Context) ([]api.Alert, error) {
+	var out []api.Alert
+	return out, c.call(ctx, "GET", "/v1/alerts", nil, &out)
+}
+
+// Events returns the vault's event log, newest first, at most limit (0:
+// all it keeps, 1,000).
+func (c *Client) Events(ctx context.Context, limit int) ([]api.Event, error) {
+	q := ""
+	if limit > 0 {
+		q = "?limit=" + strconv.Itoa(limit)
+	}
+	var out []api.Event
+	return out, c.call(ctx, "GET", "/v1/events"+q, nil, &out)
+}
+
 // Jobs lists jobs, of one protection if not empty.
 func (c *Client) Jobs(ctx context.Context, protection string) ([]api.Job, error) {
 	q := ""

@@ -135,6 +135,9 @@ async function route() {
     else if (parts[0] === "jobs") page = await jobsPage(view);
     else if (parts[0] === "sites") page = await sitesPage(view);
     else if (parts[0] === "vms") page = await vmsPage(view);
+    else if (parts[0] === "alerts") page = await alertsPage(view);
+    else if (parts[0] === "policies") page = await policiesPage(view);
+    else if (parts[0] === "access") page = await accessPage(view);
     else if (parts[0] === "plans" && parts[1]) page = await planPage(view, decodeURIComponent(parts[1]));
     else if (parts[0] === "imports" && parts[2]) page = await importPage(view, decodeURIComponent(parts[1]), decodeURIComponent(parts[2]));
     else page = await itemsPage(view);
@@ -144,6 +147,7 @@ async function route() {
   }
   if (gen !== state.gen) return;
   $("#view").replaceChildren(view);
+  alertCount();
   if (page && page.refresh) {
     setTimer(async () => {
       if (gen !== state.gen) return;
@@ -252,7 +256,12 @@ async function itemPage(view, vm) {
 
   const head = el("section", { class: "card", id: "item" }, el("h1", {}, vm), topo, facts, el("h2", {}, "Actions"),
     canAct() ? actions : el("p", { class: "muted" }, "Sign in with an operator token to run DR actions."));
-  const chart = el("section", { class: "card" }, el("h2", {}, "RPO over the last hours"), rpoChart(hist, p));
+  const chart = el("section", { class: "card", id: "charts" }, el("h2", {}, "Replication over the last hours"),
+    el("h3", {}, "RPO"), rpoChart(hist, p),
+    el("div", { class: "charts" },
+      el("div", {}, el("h3", {}, "Throughput"), seriesChart(hist, "throughput_bytes_per_second", (v) => fmtBytes(v) + "/s", "throughput")),
+      el("div", {}, el("h3", {}, "Bytes pending"), seriesChart(hist, "pending_bytes", fmtBytes, "bytes written and not yet acknowledged")),
+      el("div", {}, el("h3", {}, "Source journal"), seriesChart(hist, "journal_bytes", fmtBytes, "size of the source journal"))));
   const pointsTable = el("table", { id: "points" },
     el("thead", {}, el("tr", {}, el("th", {}, "Id"), el("th", {}, "Time"), el("th", {}, "Type"), el("th", {}, "Label"))),
     el("tbody", {}, pointRows.length ? pointRows : el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No recovery points (initial replication running, or the failover was committed)."))));
@@ -322,6 +331,154 @@ function rpoChart(hist, p) {
   for (const v of [0, ymax / 2, ymax]) { const t = svg("text", { x: 4, y: y(v) + 4 }); t.textContent = fmtRPO(v); c.append(t); }
   for (const tt of [t0, t1]) { const t = svg("text", { x: x(tt) - (tt === t1 ? 60 : 0), y: H - 6 }); t.textContent = new Date(tt).toLocaleTimeString(); c.append(t); }
   return c;
+}
+
+// seriesChart draws one figure of the replication history, small.
+function seriesChart(hist, key, fmt, label) {
+  const W = 360, H = 120, L = 64, B = 18;
+  const svg = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
+  const c = svg("svg", { class: "chart small", viewBox: `0 0 ${W} ${H}`, role: "img", "data-series": key, "aria-label": `${label}: ${hist.length} samples` + (hist.length ? `, latest ${fmt(hist[hist.length - 1][key] || 0)}` : "") });
+  if (hist.length < 2) {
+    const t = svg("text", { x: 10, y: H / 2 }); t.textContent = "Collecting samples (every 10 s)."; c.append(t);
+    return c;
+  }
+  const t0 = new Date(hist[0].t).getTime(), t1 = new Date(hist[hist.length - 1].t).getTime();
+  const top = Math.max(1, ...hist.map((s) => s[key] || 0)) * 1.1;
+  const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - 6);
+  const y = (v) => H - B - (v / top) * (H - B - 8);
+  c.append(svg("polyline", { class: "line", points: hist.map((s) => x(new Date(s.t).getTime()) + "," + y(s[key] || 0)).join(" ") }));
+  for (const v of [0, top]) { const t = svg("text", { x: 2, y: y(v) + 4 }); t.textContent = fmt(Math.round(v)); c.append(t); }
+  return c;
+}
+
+// --- alerts and events ---------------------------------------------------
+
+// alertCount shows in the menu how many alerts are in force.
+async function alertCount() {
+  try {
+    const as = (await api("GET", "/v1/alerts")) || [];
+    const b = $("#alert-count");
+    b.textContent = as.length ? String(as.length) : "";
+    b.hidden = !as.length;
+    b.className = "count " + (as.some((a) => a.severity === "critical") ? "critical" : "warning");
+    b.setAttribute("aria-label", as.length + " alerts");
+  } catch (e) { /* the page shows its own errors */ }
+}
+
+const objectLink = (o) => {
+  const [kind, name] = o.split("/", 2);
+  if (kind === "protection") return el("a", { href: "#/items/" + enc(name) }, "VM " + name);
+  if (kind === "job") return el("a", { href: "#/jobs/" + enc(name) }, "job " + name);
+  if (kind === "site") return el("a", { href: "#/sites" }, "site " + name);
+  return o;
+};
+
+async function alertsPage(view) {
+  const render = async () => {
+    const as = (await api("GET", "/v1/alerts")) || [];
+    const evs = (await api("GET", "/v1/events?limit=200")) || [];
+    const alerts = el("section", { class: "card", id: "alerts" }, el("h1", {}, "Alerts"),
+      as.length ? el("table", {}, el("thead", {}, el("tr", {}, ["Severity", "About", "Since", "What is wrong", "What to do"].map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, as.map((a) => el("tr", { "data-object": a.object, "data-severity": a.severity }, el("td", {}, badge(a.severity)), el("td", {}, objectLink(a.object)),
+          el("td", {}, fmtTime(a.since)), el("td", {}, a.message), el("td", {}, a.action)))))
+        : el("p", { class: "ok-note" }, "No alerts: every site answers and every protection is healthy."));
+    const events = el("section", { class: "card", id: "events" }, el("h2", {}, "Events"),
+      el("p", { class: "muted" }, "Alerts raised and cleared, and jobs that ended; the newest 200 of the 1,000 the vault keeps."),
+      el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ["Time", "Severity", "Event", "About", "Message"].map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, evs.length ? evs.map((e) => el("tr", { "data-event": e.id, "data-kind": e.kind }, el("td", {}, fmtTime(e.time)), el("td", {}, badge(e.severity, e.severity === "info" ? "pending" : e.severity)),
+          el("td", {}, { raised: "alert raised", cleared: "alert cleared", "job-failed": "job failed", "job-succeeded": "job succeeded" }[e.kind] || e.kind),
+          el("td", {}, objectLink(e.object)), el("td", {}, e.message, e.action ? el("small", { class: "muted" }, " " + e.action) : "")))
+          : el("tr", {}, el("td", { colspan: 5, class: "muted" }, "Nothing yet."))))));
+    view.replaceChildren(alerts, events);
+    alertCount();
+  };
+  await render();
+  return { refresh: render, every: 3000 };
+}
+
+// --- policies --------------------------------------------------------------
+
+// Durations cross the API in nanoseconds; people write 30s, 15m, 24h, 7d.
+const NS = { ms: 1e6, s: 1e9, m: 60e9, h: 3600e9, d: 86400e9 };
+function parseDuration(str) {
+  const m = /^\s*([0-9.]+)\s*(ms|s|m|h|d)\s*$/.exec(str);
+  return m ? Math.round(parseFloat(m[1]) * NS[m[2]]) : NaN;
+}
+function fmtDuration(ns) {
+  for (const u of ["d", "h", "m", "s"]) if (ns >= NS[u] && ns % NS[u] === 0) return ns / NS[u] + u;
+  return ns >= NS.s ? (ns / NS.s).toFixed(1) + "s" : ns / NS.ms + "ms";
+}
+
+async function policiesPage(view) {
+  const ps = (await api("GET", "/v1/policies")) || [];
+  const rows = ps.map((p) => el("tr", { "data-policy": p.name }, el("td", {}, p.name), el("td", {}, fmtDuration(p.retention)), el("td", {}, fmtDuration(p.checkpoint_interval)),
+    el("td", {}, fmtDuration(p.app_interval)), el("td", {}, fmtDuration(p.rpo_warning) + " / " + fmtDuration(p.rpo_critical)),
+    el("td", {}, canAct() ? el("button", { type: "button", class: "act-edit", onclick: () => policyDialog(p) }, "Edit") : "")));
+  view.replaceChildren(el("section", { class: "card", id: "policies" }, el("h1", {}, "Replication policies"),
+    el("p", { class: "muted" }, "How long recovery points are kept, how often they are taken, and when the RPO turns a protection warning or critical."),
+    canAct() ? el("div", { class: "toolbar" }, el("button", { type: "button", id: "act-new-policy", class: "primary", onclick: () => policyDialog(null) }, "New policy")) : "",
+    el("table", {}, el("thead", {}, el("tr", {}, ["Name", "Retention", "Crash-consistent points every", "App-consistent points every", "RPO warning / critical", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows))));
+}
+
+function policyDialog(p) {
+  const d = (id, label, value, hint) => field(label, el("input", { id, name: id, required: true, value: value ? fmtDuration(value) : "" }), hint);
+  openDialog(p ? "Edit policy " + p.name : "New policy", [
+    p ? "" : field("Name", el("input", { id: "pol-name", name: "name", required: true, placeholder: "gold" })),
+    ...d("retention", "Retention", p && p.retention, "how far back recovery points go, e.g. 24h"),
+    ...d("checkpoint", "Crash-consistent point every", p && p.checkpoint_interval, "e.g. 1s (any instant is also a point)"),
+    ...d("app", "App-consistent point every", p && p.app_interval, "through the guest agent, e.g. 1h"),
+    ...d("warn", "RPO warning threshold", p && p.rpo_warning, "e.g. 30s"),
+    ...d("crit", "RPO critical threshold", p && p.rpo_critical, "e.g. 5m"),
+  ].flat(), p ? "Save" : "Create", async (f) => {
+    const name = p ? p.name : f.elements.name.value.trim();
+    const body = { name };
+    for (const [k, id] of [["retention", "retention"], ["checkpoint_interval", "checkpoint"], ["app_interval", "app"], ["rpo_warning", "warn"], ["rpo_critical", "crit"]]) {
+      body[k] = parseDuration(f.elements[id].value);
+      if (isNaN(body[k])) throw new Error(`"${f.elements[id].value}": write a duration like 30s, 15m, 24h or 7d`);
+    }
+    await api("PUT", "/v1/policies/" + enc(name), body);
+    return { href: "#/policies" };
+  });
+}
+
+// --- access: API tokens ----------------------------------------------------
+
+async function accessPage(view) {
+  if (!canAct()) {
+    view.replaceChildren(el("section", { class: "card", id: "access" }, el("h1", {}, "Access"), el("p", { class: "muted" }, "Operators manage API tokens here; sign in with an operator token.")));
+    return;
+  }
+  const ts = (await api("GET", "/v1/tokens")) || [];
+  const rows = ts.map((t) => el("tr", { "data-token": t.id, "data-name": t.name }, el("td", {}, t.name), el("td", {}, t.role), el("td", {}, el("code", {}, t.id)),
+    el("td", {}, fmtTime(t.created)), el("td", {}, t.expires ? fmtTime(t.expires) : "never"),
+    el("td", {}, el("button", { type: "button", class: "act-revoke danger", "aria-label": "revoke the token " + t.name, onclick: () => revokeDialog(t) }, "Revoke"))));
+  const fresh = state.newToken;
+  state.newToken = null;
+  view.replaceChildren(el("section", { class: "card", id: "access" }, el("h1", {}, "API tokens"),
+    el("p", { class: "muted" }, "Operators run DR actions; readers see everything and change nothing; enroll tokens let a new site join. A token's secret is shown once, when it is created."),
+    el("div", { class: "toolbar" }, el("button", { type: "button", id: "act-new-token", class: "primary", onclick: tokenDialog }, "New token")),
+    fresh ? el("div", { id: "new-token", class: "secret", role: "status" }, el("p", {}, `The ${fresh.role} token for ${fresh.name}. Copy it now: it is not shown again.`),
+      el("input", { id: "new-token-value", type: "text", readonly: true, value: fresh.token, "aria-label": "the new token" })) : "",
+    el("table", {}, el("thead", {}, el("tr", {}, ["Name", "Role", "Id", "Created", "Expires", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No tokens."))))));
+}
+
+function tokenDialog() {
+  openDialog("New API token", [
+    ...field("Name", el("input", { id: "tok-name", name: "name", required: true, placeholder: "alice" }), "who or what uses it"),
+    ...field("Role", el("select", { id: "tok-role", name: "role" }, ["reader", "operator", "enroll"].map((r) => el("option", { value: r }, r)))),
+    ...field("Lifetime", el("input", { id: "tok-ttl", name: "ttl", placeholder: "e.g. 720h; empty: until revoked" })),
+  ], "Create", async (f) => {
+    const t = await api("POST", "/v1/tokens", { name: f.elements.name.value.trim(), role: f.elements.role.value, ttl: f.elements.ttl.value.trim() });
+    state.newToken = t;
+    return { href: "#/access" };
+  });
+}
+
+function revokeDialog(t) {
+  openDialog("Revoke " + t.name + "'s token", [el("p", {}, `Calls with the ${t.role} token ${t.name} (${t.id}) are refused from now on. This cannot be undone.`)],
+    "Revoke", async () => { await api("DELETE", "/v1/tokens/" + enc(t.id)); return { href: "#/access" }; }, "danger");
 }
 
 // --- dialogs -----------------------------------------------------------
