@@ -1,12 +1,15 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -325,17 +328,47 @@ func TestPortal(t *testing.T) {
 		t.Fatal("the open dialog does not hold the focus")
 	}
 	runB(t, bctx, "Escape", 10*time.Second, chromedp.SendKeys(chromedp.CSS("#dialog input"), kb.Escape), chromedp.WaitNotVisible(chromedp.CSS("#dialog")))
+	// The drill runs at a point picked on the timeline by typing a time.
+	eval[bool](t, bctx, `(localStorage.setItem("ferry.tz", "UTC"), true)`) // typed times are read in UTC
+	typed, drillPoint := pointAtTypedTime(t, e.c, 3*time.Second)
 	runB(t, bctx, "test failover dialog", 20*time.Second,
-		chromedp.Click(chromedp.CSS("#act-test-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
-		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+		chromedp.Click(chromedp.CSS("#act-test-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #tf-point-timeline")),
+		chromedp.SendKeys(chromedp.CSS("#tf-point-time"), typed+kb.Enter))
+	if got := eval[string](t, bctx, `document.querySelector("#tf-point").value`); got != strconv.FormatUint(drillPoint, 10) {
+		t.Fatalf("typed %s: the picker chose point %s, want %d", typed, got, drillPoint)
+	}
+	if !eval[bool](t, bctx, `document.querySelector("#choice-custom").checked`) {
+		t.Fatal("picking a point did not select the Custom option")
+	}
+	shot(t, bctx, "timeline")
+	runB(t, bctx, "test failover", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
 	if st := waitJobPage(t, bctx, 90*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("test failover from the portal: %s", st)
+	}
+	if msgs := eval[string](t, bctx, `document.querySelector("#job").textContent`); !strings.Contains(msgs, fmt.Sprintf("on point %d", drillPoint)) {
+		t.Fatalf("the drill did not run at point %d: %q", drillPoint, msgs)
 	}
 	steps := eval[[]string](t, bctx, `[...document.querySelectorAll("#job .step")].map(s => s.dataset.step + "=" + s.querySelector(".badge").textContent)`)
 	if strings.Join(steps, " ") != "prerequisites check=succeeded create test VM=succeeded start test VM=succeeded" {
 		t.Fatalf("test failover steps on the job page: %v", steps)
 	}
 	shot(t, bctx, "job")
+	if msgs := eval[string](t, bctx, `document.querySelector("#job").textContent`); strings.Contains(msgs, e.s.b.dir) || strings.Contains(msgs, "console.log") {
+		t.Fatalf("the job page shows a host path: %q", msgs)
+	}
+
+	// The drill VM's console, streamed in the item page; then the VM's.
+	consoleShows := func(where string) func() bool {
+		return func() bool {
+			return eval[bool](t, bctx, `document.querySelector("#console-where").textContent.includes("`+where+`") && document.querySelector("#console").textContent.includes("Linux version")`)
+		}
+	}
+	runB(t, bctx, "the test VM's console", 20*time.Second, goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#con-test")),
+		chromedp.Click(chromedp.CSS("#con-test")))
+	until(t, 45*time.Second, "the test VM's console in the page", consoleShows("web-drill at siteB"))
+	shot(t, bctx, "console")
+	runB(t, bctx, "the VM's console", 20*time.Second, chromedp.Click(chromedp.CSS("#con-vm")))
+	until(t, 45*time.Second, "the VM's console in the page", consoleShows("VM web at siteA"))
 
 	// Cleanup: the checkbox is required.
 	runB(t, bctx, "cleanup dialog", 20*time.Second,
@@ -361,7 +394,12 @@ func TestPortal(t *testing.T) {
 		goHash("#/items/web"), chromedp.WaitVisible(chromedp.CSS("#act-failover:not([disabled])")),
 		chromedp.Click(chromedp.CSS("#act-failover")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),
 		chromedp.Click(chromedp.CSS("#choice-custom")))
-	chosen := eval[string](t, bctx, `(() => { const s = document.querySelector("#fo-point"); s.selectedIndex = 1; return s.value; })()`)
+	typed, want := pointAtTypedTime(t, e.c, 2*time.Second)
+	runB(t, bctx, "type the failover's time", 10*time.Second, chromedp.SendKeys(chromedp.CSS("#fo-point-time"), typed+kb.Enter))
+	chosen := eval[string](t, bctx, `document.querySelector("#fo-point").value`)
+	if chosen != strconv.FormatUint(want, 10) {
+		t.Fatalf("typed %s: the picker chose point %s, want %d", typed, chosen, want)
+	}
 	shot(t, bctx, "failover-dialog")
 	runB(t, bctx, "failover", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
 	if st := waitJobPage(t, bctx, 120*time.Second); st != string(api.JobSucceeded) {
@@ -468,9 +506,27 @@ func TestPortalVMs(t *testing.T) {
 	}
 	shot(t, bctx, "vms")
 
-	runB(t, bctx, "protect", 20*time.Second,
-		chromedp.Click(chromedp.CSS(`#vms tr[data-vm="db"] .act-protect`)), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #pr-nic-nic1")),
-		chromedp.SetValue(chromedp.CSS("#pr-nic-nic1"), "backend-b"), chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	// Enable replication, ASR's wizard: VMs, recovery site and policy,
+	// networks, review; then the job, followed live.
+	runB(t, bctx, "wizard: VMs", 20*time.Second,
+		chromedp.Click(chromedp.CSS("#act-enable")), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #wz-vm-db")),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#dialog-error")))
+	if msg := eval[string](t, bctx, `document.querySelector("#dialog-error").textContent`); !strings.Contains(msg, "at least one VM") {
+		t.Fatalf("the wizard went on with no VM picked: %q", msg)
+	}
+	runB(t, bctx, "wizard: site and policy", 20*time.Second,
+		chromedp.Click(chromedp.CSS("#wz-vm-db")), chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#wz-target")),
+		chromedp.SetValue(chromedp.CSS("#wz-target"), "siteB"), chromedp.Click(chromedp.CSS("#dialog-ok")),
+		chromedp.WaitVisible(chromedp.CSS("#pr-nic-db-nic1")), chromedp.SetValue(chromedp.CSS("#pr-nic-db-nic1"), "backend-b"),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#wz-review")))
+	review := eval[string](t, bctx, `document.querySelector("#dialog-body").textContent`)
+	for _, want := range []string{"disk vda 64.0 MiB", "disk vdb 32.0 MiB", "nic1 → backend-b", "at most 96.0 MiB", "policy default"} {
+		if !strings.Contains(review, want) {
+			t.Fatalf("the wizard's review lacks %q: %q", want, review)
+		}
+	}
+	shot(t, bctx, "wizard")
+	runB(t, bctx, "wizard: enable", 20*time.Second, chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
 	if st := waitJobPage(t, bctx, 120*time.Second); st != string(api.JobSucceeded) {
 		t.Fatalf("protect from the portal: %s", st)
 	}
@@ -552,6 +608,50 @@ func TestPortalVMs(t *testing.T) {
 	if msg := eval[string](t, bctx, `document.querySelector("#dialog-error").textContent`); !strings.Contains(msg, "--runtime libvirt") {
 		t.Fatalf("import at a QEMU site: the dialog says %q", msg)
 	}
+	runB(t, bctx, "close the dialog", 10*time.Second, chromedp.Click(chromedp.CSS("#dialog-cancel")), chromedp.WaitNotVisible(chromedp.CSS("#dialog")))
+
+	// Sites and networks: a network added and removed from the portal.
+	runB(t, bctx, "add a network", 20*time.Second, goHash("#/sites"), chromedp.WaitVisible(chromedp.CSS("#act-add-net")),
+		chromedp.Click(chromedp.CSS("#act-add-net")), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #net-name")),
+		chromedp.SetValue(chromedp.CSS("#net-site"), "siteB"), chromedp.SetValue(chromedp.CSS("#net-name"), "dmz"),
+		chromedp.SetValue(chromedp.CSS("#net-subnet"), "10.0.9.0/24"), chromedp.Click(chromedp.CSS("#dialog-ok")),
+		chromedp.WaitVisible(chromedp.CSS(`#sites li[data-network="siteB/dmz"]`)))
+	hasNet := func(name string) bool {
+		sites, err := c.Sites(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range sites {
+			for _, n := range s.Networks {
+				if s.Name == "siteB" && n.Name == name && n.Subnet == "10.0.9.0/24" {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	if !hasNet("dmz") {
+		t.Fatal("the network added in the portal is not at site B")
+	}
+	runB(t, bctx, "remove the network", 20*time.Second, chromedp.Click(chromedp.CSS(`#sites li[data-network="siteB/dmz"] .act-del-net`)),
+		chromedp.WaitVisible(chromedp.CSS("#dialog[open]")), chromedp.Click(chromedp.CSS("#dialog-ok")),
+		chromedp.WaitNotPresent(chromedp.CSS(`#sites li[data-network="siteB/dmz"]`)))
+	if hasNet("dmz") {
+		t.Fatal("the network removed in the portal is still at site B")
+	}
+
+	// Disable protection from the item page, once the plan's drill is
+	// cleaned up.
+	runJob(t, c, api.JobSucceeded)(c.CleanupTestFailover(ctx, "db", "portal test"))
+	runB(t, bctx, "disable", 30*time.Second, goHash("#/items/db"), chromedp.WaitVisible(chromedp.CSS("#act-disable:not([disabled])")),
+		chromedp.Click(chromedp.CSS("#act-disable")), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #dis-keep")),
+		chromedp.Click(chromedp.CSS("#dialog-ok")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	if st := waitJobPage(t, bctx, 90*time.Second); st != string(api.JobSucceeded) {
+		t.Fatalf("disable from the portal: %s", st)
+	}
+	if p, _ := c.Protection(ctx, "db"); p.State != api.StateDisabled {
+		t.Fatalf("after the portal's disable: %+v", p)
+	}
 }
 
 // isWeekendNight: the portal test's window (sat,sun 02:00-03:00 UTC)
@@ -619,6 +719,10 @@ func portalOperations(t *testing.T, e *drEnv, bctx context.Context) {
 	e.s.b.start(t)
 	runB(t, bctx, "the alert clears", 60*time.Second, chromedp.WaitNotPresent(chromedp.CSS(`#alerts tr[data-object="site/siteB"]`)),
 		chromedp.WaitVisible(chromedp.CSS(`#events tr[data-kind="cleared"]`)), chromedp.WaitNotVisible(chromedp.CSS("#alert-count")))
+	until(t, 30*time.Second, "the RPO back under a second after site B's return", func() bool {
+		p, err := e.c.Protection(ctx, "web")
+		return err == nil && p.RPOSeconds < 1
+	})
 	evs, err := e.c.Events(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -665,4 +769,28 @@ func portalOperations(t *testing.T, e *drEnv, bctx context.Context) {
 		}
 	}
 	t.Logf("portal operations: policy, token shown once and revoked, site B's alert raised and cleared, %d history samples kept across a vault restart", len(before))
+}
+
+// pointAtTypedTime returns a time, to the second in UTC, some seconds
+// before web's newest recovery point (points come every 100 ms here: a
+// second that is over is whole in the list), and the point a picker
+// given that time must choose: the newest at or before the end of it.
+func pointAtTypedTime(t *testing.T, c *vaultclient.Client, age time.Duration) (string, uint64) {
+	t.Helper()
+	pts, err := c.Points(context.Background(), "web")
+	if err != nil || len(pts) < 2 {
+		t.Fatalf("points: %d, %v", len(pts), err)
+	}
+	slices.SortFunc(pts, func(a, b api.Point) int { return cmp.Compare(a.Seq, b.Seq) })
+	at := pts[len(pts)-1].Time.Add(-age).UTC().Truncate(time.Second)
+	var want uint64
+	for _, p := range pts {
+		if !p.Time.After(at.Add(999 * time.Millisecond)) {
+			want = p.Seq
+		}
+	}
+	if want == 0 {
+		t.Fatalf("no point at or before %v", at)
+	}
+	return at.Format("2006-01-02 15:04:05"), want
 }

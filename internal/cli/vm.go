@@ -119,13 +119,17 @@ func vmCmd(e *env) *cobra.Command {
 				}
 			}))
 		})
-	var follow bool
+	var follow, test bool
 	console := vaultCommand(e, &cobra.Command{Use: "console NAME", Short: "Print a VM's serial console, wherever it runs", Args: cobra.ExactArgs(1),
-		Example: "  ferry vm console web --follow"}, &oc,
+		Example: "  ferry vm console web --follow\n  ferry vm console web --test"}, &oc,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
 			var off int64
+			read := vc.Console
+			if test {
+				read = vc.TestConsole
+			}
 			for {
-				out, err := vc.Console(ctx, args[0], off)
+				out, err := read(ctx, args[0], off)
 				if err != nil {
 					return err
 				}
@@ -142,5 +146,6 @@ func vmCmd(e *env) *cobra.Command {
 			}
 		})
 	console.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing the console as it grows")
+	console.Flags().BoolVar(&test, "test", false, "the console of the VM's test failover (drill) at its recovery site")
 	return group("vm", "Define, import, start, stop, delete and list VMs", define, vmImportCmd(e), start, stop, del, list, console, vmReleaseCmd(e))
 }

@@ -232,7 +232,7 @@ func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, er
 			return nil, err
 		}
 		r.Step(ctx, "start test VM")
-		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, %s; console %s", p.VM, st.State, dst.Name, pt.Seq, describeNets(vm, nets), st.Console)
+		r.Say(ctx, 100, "test VM %s-drill %s at %s on point %d, %s; its console: ferry vm console %s --test, or the VM's page in the portal", p.VM, st.State, dst.Name, pt.Seq, describeNets(vm, nets), p.VM)
 		if addr := forwardAddr(vm, dst.Name, nets[0]); addr != "" {
 			r.Say(ctx, -1, "test VM service address: %s", addr)
 		}
@@ -382,8 +382,8 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 		}
 		// The failover's own time: the source's shutdown is the guest's
 		// (reported on its own), as is the boot at the recovery site.
-		r.Say(ctx, 100, "VM %s %s at %s (%s), %s; failover took %v excluding guest boot and the source's shutdown (%v); console %s", p.VM, st.State, dst.Name, st.Accel,
-			describeNets(vm, nets), (v.now().Sub(started) - shutdown).Round(time.Millisecond), shutdown.Round(time.Millisecond), st.Console)
+		r.Say(ctx, 100, "VM %s %s at %s (%s), %s; failover took %v excluding guest boot and the source's shutdown (%v)", p.VM, st.State, dst.Name, st.Accel,
+			describeNets(vm, nets), (v.now().Sub(started) - shutdown).Round(time.Millisecond), shutdown.Round(time.Millisecond))
 		if addr := forwardAddr(vm, dst.Name, nets[0]); addr != "" {
 			r.Say(ctx, -1, "service address: %s", addr)
 		}

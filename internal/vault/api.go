@@ -30,6 +30,9 @@ func (v *Vault) Handler() http.Handler {
 	read("GET /v1/protections/{vm}/points", func(r *http.Request) (any, error) { return v.Points(r.Context(), r.PathValue("vm")) })
 	read("GET /v1/vms/{name}/console", func(r *http.Request) (any, error) {
 		off, _ := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
+		if r.URL.Query().Get("test") == "1" {
+			return v.TestConsole(r.Context(), r.PathValue("name"), off)
+		}
 		return v.Console(r.Context(), r.PathValue("name"), off)
 	})
 	read("GET /v1/protections/{vm}/rpo-history", func(r *http.Request) (any, error) {

@@ -132,7 +132,7 @@ func (v *Vault) startGroup(ctx context.Context, p *Protection, g VM, c Site, sit
 		if err != nil {
 			return fmt.Errorf("start %s%s: %w", m.Name, suffix, err)
 		}
-		say("%s%s %s at %s (%s), %s; console %s", m.Name, suffix, st.State, site, st.Accel, describeNets(m, nets), st.Console)
+		say("%s%s %s at %s (%s), %s", m.Name, suffix, st.State, site, st.Accel, describeNets(m, nets))
 		if addr := forwardAddr(m, site, nets[0]); addr != "" {
 			say("%s%s service address: %s", m.Name, suffix, addr)
 		}

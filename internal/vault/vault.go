@@ -933,13 +933,34 @@ func (v *Vault) Console(ctx context.Context, name string, off int64) (api.Consol
 	if err != nil {
 		return api.Console{}, err
 	}
-	_, c, err := v.site(ctx, vm.Site)
+	// A group's console is its first member's.
+	return v.consoleAt(ctx, vm.Site, members(vm)[0].Name, off)
+}
+
+// TestConsole returns the serial console of the VM a test failover of
+// name runs at its recovery site (ErrConflict when none runs).
+func (v *Vault) TestConsole(ctx context.Context, name string, off int64) (api.Console, error) {
+	p, err := v.Protection(ctx, name)
 	if err != nil {
 		return api.Console{}, err
 	}
-	// A group's console is its first member's.
-	out, err := c.Console(ctx, members(vm)[0].Name, off)
-	out.Site = vm.Site
+	if !p.TestPending {
+		return api.Console{}, fmt.Errorf("%w: no test failover of %s runs (start one: ferry test-failover %s)", api.ErrConflict, name, name)
+	}
+	vm, _, err := get[VM](ctx, v.st, kindVM, name)
+	if err != nil {
+		return api.Console{}, err
+	}
+	return v.consoleAt(ctx, p.Target, members(vm)[0].Name+"-drill", off)
+}
+
+func (v *Vault) consoleAt(ctx context.Context, site, vmName string, off int64) (api.Console, error) {
+	_, c, err := v.site(ctx, site)
+	if err != nil {
+		return api.Console{}, err
+	}
+	out, err := c.Console(ctx, vmName, off)
+	out.Site = site
 	return out, err
 }
 

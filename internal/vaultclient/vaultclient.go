@@ -246,6 +246,13 @@ func (c *Client) Console(ctx context.Context, name string, off int64) (api.Conso
 	return out, c.call(ctx, "GET", "/v1/vms/"+esc(name)+"/console?offset="+strconv.FormatInt(off, 10), nil, &out)
 }
 
+// TestConsole returns the serial console of the VM a test failover of
+// name runs, from byte off on (ErrConflict when none runs).
+func (c *Client) TestConsole(ctx context.Context, name string, off int64) (api.Console, error) {
+	var out api.Console
+	return out, c.call(ctx, "GET", "/v1/vms/"+esc(name)+"/console?test=1&offset="+strconv.FormatInt(off, 10), nil, &out)
+}
+
 // Policies lists the policies (the default one included).
 func (c *Client) Policies(ctx context.Context) ([]api.Policy, error) {
 	var out []api.Policy

@@ -241,12 +241,15 @@ async function itemPage(view, vm) {
     const busy = !!p.job;
     const act = (label, id, enabled, fn, cls) => actions.append(el("button", { type: "button", id, class: cls, disabled: busy || !enabled, onclick: fn }, label));
     const prot = p.state === "protected";
-    act("Test failover", "act-test-failover", prot && !p.test_failover_pending, () => testFailoverDialog(p, points));
+    // Dialogs take the points as they are when opened (one a second).
+    const fresh = async () => { try { return (await api("GET", "/v1/protections/" + encodeURIComponent(vm) + "/points")) || []; } catch (e) { return points; } };
+    act("Test failover", "act-test-failover", prot && !p.test_failover_pending, async () => testFailoverDialog(p, await fresh()));
     act("Cleanup test failover", "act-cleanup", p.test_failover_pending, () => cleanupDialog(p));
-    act("Failover", "act-failover", prot && !p.test_failover_pending, () => failoverDialog(p, points), "danger");
-    act("Change recovery point", "act-change-point", p.state === "failed-over", () => changePointDialog(p, points));
+    act("Failover", "act-failover", prot && !p.test_failover_pending, async () => failoverDialog(p, await fresh()), "danger");
+    act("Change recovery point", "act-change-point", p.state === "failed-over", async () => changePointDialog(p, await fresh()));
     act("Commit", "act-commit", p.state === "failed-over", () => commitDialog(p));
     act("Re-protect", "act-reprotect", p.state === "failover-committed", () => reprotectDialog(p));
+    act("Disable protection", "act-disable", ["protected", "enabling", "initial-sync", "failover-committed"].includes(p.state) && !p.test_failover_pending, () => disableDialog(p));
     if (busy) actions.append(el("span", { class: "muted" }, "A job is running: actions wait for it."));
   }
 
@@ -270,7 +273,36 @@ async function itemPage(view, vm) {
     el("thead", {}, el("tr", {}, el("th", {}, "Action"), el("th", {}, "Time"), el("th", {}, "Duration"), el("th", {}, "Point"), el("th", {}, "Notes"))),
     el("tbody", {}, history.length ? history : el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No drills or failovers yet."))));
   const historyCard = el("section", { class: "card" }, el("h2", {}, "History"), historyTable);
-  view.replaceChildren(head, chart, pointsCard, historyCard);
+  // The serial console, streamed: the VM's wherever it runs, or its
+  // test failover's at the recovery site.
+  const con = { which: p.test_failover_pending ? "test" : "vm", off: 0, text: "" };
+  const pre = el("pre", { id: "console", class: "console", tabindex: 0, "aria-label": "serial console" });
+  const where = el("span", { id: "console-where", class: "muted" });
+  const pick = (which, label) => el("button", { type: "button", id: "con-" + which, "aria-pressed": String(con.which === which),
+    onclick: (ev) => {
+      con.which = which; con.off = 0; con.text = ""; pre.textContent = "";
+      for (const b of ev.target.parentNode.querySelectorAll("button")) b.setAttribute("aria-pressed", String(b === ev.target));
+      pollConsole();
+    } }, label);
+  const pollConsole = async () => {
+    try {
+      const c = await api("GET", "/v1/vms/" + enc(vm) + "/console?offset=" + con.off + (con.which === "test" ? "&test=1" : ""));
+      if (c.data) {
+        con.text = (con.text + c.data).slice(-65536);
+        pre.textContent = con.text;
+        pre.scrollTop = pre.scrollHeight;
+      }
+      con.off = c.next;
+      where.textContent = (con.which === "test" ? "test VM " + vm + "-drill" : "VM " + vm) + " at " + c.site;
+    } catch (e) {
+      if (!con.text) pre.textContent = "No console: " + e.message;
+    }
+  };
+  const consoleCard = el("section", { class: "card", id: "console-card" }, el("h2", {}, "Console"),
+    el("div", { class: "toolbar", role: "group", "aria-label": "which console" }, pick("vm", "VM"),
+      p.test_failover_pending ? pick("test", "Test failover VM") : "", where), pre);
+  view.replaceChildren(head, chart, consoleCard, pointsCard, historyCard);
+  pollConsole();
   return {
     every: 2000,
     refresh: async () => {
@@ -281,6 +313,7 @@ async function itemPage(view, vm) {
       }
       $("#rpo", view).textContent = fmtRPO(q.rpo_seconds);
       $("#link", view).textContent = linkText(q.link);
+      await pollConsole();
     },
   };
 }
@@ -486,6 +519,7 @@ function revokeDialog(t) {
 // openDialog shows a form; submit runs act(form) -> job, then follows it.
 function openDialog(title, body, okLabel, act, okClass) {
   const d = $("#dialog");
+  if ($("#dialog-back")) $("#dialog-back").hidden = true;
   $("#dialog-title").textContent = title;
   $("#dialog-body").replaceChildren(...body);
   $("#dialog-error").hidden = true;
@@ -514,10 +548,100 @@ function openDialog(title, body, okLabel, act, okClass) {
   (first || ok).focus();
 }
 
-function pointSelect(points, id) {
-  return el("select", { id, name: "point", "aria-label": "recovery point" },
-    points.slice().reverse().map((pt) => el("option", { value: String(pt.seq) },
-      `${pt.seq} · ${fmtTime(pt.time)} · ${pt.type === "app" ? "application-consistent" : pt.type === "crash" ? "crash-consistent" : pt.type}${pt.label ? " · " + pt.label : ""}`)));
+// pointPicker picks a recovery point on a timeline of the retention
+// window: click it (or move along it with the arrow keys), type a time
+// (in the zone the header shows; the newest point at or before it), or
+// search a label (the newest point whose label has it). The choice is the
+// hidden input id, named "point". Choosing sets the dialog's "custom"
+// option if it has one.
+function pointPicker(points, id) {
+  const pts = points.slice().sort((a, b) => a.seq - b.seq);
+  const ms = pts.map((pt) => new Date(pt.time).getTime());
+  const hidden = el("input", { type: "hidden", id, name: "point", value: pts.length ? String(pts[pts.length - 1].seq) : "" });
+  const chosen = el("p", { id: id + "-chosen", class: "chosen", "aria-live": "polite" });
+  const kind = (pt) => (pt.type === "app" ? "application-consistent" : pt.type === "crash" ? "crash-consistent" : pt.type);
+  const W = 640, H = 54, PAD = 8;
+  const svg = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
+  const line = svg("svg", { class: "timeline", id: id + "-timeline", viewBox: `0 0 ${W} ${H}`, tabindex: 0, role: "slider",
+    "aria-label": "recovery points on a timeline: arrow keys move from point to point", "aria-valuemin": pts.length ? pts[0].seq : 0, "aria-valuemax": pts.length ? pts[pts.length - 1].seq : 0 });
+  const t0 = ms.length ? ms[0] : 0, t1 = ms.length ? ms[ms.length - 1] : 1;
+  const x = (t) => PAD + ((t - t0) / Math.max(1, t1 - t0)) * (W - 2 * PAD);
+  line.append(svg("line", { class: "axis", x1: PAD, x2: W - PAD, y1: H - 16, y2: H - 16 }));
+  // One tick per pixel column that holds points, app-consistent ones taller.
+  const cols = new Map();
+  pts.forEach((pt, i) => {
+    const c = Math.round(x(ms[i]));
+    cols.set(c, (cols.get(c) || pt.type === "app") ? true : pt.type === "app");
+  });
+  for (const [c, app] of cols) line.append(svg("line", { class: app ? "tick app" : "tick", x1: c, x2: c, y1: app ? 6 : 16, y2: H - 16 }));
+  pts.forEach((pt, i) => { if (pt.label) line.append(svg("circle", { class: "labelled", cx: x(ms[i]), cy: 6, r: 3 })); });
+  const cursor = svg("line", { class: "cursor", x1: 0, x2: 0, y1: 2, y2: H - 12 });
+  line.append(cursor);
+  for (const [t, anchor] of [[t0, "start"], [t1, "end"]]) {
+    const txt = svg("text", { x: anchor === "start" ? PAD : W - PAD, y: H - 2, "text-anchor": anchor });
+    txt.textContent = pts.length ? fmtTime(new Date(t).toISOString()) : "";
+    line.append(txt);
+  }
+  let cur = pts.length - 1;
+  const choose = (i, byUser) => {
+    if (i < 0 || i >= pts.length) return;
+    cur = i;
+    const pt = pts[i];
+    hidden.value = String(pt.seq);
+    cursor.setAttribute("x1", x(ms[i])); cursor.setAttribute("x2", x(ms[i]));
+    line.setAttribute("aria-valuenow", pt.seq);
+    line.setAttribute("aria-valuetext", `point ${pt.seq}, ${fmtTime(pt.time)}`);
+    chosen.textContent = `Point ${pt.seq} · ${fmtTime(pt.time)} · ${kind(pt)}${pt.label ? " · " + pt.label : ""}`;
+    if (byUser) { const r = document.getElementById("choice-custom"); if (r) r.checked = true; }
+  };
+  const err = el("p", { class: "error", id: id + "-error", role: "alert", hidden: true });
+  const say = (msg) => { err.textContent = msg || ""; err.hidden = !msg; };
+  line.addEventListener("click", (ev) => {
+    const r = line.getBoundingClientRect();
+    const t = t0 + ((ev.clientX - r.left) / r.width * W - PAD) / (W - 2 * PAD) * (t1 - t0);
+    let best = 0;
+    ms.forEach((m, i) => { if (Math.abs(m - t) < Math.abs(ms[best] - t)) best = i; });
+    say(""); choose(best, true);
+  });
+  line.addEventListener("keydown", (ev) => {
+    const to = { ArrowLeft: cur - 1, ArrowRight: cur + 1, Home: 0, End: pts.length - 1 }[ev.key];
+    if (to === undefined) return;
+    ev.preventDefault(); say(""); choose(Math.max(0, Math.min(pts.length - 1, to)), true);
+  });
+  // A typed time is read in the zone the header shows.
+  const timeIn = el("input", { type: "text", id: id + "-time", placeholder: "YYYY-MM-DD HH:MM:SS", autocomplete: "off" });
+  const byTime = () => {
+    const v = timeIn.value.trim();
+    if (!v) return;
+    const m = /^(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d(:\d\d)?)$/.exec(v);
+    if (!m) return say(`"${v}": write a time like 2026-12-02 10:41:59`);
+    const iso = m[1] + "T" + m[2] + (m[3] ? "" : ":00");
+    const t = (zone() === "UTC" ? Date.parse(iso + "Z") : new Date(iso).getTime()) + 999; // the whole second
+    let best = -1;
+    ms.forEach((m2, i) => { if (m2 <= t) best = i; });
+    if (best < 0) return say(`No point at or before ${v}: the oldest is ${pts.length ? fmtTime(pts[0].time) : "none"}.`);
+    say(""); choose(best, true);
+  };
+  timeIn.addEventListener("change", byTime);
+  timeIn.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); byTime(); } });
+  // Enter in the picker picks; it must never submit the dialog (a
+  // failover).
+  const noSubmit = (ev) => { if (ev.key === "Enter") ev.preventDefault(); };
+  const labelIn = el("input", { type: "search", id: id + "-label", placeholder: "a point's label", autocomplete: "off" });
+  labelIn.addEventListener("input", () => {
+    const q = labelIn.value.trim().toLowerCase();
+    if (!q) return say("");
+    for (let i = pts.length - 1; i >= 0; i--) if ((pts[i].label || "").toLowerCase().includes(q)) { say(""); return choose(i, true); }
+    say(`No point is labelled "${labelIn.value}".`);
+  });
+  for (const i of [timeIn, labelIn]) i.addEventListener("keypress", noSubmit);
+  labelIn.addEventListener("keydown", noSubmit);
+  choose(cur, false);
+  return el("div", { class: "picker" }, line,
+    el("div", { class: "row" },
+      el("div", {}, el("label", { for: id + "-time" }, `At or before (${zone() === "UTC" ? "UTC" : "this browser's zone"})`), timeIn),
+      el("div", {}, el("label", { for: id + "-label" }, "Or a label"), labelIn)),
+    chosen, err, hidden, el("p", { class: "explain" }, `${pts.length} points: tall marks are application-consistent, dots are labelled.`));
 }
 
 function option(name, value, label, explain, checked) {
@@ -534,7 +658,7 @@ function testFailoverDialog(p, points) {
       option("choice", "latest-processed", "Latest processed", "The newest point the recovery site has: lowest RTO.", true),
       option("choice", "latest-app-consistent", "Latest app-consistent", "The newest point taken with the guest's file systems frozen.", false),
       option("choice", "custom", "Custom", "Pick a point below.", false)),
-    el("label", { for: "tf-point" }, "Point (for Custom)"), pointSelect(points, "tf-point"),
+    el("h3", {}, "Point (for Custom)"), pointPicker(points, "tf-point"),
   ], "Start test failover", (f) => {
     const c = f.elements.choice.value;
     return post(p, "/test-failover", { point: c === "custom" ? f.elements.point.value : c });
@@ -558,7 +682,7 @@ function failoverDialog(p, points) {
       option("choice", "latest-processed", "Latest processed (lowest RTO)", "Fails over to the newest point already made: fastest start.", false),
       option("choice", "latest-app-consistent", "Latest app-consistent", "The newest point taken with the file systems frozen: applications start clean.", false),
       option("choice", "custom", "Custom", "Pick a point below.", false)),
-    el("label", { for: "fo-point" }, "Point (for Custom)"), pointSelect(points, "fo-point"),
+    el("h3", {}, "Point (for Custom)"), pointPicker(points, "fo-point"),
     el("label", { class: "inline" }, el("input", { type: "checkbox", id: "fo-shutdown", name: "shutdown", checked: true }),
       el("span", {}, `Shut down the machine before beginning failover (at ${p.source}; recommended: nothing is lost; skipped if the site is down).`)),
   ], "Failover", (f) => {
@@ -570,8 +694,16 @@ function failoverDialog(p, points) {
 function changePointDialog(p, points) {
   openDialog("Change recovery point of " + p.vm, [
     el("p", {}, "The VM is stopped, its writes since the failover are discarded, and it starts on the point you choose."),
-    el("label", { for: "cp-point" }, "Point"), pointSelect(points, "cp-point"),
+    el("h3", {}, "Point"), pointPicker(points, "cp-point"),
   ], "Change point", (f) => post(p, "/change-point", { point: f.elements.point.value }));
+}
+
+function disableDialog(p) {
+  openDialog("Disable protection of " + p.vm, [
+    el("p", {}, `Replication of ${p.vm} to ${p.target} stops. The VM keeps running where it is; it is no longer protected.`),
+    el("label", { class: "inline" }, el("input", { type: "checkbox", id: "dis-keep", name: "keep" }),
+      el("span", {}, `Keep the replica at ${p.target} (its disks, journal and recovery points); otherwise they are deleted.`)),
+  ], "Disable protection", (f) => post(p, "/disable", { keep_replica: f.elements.keep.checked }), "danger");
 }
 
 function commitDialog(p) {
@@ -700,21 +832,23 @@ async function vmsPage(view) {
         el("td", {}, v.name, v.domain ? el("small", { class: "muted" }, " (libvirt)") : "",
           v.members && v.members.length ? el("small", { class: "muted" }, ` (consistency group: ${v.members.map((m) => m.name).join(", ")})`) : ""),
         el("td", {}, v.site),
+        el("td", {}, v.domain ? "libvirt domain " + v.domain : "QEMU (run by ferry)"),
         el("td", {}, `${v.vcpus || 1} vCPU · ${v.memory_mib} MiB · ${v.firmware === "uefi" ? "UEFI" : "BIOS"}`),
         el("td", {}, (v.disks || []).map((d) => `${d.name} ${fmtBytes(d.size)}`).join(", ")),
         el("td", { class: "nics" }, (v.nics || []).map((n) => `${n.name} → ${n.network}`).join(", ")),
         el("td", {}, v.running ? "running" : "—"),
         el("td", {}, p && !protectable ? el("a", { href: "#/items/" + enc(v.name) }, p.state)
-          : canAct() ? el("button", { type: "button", class: "act-protect", onclick: () => protectDialog(v, sites) }, "Protect") : "not protected"));
+          : canAct() ? el("button", { type: "button", class: "act-protect", onclick: () => enableWizard(v) }, "Protect") : "not protected"));
     });
-    const table = el("table", {}, el("thead", {}, el("tr", {}, ["VM", "Site", "Machine", "Disks", "NICs", "Running", "Protection"].map((h) => el("th", { scope: "col" }, h)))),
-      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No VMs yet: define one, or import a libvirt domain."))));
+    const table = el("table", {}, el("thead", {}, el("tr", {}, ["VM", "Site", "Runtime", "Machine", "Disks", "NICs", "Running", "Protection"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No VMs yet: define one, or import a libvirt domain."))));
     const old = $("table", card);
     if (old) old.replaceWith(table); else card.append(table);
   };
   const tools = el("div", { class: "toolbar" });
   if (canAct()) {
-    tools.append(el("button", { type: "button", id: "act-define", class: "primary", onclick: () => defineDialog(sites) }, "Define VM"),
+    tools.append(el("button", { type: "button", id: "act-enable", class: "primary", onclick: () => enableWizard(null) }, "Enable replication"),
+      el("button", { type: "button", id: "act-define", onclick: () => defineDialog(sites) }, "Define VM"),
       el("button", { type: "button", id: "act-import", onclick: () => importDialog(sites) }, "Import from libvirt"));
   }
   tools.append(el("span", { class: "muted" }, "refreshes every 5 s"));
@@ -816,30 +950,119 @@ async function importPage(view, site, domain) {
   return (await render()) ? { refresh: render, every: 1000 } : null;
 }
 
-function protectDialog(vm, sites) {
-  const others = sites.filter((s) => s.name !== vm.site);
-  const target = siteSelect(others, "pr-target");
-  const maps = el("div", { id: "pr-maps" });
-  const draw = () => {
-    const s = others.find((x) => x.name === target.value) || { networks: [] };
-    const prod = (s.networks || []).filter((n) => n.kind === "production");
-    const iso = (s.networks || []).filter((n) => n.kind === "isolated");
-    maps.replaceChildren(
-      ...(vm.nics && vm.nics.length ? vm.nics : [{ name: "nic0", network: "" }]).flatMap((n) => field(`${n.name} (on ${n.network || "its site's network"}) fails over to`,
-        el("select", { id: "pr-nic-" + n.name, name: "nic", "data-nic": n.name }, prod.map((x) => el("option", { value: x.name }, `${x.name} (${x.subnet})`))))),
-      ...field("Drills run on", el("select", { id: "pr-test", name: "test" }, iso.map((x) => el("option", { value: x.name }, `${x.name} (${x.subnet}, isolated)`)))));
-  };
-  target.addEventListener("change", draw);
-  draw();
-  openDialog("Protect " + vm.name, [
-    el("p", {}, `Replicate ${vm.name} continuously from ${vm.site} to the recovery site, with recovery points there.`),
-    ...field("Recovery site", target), maps,
-    ...field("Policy", el("input", { id: "pr-policy", name: "policy", value: "default" })),
-  ], "Protect", (f) => {
-    const networks = {};
-    for (const s of f.querySelectorAll("select[data-nic]")) networks[s.dataset.nic] = s.value;
-    return api("POST", "/v1/protections", { vm: vm.name, target: f.elements.site.value, policy: f.elements.policy.value, networks, test_network: f.elements.test ? f.elements.test.value : "" });
+// enableWizard is ASR's "Enable replication": pick the VMs (of one
+// site, not protected yet), the recovery site and the policy, map each
+// NIC to a network there and pick the drill network, review what will be
+// created and copied, then start a job per VM and follow it.
+async function enableWizard(preselect) {
+  const [sites, vms, ps, pols] = await Promise.all([api("GET", "/v1/sites"), api("GET", "/v1/vms"), api("GET", "/v1/protections"), api("GET", "/v1/policies")]);
+  const prot = Object.fromEntries((ps || []).map((p) => [p.vm, p]));
+  const free = (vms || []).filter((v) => !prot[v.name] || prot[v.name].state === "disabled");
+  if (!free.length) return showError(new Error("Every VM is protected already: define or import one on this page first."));
+  const w = { source: preselect ? preselect.site : free[0].site, vms: preselect ? [preselect.name] : [], target: "", policy: "default", nets: {}, test: {} };
+  const nicsOf = (v) => (v.nics && v.nics.length ? v.nics : [{ name: "nic0", network: "" }]);
+  const siteOf = (name) => (sites || []).find((s) => s.name === name) || { networks: [] };
+  const chosen = () => free.filter((v) => w.vms.includes(v.name));
+  const steps = [
+    { title: "virtual machines", render: () => {
+      const src = el("select", { id: "wz-source", name: "source" }, [...new Set(free.map((v) => v.site))].map((n) => el("option", { value: n, selected: n === w.source }, n)));
+      const list = el("fieldset", { id: "wz-vms" }, el("legend", {}, "VMs to protect"));
+      const draw = () => list.replaceChildren(el("legend", {}, "VMs to protect"), ...free.filter((v) => v.site === src.value).map((v) =>
+        el("label", { class: "inline" }, el("input", { type: "checkbox", id: "wz-vm-" + v.name, name: "vm", value: v.name, checked: w.vms.includes(v.name) }),
+          el("span", {}, `${v.name}: ${(v.disks || []).map((d) => `${d.name} ${fmtBytes(d.size)}`).join(", ")} · ${nicsOf(v).length} NIC(s) · ${v.running ? "running" : "stopped"}`))));
+      src.addEventListener("change", draw);
+      draw();
+      return [el("p", {}, "Replicate VMs continuously to a recovery site, with recovery points there. Start with the VMs, all at one site."), ...field("Source site", src), list];
+    }, check: (f) => {
+      w.source = f.elements.source.value;
+      w.vms = [...f.querySelectorAll('input[name="vm"]:checked')].map((x) => x.value);
+      if (!w.vms.length) throw new Error("Pick at least one VM.");
+    } },
+    { title: "recovery site and policy", render: () => {
+      const others = (sites || []).filter((s) => s.name !== w.source);
+      return [...field("Recovery site", el("select", { id: "wz-target", name: "target" }, others.map((s) => el("option", { value: s.name, selected: s.name === w.target }, `${s.name}${s.reachable ? "" : " (unreachable)"}`)))),
+        ...field("Replication policy", el("select", { id: "wz-policy", name: "policy" }, (pols || []).map((p) => el("option", { value: p.name, selected: p.name === w.policy },
+          `${p.name}: points kept ${fmtDuration(p.retention)}, app-consistent every ${fmtDuration(p.app_interval)}, RPO alerts at ${fmtDuration(p.rpo_warning)} / ${fmtDuration(p.rpo_critical)}`))),
+        "policies are managed on the Policies page")];
+    }, check: (f) => {
+      if (!f.elements.target || !f.elements.target.value) throw new Error("There is no other site to replicate to: add one (ferry site add).");
+      w.target = f.elements.target.value;
+      w.policy = f.elements.policy.value;
+    } },
+    { title: "networks", render: () => {
+      const s = siteOf(w.target);
+      const prod = (s.networks || []).filter((n) => n.kind === "production");
+      const iso = (s.networks || []).filter((n) => n.kind === "isolated");
+      return [el("p", {}, `Where each NIC attaches at ${w.target} after a failover, and where drills run (isolated).`), ...chosen().flatMap((v) => [el("h3", {}, v.name),
+        ...nicsOf(v).flatMap((n) => field(`${n.name} (on ${n.network || "its site's network"}) fails over to`,
+          el("select", { id: `pr-nic-${v.name}-${n.name}`, "data-vm": v.name, "data-nic": n.name }, prod.map((x) => el("option", { value: x.name, selected: (w.nets[v.name] || {})[n.name] === x.name }, `${x.name} (${x.subnet})`))))),
+        ...field("Drills run on", el("select", { id: "pr-test-" + v.name, "data-test": v.name }, iso.map((x) => el("option", { value: x.name, selected: w.test[v.name] === x.name }, `${x.name} (${x.subnet}, isolated)`))))])];
+    }, check: (f) => {
+      for (const sel of f.querySelectorAll("select[data-nic]")) (w.nets[sel.dataset.vm] = w.nets[sel.dataset.vm] || {})[sel.dataset.nic] = sel.value;
+      for (const sel of f.querySelectorAll("select[data-test]")) w.test[sel.dataset.test] = sel.value;
+    } },
+    { title: "review", render: () => {
+      const vs = chosen();
+      const total = vs.reduce((n, v) => n + (v.disks || []).reduce((m, d) => m + d.size, 0), 0);
+      return [el("p", {}, `From ${w.source} to ${w.target}, policy ${w.policy}.`),
+        el("table", { id: "wz-review" }, el("thead", {}, el("tr", {}, ["VM", `Created at ${w.target}`, "NICs fail over to", "Drills on"].map((h) => el("th", { scope: "col" }, h)))),
+          el("tbody", {}, vs.map((v) => el("tr", { "data-vm": v.name }, el("td", {}, v.name),
+            el("td", {}, `replica ${v.name}: ` + (v.disks || []).map((d) => `disk ${d.name} ${fmtBytes(d.size)}`).join(", ") + ", its journal and recovery points"),
+            el("td", {}, nicsOf(v).map((n) => `${n.name} → ${(w.nets[v.name] || {})[n.name] || "the first production network"}`).join(", ")),
+            el("td", {}, w.test[v.name] || "the first isolated network"))))),
+        el("p", { id: "wz-bytes" }, `Initial replication copies at most ${fmtBytes(total)} (the disks' size; holes and zero blocks are not sent), then streams every write.`)];
+    } },
+  ];
+  wizard("Enable replication", steps, "Enable replication", async () => {
+    const jobs = [];
+    for (const v of chosen()) {
+      jobs.push(await api("POST", "/v1/protections", { vm: v.name, target: w.target, policy: w.policy, networks: w.nets[v.name] || {}, test_network: w.test[v.name] || "" }));
+    }
+    return jobs.length === 1 ? jobs[0] : { href: "#/jobs" };
   });
+}
+
+// wizard runs a dialog in steps: Next checks a step and shows the next;
+// the last runs finish, which returns a job to follow or { href }.
+function wizard(title, steps, finishLabel, finish) {
+  const d = $("#dialog");
+  const ok = $("#dialog-ok");
+  let back = $("#dialog-back");
+  if (!back) {
+    back = el("button", { type: "button", id: "dialog-back" }, "Back");
+    ok.before(back);
+  }
+  let i = 0;
+  const show = () => {
+    $("#dialog-title").textContent = `${title}: ${steps[i].title} (step ${i + 1} of ${steps.length})`;
+    $("#dialog-body").replaceChildren(...steps[i].render().flat());
+    $("#dialog-error").hidden = true;
+    ok.textContent = i === steps.length - 1 ? finishLabel : "Next";
+    ok.className = "primary";
+    ok.disabled = false;
+    back.hidden = i === 0;
+    const first = $("#dialog-body input, #dialog-body select", d);
+    (first || ok).focus();
+  };
+  const fail = (e) => { $("#dialog-error").textContent = e.message; $("#dialog-error").hidden = false; ok.disabled = false; };
+  back.onclick = () => { if (i > 0) { i--; show(); } };
+  $("#dialog-form").onsubmit = async (ev) => {
+    ev.preventDefault();
+    try {
+      if (steps[i].check) await steps[i].check($("#dialog-form"));
+    } catch (e) { return fail(e); }
+    if (i < steps.length - 1) { i++; show(); return; }
+    ok.disabled = true;
+    try {
+      const res = await finish();
+      d.close();
+      const to = res && res.href ? res.href : "#/jobs/" + res.id;
+      if (location.hash === to) route(); else location.hash = to;
+    } catch (e) { fail(e); }
+  };
+  $("#dialog-cancel").onclick = () => d.close();
+  show();
+  d.showModal();
 }
 
 // --- sites -------------------------------------------------------------
@@ -855,10 +1078,47 @@ async function sitesPage(view) {
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Capped"), el("th", {}, "Cap"))),
       el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 2, class: "muted" }, "No caps: replication sends as fast as the link allows.")))),
     canAct() ? el("div", { class: "actions" }, el("button", { type: "button", id: "set-cap", onclick: () => capDialog(sites) }, "Set a cap")) : "");
+  const netList = (s) => el("ul", { class: "plain" }, (s.networks || []).map((n) => el("li", { "data-network": s.name + "/" + n.name }, `${n.name} (${n.kind}, ${n.subnet})`,
+    canAct() ? el("button", { type: "button", class: "link act-del-net", "aria-label": `remove network ${n.name} at ${s.name}`, onclick: () => confirmDialog(`Remove network ${n.name} at ${s.name}`,
+      `VMs mapped to it keep their mapping until you change it; the vault refuses while a protection uses it.`, "Remove", () => api("DELETE", "/v1/sites/" + enc(s.name) + "/networks/" + enc(n.name)), "#/sites") }, "remove") : "")));
   view.replaceChildren(el("section", { class: "card", id: "sites" }, el("h1", {}, "Sites"),
-    el("table", {}, el("thead", {}, el("tr", {}, ["Site", "Address", "Reachable", "Last seen", "Networks"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, sites.map((s) => el("tr", {}, el("td", {}, s.name), el("td", {}, s.addr), el("td", {}, badge(s.reachable ? "reachable" : "unreachable", s.reachable ? "healthy" : "critical")),
-        el("td", {}, fmtTime(s.last_seen)), el("td", {}, (s.networks || []).map((n) => `${n.name} (${n.kind}, ${n.subnet})`).join(", "))))))), bw);
+    canAct() ? el("div", { class: "toolbar" }, el("button", { type: "button", id: "act-add-site", class: "primary", onclick: siteDialog }, "Add site"),
+      el("button", { type: "button", id: "act-add-net", onclick: () => networkDialog(sites) }, "Add network")) : "",
+    el("table", {}, el("thead", {}, el("tr", {}, ["Site", "Address", "Reachable", "Last seen", "Networks", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, sites.map((s) => el("tr", { "data-site": s.name }, el("td", {}, s.name), el("td", {}, s.addr), el("td", {}, badge(s.reachable ? "reachable" : "unreachable", s.reachable ? "healthy" : "critical")),
+        el("td", {}, fmtTime(s.last_seen)), el("td", {}, netList(s)),
+        el("td", {}, canAct() ? el("button", { type: "button", class: "act-del-site", "aria-label": "remove site " + s.name, onclick: () => confirmDialog("Remove site " + s.name,
+          `The vault forgets ${s.name} (its agent keeps running and keeps its disks); it refuses while a VM or a protection uses the site.`, "Remove", () => api("DELETE", "/v1/sites/" + enc(s.name)), "#/sites") }, "Remove") : "")))))), bw);
+}
+
+// confirmDialog asks before a removal; act's error is shown in the dialog.
+function confirmDialog(title, text, okLabel, act, href) {
+  openDialog(title, [el("p", {}, text)], okLabel, async () => { await act(); return { href }; }, "danger");
+}
+
+function siteDialog() {
+  openDialog("Add a site", [
+    el("p", {}, "A site is a KVM host (or cluster) running ferry's agent. Its agent must hold a site certificate of this installation's CA (ferry ca issue --role site NAME, or enroll it with a token)."),
+    ...field("Name", el("input", { id: "site-name", name: "name", required: true, placeholder: "west" }), "the name in its certificate"),
+    ...field("Agent address", el("input", { id: "site-addr", name: "addr", required: true, placeholder: "10.0.0.2:7443" }), "HOST:PORT of its API"),
+  ], "Add site", async (f) => {
+    await api("POST", "/v1/sites", { name: f.elements.name.value.trim(), addr: f.elements.addr.value.trim() });
+    return { href: "#/sites" };
+  });
+}
+
+function networkDialog(sites) {
+  openDialog("Add a network", [
+    el("p", {}, "Networks a site offers its VMs: production ones for failovers, isolated ones for drills."),
+    ...field("Site", siteSelect(sites, "net-site")),
+    ...field("Name", el("input", { id: "net-name", name: "name", required: true, placeholder: "backend" })),
+    ...field("Kind", el("select", { id: "net-kind", name: "kind" }, el("option", { value: "production" }, "production"), el("option", { value: "isolated" }, "isolated (drills)"))),
+    ...field("Subnet", el("input", { id: "net-subnet", name: "subnet", required: true, placeholder: "10.0.3.0/24" }), "IPv4 CIDR the guests get addresses from"),
+  ], "Add network", async (f) => {
+    const e = f.elements;
+    await api("PUT", "/v1/sites/" + enc(e.site.value) + "/networks/" + enc(e.name.value.trim()), { kind: e.kind.value, subnet: e.subnet.value.trim() });
+    return { href: "#/sites" };
+  });
 }
 
 // capDialog sets a site pair's or a VM's cap, with optional windows.
