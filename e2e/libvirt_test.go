@@ -365,6 +365,24 @@ func TestLibvirtImportOffline(t *testing.T) {
 	})
 	held := recordsInQcow2(t, top)
 
+	// The site's inventory offers it: a domain ferry does not run, with
+	// its disks, importable.
+	listed := func() *api.DomainInfo {
+		ds, err := ca.Domains(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range ds {
+			if d.Name == name {
+				return &d
+			}
+		}
+		return nil
+	}
+	if d := listed(); d == nil || !d.Importable || d.Running || len(d.Disks) < 2 || d.NICs != 2 || d.Firmware != "uefi" {
+		t.Fatalf("the domain in the site's inventory: %+v", d)
+	}
+
 	start := time.Now()
 	is, err := ca.Import(ctx, name)
 	if err != nil {
@@ -379,6 +397,9 @@ func TestLibvirtImportOffline(t *testing.T) {
 	})
 	res := is.Result
 	t.Logf("imported in %v: %+v", time.Since(start).Round(time.Millisecond), res.Disks)
+	if d := listed(); d != nil {
+		t.Fatalf("an imported domain is still offered for import: %+v", d)
+	}
 	if len(res.Disks) != 3 || res.Disks[0].Name != "vda" || res.Disks[1].Name != "vdb" || res.Disks[0].Format != "qcow2" ||
 		res.Disks[1].Source != loop || res.Disks[2].Name != api.EFIVarsDisk || res.Firmware != "uefi" || res.VCPUs != 1 || res.MemoryMiB != 256 || !res.QGA {
 		t.Fatalf("import result %+v", res)

@@ -88,6 +88,10 @@ func (a *Agent) routes() http.Handler {
 		st, err := a.Import(r.Context(), req)
 		reply(w, st, err)
 	})
+	handle("GET /v1/domains", readers, func(w http.ResponseWriter, r *http.Request) {
+		ds, err := a.Domains(r.Context())
+		reply(w, ds, err)
+	})
 	handle("GET /v1/imports/{domain}", managers, func(w http.ResponseWriter, r *http.Request) {
 		st, err := a.ImportStatus(r.PathValue("domain"))
 		reply(w, st, err)

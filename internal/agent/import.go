@@ -29,6 +29,8 @@ type Importer interface {
 	// and format); running says whether it runs now. ErrNotFound for no
 	// such domain, ErrInvalid for one ferry cannot import.
 	Describe(ctx context.Context, name string) (res api.ImportResult, running bool, err error)
+	// Domains names every domain defined or running, ferry's own too.
+	Domains(ctx context.Context) ([]string, error)
 	// Definition is the definition spec (Domain set) runs with.
 	Definition(ctx context.Context, spec qemu.Spec, console string) (string, error)
 	// Redefine replaces a shut-off domain's definition and turns its
@@ -41,6 +43,54 @@ type Importer interface {
 	// DefinePersistent sets the definition a domain (running or not)
 	// boots with next, autostart off.
 	DefinePersistent(ctx context.Context, def string) error
+}
+
+// Domains lists the libvirt domains of this site that ferry does not run
+// yet (no group of their name), each with what an import would take, or
+// why it cannot. A site that runs QEMU directly has none.
+func (a *Agent) Domains(ctx context.Context) ([]api.DomainInfo, error) {
+	imp, ok := a.runtime.(Importer)
+	if !ok {
+		return []api.DomainInfo{}, nil
+	}
+	names, err := imp.Domains(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := []api.DomainInfo{}
+	for _, n := range names {
+		a.mu.Lock()
+		_, ferrys := a.groups[n]
+		a.mu.Unlock()
+		if ferrys || strings.HasSuffix(n, "-drill") && a.hasGroupOrReplica(strings.TrimSuffix(n, "-drill")) {
+			continue
+		}
+		d := api.DomainInfo{Name: n, Importable: true}
+		res, running, err := imp.Describe(ctx, n)
+		switch {
+		case errors.Is(err, api.ErrNotFound):
+			continue // undefined meanwhile
+		case errors.Is(err, ErrInvalid):
+			d.Importable, d.Reason = false, err.Error()
+		case err != nil:
+			return nil, err
+		}
+		d.Running, d.VCPUs, d.MemoryMiB, d.Disks, d.NICs, d.Firmware = running, res.VCPUs, res.MemoryMiB, res.Disks, len(res.NICs), res.Firmware
+		if err := api.CheckName(api.KindGroup, n); d.Importable && err != nil {
+			d.Importable, d.Reason = false, fmt.Sprintf("its name cannot name a group: %v", err)
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// hasGroupOrReplica: ferry has a group or a replica of that name here.
+func (a *Agent) hasGroupOrReplica(name string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, g := a.groups[name]
+	_, r := a.replicas[name]
+	return g || r
 }
 
 // importState is an import in progress or done (kept in memory; the

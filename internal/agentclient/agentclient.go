@@ -131,6 +131,14 @@ func (c *Client) Unreplicate(ctx context.Context, group string) error {
 	return c.call(ctx, "DELETE", "/v1/groups/"+esc(group)+"/replication", nil, nil)
 }
 
+// Domains lists the site's libvirt domains that ferry does not run yet,
+// with what an import would take or why it cannot (none at a site that
+// runs QEMU directly).
+func (c *Client) Domains(ctx context.Context) ([]api.DomainInfo, error) {
+	var out []api.DomainInfo
+	return out, c.call(ctx, "GET", "/v1/domains", nil, &out)
+}
+
 // Fence tells the site that generation gen of group runs elsewhere: the
 // group stops replicating as a source and refuses to start its VM.
 // Idempotent; never lowers a generation. ErrNotFound if there is no such

@@ -245,6 +245,20 @@ type ImportRequest struct {
 	Domain string `json:"domain"`
 }
 
+// DomainInfo is a libvirt domain a site has that ferry does not run yet
+// (GET /v1/domains): what importing it would take, or why it cannot.
+type DomainInfo struct {
+	Name       string         `json:"name"`
+	Running    bool           `json:"running"`
+	VCPUs      int            `json:"vcpus,omitempty"`
+	MemoryMiB  int            `json:"memory_mib,omitempty"`
+	Firmware   string         `json:"firmware,omitempty"`
+	Disks      []ImportedDisk `json:"disks,omitempty"`
+	NICs       int            `json:"nics"`
+	Importable bool           `json:"importable"`
+	Reason     string         `json:"reason,omitempty"` // why it cannot be imported
+}
+
 // ImportedDisk is one disk of an imported domain.
 type ImportedDisk struct {
 	Name   string `json:"name"`   // the group's disk: the domain's target (vda, sdb)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -60,6 +61,24 @@ func (r *Runtime) Describe(ctx context.Context, name string) (api.ImportResult, 
 		}
 	}
 	return res, golibvirt.DomainState(state) != golibvirt.DomainShutoff, nil
+}
+
+// Domains names the domains libvirt has defined or running, sorted.
+func (r *Runtime) Domains(ctx context.Context) ([]string, error) {
+	c, err := r.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	doms, _, err := c.ConnectListAllDomains(1, golibvirt.ConnectListDomainsActive|golibvirt.ConnectListDomainsInactive)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt: list domains: %w", err)
+	}
+	names := make([]string, 0, len(doms))
+	for _, d := range doms {
+		names = append(names, d.Name)
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // NVRAMDir is where libvirt keeps the variable stores of UEFI domains

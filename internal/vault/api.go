@@ -119,6 +119,7 @@ func (v *Vault) Handler() http.Handler {
 		return v.ImportVM(r.Context(), req)
 	})
 	// Operators only: the look that sees the copy done defines the VM.
+	read("GET /v1/sites/{site}/domains", func(r *http.Request) (any, error) { return v.Domains(r.Context(), r.PathValue("site")) })
 	mux.HandleFunc("GET /v1/imports/{site}/{domain}", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
 		st, err := v.ImportStatus(r.Context(), r.PathValue("site"), r.PathValue("domain"))
 		reply(w, st, err)

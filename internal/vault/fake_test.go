@@ -19,6 +19,7 @@ type fakeAgent struct {
 	mu      sync.Mutex
 	site    string
 	down    bool
+	domains []string // libvirt domains it has (Domains)
 	groups  map[string]bool
 	sources map[string]string
 	points  []api.Point // of every replica it has
@@ -409,6 +410,20 @@ func (f *fakeAgent) Import(ctx context.Context, domain string) (api.ImportStatus
 	st := api.ImportStatus{Domain: domain, State: api.ImportDone, DoneBytes: 1 << 30, TotalBytes: 1 << 30, Result: &res}
 	f.imports[domain] = st
 	return st, nil
+}
+
+func (f *fakeAgent) Domains(ctx context.Context) ([]api.DomainInfo, error) {
+	if err := f.enter("domains"); err != nil {
+		return nil, err
+	}
+	defer f.mu.Unlock()
+	out := []api.DomainInfo{}
+	for _, n := range f.domains {
+		if !f.groups[n] {
+			out = append(out, api.DomainInfo{Name: n, Importable: true, VCPUs: 2, MemoryMiB: 512, NICs: 1})
+		}
+	}
+	return out, nil
 }
 
 func (f *fakeAgent) ImportStatus(ctx context.Context, domain string) (api.ImportStatus, error) {

@@ -44,6 +44,20 @@ func (v *Vault) ImportVM(ctx context.Context, req api.VaultImport) (api.ImportSt
 	return v.importDone(ctx, site, st)
 }
 
+// Domains lists a site's libvirt domains that ferry does not run yet:
+// what the portal's inventory offers to import.
+func (v *Vault) Domains(ctx context.Context, site string) ([]api.DomainInfo, error) {
+	_, c, err := v.site(ctx, site)
+	if err != nil {
+		return nil, err
+	}
+	ds, err := c.Domains(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("domains at %s: %w", site, err)
+	}
+	return ds, nil
+}
+
 // ImportStatus reports an import at a site, and defines the VM once it
 // is done (idempotent).
 func (v *Vault) ImportStatus(ctx context.Context, site, domain string) (api.ImportStatus, error) {

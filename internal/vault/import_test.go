@@ -18,6 +18,13 @@ import (
 func TestImportAndRelease(t *testing.T) {
 	f := newFixture(t, store.NewMem())
 	f.setup(t)
+	f.east.mu.Lock()
+	f.east.domains = []string{"db"}
+	f.east.mu.Unlock()
+	var ds []api.DomainInfo
+	if code := f.call(t, f.reader, "GET", "/v1/sites/east/domains", nil, &ds); code != 200 || len(ds) != 1 || ds[0].Name != "db" || !ds[0].Importable {
+		t.Fatalf("domains at east before the import: %d %+v", code, ds)
+	}
 	var st api.ImportStatus
 	if code := f.call(t, f.reader, "POST", "/v1/imports", api.VaultImport{Site: "east", Domain: "db"}, nil); code != 403 {
 		t.Fatalf("import with a read-only token: %d, want 403", code)
@@ -30,6 +37,9 @@ func TestImportAndRelease(t *testing.T) {
 	vm, _, err := get[VM](context.Background(), f.st, kindVM, "db")
 	if err != nil {
 		t.Fatalf("the imported VM is not defined: %v", err)
+	}
+	if code := f.call(t, f.reader, "GET", "/v1/sites/east/domains", nil, &ds); code != 200 || len(ds) != 0 {
+		t.Fatalf("domains at east after the import: %d %+v, want none (ferry runs it)", code, ds)
 	}
 	if vm.Site != "east" || vm.VCPUs != 2 || vm.MemoryMiB != 512 || !vm.QGA || vm.Domain == "" ||
 		len(vm.Disks) != 1 || vm.Disks[0] != (api.VMDisk{Name: "vda", Size: 1 << 30}) || len(vm.NICs) != 1 ||

@@ -85,4 +85,8 @@ type Site interface {
 	// Release gives an imported domain its own definition back.
 	// ErrNotFound if it was not imported there; ErrConflict while it runs.
 	Release(ctx context.Context, domain string) error
+	// Domains lists the site's libvirt domains ferry does not run yet,
+	// with what an import takes or why it cannot (none at a site that
+	// runs QEMU directly). Read-only.
+	Domains(ctx context.Context) ([]api.DomainInfo, error)
 }
