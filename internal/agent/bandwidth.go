@@ -1,10 +1,7 @@
 package agent
 
 import (
-	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 
 	"github.com/ferry-dr/ferry/internal/api"
@@ -16,16 +13,13 @@ func (a *Agent) bandwidthPath() string { return filepath.Join(a.cfg.Dir, "bandwi
 // loadBandwidth applies the caps saved by the last SetBandwidth, so that
 // a restarted agent honours them before the vault says anything.
 func (a *Agent) loadBandwidth() error {
-	b, err := os.ReadFile(a.bandwidthPath())
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("read bandwidth caps: %w", err)
-	}
 	var bw api.Bandwidth
-	if err := json.Unmarshal(b, &bw); err != nil {
-		return fmt.Errorf("bandwidth caps in %s: %w", a.bandwidthPath(), err)
+	found, err := readJSONFile(a.bandwidthPath(), &bw)
+	if err != nil || !found {
+		if err != nil {
+			return fmt.Errorf("read bandwidth caps: %w", err)
+		}
+		return nil
 	}
 	return a.applyBandwidth(bw)
 }

@@ -57,6 +57,22 @@ func (a *Agent) divergencePath(name string) string {
 
 func writeJSONFile(path string, v any) error { return atomicfile.WriteJSON(path, v, 0o600) }
 
+// readJSONFile reads a state file writeJSONFile wrote into v; false, nil
+// if there is none.
+func readJSONFile(path string, v any) (bool, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return false, fmt.Errorf("%s: %w", path, err)
+	}
+	return true, nil
+}
+
 // replicaDivergence starts a commit's divergence record: what the
 // replica received after the point seq, from its index. The commit adds
 // what the VM wrote (its views' overlays) and saves it with

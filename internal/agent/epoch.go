@@ -1,10 +1,7 @@
 package agent
 
 import (
-	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 
@@ -19,7 +16,7 @@ import (
 // therefore cannot act on a site once its successor has: the fencing
 // token of a lease-based lock.
 
-// leaderEpoch is what epoch.json holds.
+// leaderEpoch is what leader-epoch.json holds.
 type leaderEpoch struct {
 	Epoch int64 `json:"epoch"`
 }
@@ -28,16 +25,9 @@ func (a *Agent) epochPath() string { return filepath.Join(a.cfg.Dir, "leader-epo
 
 // loadEpoch reads the highest epoch obeyed before a restart.
 func (a *Agent) loadEpoch() error {
-	b, err := os.ReadFile(a.epochPath())
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("read leader epoch: %w", err)
-	}
 	var e leaderEpoch
-	if err := json.Unmarshal(b, &e); err != nil {
-		return fmt.Errorf("leader epoch in %s: %w", a.epochPath(), err)
+	if _, err := readJSONFile(a.epochPath(), &e); err != nil {
+		return fmt.Errorf("read leader epoch: %w", err)
 	}
 	a.epoch = e.Epoch
 	return nil
