@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/chromedp"
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/guest"
 	"github.com/ferry-dr/ferry/internal/qemu"
@@ -381,6 +382,26 @@ func TestLibvirtImportOffline(t *testing.T) {
 	}
 	if d := listed(); d == nil || !d.Importable || d.Running || len(d.Disks) < 2 || d.NICs != 2 || d.Firmware != "uefi" {
 		t.Fatalf("the domain in the site's inventory: %+v", d)
+	}
+	// And the portal's inventory, through a vault, offers its import.
+	_, vp := startVaultProc(t, st)
+	tok, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bctx := browser(t)
+	runB(t, bctx, "the domain in the portal's inventory", 60*time.Second,
+		chromedp.Navigate("https://"+vp.addr+"/"), chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(tok))), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS("#nav-vms")), goHash("#/vms"),
+		chromedp.WaitVisible(chromedp.CSS(`#domains tr[data-domain="siteA/`+name+`"] .act-import-domain`)),
+		chromedp.Click(chromedp.CSS(`#domains tr[data-domain="siteA/`+name+`"] .act-import-domain`)), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #imp-domain")))
+	if got := eval[string](t, bctx, `document.querySelector("#imp-domain").value + " at " + document.querySelector("#imp-site").value`); got != name+" at siteA" {
+		t.Fatalf("the import dialog opened from the inventory holds %q", got)
+	}
+	row := eval[string](t, bctx, `document.querySelector('#domains tr[data-domain="siteA/`+name+`"]').textContent`)
+	if !strings.Contains(row, "vda") || !strings.Contains(row, "UEFI") || !strings.Contains(row, "shut off") {
+		t.Fatalf("the domain's row in the portal: %q", row)
 	}
 
 	start := time.Now()

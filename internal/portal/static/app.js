@@ -736,23 +736,6 @@ async function jobsPage(view) {
         el("td", {}, badge(j.state)), el("td", {}, fmtTime(j.created)), el("td", {}, fmtDur(j.created, j.ended)), el("td", { class: "error" }, j.error || "")))));
     const old = $("table", card);
     if (old) old.replaceWith(table); else card.append(table);
-    // Libvirt domains the sites have that ferry does not run yet.
-    const found = [];
-    for (const s of sites) {
-      try { for (const d of (await api("GET", "/v1/sites/" + enc(s.name) + "/domains")) || []) found.push({ site: s.name, ...d }); } catch (e) { /* an unreachable site lists none */ }
-    }
-    const dom = el("section", { class: "card", id: "domains" }, el("h2", {}, "Libvirt domains not run by ferry"),
-      el("p", { class: "muted" }, "VMs the libvirt sites run outside ferry. Import one to protect it: its disks are copied into ferry and it keeps running."),
-      el("table", {}, el("thead", {}, el("tr", {}, ["Domain", "Site", "Machine", "Disks", "NICs", "State", ""].map((h) => el("th", { scope: "col" }, h)))),
-        el("tbody", {}, found.map((d) => el("tr", { "data-domain": d.site + "/" + d.name }, el("td", {}, d.name), el("td", {}, d.site),
-          el("td", {}, `${d.vcpus || 1} vCPU · ${d.memory_mib || "?"} MiB · ${d.firmware === "uefi" ? "UEFI" : "BIOS"}`),
-          el("td", {}, (d.disks || []).map((x) => `${x.name} ${fmtBytes(x.size)} (${x.format})`).join(", ")), el("td", {}, String(d.nics)),
-          el("td", {}, d.running ? "running" : "shut off"),
-          el("td", {}, !d.importable ? el("span", { class: "muted" }, "cannot import: " + d.reason)
-            : canAct() ? el("button", { type: "button", class: "act-import-domain", onclick: () => importDialog(sites, d.site, d.name) }, "Import") : ""))))));
-    const oldDom = $("#domains", view);
-    if (!found.length) { if (oldDom) oldDom.remove(); }
-    else if (oldDom) oldDom.replaceWith(dom); else view.append(dom);
   };
   await render();
   return { refresh: render, every: 2000 };
@@ -861,6 +844,23 @@ async function vmsPage(view) {
       el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No VMs yet: define one, or import a libvirt domain."))));
     const old = $("table", card);
     if (old) old.replaceWith(table); else card.append(table);
+    // Libvirt domains the sites have that ferry does not run yet.
+    const found = [];
+    for (const s of sites) {
+      try { for (const d of (await api("GET", "/v1/sites/" + enc(s.name) + "/domains")) || []) found.push({ site: s.name, ...d }); } catch (e) { /* an unreachable site lists none */ }
+    }
+    const dom = el("section", { class: "card", id: "domains" }, el("h2", {}, "Libvirt domains not run by ferry"),
+      el("p", { class: "muted" }, "VMs the libvirt sites run outside ferry. Import one to protect it: its disks are copied into ferry and it keeps running."),
+      el("table", {}, el("thead", {}, el("tr", {}, ["Domain", "Site", "Machine", "Disks", "NICs", "State", ""].map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, found.map((d) => el("tr", { "data-domain": d.site + "/" + d.name }, el("td", {}, d.name), el("td", {}, d.site),
+          el("td", {}, `${d.vcpus || 1} vCPU · ${d.memory_mib || "?"} MiB · ${d.firmware === "uefi" ? "UEFI" : "BIOS"}`),
+          el("td", {}, (d.disks || []).map((x) => `${x.name} ${fmtBytes(x.size)} (${x.format})`).join(", ")), el("td", {}, String(d.nics)),
+          el("td", {}, d.running ? "running" : "shut off"),
+          el("td", {}, !d.importable ? el("span", { class: "muted" }, "cannot import: " + d.reason)
+            : canAct() ? el("button", { type: "button", class: "act-import-domain", onclick: () => importDialog(sites, d.site, d.name) }, "Import") : ""))))));
+    const oldDom = $("#domains", view);
+    if (!found.length) { if (oldDom) oldDom.remove(); }
+    else if (oldDom) oldDom.replaceWith(dom); else view.append(dom);
   };
   const tools = el("div", { class: "toolbar" });
   if (canAct()) {
