@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -273,16 +272,6 @@ func TestVaultPartition(t *testing.T) {
 		t.Logf("%s: epoch %d, %d calls of an older leader refused", a.name, st.LeaderEpoch, st.StaleLeaderRefused)
 	}
 	t.Logf("%d jobs (%d operator cycles): %v", len(js), cycles, by)
-}
-
-// freePortOn returns host:port with a port free at host.
-func freePortOn(tb testing.TB, host string) string {
-	ln, err := net.Listen("tcp", host+":0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // startIn starts a vault process whose args begin with the command to

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -31,13 +32,42 @@ type agentProc struct {
 	done                 chan error
 }
 
+// handedOut remembers every port freePort gave: a port is free when
+// returned, but not bound until its user starts, and the kernel may hand
+// the same one out again meanwhile (a vault once got the port a test had
+// set aside for its VM's forward).
+var handedOut = struct {
+	sync.Mutex
+	ports map[string]bool
+}{ports: map[string]bool{}}
+
 func freePort(tb testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
+	tb.Helper()
+	return freePortOn(tb, "127.0.0.1")
+}
+
+// freePortOn returns host:port with a port free at host, never one it
+// returned before in this test binary.
+func freePortOn(tb testing.TB, host string) string {
+	tb.Helper()
+	for range 100 {
+		ln, err := net.Listen("tcp", host+":0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		_, port, _ := net.SplitHostPort(addr)
+		handedOut.Lock()
+		seen := handedOut.ports[port]
+		handedOut.ports[port] = true
+		handedOut.Unlock()
+		if !seen {
+			return addr
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	tb.Fatal("no port that was not handed out before")
+	return ""
 }
 
 func (p *agentProc) start(tb testing.TB) {
