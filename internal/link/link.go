@@ -411,7 +411,7 @@ func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
 	pays, l := z.pays()
 	if !pays {
 		if z.trial++; z.trial < trialEvery {
-			z.state.Store(&compressState{on: false, link: l, speed: z.speed})
+			z.report(false, l)
 			return nil, false
 		}
 	}
@@ -441,13 +441,24 @@ func (z *compressor) compress(parts [][]byte, n int) ([]byte, bool) {
 		if z.misses++; z.misses >= missLimit && !cheap {
 			z.skip = probeEvery - 1
 		}
-		z.state.Store(&compressState{on: false, link: l, speed: z.speed})
+		z.report(false, l)
 		return nil, false
 	}
 	z.misses = 0
 	z.measureRatio(n, len(z.out))
-	z.state.Store(&compressState{on: true, link: l, speed: z.speed})
+	z.report(true, l)
 	return z.out, true
+}
+
+// report publishes the decision for status, allocating only when it
+// changes: the decision flips, or the link or encoder rate moves by more
+// than an eighth (this runs once per frame on the shipper's path).
+func (z *compressor) report(on bool, link float64) {
+	near := func(a, b float64) bool { return a == b || a > 0 && b > 0 && a < b*9/8 && b < a*9/8 }
+	if cur := z.state.Load(); cur != nil && cur.on == on && near(cur.link, link) && near(cur.speed, z.speed) {
+		return
+	}
+	z.state.Store(&compressState{on: on, link: link, speed: z.speed})
 }
 
 // measureSpeed folds one compression into the encoder's rate: bytes

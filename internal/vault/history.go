@@ -98,7 +98,10 @@ func (v *Vault) saveHistory(ctx context.Context, vm string, now time.Time) {
 	h.mu.Lock()
 	h.saved[vm] = now
 	h.mu.Unlock()
-	// The hour that just left the window.
+	// Once an hour, the hour that just left the window.
+	if now.Truncate(time.Hour).Equal(last.Truncate(time.Hour)) {
+		return
+	}
 	old := hourID(vm, now.Add(-h.window-time.Hour))
 	if d, err := v.st.Get(ctx, kindHistory, old); err == nil {
 		v.st.Delete(ctx, kindHistory, old, d.Version)
