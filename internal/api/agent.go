@@ -67,6 +67,75 @@ type ReplicaStatus struct {
 	// The newest crash-consistent and application-consistent points.
 	LastPoint    time.Time `json:"last_point,omitzero"`
 	LastAppPoint time.Time `json:"last_app_point,omitzero"`
+	// Entropy is the ransomware detector's view of the write stream.
+	Entropy *EntropyStatus `json:"entropy,omitempty"`
+}
+
+// RansomwarePolicy tunes a protection's ransomware detector (part of its
+// policy; zero fields take the defaults). An incident is raised when, in
+// one Window, at least MinBytes of low-entropy blocks were overwritten
+// with high-entropy data, and that is more than Factor times the most any
+// earlier window of the protection's history (7 days) saw.
+type RansomwarePolicy struct {
+	Disabled bool          `json:"disabled,omitempty"`
+	MinBytes int64         `json:"min_bytes,omitempty"`
+	Factor   float64       `json:"factor,omitempty"`
+	Window   time.Duration `json:"window,omitempty"`
+}
+
+// Ransomware detector defaults.
+const (
+	DefaultRansomwareMinBytes = 4 << 20
+	DefaultRansomwareFactor   = 4
+	DefaultRansomwareWindow   = 10 * time.Second
+)
+
+// WithDefaults fills the zero fields.
+func (p RansomwarePolicy) WithDefaults() RansomwarePolicy {
+	if p.MinBytes <= 0 {
+		p.MinBytes = DefaultRansomwareMinBytes
+	}
+	if p.Factor <= 0 {
+		p.Factor = DefaultRansomwareFactor
+	}
+	if p.Window <= 0 {
+		p.Window = DefaultRansomwareWindow
+	}
+	return p
+}
+
+// EntropyStatus is what a recovery site's detector reports for a replica.
+type EntropyStatus struct {
+	Policy RansomwarePolicy `json:"policy"`
+	// WindowBytes: low-to-high overwrites in the newest window;
+	// BaselineBytes: the most in any window of the history.
+	WindowBytes   int64 `json:"window_bytes"`
+	BaselineBytes int64 `json:"baseline_bytes"`
+	// HistorySeconds: how much history the baseline has learnt from.
+	HistorySeconds int64 `json:"history_seconds"`
+	// Totals since the replica was created: bytes classified, written
+	// high-entropy, and low-entropy blocks overwritten with high.
+	ClassifiedBytes int64 `json:"classified_bytes"`
+	HighBytes       int64 `json:"high_bytes"`
+	LowToHighBytes  int64 `json:"low_to_high_bytes"`
+	// Incident is the open incident, until dismissed.
+	Incident *EntropyIncident `json:"incident,omitempty"`
+}
+
+// EntropyIncident is a suspected encryption in place.
+type EntropyIncident struct {
+	Detected time.Time `json:"detected"`
+	// Start and FirstSeq: the first write of the jump (the source's
+	// time of it).
+	Start    time.Time `json:"start"`
+	FirstSeq uint64    `json:"first_seq"`
+	// PeakBytes: the most low-to-high overwrites in one window since;
+	// BaselineBytes: the history's most when it was raised.
+	PeakBytes     int64 `json:"peak_bytes"`
+	BaselineBytes int64 `json:"baseline_bytes"`
+	// LastClean is the newest recovery point before FirstSeq, if the
+	// replica still has one.
+	LastClean *Point `json:"last_clean,omitempty"`
 }
 
 // ReplicationState is where a group's shipper is.
