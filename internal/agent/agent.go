@@ -29,6 +29,7 @@ import (
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/bandwidth"
 	"github.com/ferry-dr/ferry/internal/clock"
+	"github.com/ferry-dr/ferry/internal/entropy"
 	"github.com/ferry-dr/ferry/internal/disk"
 	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/link"
@@ -123,6 +124,9 @@ type Agent struct {
 	mu        sync.Mutex
 	groups    map[string]*group
 	replicas  map[string]*replica.Replica
+	// monitors are the replicas' ransomware detectors (entropy.go).
+	monMu    sync.Mutex
+	monitors map[string]*entropy.Monitor
 	views     map[string]*openView
 	nextView  int
 	vms       map[string]*runningVM
@@ -239,7 +243,7 @@ func New(cfg Config) (*Agent, error) {
 		}
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, id: id,
-		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, views: map[string]*openView{},
+		groups: map[string]*group{}, replicas: map[string]*replica.Replica{}, monitors: map[string]*entropy.Monitor{}, views: map[string]*openView{},
 		vms: map[string]*runningVM{}, appPoints: map[string]AppPointStatus{}, imports: map[string]*importState{}, problems: map[string]api.Problem{},
 		bwPeers: map[string]*bandwidth.Limiter{}, bwGroups: map[string]*bandwidth.Limiter{},
 		nbd: nbd.New(nbd.Config{Logger: cfg.Logger}), nbdSock: filepath.Join(cfg.Dir, "nbd.sock")}
@@ -383,6 +387,7 @@ func (a *Agent) Close() error {
 	for _, r := range a.replicas {
 		r.Close()
 	}
+	a.saveMonitors()
 	return err
 }
 
@@ -582,16 +587,18 @@ func (a *Agent) startPoints(gr *group) {
 func (a *Agent) startFolding() {
 	a.every(a.cfg.FoldInterval, nil, func() {
 		a.mu.Lock()
-		reps := make([]*replica.Replica, 0, len(a.replicas))
-		for _, r := range a.replicas {
-			reps = append(reps, r)
+		reps := make(map[string]*replica.Replica, len(a.replicas))
+		for name, r := range a.replicas {
+			reps[name] = r
 		}
 		a.mu.Unlock()
-		for _, r := range reps {
-			if _, err := r.FoldBefore(a.ctx, a.cfg.Now().Add(-a.cfg.Retention)); err != nil && !errors.Is(err, replica.ErrNotReady) {
+		for name, r := range reps {
+			cutoff := a.foldCutoff(name, r, a.cfg.Now().Add(-a.cfg.Retention))
+			if _, err := r.FoldBefore(a.ctx, cutoff); err != nil && !errors.Is(err, replica.ErrNotReady) {
 				a.log.Error("fold replica", "err", err)
 			}
 		}
+		a.saveMonitors()
 	})
 }
 
@@ -899,7 +906,7 @@ func (a *Agent) adoptGroup(name string, specs []disk.Spec) (*replica.Replica, er
 	for _, d := range specs {
 		images[d.Name] = filepath.Join(a.groupDir(name), "images", d.Name+".img")
 	}
-	return replica.Adopt(replica.Config{Dir: filepath.Join(a.cfg.Dir, "replicas", name), Logger: a.log}, name, specs, images)
+	return replica.Adopt(a.replicaConfig(name), name, specs, images)
 }
 
 // finishToReplica completes a GroupToReplica that a crash interrupted:
@@ -986,8 +993,7 @@ func (a *Agent) openReplica(name string) (*replica.Replica, error) {
 	if a.groups[name] != nil {
 		return nil, fmt.Errorf("%w: %s is a group at this site", ErrConflict, name)
 	}
-	dir := filepath.Join(a.cfg.Dir, "replicas", name)
-	r, err := replica.Open(replica.Config{Dir: dir, Logger: a.log.With("replica", name)})
+	r, err := replica.Open(a.replicaConfig(name))
 	if err != nil {
 		return nil, err
 	}
@@ -1265,8 +1271,10 @@ func (a *Agent) Status() Status {
 		st.Groups = append(st.Groups, gs)
 	}
 	sort.Slice(st.Groups, func(i, j int) bool { return st.Groups[i].Name < st.Groups[j].Name })
-	for _, r := range a.replicas {
-		st.Replicas = append(st.Replicas, r.Status())
+	for name, r := range a.replicas {
+		rs := r.Status()
+		rs.Entropy = a.entropyStatus(name, r)
+		st.Replicas = append(st.Replicas, rs)
 	}
 	sort.Slice(st.Replicas, func(i, j int) bool { return st.Replicas[i].Group < st.Replicas[j].Group })
 	for _, ov := range a.views {

@@ -222,6 +222,20 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, req, a.ExpectReplica(r.PathValue("name"), req.Source))
 	})
+	handle("PUT /v1/replicas/{name}/ransomware-policy", managers, func(w http.ResponseWriter, r *http.Request) {
+		var req api.RansomwarePolicy
+		if !decode(w, r, &req) {
+			return
+		}
+		if req.MinBytes < 0 || req.Factor < 0 || req.Window < 0 || req.Window > 24*time.Hour {
+			reply(w, nil, fmt.Errorf("%w: ransomware policy %+v: thresholds must be positive (or 0 for the default), the window at most 24h", ErrInvalid, req))
+			return
+		}
+		reply(w, struct{}{}, a.SetRansomwarePolicy(r.PathValue("name"), req))
+	})
+	handle("POST /v1/replicas/{name}/ransomware-dismiss", managers, func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, a.DismissIncident(r.PathValue("name")))
+	})
 	handle("POST /v1/replicas/{name}/resync", managers, func(w http.ResponseWriter, r *http.Request) {
 		rp, err := a.ResyncReplica(r.Context(), r.PathValue("name"))
 		reply(w, rp, err)

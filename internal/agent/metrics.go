@@ -76,6 +76,10 @@ var (
 		"1 while the stream compresses (the link is slower than the compressor gains), 0 while it sends plain.", []string{"group", "peer"}, nil)
 	descConnected = prometheus.NewDesc("ferry_replication_link_up",
 		"1 when the group streams or copies to its recovery site, 0 while it connects or retries.", []string{"group", "peer", "state"}, nil)
+	descEntropy = prometheus.NewDesc("ferry_replica_entropy_bytes_total",
+		"Bytes of the write stream the ransomware detector classified (kind=classified), found high-entropy (kind=high), and low-entropy blocks overwritten with high-entropy data (kind=low_to_high).", []string{"group", "kind"}, nil)
+	descSuspected = prometheus.NewDesc("ferry_replica_ransomware_suspected",
+		"1 while the replica has an open ransomware incident (low-to-high overwrites jumped), until dismissed.", []string{"group"}, nil)
 	descJournal = prometheus.NewDesc("ferry_journal_bytes",
 		"Size of a journal on disk: a protected group's at the source, a replica's at the recovery site.", []string{"group", "role"}, nil)
 	descPoints = prometheus.NewDesc("ferry_recovery_points",
@@ -95,7 +99,7 @@ var (
 type statusCollector struct{ a *Agent }
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descWire, descBacklog, descClears, descCap, descLinkRate, descCompressing, descConnected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
+	for _, d := range []*prometheus.Desc{descRPO, descPending, descThroughput, descSent, descWire, descBacklog, descClears, descCap, descLinkRate, descCompressing, descConnected, descEntropy, descSuspected, descJournal, descPoints, descReplicaLag, descVMs, descProblem, descFold, descUnfolded} {
 		ch <- d
 	}
 }
@@ -157,6 +161,16 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, r := range st.Replicas {
 		gauge(descJournal, float64(r.JournalBytes), r.Group, "replica")
 		gauge(descPoints, float64(r.Points), r.Group)
+		if e := r.Entropy; e != nil {
+			ch <- prometheus.MustNewConstMetric(descEntropy, prometheus.CounterValue, float64(e.ClassifiedBytes), r.Group, "classified")
+			ch <- prometheus.MustNewConstMetric(descEntropy, prometheus.CounterValue, float64(e.HighBytes), r.Group, "high")
+			ch <- prometheus.MustNewConstMetric(descEntropy, prometheus.CounterValue, float64(e.LowToHighBytes), r.Group, "low_to_high")
+			suspected := 0.0
+			if e.Incident != nil {
+				suspected = 1
+			}
+			gauge(descSuspected, suspected, r.Group)
+		}
 		if !r.LastTime.IsZero() {
 			gauge(descReplicaLag, float64(r.LastTime.UnixNano())/1e9, r.Group)
 		}

@@ -479,6 +479,7 @@ func (a *Agent) commitViews(ctx context.Context, repName string, rep *replica.Re
 	a.mu.Lock()
 	delete(a.replicas, repName)
 	a.mu.Unlock()
+	a.dropMonitor(repName)
 	if err := a.openGroup(repName, base); err != nil {
 		// The group is in place and complete: a restart opens it.
 		return steps, fmt.Errorf("open the committed group (restart the agent to open it): %w", err)
@@ -575,6 +576,7 @@ func (a *Agent) dropReplica(name string) error {
 		return nil
 	}
 	rep.Close()
+	a.dropMonitor(name)
 	if err := atomicfile.RemoveDir(filepath.Join(a.cfg.Dir, "replicas", name)); err != nil {
 		return err
 	}

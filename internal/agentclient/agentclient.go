@@ -214,6 +214,19 @@ func (c *Client) DeleteReplica(ctx context.Context, name string) error {
 	return c.call(ctx, "DELETE", "/v1/replicas/"+esc(name), nil, nil)
 }
 
+// SetRansomwarePolicy sets a replica's detector thresholds. Idempotent;
+// ErrNotFound without the replica, ErrInvalid for negative thresholds.
+func (c *Client) SetRansomwarePolicy(ctx context.Context, replica string, p api.RansomwarePolicy) error {
+	return c.call(ctx, "PUT", "/v1/replicas/"+esc(replica)+"/ransomware-policy", p, nil)
+}
+
+// DismissIncident closes a replica's open ransomware incident (its last
+// clean point is then no longer held from retention). ErrNotFound without
+// the replica or without an open incident.
+func (c *Client) DismissIncident(ctx context.Context, replica string) error {
+	return c.call(ctx, "POST", "/v1/replicas/"+esc(replica)+"/ransomware-dismiss", nil, nil)
+}
+
 // Points lists a replica's recovery points, oldest first. ErrNotFound if
 // there is no such replica.
 func (c *Client) Points(ctx context.Context, replica string) ([]api.Point, error) {

@@ -195,6 +195,9 @@ type Policy struct {
 	AppInterval        time.Duration `json:"app_interval"`
 	RPOWarning         time.Duration `json:"rpo_warning"`
 	RPOCritical        time.Duration `json:"rpo_critical"`
+	// Ransomware tunes the detector at the recovery site (zero fields:
+	// the defaults).
+	Ransomware RansomwarePolicy `json:"ransomware,omitzero"`
 }
 
 // Protection is a VM replicated from Source to Target.
@@ -230,6 +233,10 @@ type Protection struct {
 	// Link is the replication stream as its source last reported it
 	// (throughput, bytes before and after compression, backlog, cap).
 	Link *ReplicationStatus `json:"link,omitempty"`
+	// Ransomware is the recovery site's open incident: low-entropy data
+	// overwritten with high-entropy data, fast. Its LastClean is the
+	// point "last-clean" names.
+	Ransomware *EntropyIncident `json:"ransomware,omitempty"`
 }
 
 // HistoryEntry records a finished drill or failover.

@@ -57,6 +57,21 @@ type Config struct {
 	Dir         string
 	SegmentSize int64
 	Logger      *slog.Logger
+	// Observer, if set, sees the data the replica takes in (the
+	// ransomware detector).
+	Observer Observer
+}
+
+// Observer watches a replica's incoming data. Its methods are called on
+// the receive path, in order, after the data was written (not yet
+// durable); they must be quick, must not block and cannot fail.
+type Observer interface {
+	// ObserveBase: initial-copy data for a disk at off.
+	ObserveBase(disk uint16, off int64, p []byte)
+	// ObserveEntries: entries appended from the source, in order.
+	ObserveEntries(es []*journal.Entry)
+	// ObserveReset: a new initial copy begins; what was seen is stale.
+	ObserveReset()
 }
 
 type manifest struct {
@@ -306,6 +321,9 @@ func (r *Replica) begin(group string, disks []disk.Spec, startSeq uint64, keep b
 		if err := os.RemoveAll(filepath.Join(r.cfg.Dir, "images")); err != nil {
 			return err
 		}
+		if r.cfg.Observer != nil {
+			r.cfg.Observer.ObserveReset()
+		}
 	}
 	crash("begin-old-data-removed")
 	if err := os.MkdirAll(filepath.Join(r.cfg.Dir, "images"), 0o700); err != nil {
@@ -442,6 +460,9 @@ func (r *Replica) WriteBase(diskID uint16, off int64, p []byte) error {
 	if _, err := f.WriteAt(p, off); err != nil {
 		return err
 	}
+	if r.cfg.Observer != nil {
+		r.cfg.Observer.ObserveBase(diskID, off, p)
+	}
 	// Start writing it back now: EndBase's fsync then finds little left,
 	// and the disk works while the network does. Advisory: an error here
 	// changes nothing (the fsync reports real ones).
@@ -487,8 +508,13 @@ func (r *Replica) Append(es []*journal.Entry) error {
 	if j == nil {
 		return ErrNotReady
 	}
-	_, err := j.AppendCopies(es)
-	return err
+	if _, err := j.AppendCopies(es); err != nil {
+		return err
+	}
+	if r.cfg.Observer != nil {
+		r.cfg.Observer.ObserveEntries(es)
+	}
+	return nil
 }
 
 // Commit makes everything appended before the call durable, indexes it

@@ -143,6 +143,9 @@ func (v *Vault) failoverPoint(ctx context.Context, p Protection, want string) (a
 	if err != nil {
 		return api.Point{}, fmt.Errorf("list recovery points at %s: %w", p.Target, err)
 	}
+	if want == PointLastClean {
+		return lastCleanPoint(p, pts)
+	}
 	return choosePoint(pts, want)
 }
 
@@ -189,6 +192,9 @@ func (v *Vault) checkCapacity(ctx context.Context, r *run, c Site, site string, 
 // TestFailover boots a copy of the VM at the recovery site, in the
 // isolated network, on a writable view of a point; replication goes on.
 func (v *Vault) TestFailover(ctx context.Context, vmName, point string) (Job, error) {
+	if err := v.checkLastClean(ctx, vmName, point); err != nil {
+		return Job{}, err
+	}
 	steps := v.groupSteps(ctx, vmName, []string{"prerequisites check", "create test VM", "start test VM"}, "start test VM", "start test VM %s-drill")
 	return v.startJob(ctx, vmName, ActTestFailover, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		r.Step(ctx, "prerequisites check")
@@ -288,6 +294,9 @@ func (v *Vault) Failover(ctx context.Context, vmName string, req api.FailoverReq
 	point, shutdownSource := req.Point, req.ShutdownSource == nil || *req.ShutdownSource
 	if req.ShutdownTimeout < 0 || req.ShutdownTimeout > time.Hour {
 		return Job{}, fmt.Errorf("%w: shutdown timeout %v: want up to 1h", ErrInvalid, req.ShutdownTimeout)
+	}
+	if err := v.checkLastClean(ctx, vmName, point); err != nil {
+		return Job{}, err
 	}
 	steps := v.groupSteps(ctx, vmName, []string{"prerequisites check", "shut down source VM", "synchronize latest data", "create recovery point", "start VM at recovery site"},
 		"start VM at recovery site", "start %s at recovery site")
@@ -481,6 +490,9 @@ func (v *Vault) moveVM(ctx context.Context, name, site string) {
 // ChangePoint restarts the failed-over VM on another point; its writes
 // since the failover are discarded.
 func (v *Vault) ChangePoint(ctx context.Context, vmName, point string) (Job, error) {
+	if err := v.checkLastClean(ctx, vmName, point); err != nil {
+		return Job{}, err
+	}
 	steps := v.groupSteps(ctx, vmName, []string{"stop VM at recovery site", "start VM on the new point"}, "start VM on the new point", "start %s on the new point")
 	return v.startJob(ctx, vmName, ActChangePoint, steps, map[string]string{"point": point}, func(ctx context.Context, r *run, p Protection) (func(*Protection), error) {
 		vm, _, err := get[VM](ctx, v.st, kindVM, p.VM)

@@ -165,6 +165,9 @@ func (v *Vault) Handler() http.Handler {
 	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b api.PointRequest) (any, error) {
 		return v.ChangePoint(r.Context(), r.PathValue("vm"), b.Point)
 	})
+	act(v, mux, "POST /v1/protections/{vm}/ransomware/dismiss", func(r *http.Request, _ struct{}) (any, error) {
+		return map[string]string{"dismissed": r.PathValue("vm")}, v.DismissIncident(r.Context(), r.PathValue("vm"))
+	})
 	act(v, mux, "POST /v1/protections/{vm}/commit", func(r *http.Request, _ struct{}) (any, error) {
 		return v.Commit(r.Context(), r.PathValue("vm"))
 	})

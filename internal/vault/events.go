@@ -66,6 +66,9 @@ func (v *Vault) currentAlerts(ctx context.Context) ([]Alert, error) {
 		return nil, err
 	}
 	for _, p := range ps {
+		if p.Ransomware != nil && p.State != StateDisabled {
+			out = append(out, ransomwareAlert(p))
+		}
 		if p.State == StateDisabled || p.Health == "" || p.Health == api.Healthy {
 			continue
 		}

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/store"
 )
 
@@ -94,4 +95,52 @@ func TestAlertsAndEvents(t *testing.T) {
 	if len(evs) != 1 || evs[0].Kind != "cleared" {
 		t.Fatalf("the newest event: %+v, want the clear", evs)
 	}
+}
+
+// TestRansomwareIncident: an incident the recovery site reports raises a
+// critical alert naming the last clean point; "last-clean" picks the
+// newest point before the incident's first write; the protection's policy
+// reaches the site's detector; dismissing clears the alert.
+func TestRansomwareIncident(t *testing.T) {
+	f := newFixture(t, store.NewMem())
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	ctx := context.Background()
+	f.west.mu.Lock()
+	clean := f.west.points[1]
+	f.west.incident = &api.EntropyIncident{Start: time.Now(), FirstSeq: 8, PeakBytes: 64 << 20, LastClean: &clean}
+	f.west.mu.Unlock()
+	f.v.Heartbeat(ctx)
+	as, err := f.v.Alerts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(as) != 1 || as[0].Object != "ransomware/vm1" || as[0].Severity != sevCritical || !strings.Contains(as[0].Message, "last clean point is 7") {
+		t.Fatalf("alerts with an incident: %+v", as)
+	}
+	f.west.mu.Lock()
+	pol := f.west.ransomware["vm1"]
+	f.west.mu.Unlock()
+	if pol.WithDefaults() != DefaultPolicy.Ransomware.WithDefaults() {
+		t.Errorf("the site's detector policy %+v, want the default's", pol)
+	}
+	if j := f.job(t, "/v1/protections/vm1/test-failover", map[string]string{"point": "last-clean"}); j.State != JobSucceeded {
+		t.Fatalf("drill at last-clean: %+v", j)
+	}
+	f.job(t, "/v1/protections/vm1/test-failover/cleanup", map[string]string{"notes": "checked"})
+	p, err := f.v.Protection(ctx, "vm1")
+	if err != nil || len(p.History) < 2 || p.History[len(p.History)-2].Point != 7 {
+		t.Fatalf("the drill's point: %+v %v, want 7 (the last clean)", p.History, err)
+	}
+	if code := f.call(t, f.op, "POST", "/v1/protections/vm1/ransomware/dismiss", struct{}{}, nil); code != 200 {
+		t.Fatalf("dismiss: %d", code)
+	}
+	f.v.Heartbeat(ctx)
+	if as, _ := f.v.Alerts(ctx); len(as) != 0 {
+		t.Fatalf("alerts after dismissing: %+v", as)
+	}
+	if code := f.call(t, f.op, "POST", "/v1/protections/vm1/ransomware/dismiss", struct{}{}, nil); code != 404 {
+		t.Errorf("dismissing again: %d, want 404", code)
+	}
+	f.refused(t, "/v1/protections/vm1/test-failover", map[string]string{"point": "last-clean"}, 404, "no open ransomware incident")
 }

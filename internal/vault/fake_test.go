@@ -49,6 +49,10 @@ type fakeAgent struct {
 	// blockCall: a call whose name starts with it waits on blockC.
 	blockCall string
 	blockC    chan struct{}
+	// ransomware is the detector policy set per replica; incident, vm1's
+	// replica's open incident.
+	ransomware map[string]api.RansomwarePolicy
+	incident   *api.EntropyIncident
 }
 
 var _ Site = (*fakeAgent)(nil)
@@ -115,7 +119,12 @@ func (f *fakeAgent) Status(ctx context.Context) (api.AgentStatus, error) {
 			Replication: &api.ReplicationStatus{State: api.ReplStreaming, AckedSeq: 10, LastSeq: 10}})
 	}
 	if f.points != nil { // the replica of vm1 is here
-		st.Replicas = append(st.Replicas, api.ReplicaStatus{Group: "vm1"})
+		rs := api.ReplicaStatus{Group: "vm1"}
+		if f.incident != nil {
+			rs.LastPoint = f.points[len(f.points)-1].Time
+			rs.Entropy = &api.EntropyStatus{Policy: f.ransomware["vm1"].WithDefaults(), Incident: f.incident}
+		}
+		st.Replicas = append(st.Replicas, rs)
 	}
 	for name, req := range f.vms {
 		vs := api.VMStatus{Name: name, State: api.VMRunning}
@@ -229,6 +238,30 @@ func (f *fakeAgent) Mark(ctx context.Context, group string, m api.Marker) (uint6
 	p.points = append(p.points, api.Point{Seq: seq, Time: time.Now(), Type: m.Type, Label: m.Label})
 	p.mu.Unlock()
 	return seq, nil
+}
+
+func (f *fakeAgent) SetRansomwarePolicy(ctx context.Context, replica string, p api.RansomwarePolicy) error {
+	if err := f.enter("ransomware-policy " + replica); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	if f.ransomware == nil {
+		f.ransomware = map[string]api.RansomwarePolicy{}
+	}
+	f.ransomware[replica] = p
+	return nil
+}
+
+func (f *fakeAgent) DismissIncident(ctx context.Context, replica string) error {
+	if err := f.enter("ransomware-dismiss " + replica); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	if f.incident == nil || replica != "vm1" {
+		return notFound("no open incident for %q", replica)
+	}
+	f.incident = nil
+	return nil
 }
 
 func (f *fakeAgent) Points(ctx context.Context, replica string) ([]api.Point, error) {

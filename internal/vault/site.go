@@ -89,4 +89,10 @@ type Site interface {
 	// with what an import takes or why it cannot (none at a site that
 	// runs QEMU directly). Read-only.
 	Domains(ctx context.Context) ([]api.DomainInfo, error)
+	// SetRansomwarePolicy sets a replica's detector thresholds.
+	// Idempotent; ErrNotFound without the replica.
+	SetRansomwarePolicy(ctx context.Context, replica string, p api.RansomwarePolicy) error
+	// DismissIncident closes a replica's open ransomware incident.
+	// ErrNotFound without the replica or without an open incident.
+	DismissIncident(ctx context.Context, replica string) error
 }

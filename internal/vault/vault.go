@@ -716,13 +716,25 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 		if r.LastPoint.IsZero() {
 			continue
 		}
+		var inc *api.EntropyIncident
+		if r.Entropy != nil {
+			inc = r.Entropy.Incident
+		}
+		var policy string
 		v.updateProtection(ctx, r.Group, func(p *Protection) error {
-			if p.Target != site || (p.LastPoint.Equal(r.LastPoint) && p.LastAppPoint.Equal(r.LastAppPoint)) {
+			if p.Target != site {
+				return errors.New("not the target")
+			}
+			policy = p.Policy
+			if p.LastPoint.Equal(r.LastPoint) && p.LastAppPoint.Equal(r.LastAppPoint) && sameIncident(p.Ransomware, inc) {
 				return errors.New("unchanged")
 			}
-			p.LastPoint, p.LastAppPoint = r.LastPoint, r.LastAppPoint
+			p.LastPoint, p.LastAppPoint, p.Ransomware = r.LastPoint, r.LastAppPoint, inc
 			return nil
 		})
+		if policy != "" && r.Entropy != nil {
+			v.syncDetector(ctx, site, r.Group, v.policy(ctx, policy).Ransomware, r.Entropy.Policy)
+		}
 	}
 	for _, g := range st.Groups {
 		if g.Replication == nil {
@@ -1093,6 +1105,9 @@ func (v *Vault) PutPolicy(ctx context.Context, p Policy) error {
 	}
 	if p.AppInterval > 0 && p.AppInterval < time.Minute {
 		return fmt.Errorf("%w: app-consistent interval below 1 minute", ErrInvalid)
+	}
+	if r := p.Ransomware; r.MinBytes < 0 || r.Factor < 0 || r.Window < 0 || r.Window > 24*time.Hour {
+		return fmt.Errorf("%w: ransomware thresholds must be positive (0: the default) and the window at most 24h", ErrInvalid)
 	}
 	_, ver, _ := get[Policy](ctx, v.st, kindPolicy, p.Name)
 	_, err := put(ctx, v.st, kindPolicy, p.Name, p, ver)

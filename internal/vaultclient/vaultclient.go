@@ -310,6 +310,13 @@ func (c *Client) Points(ctx context.Context, vm string) ([]api.Point, error) {
 	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm)+"/points", nil, &out)
 }
 
+// DismissIncident closes a protection's open ransomware incident (the
+// alert clears; retention no longer holds the last clean point).
+// ErrNotFound if none is open.
+func (c *Client) DismissIncident(ctx context.Context, vm string) error {
+	return c.call(ctx, "POST", "/v1/protections/"+esc(vm)+"/ransomware/dismiss", struct{}{}, nil)
+}
+
 // RPOHistory returns the worst RPO per 10 s over the last 6 h.
 func (c *Client) RPOHistory(ctx context.Context, vm string) ([]api.RPOSample, error) {
 	var out []api.RPOSample
