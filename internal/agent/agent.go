@@ -29,8 +29,8 @@ import (
 	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/bandwidth"
 	"github.com/ferry-dr/ferry/internal/clock"
-	"github.com/ferry-dr/ferry/internal/entropy"
 	"github.com/ferry-dr/ferry/internal/disk"
+	"github.com/ferry-dr/ferry/internal/entropy"
 	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/nbd"
@@ -121,12 +121,12 @@ type Agent struct {
 	recv    *replication.Receiver
 	metrics *metrics
 
-	mu        sync.Mutex
-	groups    map[string]*group
-	replicas  map[string]*replica.Replica
+	mu       sync.Mutex
+	groups   map[string]*group
+	replicas map[string]*replica.Replica
 	// monitors are the replicas' ransomware detectors (entropy.go).
-	monMu    sync.Mutex
-	monitors map[string]*entropy.Monitor
+	monMu     sync.Mutex
+	monitors  map[string]*entropy.Monitor
 	views     map[string]*openView
 	nextView  int
 	vms       map[string]*runningVM

@@ -12,7 +12,7 @@ import (
 	"github.com/spf13/cobra"
 )
 
-const pointHelp = "recovery point: latest, latest-processed, latest-app-consistent, a point id or an RFC 3339 time"
+const pointHelp = "recovery point: latest, latest-processed, latest-app-consistent, last-clean (before a ransomware incident), a point id or an RFC 3339 time"
 
 func protectCmd(e *env) *cobra.Command {
 	var o vaultOpts

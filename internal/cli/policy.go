@@ -32,6 +32,10 @@ func policyCmd(e *env) *cobra.Command {
 	fs.DurationVar(&p.AppInterval, "app-interval", d.AppInterval, "application-consistent point interval (at least 1m)")
 	fs.DurationVar(&p.RPOWarning, "rpo-warning", d.RPOWarning, "RPO at which health turns warning")
 	fs.DurationVar(&p.RPOCritical, "rpo-critical", d.RPOCritical, "RPO at which health turns critical")
+	fs.BoolVar(&p.Ransomware.Disabled, "no-ransomware-detection", false, "do not watch the write stream for encryption in place")
+	fs.Int64Var(&p.Ransomware.MinBytes, "ransomware-min-bytes", 0, "low-entropy bytes overwritten with high-entropy data in one window below which no alert is raised (0: 4 MiB)")
+	fs.Float64Var(&p.Ransomware.Factor, "ransomware-factor", 0, "how many times the protection's busiest earlier window it takes to alert (0: 4)")
+	fs.DurationVar(&p.Ransomware.Window, "ransomware-window", 0, "the detector's window (0: 10s)")
 	list := vaultCommand(e, &cobra.Command{Use: "list", Aliases: []string{"ls"}, Short: "List policies", Args: cobra.NoArgs}, &ol,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
 			ps, err := vc.Policies(ctx)
