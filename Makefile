@@ -5,7 +5,7 @@ BIN     := bin/ferry
 # The version stamped into the binary: the git description, or "dev".
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
-DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq pv cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd libvirt-daemon-system libvirt-clients dnsmasq-base ovmf etcd-server
+DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq pv cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd libvirt-daemon-system libvirt-clients dnsmasq-base ovmf etcd-server libguestfs-tools python3-guestfs linux-image-cloud-amd64 xfsprogs
 
 .PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-ha demo-soak test torture vet fuzz bench bench-scale bench-wan guest clean
 

@@ -125,8 +125,10 @@ type Agent struct {
 	groups   map[string]*group
 	replicas map[string]*replica.Replica
 	// monitors are the replicas' ransomware detectors (entropy.go).
-	monMu     sync.Mutex
-	monitors  map[string]*entropy.Monitor
+	monMu    sync.Mutex
+	monitors map[string]*entropy.Monitor
+	// files are the file browsing sessions (files.go).
+	files     fileSessions
 	views     map[string]*openView
 	nextView  int
 	vms       map[string]*runningVM
@@ -327,6 +329,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		}
 	}
 	a.startFolding()
+	a.every(time.Minute, nil, func() { a.reapFiles(false) })
 	a.startAppPoints()
 	a.startHeartbeats()
 	os.RemoveAll(filepath.Join(a.cfg.Dir, "views")) // overlays of views from a previous run
@@ -367,6 +370,7 @@ func (a *Agent) Close() error {
 		a.httpSrv.Close()
 	}
 	a.stopVMs() // before their disks go away
+	a.reapFiles(true)
 	a.nbd.Close()
 	a.mu.Lock()
 	groups := a.groups

@@ -222,6 +222,48 @@ func (a *Agent) routes() http.Handler {
 		}
 		reply(w, req, a.ExpectReplica(r.PathValue("name"), req.Source))
 	})
+	handle("GET /v1/replicas/{name}/files", managers, func(w http.ResponseWriter, r *http.Request) {
+		seq, err := strconv.ParseUint(r.URL.Query().Get("seq"), 10, 64)
+		if err != nil || seq == 0 {
+			reply(w, nil, fmt.Errorf("%w: seq %q: want a recovery point's sequence number", ErrInvalid, r.URL.Query().Get("seq")))
+			return
+		}
+		l, err := a.ListFiles(r.Context(), r.PathValue("name"), seq, r.URL.Query().Get("path"))
+		reply(w, l, err)
+	})
+	handle("GET /v1/replicas/{name}/files/content", managers, func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		seq, err := strconv.ParseUint(q.Get("seq"), 10, 64)
+		if err != nil || seq == 0 {
+			reply(w, nil, fmt.Errorf("%w: seq %q: want a recovery point's sequence number", ErrInvalid, q.Get("seq")))
+			return
+		}
+		var format = q.Get("format")
+		if format != "" && format != "tar" && format != "raw" {
+			reply(w, nil, fmt.Errorf("%w: format %q: want tar or raw", ErrInvalid, format))
+			return
+		}
+		started := false
+		err = a.GetFiles(r.Context(), r.PathValue("name"), seq, q.Get("path"), format == "raw", func(c FileContent) {
+			started = true
+			w.Header().Set(api.FileSizeHeader, strconv.FormatInt(c.Size, 10))
+			if c.Raw {
+				w.Header().Set("Content-Type", "application/octet-stream")
+				w.Header().Set("Content-Length", strconv.FormatInt(c.Size, 10))
+			} else {
+				w.Header().Set("Content-Type", "application/x-tar")
+			}
+			w.WriteHeader(http.StatusOK)
+		}, w)
+		if err != nil && !started {
+			reply(w, nil, err)
+		} else if err != nil {
+			// Too late for a status: the stream is cut short, which the
+			// client sees (a short file, a tar without its end).
+			a.log.Warn("file download cut short", "replica", r.PathValue("name"), "path", q.Get("path"), "err", err)
+			panic(http.ErrAbortHandler)
+		}
+	})
 	handle("PUT /v1/replicas/{name}/ransomware-policy", managers, func(w http.ResponseWriter, r *http.Request) {
 		var req api.RansomwarePolicy
 		if !decode(w, r, &req) {

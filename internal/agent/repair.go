@@ -27,6 +27,7 @@ func (a *Agent) ResyncReplica(ctx context.Context, name string) (api.Repair, err
 	if _, err := os.Stat(filepath.Join(dir, "replica.json")); err != nil {
 		return api.Repair{}, fmt.Errorf("%w: replica %q", ErrNotFound, name)
 	}
+	a.closeIdleFiles(name)
 	a.mu.Lock()
 	rep := a.replicas[name]
 	busy := a.replicaBusy(name)

@@ -532,6 +532,7 @@ func (a *Agent) DeleteReplica(name string) error {
 	if err := api.CheckName(api.KindGroup, name); err != nil {
 		return err
 	}
+	a.closeIdleFiles(name)
 	a.mu.Lock()
 	rep := a.replicas[name]
 	busy := a.replicaBusy(name)

@@ -214,6 +214,41 @@ func (c *Client) DeleteReplica(ctx context.Context, name string) error {
 	return c.call(ctx, "DELETE", "/v1/replicas/"+esc(name), nil, nil)
 }
 
+// Files lists a directory of a replica's disks at recovery point seq
+// ("/" lists the file systems). The first call on a point starts a
+// libguestfs appliance at the site (10-30 s). ErrNotFound for a missing
+// replica, point or path, ErrUnsupported for a file system the site
+// cannot read, ErrTooMany while the site's browsing sessions are all in
+// use.
+func (c *Client) Files(ctx context.Context, replica string, seq uint64, path string) (api.FileListing, error) {
+	var out api.FileListing
+	q := url.Values{"seq": {strconv.FormatUint(seq, 10)}, "path": {path}}
+	return out, c.call(ctx, "GET", "/v1/replicas/"+esc(replica)+"/files?"+q.Encode(), nil, &out)
+}
+
+// FileContent opens a download of path at seq: the file's bytes (raw)
+// or a tar of it under its base name. The caller closes the body; a
+// stream that ends short is an error the reader sees (io.ErrUnexpectedEOF
+// or a tar without its end). Errors as Files.
+func (c *Client) FileContent(ctx context.Context, replica string, seq uint64, path string, raw bool) (*http.Response, error) {
+	q := url.Values{"seq": {strconv.FormatUint(seq, 10)}, "path": {path}, "format": {"tar"}}
+	if raw {
+		q.Set("format", "raw")
+	}
+	p := "/v1/replicas/" + esc(replica) + "/files/content?" + q.Encode()
+	// No overall timeout: a large tree takes as long as it takes; ctx
+	// bounds it.
+	resp, err := httpjson.Open(ctx, &http.Client{Transport: c.hc.Transport}, c.base+p, "")
+	var se *api.StatusError
+	if errors.As(err, &se) {
+		return nil, fmt.Errorf("GET %s: %d %s: %w", p, se.Code, http.StatusText(se.Code), se)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("agent at %s: %w", c.base, err)
+	}
+	return resp, nil
+}
+
 // SetRansomwarePolicy sets a replica's detector thresholds. Idempotent;
 // ErrNotFound without the replica, ErrInvalid for negative thresholds.
 func (c *Client) SetRansomwarePolicy(ctx context.Context, replica string, p api.RansomwarePolicy) error {

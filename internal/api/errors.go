@@ -32,6 +32,9 @@ var (
 	// leadership epoch (LeaderEpochHeader) is older than one it already
 	// obeyed (412): a newer vault leads, and the caller must stop acting.
 	ErrStaleLeader = errors.New("a newer vault leads")
+	// ErrUnsupported: the request is well-formed but ferry cannot do it
+	// on this object (422), e.g. a file system it cannot read.
+	ErrUnsupported = errors.New("unsupported")
 )
 
 // LeaderEpochHeader carries, on a vault's calls to agents, the fencing
@@ -57,6 +60,7 @@ var codes = []struct {
 	{ErrNotLeader, http.StatusMisdirectedRequest},
 	{ErrSite, http.StatusBadGateway},
 	{ErrStaleLeader, http.StatusPreconditionFailed},
+	{ErrUnsupported, http.StatusUnprocessableEntity},
 }
 
 // Status is the HTTP status for err: the code of the sentinel it wraps,

@@ -193,7 +193,7 @@ recovery point, commit, reprotect with delta sync, failback.`,
 		&cobra.Group{ID: "daemon", Title: "Daemons and local tools:"})
 	for _, c := range []*cobra.Command{
 		protectCmd(e), disableCmd(e), protectionsCmd(e), pointsCmd(e), testFailoverCmd(e), failoverCmd(e, "failover"), failoverCmd(e, "failback"),
-		changePointCmd(e), commitCmd(e), reprotectCmd(e), jobsCmd(e), jobCmd(e), planCmd(e), alertsCmd(e), eventsCmd(e), ransomwareCmd(e),
+		changePointCmd(e), commitCmd(e), reprotectCmd(e), jobsCmd(e), jobCmd(e), planCmd(e), alertsCmd(e), eventsCmd(e), ransomwareCmd(e), filesCmd(e),
 	} {
 		c.GroupID = "dr"
 		root.AddCommand(c)

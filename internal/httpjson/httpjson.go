@@ -80,3 +80,31 @@ func Call(ctx context.Context, hc *http.Client, method, url, token string, in, o
 	}
 	return nil
 }
+
+// Open sends a GET (with an optional bearer token) and returns the
+// response of a 2xx answer for the caller to stream and close; an error
+// answer becomes an *api.StatusError, as with Call.
+func Open(ctx context.Context, hc *http.Client, url, token string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var e struct{ Error string }
+		json.Unmarshal(b, &e)
+		if e.Error == "" {
+			e.Error = string(b)
+		}
+		return nil, &api.StatusError{Code: resp.StatusCode, Message: e.Error}
+	}
+	return resp, nil
+}

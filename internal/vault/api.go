@@ -3,6 +3,7 @@ package vault
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -165,6 +166,39 @@ func (v *Vault) Handler() http.Handler {
 	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b api.PointRequest) (any, error) {
 		return v.ChangePoint(r.Context(), r.PathValue("vm"), b.Point)
 	})
+	// Files are the VM's data: operators only, like the console.
+	mux.HandleFunc("GET /v1/protections/{vm}/files", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		l, err := v.Files(r.Context(), r.PathValue("vm"), q.Get("point"), q.Get("path"))
+		reply(w, l, err)
+	}))
+	mux.HandleFunc("GET /v1/protections/{vm}/files/content", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		format := q.Get("format")
+		if format != "" && format != "tar" && format != "raw" {
+			reply(w, nil, fmt.Errorf("%w: format %q: want tar or raw", ErrInvalid, format))
+			return
+		}
+		resp, pt, err := v.FileContent(r.Context(), r.PathValue("vm"), q.Get("point"), q.Get("path"), format == "raw")
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		defer resp.Body.Close()
+		for _, h := range []string{"Content-Type", "Content-Length", api.FileSizeHeader} {
+			if x := resp.Header.Get(h); x != "" {
+				w.Header().Set(h, x)
+			}
+		}
+		w.Header().Set(api.FilePointHeader, strconv.FormatUint(pt.Seq, 10))
+		w.WriteHeader(http.StatusOK)
+		if _, err := io.Copy(w, resp.Body); err != nil {
+			// The site's stream ended short: cut ours short too, so the
+			// client sees it.
+			v.log.Warn("file download cut short", "vm", r.PathValue("vm"), "err", err)
+			panic(http.ErrAbortHandler)
+		}
+	}))
 	act(v, mux, "POST /v1/protections/{vm}/ransomware/dismiss", func(r *http.Request, _ struct{}) (any, error) {
 		return map[string]string{"dismissed": r.PathValue("vm")}, v.DismissIncident(r.Context(), r.PathValue("vm"))
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -250,6 +251,22 @@ func (f *fakeAgent) SetRansomwarePolicy(ctx context.Context, replica string, p a
 	}
 	f.ransomware[replica] = p
 	return nil
+}
+
+func (f *fakeAgent) Files(ctx context.Context, replica string, seq uint64, path string) (api.FileListing, error) {
+	if err := f.enter("files " + replica); err != nil {
+		return api.FileListing{}, err
+	}
+	defer f.mu.Unlock()
+	return api.FileListing{}, &api.StatusError{Code: 422, Message: "the fake reads no file system"}
+}
+
+func (f *fakeAgent) FileContent(ctx context.Context, replica string, seq uint64, path string, raw bool) (*http.Response, error) {
+	if err := f.enter("file content " + replica); err != nil {
+		return nil, err
+	}
+	defer f.mu.Unlock()
+	return nil, &api.StatusError{Code: 422, Message: "the fake reads no file system"}
 }
 
 func (f *fakeAgent) DismissIncident(ctx context.Context, replica string) error {

@@ -2,6 +2,7 @@ package vault
 
 import (
 	"context"
+	"net/http"
 
 	"github.com/ferry-dr/ferry/internal/api"
 )
@@ -92,6 +93,13 @@ type Site interface {
 	// SetRansomwarePolicy sets a replica's detector thresholds.
 	// Idempotent; ErrNotFound without the replica.
 	SetRansomwarePolicy(ctx context.Context, replica string, p api.RansomwarePolicy) error
+	// Files lists a directory of a replica's disks at point seq ("/":
+	// the file systems). ErrNotFound, ErrUnsupported (a file system the
+	// site cannot read), ErrTooMany (its browsing sessions are in use).
+	Files(ctx context.Context, replica string, seq uint64, path string) (api.FileListing, error)
+	// FileContent opens a download of path at seq: a file's bytes (raw)
+	// or a tar. The caller closes the body. Errors as Files.
+	FileContent(ctx context.Context, replica string, seq uint64, path string, raw bool) (*http.Response, error)
 	// DismissIncident closes a replica's open ransomware incident.
 	// ErrNotFound without the replica or without an open incident.
 	DismissIncident(ctx context.Context, replica string) error

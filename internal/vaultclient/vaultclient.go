@@ -310,6 +310,47 @@ func (c *Client) Points(ctx context.Context, vm string) ([]api.Point, error) {
 	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm)+"/points", nil, &out)
 }
 
+// Files lists path ("/": the file systems of the VM's disks) at a
+// recovery point (as a failover names it; "" is latest-processed). The
+// first call on a point waits for the recovery site to start a libguestfs
+// appliance (10-30 s).
+func (c *Client) Files(ctx context.Context, vm, point, path string) (api.FileListing, error) {
+	var out api.FileListing
+	q := url.Values{"point": {point}, "path": {path}}
+	return out, c.call(ctx, "GET", "/v1/protections/"+esc(vm)+"/files?"+q.Encode(), nil, &out)
+}
+
+// FileContent opens a download of path at a point: a regular file's
+// bytes (raw) or a tar of it under its base name. The caller closes the
+// body; Ferry-Size says how much to expect, Ferry-Point the point's id.
+// A stream that ends short is an error its reader sees.
+func (c *Client) FileContent(ctx context.Context, vm, point, path string, raw bool) (*http.Response, error) {
+	q := url.Values{"point": {point}, "path": {path}, "format": {"tar"}}
+	if raw {
+		q.Set("format", "raw")
+	}
+	var err error
+	start := int(c.cur.Load())
+	for i := range c.bases {
+		base := c.bases[(start+i)%len(c.bases)]
+		var resp *http.Response
+		resp, err = httpjson.Open(ctx, &http.Client{Transport: c.hc.Transport}, base+"/v1/protections/"+esc(vm)+"/files/content?"+q.Encode(), c.token)
+		var oe *net.OpError
+		if errors.Is(err, api.ErrNotLeader) || (errors.As(err, &oe) && oe.Op == "dial") {
+			continue
+		}
+		var se *api.StatusError
+		if errors.As(err, &se) {
+			return nil, se
+		}
+		if err != nil {
+			return nil, fmt.Errorf("vault at %s: %w", base, err)
+		}
+		return resp, nil
+	}
+	return nil, err
+}
+
 // DismissIncident closes a protection's open ransomware incident (the
 // alert clears; retention no longer holds the last clean point).
 // ErrNotFound if none is open.
