@@ -382,5 +382,5 @@ func ext4Image(t *testing.T, path string, size int64) {
 	}
 	f.Truncate(size)
 	f.Close()
-	run(t, "mkfs.ext4", "-q", "-F", path)
+	run(t, "mkfs.ext4", "-q", "-F", "-b", "4096", path)
 }

@@ -200,8 +200,14 @@ func createWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, webA, we
 // ext4 data disk and its HTTP published at webA and webB, and starts it.
 func defineWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, name, webA, webB string) {
 	t.Helper()
+	defineWorkloadVMSize(t, c, s, g, name, webA, webB, 64<<20)
+}
+
+// defineWorkloadVMSize is defineWorkloadVM with a data disk of size bytes.
+func defineWorkloadVMSize(t *testing.T, c *vaultclient.Client, s *sites, g, name, webA, webB string, size int64) {
+	t.Helper()
 	ctx := context.Background()
-	vm := api.VM{Name: name, Site: "siteA", MemoryMiB: 256, Disks: []api.VMDisk{{Name: "vda", Size: 64 << 20}},
+	vm := api.VM{Name: name, Site: "siteA", MemoryMiB: 256, Disks: []api.VMDisk{{Name: "vda", Size: size}},
 		Kernel: filepath.Join(g, "vmlinuz"), Initrd: filepath.Join(g, "initrd.img"),
 		Append:   "console=ttyS0 panic=-1 ferry.job=workload ferry.data=vda ferry.rate=100",
 		Forwards: map[string]string{"siteA": webA, "siteB": webB}, GuestPort: 80, QGA: true}
@@ -209,7 +215,7 @@ func defineWorkloadVM(t *testing.T, c *vaultclient.Client, s *sites, g, name, we
 		t.Fatal(err)
 	}
 	fs := filepath.Join(s.root, name+"-fs.img")
-	ext4Image(t, fs, 64<<20)
+	ext4Image(t, fs, size)
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, "nbd+unix:///"+name+"/vda?socket="+filepath.Join(s.a.dir, "nbd.sock"))
 	if _, err := c.StartVM(ctx, name); err != nil {
 		t.Fatal(err)

@@ -229,3 +229,30 @@ func BenchmarkClassify(b *testing.B) {
 		Classify(blocks[i&1])
 	}
 }
+
+// TestStrayOverwritesDoNotMoveTheStart: a low-to-high overwrite every
+// two seconds before the attack (a document saved compressed now and
+// then) is not the attack's start.
+func TestStrayOverwritesDoNotMoveTheStart(t *testing.T) {
+	m := newMonitor(t, "")
+	f := &feed{m: m}
+	t0 := time.Unix(1_800_000_000, 0)
+	for b := int64(0); b < 4096; b++ {
+		m.ObserveBase(0, b*BlockSize, text(BlockSize, uint64(b)))
+	}
+	for s := int64(0); s < 30; s += 2 {
+		f.write(t0.Add(time.Duration(s)*time.Second), 0, 3000+s, random(BlockSize, uint64(s)))
+	}
+	start := t0.Add(31 * time.Second)
+	var first uint64
+	for b := int64(0); b < 2000; b++ {
+		seq := f.write(start.Add(time.Duration(b/400)*time.Second), 0, b, random(BlockSize, uint64(b)+99))
+		if first == 0 {
+			first = seq
+		}
+	}
+	inc, ok := m.Incident()
+	if !ok || inc.FirstSeq != first || !inc.Start.Equal(start) {
+		t.Fatalf("incident %+v (%v), want it to start at seq %d, %v", inc, ok, first, start)
+	}
+}

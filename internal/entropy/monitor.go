@@ -350,8 +350,10 @@ func (m *Monitor) evaluate() *Incident {
 		return nil
 	}
 	// The first write of the jump: walk back from the newest second over
-	// seconds busier than the baseline's average, until a quiet gap.
-	perSec := base / m.window()
+	// seconds busier than both the baseline's average and a quarter of
+	// the threshold's (a stray overwrite now and then is not the jump),
+	// until a quiet gap.
+	perSec := max(base/m.window(), pol.MinBytes/m.window()/4)
 	first, firstSeq, quiet := m.newest, uint64(0), 0
 	for s := m.newest; s > m.newest-walkSeconds && quiet <= gapSeconds; s-- {
 		n, seq := m.count(s)

@@ -123,6 +123,8 @@ type WorkloadState struct {
 	// that the records found at start name: after a failover it must not
 	// exceed the peer's ResumedAfter (cross-VM consistency).
 	ResumedPeer uint64 `json:"resumed_peer,omitempty"`
+	// Office: the ransomware test's documents (office.go).
+	Office OfficeState `json:"office"`
 }
 
 // FetchState asks a workload for its state over HTTP (host side; addr is
@@ -183,7 +185,28 @@ func RunWorkload(ctx context.Context, args []string) error {
 		return err
 	}
 	told := make(chan tellReq)
+	off := newOffice(*dir)
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			switch r.URL.Path {
+			case "/docs":
+				var n int
+				fmt.Sscan(r.URL.Query().Get("n"), &n)
+				if err := off.writeDocs(n); err != nil {
+					http.Error(w, err.Error(), http.StatusInternalServerError)
+				}
+				return
+			case "/encrypt":
+				go off.encrypt()
+				return
+			case "/noise":
+				var secs, rate int64
+				fmt.Sscan(r.URL.Query().Get("seconds"), &secs)
+				fmt.Sscan(r.URL.Query().Get("rate"), &rate)
+				go off.noise(time.Duration(secs)*time.Second, max(rate, 1<<20))
+				return
+			}
+		}
 		if r.URL.Path == "/tell" && *follow == "1" {
 			var peer uint64
 			fmt.Sscan(r.URL.Query().Get("seq"), &peer)
@@ -201,6 +224,7 @@ func RunWorkload(ctx context.Context, args []string) error {
 		mu.Lock()
 		defer mu.Unlock()
 		st.Addr, st.NICs = guestAddr(), guestNICs()
+		st.Office = off.state()
 		json.NewEncoder(w).Encode(st)
 	}))
 	teller := &http.Client{Timeout: 2 * time.Second}
