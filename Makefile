@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/ferry-dr/ferry/internal/cli.Version=$(VERSION)
 DEB_PKGS := qemu-utils qemu-system-x86 libnbd-bin fio e2fsprogs nbdkit jq pv cpio busybox-static iproute2 ca-certificates curl bc syslinux syslinux-common mtools dosfstools chromium fonts-dejavu-core rsync systemd libvirt-daemon-system libvirt-clients dnsmasq-base ovmf etcd-server libguestfs-tools python3-guestfs linux-image-cloud-amd64 xfsprogs
 
-.PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-ha demo-soak test torture vet fuzz bench bench-scale bench-wan guest clean
+.PHONY: screenshots all build man package deps demo demo-libvirt demo-plan demo-ransomware demo-ha demo-soak test torture vet fuzz bench bench-scale bench-wan guest clean
 
 all: build
 
@@ -98,6 +98,11 @@ demo-libvirt: deps build guest
 # A recovery plan of three VMs: drill, failover, commit, reprotect, failback.
 demo-plan: deps build guest
 	FERRY=$(CURDIR)/$(BIN) scripts/demo-plan.sh
+
+# Ransomware caught in the write stream; files restored from the last
+# clean point; a drill at it. Ends with a RESULT ransomware line.
+demo-ransomware: deps build guest
+	FERRY=$(CURDIR)/$(BIN) scripts/demo-ransomware.sh
 
 # The control plane survives its site: ferry up --ha, east killed whole.
 demo-ha: deps build guest

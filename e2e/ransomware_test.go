@@ -7,8 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/chromedp/chromedp"
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/entropy"
@@ -68,7 +73,7 @@ func TestRansomware(t *testing.T) {
 	need(t, "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "/usr/bin/python3")
 	g := guestDir(t)
 	s := twoSites(t)
-	c, _ := startVaultProc(t, s)
+	c, vp := startVaultProc(t, s)
 	ctx := context.Background()
 	webA, webB, drill := freePort(t), freePort(t), freePort(t)
 	defineWorkloadVMSize(t, c, s, g, "fin", webA, webB, 256<<20)
@@ -175,6 +180,8 @@ func TestRansomware(t *testing.T) {
 		t.Errorf("a missing file system: %v, want not found", err)
 	}
 
+	portalRansomware(t, vp, lc.Seq)
+
 	// A drill at the last clean point boots with the documents intact.
 	ok(c.TestFailover(ctx, "fin", "last-clean"))
 	var ds guest.WorkloadState
@@ -204,6 +211,43 @@ func TestRansomware(t *testing.T) {
 	})
 	t.Logf("RESULT ransomware detect_s=%.1f last_clean_ok=%d false_alerts=%d restore_ok=%d entropy_mbps_per_core=%.0f",
 		detect.Seconds(), b2i(lastCleanOK), falseAlerts, b2i(restoreOK), classifyRate())
+}
+
+// portalRansomware checks the portal with the incident open: the item
+// page's banner names the last clean point, the failover dialog offers it
+// first, and the file browser lists the documents at it.
+func portalRansomware(t *testing.T, vp *vaultProc, lastClean uint64) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bctx := browser(t)
+	runB(t, bctx, "operator signs in", 20*time.Second,
+		chromedp.Navigate("https://"+vp.addr+"/"), chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(b))), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS("#nav-vms")), goHash("#/items/fin"), chromedp.WaitVisible(chromedp.CSS("#ransomware #last-clean")))
+	if got := eval[string](t, bctx, `document.querySelector("#last-clean").textContent`); !strings.HasPrefix(got, fmt.Sprint(lastClean)+" ") {
+		t.Errorf("the banner's last clean point: %q, want %d", got, lastClean)
+	}
+	runB(t, bctx, "the failover dialog", 20*time.Second,
+		chromedp.Click(chromedp.CSS("#act-failover")), chromedp.WaitVisible(chromedp.CSS("#choice-last-clean")))
+	if !eval[bool](t, bctx, `document.querySelector("#choice-last-clean").checked`) {
+		t.Error("the failover dialog does not choose the last clean point first")
+	}
+	shot(t, bctx, "ransomware")
+	runB(t, bctx, "close the dialog; browse the files", 3*time.Minute,
+		chromedp.Click(chromedp.CSS("#dialog-cancel")), chromedp.WaitNotVisible(chromedp.CSS("#dialog")),
+		chromedp.SetValue(chromedp.CSS("#files-point"), "last-clean"), chromedp.Click(chromedp.CSS("#files-browse")),
+		chromedp.WaitVisible(chromedp.CSS(`#files-list a.dir`)))
+	runB(t, bctx, "into /vda/docs", 60*time.Second,
+		chromedp.Click(chromedp.CSS(`#files-list a.dir[data-name="vda"]`)), chromedp.WaitVisible(chromedp.CSS(`#files-list a.dir[data-name="docs"]`)),
+		chromedp.Click(chromedp.CSS(`#files-list a.dir[data-name="docs"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#files-list tr[data-name="report-000.txt"]`)))
+	if n := eval[int](t, bctx, `document.querySelectorAll("#files-list tr").length`); n != ransomwareDocs {
+		t.Errorf("the file browser lists %d documents, want %d", n, ransomwareDocs)
+	}
+	shot(t, bctx, "files")
 }
 
 func b2i(b bool) int {

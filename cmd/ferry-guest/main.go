@@ -31,6 +31,8 @@ func main() {
 		err = guest.RunPowerWatch(ctx)
 	case "probe":
 		err = guest.Probe(os.Args[2:])
+	case "docs":
+		err = guest.CheckDocs(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

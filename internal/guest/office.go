@@ -221,3 +221,28 @@ func (o *office) noise(d time.Duration, rate int64) {
 	o.st.NoiseDone = true
 	o.mu.Unlock()
 }
+
+// CheckDocs is "ferry-guest docs DIR N" (host side): it checks that DIR
+// holds documents 0..N-1 as DocFile makes them, and says how many do.
+func CheckDocs(args []string) error {
+	if len(args) != 2 {
+		return fmt.Errorf("usage: ferry-guest docs DIR N")
+	}
+	var n int
+	if _, err := fmt.Sscan(args[1], &n); err != nil {
+		return fmt.Errorf("N: %w", err)
+	}
+	bad := 0
+	for i := 0; i < n; i++ {
+		name, want := DocFile(i)
+		got, err := os.ReadFile(filepath.Join(args[0], name))
+		if err != nil || !bytes.Equal(got, want) {
+			bad++
+		}
+	}
+	fmt.Printf("%d of %d documents in %s equal the originals\n", n-bad, n, args[0])
+	if bad > 0 {
+		return fmt.Errorf("%d documents differ or are missing", bad)
+	}
+	return nil
+}

@@ -301,13 +301,13 @@ async function itemPage(view, vm) {
   const consoleCard = el("section", { class: "card", id: "console-card" }, el("h2", {}, "Console"),
     el("div", { class: "toolbar", role: "group", "aria-label": "which console" }, pick("vm", "VM"),
       p.test_failover_pending ? pick("test", "Test failover VM") : "", where), pre);
-  view.replaceChildren(head, chart, consoleCard, pointsCard, historyCard);
+  view.replaceChildren(...[ransomwareCard(p), head, chart, canAct() ? filesCard(p, points) : null, consoleCard, pointsCard, historyCard].filter(Boolean));
   pollConsole();
   return {
     every: 2000,
     refresh: async () => {
       const q = await api("GET", "/v1/protections/" + encodeURIComponent(vm));
-      if (q.state !== p.state || q.job !== p.job || q.test_failover_pending !== p.test_failover_pending) {
+      if (q.state !== p.state || q.job !== p.job || q.test_failover_pending !== p.test_failover_pending || !!q.ransomware !== !!p.ransomware) {
         route(); // redraw with the actions the new state allows
         return false;
       }
@@ -554,7 +554,7 @@ function openDialog(title, body, okLabel, act, okClass) {
 // search a label (the newest point whose label has it). The choice is the
 // hidden input id, named "point". Choosing sets the dialog's "custom"
 // option if it has one.
-function pointPicker(points, id) {
+function pointPicker(points, id, startSeq) {
   const pts = points.slice().sort((a, b) => a.seq - b.seq);
   const ms = pts.map((pt) => new Date(pt.time).getTime());
   const hidden = el("input", { type: "hidden", id, name: "point", value: pts.length ? String(pts[pts.length - 1].seq) : "" });
@@ -583,6 +583,7 @@ function pointPicker(points, id) {
     line.append(txt);
   }
   let cur = pts.length - 1;
+  if (startSeq) { const i = pts.findIndex((pt) => pt.seq === startSeq); if (i >= 0) cur = i; }
   const choose = (i, byUser) => {
     if (i < 0 || i >= pts.length) return;
     cur = i;
@@ -644,6 +645,109 @@ function pointPicker(points, id) {
     chosen, err, hidden, el("p", { class: "explain" }, `${pts.length} points: tall marks are application-consistent, dots are labelled.`));
 }
 
+// The last clean point of an open ransomware incident, offered first.
+const lastCleanSeq = (p) => (p.ransomware && p.ransomware.last_clean ? p.ransomware.last_clean.seq : 0);
+function lastCleanOption(p) {
+  const lc = p.ransomware && p.ransomware.last_clean;
+  if (!lc) return null;
+  const o = option("choice", "last-clean", "Last clean point (before the suspected ransomware)",
+    `Point ${lc.seq} · ${fmtTime(lc.time)}: the newest point before low-entropy data began to be overwritten with high-entropy data.`, false);
+  // With an incident open it is the point to use: chosen first.
+  setTimeout(() => { const r = document.getElementById("choice-last-clean"); if (r) r.checked = true; }, 0);
+  return o;
+}
+
+// ransomwareCard is the item page's banner while an incident is open.
+function ransomwareCard(p) {
+  const inc = p.ransomware;
+  if (!inc) return null;
+  const lc = inc.last_clean;
+  const card = el("section", { class: "card alert critical", id: "ransomware", role: "alert" },
+    el("h2", {}, "Ransomware suspected"),
+    el("p", {}, `Since ${fmtTime(inc.start)}, low-entropy data (documents, logs, records) is being overwritten with high-entropy data: `,
+      el("b", {}, fmtBytes(inc.peak_bytes)), ` in one window, where the most before was ${fmtBytes(inc.baseline_bytes)}.`),
+    el("p", {}, lc ? ["Last clean point: ", el("b", { id: "last-clean" }, `${lc.seq} · ${fmtTime(lc.time)}`), ". Restore files from it below, drill it, or fail over to it."]
+      : "No recovery point before it is left."));
+  if (canAct()) {
+    card.append(el("div", { class: "actions" },
+      el("button", { type: "button", id: "act-dismiss", onclick: () => confirmDialog("Dismiss the incident of " + p.vm,
+        "The alert clears and retention no longer keeps the last clean point. Do this once the VM is dealt with.", "Dismiss",
+        () => post(p, "/ransomware/dismiss", {})) }, "Dismiss")));
+  }
+  return card;
+}
+
+// filesCard browses a recovery point's files (read at the recovery site
+// through libguestfs; the VM is not booted) and downloads them.
+function filesCard(p, points) {
+  const hasClean = !!lastCleanSeq(p);
+  const pointSel = el("select", { id: "files-point", name: "files-point" },
+    hasClean ? el("option", { value: "last-clean" }, "Last clean point") : null,
+    el("option", { value: "latest-processed" }, "Latest processed"),
+    points.slice().reverse().slice(0, 200).map((pt) => el("option", { value: String(pt.seq) }, `${pt.seq} · ${fmtTime(pt.time)}`)));
+  const crumbs = el("nav", { id: "files-path", class: "crumbs", "aria-label": "path" });
+  const status = el("p", { id: "files-status", class: "muted", "aria-live": "polite" });
+  const tbody = el("tbody", { id: "files-list" });
+  const table = el("table", { class: "files", hidden: true },
+    el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", {}, "Size"), el("th", {}, "Modified"), el("th", {}, ""))), tbody);
+  const url = (path, extra) => "/v1/protections/" + enc(p.vm) + "/files" + extra + "?point=" + enc(pointSel.value) + "&path=" + enc(path);
+  const join = (dir, name) => (dir === "/" ? "/" : dir + "/") + name;
+  const download = async (path, name, raw) => {
+    status.textContent = `Downloading ${path}…`;
+    try {
+      const resp = await fetch(url(path, "/content") + "&format=" + (raw ? "raw" : "tar"), { headers: { Authorization: "Bearer " + state.token } });
+      if (!resp.ok) {
+        let msg = resp.status + " " + resp.statusText;
+        try { msg = (await resp.json()).error || msg; } catch (e) { /* not JSON */ }
+        throw new Error(msg);
+      }
+      const blob = await resp.blob();
+      const a = el("a", { href: URL.createObjectURL(blob), download: raw ? name : name + ".tar" });
+      document.body.append(a); a.click(); a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+      status.textContent = `Downloaded ${path} (${fmtBytes(blob.size)}) from point ${resp.headers.get("Ferry-Point")}.`;
+    } catch (e) {
+      status.textContent = "";
+      showError(e);
+    }
+  };
+  const open = async (path) => {
+    status.textContent = `Reading ${path} at ${p.target}… (the first look at a point starts a small appliance there: 10-30 s)`;
+    try {
+      const l = await api("GET", url(path, ""));
+      crumbs.replaceChildren(el("span", {}, `Point ${l.point.seq} · ${fmtTime(l.point.time)}: `));
+      const parts = l.path.split("/").filter(Boolean);
+      crumbs.append(el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); open("/"); } }, "/"));
+      parts.forEach((part, i) => {
+        const to = "/" + parts.slice(0, i + 1).join("/");
+        crumbs.append(" ", el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); open(to); } }, part + "/"));
+      });
+      tbody.replaceChildren(...(l.entries || []).map((f) => {
+        const full = join(l.path, f.name);
+        const isDir = f.type === "dir" || (f.type === "filesystem" && !f.unsupported);
+        const name = isDir ? el("a", { href: "#", class: "dir", "data-name": f.name, onclick: (ev) => { ev.preventDefault(); open(full); } }, f.name + "/")
+          : el("span", {}, f.name + (f.type === "symlink" ? " → " + f.link : ""));
+        const what = f.type === "filesystem" ? `${f.fs_type}${f.unsupported ? " (cannot be read: " + f.unsupported + ")" : ""}` : f.type === "dir" ? "" : fmtBytes(f.size);
+        const btn = f.type === "file" ? el("button", { type: "button", class: "small", onclick: () => download(full, f.name, true) }, "Download")
+          : isDir && f.type === "dir" ? el("button", { type: "button", class: "small", onclick: () => download(full, f.name, false) }, "Download .tar") : "";
+        return el("tr", { "data-name": f.name }, el("td", {}, name), el("td", {}, what), el("td", {}, f.type === "filesystem" ? "" : fmtTime(f.mtime)), el("td", {}, btn));
+      }));
+      if (!l.entries || !l.entries.length) tbody.append(el("tr", {}, el("td", { colspan: 4, class: "muted" }, "Empty.")));
+      table.hidden = false;
+      status.textContent = "";
+    } catch (e) {
+      status.textContent = "";
+      showError(e);
+    }
+  };
+  pointSel.addEventListener("change", () => open("/"));
+  return el("section", { class: "card", id: "files-card" }, el("h2", {}, "Files"),
+    el("p", { class: "explain" }, "Browse the VM's disks as they were at a recovery point and download files or folders. Nothing is written and the VM is not booted."),
+    el("div", { class: "toolbar" }, el("label", { for: "files-point" }, "Point "), pointSel,
+      el("button", { type: "button", id: "files-browse", onclick: () => open("/") }, "Browse")),
+    status, crumbs, el("div", { class: "scroll" }, table));
+}
+
 function option(name, value, label, explain, checked) {
   return el("div", {}, el("label", { class: "inline" }, el("input", { type: "radio", name, value, checked, id: name + "-" + value }), el("span", {}, label)),
     el("p", { class: "explain" }, explain));
@@ -657,6 +761,7 @@ function testFailoverDialog(p, points) {
     el("div", { class: "options" },
       option("choice", "latest-processed", "Latest processed", "The newest point the recovery site has: lowest RTO.", true),
       option("choice", "latest-app-consistent", "Latest app-consistent", "The newest point taken with the guest's file systems frozen.", false),
+      lastCleanOption(p),
       option("choice", "custom", "Custom", "Pick a point below.", false)),
     el("h3", {}, "Point (for Custom)"), pointPicker(points, "tf-point"),
   ], "Start test failover", (f) => {
@@ -681,6 +786,7 @@ function failoverDialog(p, points) {
       option("choice", "latest", "Latest (lowest RPO)", "First processes all data that reached the recovery site, then makes a point of it: nothing received is lost; takes a little longer.", true),
       option("choice", "latest-processed", "Latest processed (lowest RTO)", "Fails over to the newest point already made: fastest start.", false),
       option("choice", "latest-app-consistent", "Latest app-consistent", "The newest point taken with the file systems frozen: applications start clean.", false),
+      lastCleanOption(p),
       option("choice", "custom", "Custom", "Pick a point below.", false)),
     el("h3", {}, "Point (for Custom)"), pointPicker(points, "fo-point"),
     el("label", { class: "inline" }, el("input", { type: "checkbox", id: "fo-shutdown", name: "shutdown", checked: true }),
@@ -694,7 +800,7 @@ function failoverDialog(p, points) {
 function changePointDialog(p, points) {
   openDialog("Change recovery point of " + p.vm, [
     el("p", {}, "The VM is stopped, its writes since the failover are discarded, and it starts on the point you choose."),
-    el("h3", {}, "Point"), pointPicker(points, "cp-point"),
+    el("h3", {}, "Point"), pointPicker(points, "cp-point", lastCleanSeq(p)),
   ], "Change point", (f) => post(p, "/change-point", { point: f.elements.point.value }));
 }
 
