@@ -559,7 +559,7 @@ func (v *Vault) Commit(ctx context.Context, vmName string) (Job, error) {
 			r.Say(ctx, -1, "%s", s)
 		}
 		r.Step(ctx, "delete recovery points")
-		return func(p *Protection) { p.State = StateCommitted }, nil
+		return func(p *Protection) { p.State, p.Ransomware = StateCommitted, nil }, nil
 	})
 }
 
@@ -796,7 +796,7 @@ func (v *Vault) Disable(ctx context.Context, vmName string, keepReplica bool) (J
 			r.Say(ctx, 100, "replica of %s and its recovery points deleted at %s", p.VM, p.Target)
 		}
 		return func(p *Protection) {
-			p.State, p.Health, p.RPOSeconds = StateDisabled, "", 0
+			p.State, p.Health, p.RPOSeconds, p.Ransomware = StateDisabled, "", 0, nil
 			p.History = append(p.History, HistoryEntry{Action: ActDisable, Time: v.now()})
 		}, nil
 	})
