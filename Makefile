@@ -87,6 +87,7 @@ bench: deps build
 	FERRY=$(CURDIR)/$(BIN) bench/nbd.sh
 	FERRY=$(CURDIR)/$(BIN) bench/replication.sh
 	$(GO) run ./bench/reprotect
+	bench/entropy.sh
 
 demo: deps build guest
 	FERRY=$(CURDIR)/$(BIN) scripts/demo.sh
