@@ -58,7 +58,7 @@ torture: deps
 # Screenshots of the portal's main pages, from its browser test, into
 # docs/screenshots.
 screenshots: deps guest
-	FERRY_SCREENSHOTS=$(CURDIR)/docs/screenshots $(GO) test -count=1 -timeout 15m -run '^(TestPortal|TestPortalVMs)$$' -v ./e2e
+	FERRY_SCREENSHOTS=$(CURDIR)/docs/screenshots $(GO) test -count=1 -timeout 15m -run '^(TestPortal|TestPortalVMs|TestRansomware)$$' -v ./e2e
 
 # Fuzz every parser for FUZZTIME each (default 30s).
 FUZZTIME ?= 30s
