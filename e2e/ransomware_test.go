@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"errors"
@@ -168,6 +169,35 @@ func TestRansomware(t *testing.T) {
 			restoreOK = false
 			t.Errorf("%s from the last clean point: %d bytes, not the original", name, len(got))
 		}
+	}
+	// The whole tree, as a tar (the CLI's ferry files get).
+	tctx, tcancel := context.WithTimeout(ctx, 3*time.Minute)
+	resp, err := c.FileContent(tctx, "fin", "last-clean", "/vda/docs", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := tar.NewReader(resp.Body)
+	files := 0
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("the tree's tar: %v", err)
+		}
+		if h.Typeflag == tar.TypeReg {
+			b, _ := io.ReadAll(tr)
+			if _, want := guest.DocFile(files); len(b) != len(want) || !strings.HasPrefix(h.Name, "docs/") {
+				t.Errorf("tar entry %s: %d bytes", h.Name, len(b))
+			}
+			files++
+		}
+	}
+	resp.Body.Close()
+	tcancel()
+	if files != ransomwareDocs {
+		t.Errorf("the tree's tar holds %d files, want %d", files, ransomwareDocs)
 	}
 	name, orig := guest.DocFile(5)
 	if got := fileAt(t, c, "fin", "latest-processed", "/vda/docs/"+name); bytes.Equal(got, orig) || len(got) != len(orig) {

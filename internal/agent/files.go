@@ -366,7 +366,18 @@ func (a *Agent) GetFiles(ctx context.Context, replica string, seq uint64, p stri
 		}
 		pr, pw := io.Pipe()
 		done := make(chan error, 1)
-		go func() { done <- prefixTar(tar.NewReader(pr), tw, base) }()
+		go func() {
+			err := prefixTar(tar.NewReader(pr), tw, base)
+			if err != nil {
+				pr.CloseWithError(err) // the helper's writes fail: it stops
+			} else {
+				// The end marker is not the stream's end: tar pads to its
+				// record size, and the copy from the helper waits for
+				// every byte to be read.
+				io.Copy(io.Discard, pr)
+			}
+			done <- err
+		}()
 		err = s.s.Tar(ctx, fi.Device, rest, pw)
 		pw.CloseWithError(err)
 		if perr := <-done; err == nil {

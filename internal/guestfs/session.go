@@ -385,7 +385,16 @@ func (s *Session) stream(ctx context.Context, op, device, path string, w io.Writ
 // Close shuts the appliance down (and kills it if it does not go within
 // its own time). Idempotent.
 func (s *Session) Close() error {
-	s.mu.Lock()
+	// A call in progress holds the lock; one that does not end soon is
+	// ended by killing the helper (its read fails, it lets go).
+	locked := make(chan struct{})
+	go func() { s.mu.Lock(); close(locked) }()
+	select {
+	case <-locked:
+	case <-time.After(5 * time.Second):
+		s.kill()
+		<-locked
+	}
 	defer s.mu.Unlock()
 	if !s.closed {
 		s.closed = true
