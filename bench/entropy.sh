@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 # 256 MiB: half text-like (a repeated log), half random.
 head -c 134217728 /dev/urandom >"$tmp/data"
-yes "2026-12-02T10:42:00Z INFO GET /orders/42 served in 12 ms by replica west" | head -c 134217728 >>"$tmp/data"
+yes "2026-12-02T10:42:00Z INFO GET /orders/42 served in 12 ms by replica west" | head -c 134217728 >>"$tmp/data" || true # yes ends on SIGPIPE
 cat "$tmp/data" >/dev/null # in the page cache for every tool
 mbps() { echo "scale=0; 268.435456 / $1" | bc; }
 secs() { local s; s=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $s" | bc; }
