@@ -162,7 +162,7 @@ func (m *Monitor) Policy() Policy {
 func (m *Monitor) ObserveBase(diskID uint16, off int64, p []byte) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.classify(diskID, off, p, nil)
+	m.classify(diskID, off, p)
 }
 
 // ObserveReset forgets every block's class (a new initial copy).
@@ -184,15 +184,12 @@ func (m *Monitor) ObserveEntries(es []*journal.Entry) {
 		case journal.KindWrite:
 			sec := e.Time / int64(time.Second)
 			b := m.bucketFor(sec)
-			m.classify(e.Disk, int64(e.Offset), e.Data, func(n int64) {
-				if b == nil {
-					return
-				}
+			if n := m.classify(e.Disk, int64(e.Offset), e.Data); n > 0 && b != nil {
 				if b.lowHigh == 0 {
 					b.firstSeq = e.Seq
 				}
 				b.lowHigh += n
-			})
+			}
 		case journal.KindZero, journal.KindTrim:
 			m.setRange(e.Disk, int64(e.Offset), int64(e.Length), Zero)
 		}
@@ -207,9 +204,9 @@ func (m *Monitor) ObserveEntries(es []*journal.Entry) {
 	}
 }
 
-// classify sets the classes of the whole blocks p covers at off and calls
-// lowHigh with the bytes of blocks that went from Low to High.
-func (m *Monitor) classify(diskID uint16, off int64, p []byte, lowHigh func(int64)) {
+// classify sets the classes of the whole blocks p covers at off and
+// returns the bytes of blocks that went from Low to High.
+func (m *Monitor) classify(diskID uint16, off int64, p []byte) (lowHigh int64) {
 	cm := m.maps[diskID]
 	first := (off + BlockSize - 1) / BlockSize
 	end := (off + int64(len(p))) / BlockSize
@@ -233,13 +230,12 @@ func (m *Monitor) classify(diskID uint16, off int64, p []byte, lowHigh func(int6
 			m.st.High += BlockSize
 			if old == Low {
 				m.st.LowToHigh += BlockSize
-				if lowHigh != nil {
-					lowHigh(BlockSize)
-				}
+				lowHigh += BlockSize
 			}
 		}
 	}
 	m.dirty = true
+	return lowHigh
 }
 
 func (m *Monitor) setRange(diskID uint16, off, n int64, c Class) {
