@@ -385,15 +385,7 @@ func TestLibvirtImportOffline(t *testing.T) {
 	}
 	// And the portal's inventory, through a vault, offers its import.
 	_, vp := startVaultProc(t, st)
-	tok, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bctx := browser(t)
-	runB(t, bctx, "the domain in the portal's inventory", 60*time.Second,
-		chromedp.Navigate("https://"+vp.addr+"/"), chromedp.WaitVisible(chromedp.CSS("#token")),
-		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(tok))), chromedp.Click(chromedp.CSS("#login-form button")),
-		chromedp.WaitVisible(chromedp.CSS("#nav-vms")), goHash("#/vms"),
+	bctx := operatorBrowser(t, vp, "the domain in the portal's inventory", 60*time.Second, goHash("#/vms"),
 		chromedp.WaitVisible(chromedp.CSS(`#domains tr[data-domain="siteA/`+name+`"] .act-import-domain`)),
 		chromedp.Click(chromedp.CSS(`#domains tr[data-domain="siteA/`+name+`"] .act-import-domain`)), chromedp.WaitVisible(chromedp.CSS("#dialog[open] #imp-domain")))
 	if got := eval[string](t, bctx, `document.querySelector("#imp-domain").value + " at " + document.querySelector("#imp-site").value`); got != name+" at siteA" {

@@ -180,6 +180,22 @@ func browser(t *testing.T) context.Context {
 	return bctx
 }
 
+// operatorBrowser starts Chromium signed in to vp's portal with its first
+// operator token, and then runs then (with the sign-in's deadline d).
+func operatorBrowser(t *testing.T, vp *vaultProc, what string, d time.Duration, then ...chromedp.Action[chromedp.Void]) context.Context {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bctx := browser(t)
+	runB(t, bctx, what, d, append([]chromedp.Action[chromedp.Void]{
+		chromedp.Navigate("https://" + vp.addr + "/"), chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(b))), chromedp.Click(chromedp.CSS("#login-form button")),
+		chromedp.WaitVisible(chromedp.CSS("#nav-vms"))}, then...)...)
+	return bctx
+}
+
 // runB runs browser actions with a deadline.
 func runB(t *testing.T, ctx context.Context, what string, d time.Duration, actions ...chromedp.Action[chromedp.Void]) {
 	t.Helper()
@@ -467,15 +483,7 @@ func TestPortalVMs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	b, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bctx := browser(t)
-	runB(t, bctx, "operator signs in", 20*time.Second,
-		chromedp.Navigate("https://"+vp.addr+"/"), chromedp.WaitVisible(chromedp.CSS("#token")),
-		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(b))), chromedp.Click(chromedp.CSS("#login-form button")),
-		chromedp.WaitVisible(chromedp.CSS("#nav-vms")), goHash("#/vms"), chromedp.WaitVisible(chromedp.CSS("#act-define")))
+	bctx := operatorBrowser(t, vp, "operator signs in", 20*time.Second, goHash("#/vms"), chromedp.WaitVisible(chromedp.CSS("#act-define")))
 
 	fill := []chromedp.Action[chromedp.Void]{
 		chromedp.Click(chromedp.CSS("#act-define")), chromedp.WaitVisible(chromedp.CSS("#dialog[open]")),

@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -122,18 +120,8 @@ func TestRansomware(t *testing.T) {
 	if st := officeState(t, webA); st.Encrypted != ransomwareDocs || st.Error != "" {
 		t.Fatalf("the guest's encryption: %+v", st)
 	}
-	as, err := c.Alerts(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var alert *api.Alert
-	for i := range as {
-		if as[i].Object == "ransomware/fin" {
-			alert = &as[i]
-		}
-	}
-	if alert == nil || alert.Severity != "critical" {
-		t.Fatalf("alerts: %+v, want a critical ransomware/fin", as)
+	if alert := findAlert(t, c, "ransomware/fin"); alert == nil || alert.Severity != "critical" {
+		t.Fatalf("alert: %+v, want a critical ransomware/fin", alert)
 	}
 	if inc.LastClean == nil {
 		t.Fatalf("the incident names no last clean point: %+v", inc)
@@ -227,18 +215,7 @@ func TestRansomware(t *testing.T) {
 	if err := c.DismissIncident(ctx, "fin"); err != nil {
 		t.Fatal(err)
 	}
-	until(t, 30*time.Second, "the alert to clear", func() bool {
-		as, err := c.Alerts(ctx)
-		if err != nil {
-			return false
-		}
-		for _, a := range as {
-			if a.Object == "ransomware/fin" {
-				return false
-			}
-		}
-		return true
-	})
+	until(t, 30*time.Second, "the alert to clear", func() bool { return findAlert(t, c, "ransomware/fin") == nil })
 	t.Logf("RESULT ransomware detect_s=%.1f last_clean_ok=%d false_alerts=%d restore_ok=%d entropy_mbps_per_core=%.0f",
 		detect.Seconds(), b2i(lastCleanOK), falseAlerts, b2i(restoreOK), classifyRate())
 }
@@ -248,15 +225,7 @@ func TestRansomware(t *testing.T) {
 // first, and the file browser lists the documents at it.
 func portalRansomware(t *testing.T, vp *vaultProc, lastClean uint64) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(vp.dir, "operator.token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bctx := browser(t)
-	runB(t, bctx, "operator signs in", 20*time.Second,
-		chromedp.Navigate("https://"+vp.addr+"/"), chromedp.WaitVisible(chromedp.CSS("#token")),
-		chromedp.SetValue(chromedp.CSS("#token"), strings.TrimSpace(string(b))), chromedp.Click(chromedp.CSS("#login-form button")),
-		chromedp.WaitVisible(chromedp.CSS("#nav-vms")), goHash("#/items/fin"), chromedp.WaitVisible(chromedp.CSS("#ransomware #last-clean")))
+	bctx := operatorBrowser(t, vp, "operator signs in", 20*time.Second, goHash("#/items/fin"), chromedp.WaitVisible(chromedp.CSS("#ransomware #last-clean")))
 	if got := eval[string](t, bctx, `document.querySelector("#last-clean").textContent`); !strings.HasPrefix(got, fmt.Sprint(lastClean)+" ") {
 		t.Errorf("the banner's last clean point: %q, want %d", got, lastClean)
 	}
@@ -278,6 +247,21 @@ func portalRansomware(t *testing.T, vp *vaultProc, lastClean uint64) {
 		t.Errorf("the file browser lists %d documents, want %d", n, ransomwareDocs)
 	}
 	shot(t, bctx, "files")
+}
+
+// findAlert returns the alert in force for object, or nil.
+func findAlert(t *testing.T, c *vaultclient.Client, object string) *api.Alert {
+	t.Helper()
+	as, err := c.Alerts(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range as {
+		if as[i].Object == object {
+			return &as[i]
+		}
+	}
+	return nil
 }
 
 func b2i(b bool) int {
