@@ -383,6 +383,10 @@ type RPOSample struct {
 	Throughput float64   `json:"throughput_bytes_per_second,omitempty"`
 	Pending    int64     `json:"pending_bytes,omitempty"`
 	Journal    int64     `json:"journal_bytes,omitempty"`
+	// LowToHigh is the recovery site's count, since the replica began,
+	// of low-entropy bytes overwritten with high-entropy data (the
+	// ransomware detector); its growth from slot to slot is the series.
+	LowToHigh int64 `json:"low_to_high_bytes,omitempty"`
 }
 
 // Whoami answers GET /v1/whoami.

@@ -20,7 +20,8 @@ import (
 
 // The tests run the real appliance (one for the whole package: it takes
 // 10-20 s to start under TCG) on disks served by qemu-nbd over unix
-// sockets: a whole-disk ext4 and a GPT disk holding ext4, XFS and swap.
+// sockets: a whole-disk ext4, a GPT disk holding ext4, XFS and swap, and
+// an MBR disk holding XFS.
 
 func run(t testing.TB, name string, args ...string) {
 	t.Helper()
@@ -93,9 +94,21 @@ func newFixture(t *testing.T) *fixture {
 	}{{p1, 2048}, {p2, 133120}, {p3, 747520}} {
 		run(t, "dd", "if="+p.img, "of="+parts, "bs=512", fmt.Sprintf("seek=%d", p.start), "conv=notrunc,sparse", "status=none")
 	}
+	// vdc: MBR (dos) with one XFS partition starting at 1 MiB.
+	mbr := filepath.Join(dir, "vdc.img")
+	run(t, "truncate", "-s", "320M", mbr)
+	sf = exec.Command("sfdisk", "-q", mbr)
+	sf.Stdin = strings.NewReader("label: dos\nstart=2048, size=614400, type=83\n")
+	if out, err := sf.CombinedOutput(); err != nil {
+		t.Fatalf("sfdisk: %v %s", err, out)
+	}
+	p4 := filepath.Join(dir, "p4.img") // its own XFS: two of one UUID do not mount side by side
+	run(t, "truncate", "-s", "300M", p4)
+	run(t, "mkfs.xfs", "-q", "-f", "-p", proto, p4)
+	run(t, "dd", "if="+p4, "of="+mbr, "bs=512", "seek=2048", "conv=notrunc,sparse", "status=none")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	s, err := Open(ctx, Config{Drives: []Drive{{Name: "vda", Socket: serve(t, dir, whole)}, {Name: "vdb", Socket: serve(t, dir, parts)}},
+	s, err := Open(ctx, Config{Drives: []Drive{{Name: "vda", Socket: serve(t, dir, whole)}, {Name: "vdb", Socket: serve(t, dir, parts)}, {Name: "vdc", Socket: serve(t, dir, mbr)}},
 		ForceTCG: os.Getenv("FERRY_ACCEL") != "kvm"})
 	if err != nil {
 		t.Fatal(err)
@@ -111,16 +124,16 @@ func TestSession(t *testing.T) {
 	for _, fs := range f.s.Filesystems() {
 		fss[fs.Device] = fs.Type
 	}
-	want := map[string]string{"/dev/sda": "ext4", "/dev/sdb1": "ext4", "/dev/sdb2": "xfs", "/dev/sdb3": "swap"}
+	want := map[string]string{"/dev/sda": "ext4", "/dev/sdb1": "ext4", "/dev/sdb2": "xfs", "/dev/sdb3": "swap", "/dev/sdc1": "xfs"}
 	for dev, typ := range want {
 		if fss[dev] != typ {
 			t.Errorf("file system on %s: %q, want %q (all: %v)", dev, fss[dev], typ, fss)
 		}
 	}
-	if got := f.s.Devices(); len(got) != 2 || got[0] != "/dev/sda" || got[1] != "/dev/sdb" {
+	if got := f.s.Devices(); len(got) != 3 || got[0] != "/dev/sda" || got[1] != "/dev/sdb" || got[2] != "/dev/sdc" {
 		t.Errorf("devices %v", got)
 	}
-	for _, dev := range []string{"/dev/sda", "/dev/sdb1", "/dev/sdb2"} {
+	for _, dev := range []string{"/dev/sda", "/dev/sdb1", "/dev/sdb2", "/dev/sdc1"} {
 		t.Run(dev, func(t *testing.T) {
 			es, err := f.s.List(ctx, dev, "/docs")
 			if err != nil {

@@ -121,6 +121,13 @@ func TestRansomwareIncident(t *testing.T) {
 	f.west.mu.Lock()
 	pol := f.west.ransomware["vm1"]
 	f.west.mu.Unlock()
+	var charted int64
+	for _, s := range f.v.hist.get("vm1") {
+		charted = max(charted, s.LowToHigh)
+	}
+	if charted != 64<<20 {
+		t.Errorf("the history's low-to-high count: %d, want the site's %d", charted, 64<<20)
+	}
 	if pol.WithDefaults() != DefaultPolicy.Ransomware.WithDefaults() {
 		t.Errorf("the site's detector policy %+v, want the default's", pol)
 	}

@@ -123,7 +123,7 @@ func (f *fakeAgent) Status(ctx context.Context) (api.AgentStatus, error) {
 		rs := api.ReplicaStatus{Group: "vm1"}
 		if f.incident != nil {
 			rs.LastPoint = f.points[len(f.points)-1].Time
-			rs.Entropy = &api.EntropyStatus{Policy: f.ransomware["vm1"].WithDefaults(), Incident: f.incident}
+			rs.Entropy = &api.EntropyStatus{Policy: f.ransomware["vm1"].WithDefaults(), Incident: f.incident, LowToHighBytes: f.incident.PeakBytes}
 		}
 		st.Replicas = append(st.Replicas, rs)
 	}

@@ -51,6 +51,7 @@ func (h *history) add(vm string, now time.Time, in RPOSample) (due bool) {
 		last := &s[n-1]
 		last.RPO = max(last.RPO, in.RPO)
 		last.Throughput, last.Pending, last.Journal = in.Throughput, in.Pending, in.Journal
+		last.LowToHigh = max(last.LowToHigh, in.LowToHigh)
 	} else {
 		in.T = t
 		s = append(s, in)
@@ -61,6 +62,22 @@ func (h *history) add(vm string, now time.Time, in RPOSample) (due bool) {
 	}
 	h.samples[vm] = s[i:]
 	return now.Sub(h.saved[vm]) >= h.saveEvery
+}
+
+// addLowHigh records the recovery site's low-to-high count in vm's
+// current slot (the source's figures fill the rest of it).
+func (h *history) addLowHigh(vm string, now time.Time, total int64) {
+	h.mu.Lock()
+	s := h.samples[vm]
+	n := len(s)
+	t := now.Truncate(h.interval)
+	if n > 0 && s[n-1].T.Equal(t) {
+		s[n-1].LowToHigh = max(s[n-1].LowToHigh, total)
+		h.mu.Unlock()
+		return
+	}
+	h.mu.Unlock()
+	h.add(vm, now, RPOSample{LowToHigh: total})
 }
 
 func (h *history) get(vm string) []RPOSample {

@@ -734,6 +734,7 @@ func (v *Vault) updateRPO(ctx context.Context, site string, st api.AgentStatus) 
 		})
 		if policy != "" && r.Entropy != nil {
 			v.syncDetector(ctx, site, r.Group, v.policy(ctx, policy).Ransomware, r.Entropy.Policy)
+			v.hist.addLowHigh(r.Group, v.now(), r.Entropy.LowToHighBytes)
 		}
 	}
 	for _, g := range st.Groups {

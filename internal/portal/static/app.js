@@ -264,7 +264,9 @@ async function itemPage(view, vm) {
     el("div", { class: "charts" },
       el("div", {}, el("h3", {}, "Throughput"), seriesChart(hist, "throughput_bytes_per_second", (v) => fmtBytes(v) + "/s", "throughput")),
       el("div", {}, el("h3", {}, "Bytes pending"), seriesChart(hist, "pending_bytes", fmtBytes, "bytes written and not yet acknowledged")),
-      el("div", {}, el("h3", {}, "Source journal"), seriesChart(hist, "journal_bytes", fmtBytes, "size of the source journal"))));
+      el("div", {}, el("h3", {}, "Source journal"), seriesChart(hist, "journal_bytes", fmtBytes, "size of the source journal")),
+      el("div", {}, el("h3", {}, "Low-entropy data overwritten with high"), seriesChart(lowHighRate(hist), "low_to_high_rate", (v) => fmtBytes(v) + "/s",
+        "ransomware detector: low-entropy bytes overwritten with high-entropy data per second, at the recovery site"))));
   const pointsTable = el("table", { id: "points" },
     el("thead", {}, el("tr", {}, el("th", {}, "Id"), el("th", {}, "Time"), el("th", {}, "Type"), el("th", {}, "Label"))),
     el("tbody", {}, pointRows.length ? pointRows : el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No recovery points (initial replication running, or the failover was committed)."))));
@@ -367,6 +369,16 @@ function rpoChart(hist, p) {
 }
 
 // seriesChart draws one figure of the replication history, small.
+// lowHighRate turns the detector's running count into a rate per slot.
+function lowHighRate(hist) {
+  return hist.map((s, i) => {
+    const prev = i ? hist[i - 1] : null;
+    const dt = prev ? (new Date(s.t) - new Date(prev.t)) / 1000 : 0;
+    const d = prev && s.low_to_high_bytes !== undefined && prev.low_to_high_bytes !== undefined ? s.low_to_high_bytes - prev.low_to_high_bytes : 0;
+    return { t: s.t, low_to_high_rate: dt > 0 && d > 0 ? d / dt : 0 };
+  });
+}
+
 function seriesChart(hist, key, fmt, label) {
   const W = 360, H = 120, L = 64, B = 18;
   const svg = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
