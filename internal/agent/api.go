@@ -17,6 +17,7 @@ import (
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/httpjson"
+	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/link"
 	"github.com/ferry-dr/ferry/internal/pki"
 	"github.com/ferry-dr/ferry/internal/replica"
@@ -254,7 +255,7 @@ func (a *Agent) routes() http.Handler {
 				w.Header().Set("Content-Type", "application/x-tar")
 			}
 			w.WriteHeader(http.StatusOK)
-		}, w)
+		}, httpserver.Stream(w, 2*time.Minute))
 		if err != nil && !started {
 			reply(w, nil, err)
 		} else if err != nil {

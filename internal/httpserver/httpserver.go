@@ -11,6 +11,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -168,4 +169,25 @@ func clientKey(c net.Conn) string {
 		return c.RemoteAddr().String()
 	}
 	return "addr/" + host
+}
+
+// Stream returns a writer for a long answer (a download) that moves the
+// connection's write deadline idle past each write: the server's
+// WriteTimeout bounds an answer as a whole, which a large download
+// outlasts, while a client that stops reading for idle still ends it.
+func Stream(w http.ResponseWriter, idle time.Duration) io.Writer {
+	return &streamWriter{w: w, rc: http.NewResponseController(w), idle: idle}
+}
+
+type streamWriter struct {
+	w    http.ResponseWriter
+	rc   *http.ResponseController
+	idle time.Duration
+}
+
+func (s *streamWriter) Write(p []byte) (int, error) {
+	// Not every ResponseWriter can (a test recorder): then the server's
+	// own timeout stands.
+	s.rc.SetWriteDeadline(time.Now().Add(s.idle))
+	return s.w.Write(p)
 }

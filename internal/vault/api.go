@@ -7,9 +7,11 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/httpjson"
+	"github.com/ferry-dr/ferry/internal/httpserver"
 	"github.com/ferry-dr/ferry/internal/pki"
 )
 
@@ -192,7 +194,7 @@ func (v *Vault) Handler() http.Handler {
 		}
 		w.Header().Set(api.FilePointHeader, strconv.FormatUint(pt.Seq, 10))
 		w.WriteHeader(http.StatusOK)
-		if _, err := io.Copy(w, resp.Body); err != nil {
+		if _, err := io.Copy(httpserver.Stream(w, 2*time.Minute), resp.Body); err != nil {
 			// The site's stream ended short: cut ours short too, so the
 			// client sees it.
 			v.log.Warn("file download cut short", "vm", r.PathValue("vm"), "err", err)
