@@ -168,7 +168,8 @@ func (v *Vault) Handler() http.Handler {
 	act(v, mux, "POST /v1/protections/{vm}/change-point", func(r *http.Request, b api.PointRequest) (any, error) {
 		return v.ChangePoint(r.Context(), r.PathValue("vm"), b.Point)
 	})
-	// Files are the VM's data: operators only, like the console.
+	// Files are the VM's data: operators only (a reader sees the state
+	// of things, not what the VMs hold).
 	mux.HandleFunc("GET /v1/protections/{vm}/files", v.auth(RoleOperator, func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		l, err := v.Files(r.Context(), r.PathValue("vm"), q.Get("point"), q.Get("path"))
