@@ -36,7 +36,9 @@ func filesCmd(e *env) *cobra.Command {
 			if len(args) == 2 {
 				p = args[1]
 			}
+			done := e.waiting("reading " + args[0] + "'s disks at its recovery site (the first look at a point starts an appliance there: 10-30 s)")
 			l, err := vc.Files(ctx, args[0], point, p)
+			done()
 			if err != nil {
 				return err
 			}
@@ -66,7 +68,9 @@ func filesCmd(e *env) *cobra.Command {
 			"with a progress bar. Nothing is overwritten unless --overwrite; entries that would land outside --to are refused.",
 		Example: "  ferry files get web /vdb/docs --point last-clean --to /srv/restore\n  ferry files get web /vdb/docs/report.txt --point 1234"}, &og,
 		func(ctx context.Context, vc *vaultclient.Client, args []string) error {
+			done := e.waiting("opening " + args[1] + " at " + args[0] + "'s recovery site (the first look at a point starts an appliance there: 10-30 s)")
 			resp, err := vc.FileContent(ctx, args[0], point, args[1], false)
+			done()
 			if err != nil {
 				return err
 			}
@@ -98,6 +102,16 @@ func filesCmd(e *env) *cobra.Command {
 	str(get.Flags(), &to, "to", ".", "directory to restore into")
 	get.Flags().BoolVar(&overwrite, "overwrite", false, "replace files that exist in --to")
 	return group("files", "Restore files from any recovery point without booting the VM", ls, get)
+}
+
+// waiting shows what a long wait is for on a terminal (and nothing in
+// JSON mode or in a pipe); the returned function clears it.
+func (e *env) waiting(what string) func() {
+	if e.json() || !isTerminal(e.stderr) {
+		return func() {}
+	}
+	fmt.Fprintf(e.stderr, "%s…", what)
+	return func() { fmt.Fprint(e.stderr, "\r\033[K") }
 }
 
 // restoreStats is what a restore wrote.
