@@ -723,10 +723,15 @@ function filesCard(p, points) {
       showError(e);
     }
   };
+  // Only the newest request draws: a change of point and a click on
+  // Browse, or two quick clicks, must not draw an older answer last.
+  let asked = 0;
   const open = async (path) => {
+    const mine = ++asked;
     status.textContent = `Reading ${path} at ${p.target}… (the first look at a point starts a small appliance there: 10-30 s)`;
     try {
       const l = await api("GET", url(path, ""));
+      if (mine !== asked) return;
       crumbs.replaceChildren(el("span", {}, `Point ${l.point.seq} · ${fmtTime(l.point.time)}: `));
       const parts = l.path.split("/").filter(Boolean);
       crumbs.append(el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); open("/"); } }, "/"));
@@ -748,6 +753,7 @@ function filesCard(p, points) {
       table.hidden = false;
       status.textContent = "";
     } catch (e) {
+      if (mine !== asked) return;
       status.textContent = "";
       showError(e);
     }
