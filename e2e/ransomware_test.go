@@ -230,23 +230,36 @@ func portalRansomware(t *testing.T, vp *vaultProc, lastClean uint64) {
 		t.Errorf("the banner's last clean point: %q, want %d", got, lastClean)
 	}
 	runB(t, bctx, "the failover dialog", 20*time.Second,
-		chromedp.Click(chromedp.CSS("#act-failover")), chromedp.WaitVisible(chromedp.CSS("#choice-last-clean")))
+		jsClick("#act-failover"), chromedp.WaitVisible(chromedp.CSS("#choice-last-clean")))
 	if !eval[bool](t, bctx, `document.querySelector("#choice-last-clean").checked`) {
 		t.Error("the failover dialog does not choose the last clean point first")
 	}
 	shot(t, bctx, "ransomware")
 	runB(t, bctx, "close the dialog; browse the files", 3*time.Minute,
 		chromedp.Click(chromedp.CSS("#dialog-cancel")), chromedp.WaitNotVisible(chromedp.CSS("#dialog")),
-		chromedp.SetValue(chromedp.CSS("#files-point"), "last-clean"), chromedp.Click(chromedp.CSS("#files-browse")),
+		chromedp.SetValue(chromedp.CSS("#files-point"), "last-clean"), jsClick("#files-browse"),
 		chromedp.WaitVisible(chromedp.CSS(`#files-list a.dir`)))
 	runB(t, bctx, "into /vda/docs", 60*time.Second,
-		chromedp.Click(chromedp.CSS(`#files-list a.dir[data-name="vda"]`)), chromedp.WaitVisible(chromedp.CSS(`#files-list a.dir[data-name="docs"]`)),
-		chromedp.Click(chromedp.CSS(`#files-list a.dir[data-name="docs"]`)),
+		jsClick(`#files-list a.dir[data-name="vda"]`), chromedp.WaitVisible(chromedp.CSS(`#files-list a.dir[data-name="docs"]`)),
+		jsClick(`#files-list a.dir[data-name="docs"]`),
 		chromedp.WaitVisible(chromedp.CSS(`#files-list tr[data-name="report-000.txt"]`)))
 	if n := eval[int](t, bctx, `document.querySelectorAll("#files-list tr").length`); n != ransomwareDocs {
 		t.Errorf("the file browser lists %d documents, want %d", n, ransomwareDocs)
 	}
 	shot(t, bctx, "files")
+}
+
+// jsClick clicks the element sel names through the DOM, not at its
+// coordinates: the item page's live figures above it reflow the page
+// every 2 s, and a click at where the link was a moment ago can miss.
+func jsClick(sel string) chromedp.Action[chromedp.Void] {
+	return func(ctx context.Context, t *chromedp.Target) (chromedp.Void, error) {
+		ok, err := chromedp.Evaluate[bool](fmt.Sprintf(`(e => e ? (e.click(), true) : false)(document.querySelector(%q))`, sel))(ctx, t)
+		if err == nil && !ok {
+			err = fmt.Errorf("no element %s to click", sel)
+		}
+		return chromedp.Void{}, err
+	}
 }
 
 // findAlert returns the alert in force for object, or nil.
