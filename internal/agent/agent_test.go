@@ -59,6 +59,25 @@ func startAgentWith(t testing.TB, cfg Config) *Agent {
 	return a
 }
 
+// replicateVM1 replicates the group vm1 (created at a) to b and returns
+// an NBD client of its disk vda at a, closed at the end of the test.
+func replicateVM1(t *testing.T, a, b *Agent, ca, cb *agentclient.Client) *nbd.Client {
+	t.Helper()
+	ctx := context.Background()
+	if err := cb.ExpectReplica(ctx, "vm1", a.cfg.Name); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: b.Addr(), PeerName: b.cfg.Name}); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	return nc
+}
+
 func TestTwoAgents(t *testing.T) {
 	pk := pkiDir(t, "siteA", "siteB", "operator")
 	a := startAgent(t, pk, "siteA")
@@ -89,17 +108,7 @@ func TestTwoAgents(t *testing.T) {
 			t.Errorf("POST %s %s: %v, want %v", tc.path, tc.body, err, tc.want)
 		}
 	}
-	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: b.Addr(), PeerName: "siteB"}); err != nil {
-		t.Fatal(err)
-	}
-	nc, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
+	nc := replicateVM1(t, a, b, ca, cb)
 	rng := rand.New(rand.NewPCG(5, 5))
 	for i := 0; i < 200; i++ {
 		p := make([]byte, 4096*(1+rng.IntN(8)))

@@ -52,17 +52,7 @@ func replicatedPair(t *testing.T, pk, dirB string, cfgB Config) (a, b *Agent, se
 	if err := ca.CreateGroup(ctx, "vm1", []disk.Spec{{Name: "vda", Size: commitDiskSize}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: b.Addr(), PeerName: "siteB"}); err != nil {
-		t.Fatal(err)
-	}
-	nc, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
+	nc := replicateVM1(t, a, b, ca, cb)
 	rng := rand.New(rand.NewPCG(7, 7))
 	for i := range 300 {
 		p := make([]byte, 512*(1+rng.IntN(40)))
@@ -76,7 +66,7 @@ func replicatedPair(t *testing.T, pk, dirB string, cfgB Config) (a, b *Agent, se
 	if err := nc.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	seq, err = a.Mark(ctx, "vm1", replica.Marker{Type: "named", Label: "commit-test"})
+	seq, err := a.Mark(ctx, "vm1", replica.Marker{Type: "named", Label: "commit-test"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"github.com/ferry-dr/ferry/internal/agentclient"
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
-	"github.com/ferry-dr/ferry/internal/nbd"
 	"github.com/ferry-dr/ferry/internal/pki"
 )
 
@@ -30,17 +29,7 @@ func TestIncidentHoldsLastClean(t *testing.T) {
 	if err := ca.CreateGroup(ctx, "vm1", []disk.Spec{{Name: "vda", Size: 16 << 20}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := cb.ExpectReplica(ctx, "vm1", "siteA"); err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.Replicate(ctx, "vm1", api.Replicate{PeerAddr: b.Addr(), PeerName: "siteB"}); err != nil {
-		t.Fatal(err)
-	}
-	nc, err := nbd.Dial(ctx, "unix", a.NBDSocket(), "vm1/vda")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
+	nc := replicateVM1(t, a, b, ca, cb)
 	line := []byte("2026-12-02 INFO order 42 shipped to the customer\n")
 	text := bytes.Repeat(line, 64<<10/len(line)+1)[:64<<10]
 	for off := int64(0); off < 8<<20; off += int64(len(text)) {
