@@ -93,6 +93,12 @@ type manifest struct {
 	Version    int    `json:"version"`
 	Disks      []Spec `json:"disks"`
 	AppliedSeq uint64 `json:"applied_seq"`
+	// SoftSeq, when above AppliedSeq, records a soft checkpoint: every
+	// entry up to it was in the images' page cache (not fsynced) when the
+	// journal before it was trimmed, and no entry after AppliedSeq was
+	// ever acknowledged as durable. The journal may then begin anywhere up
+	// to SoftSeq+1 (docs/architecture.md, "Soft checkpoints").
+	SoftSeq uint64 `json:"soft_seq,omitempty"`
 	// Base: the disks are layered over this base until the fold is done.
 	Base *BaseRef `json:"base,omitempty"`
 }
@@ -118,6 +124,11 @@ type Group struct {
 	lastWrite atomic.Int64 // UnixNano of the last append, for the idle fold
 
 	ckptMu sync.Mutex // one checkpoint at a time
+	// softMu orders a soft checkpoint's decision against Flush: a Flush
+	// that synced the journal takes it before it answers, so it either
+	// came first (and the checkpoint sees the journal durable past
+	// AppliedSeq and goes hard) or it sees the soft state and hardens it.
+	softMu sync.Mutex
 	// urgent counts unpaced checkpoints waiting: a paced fold then stops
 	// pacing, so an explicit Checkpoint never waits on the rate.
 	urgent atomic.Int32
@@ -192,7 +203,7 @@ func Open(cfg Config) (*Group, error) {
 	// group's are ahead of 0).
 	j, rec, err := journal.Open(journal.Options{
 		Dir: filepath.Join(cfg.Dir, "journal"), SegmentSize: cfg.SegmentSize, Now: cfg.Now, Logger: cfg.Logger,
-		FirstSeq: g.man.AppliedSeq + 1,
+		FirstSeq: max(g.man.AppliedSeq, g.man.SoftSeq) + 1,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open journal: %w", err)
@@ -339,11 +350,21 @@ func (g *Group) openImage(s Spec) error {
 func (g *Group) replay() error {
 	from := g.man.AppliedSeq + 1
 	last := g.j.LastSeq()
-	if from > last {
-		return nil
+	soft := g.man.SoftSeq > g.man.AppliedSeq
+	if first := g.j.FirstSeq(); first > from && from <= last {
+		// After a soft checkpoint the journal may begin later: what it
+		// trimmed was in the images' page cache, and was never promised
+		// durable (a power loss may lose it, as NBD allows).
+		if !soft || first > g.man.SoftSeq+1 {
+			return fmt.Errorf("journal starts at seq %d but the images hold only up to %d: entries are missing", first, max(g.man.AppliedSeq, g.man.SoftSeq))
+		}
+		from = first
 	}
-	if first := g.j.FirstSeq(); first > from {
-		return fmt.Errorf("journal starts at seq %d but the images hold only up to %d: entries are missing", first, g.man.AppliedSeq)
+	if from > last {
+		if soft { // leave no soft state behind an open
+			return g.checkpoint(context.Background(), false)
+		}
+		return nil
 	}
 	r, err := g.j.NewReader(from)
 	if err != nil {
@@ -543,6 +564,59 @@ func (g *Group) Flush(ctx context.Context) error {
 	if err := g.j.Sync(ctx); err != nil {
 		return fmt.Errorf("flush journal: %w", err)
 	}
+	return g.harden()
+}
+
+// harden turns a soft checkpoint into a hard one: the journal before
+// SoftSeq is gone, so the images must hold those entries durably before a
+// FLUSH that covers them is answered. The first Flush after a soft
+// checkpoint pays the images' fsync, as a FLUSH to any write-back cache
+// does; the others find nothing to do.
+func (g *Group) harden() error {
+	g.softMu.Lock()
+	defer g.softMu.Unlock()
+	g.mu.Lock()
+	soft := g.man.SoftSeq
+	if soft <= g.man.AppliedSeq {
+		g.mu.Unlock()
+		return nil
+	}
+	disks := g.diskList()
+	g.mu.Unlock()
+	if err := g.syncImages(disks); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.man
+	m.AppliedSeq, m.SoftSeq = max(m.AppliedSeq, soft), 0
+	if err := g.saveManifest(m); err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	g.man = m
+	return nil
+}
+
+// diskList returns the group's disks. Caller holds mu.
+func (g *Group) diskList() []*Disk {
+	disks := make([]*Disk, 0, len(g.disks))
+	for _, d := range g.disks {
+		disks = append(disks, d)
+	}
+	return disks
+}
+
+// syncImages fsyncs the images; a failure fails the group (the page
+// cache may have dropped what it could not write).
+func (g *Group) syncImages(disks []*Disk) error {
+	for _, d := range disks {
+		if err := d.image().Sync(); err != nil {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			g.failed = fmt.Errorf("%w: fsync image %q: %w", ErrFailed, d.spec.Name, err)
+			return g.failed
+		}
+	}
 	return nil
 }
 
@@ -657,10 +731,7 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 		g.mu.Unlock()
 		return g.failed
 	}
-	disks := make([]*Disk, 0, len(g.disks))
-	for _, d := range g.disks {
-		disks = append(disks, d)
-	}
+	disks := g.diskList()
 	m := g.man
 	g.appended = 0
 	// The maps of layered disks are taken with seq, before the sync: every
@@ -672,16 +743,16 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 		}
 	}
 	g.mu.Unlock()
-	if seq == m.AppliedSeq && len(maps) == 0 {
+	if seq == m.AppliedSeq && len(maps) == 0 || seq == m.SoftSeq && paced {
 		return nil
 	}
-	for _, d := range disks {
-		if err := d.image().Sync(); err != nil {
-			g.mu.Lock()
-			g.failed = fmt.Errorf("%w: fsync image %q: %w", ErrFailed, d.spec.Name, err)
-			g.mu.Unlock()
-			return g.failed
+	if paced && len(maps) == 0 {
+		if done, err := g.softCheckpoint(seq); done {
+			return err
 		}
+	}
+	if err := g.syncImages(disks); err != nil {
+		return err
 	}
 	for d, s := range maps {
 		if err := saveMap(g.mapPath(d.spec.Name), s); err != nil {
@@ -694,17 +765,55 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 	if err := g.j.SyncTo(ctx, seq); err != nil {
 		return err
 	}
+	g.softMu.Lock()
 	g.mu.Lock()
 	m = g.man
-	m.AppliedSeq = seq
+	m.AppliedSeq, m.SoftSeq = max(m.AppliedSeq, seq), 0
+	err = g.saveManifest(m)
+	if err == nil {
+		g.man = m
+	}
+	g.mu.Unlock()
+	g.softMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	return g.trim(seq)
+}
+
+// softCheckpoint records seq as a soft checkpoint and trims the journal
+// before it, without an fsync, when nothing after AppliedSeq was ever
+// made durable (no FLUSH or FUA since the last hard checkpoint): then
+// nothing trimmed was promised, and a process crash keeps the page cache
+// that holds it. done is false when the checkpoint must be hard.
+//
+// Why: a stream of writes without FLUSH (bench/nbd.sh write1m) otherwise
+// pays an fsync of the images and the journal at every CheckpointBytes,
+// writing each byte to the disk twice where a plain write-back server
+// writes nothing until asked (docs/benchmarks.md).
+func (g *Group) softCheckpoint(seq uint64) (done bool, err error) {
+	g.softMu.Lock()
+	defer g.softMu.Unlock()
+	g.mu.Lock()
+	if g.j.DurableSeq() > g.man.AppliedSeq || g.failed != nil {
+		g.mu.Unlock()
+		return false, nil
+	}
+	m := g.man
+	m.SoftSeq = seq
 	err = g.saveManifest(m)
 	if err == nil {
 		g.man = m
 	}
 	g.mu.Unlock()
 	if err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
+		return true, fmt.Errorf("soft checkpoint: %w", err)
 	}
+	return true, g.trim(seq)
+}
+
+// trim drops the journal before seq+1 that no holder needs.
+func (g *Group) trim(seq uint64) error {
 	keep := seq + 1
 	g.holdMu.Lock()
 	for _, h := range g.holds {

@@ -285,6 +285,9 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 		return 0, g.failed
 	}
 	last := g.j.LastSeq() // every slot indexed now has seq <= last
+	// A fold that a soft checkpoint will follow does not start the
+	// images' write-back: nothing waits for it.
+	startSync := paced && g.j.DurableSeq() > g.man.AppliedSeq
 	disks := make([]*Disk, 0, len(g.disks))
 	for _, d := range g.disks {
 		disks = append(disks, d)
@@ -323,8 +326,10 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 			if err != nil {
 				return 0, err
 			}
-			if paced {
+			if startSync {
 				d.image().StartSync()
+			}
+			if paced {
 				if err := g.paceFold(ctx, int64(len(chunk))*BlockSize); err != nil {
 					return 0, err
 				}

@@ -107,17 +107,26 @@ type segment struct {
 	sealed  atomic.Bool
 }
 
+type pendingFile struct {
+	firstSeq uint64
+	f        *os.File
+}
+
 // Journal is an open journal. Its methods are safe for concurrent use.
 type Journal struct {
 	opts Options
 	log  *slog.Logger
 
-	mu      sync.Mutex
-	segs    []*segment // ascending firstSeq; last is active
-	active  *os.File
-	pending []*os.File // sealed segment files not yet fsynced
-	dirty   bool       // a segment file was created since the directory was synced
-	next    uint64     // next sequence to assign
+	mu     sync.Mutex
+	segs   []*segment // ascending firstSeq; last is active
+	active *os.File
+	// pending: sealed segment files not yet fsynced. Trim closes those of
+	// the segments it drops: a trimmed segment never needs its sync, and
+	// a journal that is never synced (a stream without FLUSH) must not
+	// keep a descriptor per segment it ever wrote.
+	pending []pendingFile
+	dirty   bool   // a segment file was created since the directory was synced
+	next    uint64 // next sequence to assign
 	closed  bool
 	failed  error
 	notify  chan struct{} // closed and replaced on append when waiters is set
@@ -460,7 +469,7 @@ func (j *Journal) startSegment(firstSeq uint64) error {
 	s.size.Store(SegmentHeaderSize)
 	s.lastSeq.Store(firstSeq - 1)
 	if j.active != nil {
-		j.pending = append(j.pending, j.active)
+		j.pending = append(j.pending, pendingFile{j.segs[len(j.segs)-1].firstSeq, j.active})
 		j.segs[len(j.segs)-1].sealed.Store(true)
 	}
 	j.active = f
@@ -723,7 +732,8 @@ func (j *Journal) syncOnce() (uint64, error) {
 		j.mu.Unlock()
 		return 0, err
 	}
-	for _, f := range pending {
+	for _, p := range pending {
+		f := p.f
 		if err := unix.Fdatasync(int(f.Fd())); err != nil {
 			return fail(fmt.Errorf("fsync sealed segment: %w", err))
 		}
@@ -754,6 +764,13 @@ func (j *Journal) Trim(seq uint64) error {
 			delete(j.readFiles, j.segs[0].firstSeq)
 		}
 		j.rfMu.Unlock()
+		j.pending = slices.DeleteFunc(j.pending, func(p pendingFile) bool {
+			if p.firstSeq == j.segs[0].firstSeq {
+				p.f.Close()
+				return true
+			}
+			return false
+		})
 		j.segs = j.segs[1:]
 	}
 	j.mu.Unlock()
@@ -803,8 +820,8 @@ func (j *Journal) Close() error {
 		}
 		return nil
 	}
-	for _, f := range j.pending {
-		f.Close()
+	for _, p := range j.pending {
+		p.f.Close()
 	}
 	// A recycled active segment has stale bytes past its end; cut them so a
 	// clean reopen finds a clean tail.

@@ -613,6 +613,35 @@ func TestRecycledSegments(t *testing.T) {
 	checkEntries(t, j2, int(first), 230)
 }
 
+// TestTrimWithoutSync: a journal that is appended to and trimmed but
+// never synced (a stream without FLUSH, whose checkpoints are soft) keeps
+// no descriptor of the segments it trimmed, and a later Sync still works.
+func TestTrimWithoutSync(t *testing.T) {
+	j, _, err := Open(Options{Dir: t.TempDir(), SegmentSize: 8 << 10, Recycle: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	for round := 0; round < 50; round++ {
+		appendN(t, j, int(j.LastSeq()), 40)
+		if err := j.Trim(j.LastSeq()); err != nil {
+			t.Fatal(err)
+		}
+		j.mu.Lock()
+		n, segs := len(j.pending), len(j.segs)
+		j.mu.Unlock()
+		if n >= segs {
+			t.Fatalf("round %d: %d unsynced files kept for %d segments", round, n, segs)
+		}
+	}
+	if err := j.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := j.DurableSeq(), j.LastSeq(); got != want {
+		t.Fatalf("durable %d after Sync, want %d", got, want)
+	}
+}
+
 // TestRecycledSealedSegments: a recycled file sealed as a segment keeps
 // its previous life's bytes after the new data, cut mid-entry where the
 // sizes differ. The next segment proves where it ended, so reopening finds
