@@ -232,6 +232,8 @@ func (g *Group) FinishFold(ctx context.Context) error {
 func (g *Group) finishFold(ctx context.Context) error {
 	g.ckptMu.Lock()
 	defer g.ckptMu.Unlock()
+	g.manMu.Lock()
+	defer g.manMu.Unlock()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.failed != nil {
