@@ -29,7 +29,7 @@ func serveCmd(e *env) *cobra.Command {
 	str(fs, &o.create, "create", "", "create missing disks first: name=size[,name=size...]")
 	fs.DurationVar(&o.ckpt, "checkpoint-interval", 30*time.Second, "how often images are made durable and the journal trimmed (0: only by --checkpoint-bytes)")
 	str(fs, &o.segSize, "segment-size", "64M", "journal segment size")
-	str(fs, &o.ckptBytes, "checkpoint-bytes", "256M", "also checkpoint when the journal has grown this much")
+	str(fs, &o.ckptBytes, "checkpoint-bytes", "64M", "also checkpoint when the journal has grown this much")
 	str(fs, &o.maxUnfolded, "max-unfolded", "4G", maxUnfoldedHelp)
 	str(fs, &o.cpuProfile, "cpuprofile", "", "write a CPU profile to this file while serving (for tuning)")
 	return c

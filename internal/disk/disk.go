@@ -58,7 +58,7 @@ type Config struct {
 	// 0: only when CheckpointBytes were journaled.
 	CheckpointInterval time.Duration
 	// CheckpointBytes: the background loop also checkpoints as soon as this
-	// many bytes were journaled since the last checkpoint (default 256 MiB).
+	// many bytes were journaled since the last checkpoint (default 64 MiB).
 	// Small is fast: trimmed segments are recycled while their pages are
 	// still cached, so the journal's page-cache footprint stays near this
 	// size (docs/benchmarks.md has the measurements); it also bounds the
@@ -194,7 +194,7 @@ func Open(cfg Config) (*Group, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.CheckpointBytes <= 0 {
-		cfg.CheckpointBytes = 256 << 20
+		cfg.CheckpointBytes = 64 << 20
 	}
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
 		return nil, fmt.Errorf("create group dir: %w", err)
