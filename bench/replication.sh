@@ -66,6 +66,11 @@ churn=$(echo "($b2 - $b0) / ($t2 - $t0) / 1000000" | bc -l)
 printf '   fio wrote %.1f MB/s; recovery site received %.1f MB/s during the run, %.1f MB/s including a %.2fs drain\n' \
 	"$fio_mbps" "$(echo "($b1 - $b0) / ($t1 - $t0) / 1000000" | bc -l)" "$churn" "$(echo "$t2 - $t1" | bc -l)" >&2
 
+# Phase 1 leaves gigabytes of dirty pages when the source journals them
+# without fsync (soft checkpoints, docs/architecture.md); both sites share
+# this machine's disk, and their write-back would otherwise land on the
+# recovery site's commits in phase 2. Two machines do not share a disk.
+sync
 echo "== phase 2: fio --rate=50m, RPO sampled every 100 ms, ${SECS}s" >&2
 fio --name=rate --ioengine=nbd --uri="$URI" --rw=randwrite --bs=64k --iodepth=4 --size=2G --rate=50m \
 	--time_based --runtime="$SECS" --output-format=json --output="$DIR/rate.json" >/dev/null &
