@@ -133,6 +133,11 @@ type Group struct {
 	// past AppliedSeq and goes hard) or it sees the soft state and hardens
 	// it.
 	manMu sync.Mutex
+	// promised is the highest sequence a Flush made durable: what a FLUSH
+	// or FUA may have acknowledged. A checkpoint's own journal sync is not
+	// a promise (it covers entries appended after its fold, and counting
+	// it would keep every later checkpoint hard under steady writes).
+	promised atomic.Uint64
 	// urgent counts unpaced checkpoints waiting: a paced fold then stops
 	// pacing, so an explicit Checkpoint never waits on the rate.
 	urgent atomic.Int32
@@ -567,8 +572,11 @@ func (g *Group) Mark(p []byte) (uint64, error) {
 
 // Flush makes every entry appended so far durable.
 func (g *Group) Flush(ctx context.Context) error {
+	last := g.j.LastSeq()
 	if err := g.j.Sync(ctx); err != nil {
 		return fmt.Errorf("flush journal: %w", err)
+	}
+	for p := g.promised.Load(); p < last && !g.promised.CompareAndSwap(p, last); p = g.promised.Load() {
 	}
 	return g.harden()
 }
@@ -795,8 +803,8 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 }
 
 // softCheckpoint records seq as a soft checkpoint and trims the journal
-// before it, without an fsync, when nothing after AppliedSeq was ever
-// made durable (no FLUSH or FUA since the last hard checkpoint): then
+// before it, without an fsync, when no Flush made anything after
+// AppliedSeq durable (no FLUSH or FUA since the last hard checkpoint): then
 // nothing trimmed was promised, and a process crash keeps the page cache
 // that holds it. done is false when the checkpoint must be hard.
 //
@@ -808,7 +816,7 @@ func (g *Group) softCheckpoint(seq uint64) (done bool, err error) {
 	g.manMu.Lock()
 	defer g.manMu.Unlock()
 	g.mu.Lock()
-	hard := g.j.DurableSeq() > g.man.AppliedSeq || g.failed != nil
+	hard := g.promised.Load() > g.man.AppliedSeq || g.failed != nil
 	g.mu.Unlock()
 	if hard {
 		return false, nil

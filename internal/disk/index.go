@@ -287,7 +287,7 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 	last := g.j.LastSeq() // every slot indexed now has seq <= last
 	// A fold that a soft checkpoint will follow does not start the
 	// images' write-back: nothing waits for it.
-	startSync := paced && g.j.DurableSeq() > g.man.AppliedSeq
+	startSync := paced && g.promised.Load() > g.man.AppliedSeq
 	disks := make([]*Disk, 0, len(g.disks))
 	for _, d := range g.disks {
 		disks = append(disks, d)
