@@ -100,6 +100,22 @@ func powerLoss(tb testing.TB, g *Group, imgs map[string]*syncedImage) {
 	}
 }
 
+// openSmallGroup opens a group with small segments (so checkpoints trim)
+// and an unpaced fold, holding one disk "a" of size bytes.
+func openSmallGroup(tb testing.TB, size int64) (Config, *Group, *Disk) {
+	tb.Helper()
+	cfg := Config{Dir: tb.TempDir(), SegmentSize: 64 << 10, FoldRate: -1}
+	g, err := Open(cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	d, err := g.CreateDisk("a", size)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cfg, g, d
+}
+
 // softModel tracks, per block, what a power loss may leave: the value at
 // the last acknowledged FLUSH, or any value written after it.
 type softModel struct {
@@ -138,16 +154,7 @@ func TestSoftCheckpointPowerLoss(t *testing.T) {
 	for seed := uint64(1); seed <= 40; seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			ctx := context.Background()
-			dir := t.TempDir()
-			cfg := Config{Dir: dir, SegmentSize: 64 << 10, FoldRate: -1}
-			g, err := Open(cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			d, err := g.CreateDisk("a", blocks*BlockSize)
-			if err != nil {
-				t.Fatal(err)
-			}
+			cfg, g, d := openSmallGroup(t, blocks*BlockSize)
 			imgs := watchSyncs(t, g)
 			rng := rand.New(rand.NewPCG(seed, 7))
 			m := newSoftModel(blocks)
@@ -215,13 +222,7 @@ func TestSoftCheckpointPowerLoss(t *testing.T) {
 // way). After a FLUSH, the next background checkpoint is hard.
 func TestSoftCheckpoint(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	cfg := Config{Dir: dir, SegmentSize: 64 << 10, FoldRate: -1}
-	g, err := Open(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, _ := g.CreateDisk("a", 1<<20)
+	cfg, g, d := openSmallGroup(t, 1<<20)
 	if err := g.Checkpoint(ctx); err != nil {
 		t.Fatal(err)
 	}
