@@ -60,8 +60,9 @@ type Config struct {
 	// CheckpointBytes: the background loop also checkpoints as soon as this
 	// many bytes were journaled since the last checkpoint (default 64 MiB).
 	// Small is fast: trimmed segments are recycled while their pages are
-	// still cached, so the journal's page-cache footprint stays near this
-	// size (docs/benchmarks.md has the measurements); it also bounds the
+	// still cached (and, after a soft checkpoint, still dirty), so the
+	// journal's page-cache footprint stays near twice this size
+	// (docs/benchmarks.md has the measurements); it also bounds the
 	// replay after a crash.
 	CheckpointBytes int64
 	// OpenBase opens the base of a layered group (one a commit created);
