@@ -273,7 +273,7 @@ func TestSoftCheckpoint(t *testing.T) {
 	if err := g.j.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-		// Soft again, then a process crash: the page cache keeps what the
+	// Soft again, then a process crash: the page cache keeps what the
 	// trimmed journal held, and the reopen leaves no soft state behind.
 	for i := range 8 {
 		d.WriteAt(ctx, bytes.Repeat([]byte{byte(9 + i)}, 64<<10), int64(i)*65536)
