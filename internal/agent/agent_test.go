@@ -78,14 +78,30 @@ func replicateVM1(t *testing.T, a, b *Agent, ca, cb *agentclient.Client) *nbd.Cl
 	return nc
 }
 
-func TestTwoAgents(t *testing.T) {
+// twoSites is two agents, siteA and siteB, under one PKI, with an
+// operator's clients of each.
+type twoSites struct {
+	a, b   *Agent
+	op     *pki.Identity
+	ca, cb *agentclient.Client
+}
+
+func startTwoSites(t *testing.T) twoSites {
+	t.Helper()
 	pk := pkiDir(t, "siteA", "siteB", "operator")
-	a := startAgent(t, pk, "siteA")
-	b := startAgent(t, pk, "siteB")
-	op, _ := pki.Load(pk, "operator")
+	s := twoSites{a: startAgent(t, pk, "siteA"), b: startAgent(t, pk, "siteB")}
+	op, err := pki.Load(pk, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.op, s.ca, s.cb = op, agentclient.New(op, s.a.Addr(), "siteA"), agentclient.New(op, s.b.Addr(), "siteB")
+	return s
+}
+
+func TestTwoAgents(t *testing.T) {
+	s := startTwoSites(t)
+	a, b, op, ca, cb := s.a, s.b, s.op, s.ca, s.cb
 	ctx := context.Background()
-	ca := agentclient.New(op, a.Addr(), "siteA")
-	cb := agentclient.New(op, b.Addr(), "siteB")
 
 	if err := ca.CreateGroup(ctx, "vm1", []disk.Spec{{Name: "vda", Size: 8 << 20}}); err != nil {
 		t.Fatal(err)

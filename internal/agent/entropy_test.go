@@ -7,10 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dr/ferry/internal/agentclient"
 	"github.com/ferry-dr/ferry/internal/api"
 	"github.com/ferry-dr/ferry/internal/disk"
-	"github.com/ferry-dr/ferry/internal/pki"
 )
 
 // TestIncidentHoldsLastClean: text written through a replicated group,
@@ -19,13 +17,9 @@ import (
 // retention does not fold past that point while the incident is open,
 // and does once it is dismissed.
 func TestIncidentHoldsLastClean(t *testing.T) {
-	pk := pkiDir(t, "siteA", "siteB", "operator")
-	a := startAgent(t, pk, "siteA")
-	b := startAgent(t, pk, "siteB")
-	op, _ := pki.Load(pk, "operator")
+	s := startTwoSites(t)
+	a, b, ca, cb := s.a, s.b, s.ca, s.cb
 	ctx := context.Background()
-	ca := agentclient.New(op, a.Addr(), "siteA")
-	cb := agentclient.New(op, b.Addr(), "siteB")
 	if err := ca.CreateGroup(ctx, "vm1", []disk.Spec{{Name: "vda", Size: 16 << 20}}); err != nil {
 		t.Fatal(err)
 	}
