@@ -139,6 +139,12 @@ type Group struct {
 	// a promise (it covers entries appended after its fold, and counting
 	// it would keep every later checkpoint hard under steady writes).
 	promised atomic.Uint64
+	// soft is set (under manMu) before a soft checkpoint reads promised,
+	// and cleared once no soft state is left, so a Flush that finds it
+	// clear skips manMu: a Flush stores promised and then loads soft, a
+	// soft checkpoint stores soft and then loads promised, and of two
+	// such pairs one always sees the other's store.
+	soft atomic.Bool
 	// urgent counts unpaced checkpoints waiting: a paced fold then stops
 	// pacing, so an explicit Checkpoint never waits on the rate.
 	urgent atomic.Int32
@@ -579,6 +585,9 @@ func (g *Group) Flush(ctx context.Context) error {
 	}
 	for p := g.promised.Load(); p < last && !g.promised.CompareAndSwap(p, last); p = g.promised.Load() {
 	}
+	if !g.soft.Load() {
+		return nil // the common case waits for no manifest write
+	}
 	return g.harden()
 }
 
@@ -594,6 +603,7 @@ func (g *Group) harden() error {
 	soft := g.man.SoftSeq
 	if soft <= g.man.AppliedSeq {
 		g.mu.Unlock()
+		g.soft.Store(false) // a soft checkpoint that went hard
 		return nil
 	}
 	disks := g.diskList()
@@ -606,6 +616,7 @@ func (g *Group) harden() error {
 	}); err != nil {
 		return fmt.Errorf("flush: %w", err)
 	}
+	g.soft.Store(false)
 	return nil
 }
 
@@ -796,6 +807,9 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 	}
 	g.manMu.Lock()
 	err = g.updateManifest(func(m *manifest) { m.AppliedSeq, m.SoftSeq = max(m.AppliedSeq, seq), 0 })
+	if err == nil {
+		g.soft.Store(false)
+	}
 	g.manMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
@@ -816,6 +830,7 @@ func (g *Group) checkpoint(ctx context.Context, paced bool) error {
 func (g *Group) softCheckpoint(seq uint64) (done bool, err error) {
 	g.manMu.Lock()
 	defer g.manMu.Unlock()
+	g.soft.Store(true) // before promised is read (see the field)
 	g.mu.Lock()
 	hard := g.promised.Load() > g.man.AppliedSeq || g.failed != nil
 	g.mu.Unlock()
