@@ -535,127 +535,106 @@ func (w *replier) fail(err error) {
 	w.nc.Close() // unblocks the request loop
 }
 
-// requestReady reports whether a whole next request (header and any WRITE
-// payload) is already buffered, so that reading it will not block.
-func requestReady(br *bufio.Reader) bool {
-	if br.Buffered() < requestHeaderSize {
-		return false
-	}
-	h, _ := br.Peek(requestHeaderSize)
-	if binary.BigEndian.Uint16(h[6:]) != CmdWrite {
-		return true
-	}
-	return br.Buffered() >= requestHeaderSize+int(binary.BigEndian.Uint32(h[24:]))
-}
-
-// transmit runs the transmission phase. The calling goroutine reads and
-// executes requests in order; FLUSH and FUA waits go to the connection's
-// flusher so that requests behind them go on.
+// transmit runs the transmission phase. A reader goroutine reads requests
+// ahead (see reader); the calling goroutine executes them in order of
+// arrival; FLUSH and FUA waits go to the connection's flusher so that
+// requests behind them go on.
 func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer) error {
 	e := c.export
 	dev := e.Device
-	size := uint64(e.Size)
 	w := &replier{nc: c.nc, bw: bw}
 	fl := newFlusher(dev, w, MaxDurableInFlight)
 	go fl.run(ctx)
+	quit := make(chan struct{})
+	rd := &reader{br: br, size: uint64(e.Size), readOnly: e.ReadOnly, pool: newPayloadPool(bigBytes),
+		free: make(chan *chunk, chunks), out: make(chan *chunk, chunks), start: make(chan struct{}, 1), quit: quit}
+	for range chunks {
+		rd.free <- &chunk{}
+	}
+	go rd.run()
+	in := inbox{rd: rd}
 	defer func() {
+		// The reader stops at its next hand-over; one blocked in a socket
+		// read ends when serve closes the connection.
+		close(quit)
+		rd.pool.close()
 		fl.close() // answers every FLUSH and FUA received, then stops
 		w.flush()
 	}()
 	durable := fl.add
-	// Writes of one burst are collected and applied together when the
-	// device can batch; any other request first applies the batch, so the
-	// order of execution is the order of arrival.
+	// Writes that arrived together are applied together when the device
+	// can batch; any other request first applies the batch, so the order
+	// of execution is the order of arrival.
 	bwr, canBatch := dev.(BatchWriter)
 	var (
-		bHandles []uint64
-		bPs      [][]byte
-		bOffs    []int64
-		bBytes   int
-		slots    [][]byte // payload buffers of the batch, reused
+		batch  []request
+		bPs    [][]byte
+		bOffs  []int64
+		bBytes int
 	)
 	runBatch := func(flush bool) {
-		if len(bHandles) == 0 {
+		if len(batch) == 0 {
 			return
 		}
-		errno := errnoOf(bwr.WriteAtBatch(ctx, bPs, bOffs))
-		for i, h := range bHandles {
-			w.send(h, errno, nil, flush && i == len(bHandles)-1)
+		bPs, bOffs = bPs[:0], bOffs[:0]
+		for _, r := range batch {
+			bPs = append(bPs, r.payload)
+			bOffs = append(bOffs, int64(r.Offset))
 		}
-		bHandles, bPs, bOffs, bBytes = bHandles[:0], bPs[:0], bOffs[:0], 0
+		errno := errnoOf(bwr.WriteAtBatch(ctx, bPs, bOffs))
+		for i, r := range batch {
+			w.send(r.Handle, errno, nil, flush && i == len(batch)-1)
+			in.done(r)
+		}
+		clear(bPs)
+		batch, bBytes = batch[:0], 0
+		in.release()
 	}
 	defer runBatch(true) // requests received before a disconnect still complete
-	var hdr [requestHeaderSize]byte
-	var buf []byte // WRITE payloads and READ data; replies are written before reuse
+	var buf []byte       // READ data; replies are written before reuse
 	for {
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			if err == io.ErrUnexpectedEOF {
-				return fmt.Errorf("%w: truncated request header", ErrProtocol)
+		r, end, err := in.next()
+		if end {
+			runBatch(false)
+			if r.Type == CmdWrite && r.Length > MaxRequest {
+				w.send(r.Handle, EINVAL, nil, true)
 			}
 			return err
 		}
-		r, err := ParseRequest(hdr[:])
-		if err != nil {
-			return err
-		}
-		if r.Type == CmdDisc {
-			return nil
-		}
-		errno := checkRequest(r, size, e.ReadOnly)
-		if r.Type == CmdWrite && r.Length > MaxRequest {
-			// The payload is too large to read or to trust; reply and
-			// hang up.
-			runBatch(false)
-			w.send(r.Handle, EINVAL, nil, true)
-			return fmt.Errorf("%w: write of %d bytes", ErrProtocol, r.Length)
-		}
-		batchable := canBatch && r.Type == CmdWrite && errno == 0 && r.Flags&CmdFlagFUA == 0
-		if !batchable {
-			runBatch(false)
-		}
-		var payload []byte
-		switch {
-		case batchable:
-			k := len(bHandles)
-			if k == len(slots) {
-				slots = append(slots, nil)
-			}
-			if cap(slots[k]) < int(r.Length) {
-				slots[k] = make([]byte, r.Length)
-			}
-			payload = slots[k][:r.Length]
-		case r.Type == CmdWrite || r.Type == CmdRead && errno == 0:
-			if cap(buf) < int(r.Length) {
-				buf = make([]byte, r.Length)
-			}
-			payload = buf[:r.Length]
-		}
-		if r.Type == CmdWrite {
-			if _, err := io.ReadFull(br, payload); err != nil {
-				return fmt.Errorf("%w: truncated write payload: %v", ErrProtocol, err)
-			}
-		}
-		more := requestReady(br)
+		batchable := canBatch && r.Type == CmdWrite && r.errno == 0 && r.Flags&CmdFlagFUA == 0
 		if batchable {
-			bHandles = append(bHandles, r.Handle)
-			bPs = append(bPs, payload)
-			bOffs = append(bOffs, int64(r.Offset))
-			bBytes += len(payload)
-			if more && nextIsWrite(br) && len(bHandles) < maxBatchWrites && bBytes < maxBatchBytes {
-				continue
+			batch = append(batch, r)
+			bBytes += len(r.payload)
+			// Take the writes already read, up to the batch limits.
+			for len(batch) < maxBatchWrites && bBytes < maxBatchBytes {
+				n, ok := in.peek()
+				if !ok || n.Type != CmdWrite || n.errno != 0 || n.Flags&CmdFlagFUA != 0 {
+					break
+				}
+				in.i++
+				batch = append(batch, n)
+				bBytes += len(n.payload)
 			}
-			runBatch(!more)
+			runBatch(!in.more())
 			continue
 		}
-		if errno != 0 {
-			w.send(r.Handle, errno, nil, !more)
+		runBatch(false)
+		more := in.more()
+		if r.errno != 0 {
+			in.done(r)
+			in.release()
+			w.send(r.Handle, r.errno, nil, !more)
 			continue
 		}
 		off, n := int64(r.Offset), int64(r.Length)
 		var opErr error
 		switch r.Type {
 		case CmdRead:
-			b := payload
+			if cap(buf) < int(r.Length) {
+				buf = make([]byte, r.Length)
+			}
+			b := buf[:r.Length]
+			in.release()
 			if err := dev.ReadAt(ctx, b, off); err != nil {
 				w.send(r.Handle, errnoOf(err), nil, !more)
 				continue
@@ -663,7 +642,7 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 			w.send(r.Handle, 0, b, !more)
 			continue
 		case CmdWrite:
-			opErr = dev.WriteAt(ctx, payload, off)
+			opErr = dev.WriteAt(ctx, r.payload, off)
 		case CmdWriteZeroes:
 			opErr = dev.WriteZeroes(ctx, off, n)
 		case CmdTrim:
@@ -671,9 +650,12 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 		case CmdCache:
 			// Advisory; nothing to do.
 		case CmdFlush:
+			in.release()
 			durable(r.Handle)
 			continue
 		}
+		in.done(r)
+		in.release()
 		if opErr == nil && r.Flags&CmdFlagFUA != 0 {
 			durable(r.Handle)
 			continue
@@ -682,11 +664,135 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 	}
 }
 
-// nextIsWrite reports whether the buffered next request is a WRITE (call
-// only after requestReady).
-func nextIsWrite(br *bufio.Reader) bool {
-	h, _ := br.Peek(requestHeaderSize)
-	return binary.BigEndian.Uint16(h[6:]) == CmdWrite
+// inbox is the request loop's side of the reader: the requests in order,
+// read by the loop itself or by the reader goroutine, and the chunks they
+// came in given back once their requests ran.
+type inbox struct {
+	rd    *reader
+	piped bool // the reader goroutine owns the socket
+	cur   *chunk
+	i     int      // next request in cur
+	used  []*chunk // chunks read past whose requests may still be running
+}
+
+// fetch makes cur hold an unread request if one has been read, or can be
+// without waiting; if block, it waits for one. It reports false if there
+// is none (never when block).
+func (in *inbox) fetch(block bool) bool {
+	for in.cur == nil || in.i == len(in.cur.reqs) {
+		if in.cur != nil {
+			if in.cur.end {
+				return true // its end is the next thing to report
+			}
+			if in.cur.handback {
+				in.piped = false
+			}
+			in.used = append(in.used, in.cur)
+			in.cur = nil
+		}
+		if in.piped {
+			if block {
+				in.cur = <-in.rd.out
+			} else {
+				select {
+				case in.cur = <-in.rd.out:
+				default:
+					return false
+				}
+			}
+			in.i = 0
+			continue
+		}
+		// The loop reads the socket itself. A chunk is free: when block,
+		// every earlier chunk has been released; otherwise try.
+		var c *chunk
+		select {
+		case c = <-in.rd.free:
+		default:
+			if !block {
+				return false
+			}
+			c = <-in.rd.free
+		}
+		c.reset()
+		if !in.rd.fill(c, block) {
+			in.rd.free <- c
+			return false
+		}
+		if len(c.reqs) == 0 && !c.end {
+			in.rd.free <- c
+			return false
+		}
+		if c.large && !c.end {
+			// Large writes: the reader goroutine reads what follows
+			// while this chunk runs.
+			in.piped = true
+			in.rd.start <- struct{}{}
+		}
+		in.cur, in.i = c, 0
+	}
+	return true
+}
+
+// stops reports whether the connection ends at cur's request i: past the
+// last chunk's requests, or at the request that stopped the reader.
+func (in *inbox) stops(i int) bool {
+	return in.cur.end && (i == len(in.cur.reqs) || in.cur.stopper && i == len(in.cur.reqs)-1)
+}
+
+// next returns the next request, waiting for it. end reports that the
+// connection ends here, with err the reason (nil after a DISC); r is then
+// the request that ended it, if any (a DISC or an oversized WRITE).
+func (in *inbox) next() (r request, end bool, err error) {
+	in.fetch(true)
+	if in.stops(in.i) {
+		if in.i < len(in.cur.reqs) {
+			r = in.cur.reqs[in.i]
+		}
+		in.i = len(in.cur.reqs)
+		return r, true, in.cur.err
+	}
+	r = in.cur.reqs[in.i]
+	in.i++
+	return r, false, nil
+}
+
+// peek returns the next request if it has been read already and does not
+// end the connection; the caller takes it with in.i++.
+func (in *inbox) peek() (request, bool) {
+	if !in.fetch(false) || in.stops(in.i) {
+		return request{}, false
+	}
+	return in.cur.reqs[in.i], true
+}
+
+// more reports whether a request has been read, or can be without
+// waiting.
+func (in *inbox) more() bool {
+	if in.cur != nil && in.i < len(in.cur.reqs) {
+		return true
+	}
+	if in.piped {
+		return len(in.rd.out) > 0
+	}
+	ready, _ := requestReady(in.rd.br)
+	return ready
+}
+
+// done gives back r's own payload buffer, if it had one.
+func (in *inbox) done(r request) {
+	if r.big {
+		in.rd.pool.put(r.payload)
+	}
+}
+
+// release gives back the chunks read past: their requests have all run.
+func (in *inbox) release() {
+	for i, c := range in.used {
+		in.rd.free <- c
+		in.used[i] = nil
+	}
+	in.used = in.used[:0]
 }
 
 func errnoOf(err error) uint32 {
