@@ -273,6 +273,7 @@ func agentRunCmd(e *env) *cobra.Command {
 			if dir == "" || name == "" || pkiDir == "" {
 				return usagef("--dir, --name and --pki are required (flags or the config file)")
 			}
+			dataPathProcs()
 			mu, err := parseUnfolded(maxUnfolded)
 			if err != nil {
 				return err

@@ -57,6 +57,7 @@ type serveOpts struct {
 }
 
 func runServe(ctx context.Context, e *env, o *serveOpts) error {
+	dataPathProcs()
 	dir, socket, listen, create, ckpt, segSize, ckptBytes, cpuProfile := &o.dir, &o.socket, &o.listen, &o.create, &o.ckpt, &o.segSize, &o.ckptBytes, &o.cpuProfile
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
