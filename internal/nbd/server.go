@@ -535,9 +535,10 @@ func (w *replier) fail(err error) {
 	w.nc.Close() // unblocks the request loop
 }
 
-// transmit runs the transmission phase. A reader goroutine reads requests
-// ahead (see reader); the calling goroutine executes them in order of
-// arrival; FLUSH and FUA waits go to the connection's flusher so that
+// transmit runs the transmission phase. The calling goroutine executes
+// requests in order of arrival, reading them itself while they are small
+// and taking them from a read-ahead goroutine while large writes come (see
+// reader.go); FLUSH and FUA waits go to the connection's flusher so that
 // requests behind them go on.
 func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer) error {
 	e := c.export
