@@ -512,6 +512,15 @@ func FuzzServerOptions(f *testing.F) {
 	b.Write([]byte{1, 2, 3})
 	b.Write(AppendRequest(nil, Request{Type: CmdRead, Length: 3}))
 	f.Add(b.Bytes())
+	// A large WRITE hands the socket to the read-ahead goroutine; small
+	// requests after it hand it back; the last payload is cut short.
+	b.Write(AppendRequest(nil, Request{Type: CmdWrite, Length: pipeMin}))
+	b.Write(make([]byte, pipeMin))
+	b.Write(AppendRequest(nil, Request{Type: CmdFlush}))
+	b.Write(AppendRequest(nil, Request{Type: CmdRead, Length: 3}))
+	b.Write(AppendRequest(nil, Request{Type: CmdWrite, Length: pipeMin}))
+	b.Write(make([]byte, 100))
+	f.Add(b.Bytes())
 	f.Add(hello)
 	s := New(Config{HandshakeTimeout: time.Second})
 	s.AddExport(Export{Name: "d", Size: 1 << 16, Device: newMem(1 << 16)})
