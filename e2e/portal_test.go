@@ -785,20 +785,57 @@ func portalOperations(t *testing.T, e *drEnv, bctx context.Context) {
 // given that time must choose: the newest at or before the end of it.
 func pointAtTypedTime(t *testing.T, c *vaultclient.Client, age time.Duration) (string, uint64) {
 	t.Helper()
-	pts, err := c.Points(context.Background(), "web")
-	if err != nil || len(pts) < 2 {
-		t.Fatalf("points: %d, %v", len(pts), err)
+	points := func() []api.Point {
+		pts, err := c.Points(context.Background(), "web")
+		if err != nil || len(pts) < 2 {
+			t.Fatalf("points: %d, %v", len(pts), err)
+		}
+		slices.SortFunc(pts, func(a, b api.Point) int { return cmp.Compare(a.Seq, b.Seq) })
+		return pts
 	}
-	slices.SortFunc(pts, func(a, b api.Point) int { return cmp.Compare(a.Seq, b.Seq) })
-	at := pts[len(pts)-1].Time.Add(-age).UTC().Truncate(time.Second)
-	var want uint64
-	for _, p := range pts {
-		if !p.Time.After(at.Add(999 * time.Millisecond)) {
-			want = p.Seq
+	pick := func(pts []api.Point, at time.Time) uint64 {
+		var want uint64
+		for _, p := range pts {
+			if !p.Time.After(at.Add(999 * time.Millisecond)) {
+				want = p.Seq
+			}
+		}
+		return want
+	}
+	// Points can become listed after newer ones: those inside a
+	// resynchronization appear when it ends (a site restarted just
+	// before). So the answer must hold on two lists taken while ten new
+	// points came (a second here), or the portal, which lists them later,
+	// could rightly pick another.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		pts := points()
+		at := pts[len(pts)-1].Time.Add(-age).UTC().Truncate(time.Second)
+		want := pick(pts, at)
+		if want == 0 {
+			t.Fatalf("no point at or before %v", at)
+		}
+		newest := pts[len(pts)-1].Seq
+		var later []api.Point
+		for later = points(); countAfter(later, newest) < 10 && time.Now().Before(deadline); later = points() {
+			time.Sleep(100 * time.Millisecond) // a poll: a point comes every 100 ms
+		}
+		if pick(later, at) == want {
+			return at.Format("2006-01-02 15:04:05"), want
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the points at or before %v kept changing for 30 s", at)
 		}
 	}
-	if want == 0 {
-		t.Fatalf("no point at or before %v", at)
+}
+
+// countAfter counts the points after seq.
+func countAfter(pts []api.Point, seq uint64) int {
+	n := 0
+	for _, p := range pts {
+		if p.Seq > seq {
+			n++
+		}
 	}
-	return at.Format("2006-01-02 15:04:05"), want
+	return n
 }
