@@ -612,7 +612,7 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 				if !ok || n.Type != CmdWrite || n.errno != 0 || n.Flags&CmdFlagFUA != 0 {
 					break
 				}
-				in.i++
+				in.take()
 				batch = append(batch, n)
 				bBytes += len(n.payload)
 			}
@@ -759,13 +759,16 @@ func (in *inbox) next() (r request, end bool, err error) {
 }
 
 // peek returns the next request if it has been read already and does not
-// end the connection; the caller takes it with in.i++.
+// end the connection; take then takes it.
 func (in *inbox) peek() (request, bool) {
 	if !in.fetch(false) || in.stops(in.i) {
 		return request{}, false
 	}
 	return in.cur.reqs[in.i], true
 }
+
+// take takes the request that peek returned.
+func (in *inbox) take() { in.i++ }
 
 // more reports whether a request has been read, or can be without
 // waiting.
