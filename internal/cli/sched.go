@@ -19,7 +19,7 @@ import (
 // thread wake-ups: a third of the process's CPU samples were in the
 // scheduler. Spare Ps let the calling thread keep its P. Measured with
 // 1 MiB sequential writes on 2 CPUs: 1,810-2,020 writes/s at 2 Ps,
-// 2,380-2,630 at 3, 2,500-2,850 at 4, 2,550-2,690 at 8 (same session);
+// 2,380-2,740 at 3, 2,290-2,850 at 4, 2,630-2,670 at 8 (same session);
 // 4 KiB random writes, with and without FLUSH, unchanged.
 func dataPathProcs() {
 	if os.Getenv("GOMAXPROCS") != "" {

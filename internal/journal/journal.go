@@ -54,7 +54,7 @@ type Options struct {
 	// soft checkpoint a trimmed file's pages are still dirty, and a deleted
 	// file's dirty pages are dropped, where a kept one's count towards the
 	// kernel's write-back threshold (32 kept files once pushed a 2 GiB
-	// disk's writes past it: 1.0-1.6 GB/s of write-back for data already
+	// disk's writes past it: 1.0-1.7 GB/s of write-back for data already
 	// trimmed, and half the write rate).
 	Recycle int
 	// ReadOnly opens an existing journal only to read it: nothing is
