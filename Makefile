@@ -67,6 +67,7 @@ fuzz:
 	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzParseInfoRequest$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/nbd -run '^$$' -fuzz '^FuzzServerOptions$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/journal -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/checksum -run '^$$' -fuzz '^FuzzUpdate$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/link -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/link -run '^$$' -fuzz '^FuzzRead$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/vault -run '^$$' -fuzz '^FuzzRequestBodies$$' -fuzztime $(FUZZTIME)

@@ -5,12 +5,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"math/bits"
 	"os"
 	"sync"
 
 	"github.com/ferry-dr/ferry/internal/atomicfile"
+	"github.com/ferry-dr/ferry/internal/checksum"
 	"golang.org/x/sys/unix"
 )
 
@@ -137,7 +137,7 @@ func (s *BlockSet) marshal() []byte {
 		b = binary.AppendUvarint(b, uint64(j-i+1))
 		i = s.next(j + 1)
 	}
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli)))
+	return binary.LittleEndian.AppendUint32(b, checksum.Checksum(b))
 }
 
 func unmarshalBlockSet(b []byte) (BlockSet, error) {
@@ -145,7 +145,7 @@ func unmarshalBlockSet(b []byte) (BlockSet, error) {
 		return BlockSet{}, fmt.Errorf("%w: bad magic", ErrBadMap)
 	}
 	body, sum := b[:len(b)-4], binary.LittleEndian.Uint32(b[len(b)-4:])
-	if crc32.Checksum(body, crc32.MakeTable(crc32.Castagnoli)) != sum {
+	if checksum.Checksum(body) != sum {
 		return BlockSet{}, fmt.Errorf("%w: checksum mismatch", ErrBadMap)
 	}
 	p := body[len(mapMagic):]

@@ -4,7 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
+
+	"github.com/ferry-dr/ferry/internal/checksum"
 )
 
 // The on-disk format is specified normatively in docs/journal-format.md.
@@ -108,8 +109,6 @@ var (
 	ErrReadOnly = errors.New("journal: opened read-only")
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // encodeHeader fills h (EntryHeaderSize bytes) for e and returns the CRC
 // over the header (after the CRC field) and the payload.
 func encodeHeader(h []byte, e *Entry) {
@@ -121,8 +120,8 @@ func encodeHeader(h []byte, e *Entry) {
 	binary.LittleEndian.PutUint64(h[24:], e.Offset)
 	binary.LittleEndian.PutUint32(h[32:], e.Length)
 	binary.LittleEndian.PutUint32(h[36:], uint32(len(e.Data)))
-	c := crc32.Update(0, castagnoli, h[4:EntryHeaderSize])
-	c = crc32.Update(c, castagnoli, e.Data)
+	c := checksum.Update(0, h[4:EntryHeaderSize])
+	c = checksum.Update(c, e.Data)
 	binary.LittleEndian.PutUint32(h[0:], c)
 }
 
@@ -178,8 +177,8 @@ func decodeHeader(h []byte) (header, error) {
 
 // verify checks the CRC of a decoded header against its raw bytes and payload.
 func (d *header) verify(h, payload []byte) error {
-	c := crc32.Update(0, castagnoli, h[4:EntryHeaderSize])
-	c = crc32.Update(c, castagnoli, payload)
+	c := checksum.Update(0, h[4:EntryHeaderSize])
+	c = checksum.Update(c, payload)
 	if c != d.crc {
 		return fmt.Errorf("%w: entry seq %d checksum mismatch", ErrCorrupt, d.e.Seq)
 	}
@@ -224,7 +223,7 @@ func encodeSegmentHeader(firstSeq uint64, created int64) []byte {
 	binary.LittleEndian.PutUint32(h[12:], SegmentHeaderSize)
 	binary.LittleEndian.PutUint64(h[16:], firstSeq)
 	binary.LittleEndian.PutUint64(h[24:], uint64(created))
-	binary.LittleEndian.PutUint32(h[36:], crc32.Checksum(h[:36], castagnoli))
+	binary.LittleEndian.PutUint32(h[36:], checksum.Checksum(h[:36]))
 	return h
 }
 
@@ -238,7 +237,7 @@ func decodeSegmentHeader(h []byte) (firstSeq uint64, err error) {
 	if v := binary.LittleEndian.Uint32(h[8:]); v != segmentVersion {
 		return 0, fmt.Errorf("%w: unsupported segment version %d", ErrCorrupt, v)
 	}
-	if crc32.Checksum(h[:36], castagnoli) != binary.LittleEndian.Uint32(h[36:]) {
+	if checksum.Checksum(h[:36]) != binary.LittleEndian.Uint32(h[36:]) {
 		return 0, fmt.Errorf("%w: segment header checksum mismatch", ErrCorrupt)
 	}
 	return binary.LittleEndian.Uint64(h[16:]), nil

@@ -1,0 +1,7 @@
+//go:build !amd64
+
+package checksum
+
+const haveFold = false
+
+func fold(init uint32, p []byte, out *[64]byte) { panic("checksum: no vector fold on this CPU") }
