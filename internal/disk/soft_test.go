@@ -303,3 +303,47 @@ func TestSoftCheckpoint(t *testing.T) {
 		t.Fatal("the disk differs after a crash following a soft checkpoint")
 	}
 }
+
+// countingImage counts the write-back hints and syncs an image gets.
+type countingImage struct {
+	image
+	starts, syncs int
+}
+
+func (c *countingImage) StartSync() { c.starts++; c.image.StartSync() }
+func (c *countingImage) Sync() error {
+	c.syncs++
+	return c.image.Sync()
+}
+
+// TestSoftCheckpointStartsWriteBack: a soft checkpoint skips the images'
+// sync but still starts their write-back as it folds, so their dirty
+// pages do not pile up for the kernel to write in one burst (which stalled
+// every fsync on the disk behind it: docs/benchmarks.md).
+func TestSoftCheckpointStartsWriteBack(t *testing.T) {
+	ctx := context.Background()
+	_, g, d := openSmallGroup(t, 1<<20)
+	if err := g.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := &countingImage{image: d.image()}
+	d.img.Store(&imageBox{c})
+	p := bytes.Repeat([]byte{5}, 64<<10)
+	for i := range 8 {
+		if err := d.WriteAt(ctx, p, int64(i)*int64(len(p))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d.nidx.Load() == 0 {
+		t.Fatal("the writes were not held in the index: nothing for the checkpoint to fold")
+	}
+	if err := g.checkpoint(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if g.man.SoftSeq != g.j.LastSeq() || c.syncs != 0 {
+		t.Fatalf("want a soft checkpoint at %d without a sync: soft %d, %d syncs", g.j.LastSeq(), g.man.SoftSeq, c.syncs)
+	}
+	if c.starts == 0 {
+		t.Fatal("the soft checkpoint folded into the image without starting its write-back")
+	}
+}
