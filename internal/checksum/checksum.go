@@ -10,6 +10,11 @@
 // the folded 64 bytes and the tail then go through hash/crc32, so the
 // result is hash/crc32's by construction of the fold (a polynomial
 // congruent modulo the CRC polynomial has the same CRC).
+//
+// Measured: 54 GB/s on 1 MiB, and the checksum's share of write1m's
+// samples fell from 11 % to 6 %. write1m's throughput did not move, because
+// the NBD layer bounds it (docs/benchmarks.md). What it saves is CPU
+// wherever entries are checksummed.
 package checksum
 
 import "hash/crc32"
