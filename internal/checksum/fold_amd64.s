@@ -1,5 +1,13 @@
 #include "textflag.h"
 
+// FOLD moves accumulator acc on by the distance of the constants in k:
+// acc = lo(acc)*lo(k) ^ hi(acc)*hi(k) ^ next, per 128-bit lane; tmp is
+// clobbered. next may be a register or a 64-byte memory operand.
+#define FOLD(k, acc, tmp, next) \
+	VPCLMULQDQ $0x00, k, acc, tmp \
+	VPCLMULQDQ $0x11, k, acc, acc \
+	VPTERNLOGD $0x96, next, tmp, acc
+
 // Fold constants for CRC-32C, reflected, one 128-bit lane each: x^(8D+31)
 // and x^(8D-33) mod P for a fold across D bytes; the low quadword of a
 // lane is multiplied by the first, the high by the second
@@ -33,46 +41,31 @@ loop256:
 	// Each accumulator moves 256 bytes on: lo*k1 ^ hi*k2 ^ next.
 	CMPQ       CX, $256
 	JB         fold4
-	VPCLMULQDQ $0x00, Z8, Z0, Z4
-	VPCLMULQDQ $0x11, Z8, Z0, Z0
-	VPTERNLOGD $0x96, 0(SI), Z4, Z0
-	VPCLMULQDQ $0x00, Z8, Z1, Z5
-	VPCLMULQDQ $0x11, Z8, Z1, Z1
-	VPTERNLOGD $0x96, 64(SI), Z5, Z1
-	VPCLMULQDQ $0x00, Z8, Z2, Z6
-	VPCLMULQDQ $0x11, Z8, Z2, Z2
-	VPTERNLOGD $0x96, 128(SI), Z6, Z2
-	VPCLMULQDQ $0x00, Z8, Z3, Z7
-	VPCLMULQDQ $0x11, Z8, Z3, Z3
-	VPTERNLOGD $0x96, 192(SI), Z7, Z3
+	FOLD(Z8, Z0, Z4, 0(SI))
+	FOLD(Z8, Z1, Z5, 64(SI))
+	FOLD(Z8, Z2, Z6, 128(SI))
+	FOLD(Z8, Z3, Z7, 192(SI))
 	ADDQ       $256, SI
 	SUBQ       $256, CX
 	JMP        loop256
 
 fold4:
-	// Z0 into Z1, Z1 into Z2, Z2 into Z3: 64 bytes apart.
+	// Z0 on into Z1, that on into Z2, that on into Z3 (64 bytes apart):
+	// Z0 then holds all four, and takes the rest 64 bytes at a time.
 	VBROADCASTI32X4 k64<>(SB), Z8
-	VPCLMULQDQ $0x00, Z8, Z0, Z4
-	VPCLMULQDQ $0x11, Z8, Z0, Z0
-	VPTERNLOGD $0x96, Z4, Z0, Z1
-	VPCLMULQDQ $0x00, Z8, Z1, Z4
-	VPCLMULQDQ $0x11, Z8, Z1, Z1
-	VPTERNLOGD $0x96, Z4, Z1, Z2
-	VPCLMULQDQ $0x00, Z8, Z2, Z4
-	VPCLMULQDQ $0x11, Z8, Z2, Z2
-	VPTERNLOGD $0x96, Z4, Z2, Z3
+	FOLD(Z8, Z0, Z4, Z1)
+	FOLD(Z8, Z0, Z4, Z2)
+	FOLD(Z8, Z0, Z4, Z3)
 
 loop64:
 	CMPQ       CX, $64
 	JB         done
-	VPCLMULQDQ $0x00, Z8, Z3, Z4
-	VPCLMULQDQ $0x11, Z8, Z3, Z3
-	VPTERNLOGD $0x96, 0(SI), Z4, Z3
+	FOLD(Z8, Z0, Z4, 0(SI))
 	ADDQ       $64, SI
 	SUBQ       $64, CX
 	JMP        loop64
 
 done:
-	VMOVDQU64 Z3, 0(DI)
+	VMOVDQU64 Z0, 0(DI)
 	VZEROUPPER
 	RET

@@ -285,14 +285,6 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 		return 0, g.failed
 	}
 	last := g.j.LastSeq() // every slot indexed now has seq <= last
-	// A fold that a soft checkpoint will follow starts the write-back too:
-	// a soft checkpoint skips the wait, not the write. Left to the kernel,
-	// the dirty image pages went out in bursts of 200-450 MB once they
-	// passed its background threshold, and every fsync on that disk
-	// queued behind a burst (a recovery site's journal commits: RPO p99
-	// 150-270 ms against 27-67 ms, docs/benchmarks.md), as would the
-	// FLUSH that hardens the soft checkpoint. write1m did not slow down.
-	startSync := paced
 	disks := make([]*Disk, 0, len(g.disks))
 	for _, d := range g.disks {
 		disks = append(disks, d)
@@ -331,10 +323,16 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 			if err != nil {
 				return 0, err
 			}
-			if startSync {
-				d.image().StartSync()
-			}
 			if paced {
+				// Before a soft checkpoint too: it skips the wait, not
+				// the write. Left to the kernel, the dirty image pages
+				// went out in bursts of 200-450 MB once they passed its
+				// background threshold, and every fsync on that disk
+				// queued behind a burst (a recovery site's journal
+				// commits: RPO p99 150-270 ms against 27-67 ms,
+				// docs/benchmarks.md), as would the FLUSH that hardens
+				// the soft checkpoint. write1m did not slow down.
+				d.image().StartSync()
 				if err := g.paceFold(ctx, int64(len(chunk))*BlockSize); err != nil {
 					return 0, err
 				}
