@@ -214,6 +214,9 @@ func TestVaultPartition(t *testing.T) {
 			t.Errorf("the cut-off vault exited with %v, want the lost leadership in its log", err)
 		}
 	case <-time.After(30 * time.Second):
+		// One Wait only: the cleanup's would race with this one's.
+		old.proc.cmd.Process.Kill()
+		<-exited
 		t.Fatal("the cut-off vault still runs 30 s after the cut: it must stop once its lease is gone")
 	}
 	mustRun(t, exec.Command("ip", "-n", old.ns, "route", "del", "blackhole", etcdIP+"/32"))

@@ -188,7 +188,9 @@ func (v *Vault) jobEvent(ctx context.Context, j Job) {
 		e.Message = fmt.Sprintf("%s of %s failed: %s", j.Action, subject, j.Error)
 		e.Action = "See the job (ferry job show " + j.ID + "), fix the cause, and run the action again."
 	}
-	v.logEvent(context.WithoutCancel(ctx), e)
+	ctx, cancel := v.detached(ctx)
+	defer cancel()
+	v.logEvent(ctx, e)
 }
 
 // logEvent appends e to the event log (best effort: the log is for

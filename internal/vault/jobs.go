@@ -224,7 +224,9 @@ func (v *Vault) startJob(ctx context.Context, protection, action string, steps [
 	r.job.Steps = append([]Step(nil), job.Steps...) // the runner's own copy
 	if err := r.save(ctx); err != nil {
 		// Release the protection: the job never started.
-		v.updateProtection(context.WithoutCancel(ctx), protection, func(p *Protection) error {
+		dctx, cancel := v.detached(ctx)
+		defer cancel()
+		v.updateProtection(dctx, protection, func(p *Protection) error {
 			if p.Job == id {
 				p.Job, p.State = "", job.PrevState
 			}
@@ -248,7 +250,8 @@ func (v *Vault) finish(ctx context.Context, r *run, newState func(*Protection), 
 	if v.ctx.Err() != nil {
 		return // the vault is stopping: the job is resumed or failed at the next start
 	}
-	ctx = context.WithoutCancel(ctx)
+	ctx, cancel := v.detached(ctx)
+	defer cancel()
 	// The protection first, then the job's record: whoever sees the job
 	// ended (a CLI --wait, the portal) finds the protection free for the
 	// next action. A vault that dies between the two finds the job still

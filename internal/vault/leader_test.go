@@ -2,11 +2,14 @@ package vault
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -274,5 +277,72 @@ func TestDeposed(t *testing.T) {
 	}
 	if !lone.v.Leading() {
 		t.Error("a lone vault stopped leading on Deposed")
+	}
+}
+
+// stallStore stalls, once armed, the write that releases a protection
+// from its job (the first write of a job's end) until its context ends,
+// as an etcd cut off from the vault does: its requests wait for a
+// connection.
+type stallStore struct {
+	store.Store
+	armed   atomic.Bool
+	stalled chan struct{}
+	release chan struct{} // ends the stall (for a test that failed)
+	once    sync.Once
+}
+
+func (s *stallStore) Put(ctx context.Context, kind, id string, data []byte, version int64) (int64, error) {
+	var p Protection
+	if s.armed.Load() && kind == kindProtection && json.Unmarshal(data, &p) == nil && p.Job == "" {
+		s.once.Do(func() { close(s.stalled) })
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-s.release:
+			return 0, errors.New("stall ended by the test")
+		}
+	}
+	return s.Store.Put(ctx, kind, id, data, version)
+}
+
+// TestLeaderLostWhileRecordingJob: the store stops answering just as a
+// job ends, and the leadership is lost while the vault records the
+// outcome. The vault must stop (Close returns) rather than wait on the
+// store for ever: the new leader records the job.
+func TestLeaderLostWhileRecordingJob(t *testing.T) {
+	st := &stallStore{Store: store.NewMem(), stalled: make(chan struct{}), release: make(chan struct{})}
+	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
+	close(la.elect)
+	f := newFixture(t, st, func(c *Config) { c.Leadership = la })
+	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the elected vault does not lead")
+		}
+	}
+	f.setup(t)
+	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
+	st.armed.Store(true)
+	var j Job
+	if code := f.call(t, f.op, "POST", "/v1/protections/vm1/test-failover", map[string]any{"point": "latest-processed"}, &j); code != 200 {
+		t.Fatalf("test failover: %d", code)
+	}
+	select {
+	case <-st.stalled:
+	case <-time.After(10 * time.Second):
+		cur, _ := f.v.Job(context.Background(), j.ID)
+		t.Fatalf("the job's end did not reach the store: %+v", cur)
+	}
+	close(la.lost)
+	closed := make(chan struct{})
+	go func() {
+		f.v.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(endTimeout / 2):
+		close(st.release)
+		t.Fatal("the vault that lost the leadership still waits on the store while it records a job's end")
 	}
 }

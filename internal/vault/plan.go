@@ -227,7 +227,9 @@ func (v *Vault) RunPlan(ctx context.Context, name string, req api.PlanRun) (Job,
 		pr.job.Steps = append(pr.job.Steps, Step{Name: s.Name, State: StepPending})
 	}
 	if err := pr.save(ctx); err != nil {
-		v.releasePlan(context.WithoutCancel(ctx), name, id, nil)
+		dctx, cancel := v.detached(ctx)
+		defer cancel()
+		v.releasePlan(dctx, name, id, nil)
 		return Job{}, err
 	}
 	out := pr.snapshot()
@@ -322,7 +324,9 @@ func (v *Vault) RetryJob(ctx context.Context, id string) (Job, error) {
 	pr.job.State, pr.job.Error, pr.job.Ended = JobRunning, "", time.Time{}
 	pr.mu.Unlock()
 	if err := pr.save(ctx); err != nil {
-		v.releasePlan(context.WithoutCancel(ctx), pr.plan.Name, id, nil)
+		dctx, cancel := v.detached(ctx)
+		defer cancel()
+		v.releasePlan(dctx, pr.plan.Name, id, nil)
 		return Job{}, err
 	}
 	out := pr.snapshot()
@@ -418,7 +422,8 @@ func (pr *planRun) run(ctx context.Context, from int) {
 // releases the plan, recording the run in its history.
 func (pr *planRun) end(ctx context.Context, i int, err error) {
 	v := pr.v
-	ctx = context.WithoutCancel(ctx)
+	ctx, cancel := v.detached(ctx)
+	defer cancel()
 	now := v.now()
 	pr.mu.Lock()
 	pr.job.Ended = now

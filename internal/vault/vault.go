@@ -76,6 +76,9 @@ type Vault struct {
 	// leading: this vault acts (runs jobs, polls sites, takes changes).
 	leading atomic.Bool
 	lost    chan struct{}
+	// lostCtx ends when lost is closed (detached writes stop then).
+	lostCtx    context.Context
+	lostCancel context.CancelFunc
 	// deposed is closed when a site refused a call for a newer leader's
 	// sake (Deposed).
 	deposed     chan struct{}
@@ -117,6 +120,7 @@ func (v *Vault) now() time.Time { return v.cfg.Now() }
 func (v *Vault) Start(ctx context.Context) error {
 	v.ctx, v.cancel = context.WithCancel(ctx)
 	v.lost = make(chan struct{})
+	v.lostCtx, v.lostCancel = context.WithCancel(context.Background())
 	if v.cfg.Leadership != nil {
 		// One of several vaults: it acts only once elected.
 		v.wg.Add(1)
@@ -160,6 +164,7 @@ func (v *Vault) lead() {
 		v.leading.Store(false)
 		v.log.Error("lost the leadership: this vault stops acting so that the new leader acts alone")
 		close(v.lost)
+		v.lostCancel()
 		v.cancel()
 	case <-v.deposed:
 		// A site obeys a newer leader: this vault's lease is gone or
@@ -168,6 +173,7 @@ func (v *Vault) lead() {
 		v.leading.Store(false)
 		v.log.Error("lost the leadership: a site obeys a newer leader; this vault stops acting so that the new leader acts alone")
 		close(v.lost)
+		v.lostCancel()
 		v.cancel()
 	case <-v.ctx.Done():
 		v.leading.Store(false)
@@ -186,6 +192,26 @@ func (v *Vault) Deposed() {
 		return
 	}
 	v.deposedOnce.Do(func() { close(v.deposed) })
+}
+
+// endTimeout bounds the store writes that record how a job ended.
+const endTimeout = 10 * time.Second
+
+// detached returns the context of the writes that record what was begun
+// (a job's outcome, a protection's release). They outlive ctx's
+// cancellation, so that a stopping vault does not leave a job half
+// recorded; but they end when this vault loses the leadership (its
+// successor owns the records now) and after endTimeout, because a store
+// that does not answer (etcd cut off, with requests that wait for a
+// connection) must not keep the vault from stopping: Close waits for
+// the job goroutines that make them.
+func (v *Vault) detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), endTimeout)
+	if v.lostCtx == nil {
+		return ctx, cancel
+	}
+	stop := context.AfterFunc(v.lostCtx, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // Lost is closed when this vault lost the leadership and stopped: its
