@@ -103,14 +103,11 @@ func (g *Group) applyEntry(e *journal.Entry, loc journal.Loc) error {
 	if e.Kind == journal.KindWrite && off%BlockSize == 0 && n%BlockSize == 0 && n > 0 && n < inlineFrom &&
 		g.unfolded.Load() < g.maxUnfolded() {
 		g.idxMu.Lock()
-		added := 0
+		had := len(d.idx)
 		for k := int64(0); k < n/BlockSize; k++ {
-			b := off/BlockSize + k
-			if _, had := d.idx[b]; !had {
-				added++
-			}
-			d.idx[b] = slot{seq: e.Seq, loc: journal.Loc{Seg: loc.Seg, Off: loc.Off + k*BlockSize}}
+			d.idx[off/BlockSize+k] = slot{seq: e.Seq, loc: journal.Loc{Seg: loc.Seg, Off: loc.Off + k*BlockSize}}
 		}
+		added := len(d.idx) - had // one map operation per block, not two
 		d.nidx.Store(int64(len(d.idx)))
 		g.idxMu.Unlock()
 		g.unfolded.Add(int64(added) * BlockSize)
