@@ -273,6 +273,9 @@ func (v *Vault) Close() error {
 		defer cancel()
 		v.flushHistory(ctx)
 	}
+	if v.lostCancel != nil {
+		v.lostCancel() // releases lostCtx; the job goroutines are done
+	}
 	return nil
 }
 
