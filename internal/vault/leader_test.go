@@ -36,6 +36,21 @@ func (f *fakeLeadership) Leader(context.Context) (string, error) { return f.lead
 func (f *fakeLeadership) Resign(context.Context) error           { return nil }
 func (f *fakeLeadership) Epoch() int64                           { return 1 }
 
+// leadingFixture returns a fixture whose vault was elected (by a
+// fakeLeadership named "a") and leads.
+func leadingFixture(t *testing.T, st store.Store) (*fixture, *fakeLeadership) {
+	t.Helper()
+	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
+	close(la.elect)
+	f := newFixture(t, st, func(c *Config) { c.Leadership = la })
+	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the elected vault does not lead")
+		}
+	}
+	return f, la
+}
+
 // TestLeadership: two vaults on one store. The follower serves reads and
 // refuses changes naming the leader; when the leader loses the
 // leadership in the middle of a failover it stops at once, and the new
@@ -155,15 +170,8 @@ func TestLeadership(t *testing.T) {
 // reprotect run again at the new leader completes.
 func TestLeaderLostInReprotect(t *testing.T) {
 	st := store.NewMem()
-	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
 	lb := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "b" }}
-	close(la.elect)
-	f := newFixture(t, st, func(c *Config) { c.Leadership = la })
-	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the elected vault does not lead")
-		}
-	}
+	f, la := leadingFixture(t, st)
 	f.setup(t)
 	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
 	if j := f.job(t, "/v1/protections/vm1/failover", map[string]any{"point": "latest", "shutdown_source": false}); j.State != JobSucceeded {
@@ -249,14 +257,7 @@ func second(t *testing.T, st store.Store, l Leadership, f *fixture) (*Vault, *ht
 // TestDeposed: a leading vault told by a site that a newer leader exists
 // stops at once, as if its lease were gone; a lone vault ignores it.
 func TestDeposed(t *testing.T) {
-	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
-	close(la.elect)
-	f := newFixture(t, store.NewMem(), func(c *Config) { c.Leadership = la })
-	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the elected vault does not lead")
-		}
-	}
+	f, _ := leadingFixture(t, store.NewMem())
 	f.v.Deposed()
 	f.v.Deposed() // idempotent
 	select {
@@ -312,14 +313,7 @@ func (s *stallStore) Put(ctx context.Context, kind, id string, data []byte, vers
 // store for ever: the new leader records the job.
 func TestLeaderLostWhileRecordingJob(t *testing.T) {
 	st := &stallStore{Store: store.NewMem(), stalled: make(chan struct{}), release: make(chan struct{})}
-	la := &fakeLeadership{elect: make(chan struct{}), lost: make(chan struct{}), leader: func() string { return "a" }}
-	close(la.elect)
-	f := newFixture(t, st, func(c *Config) { c.Leadership = la })
-	for deadline := time.Now().Add(5 * time.Second); !f.v.Leading(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the elected vault does not lead")
-		}
-	}
+	f, la := leadingFixture(t, st)
 	f.setup(t)
 	f.job(t, "/v1/protections", map[string]string{"vm": "vm1", "target": "west"})
 	st.armed.Store(true)
