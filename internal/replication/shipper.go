@@ -84,9 +84,14 @@ type Shipper struct {
 	cfg ShipperConfig
 	log *slog.Logger
 
-	mu                  sync.Mutex
-	state               api.ReplicationState
-	acked               uint64
+	mu    sync.Mutex
+	state api.ReplicationState
+	acked uint64
+	// copyFrom: the journal entry from which the latest initial copy is
+	// sent again as entries. Until the recovery site acknowledges the
+	// copy, acked is 0, but the entries before copyFrom are in the copy,
+	// not owed to the recovery site (owed).
+	copyFrom            uint64
 	queue               []sentBatch
 	sent                int64
 	copyDone, copyTotal int64
@@ -211,7 +216,7 @@ func (s *Shipper) watchJournal(ctx context.Context) {
 		}
 		j := s.cfg.Group.Journal()
 		s.mu.Lock()
-		bm, acked := s.bm, s.acked
+		bm, acked := s.bm, s.owed()
 		s.mu.Unlock()
 		if bm == nil {
 			// Only the journal the shipper holds counts: the group may
@@ -238,11 +243,25 @@ func (s *Shipper) watchJournal(ctx context.Context) {
 	}
 }
 
+// owed returns the sequence after which the journal holds what the
+// recovery site lacks: the acknowledged one, or, until an initial copy is
+// acknowledged, the entry before the copy's start. Counting from 0 there
+// made a journal with writes older than the copy look over its bound, and
+// the bitmap entered then (since 1) outlived the copy: the shipper
+// streamed with a stale bitmap that marked every block ever written.
+// Caller holds mu.
+func (s *Shipper) owed() uint64 {
+	if s.acked == 0 && s.copyFrom > 0 {
+		return s.copyFrom - 1
+	}
+	return s.acked
+}
+
 // enterBitmap starts tracking dirty blocks instead of holding the journal.
 func (s *Shipper) enterBitmap() error {
 	g := s.cfg.Group
 	s.mu.Lock()
-	since := s.acked + 1
+	since := s.owed() + 1
 	s.mu.Unlock()
 	bm := newBitmap(since)
 	next := g.Observe(bm.mark)
@@ -570,6 +589,7 @@ func (s *Shipper) initialCopy(ctx context.Context, c *link.Conn, delta bool) (ui
 	start := g.HoldNext(holder)
 	s.mu.Lock()
 	s.acked = 0 // the recovery site discards what it had
+	s.copyFrom = start
 	s.mu.Unlock()
 	var total int64
 	for _, d := range g.Disks() {
