@@ -1033,9 +1033,8 @@ func (d *Disk) WriteAtBatch(_ context.Context, ps [][]byte, offs []int64) error 
 // 4 KiB writes are otherwise two allocations a burst, and the garbage
 // collector's share of the process grows with the write rate.
 type batch struct {
-	es   []journal.Entry
+	es   []journal.Entry // the entries in use: len is the batch's
 	ptrs []*journal.Entry
-	n    int // entries in use
 }
 
 var batchPool = sync.Pool{New: func() any { return new(batch) }}
@@ -1044,14 +1043,14 @@ func (b *batch) grow(n int) ([]journal.Entry, []*journal.Entry) {
 	if cap(b.es) < n {
 		b.es, b.ptrs = make([]journal.Entry, n), make([]*journal.Entry, n)
 	}
-	b.n = n
-	return b.es[:n], b.ptrs[:n]
+	b.es, b.ptrs = b.es[:n], b.ptrs[:n]
+	return b.es, b.ptrs
 }
 
 // put drops the payloads (they belong to the caller) and gives b back.
 func (b *batch) put() {
-	clear(b.es[:b.n])
-	clear(b.ptrs[:b.n])
+	clear(b.es)
+	clear(b.ptrs)
 	batchPool.Put(b)
 }
 
