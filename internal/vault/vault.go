@@ -163,24 +163,30 @@ func (v *Vault) lead() {
 	case <-lost:
 		v.leading.Store(false)
 		v.log.Error("lost the leadership: this vault stops acting so that the new leader acts alone")
-		close(v.lost)
-		v.lostCancel()
-		v.cancel()
+		v.stopActing()
 	case <-v.deposed:
 		// A site obeys a newer leader: this vault's lease is gone or
 		// about to be, and waiting for it to say so would only let this
 		// vault's jobs fail call after call.
 		v.leading.Store(false)
 		v.log.Error("lost the leadership: a site obeys a newer leader; this vault stops acting so that the new leader acts alone")
-		close(v.lost)
-		v.lostCancel()
-		v.cancel()
+		v.stopActing()
 	case <-v.ctx.Done():
 		v.leading.Store(false)
 		rctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		v.cfg.Leadership.Resign(rctx)
 		cancel()
 	}
+}
+
+// stopActing stops a vault that lost the leadership. The contexts end
+// before Lost is closed: whoever sees Lost (the process, a test) may
+// rely on every job of this vault seeing its context canceled, so that
+// no step that returns after it records anything (finish checks v.ctx).
+func (v *Vault) stopActing() {
+	v.cancel()
+	v.lostCancel()
+	close(v.lost)
 }
 
 // Deposed tells the vault that a site refused one of its calls because
