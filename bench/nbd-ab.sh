@@ -35,6 +35,7 @@ trap cleanup EXIT
 
 one() { # server (a ferry command, or "nbdkit") -> writes/s
 	rm -rf "$DIR"; mkdir -p "$DIR/data"
+	sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true # as bench/nbd.sh
 	if [ "$1" = nbdkit ]; then
 		truncate -s 2G "$DIR/data/img"
 		nbdkit -f -U "$SOCK" file "$DIR/data/img" >"$DIR/server.log" 2>&1 &

@@ -39,6 +39,11 @@ wait_sock() {
 
 start() { # server
 	rm -rf "$DIR/data" "$SOCK"; mkdir -p "$DIR/data"
+	# Every server starts on an empty page cache: what ran before (a build,
+	# the previous server) otherwise decides how fast pages come; nbdkit's
+	# write1m ran at 701/s after a test run left 11 GB cached, 2,649/s
+	# after dropping it (docs/benchmarks.md).
+	sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 	case $1 in
 	ferry)
 		"$FERRY" serve --dir "$DIR/data/group" --socket "$SOCK" --create "bench=$SIZE" >"$DIR/ferry.log" 2>&1 &

@@ -123,6 +123,10 @@ type Group struct {
 	closed    bool
 	appended  int64        // journal bytes appended since the last checkpoint began
 	lastWrite atomic.Int64 // UnixNano of the last append, for the idle fold
+	// total counts the journal bytes appended since the group opened, and
+	// flushMark is total at the last Flush: writes are indexed only while
+	// Flushes keep the journal's pages clean (Group.indexing).
+	total, flushMark atomic.Int64
 
 	ckptMu sync.Mutex // one checkpoint at a time
 	// manMu is held by every change of the manifest, before mu, so that
@@ -500,6 +504,7 @@ func (g *Group) applyBatch(es []*journal.Entry) error {
 	}
 	for i, e := range es {
 		g.appended += journal.EntryHeaderSize + int64(len(e.Data))
+		g.total.Add(journal.EntryHeaderSize + int64(len(e.Data)))
 		if g.observer != nil && e.Kind != journal.KindMarker {
 			g.observer(e)
 		}
@@ -585,6 +590,7 @@ func (g *Group) Flush(ctx context.Context) error {
 	}
 	for p := g.promised.Load(); p < last && !g.promised.CompareAndSwap(p, last); p = g.promised.Load() {
 	}
+	g.flushMark.Store(g.total.Load())
 	if !g.soft.Load() {
 		return nil // the common case waits for no manifest write
 	}

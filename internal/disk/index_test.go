@@ -92,15 +92,22 @@ func TestIndexModel(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		maxUnfolded int64
+		// flushing: small CheckpointBytes and random Flushes, so that
+		// writes switch between indexed and inline (Group.indexing).
+		flushing bool
 	}{
-		{"journal-only", 0},
-		{"small-backlog", 16 * BlockSize},
-		{"inline", -1},
+		{"journal-only", 0, false},
+		{"small-backlog", 16 * BlockSize, false},
+		{"inline", -1, false},
+		{"index-while-flushed", 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
 			cfg := Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: tc.maxUnfolded}
+			if tc.flushing {
+				cfg.CheckpointBytes = 12 * BlockSize
+			}
 			g, err := Open(cfg)
 			if err != nil {
 				t.Fatal(err)
@@ -120,6 +127,11 @@ func TestIndexModel(t *testing.T) {
 					}
 					if rng.IntN(50) == 0 {
 						if err := g.Checkpoint(ctx); err != nil {
+							t.Fatal(err)
+						}
+					}
+					if tc.flushing && rng.IntN(25) == 0 {
+						if err := d.Flush(ctx); err != nil {
 							t.Fatal(err)
 						}
 					}
@@ -166,6 +178,74 @@ func TestIndexModel(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestIndexOnlyWhileFlushed: writes are kept only in the journal while
+// Flushes come at least every CheckpointBytes; a stream without them goes
+// to the image at once, and the checkpoint it wants folds what was
+// indexed, so the journal can be trimmed again.
+func TestIndexOnlyWhileFlushed(t *testing.T) {
+	ctx := context.Background()
+	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 64 << 10, CheckpointBytes: 8 * BlockSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	d, err := g.CreateDisk("a", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := func(i int) {
+		t.Helper()
+		if err := d.WriteAt(ctx, bytes.Repeat([]byte{byte(i)}, BlockSize), int64(i)*BlockSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 4 {
+		block(i)
+	}
+	if got, want := g.Unfolded(), int64(4*BlockSize); got != want {
+		t.Fatalf("unfolded %d after 4 writes, want %d (indexed)", got, want)
+	}
+	for i := 4; i < 40; i++ { // past CheckpointBytes without a Flush
+		block(i)
+	}
+	u := g.Unfolded()
+	if u >= 40*BlockSize {
+		t.Fatalf("unfolded %d: writes without Flush stayed journal-only", u)
+	}
+	g.mu.Lock()
+	want := g.wantCheckpoint()
+	g.mu.Unlock()
+	if !want {
+		t.Fatalf("no checkpoint wanted with %d bytes indexed and no Flush", u)
+	}
+	if err := g.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if g.Unfolded() != 0 {
+		t.Fatalf("unfolded %d after the checkpoint", g.Unfolded())
+	}
+	if err := d.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	block(50)
+	if got, want := g.Unfolded(), int64(BlockSize); got != want {
+		t.Fatalf("unfolded %d after a Flush and a write, want %d (indexed again)", got, want)
+	}
+	p := make([]byte, 51*BlockSize)
+	if err := d.ReadAt(ctx, p, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 51 {
+		want := byte(i)
+		if i >= 40 && i < 50 {
+			want = 0
+		}
+		if p[i*BlockSize] != want {
+			t.Fatalf("block %d reads %d, want %d", i, p[i*BlockSize], want)
+		}
 	}
 }
 
