@@ -98,7 +98,7 @@ func (g *Group) maxUnfolded() int64 {
 // soft checkpoint of inline writes trims the journal every
 // CheckpointBytes and reuses its cached files. Measured with
 // bench/nbd-ab.sh: 4 KiB random writes without FLUSH ran 26 % faster
-// inline, with a FLUSH every 32 writes 35 % slower (docs/benchmarks.md).
+// inline, with a FLUSH every 32 writes 32 % slower (docs/benchmarks.md).
 func (g *Group) indexing() bool {
 	return g.total.Load()-g.flushMark.Load() <= g.cfg.CheckpointBytes
 }
