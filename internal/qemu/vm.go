@@ -10,6 +10,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -23,6 +25,7 @@ import (
 	"time"
 
 	"github.com/ferry-dr/ferry/internal/api"
+	"github.com/ferry-dr/ferry/internal/atomicfile"
 	"github.com/ferry-dr/ferry/internal/qga"
 )
 
@@ -629,7 +632,10 @@ var (
 // On some hosts KVM is present but broken (an MSR assertion with -cpu host,
 // a hang with the default CPU), which only a real boot reveals. Without a
 // kernel to probe with, only FERRY_ACCEL=kvm selects KVM. The result is
-// cached per kernel; FERRY_ACCEL=kvm|tcg overrides.
+// cached per kernel, in memory and in a file under the user's cache
+// directory (ferry/accel) that holds until the host reboots or the kernel
+// or QEMU changes; deleting the file makes the next VM start probe again.
+// FERRY_ACCEL=kvm|tcg overrides.
 func DetectAccel(ctx context.Context, boot Boot) string {
 	if a := os.Getenv("FERRY_ACCEL"); a == "kvm" || a == "tcg" {
 		return a
@@ -642,6 +648,11 @@ func DetectAccel(ctx context.Context, boot Boot) string {
 	if a, ok := accelResult[boot.Kernel]; ok {
 		return a
 	}
+	key, keyed := accelKey(boot)
+	if a, ok := readAccelCache(key); keyed && ok {
+		accelResult[boot.Kernel] = a
+		return a
+	}
 	a := "tcg"
 	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
 		f.Close()
@@ -649,8 +660,83 @@ func DetectAccel(ctx context.Context, boot Boot) string {
 			a = "kvm"
 		}
 	}
+	if ctx.Err() != nil {
+		return a // a canceled probe proves nothing: neither kept nor cached
+	}
 	accelResult[boot.Kernel] = a
+	if keyed {
+		writeAccelCache(key, a)
+	}
 	return a
+}
+
+// accelCacheDir keeps DetectAccel's verdicts across processes: a probe of
+// a KVM that hangs takes its whole 4 s, and without the file every agent
+// process paid it at its first VM start; a failover right after an agent
+// started took 4.1 s instead of 0.4 (bench/scale.sh, docs/benchmarks.md).
+// A variable so that tests can point it elsewhere.
+var accelCacheDir = func() string {
+	d, err := os.UserCacheDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(d, "ferry", "accel")
+}()
+
+// accelKey names a verdict by what decides it: this boot of the host
+// (the KVM module and its state), the kernel and initrd probed with, and
+// the QEMU binary. false: no key can be made (and nothing is cached).
+func accelKey(boot Boot) (string, bool) {
+	id, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil || accelCacheDir == "" {
+		return "", false
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "boot %s\n", bytes.TrimSpace(id))
+	qemuPath, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		return "", false
+	}
+	for _, f := range []string{boot.Kernel, boot.Initrd, qemuPath} {
+		if f == "" {
+			continue
+		}
+		fi, err := os.Stat(f)
+		if err != nil {
+			return "", false
+		}
+		abs, _ := filepath.Abs(f)
+		fmt.Fprintf(h, "%s %d %d\n", abs, fi.Size(), fi.ModTime().UnixNano())
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16]), true
+}
+
+// readAccelCache returns a verdict kept under key, if one is.
+func readAccelCache(key string) (string, bool) {
+	path := filepath.Join(accelCacheDir, key)
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil || int(st.Uid) != os.Geteuid() || st.Mode&0o022 != 0 {
+		return "", false // none, or one another user could have written
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", false
+	}
+	switch a := string(bytes.TrimSpace(b)); a {
+	case "kvm", "tcg":
+		return a, true
+	}
+	return "", false // damaged: probe again, and overwrite it
+}
+
+// writeAccelCache keeps a verdict, best effort: without it the next
+// process probes again. The directory is private to this user: a verdict
+// planted by another user could make VMs start on a KVM that hangs.
+func writeAccelCache(key, accel string) {
+	if err := os.MkdirAll(accelCacheDir, 0o700); err != nil || os.Chmod(accelCacheDir, 0o700) != nil {
+		return
+	}
+	_ = atomicfile.WriteFile(filepath.Join(accelCacheDir, key), []byte(accel+"\n"), 0o600)
 }
 
 func probeKVM(ctx context.Context, boot Boot) bool {
