@@ -14,6 +14,8 @@ import (
 var (
 	_ nbd.Device      = (*Disk)(nil)
 	_ nbd.BatchWriter = (*Disk)(nil)
+
+	_ nbd.JournalingBatchWriter = (*Disk)(nil)
 )
 
 func openGroup(tb testing.TB, dir string) *Group {

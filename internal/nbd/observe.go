@@ -31,6 +31,8 @@ type observed struct {
 var (
 	_ Device      = (*observed)(nil)
 	_ BatchWriter = (*observedBatch)(nil)
+
+	_ JournalingBatchWriter = (*observedBatch)(nil)
 )
 
 func (o *observed) ReadAt(ctx context.Context, p []byte, off int64) error {
@@ -76,6 +78,23 @@ type observedBatch struct {
 func (o *observedBatch) WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error {
 	t := time.Now()
 	err := o.bw.WriteAtBatch(ctx, ps, offs)
+	d := time.Since(t)
+	for _, p := range ps {
+		o.obs("write", int64(len(p)), d, err)
+	}
+	return err
+}
+
+// WriteAtBatchJournaled keeps the device's early acknowledgement; the
+// observation is still the whole call's.
+func (o *observedBatch) WriteAtBatchJournaled(ctx context.Context, ps [][]byte, offs []int64, journaled func()) error {
+	t := time.Now()
+	var err error
+	if jw, ok := o.bw.(JournalingBatchWriter); ok {
+		err = jw.WriteAtBatchJournaled(ctx, ps, offs, journaled)
+	} else {
+		err = o.bw.WriteAtBatch(ctx, ps, offs)
+	}
 	d := time.Since(t)
 	for _, p := range ps {
 		o.obs("write", int64(len(p)), d, err)

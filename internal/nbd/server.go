@@ -47,6 +47,23 @@ type BatchWriter interface {
 	WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error
 }
 
+// JournalingBatchWriter is a BatchWriter that can say when a batch may be
+// acknowledged before it is applied. WriteAtBatchJournaled is WriteAtBatch
+// that calls journaled (at most once, and not at all if the batch fails
+// first) as soon as every write of the batch is in the device's log, in
+// order. From then on the writes survive what an acknowledged write must:
+// a FLUSH started after journaled makes them durable, and returns only
+// once they are applied, so a read after it, on any connection, sees them.
+// Reads on the calling connection come after the call returns anyway.
+// journaled runs while the device holds its other writers up, so it must
+// not block. An error after journaled means the device failed applying the
+// batch: the writes stay in its log, and the device refuses I/O until it
+// is resumed.
+type JournalingBatchWriter interface {
+	BatchWriter
+	WriteAtBatchJournaled(ctx context.Context, ps [][]byte, offs []int64, journaled func()) error
+}
+
 // Batch limits: a burst is cut into batches of at most this many writes
 // and bytes, which bounds the memory a connection holds.
 const (
@@ -488,13 +505,31 @@ func (c *conn) option(bw *bufio.Writer, opt uint32, data []byte, noZeroes bool) 
 // its replies and writes them out only when no further whole request is
 // already waiting in its input buffer, so a burst of pipelined requests
 // costs one write(2) for all their replies; FLUSH and FUA completions,
-// which come from other goroutines, write out at once.
+// which come from other goroutines, write out at once. Replies to a batch
+// the device journaled before applying go out at once too, but only as
+// far as the socket takes them without waiting (tryFlush): they are sent
+// while the device holds its writers up.
 type replier struct {
 	mu  sync.Mutex
 	nc  net.Conn
-	bw  *bufio.Writer
+	rc  syscall.RawConn // nil: tryFlush leaves everything to flush
+	buf []byte          // replies not written yet
 	err error
 	hdr [16]byte
+}
+
+// replyBuffer is the size from which a reply's data is written past the
+// buffer.
+const replyBuffer = 64 << 10
+
+func newReplier(nc net.Conn) *replier {
+	w := &replier{nc: nc, buf: make([]byte, 0, replyBuffer)}
+	if sc, ok := nc.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			w.rc = rc
+		}
+	}
+	return w
 }
 
 func (w *replier) send(handle uint64, errno uint32, data []byte, flush bool) {
@@ -506,11 +541,17 @@ func (w *replier) send(handle uint64, errno uint32, data []byte, flush bool) {
 	binary.BigEndian.PutUint32(w.hdr[0:], simpleReplyMagic)
 	binary.BigEndian.PutUint32(w.hdr[4:], errno)
 	binary.BigEndian.PutUint64(w.hdr[8:], handle)
-	w.bw.Write(w.hdr[:])
-	if _, err := w.bw.Write(data); err != nil {
-		w.fail(err)
+	w.buf = append(w.buf, w.hdr[:]...)
+	if len(w.buf)+len(data) > cap(w.buf) {
+		w.flushLocked()
+		if w.err == nil && len(data) > 0 {
+			if _, err := w.nc.Write(data); err != nil {
+				w.fail(err)
+			}
+		}
 		return
 	}
+	w.buf = append(w.buf, data...)
 	if flush {
 		w.flushLocked()
 	}
@@ -525,8 +566,31 @@ func (w *replier) flush() {
 }
 
 func (w *replier) flushLocked() {
-	if err := w.bw.Flush(); err != nil {
+	if len(w.buf) == 0 {
+		return
+	}
+	_, err := w.nc.Write(w.buf)
+	w.buf = w.buf[:0]
+	if err != nil {
 		w.fail(err)
+	}
+}
+
+// tryFlush writes out what the socket takes without waiting, and keeps
+// the rest for the next flush. It never blocks on the client.
+func (w *replier) tryFlush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil || w.rc == nil || len(w.buf) == 0 {
+		return
+	}
+	n := 0
+	w.rc.Write(func(fd uintptr) bool {
+		n, _ = syscall.Write(int(fd), w.buf) // EAGAIN or an error: the next flush handles it
+		return true
+	})
+	if n > 0 {
+		w.buf = w.buf[:copy(w.buf, w.buf[n:])]
 	}
 }
 
@@ -543,7 +607,10 @@ func (w *replier) fail(err error) {
 func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer) error {
 	e := c.export
 	dev := e.Device
-	w := &replier{nc: c.nc, bw: bw}
+	if err := bw.Flush(); err != nil { // the handshake's last reply
+		return err
+	}
+	w := newReplier(c.nc)
 	fl := newFlusher(dev, w, MaxDurableInFlight)
 	go fl.run(ctx)
 	quit := make(chan struct{})
@@ -567,6 +634,7 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 	// can batch; any other request first applies the batch, so the order
 	// of execution is the order of arrival.
 	bwr, canBatch := dev.(BatchWriter)
+	jw, _ := dev.(JournalingBatchWriter)
 	var (
 		batch  []request
 		bPs    [][]byte
@@ -582,10 +650,31 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 			bPs = append(bPs, r.payload)
 			bOffs = append(bOffs, int64(r.Offset))
 		}
-		errno := errnoOf(bwr.WriteAtBatch(ctx, bPs, bOffs))
+		var err error
+		acked := false
+		if jw != nil {
+			// The replies go out while the images are written, so the
+			// client sends its next requests meanwhile: 10-13 % more 4 KiB
+			// writes a second (docs/benchmarks.md).
+			err = jw.WriteAtBatchJournaled(ctx, bPs, bOffs, func() {
+				for _, r := range batch {
+					w.send(r.Handle, 0, nil, false)
+				}
+				w.tryFlush()
+				acked = true
+			})
+		} else {
+			err = bwr.WriteAtBatch(ctx, bPs, bOffs)
+		}
+		errno := errnoOf(err)
 		for i, r := range batch {
-			w.send(r.Handle, errno, nil, flush && i == len(batch)-1)
+			if !acked {
+				w.send(r.Handle, errno, nil, flush && i == len(batch)-1)
+			}
 			in.done(r)
+		}
+		if acked && flush {
+			w.flush() // what tryFlush left
 		}
 		clear(bPs)
 		batch, bBytes = batch[:0], 0

@@ -693,3 +693,54 @@ func TestListenUnixShared(t *testing.T) {
 		})
 	}
 }
+
+// journalMem is a batchMem that acknowledges a batch once "journaled" and
+// then holds its apply until release is closed, as a device whose image
+// write is slow.
+type journalMem struct {
+	*batchMem
+	release chan struct{}
+	applied chan struct{} // closed after the first batch's apply
+}
+
+func (j *journalMem) WriteAtBatchJournaled(ctx context.Context, ps [][]byte, offs []int64, journaled func()) error {
+	journaled()
+	<-j.release
+	err := j.WriteAtBatch(ctx, ps, offs)
+	select {
+	case <-j.applied:
+	default:
+		close(j.applied)
+	}
+	return err
+}
+
+// TestJournaledBatchRepliesEarly: a write to a JournalingBatchWriter is
+// answered while the device still applies it, and a READ behind it on the
+// same connection runs only once the apply is done.
+func TestJournaledBatchRepliesEarly(t *testing.T) {
+	dev := &journalMem{batchMem: &batchMem{memDevice: newMem(1 << 20)}, release: make(chan struct{}), applied: make(chan struct{})}
+	_, sock := startServer(t, Export{Name: "d", Size: 1 << 20, Device: dev})
+	c := dialT(t, sock, "d")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	p := bytes.Repeat([]byte{7}, 4096)
+	if err := c.WriteAt(ctx, p, 8192, false); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	select {
+	case <-dev.applied:
+		t.Fatal("the reply waited for the apply")
+	default:
+	}
+	read := make(chan error, 1)
+	got := make([]byte, 4096)
+	go func() { read <- c.ReadAt(ctx, got, 8192) }()
+	close(dev.release)
+	if err := <-read; err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if !bytes.Equal(got, p) {
+		t.Fatal("the read behind an early-acknowledged write did not see it")
+	}
+}

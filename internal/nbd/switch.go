@@ -19,6 +19,8 @@ type Switch struct {
 var (
 	_ Device      = (*Switch)(nil)
 	_ BatchWriter = (*Switch)(nil)
+
+	_ JournalingBatchWriter = (*Switch)(nil)
 )
 
 // NewSwitch returns a Switch on dev.
@@ -54,6 +56,26 @@ func (s *Switch) WriteAt(ctx context.Context, p []byte, off int64) error {
 func (s *Switch) WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
+	if bw, ok := s.dev.(BatchWriter); ok {
+		return bw.WriteAtBatch(ctx, ps, offs)
+	}
+	for i, p := range ps {
+		if err := s.dev.WriteAt(ctx, p, offs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// WriteAtBatchJournaled implements JournalingBatchWriter for a device
+// that does; for another, it is WriteAtBatch. A batch acknowledged early
+// still holds off Pause until it is applied.
+func (s *Switch) WriteAtBatchJournaled(ctx context.Context, ps [][]byte, offs []int64, journaled func()) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if jw, ok := s.dev.(JournalingBatchWriter); ok {
+		return jw.WriteAtBatchJournaled(ctx, ps, offs, journaled)
+	}
 	if bw, ok := s.dev.(BatchWriter); ok {
 		return bw.WriteAtBatch(ctx, ps, offs)
 	}
