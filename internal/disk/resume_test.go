@@ -18,18 +18,7 @@ import (
 // reached the journal in the image. It needs a small tmpfs (root).
 func TestResumeAfterFullDisk(t *testing.T) {
 	ctx := context.Background()
-	dir := smallTmpfs(t, "384k")
-	// Inline writes: the image write is what fails (TestFoldFailsOnFullDisk
-	// covers journal-only writes).
-	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	d, err := g.CreateDisk("a", 4<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, g, d := fullingGroup(t)
 	want := make([]byte, 4<<20)
 	var full error
 	n := 0
@@ -81,6 +70,25 @@ func TestResumeAfterFullDisk(t *testing.T) {
 	checkReplayEqualsImage(t, g, d)
 }
 
+// fullingGroup opens a group with a 4 MiB disk on a 384 KiB tmpfs, so
+// that the sparse image's writes soon fail with ENOSPC. Writes are inline:
+// the image write is what fails (TestFoldFailsOnFullDisk covers
+// journal-only writes).
+func fullingGroup(t *testing.T) (string, *Group, *Disk) {
+	t.Helper()
+	dir := smallTmpfs(t, "384k")
+	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	d, err := g.CreateDisk("a", 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, g, d
+}
+
 // smallTmpfs mounts a tmpfs of size on a temporary directory (the tests
 // run as root, as make test does) for tests that fill a file system.
 func smallTmpfs(tb testing.TB, size string) string {
@@ -99,16 +107,7 @@ func smallTmpfs(tb testing.TB, size string) string {
 // bytes: reads fail until Resume, and after it they return the batch.
 func TestResumeAfterAcknowledgedWrite(t *testing.T) {
 	ctx := context.Background()
-	dir := smallTmpfs(t, "384k")
-	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	d, err := g.CreateDisk("a", 4<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, g, d := fullingGroup(t)
 	want := make([]byte, 4<<20)
 	var full error
 	acked := false

@@ -594,6 +594,13 @@ func (w *replier) tryFlush() {
 	}
 }
 
+// pending returns the bytes of replies not written yet.
+func (w *replier) pending() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.buf)
+}
+
 func (w *replier) fail(err error) {
 	w.err = err
 	w.nc.Close() // unblocks the request loop
@@ -673,8 +680,11 @@ func (c *conn) transmit(ctx context.Context, br *bufio.Reader, bw *bufio.Writer)
 			}
 			in.done(r)
 		}
-		if acked && flush {
-			w.flush() // what tryFlush left
+		if acked && (flush || w.pending() > replyBuffer) {
+			// What tryFlush left, now without the device's lock: a client
+			// that sends requests without reading their replies is held
+			// up here, as a blocking reply would hold it up.
+			w.flush()
 		}
 		clear(bPs)
 		batch, bBytes = batch[:0], 0

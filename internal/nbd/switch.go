@@ -56,6 +56,11 @@ func (s *Switch) WriteAt(ctx context.Context, p []byte, off int64) error {
 func (s *Switch) WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
+	return s.writeBatch(ctx, ps, offs)
+}
+
+// writeBatch writes a batch to the current device. Caller holds mu.
+func (s *Switch) writeBatch(ctx context.Context, ps [][]byte, offs []int64) error {
 	if bw, ok := s.dev.(BatchWriter); ok {
 		return bw.WriteAtBatch(ctx, ps, offs)
 	}
@@ -76,15 +81,7 @@ func (s *Switch) WriteAtBatchJournaled(ctx context.Context, ps [][]byte, offs []
 	if jw, ok := s.dev.(JournalingBatchWriter); ok {
 		return jw.WriteAtBatchJournaled(ctx, ps, offs, journaled)
 	}
-	if bw, ok := s.dev.(BatchWriter); ok {
-		return bw.WriteAtBatch(ctx, ps, offs)
-	}
-	for i, p := range ps {
-		if err := s.dev.WriteAt(ctx, p, offs[i]); err != nil {
-			return err
-		}
-	}
-	return nil
+	return s.writeBatch(ctx, ps, offs)
 }
 
 // WriteZeroes implements Device.
