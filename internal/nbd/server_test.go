@@ -703,9 +703,15 @@ type journalMem struct {
 	applied chan struct{} // closed after the first batch's apply
 }
 
+// WriteAtBatch is the slow apply: it waits for release. A server that
+// replies only after it would not answer before the test releases it.
+func (j *journalMem) WriteAtBatch(ctx context.Context, ps [][]byte, offs []int64) error {
+	<-j.release
+	return j.batchMem.WriteAtBatch(ctx, ps, offs)
+}
+
 func (j *journalMem) WriteAtBatchJournaled(ctx context.Context, ps [][]byte, offs []int64, journaled func()) error {
 	journaled()
-	<-j.release
 	err := j.WriteAtBatch(ctx, ps, offs)
 	select {
 	case <-j.applied:
@@ -725,8 +731,11 @@ func TestJournaledBatchRepliesEarly(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	p := bytes.Repeat([]byte{7}, 4096)
-	if err := c.WriteAt(ctx, p, 8192, false); err != nil {
-		t.Fatalf("write: %v", err)
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer wcancel()
+	if err := c.WriteAt(wctx, p, 8192, false); err != nil {
+		close(dev.release)
+		t.Fatalf("write (the reply should come before the device applies it): %v", err)
 	}
 	select {
 	case <-dev.applied:
