@@ -27,6 +27,22 @@ func openGroup(tb testing.TB, dir string) *Group {
 	return g
 }
 
+// openDisk opens a group with cfg and creates its disk "a" of size
+// bytes. Closing the group is the caller's: some tests close it their
+// own way.
+func openDisk(tb testing.TB, cfg Config, size int64) (*Group, *Disk) {
+	tb.Helper()
+	g, err := Open(cfg)
+	if err != nil {
+		tb.Fatalf("Open: %v", err)
+	}
+	d, err := g.CreateDisk("a", size)
+	if err != nil {
+		tb.Fatalf("CreateDisk: %v", err)
+	}
+	return g, d
+}
+
 func TestDiskConformance(t *testing.T) {
 	nbdtest.TestDevice(t, 2<<20, func(t *testing.T) nbd.Device {
 		g := openGroup(t, t.TempDir())

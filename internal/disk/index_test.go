@@ -187,15 +187,8 @@ func TestIndexModel(t *testing.T) {
 // indexed, so the journal can be trimmed again.
 func TestIndexOnlyWhileFlushed(t *testing.T) {
 	ctx := context.Background()
-	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 64 << 10, CheckpointBytes: 8 * BlockSize})
-	if err != nil {
-		t.Fatal(err)
-	}
+	g, d := openDisk(t, Config{Dir: t.TempDir(), SegmentSize: 64 << 10, CheckpointBytes: 8 * BlockSize}, 1<<20)
 	defer g.Close()
-	d, err := g.CreateDisk("a", 1<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
 	block := func(i int) {
 		t.Helper()
 		if err := d.WriteAt(ctx, bytes.Repeat([]byte{byte(i)}, BlockSize), int64(i)*BlockSize); err != nil {

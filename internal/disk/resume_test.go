@@ -77,15 +77,8 @@ func TestResumeAfterFullDisk(t *testing.T) {
 func fullingGroup(t *testing.T) (string, *Group, *Disk) {
 	t.Helper()
 	dir := smallTmpfs(t, "384k")
-	g, err := Open(Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	g, d := openDisk(t, Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: -1}, 4<<20)
 	t.Cleanup(func() { g.Close() })
-	d, err := g.CreateDisk("a", 4<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
 	return dir, g, d
 }
 

@@ -105,14 +105,7 @@ func powerLoss(tb testing.TB, g *Group, imgs map[string]*syncedImage) {
 func openSmallGroup(tb testing.TB, size int64) (Config, *Group, *Disk) {
 	tb.Helper()
 	cfg := Config{Dir: tb.TempDir(), SegmentSize: 64 << 10, FoldRate: -1}
-	g, err := Open(cfg)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	d, err := g.CreateDisk("a", size)
-	if err != nil {
-		tb.Fatal(err)
-	}
+	g, d := openDisk(tb, cfg, size)
 	return cfg, g, d
 }
 

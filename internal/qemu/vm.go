@@ -649,9 +649,11 @@ func DetectAccel(ctx context.Context, boot Boot) string {
 		return a
 	}
 	key, keyed := accelKey(boot)
-	if a, ok := readAccelCache(key); keyed && ok {
-		accelResult[boot.Kernel] = a
-		return a
+	if keyed {
+		if a, ok := readAccelCache(key); ok {
+			accelResult[boot.Kernel] = a
+			return a
+		}
 	}
 	a := "tcg"
 	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
