@@ -76,6 +76,9 @@ type Config struct {
 	// NoFold keeps Start from running the background fold: tests drive
 	// it with FoldStep.
 	NoFold bool
+	// NoWriteBehind sends writes that no FLUSH follows to the images at
+	// once, as before write-behind (behind.go); tests of that path set it.
+	NoWriteBehind bool
 	// MaxUnfolded bounds the bytes of recent writes kept only in the
 	// journal (index.go); past it, writes go to the images at once until
 	// a checkpoint folds the backlog. 0: 4 GiB; negative: every write goes
@@ -179,6 +182,15 @@ type Group struct {
 	locs     []journal.Loc
 	foldBuf  []byte // under imgMu
 
+	// Write-behind (behind.go): behindQ lists the blocks indexed since the
+	// folder last took it, in journal order (under idxMu); behindKick
+	// wakes the folder.
+	behind     bool // fixed at Open
+	behindQ    []behindItem
+	behindKick chan struct{}
+	// behindSpare is the queue's other array, for the folder to swap in.
+	behindSpare []behindItem
+
 	stop chan struct{}
 	kick chan struct{} // asks the loop for a checkpoint now
 	wg   sync.WaitGroup
@@ -221,7 +233,8 @@ func Open(cfg Config) (*Group, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "images"), 0o700); err != nil {
 		return nil, fmt.Errorf("create group dir: %w", err)
 	}
-	g := &Group{cfg: cfg, log: cfg.Logger, disks: map[uint16]*Disk{}, holds: map[string]uint64{}, stop: make(chan struct{}), kick: make(chan struct{}, 1), hurry: make(chan struct{}, 1)}
+	g := &Group{cfg: cfg, log: cfg.Logger, disks: map[uint16]*Disk{}, holds: map[string]uint64{}, stop: make(chan struct{}), kick: make(chan struct{}, 1), hurry: make(chan struct{}, 1), behindKick: make(chan struct{}, 1)}
+	g.behind = !cfg.NoWriteBehind && g.maxUnfolded() > 0
 	if err := g.loadManifest(); err != nil {
 		return nil, err
 	}
@@ -539,6 +552,12 @@ func (g *Group) applyBatch(es []*journal.Entry, journaled func()) error {
 		}
 	}
 	g.lastWrite.Store(g.cfg.Now().UnixNano())
+	if g.unfolded.Load() >= behindFrom && g.writingBehind() {
+		select {
+		case g.behindKick <- struct{}{}:
+		default:
+		}
+	}
 	if g.wantCheckpoint() {
 		select {
 		case g.kick <- struct{}{}:
@@ -901,8 +920,9 @@ func (g *Group) AppliedSeq() uint64 {
 
 // Start runs the background checkpoint loop: a checkpoint as soon as
 // CheckpointBytes were journaled since the last, and every
-// CheckpointInterval if that is set. Tests that drive checkpoints step by
-// step do not call Start.
+// CheckpointInterval if that is set; and the write-behind folder
+// (behind.go). Tests that drive checkpoints and folds step by step do not
+// call Start.
 func (g *Group) Start(ctx context.Context) {
 	g.mu.Lock()
 	layered := g.base != nil
@@ -912,6 +932,13 @@ func (g *Group) Start(ctx context.Context) {
 		go func() {
 			defer g.wg.Done()
 			g.foldLoop(ctx)
+		}()
+	}
+	if g.behind {
+		g.wg.Add(1)
+		go func() {
+			defer g.wg.Done()
+			g.behindLoop(ctx)
 		}()
 	}
 	g.wg.Add(1)

@@ -88,17 +88,33 @@ func (g *Group) maxUnfolded() int64 {
 	return g.cfg.MaxUnfolded
 }
 
-// indexing reports whether a write may be kept only in the journal: while
-// Flushes come at least every CheckpointBytes of journal. Their syncs
-// leave the journal's pages clean, so holding recent writes there costs
-// cache, not write-back, and the fold saves the images' writes (and their
-// fsyncs) for overwrites. A stream without FLUSH goes to the images at
-// once instead: indexed, it could not be trimmed before a fold, and its
-// dirty pages would pile up until the kernel wrote them back, where the
-// soft checkpoint of inline writes trims the journal every
-// CheckpointBytes and reuses its cached files. Measured with
-// bench/nbd-ab.sh: 4 KiB random writes without FLUSH ran 26 % faster
-// inline, with a FLUSH every 32 writes 32 % slower (docs/benchmarks.md).
+// unfoldedLimit is the backlog up to which a write may be kept only in
+// the journal: MaxUnfolded while Flushes come (indexing), the
+// write-behind bound without them (behind.go), else nothing.
+func (g *Group) unfoldedLimit() int64 {
+	m := g.maxUnfolded()
+	switch {
+	case g.indexing():
+		return m
+	case g.behind:
+		return min(m, behindMax)
+	}
+	return 0
+}
+
+// indexing reports whether a write may be kept only in the journal for
+// long: while Flushes come at least every CheckpointBytes of journal.
+// Their syncs leave the journal's pages clean, so holding recent writes
+// there costs cache, not write-back, and the fold saves the images'
+// writes (and their fsyncs) for overwrites. A stream without FLUSH must
+// not pile up in the journal: it could not be trimmed before a fold, and
+// its dirty pages would pile up until the kernel wrote them back (4 KiB
+// random writes without FLUSH ran 26 % slower indexed than inline, with a
+// FLUSH every 32 writes 32 % faster: docs/benchmarks.md). Such a stream
+// is written behind instead, its backlog bounded (behind.go), or, with
+// NoWriteBehind, goes to the images at once; either way the soft
+// checkpoint trims the journal every CheckpointBytes and reuses its
+// cached files.
 func (g *Group) indexing() bool {
 	return g.total.Load()-g.flushMark.Load() <= g.cfg.CheckpointBytes
 }
@@ -119,11 +135,15 @@ func (g *Group) applyEntry(e *journal.Entry, loc journal.Loc) error {
 	}
 	off, n := int64(e.Offset), int64(e.Length)
 	if e.Kind == journal.KindWrite && off%BlockSize == 0 && n%BlockSize == 0 && n > 0 && n < inlineFrom &&
-		g.unfolded.Load() < g.maxUnfolded() && g.indexing() {
+		g.unfolded.Load() < g.unfoldedLimit() {
 		g.idxMu.Lock()
 		had := len(d.idx)
+		queue := g.writingBehind() && len(g.behindQ) < behindQueueMax
 		for k := int64(0); k < n/BlockSize; k++ {
 			d.idx[off/BlockSize+k] = slot{seq: e.Seq, loc: journal.Loc{Seg: loc.Seg, Off: loc.Off + k*BlockSize}}
+			if queue {
+				g.behindQ = append(g.behindQ, behindItem{d, off/BlockSize + k})
+			}
 		}
 		added := len(d.idx) - had // one map operation per block, not two
 		d.nidx.Store(int64(len(d.idx)))
@@ -338,7 +358,7 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 			if err != nil {
 				return 0, err
 			}
-			if paced {
+			if paced && !g.writingBehind() {
 				// Before a soft checkpoint too: it skips the wait, not
 				// the write. Left to the kernel, the dirty image pages
 				// went out in bursts of 200-450 MB once they passed its
@@ -347,6 +367,14 @@ func (g *Group) foldIndex(ctx context.Context, paced bool) (uint64, error) {
 				// commits: RPO p99 150-270 ms against 27-67 ms,
 				// docs/benchmarks.md), as would the FLUSH that hardens
 				// the soft checkpoint. write1m did not slow down.
+				//
+				// Write-behind folds at full speed anyway, without
+				// FLUSHes to hold up: pacing there only held the
+				// checkpoint, and so the journal's trim, back, and the
+				// write-back hint over the image at every checkpoint
+				// took a fifth of the server's CPU in bench/nbd.sh's
+				// randwrite4k, for pages that a plain write-back server
+				// never writes within the run (behind.go).
 				d.image().StartSync()
 				if err := g.paceFold(ctx, int64(len(chunk))*BlockSize); err != nil {
 					return 0, err

@@ -95,17 +95,26 @@ func TestIndexModel(t *testing.T) {
 		// flushing: small CheckpointBytes and random Flushes, so that
 		// writes switch between indexed and inline (Group.indexing).
 		flushing bool
+		// behind: the write-behind folder runs at random moments;
+		// noBehind: there is none (the policy before write-behind).
+		behind, noBehind bool
 	}{
-		{"journal-only", 0, false},
-		{"small-backlog", 16 * BlockSize, false},
-		{"inline", -1, false},
-		{"index-while-flushed", 0, true},
+		{"journal-only", 0, false, false, false},
+		{"small-backlog", 16 * BlockSize, false, false, false},
+		{"inline", -1, false, false, false},
+		{"index-while-flushed", 0, true, false, false},
+		{"write-behind", 0, false, true, false},
+		{"write-behind-small-backlog", 16 * BlockSize, false, true, false},
+		{"write-behind-flushed", 0, true, true, false},
+		{"no-write-behind-flushed", 0, true, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
-			cfg := Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: tc.maxUnfolded}
-			if tc.flushing {
+			cfg := Config{Dir: dir, SegmentSize: 256 << 10, MaxUnfolded: tc.maxUnfolded, NoWriteBehind: tc.noBehind}
+			if tc.flushing || tc.behind {
+				// Small: writes without a Flush for this long are
+				// written behind (or inline, without write-behind).
 				cfg.CheckpointBytes = 12 * BlockSize
 			}
 			g, err := Open(cfg)
@@ -118,7 +127,12 @@ func TestIndexModel(t *testing.T) {
 				t.Fatal(err)
 			}
 			m := make([]byte, size)
-			rng := rand.New(rand.NewPCG(7, uint64(tc.maxUnfolded)))
+			var foldedBehind int64
+			seed := uint64(tc.maxUnfolded)
+			if tc.behind {
+				seed++
+			}
+			rng := rand.New(rand.NewPCG(7, seed))
 			for round := 0; round < 6; round++ {
 				for i := 0; i < 150; i++ {
 					modelOp(t, rng, d, m, byte(round*150+i))
@@ -134,6 +148,14 @@ func TestIndexModel(t *testing.T) {
 						if err := d.Flush(ctx); err != nil {
 							t.Fatal(err)
 						}
+					}
+					if tc.behind && rng.IntN(15) == 0 {
+						u := g.Unfolded()
+						left, err := g.FoldBehind(ctx)
+						if err != nil {
+							t.Fatal(err)
+						}
+						foldedBehind += u - left
 					}
 				}
 				checkIndexModel(t, d, m, "end of round")
@@ -177,6 +199,9 @@ func TestIndexModel(t *testing.T) {
 			if err := g.Close(); err != nil {
 				t.Fatal(err)
 			}
+			if tc.behind && foldedBehind == 0 {
+				t.Fatal("the write-behind folder never folded anything")
+			}
 		})
 	}
 }
@@ -187,7 +212,9 @@ func TestIndexModel(t *testing.T) {
 // indexed, so the journal can be trimmed again.
 func TestIndexOnlyWhileFlushed(t *testing.T) {
 	ctx := context.Background()
-	g, d := openDisk(t, Config{Dir: t.TempDir(), SegmentSize: 64 << 10, CheckpointBytes: 8 * BlockSize}, 1<<20)
+	// Without write-behind; TestWriteBehind has the stream without Flush
+	// that it indexes.
+	g, d := openDisk(t, Config{Dir: t.TempDir(), SegmentSize: 64 << 10, CheckpointBytes: 8 * BlockSize, NoWriteBehind: true}, 1<<20)
 	defer g.Close()
 	block := func(i int) {
 		t.Helper()
@@ -260,7 +287,21 @@ func TestIndexConcurrent(t *testing.T) {
 	m := make([]byte, size)
 	stop := make(chan struct{})
 	var ckpts sync.WaitGroup
-	ckpts.Add(1)
+	ckpts.Add(2)
+	go func() { // the write-behind folder, as often as it can
+		defer ckpts.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := g.FoldBehind(ctx); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
 	go func() {
 		defer ckpts.Done()
 		for {
@@ -394,7 +435,8 @@ func checkFolded(tb testing.TB, g *Group, d *Disk, m []byte) {
 func TestPacedFoldHurried(t *testing.T) {
 	ctx := context.Background()
 	now := time.Unix(1_800_000_000, 0) // the clock never moves: the group never looks idle
-	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 256 << 10, FoldRate: 1, Now: func() time.Time { return now }})
+	// Without write-behind, whose checkpoints do not pace (behind.go).
+	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 256 << 10, FoldRate: 1, NoWriteBehind: true, Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
