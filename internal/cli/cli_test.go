@@ -298,12 +298,21 @@ func TestForceNewCluster(t *testing.T) {
 	ctx := context.Background()
 	open := func(ep string) *store.Etcd {
 		t.Helper()
-		st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: []string{ep}, Prefix: "/fnc"})
-		if err != nil {
-			t.Fatal(err)
+		// A member just started answers once the cluster has elected a
+		// leader: seconds on a loaded machine (CI failed at OpenEtcd's
+		// own 5 s).
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			st, err := store.OpenEtcd(ctx, store.EtcdConfig{Endpoints: []string{ep}, Prefix: "/fnc"})
+			if err == nil {
+				t.Cleanup(func() { st.Close() })
+				return st
+			}
+			if !errors.Is(err, store.ErrUnavailable) || time.Now().After(deadline) {
+				t.Fatal(err)
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
-		t.Cleanup(func() { st.Close() })
-		return st
 	}
 	st := open(a.Client)
 	deadline := time.Now().Add(30 * time.Second)
