@@ -33,9 +33,9 @@ import (
 // Correctness is the index's: the folder runs foldBlocks, as the
 // checkpoint's fold does, under imgMu, and a block leaves the index only
 // if its slot did not change meanwhile. The queue is a hint of where to
-// look: a block folded by a checkpoint, or overwritten and folded again,
-// is skipped or folded once more, and a block missing from the queue (it
-// is bounded) is folded by the next checkpoint.
+// look: an item whose block was overwritten since (a later item folds
+// it) or folded by a checkpoint is skipped, and a block missing from the
+// queue (it is bounded) is folded by the next checkpoint.
 
 // writingBehind reports whether write-behind is at work: the group has
 // it, and no FLUSHes come (with them, the index and the paced checkpoint
@@ -44,10 +44,12 @@ import (
 // ran flush4k a third slower). Caller need not hold a lock.
 func (g *Group) writingBehind() bool { return g.behind && !g.indexing() }
 
-// behindItem is a block indexed while write-behind is at work.
+// behindItem is a block indexed while write-behind is at work, by the
+// write of sequence seq.
 type behindItem struct {
-	d *Disk
-	b int64
+	d   *Disk
+	b   int64
+	seq uint64
 }
 
 const (
@@ -93,9 +95,19 @@ func (g *Group) FoldBehind(ctx context.Context) (int64, error) {
 		}
 		d := q[i].d
 		bs = bs[:0]
+		// Only items whose write is still the block's latest: a block
+		// overwritten meanwhile is folded once, by its last item, and one
+		// folded already (by a checkpoint) not at all.
+		g.idxMu.RLock()
 		for i < len(q) && q[i].d == d && len(bs) < behindChunk {
-			bs = append(bs, q[i].b)
+			if s, ok := d.idx[q[i].b]; ok && s.seq == q[i].seq {
+				bs = append(bs, q[i].b)
+			}
 			i++
+		}
+		g.idxMu.RUnlock()
+		if len(bs) == 0 {
+			continue
 		}
 		g.imgMu.Lock()
 		err := d.foldBlocks(bs)

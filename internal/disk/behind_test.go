@@ -125,3 +125,49 @@ func TestNoWriteBehind(t *testing.T) {
 	}
 	checkImageBlocks(t, g, "a", 10, 20)
 }
+
+// writeCounter counts the writes an image gets.
+type writeCounter struct {
+	image
+	writes int
+}
+
+func (c *writeCounter) WriteAt(p []byte, off int64) error {
+	c.writes++
+	return c.image.WriteAt(p, off)
+}
+
+// TestWriteBehindOverwrites: a block overwritten while it waits is folded
+// once, by the last of its queued writes.
+func TestWriteBehindOverwrites(t *testing.T) {
+	ctx := context.Background()
+	g, d := openDisk(t, Config{Dir: t.TempDir(), SegmentSize: 1 << 20, CheckpointBytes: 8 * BlockSize}, 1<<20)
+	defer g.Close()
+	writeBlocks(t, d, 0, 16) // past CheckpointBytes: written behind from here
+	if _, err := g.FoldBehind(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := &writeCounter{image: d.image()}
+	d.img.Store(&imageBox{c})
+	for i := range 100 {
+		if err := d.WriteAt(ctx, bytes.Repeat([]byte{byte(i)}, BlockSize), 5*BlockSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !g.writingBehind() || g.Unfolded() != BlockSize {
+		t.Fatalf("writing behind %v, unfolded %d: want the block indexed", g.writingBehind(), g.Unfolded())
+	}
+	if _, err := g.FoldBehind(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.writes != 1 || g.Unfolded() != 0 {
+		t.Fatalf("%d image writes for 100 queued overwrites of one block (unfolded %d), want 1", c.writes, g.Unfolded())
+	}
+	p := make([]byte, BlockSize)
+	if err := c.image.ReadAt(p, 5*BlockSize); err != nil || p[0] != 99 {
+		t.Fatalf("the image's block holds %d (%v), want the last write, 99", p[0], err)
+	}
+}

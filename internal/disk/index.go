@@ -142,7 +142,7 @@ func (g *Group) applyEntry(e *journal.Entry, loc journal.Loc) error {
 		for k := int64(0); k < n/BlockSize; k++ {
 			d.idx[off/BlockSize+k] = slot{seq: e.Seq, loc: journal.Loc{Seg: loc.Seg, Off: loc.Off + k*BlockSize}}
 			if queue {
-				g.behindQ = append(g.behindQ, behindItem{d, off/BlockSize + k})
+				g.behindQ = append(g.behindQ, behindItem{d, off/BlockSize + k, e.Seq})
 			}
 		}
 		added := len(d.idx) - had // one map operation per block, not two
