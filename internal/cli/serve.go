@@ -35,7 +35,7 @@ func serveCmd(e *env) *cobra.Command {
 	return c
 }
 
-const maxUnfoldedHelp = "recent writes kept only in the journal, folded into the images at checkpoints; past this, writes go to the images at once (0: always)"
+const maxUnfoldedHelp = "recent writes kept only in the journal, folded into the images at checkpoints and, without FLUSHes, by the write-behind folder (at most 64M then); past this, writes go to the images at once (0: always, and no write-behind)"
 
 // parseUnfolded reads --max-unfolded as disk.Config.MaxUnfolded wants it:
 // "0" (every write to the images at once) is negative there.
