@@ -3,9 +3,9 @@ package disk
 import (
 	"context"
 	"runtime"
+	"time"
 
 	"golang.org/x/sys/unix"
-	"time"
 )
 
 // Write-behind: the image writes of small writes run on a second core.
@@ -17,11 +17,11 @@ import (
 // cache). A peer such as nbdkit spreads its requests over threads, and so
 // over both cores. Handing each batch to another goroutine cost more than
 // it saved on this VM (docs/benchmarks.md: a wake-up per batch), so the
-// hand-over here is not per batch: whole-block writes are indexed (kept
-// only in the journal, index.go) whether or not FLUSHes come, and a
-// folder goroutine, woken once the backlog passes behindFrom, folds the
-// indexed blocks in journal order, in chunks, until the backlog is below
-// half of that. The request loop then does no image write at all, and the
+// hand-over here is not per batch: whole-block writes of a stream without
+// FLUSHes are indexed (kept only in the journal, index.go), as those of a
+// stream with FLUSHes always were, and a folder goroutine, woken once the
+// backlog passes behindFrom, folds the indexed blocks in journal order,
+// in chunks, until the backlog is below half of that. The request loop then does no image write at all, and the
 // folder does them on the other core, reading each span of the journal
 // back from the page cache with one pread.
 //
@@ -29,9 +29,9 @@ import (
 // MaxUnfolded, if smaller) writes go to the image at once, as before, so a
 // folder that falls behind slows the guest down instead of letting the
 // journal grow untrimmed (its dirty pages would reach the kernel's
-// write-back threshold; see indexing). With FLUSHes, the index keeps its
-// bound of MaxUnfolded; the folder folds it as it goes, which also keeps
-// checkpoints short.
+// write-back threshold; see indexing). With FLUSHes nothing changed: the
+// index keeps its bound of MaxUnfolded, the paced checkpoint folds it, and
+// the folder does not run (writingBehind).
 //
 // Correctness is the index's: the folder runs foldBlocks, as the
 // checkpoint's fold does, under imgMu, and a block leaves the index only
