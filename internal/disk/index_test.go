@@ -274,7 +274,9 @@ func TestIndexOnlyWhileFlushed(t *testing.T) {
 // its own reads; in the end the disk equals the model.
 func TestIndexConcurrent(t *testing.T) {
 	ctx := context.Background()
-	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 256 << 10, MaxUnfolded: 64 * BlockSize})
+	// No Flush and small CheckpointBytes: the writes are written behind,
+	// and the folder runs alongside them.
+	g, err := Open(Config{Dir: t.TempDir(), SegmentSize: 256 << 10, MaxUnfolded: 64 * BlockSize, CheckpointBytes: 16 * BlockSize})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,7 +290,7 @@ func TestIndexConcurrent(t *testing.T) {
 	stop := make(chan struct{})
 	var ckpts sync.WaitGroup
 	ckpts.Add(2)
-	go func() { // the write-behind folder, as often as it can
+	repeat := func(step func() error) { // until stop, or a failure
 		defer ckpts.Done()
 		for {
 			select {
@@ -296,26 +298,14 @@ func TestIndexConcurrent(t *testing.T) {
 				return
 			default:
 			}
-			if _, err := g.FoldBehind(ctx); err != nil {
+			if err := step(); err != nil {
 				t.Error(err)
 				return
 			}
 		}
-	}()
-	go func() {
-		defer ckpts.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if err := g.Checkpoint(ctx); err != nil {
-				t.Error(err)
-				return
-			}
-		}
-	}()
+	}
+	go repeat(func() error { _, err := g.FoldBehind(ctx); return err }) // the write-behind folder
+	go repeat(func() error { return g.Checkpoint(ctx) })
 	var wg sync.WaitGroup
 	for w := 0; w < writers; w++ {
 		wg.Add(1)
@@ -354,6 +344,9 @@ func TestIndexConcurrent(t *testing.T) {
 	wg.Wait()
 	close(stop)
 	ckpts.Wait()
+	if !g.writingBehind() {
+		t.Fatal("the writes were not written behind: the folder had nothing to do")
+	}
 	checkIndexModel(t, d, m, "after the writers")
 	checkFolded(t, g, d, m)
 }
