@@ -1,8 +1,10 @@
 package disk
 
 import (
+	"cmp"
 	"context"
 	"runtime"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -99,6 +101,11 @@ func (g *Group) FoldBehind(ctx context.Context) (int64, error) {
 		}
 		g.idxMu.Unlock()
 	}()
+	// Disk by disk, each in journal order: a group's disks interleave in
+	// the queue, and a chunk is one disk's.
+	if slices.ContainsFunc(q, func(it behindItem) bool { return it.d != q[0].d }) {
+		slices.SortStableFunc(q, func(x, y behindItem) int { return cmp.Compare(x.d.spec.ID, y.d.spec.ID) })
+	}
 	bs := make([]int64, 0, behindChunk)
 	for i := 0; i < len(q); {
 		if err := ctx.Err(); err != nil {

@@ -171,3 +171,29 @@ func TestWriteBehindOverwrites(t *testing.T) {
 		t.Fatalf("the image's block holds %d (%v), want the last write, 99", p[0], err)
 	}
 }
+
+// TestWriteBehindDisks: the writes of a group's disks interleave in the
+// queue; FoldBehind folds each disk's blocks into its own image.
+func TestWriteBehindDisks(t *testing.T) {
+	ctx := context.Background()
+	g, a := openDisk(t, Config{Dir: t.TempDir(), SegmentSize: 1 << 20, CheckpointBytes: 8 * BlockSize}, 1<<20)
+	defer g.Close()
+	b, err := g.CreateDisk("b", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 64 {
+		writeBlocks(t, a, i, i+1)
+		writeBlocks(t, b, 63-i, 64-i)
+	}
+	if left, err := g.FoldBehind(ctx); err != nil || left > 8*BlockSize {
+		t.Fatalf("FoldBehind: %d bytes left, %v", left, err)
+	}
+	checkImageBlocks(t, g, "a", 8, 64)
+	checkImageBlocks(t, g, "b", 0, 56)
+	if err := g.Checkpoint(ctx); err != nil { // the few indexed before write-behind began
+		t.Fatal(err)
+	}
+	checkImageBlocks(t, g, "a", 0, 64)
+	checkImageBlocks(t, g, "b", 0, 64)
+}
