@@ -126,17 +126,6 @@ func TestNoWriteBehind(t *testing.T) {
 	checkImageBlocks(t, g, "a", 10, 20)
 }
 
-// writeCounter counts the writes an image gets.
-type writeCounter struct {
-	image
-	writes int
-}
-
-func (c *writeCounter) WriteAt(p []byte, off int64) error {
-	c.writes++
-	return c.image.WriteAt(p, off)
-}
-
 // TestWriteBehindOverwrites: a block overwritten while it waits is folded
 // once, by the last of its queued writes.
 func TestWriteBehindOverwrites(t *testing.T) {
@@ -150,7 +139,7 @@ func TestWriteBehindOverwrites(t *testing.T) {
 	if err := g.Checkpoint(ctx); err != nil {
 		t.Fatal(err)
 	}
-	c := &writeCounter{image: d.image()}
+	c := &countingImage{image: d.image()}
 	d.img.Store(&imageBox{c})
 	for i := range 100 {
 		if err := d.WriteAt(ctx, bytes.Repeat([]byte{byte(i)}, BlockSize), 5*BlockSize); err != nil {

@@ -297,10 +297,16 @@ func TestSoftCheckpoint(t *testing.T) {
 	}
 }
 
-// countingImage counts the write-back hints and syncs an image gets.
+// countingImage counts the writes, write-back hints and syncs an image
+// gets.
 type countingImage struct {
 	image
-	starts, syncs int
+	writes, starts, syncs int
+}
+
+func (c *countingImage) WriteAt(p []byte, off int64) error {
+	c.writes++
+	return c.image.WriteAt(p, off)
 }
 
 func (c *countingImage) StartSync() { c.starts++; c.image.StartSync() }
