@@ -68,14 +68,6 @@ const (
 	// behindChunk is how many blocks the folder writes per hold of
 	// imgMu: an inline write waits for at most one chunk.
 	behindChunk = 256
-	// behindNice is the folder thread's nice value. At the same
-	// priority as the request loop, the folder, the loop and fio took
-	// turns on two CPUs at the kernel's time slices: p99 latency 1.1 ms
-	// against nbdkit's 0.35, and 126k writes/s against 138k at nice 10
-	// (docs/benchmarks.md). Lower, it still gets every idle cycle; if the
-	// guest leaves none, the backlog reaches behindMax and the loop
-	// writes inline, so the fold never starves.
-	behindNice = 10
 	// behindQueueMax bounds the queue (overwrites add to it, not to the
 	// backlog) while the folder cannot keep up or fails.
 	behindQueueMax = 4 * behindMax / BlockSize
@@ -142,13 +134,27 @@ func (g *Group) FoldBehind(ctx context.Context) (int64, error) {
 // waits a second (or a wake-up after that) before it tries again; the
 // checkpoint reports the failure too.
 func (g *Group) behindLoop(ctx context.Context) {
-	// The folder yields the CPU to the request loops: its thread runs
-	// at a lower priority (nice is per thread on Linux), and the thread is
-	// never unlocked, so it ends with the loop instead of going back to
-	// the runtime's pool niced.
+	// The folder's thread is SCHED_BATCH (the policy is per thread on
+	// Linux, and the thread is never unlocked, so it ends with the loop
+	// instead of going back to the runtime's pool with the policy). The
+	// kernel then takes it for CPU-bound: its wake-ups do not preempt the
+	// request loop or the client, yet it keeps a full share of the CPU.
+	//
+	// Why (docs/benchmarks.md, "fifth day"): the folder must keep up with
+	// the guest, or the backlog reaches behindMax and the loop writes
+	// inline again. As a plain thread it did, but each of its wake-ups
+	// preempted the loop or fio: they took turns on two CPUs at the
+	// kernel's time slices (p99 1.1 ms against nbdkit's 0.35, 126k
+	// writes/s). At nice 10 it preempted nothing but got 40-55 % of a
+	// core while a third of both sat idle (the kernel does not move a
+	// waiting low-weight thread to a CPU that idles in short gaps), fell
+	// behind, and left the checkpoint to fold the rest at normal
+	// priority: 123k against 134k for SCHED_BATCH in alternating runs.
 	runtime.LockOSThread()
-	if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), behindNice); err != nil {
-		g.log.Debug("write-behind folder: could not lower its priority", "err", err)
+	if cur, err := unix.SchedGetAttr(0, 0); err != nil {
+		g.log.Debug("write-behind folder: could not read its scheduling policy", "err", err)
+	} else if err := unix.SchedSetAttr(0, &unix.SchedAttr{Policy: unix.SCHED_BATCH, Nice: cur.Nice}, 0); err != nil {
+		g.log.Debug("write-behind folder: could not set SCHED_BATCH", "err", err) // it works as a plain thread
 	}
 	for {
 		select {

@@ -4,8 +4,13 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // writeBlocks writes blocks [from, to) of d, block i filled with byte(i+1).
@@ -72,13 +77,38 @@ func TestWriteBehindStep(t *testing.T) {
 	checkImageBlocks(t, g, "a", 0, 100)
 }
 
+// batchThreads counts the process's threads whose scheduling policy is
+// SCHED_BATCH (field 41 of /proc/self/task/*/stat).
+func batchThreads(tb testing.TB) int {
+	tb.Helper()
+	stats, err := filepath.Glob("/proc/self/task/*/stat")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n := 0
+	for _, p := range stats {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue // the thread ended
+		}
+		// The fields after the command's closing parenthesis start at
+		// field 3 (the command may hold spaces).
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(f) > 41-3 && f[41-3] == strconv.Itoa(unix.SCHED_BATCH) {
+			n++
+		}
+	}
+	return n
+}
+
 // TestWriteBehindFolder: the folder wakes once the backlog of a stream
 // without FLUSH passes behindFrom and folds the oldest blocks, with no
-// checkpoint (only the folder runs, not Start's checkpoint loop). A read
-// meanwhile sees every write.
+// checkpoint (only the folder runs, not Start's checkpoint loop), on a
+// SCHED_BATCH thread. A read meanwhile sees every write.
 func TestWriteBehindFolder(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	g, d := openDisk(t, Config{Dir: t.TempDir(), CheckpointBytes: 8 * BlockSize}, 8<<20)
+	batch0 := batchThreads(t)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -99,6 +129,9 @@ func TestWriteBehindFolder(t *testing.T) {
 			t.Fatalf("the folder did not run: %d bytes unfolded", g.Unfolded())
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+	if got := batchThreads(t); got <= batch0 {
+		t.Errorf("%d SCHED_BATCH threads with the folder running, %d before: want one more", got, batch0)
 	}
 	// The oldest first; the first few came while the stream still counted
 	// as flushed (Group.indexing), not queued: a checkpoint folds those.
