@@ -963,6 +963,14 @@ func (g *Group) Start(ctx context.Context) {
 				return
 			case <-tick:
 			case <-g.kick:
+				// A kick sent while the last checkpoint ran, before it
+				// reset the count, asks for nothing more.
+				g.mu.Lock()
+				want := g.wantCheckpoint()
+				g.mu.Unlock()
+				if !want {
+					continue
+				}
 			case <-idle:
 				if g.unfolded.Load() == 0 || g.cfg.Now().UnixNano()-g.lastWrite.Load() < int64(g.foldIdle()) {
 					continue
