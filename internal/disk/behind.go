@@ -23,9 +23,10 @@ import (
 // FLUSHes are indexed (kept only in the journal, index.go), as those of a
 // stream with FLUSHes always were, and a folder goroutine, woken once the
 // backlog passes behindFrom, folds the indexed blocks in journal order,
-// in chunks, until the backlog is below half of that. The request loop then does no image write at all, and the
-// folder does them on the other core, reading each span of the journal
-// back from the page cache with one pread.
+// in chunks, until the backlog is below half of that. The request loop
+// then does no image write at all, and the folder does them on the other
+// core, reading each span of the journal back from the page cache with
+// one pread.
 //
 // The backlog stays small without FLUSHes: past behindMax (or
 // MaxUnfolded, if smaller) writes go to the image at once, as before, so a
