@@ -37,7 +37,7 @@ func Update(crc uint32, p []byte) uint32 {
 	// on the raw register, which starts as the inverted crc XORed into
 	// the first four bytes.
 	fold(^crc, p[:n], &st)
-	c := crc32.Update(0xFFFFFFFF, table, st[:]) // the raw register from 0, inverted
+	c := ^raw64(&st) // crc32.Update(0xFFFFFFFF, table, st[:]), the raw register from 0 inverted
 	return crc32.Update(c, table, p[n:])
 }
 

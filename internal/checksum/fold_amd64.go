@@ -10,3 +10,10 @@ var haveFold = cpu.X86.HasAVX512F && cpu.X86.HasAVX512VPCLMULQDQ
 //
 //go:noescape
 func fold(init uint32, p []byte, out *[64]byte)
+
+// raw64 returns the raw CRC-32C register from 0 over p (SSE 4.2's CRC32
+// instruction, which every CPU with the fold has). hash/crc32 would do,
+// but p escapes through it: an allocation per checksum.
+//
+//go:noescape
+func raw64(p *[64]byte) uint32

@@ -181,6 +181,9 @@ type Group struct {
 	unfolded atomic.Int64 // bytes indexed
 	locs     []journal.Loc
 	foldBuf  []byte // under imgMu
+	// foldItems is foldBlocks' scratch, under imgMu: the folder calls it
+	// hundreds of times a second.
+	foldItems []foldItem
 
 	// Write-behind (behind.go): behindQ lists the blocks indexed since the
 	// folder last took it, in journal order (under idxMu); behindKick

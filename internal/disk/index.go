@@ -224,6 +224,12 @@ func (d *Disk) unindex(bs []int64) {
 	d.g.unfolded.Add(-int64(gone) * BlockSize)
 }
 
+// foldItem is a block foldBlocks folds, with its slot when it began.
+type foldItem struct {
+	b int64
+	s slot
+}
+
 // foldBlocks writes the latest bytes of the given indexed blocks to the
 // image and unindexes those whose slot did not change meanwhile. Blocks
 // no longer indexed are skipped. It works in journal order: the journal
@@ -232,19 +238,16 @@ func (d *Disk) unindex(bs []int64) {
 // large write) are written at once. Caller holds imgMu.
 func (d *Disk) foldBlocks(bs []int64) error {
 	g := d.g
-	type item struct {
-		b int64
-		s slot
-	}
-	items := make([]item, 0, len(bs))
+	items := g.foldItems[:0]
+	defer func() { g.foldItems = items[:0] }()
 	g.idxMu.RLock()
 	for _, b := range bs {
 		if s, ok := d.idx[b]; ok {
-			items = append(items, item{b, s})
+			items = append(items, foldItem{b, s})
 		}
 	}
 	g.idxMu.RUnlock()
-	slices.SortFunc(items, func(x, y item) int {
+	slices.SortFunc(items, func(x, y foldItem) int {
 		if c := cmp.Compare(x.s.loc.Seg, y.s.loc.Seg); c != 0 {
 			return c
 		}

@@ -19,14 +19,17 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/bits"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -153,8 +156,9 @@ type Journal struct {
 	lastTime int64 // the newest entry's time: no entry is stamped before it
 
 	// Reused by AppendBatch under mu.
-	hdrs []byte
-	iov  [][]byte
+	hdrs   []byte
+	iov    [][]byte
+	iovecs []unix.Iovec
 }
 
 const (
@@ -595,7 +599,7 @@ func (j *Journal) appendBatch(es []*Entry, keep bool, locs []Loc) (uint64, error
 			}
 			continue
 		}
-		if err := writeFullv(j.active, iov, off, end-off); err != nil {
+		if err := j.writeFullv(iov, off, end-off); err != nil {
 			// Leave no half entry behind for a reader. If the file is
 			// cut back cleanly and the cause is space (ENOSPC, EDQUOT,
 			// EFBIG), the journal is exactly as before the append: the
@@ -627,9 +631,11 @@ func spaceError(err error) bool {
 	return errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) || errors.Is(err, unix.EFBIG)
 }
 
-// writeFullv writes all of iov (want bytes) at off.
-func writeFullv(f *os.File, iov [][]byte, off, want int64) error {
-	n, err := unix.Pwritev(int(f.Fd()), iov, off)
+// writeFullv writes all of iov (want bytes) at off in the active
+// segment. Caller holds mu.
+func (j *Journal) writeFullv(iov [][]byte, off, want int64) error {
+	f := j.active
+	n, err := j.pwritev(int(f.Fd()), iov, off)
 	if err != nil {
 		return err
 	}
@@ -644,6 +650,38 @@ func writeFullv(f *os.File, iov [][]byte, off, want int64) error {
 	}
 	_, err = f.WriteAt(flat[n:], off+int64(n))
 	return err
+}
+
+// pwritev is unix.Pwritev on j.iovecs: that one makes its iovec array
+// anew at every call, two or three allocations per append of a burst of
+// small writes. Caller holds mu.
+func (j *Journal) pwritev(fd int, iov [][]byte, off int64) (int, error) {
+	vs := j.iovecs[:0]
+	for _, b := range iov {
+		if len(b) == 0 {
+			continue
+		}
+		v := unix.Iovec{Base: &b[0]}
+		v.SetLen(len(b))
+		vs = append(vs, v)
+	}
+	j.iovecs = vs
+	if len(vs) == 0 {
+		return 0, nil
+	}
+	for {
+		n, _, errno := unix.Syscall6(unix.SYS_PWRITEV, uintptr(fd), uintptr(unsafe.Pointer(&vs[0])), uintptr(len(vs)), uintptr(off), uintptr(uint64(off)>>(bits.UintSize/2)>>(bits.UintSize/2)), 0)
+		runtime.KeepAlive(iov)
+		switch errno {
+		case 0:
+			clear(vs) // no payload kept reachable from the scratch
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		}
+		clear(vs)
+		return 0, errno
+	}
 }
 
 // LastSeq returns the sequence number of the last appended entry, 0 if none.

@@ -154,6 +154,9 @@ type reader struct {
 	out      chan *chunk   // chunks read by run
 	start    chan struct{} // hands the socket to run
 	quit     <-chan struct{}
+	// hdr is one's scratch (a local array escapes through io.ReadFull:
+	// an allocation per request). Whoever owns the socket uses it.
+	hdr [requestHeaderSize]byte
 }
 
 // run owns the socket from each start until it hands it back: it reads
@@ -220,15 +223,15 @@ func (rd *reader) fill(c *chunk, block bool) bool {
 
 // one reads a request into c; false if reading must stop (quit).
 func (rd *reader) one(c *chunk) bool {
-	var hdr [requestHeaderSize]byte
-	if _, err := io.ReadFull(rd.br, hdr[:]); err != nil {
+	hdr := rd.hdr[:]
+	if _, err := io.ReadFull(rd.br, hdr); err != nil {
 		if err == io.ErrUnexpectedEOF {
 			err = fmt.Errorf("%w: truncated request header", ErrProtocol)
 		}
 		c.err, c.end = err, true
 		return true
 	}
-	pr, err := ParseRequest(hdr[:])
+	pr, err := ParseRequest(hdr)
 	if err != nil {
 		c.err, c.end = err, true
 		return true
