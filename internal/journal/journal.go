@@ -22,7 +22,6 @@ import (
 	"math/bits"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -669,18 +668,16 @@ func (j *Journal) pwritev(fd int, iov [][]byte, off int64) (int, error) {
 	if len(vs) == 0 {
 		return 0, nil
 	}
+	defer clear(vs) // no payload kept reachable from the scratch
 	for {
 		n, _, errno := unix.Syscall6(unix.SYS_PWRITEV, uintptr(fd), uintptr(unsafe.Pointer(&vs[0])), uintptr(len(vs)), uintptr(off), uintptr(uint64(off)>>(bits.UintSize/2)>>(bits.UintSize/2)), 0)
-		runtime.KeepAlive(iov)
-		switch errno {
-		case 0:
-			clear(vs) // no payload kept reachable from the scratch
-			return int(n), nil
-		case unix.EINTR:
+		if errno == unix.EINTR {
 			continue
 		}
-		clear(vs)
-		return 0, errno
+		if errno != 0 {
+			return 0, errno
+		}
+		return int(n), nil
 	}
 }
 
